@@ -1,0 +1,332 @@
+"""The command line: a thin layer over the Python API. Option names match the API and config-file keys
+(`--train-size` is `train_size` everywhere else)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import UserError
+
+LIST_AXES = ("dataset", "attack", "defense", "seed")  # `run` takes comma lists here: the cross product runs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, like every other bad-input error
+        raise UserError(message)
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _option(s: str) -> tuple[str, object]:
+    import yaml
+
+    if "=" not in s:
+        raise UserError(f"--option expects KEY=VALUE, got '{s}'")
+    k, v = s.split("=", 1)
+    return k.strip().replace("-", "_"), yaml.safe_load(v)
+
+
+def _add_run_options(p: argparse.ArgumentParser, lists: bool) -> None:
+    S = argparse.SUPPRESS
+    many = " (comma list: each value runs)" if lists else ""
+    p.add_argument("--config", help="YAML or TOML file of options (keys as below, with underscores)", default=S)
+    p.add_argument("--dataset", default=S, help="sst2, hsol, agnews, olid" + many)
+    p.add_argument("--attack", default=S, help="badnets, addsent, syntactic, style" + many)
+    p.add_argument("--defense", default=S, help="defense name" + many)
+    p.add_argument("--seed", default=S, help="random seed" + many)
+    p.add_argument("--model", default=S, help="backbone: 'minilm', a local HF directory or a hub id")
+    p.add_argument("--epochs", type=int, default=S)
+    p.add_argument("--lr", type=float, default=S)
+    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--max-length", type=int, default=S)
+    p.add_argument("--train-size", type=int, default=S, help="seeded label-stratified subsample of train")
+    p.add_argument("--rate", type=float, default=S, help="poison rate (default 0.1)")
+    p.add_argument("--mode", default=S, help="dirty, clean or mix (default dirty)")
+    p.add_argument("--target", type=int, default=S, help="target label (default 1)")
+    p.add_argument("--triggers", default=S, help="BadNets trigger words, comma-separated")
+    p.add_argument("--num-triggers", type=int, default=S, help="BadNets triggers inserted per sample")
+    p.add_argument("--sentence", default=S, help="AddSent trigger sentence")
+    p.add_argument("--option", action="append", default=S, metavar="KEY=VALUE", help="a defense-specific setting")
+    p.add_argument("--store", default=S, help="results store (SQLite file)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cleantune", description="Train clean models from backdoor-poisoned data.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="benchmark: dataset x attack x defense, stored and printed as a table")
+    _add_run_options(p, lists=True)
+    p.add_argument("--force", action="store_true", help="re-run configs that are already stored")
+    p.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("train", help="train a defended model on your own data")
+    p.add_argument("data", help=".tsv/.csv/.jsonl training file")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--dev", help="clean labelled dev file for model selection (without it: the last epoch)")
+    p.add_argument("--text-column", default="auto")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--defense", default="finetune")
+    p.add_argument("--model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="accuracy of a model on data, or its attack success rate with a trigger")
+    p.add_argument("model", help="model directory (from `cleantune train` or any HF classifier)")
+    p.add_argument("data", help="a .tsv/.csv/.jsonl file, or a benchmark name (its test split)")
+    p.add_argument("--text-column", default="auto")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--attack", help="apply this trigger to the non-target samples and report ASR")
+    p.add_argument("--triggers", help="BadNets trigger words (with --attack badnets)")
+    p.add_argument("--num-triggers", type=int)
+    p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
+    p.add_argument("--target", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("results", help="the stored runs")
+    p.add_argument("--store")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    return parser
+
+
+# ---------------------------------------------------------------- config files
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"--config {path}: use a .yaml, .yml or .toml file")
+    except UserError:
+        raise
+    except Exception as e:  # yaml and tomllib raise their own error types
+        raise UserError(f"--config {path}: cannot parse ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    return data
+
+
+def _run_options(ns: argparse.Namespace) -> dict:
+    from .runner import RunConfig
+
+    known = {f.name for f in fields(RunConfig)} | {"store"}
+    opts: dict = {}
+    if "config" in ns:
+        for k, v in load_config_file(ns.config).items():
+            key = k.replace("-", "_")
+            if key not in known:
+                raise UserError(f"--config {ns.config}: unknown key '{k}'")
+            opts[key] = v
+    cli = {k: v for k, v in vars(ns).items() if k in known or k == "option"}
+    if "option" in cli:
+        opts.setdefault("options", {}).update(dict(_option(s) for s in cli.pop("option")))
+    opts.update(cli)
+    return opts
+
+
+def _as_list(v) -> list:
+    if isinstance(v, list):
+        return v
+    return _split(v) if isinstance(v, str) else [v]
+
+
+def _int(name: str, v) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise UserError(f"--{name.replace('_', '-')}: expected an integer, got '{v}'") from None
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(ns) -> int:
+    import itertools
+
+    from .runner import ATTACK_OPTIONS, RunConfig, run
+    from .store import ResultStore
+
+    opts = _run_options(ns)
+    store = ResultStore(opts.pop("store", None))
+    axes = {a: _as_list(opts.pop(a)) if a in opts else [getattr(RunConfig, a)] for a in LIST_AXES}
+    axes["seed"] = [_int("seed", s) for s in axes["seed"]]
+    if "triggers" in opts:
+        opts["triggers"] = _as_list(opts["triggers"])
+    for opt, attacks in ATTACK_OPTIONS.items():  # attack-specific options go to the cells they apply to
+        if opt in opts and not set(attacks) & set(axes["attack"]):
+            raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(attacks)} only")
+    configs = []
+    for dataset, attack, defense, seed in itertools.product(*axes.values()):
+        cell = {k: v for k, v in opts.items() if k not in ATTACK_OPTIONS or attack in ATTACK_OPTIONS[k]}
+        try:
+            config = RunConfig(dataset=dataset, attack=attack, defense=defense, seed=seed, **cell)
+        except TypeError as e:
+            raise UserError(str(e)) from None
+        config.resolve()  # every cell is checked before the first one trains
+        configs.append(config)
+    results = []
+    for config in configs:
+        r = run(config, store, force=ns.force, resume=ns.resume, progress=not ns.no_progress)
+        results.append(r)
+        if ns.format == "table" and len(configs) > 1:
+            m = r["metrics"]
+            print(f"[{len(results)}/{len(configs)}] {config.dataset} {config.attack} {config.defense} seed={config.seed}: "
+                  f"CACC {m['cacc']:.4f} ASR {m['asr']:.4f}{' (stored)' if r.get('reused') else ''}", file=sys.stderr)
+    if ns.format == "json":
+        print(json.dumps([{k: r[k] for k in ("id", "config", "metrics", "timings")} for r in results], indent=1))
+    else:
+        print(format_table(results))
+        print(f"store: {store.path}")
+    return 0
+
+
+def cmd_train(ns) -> int:
+    from .data import read_dataset
+    from .defenses import get_defense
+
+    train_data = read_dataset(ns.data, ns.text_column, ns.label_column)
+    dev = read_dataset(ns.dev, ns.text_column, ns.label_column, train_data.label_names) if ns.dev else None
+    opts = dict(_option(s) for s in ns.option)
+    for k in ("model", "epochs", "lr", "batch_size", "max_length"):
+        if getattr(ns, k) is not None:
+            opts[k] = getattr(ns, k)
+    defense = get_defense(ns.defense, seed=ns.seed, **opts)
+    out = Path(ns.out)
+    model = defense.fit(train_data, dev, out_dir=out.with_name(out.name + ".work"), resume=ns.resume,
+                        progress=not ns.no_progress)
+    model.save_pretrained(out)
+    hist = defense.report_.history
+    print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
+          f"epoch kept: {defense.report_.best_epoch if dev is not None else len(hist) - 1}"
+          + (f", dev accuracy {max(h['dev_acc'] for h in hist):.4f})" if dev is not None else ", no --dev: last epoch)"))
+    return 0
+
+
+def cmd_eval(ns) -> int:
+    import random
+
+    from .attacks import get_attack
+    from .data import BENCHMARKS, load_benchmark, read_dataset
+    from .evaluate import accuracy_on
+    from .models import Classifier
+
+    if not Path(ns.model).is_dir():
+        raise UserError(f"{ns.model}: no such model directory")
+    model = Classifier.from_pretrained(ns.model)
+    bench = None
+    if ns.data in BENCHMARKS:
+        bench = load_benchmark(ns.data)
+        data = bench.test
+    else:
+        data = read_dataset(ns.data, ns.text_column, ns.label_column, model.label_names)
+    if data.num_labels != len(model.label_names):
+        raise UserError(f"{ns.data} has {data.num_labels} classes, the model {len(model.label_names)}")
+    out = {"n": len(data), "accuracy": accuracy_on(model, data)}
+    if ns.attack:
+        extra = {k: v for k, v in (("triggers", _split(ns.triggers) if ns.triggers else None),
+                                    ("num_triggers", ns.num_triggers), ("sentence", ns.sentence)) if v is not None}
+        attack = get_attack(ns.attack, target=ns.target, seed=ns.seed, **extra)
+        if bench is not None:
+            attack.prepare(bench)
+        elif ns.attack in ("syntactic", "style"):
+            raise UserError(f"--attack {ns.attack} needs a benchmark name as DATA (its paraphrase tables)")
+        triggered = attack._triggered(data, random.Random(f"eval-{ns.seed}"), "test")
+        out.update({"n_triggered": len(triggered), "asr": accuracy_on(model, triggered)})
+    if ns.format == "json":
+        print(json.dumps(out))
+    else:
+        print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
+    return 0
+
+
+RESULT_COLUMNS = ("id", "dataset", "attack", "defense", "model", "seed", "train_size", "epochs", "rate", "mode",
+                  "cacc", "asr", "wall_s", "samples_per_s", "status")
+
+
+def _flat(r: dict) -> dict:
+    c, m, t = r["config"], r.get("metrics") or {}, r.get("timings") or {}
+    return {"id": r["id"][:12], **{k: c.get(k) for k in RESULT_COLUMNS if k in c},
+            "cacc": m.get("cacc"), "asr": m.get("asr"), "wall_s": t.get("wall_s"),
+            "samples_per_s": t.get("samples_per_s"), "status": r.get("status", "ok")}
+
+
+def format_table(runs: list[dict]) -> str:
+    rows = [_flat(r) for r in runs]
+    if not rows:
+        return "(no runs)"
+    cols = [c for c in RESULT_COLUMNS if any(row.get(c) is not None for row in rows)]
+
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) and not isinstance(v, bool) and abs(v) < 10 else (
+            f"{v:.1f}" if isinstance(v, float) else ("-" if v is None else str(v)))
+
+    table = [[c.upper() if c in ("cacc", "asr") else c for c in cols]] + [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def cmd_results(ns) -> int:
+    from .store import ResultStore
+
+    if ns.store is not None and not Path(ns.store).is_file():
+        raise UserError(f"--store {ns.store}: no such file")
+    runs = ResultStore(ns.store).runs()
+    if ns.format == "json":
+        print(json.dumps(runs, indent=1))
+    elif ns.format == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS))
+        w.writeheader()
+        for r in runs:
+            w.writerow(_flat(r) | {"id": r["id"]})
+        print(buf.getvalue(), end="")
+    else:
+        print(format_table(runs))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "results": cmd_results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        ns = build_parser().parse_args(argv)
+        return COMMANDS[ns.command](ns)
+    except UserError as e:
+        print(f"cleantune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cleantune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

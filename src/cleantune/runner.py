@@ -1,0 +1,134 @@
+"""One benchmark cell: dataset x attack x defense x seed -> stored CACC/ASR with timings."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .attacks import ATTACKS, get_attack
+from .data import BENCHMARKS, load_benchmark
+from .defenses import DEFENSES, get_defense
+from .errors import UserError
+from .evaluate import evaluate
+from .store import ResultStore, config_hash, data_dir
+
+ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a benchmark run. These names are the CLI options (with dashes), the config-file
+    keys and the stored config's keys. None means the attack's or defense's own default."""
+
+    dataset: str = "sst2"
+    attack: str = "badnets"
+    defense: str = "finetune"
+    model: str | None = None
+    seed: int = 0
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+    train_size: int | None = None
+    rate: float = 0.1
+    mode: str = "dirty"
+    target: int = 1
+    triggers: list[str] | None = None
+    num_triggers: int | None = None
+    sentence: str | None = None
+    options: dict = field(default_factory=dict)  # defense-specific settings, by the defense's field names
+
+    def check(self) -> None:
+        if self.dataset not in BENCHMARKS:
+            raise UserError(f"unknown dataset '{self.dataset}' (choose from {', '.join(BENCHMARKS)})")
+        if self.attack not in ATTACKS:
+            raise UserError(f"unknown attack '{self.attack}' (choose from {', '.join(ATTACKS)})")
+        if self.defense not in DEFENSES:
+            raise UserError(f"unknown defense '{self.defense}' (choose from {', '.join(DEFENSES)})")
+        for opt, attacks in ATTACK_OPTIONS.items():
+            if getattr(self, opt) is not None and self.attack not in attacks:
+                raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(attacks)} only")
+
+    def build_attack(self):
+        extra = {k: getattr(self, k) for k in ATTACK_OPTIONS if getattr(self, k) is not None}
+        return get_attack(self.attack, rate=self.rate, mode=self.mode, target=self.target, seed=self.seed, **extra)
+
+    def build_defense(self):
+        common = {k: getattr(self, k) for k in ("model", "epochs", "lr", "batch_size", "max_length")
+                  if getattr(self, k) is not None}
+        clash = sorted(set(common) & set(self.options))
+        if clash:
+            raise UserError(f"option '{clash[0]}' is given twice (as --{clash[0].replace('_', '-')} and in options)")
+        return get_defense(self.defense, seed=self.seed, **common, **self.options)
+
+    def resolve(self) -> dict:
+        """The full config with every default filled in: what the run's id hashes."""
+        self.check()
+        attack, defense = self.build_attack(), self.build_defense()
+        attack_settings = {f.name: getattr(attack, f.name) for f in fields(attack)}
+        defense_settings = defense.settings()
+        resolved = {"dataset": self.dataset, "attack": self.attack, "defense": self.defense,
+                    "train_size": self.train_size, **attack_settings, **defense_settings,
+                    "clean_data": defense.clean_data,
+                    "versions": {"cleantune": __version__, "torch": torch.__version__.split("+")[0],
+                                 "transformers": _version("transformers"), "peft": _version("peft")}}
+        return resolved
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(config: RunConfig, store: ResultStore | None = None, force: bool = False, resume: bool = False,
+        progress: bool = True) -> dict:
+    """Run one benchmark cell, or return the stored result of an identical config (unless `force`)."""
+    resolved = config.resolve()
+    run_id = config_hash(resolved)
+    if store is not None and not force and not resume:
+        stored = store.get(run_id)
+        if stored is not None and stored["status"] == "ok":
+            return {**stored, "reused": True}
+    t0 = time.perf_counter()
+    bench = load_benchmark(config.dataset)
+    if config.train_size is not None:
+        bench.train = bench.train.stratified_sample(config.train_size, config.seed)
+    poisoned = config.build_attack().apply(bench)
+    defense = config.build_defense()
+    work = data_dir() / "runs" / run_id[:16]
+    model = defense.fit(poisoned.train, poisoned.dev, out_dir=work, resume=resume, progress=progress)
+    t_eval = time.perf_counter()
+    metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
+    report = defense.report_
+    metrics.update({"best_epoch": report.best_epoch, "history": report.history,
+                    "n_train": len(poisoned.train), "n_poisoned": sum(poisoned.train.poisoned),
+                    "n_triggered_test": len(poisoned.triggered_test)})
+    metrics.update(getattr(defense, "extra_metrics_", {}))
+    timings = {"wall_s": time.perf_counter() - t0, "train_s": report.train_seconds,
+               "eval_s": time.perf_counter() - t_eval, "samples_per_s": report.samples_per_s,
+               "tokens_per_s": report.tokens_per_s, "peak_memory_mb": peak_memory_mb()}
+    result = {"id": run_id, "config": resolved, "status": "ok", "metrics": metrics, "timings": timings,
+              "env": environment(), "error": None, "reused": False}
+    if store is not None:
+        store.put(run_id, resolved, metrics, timings, result["env"])
+    return result
+

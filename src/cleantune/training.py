@@ -1,0 +1,282 @@
+"""The one training loop. Read it top to bottom: `train` is the whole of it.
+
+Accelerate runs it unchanged on one CPU, one GPU or many processes (`accelerate launch`). Batches are
+built from pre-tokenised ids, grouped by length and padded only to the longest sample of the batch.
+Defenses change what trains (requires_grad) before calling `train`, and change the step through
+hooks (MuScleLoRA's gradient alignment rewrites the gradients after the backward pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import TextDataset
+from .errors import UserError
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    eval_batch_size: int = 128
+    group_by_length: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class StepContext:
+    """What a hook sees: the (unwrapped) model and where the loop stands."""
+
+    model: torch.nn.Module
+    accelerator: object
+    epoch: int
+    step: int            # optimizer steps so far, over all epochs
+    steps_per_epoch: int
+    settings: TrainSettings
+    logs: dict = field(default_factory=dict)
+
+
+class StepHook:
+    """Override what a defense needs; every method is optional."""
+
+    def on_train_begin(self, ctx: StepContext) -> None: ...
+
+    def after_backward(self, ctx: StepContext) -> None:
+        """Called after loss.backward() and before clipping; may rewrite each parameter's .grad."""
+
+    def on_epoch_end(self, ctx: StepContext) -> None: ...
+
+
+@dataclass
+class TrainReport:
+    history: list[dict]
+    best_epoch: int | None
+    train_seconds: float
+    samples_per_s: float
+    tokens_per_s: float  # non-padding tokens
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def make_batch(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, x in enumerate(ids):
+        input_ids[r, : len(x)] = torch.tensor(x)
+        mask[r, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """Shuffled batches of indices. With grouping, samples are sorted by length inside mega-batches of
+    50 batches (as transformers' LengthGroupedSampler), so a batch pads little but order stays random."""
+    rng = random.Random(f"batches-{seed}-{epoch}")
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    if group_by_length:
+        mega = batch_size * 50
+        idx = [i for s in range(0, len(idx), mega) for i in sorted(idx[s: s + mega], key=lambda i: -lengths[i])]
+    batches = [idx[s: s + batch_size] for s in range(0, len(idx), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _settings_hash(settings: TrainSettings, n_train: int) -> str:
+    return hashlib.sha256(json.dumps([asdict(settings), n_train], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for n, p in _trainable(model).items():
+        (no_decay if p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def predict_logits(model, tokenizer, texts: list[str], settings: TrainSettings, accelerator=None) -> torch.Tensor:
+    """Logits for texts; with several processes each takes a contiguous shard and the results are gathered."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    n = len(texts)
+    shard = math.ceil(n / world)
+    lo = min(rank * shard, n)
+    mine = list(texts[lo: lo + shard])
+    mine += [texts[-1]] * (shard - len(mine))  # equal shard sizes, as gather needs; trimmed below
+    from .models import Classifier
+
+    clf = Classifier(model, tokenizer, [str(i) for i in range(model.config.num_labels)], settings.max_length)
+    logits = clf.predict_logits(mine, settings.eval_batch_size)
+    if world > 1:
+        logits = accelerator.gather(logits.to(accelerator.device)).cpu()
+    return logits[:n]
+
+
+def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
+    return float((logits.argmax(-1) == torch.tensor(labels)).float().mean()) if labels else float("nan")
+
+
+def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | None = None,
+          settings: TrainSettings | None = None, hooks: tuple[StepHook, ...] = (), out_dir: str | Path | None = None,
+          resume: bool = False, progress: bool = True, desc: str = "train") -> TrainReport:
+    """Train the parameters of `model` that require grad on `train_data` (AdamW, linear warmup and decay,
+    clipping). After each epoch the model is scored on the clean `dev_data`; the best epoch (ties keep the
+    earlier) is restored at the end. With `out_dir`, a checkpoint is written per epoch and `resume`
+    continues from the last one.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    settings = settings or TrainSettings()
+    if len(train_data) == 0:
+        raise UserError("the training set is empty")
+    accelerator = Accelerator()
+    ids = encode(tokenizer, train_data.texts, settings.max_length)
+    lengths = [len(x) for x in ids]
+    labels = train_data.labels
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = math.ceil(math.ceil(len(ids) / settings.batch_size) / world)
+    total_steps = steps_per_epoch * settings.epochs
+
+    params = _trainable(model)
+    if not params:
+        raise UserError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+
+    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
+    fingerprint = _settings_hash(settings, len(ids))
+    history: list[dict] = []
+    best_epoch, best_score, best_state = None, -1.0, None
+    start_epoch = 0
+    if resume and ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
+        state = json.loads((ckpt_dir / "state.json").read_text())
+        if state["fingerprint"] != fingerprint:
+            raise UserError(f"--resume: the checkpoint in {ckpt_dir} was made with other settings or data")
+        weights = load_file(ckpt_dir / "trainable.safetensors")
+        for n, p in params.items():
+            p.data.copy_(weights[n])
+        opt_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        torch.set_rng_state(load_file(ckpt_dir / "rng.safetensors")["torch"])
+        history, best_epoch, best_score = state["history"], state["best_epoch"], state["best_score"]
+        if (ckpt_dir / "best.safetensors").is_file():
+            best_state = load_file(ckpt_dir / "best.safetensors")
+        start_epoch = state["epoch"] + 1
+
+    ctx = StepContext(model, accelerator, start_epoch, start_epoch * steps_per_epoch, steps_per_epoch, settings)
+    for h in hooks:
+        h.on_train_begin(ctx)
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, unit="step",
+               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True, leave=False)
+    n_samples = n_tokens = 0
+    t_train = 0.0
+    for epoch in range(start_epoch, settings.epochs):
+        ctx.epoch = epoch
+        wrapped.train()
+        batches = batch_order(lengths, settings.batch_size, settings.seed, epoch, settings.group_by_length)
+        batches += batches[: (-len(batches)) % world]  # every process takes the same number of steps
+        loss_sum, t0 = 0.0, time.perf_counter()
+        for b in batches[rank::world]:
+            batch = make_batch([ids[i] for i in b], tokenizer.pad_token_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            y = torch.tensor([labels[i] for i in b], device=accelerator.device)
+            loss = torch.nn.functional.cross_entropy(wrapped(**batch).logits.float(), y)
+            accelerator.backward(loss)
+            for h in hooks:
+                h.after_backward(ctx)
+            if settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ctx.step += 1
+            loss_sum += loss.item()
+            n_samples += len(b) * world
+            n_tokens += int(batch["attention_mask"].sum()) * world
+            bar.update(1)
+            elapsed = t_train + time.perf_counter() - t0
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", **{"samples/s": f"{n_samples / max(elapsed, 1e-9):.0f}"})
+        t_train += time.perf_counter() - t0
+        record = {"epoch": epoch, "loss": loss_sum / max(1, len(batches[rank::world]))}
+        if dev_data is not None and len(dev_data):
+            dev_logits = predict_logits(accelerator.unwrap_model(wrapped), tokenizer, dev_data.texts, settings, accelerator)
+            record["dev_acc"] = accuracy(dev_logits, dev_data.labels)
+            if record["dev_acc"] > best_score:
+                best_epoch, best_score = epoch, record["dev_acc"]
+                best_state = {n: p.detach().cpu().clone() for n, p in params.items()}
+        record.update(ctx.logs)
+        history.append(record)
+        for h in hooks:
+            h.on_epoch_end(ctx)
+        if ckpt_dir is not None and accelerator.is_main_process:
+            _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state,
+                             {"epoch": epoch, "history": history, "best_epoch": best_epoch,
+                              "best_score": best_score, "fingerprint": fingerprint})
+        accelerator.wait_for_everyone()
+    bar.close()
+    if best_state is not None:
+        for n, p in params.items():
+            p.data.copy_(best_state[n])
+    accelerator.unwrap_model(wrapped).eval()
+    return TrainReport(history, best_epoch, t_train, n_samples / max(t_train, 1e-9), n_tokens / max(t_train, 1e-9))
+
+
+def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, state: dict) -> None:
+    """Write the whole checkpoint into a fresh folder, then swap it in: a kill leaves the old one intact."""
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
+    if best_state is not None:
+        save_file({n: t.contiguous() for n, t in best_state.items()}, tmp / "best.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state))
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
