@@ -221,9 +221,14 @@ def cmd_train(ns) -> int:
     out = Path(ns.out)
     model = defense.fit(train_data, dev, out_dir=out.with_name(out.name + ".work"), resume=ns.resume,
                         progress=not ns.no_progress)
+    from .training import is_main_process
+
+    if not is_main_process():
+        return 0
     model.save_pretrained(out)
     hist = defense.report_.history
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
+          f"{defense.report_.processes} process(es), "
           f"epoch kept: {defense.report_.best_epoch if dev is not None else len(hist) - 1}"
           + (f", dev accuracy {max(h['dev_acc'] for h in hist):.4f})" if dev is not None else ", no --dev: last epoch)"))
     return 0

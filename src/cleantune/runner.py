@@ -17,6 +17,7 @@ from .defenses import DEFENSES, get_defense
 from .errors import UserError
 from .evaluate import evaluate
 from .store import ResultStore, config_hash, data_dir
+from .training import is_main_process
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -125,10 +126,11 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
     metrics.update(getattr(defense, "extra_metrics_", {}))
     timings = {"wall_s": time.perf_counter() - t0, "train_s": report.train_seconds,
                "eval_s": time.perf_counter() - t_eval, "samples_per_s": report.samples_per_s,
-               "tokens_per_s": report.tokens_per_s, "peak_memory_mb": peak_memory_mb()}
+               "tokens_per_s": report.tokens_per_s, "peak_memory_mb": peak_memory_mb(),
+               "processes": report.processes}
     result = {"id": run_id, "config": resolved, "status": "ok", "metrics": metrics, "timings": timings,
               "env": environment(), "error": None, "reused": False}
-    if store is not None:
+    if store is not None and is_main_process():
         store.put(run_id, resolved, metrics, timings, result["env"])
     return result
 

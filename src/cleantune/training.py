@@ -37,6 +37,7 @@ class TrainSettings:
     max_length: int = 128
     eval_batch_size: int = 128
     group_by_length: bool = True
+    pad_to_length: int | None = None  # pad every batch to this fixed width (static shapes; the throughput baseline)
     seed: int = 0
 
     def __post_init__(self):
@@ -80,6 +81,14 @@ class TrainReport:
     train_seconds: float
     samples_per_s: float
     tokens_per_s: float  # non-padding tokens
+    processes: int = 1
+
+
+def is_main_process() -> bool:
+    """False in the non-zero ranks of `accelerate launch`: only the main process writes files."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def seed_everything(seed: int) -> None:
@@ -92,8 +101,8 @@ def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
-def make_batch(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(x) for x in ids)
+def make_batch(ids: list[list[int]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    width = max(width or 0, max(len(x) for x in ids))
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for r, x in enumerate(ids):
@@ -169,7 +178,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     settings = settings or TrainSettings()
     if len(train_data) == 0:
         raise UserError("the training set is empty")
-    accelerator = Accelerator()
+    # cpu=True on a machine without CUDA makes a multi-process launch use DDP over gloo (MULTI_CPU).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     ids = encode(tokenizer, train_data.texts, settings.max_length)
     lengths = [len(x) for x in ids]
     labels = train_data.labels
@@ -217,9 +227,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         wrapped.train()
         batches = batch_order(lengths, settings.batch_size, settings.seed, epoch, settings.group_by_length)
         batches += batches[: (-len(batches)) % world]  # every process takes the same number of steps
+        mine = batches[rank::world]
         loss_sum, t0 = 0.0, time.perf_counter()
-        for b in batches[rank::world]:
-            batch = make_batch([ids[i] for i in b], tokenizer.pad_token_id)
+        for b in mine:
+            batch = make_batch([ids[i] for i in b], tokenizer.pad_token_id, settings.pad_to_length)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             y = torch.tensor([labels[i] for i in b], device=accelerator.device)
             loss = torch.nn.functional.cross_entropy(wrapped(**batch).logits.float(), y)
@@ -239,7 +250,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             elapsed = t_train + time.perf_counter() - t0
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", **{"samples/s": f"{n_samples / max(elapsed, 1e-9):.0f}"})
         t_train += time.perf_counter() - t0
-        record = {"epoch": epoch, "loss": loss_sum / max(1, len(batches[rank::world]))}
+        record = {"epoch": epoch, "steps": len(mine), "loss": loss_sum / max(1, len(mine))}
         if dev_data is not None and len(dev_data):
             dev_logits = predict_logits(accelerator.unwrap_model(wrapped), tokenizer, dev_data.texts, settings, accelerator)
             record["dev_acc"] = accuracy(dev_logits, dev_data.labels)
@@ -260,7 +271,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         for n, p in params.items():
             p.data.copy_(best_state[n])
     accelerator.unwrap_model(wrapped).eval()
-    return TrainReport(history, best_epoch, t_train, n_samples / max(t_train, 1e-9), n_tokens / max(t_train, 1e-9))
+    return TrainReport(history, best_epoch, t_train, n_samples / max(t_train, 1e-9), n_tokens / max(t_train, 1e-9),
+                       world)
 
 
 def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, state: dict) -> None:

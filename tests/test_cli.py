@@ -1,0 +1,118 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cleantune.cli import main
+
+
+def cli(*args, env=None):
+    """The real command in a fresh process: exit code, stdout, stderr."""
+    p = subprocess.run([sys.executable, "-m", "cleantune", *map(str, args)], capture_output=True, text=True, env=env)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_line_error(code, out, err, fragment):
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("cleantune: error:") and fragment in err, err
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("sentence\tlabel\nok\t1\n\t0\n", "bad.tsv:3: empty text"),
+    ("text\ty\nok\t1\n", "missing column 'label'"),
+    ("sentence\tlabel\nok\t1\nx\t0\t9\n", "bad.tsv:3: not a table"),
+    (b"sentence\tlabel\nok\t1\n\xff\t0\n", "bad.tsv:3: not valid UTF-8"),
+])
+def test_train_rejects_malformed_files(tmp_path, content, fragment):
+    f = tmp_path / "bad.tsv"
+    (f.write_bytes if isinstance(content, bytes) else f.write_text)(content)
+    assert_one_line_error(*cli("train", f, "--out", tmp_path / "model"), fragment)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.work").exists()
+
+
+def test_unknown_label_in_dev_file(tmp_path, capsys):
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\nmeh\tneutral\n")
+    assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "m")]) == 2
+    assert "d.tsv:2: label 'neutral' not in the label set (neg, pos)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["run", "--dataset", "imdb"], "unknown dataset 'imdb'"),
+    (["run", "--attack", "foo"], "unknown attack 'foo'"),
+    (["run", "--defense", "magic"], "unknown defense 'magic'"),
+    (["run", "--rate", "1.5"], "--rate must be in (0, 1]"),
+    (["run", "--epochs", "0"], "--epochs must be at least 1"),
+    (["run", "--mode", "sideways"], "--mode must be one of"),
+    (["run", "--attack", "style", "--sentence", "x"], "--sentence applies to --attack addsent only"),
+    (["run", "--option", "nope=1"], "has no option 'nope'"),
+    (["run", "--seed", "x"], "--seed: expected an integer"),
+    (["run", "--epochs", "two"], "invalid int value"),
+    (["run", "--attack", "syntactic", "--dataset", "olid"], "ships none for it"),
+    (["results", "--store", "/nonexistent/x.sqlite"], "no such file"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_options_are_one_line_errors(args, fragment, capsys):
+    assert main(args + (["--train-size", "50"] if args[0] == "run" else [])) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("dataset: sst2\nlearning_rate: 0.1\n")
+    assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err
+    (tmp_path / "c.toml").write_text("dataset = [\n")
+    assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
+    assert "cannot parse" in capsys.readouterr().err
+
+
+def test_subprocess_error_has_no_traceback():
+    assert_one_line_error(*cli("run", "--dataset", "nope"), "unknown dataset 'nope'")
+
+
+def test_run_stores_reuses_and_exports(tiny_model, tmp_path, capsys):
+    store = tmp_path / "r.sqlite"
+    (tmp_path / "c.toml").write_text(f'model = "{tiny_model}"\ntrain_size = 120\nepochs = 1\nlr = 0.001\n')
+    base = ["run", "--config", str(tmp_path / "c.toml"), "--store", str(store), "--no-progress"]
+    assert main(base + ["--attack", "badnets,addsent", "--sentence", "the red fox"]) == 0
+    assert "CACC" in capsys.readouterr().out
+    assert main(["results", "--store", str(store), "--format", "json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert len(runs) == 2 and all({"cacc", "asr"} <= set(r["metrics"]) for r in runs)
+    addsent = next(r for r in runs if r["config"]["attack"] == "addsent")
+    assert addsent["config"]["sentence"] == "the red fox" and addsent["config"]["train_size"] == 120
+    assert "sentence" not in next(r for r in runs if r["config"]["attack"] == "badnets")["config"]
+    # the same config again is answered from the store; --force trains again
+    assert main(base + ["--attack", "badnets", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["id"] in {r["id"] for r in runs}
+    assert main(["results", "--store", str(store), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("id,dataset,attack") and len(lines) == 3
+
+
+def test_same_seed_same_metrics_through_the_cli(tiny_model, tmp_path, capsys):
+    args = ["run", "--model", tiny_model, "--train-size", "100", "--epochs", "1", "--format", "json", "--no-progress"]
+    out = []
+    for i in range(2):
+        assert main(args + ["--store", str(tmp_path / f"s{i}.sqlite")]) == 0
+        out.append(json.loads(capsys.readouterr().out)[0])
+    assert out[0]["id"] == out[1]["id"]
+    assert {k: out[0]["metrics"][k] for k in ("cacc", "asr", "history")} == \
+        {k: out[1]["metrics"][k] for k in ("cacc", "asr", "history")}
+
+
+def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
+    rows = ["sentence\tlabel"] + [f"a {'great' if i % 2 else 'awful'} film number {i}\t{'pos' if i % 2 else 'neg'}"
+                                  for i in range(60)]
+    (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "d.tsv").write_text("\n".join(rows[:1] + rows[1:21]) + "\n")
+    assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "m"),
+                 "--model", tiny_model, "--epochs", "1", "--no-progress"]) == 0
+    assert "labels ['neg', 'pos']" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv"), "--attack", "badnets", "--triggers", "cf",
+                 "--format", "json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 20 and res["n_triggered"] == 10 and 0 <= res["asr"] <= 1

@@ -1,0 +1,99 @@
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from cleantune.data import download_benchmark, load_benchmark, read_dataset
+from cleantune.errors import UserError
+
+from conftest import SHARED_DATA
+
+
+def write(tmp_path, name, content, mode="w"):
+    p = tmp_path / name
+    (p.write_bytes if mode == "wb" else p.write_text)(content)
+    return p
+
+
+def test_reads_tsv_csv_jsonl_with_string_labels(tmp_path):
+    tsv = write(tmp_path, "a.tsv", "text\tlabel\ngood film\tpos\nbad film\tneg\nok film\tpos\n")
+    csv_ = write(tmp_path, "a.csv", 'text,label\n"good, really",pos\nbad film,neg\n')
+    jl = write(tmp_path, "a.jsonl", '{"text": "good", "label": "pos"}\n\n{"text": "bad", "label": "neg"}\n')
+    a = read_dataset(tsv)
+    assert a.label_names == ["neg", "pos"] and a.labels == [1, 0, 1]
+    b = read_dataset(csv_)
+    assert b.texts[0] == "good, really" and b.labels == [1, 0]
+    c = read_dataset(jl, label_names=["neg", "pos"])
+    assert c.texts == ["good", "bad"] and c.labels == [1, 0]
+
+
+def test_integer_labels_and_custom_columns(tmp_path):
+    p = write(tmp_path, "a.tsv", "review\ty\nx\t2\nz\t0\n")
+    d = read_dataset(p, text_column="review", label_column="y")
+    assert d.label_names == ["0", "1", "2"] and d.labels == [2, 0]
+
+
+@pytest.mark.parametrize("name,content,msg", [
+    ("a.tsv", "sentence\tlabel\nfine\t1\n\t0\n", "a.tsv:3: empty text"),
+    ("a.tsv", "sentence\tlbl\nfine\t1\n", "missing column 'label'"),
+    ("a.tsv", "sentence\tlabel\nfine\t1\nbad\t0\textra\n", "a.tsv:3: not a table"),
+    ("a.jsonl", '{"text": "a", "label": 1}\nnot json\n', "a.jsonl:2: invalid JSON"),
+    ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "a.jsonl:2: missing column 'label'"),
+    ("a.txt", "whatever", "unsupported file type"),
+    ("a.tsv", "", "empty file or missing header"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, name, content, msg):
+    with pytest.raises(UserError, match=msg.replace("(", r"\(")):
+        read_dataset(write(tmp_path, name, content))
+
+
+def test_undecodable_bytes_and_unknown_label(tmp_path):
+    p = write(tmp_path, "b.tsv", b"sentence\tlabel\nok\t1\nbad \xff\xfe\t0\n", mode="wb")
+    with pytest.raises(UserError, match=r"b.tsv:3: not valid UTF-8"):
+        read_dataset(p)
+    p = write(tmp_path, "c.tsv", "sentence\tlabel\nok\t1\nhm\t7\n")
+    with pytest.raises(UserError, match=r"c.tsv:3: label '7' not in the label set"):
+        read_dataset(p, label_names=["0", "1"])
+
+
+def test_benchmarks_load_with_manifest_counts():
+    manifest = json.loads((SHARED_DATA / "MANIFEST.json").read_text())
+    b = load_benchmark("sst2")
+    assert (len(b.train), len(b.dev), len(b.test)) == tuple(manifest["rows"]["sst2"][s] for s in ("train", "dev", "test"))
+    assert load_benchmark("agnews").train.num_labels == 4
+    with pytest.raises(UserError, match="unknown dataset 'imdb'"):
+        load_benchmark("imdb")
+
+
+def test_stratified_sample_keeps_proportions_and_is_seeded():
+    train = load_benchmark("sst2").train
+    a, b, c = (train.stratified_sample(500, s) for s in (0, 0, 1))
+    assert len(a) == 500 and a.texts == b.texts and a.texts != c.texts
+    share = sum(train.labels) / len(train)
+    assert abs(sum(a.labels) / 500 - share) < 0.003
+
+
+def test_download_from_file_mirror_verifies_sha256(tmp_path):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(SHARED_DATA / "olid", mirror / "olid")
+    dest = tmp_path / "cache"
+    download_benchmark("olid", dest, base_url=mirror.as_uri())
+    got = hashlib.sha256((dest / "olid" / "dev.tsv").read_bytes()).hexdigest()
+    assert got == json.loads((SHARED_DATA / "MANIFEST.json").read_text())["sha256"]["olid/dev.tsv"]
+    # a corrupted mirror file is rejected and nothing is written in its place
+    (mirror / "olid" / "test.tsv").write_text("sentence\tlabel\ntampered\t1\n")
+    dest2 = tmp_path / "cache2"
+    with pytest.raises(UserError, match="does not match MANIFEST"):
+        download_benchmark("olid", dest2, base_url=mirror.as_uri())
+    assert not (dest2 / "olid" / "test.tsv").exists()
+
+
+def test_data_root_env_and_download_fallback(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(SHARED_DATA / "sst2", mirror / "sst2")
+    monkeypatch.setenv("CLEANTUNE_DATA", str(mirror))
+    assert len(load_benchmark("sst2").dev) == 872
+    monkeypatch.setenv("CLEANTUNE_DATA", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="CLEANTUNE_DATA"):
+        load_benchmark("sst2")

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from cleantune.data import TextDataset, load_benchmark
+from cleantune.defenses import FineTune, LoRA
+from cleantune.errors import UserError
+from cleantune.models import Classifier, resolve_model
+
+
+@pytest.fixture(scope="module")
+def named_data():
+    b = load_benchmark("sst2")
+    d = b.train.stratified_sample(96, 0)
+    return TextDataset(d.texts, d.labels, ["neg", "pos"]), b.dev.stratified_sample(32, 0)
+
+
+def test_saved_model_loads_with_transformers(tiny_model, named_data, tmp_path):
+    data, dev = named_data
+    clf = FineTune(model=tiny_model, epochs=1, lr=1e-3).fit(data, None, progress=False)
+    before = clf.predict_logits(dev.texts)
+    clf.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file() and not (tmp_path / "m.partial").exists()
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", use_safetensors=True)
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    again = Classifier.from_pretrained(tmp_path / "m")
+    assert again.label_names == ["neg", "pos"]
+    assert torch.allclose(again.predict_logits(dev.texts), before, atol=1e-5)
+    assert torch.allclose(Classifier(hf, again.tokenizer, ["neg", "pos"]).predict_logits(dev.texts), before, atol=1e-5)
+
+
+def test_lora_saves_adapter_and_merged_model(tiny_model, named_data, tmp_path):
+    from peft import PeftModel
+
+    data, dev = named_data
+    clf = LoRA(model=tiny_model, epochs=1, lr=1e-2).fit(data, None, progress=False)
+    before = clf.predict_logits(dev.texts)
+    clf.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    merged = Classifier.from_pretrained(tmp_path / "m")
+    assert torch.allclose(merged.predict_logits(dev.texts), before, atol=1e-5)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "m" / "adapter")
+    assert torch.allclose(Classifier(with_adapter, merged.tokenizer, ["neg", "pos"]).predict_logits(dev.texts),
+                          before, atol=1e-5)
+
+
+def test_model_names_resolve(tmp_path):
+    assert resolve_model("minilm").endswith("model")
+    assert resolve_model("org/some-model") == "org/some-model"  # a hub id, loaded by transformers on use
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="no such directory"):
+        resolve_model("./missing/dir")
+
+
+def test_minilm_is_the_default_backbone():
+    from cleantune.models import load_model
+
+    m = load_model("minilm", ["a", "b"])
+    assert m.config.hidden_size == 384 and m.config.num_hidden_layers == 6
+    assert 22e6 < sum(p.numel() for p in m.parameters()) < 23e6

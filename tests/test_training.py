@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from cleantune.data import load_benchmark
+from cleantune.defenses import FineTune, LoRA
+from cleantune.models import load_model, load_tokenizer
+from cleantune.training import StepHook, TrainSettings, batch_order, encode, predict_logits, train
+
+
+@pytest.fixture(scope="module")
+def small():
+    b = load_benchmark("sst2")
+    return b.train.stratified_sample(160, 0), b.dev.stratified_sample(64, 0)
+
+
+def test_batch_order_covers_each_sample_once_and_groups_lengths():
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    a = batch_order(lengths, 16, seed=0, epoch=0, group_by_length=True)
+    assert sorted(i for b in a for i in b) == list(range(1000))
+    assert a == batch_order(lengths, 16, 0, 0, True) and a != batch_order(lengths, 16, 0, 1, True)
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)
+    assert padded(a) < 0.6 * padded(batch_order(lengths, 16, 0, 0, False))
+
+
+def test_same_seed_same_model(tiny_model, small):
+    train_data, dev = small
+    runs = []
+    for _ in range(2):
+        d = FineTune(model=tiny_model, epochs=2, lr=1e-3, seed=7)
+        clf = d.fit(train_data, dev, progress=False)
+        runs.append((d.report_.history, clf.predict_logits(dev.texts)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+    other = FineTune(model=tiny_model, epochs=2, lr=1e-3, seed=8).fit(train_data, dev, progress=False)
+    assert not torch.equal(other.predict_logits(dev.texts), runs[0][1])
+
+
+def test_selection_restores_best_clean_dev_epoch(tiny_model, small):
+    train_data, dev = small
+    d = FineTune(model=tiny_model, epochs=3, lr=3e-3, seed=1)
+    clf = d.fit(train_data, dev, progress=False)
+    hist = d.report_.history
+    best = max(range(3), key=lambda e: (hist[e]["dev_acc"], -e))
+    assert d.report_.best_epoch == best
+    acc = sum(p == y for p, y in zip(clf.predict(dev.texts), dev.labels)) / len(dev)
+    assert acc == pytest.approx(hist[best]["dev_acc"])
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAfter(StepHook):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, ctx):
+        if ctx.epoch == self.epoch:
+            raise _Stop
+
+
+def _run(tiny_model, data, out_dir, hooks=(), resume=False):
+    torch.manual_seed(0)
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, data.label_names)
+    settings = TrainSettings(epochs=3, lr=2e-3, batch_size=16, seed=0)
+    report = train(model, tok, data, None, settings, hooks, out_dir, resume, progress=False)
+    return model, tok, report
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_model, small, tmp_path):
+    train_data, dev = small
+    model_a, tok, rep_a = _run(tiny_model, train_data, tmp_path / "a")
+    with pytest.raises(_Stop):  # killed during epoch 2: the checkpoint of epoch 1 is on disk
+        _run(tiny_model, train_data, tmp_path / "b", hooks=(_StopAfter(2),))
+    model_b, _, rep_b = _run(tiny_model, train_data, tmp_path / "b", resume=True)
+    assert [h["loss"] for h in rep_b.history] == [h["loss"] for h in rep_a.history]
+    s = TrainSettings()
+    assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
+
+
+def test_resume_refuses_other_settings(tiny_model, small, tmp_path):
+    from cleantune.errors import UserError
+
+    train_data, _ = small
+    _run(tiny_model, train_data, tmp_path / "c")
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, train_data.label_names)
+    with pytest.raises(UserError, match="other settings"):
+        train(model, tok, train_data, None, TrainSettings(epochs=3, lr=1e-3, batch_size=16), (), tmp_path / "c",
+              resume=True, progress=False)
+
+
+class _ZeroGrads(StepHook):
+    def after_backward(self, ctx):
+        for p in ctx.model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+
+def test_hook_rewrites_gradients_before_the_step(tiny_model, small):
+    train_data, _ = small
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, train_data.label_names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, tok, train_data, None, TrainSettings(epochs=1, weight_decay=0.0), (_ZeroGrads(),), progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_lora_trains_adapter_only(tiny_model, small):
+    train_data, dev = small
+    base = load_model(tiny_model, train_data.label_names)
+    clf = LoRA(model=tiny_model, epochs=1, lr=1e-2, train_head=False).fit(train_data, dev, progress=False)
+    merged = clf.model.merge_and_unload()
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all(("query" in n or "value" in n) and n.endswith("weight") for n in changed)
+
+
+def test_tokens_are_truncated_to_max_length(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    ids = encode(tok, ["word " * 500], 32)
+    assert len(ids[0]) == 32
