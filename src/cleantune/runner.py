@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -95,6 +96,7 @@ def environment() -> dict:
 
 
 def peak_memory_mb() -> float:
+    """Peak GPU memory, or on CPU the process's peak resident memory (so far, over all runs in it)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -105,7 +107,7 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
     """Run one benchmark cell, or return the stored result of an identical config (unless `force`)."""
     resolved = config.resolve()
     run_id = config_hash(resolved)
-    if store is not None and not force and not resume:
+    if store is not None and not force:
         stored = store.get(run_id)
         if stored is not None and stored["status"] == "ok":
             return {**stored, "reused": True}
@@ -132,5 +134,6 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
               "env": environment(), "error": None, "reused": False}
     if store is not None and is_main_process():
         store.put(run_id, resolved, metrics, timings, result["env"])
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints only serve --resume of an unfinished run
     return result
 
