@@ -150,7 +150,7 @@ def plot_scatter(summary: dict) -> bytes | None:
                 handles.append(h)
                 labels.append(l)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.04 * math.ceil(len(labels) / 4)))
-    fig.suptitle("Lower right is better: high clean accuracy, low attack success")
+    fig.suptitle("Lower right is better: high clean accuracy, low attack success", y=1.04)
     return _png(fig)
 
 

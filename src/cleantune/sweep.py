@@ -101,14 +101,15 @@ def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
     cells: list[Cell] = []
     seen: set[str] = set()
     for combo in itertools.product(*(axes[a] for a in order)):
+        parts = dict(zip(order, combo))
         cell = dict(fixed)
-        for part in combo:
-            for k, v in part.items():
+        for a in order:
+            if a == NAMED_AXES[0]:  # grid-wide attack options go to the attacks they fit; named ones are checked
+                for opt, attacks in ATTACK_OPTIONS.items():
+                    if opt in cell and parts["attack"]["attack"] not in attacks:
+                        del cell[opt]
+            for k, v in parts[a].items():
                 cell[k] = {**cell.get(k, {}), **v} if k == "options" and isinstance(v, dict) else v
-        attack = cell.get("attack", RunConfig.attack)
-        for opt, attacks in ATTACK_OPTIONS.items():  # top-level attack options go to the attacks they fit
-            if opt in fixed and attack not in attacks:
-                del cell[opt]
         try:
             if "seed" in cell:
                 cell["seed"] = int(cell["seed"])
