@@ -158,3 +158,13 @@ def test_two_processes_writing_at_once_lose_no_rows(tmp_path):
         assert p.wait(timeout=120) == 0, p.stderr.read()
     ids = {r["id"] for r in ResultStore(store).runs()}
     assert ids == {f"{t}-{i}" for t in "ab" for i in range(300)}
+
+
+def test_a_failure_never_replaces_a_stored_success(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    s.put("x", {"seed": 0}, {"cacc": 0.9}, {}, {})
+    s.put("x", {"seed": 0}, {}, {}, {}, status="failed", error="boom")
+    assert (s.get("x")["status"], s.get("x")["metrics"]) == ("ok", {"cacc": 0.9})
+    s.put("y", {"seed": 0}, {}, {}, {}, status="failed", error="boom")
+    s.put("y", {"seed": 0}, {"cacc": 0.8}, {}, {})  # a retried failure that now succeeds
+    assert (s.get("y")["status"], s.get("y")["error"]) == ("ok", None)

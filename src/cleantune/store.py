@@ -72,7 +72,12 @@ class ResultStore:
             status: str = "ok", error: str | None = None) -> None:
         row = (run_id, json.dumps(config, sort_keys=True), status, json.dumps(metrics), json.dumps(timings),
                json.dumps(env), error, time.time())
-        _retry(lambda: self.conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row))
+        # a failure never replaces a stored success (two sweeps may run the same cell at once)
+        guard = "" if status == "ok" else " WHERE runs.status != 'ok'"
+        _retry(lambda: self.conn.execute(
+            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET config = excluded.config, "
+            "status = excluded.status, metrics = excluded.metrics, timings = excluded.timings, env = excluded.env, "
+            "error = excluded.error, created = excluded.created" + guard, row))
 
     def runs(self) -> list[dict]:
         rows = _retry(lambda: self.conn.execute("SELECT * FROM runs ORDER BY created").fetchall())
