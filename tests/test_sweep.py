@@ -45,7 +45,7 @@ def reference(tiny_model, tmp_path_factory):
         mp.setenv("XDG_DATA_HOME", str(tmp / "xdg-data"))
         cells = load_grid(write_grid(tmp / "grid.yaml", tiny_model))
         summary = sweep(cells, tmp / "ref.sqlite", cpus_per_run=1, progress=False)
-    return cells, ResultStore(tmp / "ref.sqlite"), summary
+    return cells, ResultStore(tmp / "ref.sqlite"), summary, tmp / "grid.yaml"
 
 
 def test_grid_expands_axes_and_named_settings(tiny_model, tmp_path):
@@ -80,8 +80,8 @@ def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path
         load_grid(grid)
 
 
-def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference):
-    cells, store, summary = reference
+def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys):
+    cells, store, summary, grid = reference
     assert (summary.skipped, summary.ran, summary.failed) == (0, 2, [])
     runs = {r["id"]: r for r in store.runs()}
     assert set(runs) == {c.id for c in cells}
@@ -91,6 +91,8 @@ def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference):
     again = sweep(cells, store.path, cpus_per_run=1, progress=False)
     assert (again.skipped, again.ran) == (2, 0)
     assert {r["id"]: r["created"] for r in store.runs()} == {i: r["created"] for i, r in runs.items()}
+    assert main(["sweep", str(grid), "--store", str(store.path), "--dry-run"]) == 0
+    assert "2 cells, 2 stored" in capsys.readouterr().out
     page, md, images = build(store.runs())  # the report reads what a real sweep stores
     assert "lora" in md and "finetune" in md and "bars_sst2.png" in images
 
@@ -110,7 +112,7 @@ def test_failed_cell_is_recorded_and_the_others_run(tiny_model, tmp_path, capsys
 
 
 def test_killed_sweep_resumes_to_the_same_table(reference, tiny_model, tmp_path):
-    cells, ref_store, _ = reference
+    cells, ref_store, _, _ = reference
     grid = write_grid(tmp_path / "g.yaml", tiny_model)
     store_path = tmp_path / "s.sqlite"
     env = {**os.environ, "PYTHONPATH": SRC}
