@@ -72,3 +72,24 @@ def test_report_without_frequency_or_reference_degrades_gracefully(tmp_path):
 def test_report_missing_store_is_a_user_error(tmp_path, capsys):
     assert main(["report", "--store", str(tmp_path / "nope.sqlite"), "--out", str(tmp_path / "r")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_report_plots_curves_files_of_the_frequency_analysis(tmp_path, capsys):
+    import json
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.8, 0.1, 5.0, dataset="sst2", attack="badnets", defense="finetune")
+    rec = lambda step, lo: {"step": step, "epoch": 0, "clean": {"e_low": [lo, lo / 2], "e_high": [0.9, 0.8]},
+                            "poison": {"e_low": [lo / 3, lo / 4], "e_high": [0.5, 0.4]}}
+    curves = tmp_path / "curves.json"
+    curves.write_text(json.dumps({"deltas": [2.0, 8.0], "records": [rec(0, 1.0), rec(5, 0.5)],
+                                  "config": {"dataset": "sst2", "attack": "badnets", "defense": "finetune", "seed": 0}}))
+    out = tmp_path / "rep"
+    assert main(["report", "--store", str(s.path), "--out", str(out), "--frequency", str(curves)]) == 0
+    page = (out / "report.html").read_text()
+    assert "frequency curves: sst2 badnets finetune seed 0" in page
+    assert len(re.findall(r"data:image/png;base64,", page)) == 3  # bars, scatter, the curves
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"records": "none"}))
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "r2"), "--frequency", str(bad)]) == 2
+    assert "no frequency curves" in capsys.readouterr().err and not (tmp_path / "r2").exists()

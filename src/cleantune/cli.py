@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML and Markdown report (tables, plots, protocol) from the store")
     p.add_argument("--store", help="results store (SQLite file)")
     p.add_argument("--out", default="report", help="output folder for report.html and report.md")
+    p.add_argument("--frequency", action="append", default=[], metavar="CURVES_JSON",
+                   help="also plot these curves.json files of `cleantune analyze frequency`")
 
     p = sub.add_parser("results", help="the stored runs")
     p.add_argument("--store")
@@ -339,7 +341,10 @@ def cmd_report(ns) -> int:
 
     if ns.store is not None and not Path(ns.store).is_file():
         raise UserError(f"--store {ns.store}: no such file")
-    html, md = write_report(ResultStore(ns.store), ns.out)
+    for f in ns.frequency:
+        if not Path(f).is_file():
+            raise UserError(f"--frequency {f}: no such file")
+    html, md = write_report(ResultStore(ns.store), ns.out, ns.frequency)
     print(f"wrote {html} and {md}")
     return 0
 

@@ -185,20 +185,47 @@ def plot_bars(dataset: str, d: dict) -> bytes:
 
 
 def frequency_curves(run: dict) -> dict | None:
-    """The frequency analysis of a run when one was recorded: metrics['frequency'], or a frequency*.json
-    in the run's work folder. Expected shape: {"steps": [...], name: [values] or {name: [values]}}."""
+    """The frequency analysis of a run when one was recorded: metrics['frequency'], or a frequency*.json or
+    curves.json in the run's work folder."""
     freq = run["metrics"].get("frequency")
     if freq is None:
         work = data_dir() / "runs" / run["id"][:16]
-        files = sorted(work.glob("**/frequency*.json")) if work.is_dir() else []
+        files = sorted([*work.glob("**/frequency*.json"), *work.glob("**/curves.json")]) if work.is_dir() else []
         if files:
-            try:
-                freq = json.loads(files[0].read_text())
-            except (OSError, ValueError):
-                freq = None
+            freq = _read_json(files[0])
+    return parse_frequency(freq)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def parse_frequency(freq) -> dict | None:
+    """Curves from either shape: `cleantune analyze frequency`'s curves.json ({"deltas", "records": [{"step",
+    set: {"e_low": [per delta], "e_high": [...]}}]}), plotted at the smallest and largest delta; or plain
+    {"steps": [...], name: [values] or {name: [values]}}. None when there is nothing to plot."""
     if not isinstance(freq, dict):
         return None
     curves: dict[str, list[float]] = {}
+    records = freq.get("records")
+    if isinstance(records, list) and records and isinstance(records[0], dict):
+        deltas = freq.get("deltas") or []
+        picks = sorted({0, len(deltas) - 1}) if deltas else [0]
+        sets = [k for k, v in records[0].items() if isinstance(v, dict)]
+        try:
+            for name in sets:
+                for key in ("e_low", "e_high"):
+                    for k in picks:
+                        vals = [r[name][key] for r in records]
+                        vals = [v[k] if isinstance(v, list) else v for v in vals]
+                        label = f"{name} {key}" + (f" (δ={deltas[k]:g})" if deltas else "")
+                        curves[label] = [float(v) for v in vals]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+        return {"steps": [r.get("step", i) for i, r in enumerate(records)], "curves": curves} if curves else None
 
     def walk(prefix: str, node) -> None:
         if isinstance(node, dict):
@@ -215,7 +242,7 @@ def frequency_curves(run: dict) -> dict | None:
     return {"steps": steps if isinstance(steps, list) else None, "curves": curves}
 
 
-def plot_frequency(run: dict, freq: dict) -> bytes:
+def plot_frequency(title: str, freq: dict) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,10 +253,9 @@ def plot_frequency(run: dict, freq: dict) -> bytes:
         xs = freq["steps"] if freq["steps"] and len(freq["steps"]) == len(ys) else list(range(len(ys)))
         ax.plot(xs, ys, label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel("value")
+    ax.set_ylabel("relative error")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    c = run["config"]
-    ax.set_title(f"frequency analysis: {c['dataset']} {c['attack']} {c['defense']} seed {c['seed']}")
+    ax.set_title(f"frequency analysis: {title}")
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -314,8 +340,13 @@ dl dt{font-weight:600;margin-top:6px}dl dd{margin-left:18px}
 """
 
 
-def build(runs: list[dict]) -> tuple[str, str, dict[str, bytes]]:
-    """HTML, Markdown and the PNG plots (name -> bytes)."""
+def _title(c: dict) -> str:
+    return f"{c.get('dataset')} {c.get('attack')} {c.get('defense')} seed {c.get('seed')}"
+
+
+def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict[str, bytes]]:
+    """HTML, Markdown and the PNG plots (name -> bytes). `frequency_files`: curves.json files written by
+    `cleantune analyze frequency`, plotted with the runs' own recorded curves."""
     summary = summarize(runs)
     images: dict[str, bytes] = {}
     scatter = plot_scatter(summary)
@@ -323,14 +354,25 @@ def build(runs: list[dict]) -> tuple[str, str, dict[str, bytes]]:
         images["asr_vs_cacc.png"] = scatter
     for dataset, d in sorted(summary.items()):
         images[f"bars_{dataset}.png"] = plot_bars(dataset, d)
-    freq_runs = []
+    freq_plots = []  # (title, image name)
     for r in runs:
         if r["status"] == "ok":
             f = frequency_curves(r)
             if f is not None:
                 name = f"frequency_{r['id'][:12]}.png"
-                images[name] = plot_frequency(r, f)
-                freq_runs.append((r, name))
+                images[name] = plot_frequency(_title(r["config"]), f)
+                freq_plots.append((_title(r["config"]), name))
+    for i, path in enumerate(frequency_files):
+        data = _read_json(path)
+        f = parse_frequency(data)
+        if f is None:
+            from .errors import UserError
+
+            raise UserError(f"--frequency {path}: no frequency curves in this file")
+        title = _title(data["config"]) if isinstance(data.get("config"), dict) else Path(path).parent.name
+        name = f"frequency_file{i}.png"
+        images[name] = plot_frequency(title, f)
+        freq_plots.append((title, name))
     failed = [r for r in runs if r["status"] != "ok"]
     n_ok = len(runs) - len(failed)
 
@@ -361,11 +403,11 @@ def build(runs: list[dict]) -> tuple[str, str, dict[str, bytes]]:
         h.append("<h2>ASR against CACC, per attack</h2>")
         m.extend(["## ASR against CACC, per attack", ""])
         img("asr_vs_cacc.png", "ASR against CACC per attack")
-    if freq_runs:
+    if freq_plots:
         h.append("<h2>Frequency analysis</h2>")
         m.extend(["## Frequency analysis", ""])
-        for r, name in freq_runs:
-            img(name, f"frequency curves of run {r['id'][:12]}")
+        for title, name in freq_plots:
+            img(name, f"frequency curves: {title}")
     h.append("<h2>Protocol</h2><dl>")
     m.extend(["## Protocol", ""])
     for topic, text in protocol(runs):
@@ -387,10 +429,10 @@ def build(runs: list[dict]) -> tuple[str, str, dict[str, bytes]]:
     return "\n".join(h), "\n".join(m) + "\n", images
 
 
-def write_report(store: ResultStore, out_dir: str | Path) -> tuple[Path, Path]:
+def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple = ()) -> tuple[Path, Path]:
+    page, md, images = build(store.runs(), tuple(frequency_files))  # everything checked before writing
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    page, md, images = build(store.runs())
     for name, data in images.items():
         (out / "plots" / name).write_bytes(data)
     (out / "report.html").write_text(page, encoding="utf-8")
