@@ -316,8 +316,11 @@ def cmd_sweep(ns) -> int:
     from .sweep import load_grid, sweep
 
     cells = load_grid(ns.grid)
-    if ns.dry_run:
-        stored = {r["id"] for r in ResultStore(ns.store).runs() if r["status"] == "ok"}
+    if ns.dry_run:  # reads the store, creates nothing
+        from .store import default_store_path
+
+        path = Path(ns.store) if ns.store else default_store_path()
+        stored = {r["id"] for r in ResultStore(path).runs() if r["status"] == "ok"} if path.is_file() else set()
         for c in cells:
             print(f"{'stored' if c.id in stored else 'to run':7} {c.id[:12]}  {c.config.dataset} {c.config.attack} "
                   f"{c.config.defense} seed={c.config.seed}")
