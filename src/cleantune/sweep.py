@@ -215,8 +215,10 @@ def _ray(cells: list[Cell], store: ResultStore, address: str | None, cpus: int, 
         import ray
     except ImportError:
         raise UserError("--backend ray needs Ray: pip install 'cleantune[ray]'") from None
-    # PYTHONPATH travels so that workers import the same cleantune as this driver (a source checkout)
-    env = {k: os.environ[k] for k in ("PYTHONPATH", "CLEANTUNE_DATA", "HF_HUB_OFFLINE") if k in os.environ}
+    # A local instance's workers see this machine's paths: PYTHONPATH travels so that they import the same
+    # cleantune as this driver (a source checkout). A cluster's nodes have their own install and paths.
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "CLEANTUNE_DATA", "HF_HUB_OFFLINE")
+           if k in os.environ and address in (None, "local")}
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": env} if env else None)
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
