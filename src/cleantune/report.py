@@ -320,7 +320,7 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
                        "so selecting on hsol dev and reporting hsol test is not an independent estimate")
     items.append(("data caveats", "; ".join(caveats)))
     versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r["config"].get("versions", {}).items())) for r in ok})
-    devices = sorted({f"{r['env'].get('device', '?')} ({r['env'].get('cpu_threads', '?')} threads)" for r in ok})
+    devices = sorted({f"{r['env'].get('device', '?')} (torch threads: {r['env'].get('cpu_threads', '?')})" for r in ok})
     items.append(("software and hardware", "; ".join(versions) + ". Runs on " + "; ".join(devices)))
     return items
 
