@@ -99,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("table", "json"), default="table")
 
+    p = sub.add_parser("sweep", help="run a grid file's cross product in parallel, resumably, into the store")
+    p.add_argument("grid", help="grid file (.yaml/.toml): run options, lists are axes (see docs/sweep.md)")
+    p.add_argument("--store", help="results store (SQLite file)")
+    p.add_argument("--workers", type=int, default=1, help="runs at once (local backend: worker processes)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--address", help="Ray cluster address (--backend ray; default: start a local Ray)")
+    p.add_argument("--cpus-per-run", type=int, help="torch threads per run (default: cores // workers; Ray: 1)")
+    p.add_argument("--gpus-per-run", type=float, default=0, help="GPUs a Ray task asks for")
+    p.add_argument("--dry-run", action="store_true", help="check the grid and list its cells; run nothing")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("report", help="HTML and Markdown report (tables, plots, protocol) from the store")
+    p.add_argument("--store", help="results store (SQLite file)")
+    p.add_argument("--out", default="report", help="output folder for report.html and report.md")
+    p.add_argument("--frequency", action="append", default=[], metavar="CURVES_JSON",
+                   help="also plot these curves.json files of `cleantune analyze frequency`")
+
     p = sub.add_parser("results", help="the stored runs")
     p.add_argument("--store")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -108,10 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- config files
 
 
-def load_config_file(path: str) -> dict:
+def load_config_file(path: str, label: str | None = None) -> dict:
+    label = label or f"--config {path}"  # how error messages name the file
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--config {path}: no such file")
+        raise UserError(f"{label}: no such file")
     text = p.read_text()
     try:
         if p.suffix == ".toml":
@@ -123,13 +141,13 @@ def load_config_file(path: str) -> dict:
 
             data = yaml.safe_load(text) or {}
         else:
-            raise UserError(f"--config {path}: use a .yaml, .yml or .toml file")
+            raise UserError(f"{label}: use a .yaml, .yml or .toml file")
     except UserError:
         raise
     except Exception as e:  # yaml and tomllib raise their own error types
-        raise UserError(f"--config {path}: cannot parse ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{label}: cannot parse ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise UserError(f"--config {path}: expected a mapping of option names to values")
+        raise UserError(f"{label}: expected a mapping of option names to values")
     return data
 
 
@@ -298,6 +316,47 @@ def format_table(runs: list[dict]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
+def cmd_sweep(ns) -> int:
+    from .store import ResultStore
+    from .sweep import load_grid, sweep
+
+    cells = load_grid(ns.grid)
+    if ns.dry_run:  # reads the store, creates nothing
+        from .store import default_store_path
+
+        path = Path(ns.store) if ns.store else default_store_path()
+        stored = {r["id"] for r in ResultStore(path).runs() if r["status"] == "ok"} if path.is_file() else set()
+        for c in cells:
+            print(f"{'stored' if c.id in stored else 'to run':7} {c.id[:12]}  {c.config.dataset} {c.config.attack} "
+                  f"{c.config.defense} seed={c.config.seed}")
+        print(f"{len(cells)} cells, {sum(c.id in stored for c in cells)} stored")
+        return 0
+    s = sweep(cells, ns.store, workers=ns.workers, backend=ns.backend, address=ns.address,
+              cpus_per_run=ns.cpus_per_run, gpus_per_run=ns.gpus_per_run, progress=not ns.no_progress)
+    store = ResultStore(ns.store)
+    print(format_table([r for r in (store.get(c.id) for c in cells) if r is not None]))
+    print(f"{len(cells)} cells: {s.skipped} already stored, {s.ran} run ({len(s.failed)} failed) in {s.seconds:.0f} s; "
+          f"store: {store.path}")
+    if s.failed:
+        print("failed runs keep their error in the store (cleantune results --format json); "
+              "the next sweep retries them", file=sys.stderr)
+    return 1 if s.failed else 0
+
+
+def cmd_report(ns) -> int:
+    from .report import write_report
+    from .store import ResultStore
+
+    if ns.store is not None and not Path(ns.store).is_file():
+        raise UserError(f"--store {ns.store}: no such file")
+    for f in ns.frequency:
+        if not Path(f).is_file():
+            raise UserError(f"--frequency {f}: no such file")
+    html, md = write_report(ResultStore(ns.store), ns.out, ns.frequency)
+    print(f"wrote {html} and {md}")
+    return 0
+
+
 def cmd_results(ns) -> int:
     from .store import ResultStore
 
@@ -318,7 +377,8 @@ def cmd_results(ns) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "results": cmd_results}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report,
+            "results": cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,39 +37,51 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _retry(fn, attempts: int = 8):
+    """Run fn, retrying on 'database is locked'. The busy timeout covers most contention, but SQLite
+    returns SQLITE_BUSY at once in some cases (switching to WAL while another process opens the file,
+    a read transaction that must be upgraded), so what slips through is retried with backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * 2 ** min(attempt, 5))
+
+
 class ResultStore:
-    """WAL mode and a busy timeout, so several processes (sweep workers) can write to one file."""
+    """WAL mode, a busy timeout and retries, so several processes (sweep workers, two sweeps at once)
+    can write to one file on one machine. (WAL needs shared memory: not for network filesystems.)"""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else default_store_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute(SCHEMA)
+            _retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
+            _retry(lambda: self.conn.execute(SCHEMA))
         except sqlite3.DatabaseError as e:
             raise UserError(f"--store {self.path}: not a cleantune results store ({e})") from None
 
     def get(self, run_id: str) -> dict | None:
-        row = self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = _retry(lambda: self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
         return self._row(row) if row else None
 
     def put(self, run_id: str, config: dict, metrics: dict, timings: dict, env: dict,
             status: str = "ok", error: str | None = None) -> None:
-        for attempt in range(5):  # the busy timeout covers most contention; retry what slips through
-            try:
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, json.dumps(config, sort_keys=True), status, json.dumps(metrics),
-                     json.dumps(timings), json.dumps(env), error, time.time()))
-                return
-            except sqlite3.OperationalError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
+        row = (run_id, json.dumps(config, sort_keys=True), status, json.dumps(metrics), json.dumps(timings),
+               json.dumps(env), error, time.time())
+        # a failure never replaces a stored success (two sweeps may run the same cell at once)
+        guard = "" if status == "ok" else " WHERE runs.status != 'ok'"
+        _retry(lambda: self.conn.execute(
+            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET config = excluded.config, "
+            "status = excluded.status, metrics = excluded.metrics, timings = excluded.timings, env = excluded.env, "
+            "error = excluded.error, created = excluded.created" + guard, row))
 
     def runs(self) -> list[dict]:
-        return [self._row(r) for r in self.conn.execute("SELECT * FROM runs ORDER BY created")]
+        rows = _retry(lambda: self.conn.execute("SELECT * FROM runs ORDER BY created").fetchall())
+        return [self._row(r) for r in rows]
 
     @staticmethod
     def _row(row) -> dict:

@@ -1,0 +1,440 @@
+"""The benchmark report: from the store to one self-contained HTML file and its Markdown twin.
+
+"Which defense should I use on my data, and what does it cost?": per dataset a defenses x attacks table
+of CACC and ASR (mean ± std over seeds), the CACC drop against plain fine-tuning and the wall time
+relative to it; plots; and the protocol the numbers were made under. The HTML embeds its plots as base64
+PNG and its CSS inline, so it opens in a browser with no network; the Markdown links the same PNGs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .store import ResultStore, data_dir
+
+REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
+ATTACK_ORDER = ("badnets", "addsent", "syntactic", "style")
+IGNORED_KEYS = {"seed", "versions"}  # what may differ between the seeds of one cell
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _variant_labels(runs: list[dict]) -> dict[str, str]:
+    """Runs of one dataset/attack/defense that differ in more than the seed (an lr axis, another train
+    size) are separate rows; their label names the settings that differ."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        c = r["config"]
+        groups[(c["dataset"], c["attack"], c["defense"])].append(r)
+    labels = {}
+    for rs in groups.values():
+        keys = sorted({k for r in rs for k in r["config"]} - IGNORED_KEYS)
+        varying = [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in rs}) > 1]
+        for r in rs:
+            labels[r["id"]] = ", ".join(f"{k}={_short(r['config'].get(k))}" for k in varying)
+    return labels
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, str) and "/" in v:
+        return v.rstrip("/").rsplit("/", 1)[-1]
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """{dataset: {"attacks": [...], "rows": [...], "cells": {(row, attack): {...}}}} over the ok runs."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    labels = _variant_labels(ok)
+    out: dict = {}
+    by_cell: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        c = r["config"]
+        row = c["defense"] + (f" ({labels[r['id']]})" if labels[r["id"]] else "")
+        by_cell[(c["dataset"], row, c["attack"])].append(r)
+    for (dataset, row, attack), rs in by_cell.items():
+        d = out.setdefault(dataset, {"attacks": [], "rows": [], "cells": {}})
+        d["attacks"].append(attack) if attack not in d["attacks"] else None
+        d["rows"].append(row) if row not in d["rows"] else None
+        cacc = _mean_std([r["metrics"].get("cacc") for r in rs])
+        asr = _mean_std([r["metrics"].get("asr") for r in rs])
+        wall = _mean_std([r["timings"].get("wall_s") for r in rs])
+        d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "cacc": cacc, "asr": asr,
+                                     "wall": wall, "n": len(rs), "runs": rs}
+    for d in out.values():
+        d["attacks"].sort(key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
+        d["rows"].sort(key=lambda r: (r.split(" ")[0] != REFERENCE, r))
+        for (row, attack), cell in d["cells"].items():
+            ref = _reference(d, row, attack)
+            cell["cacc_drop"] = ref["cacc"][0] - cell["cacc"][0] if ref else None
+            cell["time_rel"] = cell["wall"][0] / ref["wall"][0] if ref and ref["wall"][0] > 0 else None
+    return out
+
+
+def _reference(d: dict, row: str, attack: str) -> dict | None:
+    """Plain fine-tuning on the same attack: the row with the same variant label if there is one."""
+    suffix = row[len(row.split(" ")[0]):]
+    for cand in (REFERENCE + suffix, *[r for r in d["rows"] if r.split(" ")[0] == REFERENCE]):
+        if (cand, attack) in d["cells"]:
+            return d["cells"][(cand, attack)]
+    return None
+
+
+# ---------------------------------------------------------------- plots (matplotlib, PNG bytes)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {n: matplotlib.colors.to_hex(cmap(i % 10)) for i, n in enumerate(names)}
+
+
+def plot_scatter(summary: dict) -> bytes | None:
+    """ASR against CACC, one panel per attack, a point per dataset x defense (error bars: std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = sorted({a for d in summary.values() for a in d["attacks"]},
+                     key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
+    if not attacks:
+        return None
+    rows = sorted({r for d in summary.values() for r in d["rows"]})
+    colors, markers = _colors(rows), dict(zip(sorted(summary), "osD^vP*X"))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 4), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for dataset, d in sorted(summary.items()):
+            for row in d["rows"]:
+                c = d["cells"].get((row, attack))
+                if c is None:
+                    continue
+                ax.errorbar(c["cacc"][0], c["asr"][0], xerr=c["cacc"][1], yerr=c["asr"][1],
+                            fmt=markers.get(dataset, "o"), color=colors[row], ms=7, capsize=2,
+                            label=f"{dataset} · {row}")
+        ax.set_title(attack)
+        ax.set_xlabel("CACC (clean accuracy)")
+        ax.set_ylabel("ASR (attack success)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.04 * math.ceil(len(labels) / 4)))
+    fig.suptitle("Lower right is better: high clean accuracy, low attack success", y=1.04)
+    return _png(fig)
+
+
+def plot_bars(dataset: str, d: dict) -> bytes:
+    """Per dataset: CACC and ASR bars, attacks on the x axis, a bar per defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks, rows = d["attacks"], d["rows"]
+    colors = _colors(sorted({r for r in rows}))
+    fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(attacks) * 2 + 2), 3.6))
+    width = 0.8 / max(1, len(rows))
+    for ax, metric, title in ((axes[0], "cacc", "CACC (higher is better)"), (axes[1], "asr", "ASR (lower is better)")):
+        for i, row in enumerate(rows):
+            xs, ys, es = [], [], []
+            for j, attack in enumerate(attacks):
+                c = d["cells"].get((row, attack))
+                if c is not None:
+                    xs.append(j + (i - (len(rows) - 1) / 2) * width)
+                    ys.append(c[metric][0])
+                    es.append(c[metric][1])
+            ax.bar(xs, ys, width, yerr=es, color=colors[row], label=row, capsize=2)
+        ax.set_xticks(range(len(attacks)), attacks)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(dataset)
+    return _png(fig)
+
+
+def frequency_curves(run: dict) -> dict | None:
+    """The frequency analysis of a run when one was recorded: metrics['frequency'], or a frequency*.json or
+    curves.json in the run's work folder."""
+    freq = run["metrics"].get("frequency")
+    if freq is None:
+        work = data_dir() / "runs" / run["id"][:16]
+        files = sorted([*work.glob("**/frequency*.json"), *work.glob("**/curves.json")]) if work.is_dir() else []
+        if files:
+            freq = _read_json(files[0])
+    return parse_frequency(freq)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def parse_frequency(freq) -> dict | None:
+    """Curves from either shape: `cleantune analyze frequency`'s curves.json ({"deltas", "records": [{"step",
+    set: {"e_low": [per delta], "e_high": [...]}}]}), plotted at the smallest and largest delta; or plain
+    {"steps": [...], name: [values] or {name: [values]}}. None when there is nothing to plot."""
+    if not isinstance(freq, dict):
+        return None
+    curves: dict[str, list[float]] = {}
+    records = freq.get("records")
+    if isinstance(records, list) and records and isinstance(records[0], dict):
+        deltas = freq.get("deltas") or []
+        picks = sorted({0, len(deltas) - 1}) if deltas else [0]
+        sets = [k for k, v in records[0].items() if isinstance(v, dict)]
+        try:
+            for name in sets:
+                for key in ("e_low", "e_high"):
+                    for k in picks:
+                        vals = [r[name][key] for r in records]
+                        vals = [v[k] if isinstance(v, list) else v for v in vals]
+                        label = f"{name} {key}" + (f" (δ={deltas[k]:g})" if deltas else "")
+                        curves[label] = [float(v) for v in vals]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+        return {"steps": [r.get("step", i) for i, r in enumerate(records)], "curves": curves} if curves else None
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k != "steps":
+                    walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(node, list) and node and all(isinstance(x, (int, float)) for x in node):
+            curves[prefix] = [float(x) for x in node]
+
+    walk("", freq)
+    if not curves:
+        return None
+    steps = freq.get("steps")
+    return {"steps": steps if isinstance(steps, list) else None, "curves": curves}
+
+
+def plot_frequency(title: str, freq: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, ys in list(freq["curves"].items())[:12]:  # a readable plot, not every kernel width
+        xs = freq["steps"] if freq["steps"] and len(freq["steps"]) == len(ys) else list(range(len(ys)))
+        ax.plot(xs, ys, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("relative error")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"frequency analysis: {title}")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- tables and protocol
+
+
+def _fmt(ms: tuple[float, float], n: int) -> str:
+    m, s = ms
+    if math.isnan(m):
+        return "–"
+    return f"{m:.3f} ± {s:.3f}" if n > 1 else f"{m:.3f}"
+
+
+def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["defense", "seeds"]
+    for a in d["attacks"]:
+        header += [f"{a} CACC", f"{a} ASR", f"{a} ΔCACC", f"{a} time×"]
+    rows = []
+    for row in d["rows"]:
+        cells = [d["cells"].get((row, a)) for a in d["attacks"]]
+        line = [row, "/".join(sorted({str(c["n"]) for c in cells if c}))]
+        for c in cells:
+            if c is None:
+                line += ["–"] * 4
+                continue
+            line += [_fmt(c["cacc"], c["n"]), _fmt(c["asr"], c["n"]),
+                     "–" if c["cacc_drop"] is None else f"{100 * c['cacc_drop']:+.1f} pt",
+                     "–" if c["time_rel"] is None else f"{c['time_rel']:.2f}×"]
+        rows.append(line)
+    return header, rows
+
+
+def protocol(runs: list[dict]) -> list[tuple[str, str]]:
+    """(topic, statement) pairs: the settings every number above was produced under."""
+    ok = [r for r in runs if r["status"] == "ok"]
+
+    def values(key, rs=ok):
+        return sorted({_short(r["config"].get(key)) for r in rs if key in r["config"]}, key=str)
+
+    items = []
+    for attack in sorted({r["config"]["attack"] for r in ok}):
+        rs = [r for r in ok if r["config"]["attack"] == attack]
+        extra = [f"{k} {', '.join(values(k, rs))}" for k in ("triggers", "num_triggers", "sentence") if values(k, rs)]
+        items.append((f"attack {attack}", f"poison rate {', '.join(values('rate', rs))}; mode {', '.join(values('mode', rs))}; "
+                      f"target label {', '.join(values('target', rs))}" + ("; " + "; ".join(extra) if extra else "")))
+    items.append(("training data", f"train size {', '.join(v if v != 'None' else 'full split' for v in values('train_size'))}; "
+                  f"backbone {', '.join(values('model'))}; seeds {', '.join(values('seed'))}"))
+    for defense in sorted({r["config"]["defense"] for r in ok}):
+        rs = [r for r in ok if r["config"]["defense"] == defense]
+        items.append((f"defense {defense}", f"clean-data budget: {'; '.join(values('clean_data', rs)) or 'not recorded'}; "
+                      f"epochs {', '.join(values('epochs', rs))}; lr {', '.join(values('lr', rs))}"))
+    items.append(("selection rule", "every defense keeps the epoch with the best accuracy on the clean dev split; "
+                  "nothing is selected on poisoned data or on the test split. CACC is accuracy on the clean test "
+                  "split; ASR is the share of triggered non-target test samples classified as the target."))
+    items.append(("statistics", "mean ± sample standard deviation over seeds (the seed drives poisoning, subsampling "
+                  "and training); ΔCACC = plain fine-tuning's CACC minus the defense's, in points (positive: "
+                  "accuracy lost); time× = the defense's wall time over plain fine-tuning's for the same cell."))
+    caveats = ["syntactic and style paraphrases are the original authors' (SCPN, STRAP), not generated here"]
+    if any(r["config"]["dataset"] == "hsol" for r in ok):
+        caveats.insert(0, "hsol: dev and test hold the same 2,485 samples (as in the MuScleLoRA and BTU releases), "
+                       "so selecting on hsol dev and reporting hsol test is not an independent estimate")
+    items.append(("data caveats", "; ".join(caveats)))
+    versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r["config"].get("versions", {}).items())) for r in ok})
+    devices = sorted({f"{r['env'].get('device', '?')} (torch threads: {r['env'].get('cpu_threads', '?')})" for r in ok})
+    items.append(("software and hardware", "; ".join(versions) + ". Runs on " + "; ".join(devices)))
+    return items
+
+
+# ---------------------------------------------------------------- writers
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1400px;color:#222;padding:0 16px}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.8em}
+table{border-collapse:collapse;margin:10px 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+tr.ref td{background:#fafafa;font-style:italic}
+img{max-width:100%;border:1px solid #eee;margin:8px 0}
+dl dt{font-weight:600;margin-top:6px}dl dd{margin-left:18px}
+.muted{color:#666;font-size:0.9em}pre{background:#f6f6f6;padding:6px;white-space:pre-wrap}
+"""
+
+
+def _title(c: dict) -> str:
+    return f"{c.get('dataset')} {c.get('attack')} {c.get('defense')} seed {c.get('seed')}"
+
+
+def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict[str, bytes]]:
+    """HTML, Markdown and the PNG plots (name -> bytes). `frequency_files`: curves.json files written by
+    `cleantune analyze frequency`, plotted with the runs' own recorded curves."""
+    summary = summarize(runs)
+    images: dict[str, bytes] = {}
+    scatter = plot_scatter(summary)
+    if scatter:
+        images["asr_vs_cacc.png"] = scatter
+    for dataset, d in sorted(summary.items()):
+        images[f"bars_{dataset}.png"] = plot_bars(dataset, d)
+    freq_plots = []  # (title, image name)
+    for r in runs:
+        if r["status"] == "ok":
+            f = frequency_curves(r)
+            if f is not None:
+                name = f"frequency_{r['id'][:12]}.png"
+                images[name] = plot_frequency(_title(r["config"]), f)
+                freq_plots.append((_title(r["config"]), name))
+    for i, path in enumerate(frequency_files):
+        data = _read_json(path)
+        f = parse_frequency(data)
+        if f is None:
+            from .errors import UserError
+
+            raise UserError(f"--frequency {path}: no frequency curves in this file")
+        title = _title(data["config"]) if isinstance(data.get("config"), dict) else Path(path).parent.name
+        name = f"frequency_file{i}.png"
+        images[name] = plot_frequency(title, f)
+        freq_plots.append((title, name))
+    failed = [r for r in runs if r["status"] != "ok"]
+    n_ok = len(runs) - len(failed)
+
+    h = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cleantune report</title>",
+         f"<style>{CSS}</style></head><body><h1>cleantune benchmark report</h1>",
+         f"<p class='muted'>{n_ok} stored runs ({len(failed)} failed) over {len(summary)} dataset(s). "
+         "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better).</p>"]
+    m = ["# cleantune benchmark report", "",
+         f"{n_ok} stored runs ({len(failed)} failed) over {len(summary)} dataset(s). "
+         "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better).", ""]
+
+    def img(name: str, alt: str) -> None:
+        h.append(f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(images[name]).decode()}'>")
+        m.extend([f"![{alt}](plots/{name})", ""])
+
+    for dataset, d in sorted(summary.items()):
+        header, rows = table_rows(d)
+        h.append(f"<h2>{html.escape(dataset)}</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>")
+        for row in rows:
+            cls = " class='ref'" if row[0].split(" ")[0] == REFERENCE else ""
+            h.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        h.append("</table>")
+        m.extend([f"## {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+        m.extend("| " + " | ".join(row) + " |" for row in rows)
+        m.append("")
+        img(f"bars_{dataset}.png", f"CACC and ASR per attack on {dataset}")
+    if scatter:
+        h.append("<h2>ASR against CACC, per attack</h2>")
+        m.extend(["## ASR against CACC, per attack", ""])
+        img("asr_vs_cacc.png", "ASR against CACC per attack")
+    if freq_plots:
+        h.append("<h2>Frequency analysis</h2>")
+        m.extend(["## Frequency analysis", ""])
+        for title, name in freq_plots:
+            img(name, f"frequency curves: {title}")
+    h.append("<h2>Protocol</h2><dl>")
+    m.extend(["## Protocol", ""])
+    for topic, text in protocol(runs):
+        h.append(f"<dt>{html.escape(topic)}</dt><dd>{html.escape(text)}</dd>")
+        m.append(f"- **{topic}**: {text}")
+    h.append("</dl>")
+    m.append("")
+    if failed:
+        h.append("<h2>Failed runs</h2><table><tr><th>run</th><th>cell</th><th>error</th></tr>")
+        m.extend(["## Failed runs", "", "| run | cell | error |", "|---|---|---|"])
+        for r in failed:
+            c = r["config"]
+            cell = f"{c.get('dataset')} {c.get('attack')} {c.get('defense')} seed {c.get('seed')}"
+            err = (r.get("error") or "").splitlines()[0] if r.get("error") else ""
+            h.append(f"<tr><td>{r['id'][:12]}</td><td>{html.escape(cell)}</td><td style='text-align:left'>{html.escape(err)}</td></tr>")
+            m.append(f"| {r['id'][:12]} | {cell} | {err.replace('|', '/')} |")
+        h.append("</table>")
+    h.append("</body></html>")
+    return "\n".join(h), "\n".join(m) + "\n", images
+
+
+def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple = ()) -> tuple[Path, Path]:
+    page, md, images = build(store.runs(), tuple(frequency_files))  # everything checked before writing
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    for name, data in images.items():
+        (out / "plots" / name).write_bytes(data)
+    (out / "report.html").write_text(page, encoding="utf-8")
+    (out / "report.md").write_text(md, encoding="utf-8")
+    return out / "report.html", out / "report.md"

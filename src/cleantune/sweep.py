@@ -1,0 +1,283 @@
+"""Sweeps: the cross product of a grid file, run in worker processes or as Ray tasks, resumable.
+
+A grid file is YAML (or TOML) whose keys are run options (`RunConfig` field names, as in `cleantune run`).
+A list value is an axis: every value runs. `dataset`, `attack` and `defense` items may carry their own
+settings as a one-key mapping, e.g. `{badnets: {mode: clean, triggers: [cf, mn, bb, tq]}}`. `triggers` is a
+list by nature, so a list of words is one value and a list of lists is an axis; likewise `options` is one
+mapping, or a list of mappings as an axis.
+
+Resuming needs no state of its own: a run's id is the hash of its full resolved config, the store is
+asked which ids are stored ok, and only the others run (with per-run checkpoints, so a run killed
+mid-training continues from its last finished epoch). A failed run is stored with status 'failed' and its
+traceback; the next sweep retries it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import UserError
+from .runner import ATTACK_OPTIONS, RunConfig, environment, run
+from .store import ResultStore, config_hash, data_dir
+
+NAMED_AXES = ("dataset", "attack", "defense")
+
+
+@dataclass
+class Cell:
+    config: RunConfig
+    id: str
+    resolved: dict
+
+
+def load_grid(path: str | Path) -> list[Cell]:
+    """Read a grid file and expand it into checked cells (every cell resolves before anything runs)."""
+    from .cli import load_config_file
+
+    return expand_grid(load_config_file(str(path), label=f"grid {path}"), f"grid {path}")
+
+
+def _is_axis(key: str, value) -> bool:
+    if not isinstance(value, list):
+        return False
+    if key == "triggers":
+        return all(isinstance(v, list) for v in value)
+    return True
+
+
+def _named_items(key: str, value, source: str, known: set[str]) -> list[dict]:
+    """`dataset`/`attack`/`defense` values: names, or one-key mappings of a name to its own settings."""
+    items = []
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, dict):
+            if len(v) != 1:
+                raise UserError(f"{source}: each '{key}' entry is a name or a one-key mapping name: {{settings}}")
+            (name, settings), = v.items()
+            settings = settings or {}
+            if not isinstance(settings, dict):
+                raise UserError(f"{source}: the settings of {key} '{name}' must be a mapping")
+            cell = {}
+            for k, s in settings.items():
+                kk = str(k).replace("-", "_")
+                if kk not in known or kk in NAMED_AXES:
+                    raise UserError(f"{source}: unknown key '{k}' in the settings of {key} '{name}'")
+                cell[kk] = s
+            items.append({**cell, key: str(name)})
+        else:
+            items.append({key: str(v)})
+    if not items:
+        raise UserError(f"{source}: '{key}' lists no value")
+    return items
+
+
+def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
+    known = {f.name for f in fields(RunConfig)}
+    fixed: dict = {}
+    axes: dict[str, list[dict]] = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in known:
+            raise UserError(f"{source}: unknown key '{k}' (keys are run options: {', '.join(sorted(known))})")
+        if key in NAMED_AXES:
+            axes[key] = _named_items(key, v, source, known)
+        elif _is_axis(key, v):
+            if not v:
+                raise UserError(f"{source}: '{k}' lists no value")
+            axes[key] = [{key: x} for x in v]
+        else:
+            fixed[key] = v
+    for key in NAMED_AXES:
+        axes.setdefault(key, [{key: getattr(RunConfig, key)}])
+    # named settings are the most specific, so they are applied after the hyperparameter axes
+    order = [a for a in axes if a not in NAMED_AXES and a != "seed"] + list(NAMED_AXES) + (["seed"] if "seed" in axes else [])
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for combo in itertools.product(*(axes[a] for a in order)):
+        parts = dict(zip(order, combo))
+        cell = dict(fixed)
+        for a in order:
+            if a == NAMED_AXES[0]:  # grid-wide attack options go to the attacks they fit; named ones are checked
+                for opt, attacks in ATTACK_OPTIONS.items():
+                    if opt in cell and parts["attack"]["attack"] not in attacks:
+                        del cell[opt]
+            for k, v in parts[a].items():
+                cell[k] = {**cell.get(k, {}), **v} if k == "options" and isinstance(v, dict) else v
+        try:
+            if "seed" in cell:
+                cell["seed"] = int(cell["seed"])
+            config = RunConfig(**cell)
+            resolved = config.resolve()
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: bad value ({e})") from None
+        run_id = config_hash(resolved)
+        if run_id not in seen:  # two spellings of one config run once
+            seen.add(run_id)
+            cells.append(Cell(config, run_id, resolved))
+    return cells
+
+
+# ---------------------------------------------------------------- one cell, in whatever process runs it
+
+
+def run_cell(config: RunConfig, store_path: str | None, threads: int | None = None) -> dict:
+    """Run one cell and return its record. With a store path the record is written here (local workers);
+    without, the caller writes it (Ray: the driver owns the store). Errors become a 'failed' record."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    store = ResultStore(store_path) if store_path is not None else None
+    t0 = time.perf_counter()
+    try:
+        r = run(config, store, resume=True, progress=False)
+        record = {k: r[k] for k in ("id", "config", "status", "metrics", "timings", "env", "error")}
+        # checkpoints exist only to resume this run; once it is stored they are dead weight (a full model each)
+        for ckpt in sorted((data_dir() / "runs" / r["id"][:16]).rglob("checkpoints*"), reverse=True):
+            shutil.rmtree(ckpt, ignore_errors=True)
+        return record
+    except Exception as e:  # one cell's failure is recorded and the sweep goes on
+        resolved = config.resolve()
+        record = {"id": config_hash(resolved), "config": resolved, "status": "failed", "metrics": {},
+                  "timings": {"wall_s": time.perf_counter() - t0}, "env": environment(),
+                  "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+        if store is not None:
+            put_record(store, record)
+        return record
+
+
+def put_record(store: ResultStore, r: dict) -> None:
+    store.put(r["id"], r["config"], r["metrics"], r["timings"], r["env"], status=r["status"], error=r["error"])
+
+
+def _warm_up() -> None:
+    """Import what training imports lazily, so the first run's wall time is not charged with it (the
+    report compares wall times between defenses)."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(threads)
+    _warm_up()
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- backends: each yields records as runs end
+
+
+def _local(cells: list[Cell], store_path: str, workers: int, threads: int) -> Iterator[dict]:
+    if workers == 1:  # in this process: no start-up cost, and a debugger works
+        _warm_up()
+        for c in cells:
+            yield run_cell(c.config, store_path, threads)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(run_cell, c.config, store_path, threads) for c in cells]
+        try:
+            for f in as_completed(futures):
+                yield f.result()
+        except BrokenProcessPool:
+            raise UserError("a sweep worker process died (out of memory?); finished runs are stored: "
+                            "run the same sweep again to continue") from None
+        finally:
+            for f in futures:
+                f.cancel()
+
+
+def _ray(cells: list[Cell], store: ResultStore, address: str | None, cpus: int, gpus: float) -> Iterator[dict]:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--backend ray needs Ray: pip install 'cleantune[ray]'") from None
+    # A local instance's workers see this machine's paths: PYTHONPATH travels so that they import the same
+    # cleantune as this driver (a source checkout). A cluster's nodes have their own install and paths.
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "CLEANTUNE_DATA", "HF_HUB_OFFLINE")
+           if k in os.environ and address in (None, "local")}
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
+             runtime_env={"env_vars": env} if env else None)
+    task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    pending = {task.remote(c.config, None, cpus): c for c in cells}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(done[0])
+        try:
+            record = ray.get(done[0])
+        except Exception as e:  # the task's process died: record it like any failure
+            record = {"id": cell.id, "config": cell.resolved, "status": "failed", "metrics": {}, "timings": {},
+                      "env": {}, "error": f"Ray task failed: {type(e).__name__}: {e}"}
+        put_record(store, record)  # the driver writes: SQLite WAL does not work across machines
+        yield record
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepSummary:
+    cells: list[Cell]
+    skipped: int   # stored ok before this sweep
+    ran: int
+    failed: list[dict]
+    seconds: float
+
+
+def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int = 1, backend: str = "local",
+          address: str | None = None, cpus_per_run: int | None = None, gpus_per_run: float = 0,
+          progress: bool = True) -> SweepSummary:
+    from tqdm.auto import tqdm
+
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend must be local or ray, got '{backend}'")
+    store = ResultStore(store_path)
+    stored = {r["id"] for r in store.runs() if r["status"] == "ok"}
+    pending = [c for c in cells if c.id not in stored]
+    t0 = time.perf_counter()
+    failed: list[dict] = []
+    bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc="sweep", unit="run", dynamic_ncols=True,
+               disable=not progress, file=sys.stderr)
+    if backend == "local":
+        threads = cpus_per_run or max(1, cpu_count() // workers)
+        records = _local(pending, str(store.path), workers, threads)
+    else:
+        records = _ray(pending, store, address, cpus_per_run or 1, gpus_per_run)
+    try:
+        for r in records:
+            c = r["config"]
+            if r["status"] == "failed":
+                failed.append(r)
+                bar.write(f"FAILED {c['dataset']} {c['attack']} {c['defense']} seed={c['seed']}: "
+                          f"{r['error'].splitlines()[0]}", file=sys.stderr)
+            bar.update(1)
+            bar.set_postfix_str(f"last: {c['dataset']}/{c['attack']}/{c['defense']}/s{c['seed']}"
+                                + (f", failed {len(failed)}" if failed else ""))
+    finally:
+        bar.close()
+    return SweepSummary(cells, len(cells) - len(pending), len(pending), failed, time.perf_counter() - t0)

@@ -1,0 +1,174 @@
+"""Sweeps: grid expansion, skip-if-stored, failures recorded, kill and resume, concurrent writers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cleantune.cli import main
+from cleantune.errors import UserError
+from cleantune.report import build
+from cleantune.store import ResultStore
+from cleantune.sweep import expand_grid, load_grid, sweep
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def write_grid(path: Path, model: str, **changes) -> Path:
+    grid = {"dataset": "sst2", "attack": "badnets", "defense": ["finetune", "lora"], "seed": [0],
+            "train_size": 100, "epochs": 1, "max_length": 32, "model": model, **changes}
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def table(store: ResultStore, cells) -> list[tuple]:
+    """The sweep's table: what a user compares between an interrupted and an uninterrupted sweep."""
+    out = []
+    for c in cells:
+        r = store.get(c.id)
+        # with the tiny model CACC/ASR barely move, so the training losses stand in for "the same numbers"
+        out.append((c.config.attack, c.config.defense, c.config.seed, r["status"],
+                    round(r["metrics"]["cacc"], 4), round(r["metrics"]["asr"], 4),
+                    [round(h["loss"], 5) for h in r["metrics"]["history"]]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """One uninterrupted in-process sweep of two cells, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("ref")
+    with pytest.MonkeyPatch.context() as mp:  # the autouse isolation is per test; this fixture is per module
+        mp.setenv("XDG_DATA_HOME", str(tmp / "xdg-data"))
+        cells = load_grid(write_grid(tmp / "grid.yaml", tiny_model))
+        summary = sweep(cells, tmp / "ref.sqlite", cpus_per_run=1, progress=False)
+    return cells, ResultStore(tmp / "ref.sqlite"), summary, tmp / "grid.yaml"
+
+
+def test_grid_expands_axes_and_named_settings(tiny_model, tmp_path):
+    cells = expand_grid({"dataset": "sst2", "model": tiny_model, "seed": [0, 1], "lr": [1e-4, 2e-4],
+                         "attack": [{"badnets": {"mode": "clean", "triggers": ["cf", "mn"]}}, "addsent"],
+                         "defense": ["finetune", {"lora": {"options": {"lora_r": 4}}}]})
+    assert len(cells) == 2 * 2 * 2 * 2
+    assert len({c.id for c in cells}) == len(cells)
+    bad = [c for c in cells if c.config.attack == "badnets"]
+    assert all(c.config.mode == "clean" and c.config.triggers == ["cf", "mn"] for c in bad)
+    assert all(c.config.mode == "dirty" for c in cells if c.config.attack == "addsent")
+    assert all(c.resolved["lora_r"] == 4 for c in cells if c.config.defense == "lora")
+    # top-level attack options reach only the attacks they apply to; a list of lists is a triggers axis
+    cells = expand_grid({"model": tiny_model, "attack": ["badnets", "addsent"], "triggers": [["cf"], ["mn"]]})
+    assert sorted((c.config.attack, str(c.config.triggers)) for c in cells) == [
+        ("addsent", "None"), ("badnets", "['cf']"), ("badnets", "['mn']")]
+
+
+def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path):
+    store = tmp_path / "s.sqlite"
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, learning_rate=[1e-4])
+    with pytest.raises(UserError, match=r"grid .*g\.yaml: unknown key 'learning_rate'"):
+        load_grid(grid)
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=["finetune", "muscle-lora"])
+    assert main(["sweep", str(grid), "--store", str(store), "--no-progress"]) == 2
+    assert not store.exists()  # every cell is checked before the first one trains
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, attack=[{"addsent": {"triggers": ["cf"]}}])
+    with pytest.raises(UserError, match="triggers.*badnets"):
+        load_grid(grid)
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=[{"lora": {"rank": 4}}])
+    with pytest.raises(UserError, match="unknown key 'rank' in the settings of defense 'lora'"):
+        load_grid(grid)
+
+
+def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys):
+    cells, store, summary, grid = reference
+    assert (summary.skipped, summary.ran, summary.failed) == (0, 2, [])
+    runs = {r["id"]: r for r in store.runs()}
+    assert set(runs) == {c.id for c in cells}
+    for r in runs.values():
+        assert r["status"] == "ok" and 0 <= r["metrics"]["cacc"] <= 1 and 0 <= r["metrics"]["asr"] <= 1
+        assert r["config"]["versions"]["torch"] and r["timings"]["wall_s"] > 0 and r["env"]["python"]
+    again = sweep(cells, store.path, cpus_per_run=1, progress=False)
+    assert (again.skipped, again.ran) == (2, 0)
+    assert {r["id"]: r["created"] for r in store.runs()} == {i: r["created"] for i, r in runs.items()}
+    assert main(["sweep", str(grid), "--store", str(store.path), "--dry-run"]) == 0
+    assert "2 cells, 2 stored" in capsys.readouterr().out
+    page, md, images = build(store.runs())  # the report reads what a real sweep stores
+    assert "lora" in md and "finetune" in md and "bars_sst2.png" in images
+
+
+def test_failed_cell_is_recorded_and_the_others_run(tiny_model, tmp_path, capsys):
+    # the first cell fails inside training (PEFT finds no such module); the second must still run
+    grid = write_grid(tmp_path / "g.yaml", tiny_model,
+                      defense=[{"lora": {"options": {"target_modules": ["no_such_module"]}}}, "finetune"])
+    store = tmp_path / "s.sqlite"
+    assert main(["sweep", str(grid), "--store", str(store), "--no-progress", "--cpus-per-run", "1"]) == 1
+    runs = {r["config"]["defense"]: r for r in ResultStore(store).runs()}
+    assert runs["lora"]["status"] == "failed" and "NoMatchingPeftModuleError" in runs["lora"]["error"]
+    assert "Traceback" in runs["lora"]["error"]
+    assert runs["lora"]["config"]["target_modules"] == ["no_such_module"]
+    assert runs["finetune"]["status"] == "ok" and "cacc" in runs["finetune"]["metrics"]
+    assert "1 failed" in capsys.readouterr().out
+
+
+def test_killed_sweep_resumes_to_the_same_table(reference, tiny_model, tmp_path):
+    cells, ref_store, _, _ = reference
+    grid = write_grid(tmp_path / "g.yaml", tiny_model)
+    store_path = tmp_path / "s.sqlite"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen([sys.executable, "-m", "cleantune", "sweep", str(grid), "--store", str(store_path),
+                             "--no-progress", "--cpus-per-run", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if store_path.exists() and any(r["status"] == "ok" for r in ResultStore(store_path).runs()):
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    stored = [r for r in ResultStore(store_path).runs() if r["status"] == "ok"]
+    assert len(stored) == 1, "the sweep was to be killed after its first run"
+    resumed = sweep(load_grid(grid), store_path, workers=2, cpus_per_run=1, progress=False)  # and through the worker pool
+    assert (resumed.skipped, resumed.ran, resumed.failed) == (1, 1, [])
+    assert table(ResultStore(store_path), cells) == table(ref_store, cells)
+
+
+WRITER = """
+import sys, time, types
+from pathlib import Path
+pkg = types.ModuleType("cleantune")  # the store alone, without the package's torch-importing __init__
+pkg.__path__ = [sys.argv[4]]
+sys.modules["cleantune"] = pkg
+from cleantune.store import ResultStore
+store, tag, go = ResultStore(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.01)
+for i in range(300):
+    store.put(f"{tag}-{i}", {"dataset": "sst2", "i": i}, {"cacc": 0.5}, {"wall_s": 1.0}, {"python": "3"})
+"""
+
+
+def test_two_processes_writing_at_once_lose_no_rows(tmp_path):
+    store = tmp_path / "s.sqlite"
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(store), tag, str(go), SRC + "/cleantune"],
+                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    time.sleep(0.5)
+    go.touch()  # both start writing at the same moment
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    ids = {r["id"] for r in ResultStore(store).runs()}
+    assert ids == {f"{t}-{i}" for t in "ab" for i in range(300)}
+
+
+def test_a_failure_never_replaces_a_stored_success(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    s.put("x", {"seed": 0}, {"cacc": 0.9}, {}, {})
+    s.put("x", {"seed": 0}, {}, {}, {}, status="failed", error="boom")
+    assert (s.get("x")["status"], s.get("x")["metrics"]) == ("ok", {"cacc": 0.9})
+    s.put("y", {"seed": 0}, {}, {}, {}, status="failed", error="boom")
+    s.put("y", {"seed": 0}, {"cacc": 0.8}, {}, {})  # a retried failure that now succeeds
+    assert (s.get("y")["status"], s.get("y")["error"]) == ("ok", None)
