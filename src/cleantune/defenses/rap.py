@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..models import Classifier
 from ..training import encode, make_batch
 from .base import Defense
-from .common import FlaggingClassifier, check_frr, frr_threshold
+from .common import FlaggingClassifier, check_frr, frr_threshold, victim_model
 
 
 class RapClassifier(FlaggingClassifier):
@@ -79,11 +79,11 @@ class RapClassifier(FlaggingClassifier):
             p.requires_grad_(False)
         norm = self.vector.norm()
         hi, lo = prob_range  # e.g. -0.1, -0.3
+        chunks = [dev.texts[s: s + self.batch_size] for s in range(0, len(dev), self.batch_size)]
+        with torch.no_grad():  # the victim is frozen: its own probabilities are computed once
+            clean = [self.probs(chunk)[:, self.target] for chunk in chunks]
         for _ in range(epochs):
-            for s in range(0, len(dev), self.batch_size):
-                chunk = dev.texts[s: s + self.batch_size]
-                with torch.no_grad():
-                    p = self.probs(chunk)[:, self.target]
+            for chunk, p in zip(chunks, clean):
                 v = self.vector.clone().requires_grad_(True)
                 diff = self.probs(self.prepend(chunk), v)[:, self.target] - p
                 loss = scale * torch.mean((diff > lo) * (diff - lo)) + torch.mean((diff < hi) * (hi - diff))
@@ -108,6 +108,8 @@ class RAP(Defense):
     frr: float = 0.01
     on_flag: str = "auto"
 
+    victim: str | None = None  # a trained classifier directory to wrap instead of training one
+
     name = "rap"
     clean_data = "clean dev: model selection, the RAP word's embedding and the drop threshold"
 
@@ -116,7 +118,7 @@ class RAP(Defense):
         check_frr(self.frr)
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("RAP needs a clean dev set (--dev) to learn its word and calibrate its threshold")
-        victim = super().fit(train_data, clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+        victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
         clf = RapClassifier(victim, self.word, self.target, self.on_flag)
         clf.learn(clean_dev, self.rap_epochs, self.rap_lr, tuple(self.prob_range), self.scale)
         drop, is_target = clf.drops(clean_dev.texts)

@@ -25,7 +25,7 @@ from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier
 from .base import Defense
-from .common import FlaggingClassifier, check_frr, frr_threshold, softmax_probs
+from .common import FlaggingClassifier, check_frr, frr_threshold, softmax_probs, victim_model
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn TfidfVectorizer's default, as OpenBackdoor uses it
 
@@ -79,6 +79,8 @@ class STRIP(Defense):
     frr: float = 0.01
     on_flag: str = "auto"
 
+    victim: str | None = None  # a trained classifier directory to wrap instead of training one
+
     name = "strip"
     clean_data = "clean dev: model selection, replacement words (TF-IDF) and the entropy threshold"
 
@@ -89,7 +91,7 @@ class STRIP(Defense):
             raise UserError("STRIP needs repeat >= 1 and swap_ratio in (0, 1]")
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("STRIP needs a clean dev set (--dev) to calibrate its threshold")
-        victim = super().fit(train_data, clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+        victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
         clf = StripClassifier(victim, tfidf_ranked_words(clean_dev.texts), self.repeat, self.swap_ratio,
                               self.seed, self.on_flag)
         self.clean_entropies_ = clf.entropies(clean_dev.texts)
