@@ -86,11 +86,15 @@ def main(argv=None) -> int:
             poisoned.triggered_test = subsample(poisoned.triggered_test, test_size, args.seed)
             defense = config.build_defense()
             run_id = config_hash(resolved)
+            saved = data_dir() / "victims" / run_id[:16]
+            if name == "finetune" and saved.is_dir() and store.get(run_id) is not None and name not in defenses:
+                victim_dir = saved  # trained by an earlier invocation with the same config: reuse it
+                continue
             t0 = time.perf_counter()
             model = defense.fit(poisoned.train, poisoned.dev, out_dir=data_dir() / "runs" / run_id[:16], progress=False)
             fit_s = time.perf_counter() - t0
             if name == "finetune":
-                victim_dir = model.save_pretrained(data_dir() / "victims" / run_id[:16])
+                victim_dir = model.save_pretrained(saved)
             metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
             metrics.update(getattr(defense, "extra_metrics_", {}))
             metrics.update(detection(defense, model, poisoned))
