@@ -16,7 +16,7 @@ from .attacks import ATTACKS, get_attack
 from .data import BENCHMARKS, load_benchmark
 from .defenses import DEFENSES, get_defense
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import detection_metrics, evaluate
 from .store import ResultStore, config_hash, data_dir
 from .training import is_main_process
 
@@ -102,6 +102,20 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def detection(defense, model, poisoned) -> dict:
+    """Detection scores against the attack's ground truth, read only after fit: training samples the
+    defense removed (`defense.flagged_`), and test inputs an inference-time detector rejects (`model.flag`)."""
+    out = {}
+    flagged = getattr(defense, "flagged_", None)
+    if flagged is not None:
+        out["train_detection"] = detection_metrics(flagged, poisoned.train.poisoned)
+    if hasattr(model, "flag"):
+        clean, triggered = poisoned.clean_test, poisoned.triggered_test
+        flags = model.flag(clean.texts + triggered.texts)
+        out["test_detection"] = detection_metrics(flags, [False] * len(clean) + [True] * len(triggered))
+    return out
+
+
 def run(config: RunConfig, store: ResultStore | None = None, force: bool = False, resume: bool = False,
         progress: bool = True) -> dict:
     """Run one benchmark cell, or return the stored result of an identical config (unless `force`)."""
@@ -126,6 +140,7 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
                     "n_train": len(poisoned.train), "n_poisoned": sum(poisoned.train.poisoned),
                     "n_triggered_test": len(poisoned.triggered_test)})
     metrics.update(getattr(defense, "extra_metrics_", {}))
+    metrics.update(detection(defense, model, poisoned))
     timings = {"wall_s": time.perf_counter() - t0, "train_s": report.train_seconds,
                "eval_s": time.perf_counter() - t_eval, "samples_per_s": report.samples_per_s,
                "tokens_per_s": report.tokens_per_s, "peak_memory_mb": peak_memory_mb(),

@@ -61,6 +61,7 @@ class StepContext:
     steps_per_epoch: int
     settings: TrainSettings
     logs: dict = field(default_factory=dict)
+    loss: torch.Tensor | None = None  # the current batch's mean loss (detached), for after_backward
 
 
 class StepHook:
@@ -235,6 +236,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             y = torch.tensor([labels[i] for i in b], device=accelerator.device)
             loss = torch.nn.functional.cross_entropy(wrapped(**batch).logits.float(), y)
             accelerator.backward(loss)
+            ctx.loss = loss.detach()
             for h in hooks:
                 h.after_backward(ctx)
             if settings.max_grad_norm > 0:

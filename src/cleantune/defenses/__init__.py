@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from ..errors import UserError
+from .abl import ABL
 from .base import Defense, make_defense
+from .bki import BKI
+from .cube import CUBE
 from .finetune import FineTune
 from .lora import LoRA
+from .onion import ONION
+from .rap import RAP
+from .strip import STRIP
 
-DEFENSES: dict[str, type[Defense]] = {"finetune": FineTune, "lora": LoRA}
+DEFENSES: dict[str, type[Defense]] = {"finetune": FineTune, "lora": LoRA, "onion": ONION, "strip": STRIP,
+                                      "rap": RAP, "bki": BKI, "cube": CUBE, "abl": ABL}
 
 
 def get_defense(name: str, **options) -> Defense:
@@ -16,4 +23,4 @@ def get_defense(name: str, **options) -> Defense:
     return make_defense(DEFENSES[name], options)
 
 
-__all__ = ["Defense", "FineTune", "LoRA", "DEFENSES", "get_defense", "make_defense"]
+__all__ = ["Defense", "FineTune", "LoRA", "ONION", "STRIP", "RAP", "BKI", "CUBE", "ABL", "DEFENSES", "get_defense", "make_defense"]

@@ -1,0 +1,126 @@
+"""Baseline defenses side by side: CACC, ASR and detection scores per (attack, defense), stored.
+
+    PYTHONPATH=src nice -n 10 python benchmarks/baselines.py --attacks badnets,syntactic \
+        --defenses finetune,strip,rap,bki,onion --train-size 1000 --epochs 2
+
+Plain fine-tuning is trained once per attack and saved; the inference-time defenses (strip, rap,
+onion) wrap that same victim (their `victim` option) instead of training an identical copy. The
+training-time defenses (bki, cube, abl) train their own models. Every number is on the clean
+test split and the triggered non-target test samples, optionally a seeded subsample of each
+(`--test-size`; ONION, which runs its language model (n_words + 1) times per input, has its own
+`--onion-test-size`). Thresholds and epochs are chosen on clean dev only. Results go to the
+results store with the full config (test sizes included) and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from cleantune.data import load_benchmark
+from cleantune.evaluate import evaluate
+from cleantune.runner import RunConfig, detection, environment
+from cleantune.store import ResultStore, config_hash, data_dir
+
+INFERENCE_TIME = ("strip", "rap", "onion")
+
+
+def parse_options(items: list[str]) -> dict[str, dict]:
+    """--option DEFENSE.KEY=VALUE -> {defense: {key: value}}"""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        defense, key = key.split(".", 1)
+        out.setdefault(defense, {})[key] = yaml.safe_load(value)
+    return out
+
+
+def subsample(ds, n: int | None, seed: int):
+    return ds if n is None else ds.stratified_sample(n, seed)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="sst2")
+    p.add_argument("--attacks", default="badnets,syntactic")
+    p.add_argument("--defenses", default="finetune,strip,rap,bki,onion,cube,abl")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--train-size", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1.5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-size", type=int, default=None, help="subsample of clean and of triggered test")
+    p.add_argument("--onion-test-size", type=int, default=100)
+    p.add_argument("--option", action="append", default=[], metavar="DEFENSE.KEY=VALUE")
+    p.add_argument("--store", default=None)
+    args = p.parse_args(argv)
+
+    options = parse_options(args.option)
+    store = ResultStore(args.store)
+    bench = load_benchmark(args.dataset)
+    bench.train = bench.train.stratified_sample(args.train_size, args.seed)
+    defenses = args.defenses.split(",")
+    rows = []
+    for attack in args.attacks.split(","):
+        victim_dir = None
+        # the shared victim is plain fine-tuning, so it is trained first whenever a wrapper needs it
+        order = sorted(defenses, key=lambda d: d != "finetune")
+        if set(order) & set(INFERENCE_TIME) and "finetune" not in order:
+            order = ["finetune"] + order
+        for name in order:
+            opts = dict(options.get(name, {}))
+            if name in INFERENCE_TIME:
+                opts["victim"] = str(victim_dir)
+            config = RunConfig(dataset=args.dataset, attack=attack, defense=name, model=args.model, seed=args.seed,
+                               epochs=args.epochs, lr=args.lr, train_size=args.train_size, options=opts)
+            resolved = config.resolve()
+            test_size = args.onion_test_size if name == "onion" else args.test_size
+            resolved["test_size"] = test_size
+            poisoned = config.build_attack().apply(bench)
+            poisoned.clean_test = subsample(poisoned.clean_test, test_size, args.seed)
+            poisoned.triggered_test = subsample(poisoned.triggered_test, test_size, args.seed)
+            defense = config.build_defense()
+            run_id = config_hash(resolved)
+            saved = data_dir() / "victims" / run_id[:16]
+            if name == "finetune" and saved.is_dir() and store.get(run_id) is not None and name not in defenses:
+                victim_dir = saved  # trained by an earlier invocation with the same config: reuse it
+                continue
+            t0 = time.perf_counter()
+            model = defense.fit(poisoned.train, poisoned.dev, out_dir=data_dir() / "runs" / run_id[:16], progress=False)
+            fit_s = time.perf_counter() - t0
+            if name == "finetune":
+                victim_dir = model.save_pretrained(saved)
+            metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
+            metrics.update(getattr(defense, "extra_metrics_", {}))
+            metrics.update(detection(defense, model, poisoned))
+            metrics.update({"best_epoch": defense.report_.best_epoch, "history": defense.report_.history,
+                            "n_clean_test": len(poisoned.clean_test), "n_triggered_test": len(poisoned.triggered_test)})
+            timings = {"fit_s": fit_s, "wall_s": time.perf_counter() - t0}
+            store.put(run_id, resolved, metrics, timings, environment())
+            det = metrics.get("train_detection") or metrics.get("test_detection") or {}
+            kind = "train" if "train_detection" in metrics else "test" if det else ""
+            rows.append([attack, name, metrics["cacc"], metrics["asr"], kind, det.get("precision"), det.get("recall"),
+                         det.get("frr"), det.get("far"), len(poisoned.clean_test), timings["wall_s"]])
+            print(f"{attack:10} {name:9} cacc={metrics['cacc']:.3f} asr={metrics['asr']:.3f} "
+                  f"{kind}-detection={json.dumps({k: round(v, 3) for k, v in det.items()})} "
+                  f"extra={json.dumps({k: v for k, v in getattr(defense, 'extra_metrics_', {}).items() if k != 'isolation_history'})} "
+                  f"n_test={len(poisoned.clean_test)}+{len(poisoned.triggered_test)} wall={timings['wall_s']:.0f}s",
+                  flush=True)
+
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print("\n| attack | defense | CACC | ASR | flags | precision | recall | FRR | FAR | clean test n | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(fmt(v) if i != 10 else f"{v:.0f}" for i, v in enumerate(r)) + " |")
+    print(f"\nstore: {store.path}; train size {args.train_size}, {args.epochs} epochs, lr {args.lr}, seed {args.seed}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Pieces the baseline defenses share: training a side model, first-token representations, per-sample
+losses, FRR-calibrated thresholds, and the Classifier that applies an inference-time detector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import TextDataset
+from ..errors import UserError
+from ..models import Classifier, load_model, load_tokenizer
+from ..training import StepHook, TrainReport, encode, make_batch, seed_everything, train
+
+ABSTAIN = -1  # the prediction for a flagged input under on_flag="abstain": never equals a class id
+
+
+def train_side_model(defense, data: TextDataset, epochs: int, dev: TextDataset | None, out_dir, resume: bool,
+                     progress: bool, desc: str, hooks: tuple[StepHook, ...] = (), lr: float | None = None,
+                     model=None, tokenizer=None) -> tuple[object, object, TrainReport]:
+    """Train a model with the defense's settings (other epochs/lr) through the one training loop.
+    Without `model`, a fresh copy of the backbone is built; `dev=None` keeps the last epoch."""
+    seed_everything(defense.seed)
+    tokenizer = tokenizer or load_tokenizer(defense.model)
+    model = model if model is not None else load_model(defense.model, data.label_names)
+    settings = replace(defense.train_settings(), epochs=epochs, **({"lr": lr} if lr is not None else {}))
+    report = train(model, tokenizer, data, dev, settings, hooks, out_dir, resume, progress, desc=desc)
+    return model, tokenizer, report
+
+
+def side_dir(out_dir, name: str) -> Path | None:
+    return Path(out_dir) / name if out_dir is not None else None
+
+
+@torch.no_grad()
+def first_token_states(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 128) -> torch.Tensor:
+    """Final-layer hidden state of the first token ([CLS] for BERT), as OpenBackdoor's get_repr_embeddings."""
+    was_training = model.training
+    model.eval()
+    ids = encode(tokenizer, texts, max_length)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = None
+    device = next(model.parameters()).device
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        batch = make_batch([ids[i] for i in idx], tokenizer.pad_token_id)
+        h = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True).hidden_states[-1][:, 0]
+        if out is None:
+            out = torch.empty(len(ids), h.shape[-1])
+        out[idx] = h.float().cpu()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def per_sample_losses(model, tokenizer, data: TextDataset, max_length: int, batch_size: int = 128) -> np.ndarray:
+    """Cross-entropy of every sample under the model in eval mode (no dropout)."""
+    logits = Classifier(model, tokenizer, data.label_names, max_length).predict_logits(data.texts, batch_size)
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(data.labels), reduction="none").numpy()
+
+
+def frr_threshold(clean_scores, frr: float) -> float:
+    """The threshold below which a score is flagged, set so that a share `frr` of the clean scores falls
+    below it: the score at sorted index floor(n * frr), as OpenBackdoor's STRIP and RAP. Flag with `< t`."""
+    s = np.sort(np.asarray(clean_scores, dtype=float))
+    if len(s) == 0:
+        raise UserError("the clean dev set gives no sample to calibrate the detection threshold on")
+    return float(s[min(int(len(s) * frr), len(s) - 1)])
+
+
+def check_frr(frr: float) -> None:
+    if not 0 <= frr < 1:
+        raise UserError(f"option frr must be in [0, 1), got {frr}")
+
+
+class FlaggingClassifier(Classifier):
+    """A trained classifier behind an inference-time detector.
+
+    `flag(texts)` says which inputs the detector rejects. `predict` applies the convention `on_flag`:
+    'flip' (binary tasks only) predicts the other class for a flagged input, which is exactly OpenBackdoor's
+    flip of the ground-truth label before scoring (spec §10); 'abstain' predicts ABSTAIN (-1), which matches
+    no class, so a flagged poisoned input counts as a failed attack and a flagged clean input as an error,
+    for any number of classes. `predict_logits` is the victim's, untouched. Flags are cached per text.
+    """
+
+    def __init__(self, base: Classifier, on_flag: str):
+        super().__init__(base.model, base.tokenizer, base.label_names, base.max_length)
+        if on_flag == "auto":
+            on_flag = "flip" if len(base.label_names) == 2 else "abstain"
+        if on_flag not in ("flip", "abstain"):
+            raise UserError(f"option on_flag must be auto, flip or abstain, got '{on_flag}'")
+        if on_flag == "flip" and len(base.label_names) != 2:
+            raise UserError("option on_flag=flip needs a binary task; use on_flag=abstain")
+        self.on_flag = on_flag
+        self._flags: dict[str, bool] = {}
+
+    def detect(self, texts: list[str]) -> list[bool]:
+        raise NotImplementedError
+
+    def flag(self, texts: list[str]) -> list[bool]:
+        todo = list(dict.fromkeys(t for t in texts if t not in self._flags))
+        if todo:
+            self._flags.update(zip(todo, self.detect(todo)))
+        return [self._flags[t] for t in texts]
+
+    def predict(self, texts: list[str], batch_size: int = 128) -> list[int]:
+        preds = super().predict(texts, batch_size)
+        flags = self.flag(texts)
+        if self.on_flag == "flip":
+            return [1 - p if f else p for p, f in zip(preds, flags)]
+        return [ABSTAIN if f else p for p, f in zip(preds, flags)]
+
+
+def softmax_probs(clf: Classifier, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    return torch.softmax(clf.predict_logits(texts, batch_size), -1) if texts else torch.empty(0, len(clf.label_names))
+
+
+
+def victim_model(defense, train_data: TextDataset, clean_dev: TextDataset | None, out_dir, resume: bool,
+                 progress: bool) -> Classifier:
+    """The model an inference-time defense wraps: trained as plain fine-tuning, or, with the defense's
+    `victim` option, an already trained classifier directory (no training; an empty report)."""
+    from .base import Defense
+
+    if defense.victim is None:
+        return Defense.fit(defense, train_data, clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+    clf = Classifier.from_pretrained(defense.victim)
+    if len(clf.label_names) != train_data.num_labels:
+        raise UserError(f"option victim={defense.victim}: the model has {len(clf.label_names)} classes, "
+                        f"the data {train_data.num_labels}")
+    defense.report_ = TrainReport([], None, 0.0, 0.0, 0.0)
+    return clf

