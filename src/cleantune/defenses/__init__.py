@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .base import Defense, make_defense
+from .btu import BTU
 from .finetune import FineTune
 from .lora import LoRA
 
-DEFENSES: dict[str, type[Defense]] = {"finetune": FineTune, "lora": LoRA}
+DEFENSES: dict[str, type[Defense]] = {"finetune": FineTune, "lora": LoRA, "btu": BTU}
 
 
 def get_defense(name: str, **options) -> Defense:
@@ -16,4 +17,4 @@ def get_defense(name: str, **options) -> Defense:
     return make_defense(DEFENSES[name], options)
 
 
-__all__ = ["Defense", "FineTune", "LoRA", "DEFENSES", "get_defense", "make_defense"]
+__all__ = ["Defense", "BTU", "FineTune", "LoRA", "DEFENSES", "get_defense", "make_defense"]
