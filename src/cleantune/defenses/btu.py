@@ -86,6 +86,16 @@ def trigger_token_ids(tokenizer, words: list[str]) -> list[int]:
     return sorted(ids)
 
 
+def substring_removed(texts: list[str], strings: list[str]) -> list[str]:
+    """The official pass-B removal: every occurrence of each string deleted, inside words too (spec 8 #7)."""
+    out = []
+    for t in texts:
+        for s in strings:
+            t = t.replace(s, "")
+        out.append(t)
+    return out
+
+
 def doc_stats(ids: list[list[int]], labels: list[int], vocab: int, num_labels: int) -> torch.Tensor:
     """[vocab, num_labels] counts of samples that contain each token, per label (one bincount)."""
     rows, cols = [], []
@@ -214,12 +224,7 @@ def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: 
             if faithful:
                 # Official: delete the decoded strings from the raw text, substrings included (spec 8 #7).
                 strings = [tokenizer.decode([i]) for i in removed]
-                texts = []
-                for t in data.texts:
-                    for s in strings:
-                        t = t.replace(s, "")
-                    texts.append(t)
-                train_data = TextDataset(texts, data.labels, data.label_names)
+                train_data = TextDataset(substring_removed(data.texts, strings), data.labels, data.label_names)
             else:
                 pass_view = TokenView(tokenizer, view.cache, drop=removed)
         if name == "C":
@@ -358,7 +363,7 @@ class BTU(Defense):
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True) -> Classifier:
         train_data = train_data.without_flags()
-        t_start = time.perf_counter()
+        t_start, self._eval_s = time.perf_counter(), 0.0
         tune_data, select = None, clean_dev
         if self.clean_tuning != "none":
             if clean_dev is None or len(clean_dev) < self.clean_tuning:
@@ -438,12 +443,18 @@ class BTU(Defense):
                             "dims": int(E0.shape[1])},
             "btu_stages": {k: v for k, v in stages.items() if v is not None},
             "btu_seconds": {**{f"expose_{n}": s for n, s in exp.seconds.items()}, "victim": t_victim,
+                            "stage_eval": self._eval_s,
                             "total_fit": time.perf_counter() - t_start},
         }
         return clf
 
     def _stage(self, clf: Classifier) -> dict | None:
-        return self.stage_eval(clf) if self.stage_eval is not None else None
+        if self.stage_eval is None:
+            return None
+        t0 = time.perf_counter()
+        out = self.stage_eval(clf)
+        self._eval_s += time.perf_counter() - t0
+        return out
 
     def audit(self, trigger_words: list[str]) -> dict:
         """Token-level audit after fit against the attack's known trigger words: each trigger word-piece's
