@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                 cell["triggers"] = ["cf"]  # one rare word, as in the BTU paper
             ft_cell = dict(cell, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size) if args.btu_mode == "faithful" else cell
             ft = run(RunConfig(defense="finetune", **ft_cell), store, force=True, progress=False)
-            bt = run(RunConfig(defense="btu", options={"mode": args.btu_mode, "clean_tuning": args.clean_tuning}, **cell),
+            bt = run(RunConfig(defense="btu", options={"btu_mode": args.btu_mode, "clean_tuning": args.clean_tuning}, **cell),
                      store, force=True, progress=False)
             fm, bm = ft["metrics"], bt["metrics"]
             ft_fit = ft["timings"]["wall_s"] - ft["timings"]["eval_s"]

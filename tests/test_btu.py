@@ -90,13 +90,13 @@ def test_faithful_unlearn_recomputes_threshold_in_id_order():
 
 
 def test_modes_resolve_to_documented_settings():
-    f, d = BTU(mode="faithful"), BTU()
+    f, d = BTU(btu_mode="faithful"), BTU()
     assert (f.epochs, f.lr, f.batch_size, f.k, f.max_grad_norm, f.warmup_ratio) == (1, 2e-5, 64, 17, 0.0, 0.0)
     assert f.train_settings().lr_schedule == "constant" and d.train_settings().lr_schedule == "linear"
     assert d.k is None and d.epochs == 3 and d.max_length == 128 and f.max_length == 512
-    assert BTU(mode="faithful", epochs=3).epochs == 3  # explicit settings win over the mode's
+    assert BTU(btu_mode="faithful", epochs=3).epochs == 3  # explicit settings win over the mode's
     assert BTU(clean_tuning="40").clean_tuning == 40
-    for bad in (dict(mode="fast"), dict(clean_tuning="test"), dict(clean_tuning=0), dict(k=0)):
+    for bad in (dict(btu_mode="fast"), dict(clean_tuning="test"), dict(clean_tuning=0), dict(k=0)):
         with pytest.raises(UserError):
             BTU(**bad)
     assert btu.resolve_k(None, 0.0005, 30522) == 15 and btu.resolve_k(None, 0.0005, 50265) == 25
@@ -137,7 +137,7 @@ def test_faithful_tuning_carries_adam_state(tiny_model):
 def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     path = str(make_tiny_model(tmp_path / kind, kind))
     data, dev = synthetic(160), synthetic(24, seed=1)
-    defense = BTU(model=path, mode=mode, epochs=1, batch_size=16, k=3, clean_tuning=tuning, max_length=64)
+    defense = BTU(model=path, btu_mode=mode, epochs=1, batch_size=16, k=3, clean_tuning=tuning, max_length=64)
     snaps = []
     defense.stage_eval = lambda clf: snaps.append(clf.model.get_input_embeddings().weight.detach().clone()) or {"n": len(snaps)}
     clf = defense.fit(data, dev, progress=False)
@@ -180,4 +180,4 @@ def test_runner_stores_stage_points_and_audit(tiny_model):
     assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr"}
     assert set(stored["btu_trigger_ranks"]["cf"]) == {"A", "B", "C"}
     assert stored["btu_mode"] == "default" and stored["btu_clean_tuning"] == "none"
-    assert r["config"]["clean_tuning"] == "none"
+    assert r["config"]["clean_tuning"] == "none" and r["config"]["mode"] == "mix"  # the attack's mode survives

@@ -6,8 +6,8 @@ trainable), take the union of the top-k lists, train the victim model normally, 
 suspicious rows' strongly-moved dimensions with the pretrained padding embedding; optionally tune on
 a few clean dev samples.
 
-`mode="faithful"` reproduces the official code where it changes numbers; `mode="default"` keeps the
-algorithm and fixes its quirks. Each difference is named in docs/btu.md and at the line that makes it.
+`btu_mode="faithful"` reproduces the official code where it changes numbers; `btu_mode="default"` keeps
+the algorithm and fixes its quirks. (Not `mode`: the run config's `mode` is the attack's poisoning mode.) Each difference is named in docs/btu.md and at the line that makes it.
 Every training stage runs through `cleantune.training.train`.
 """
 
@@ -313,9 +313,9 @@ class _CarryOptimizer(StepHook):
 
 @dataclass
 class BTU(Defense):
-    """Backdoor Token Unlearning. Settings left at None take the mode's value (FAITHFUL or DEFAULT)."""
+    """Backdoor Token Unlearning. Settings left at None take the btu_mode's value (FAITHFUL or DEFAULT)."""
 
-    mode: str = "default"
+    btu_mode: str = "default"           # or "faithful"
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None
@@ -335,9 +335,9 @@ class BTU(Defense):
     clean_data = "clean dev: model selection; with clean_tuning=k, k dev samples are trained on (held out of selection)"
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise UserError(f"btu mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        for key, value in (FAITHFUL if self.mode == "faithful" else DEFAULT).items():
+        if self.btu_mode not in MODES:
+            raise UserError(f"btu_mode must be one of {', '.join(MODES)}, got '{self.btu_mode}'")
+        for key, value in (FAITHFUL if self.btu_mode == "faithful" else DEFAULT).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if isinstance(self.clean_tuning, str) and self.clean_tuning.strip().isdigit():
@@ -352,7 +352,7 @@ class BTU(Defense):
 
     @property
     def faithful(self) -> bool:
-        return self.mode == "faithful"
+        return self.btu_mode == "faithful"
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -374,10 +374,10 @@ class BTU(Defense):
             rest = [i for i, s in enumerate(zip(clean_dev.texts, clean_dev.labels)) if s not in taken]
             select = clean_dev.subset(rest) if rest else None
 
-        tokenizer = load_tokenizer(self.model)
+        tokenizer = load_tokenizer(self.btu_model)
         view = TokenView(tokenizer)
         seed_everything(self.seed)
-        victim = load_model(self.model, train_data.label_names)
+        victim = load_model(self.btu_model, train_data.label_names)
         E0 = victim.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
         settings = self.train_settings()
         limit = getattr(victim.config, "max_position_embeddings", None)
@@ -390,7 +390,7 @@ class BTU(Defense):
                               warmup_ratio=0.0 if self.faithful else self.warmup_ratio,
                               max_grad_norm=self.max_grad_norm, max_length=max_length, seed=self.seed,
                               lr_schedule="constant" if self.faithful else self.lr_schedule)
-        exp = expose(self.model, tokenizer, train_data, faithful=self.faithful, k=self.k, rho=self.rho,
+        exp = expose(self.btu_model, tokenizer, train_data, faithful=self.faithful, k=self.k, rho=self.rho,
                      passes="ABC", seed=self.seed, E0=E0, view=view, batch_size=self.expose_batch_size,
                      lr=self.expose_lr, max_length=self.expose_max_length, embed_settings=embed, progress=progress)
         suspicious = exp.suspicious
@@ -436,7 +436,7 @@ class BTU(Defense):
                                    report.train_seconds + (tune_report.train_seconds if tune_report else 0.0),
                                    report.samples_per_s, report.tokens_per_s)
         self.extra_metrics_ = {
-            "btu_mode": self.mode, "btu_clean_tuning": self.clean_tuning, "btu_k": exp.k,
+            "btu_mode": self.btu_mode, "btu_clean_tuning": self.clean_tuning, "btu_k": exp.k,
             "btu_suspicious": [tokenizer.convert_ids_to_tokens(i) for i in suspicious],
             "btu_top": {n: tokenizer.convert_ids_to_tokens(v) for n, v in exp.top.items()},
             "btu_unlearn": {"threshold": cut["threshold"], "dims_replaced": cut["dims_replaced"],
