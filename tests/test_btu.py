@@ -168,10 +168,17 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
         BTU(model=path, clean_tuning=100).fit(data, dev, progress=False)
 
 
-def test_runner_stores_stage_points_and_audit(tiny_model):
+def test_runner_stores_stage_points_and_audit(tiny_model, monkeypatch):
+    from cleantune import runner
     from cleantune.runner import RunConfig, run
     from cleantune.store import ResultStore
 
+    def small(name):  # real data, small splits: the wiring is under test, not the numbers
+        b = load_benchmark(name)
+        b.dev, b.test = b.dev.stratified_sample(60, 0), b.test.stratified_sample(80, 0)
+        return b
+
+    monkeypatch.setattr(runner, "load_benchmark", small)
     store = ResultStore()
     r = run(RunConfig(dataset="sst2", defense="btu", model=tiny_model, train_size=100, epochs=1, mode="mix",
                       triggers=["cf"], options={"k": 2, "max_length": 64}), store, progress=False)

@@ -374,10 +374,10 @@ class BTU(Defense):
             rest = [i for i, s in enumerate(zip(clean_dev.texts, clean_dev.labels)) if s not in taken]
             select = clean_dev.subset(rest) if rest else None
 
-        tokenizer = load_tokenizer(self.btu_model)
+        tokenizer = load_tokenizer(self.model)
         view = TokenView(tokenizer)
         seed_everything(self.seed)
-        victim = load_model(self.btu_model, train_data.label_names)
+        victim = load_model(self.model, train_data.label_names)
         E0 = victim.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
         settings = self.train_settings()
         limit = getattr(victim.config, "max_position_embeddings", None)
@@ -390,7 +390,7 @@ class BTU(Defense):
                               warmup_ratio=0.0 if self.faithful else self.warmup_ratio,
                               max_grad_norm=self.max_grad_norm, max_length=max_length, seed=self.seed,
                               lr_schedule="constant" if self.faithful else self.lr_schedule)
-        exp = expose(self.btu_model, tokenizer, train_data, faithful=self.faithful, k=self.k, rho=self.rho,
+        exp = expose(self.model, tokenizer, train_data, faithful=self.faithful, k=self.k, rho=self.rho,
                      passes="ABC", seed=self.seed, E0=E0, view=view, batch_size=self.expose_batch_size,
                      lr=self.expose_lr, max_length=self.expose_max_length, embed_settings=embed, progress=progress)
         suspicious = exp.suspicious
