@@ -432,7 +432,8 @@ class BTU(Defense):
         self._tokenizer = tokenizer
         self.exposure_ = exp
         self.suspicious_ = suspicious
-        self.report_ = TrainReport(report.history + (tune_report.history if tune_report else []), report.best_epoch,
+        # The victim's epochs are the run's history; clean tuning's are stored beside it.
+        self.report_ = TrainReport(report.history, report.best_epoch,
                                    report.train_seconds + (tune_report.train_seconds if tune_report else 0.0),
                                    report.samples_per_s, report.tokens_per_s)
         self.extra_metrics_ = {
@@ -442,6 +443,7 @@ class BTU(Defense):
             "btu_unlearn": {"threshold": cut["threshold"], "dims_replaced": cut["dims_replaced"],
                             "dims": int(E0.shape[1])},
             "btu_stages": {k: v for k, v in stages.items() if v is not None},
+            "btu_tune_history": tune_report.history if tune_report else None,
             "btu_seconds": {**{f"expose_{n}": s for n, s in exp.seconds.items()}, "victim": t_victim,
                             "stage_eval": self._eval_s,
                             "total_fit": time.perf_counter() - t_start},
