@@ -116,6 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frequency", action="append", default=[], metavar="CURVES_JSON",
                    help="also plot these curves.json files of `cleantune analyze frequency`")
 
+    p = sub.add_parser("scan", help="rank the tokens BTU's exposure stage finds suspicious in labelled data")
+    p.add_argument("data", help="a labelled .tsv/.csv/.jsonl file, or a benchmark name (its train split)")
+    p.add_argument("--text-column", default="auto")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--attack", help="poison the benchmark's train split with this attack first (a check)")
+    p.add_argument("--rate", type=float, default=0.1)
+    p.add_argument("--mode", default="mix", help="poisoning mode with --attack: dirty, clean or mix")
+    p.add_argument("--target", type=int, default=1)
+    p.add_argument("--triggers", help="BadNets trigger words (with --attack badnets)")
+    p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--top", type=int, help="tokens per exposure pass (default: 0.0005 x vocabulary size)")
+    p.add_argument("--passes", default="AB", help="exposure passes: A (shallow), B (A's tokens removed), "
+                   "C (full model, slow); default AB")
+    p.add_argument("--faithful", action="store_true", help="official BTU code's exposure (pools over padding, "
+                   "substring removal in pass B)")
+    p.add_argument("--show-samples", type=int, nargs="?", const=3, default=0, metavar="N",
+                   help="print up to N samples containing each token (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("results", help="the stored runs")
     p.add_argument("--store")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -289,6 +311,65 @@ def cmd_eval(ns) -> int:
     return 0
 
 
+SCAN_COLUMNS = ("rank", "pass", "pass_rank", "token", "id", "drift", "doc_freq", "label", "label_share")
+
+
+def cmd_scan(ns) -> int:
+    from .attacks import get_attack
+    from .data import BENCHMARKS, load_benchmark, read_dataset
+    from .defenses.btu import scan
+
+    if not ns.passes or any(c not in "ABC" for c in ns.passes) or len(set(ns.passes)) != len(ns.passes):
+        raise UserError(f"--passes must be letters from A, B, C without repeats, got '{ns.passes}'")
+    if ns.top is not None and ns.top < 1:
+        raise UserError(f"--top must be at least 1, got {ns.top}")
+    if ns.show_samples < 0:
+        raise UserError(f"--show-samples must be at least 0, got {ns.show_samples}")
+    if ns.data in BENCHMARKS:
+        bench = load_benchmark(ns.data)
+        data = bench.train
+        if ns.attack:
+            extra = {k: v for k, v in (("triggers", _split(ns.triggers) if ns.triggers else None),
+                                        ("sentence", ns.sentence)) if v is not None}
+            data = get_attack(ns.attack, rate=ns.rate, mode=ns.mode, target=ns.target, seed=ns.seed,
+                              **extra).apply(bench).train.without_flags()
+    else:
+        if ns.attack:
+            raise UserError(f"--attack needs a benchmark name as DATA ({', '.join(BENCHMARKS)}), got '{ns.data}'")
+        if not Path(ns.data).is_file():
+            raise UserError(f"{ns.data}: no such file (and not a benchmark name: {', '.join(BENCHMARKS)})")
+        data = read_dataset(ns.data, ns.text_column, ns.label_column)
+    if data.num_labels < 2:
+        raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")
+    rows = scan(data, ns.model, k=ns.top, passes=ns.passes, faithful=ns.faithful, seed=ns.seed,
+                samples=ns.show_samples, progress=not ns.no_progress)
+    if ns.format == "json":
+        print(json.dumps(rows, indent=1))
+    elif ns.format == "csv":
+        buf = io.StringIO()
+        cols = list(SCAN_COLUMNS) + (["samples"] if ns.show_samples else [])
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r | ({"samples": " || ".join(r["samples"])} if ns.show_samples else {}))
+        print(buf.getvalue(), end="")
+    else:
+        table = [["rank", "pass", "token", "drift", "doc_freq", "label_skew"]] + [
+            [str(r["rank"]), f"{r['pass']}{r['pass_rank']}", r["token"], f"{r['drift']:.3g}", str(r["doc_freq"]),
+             f"{r['label_share']:.2f} {r['label']}"] for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for n, row in enumerate(table):
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+            if n == 0:
+                print("  ".join("-" * w for w in widths))
+            elif ns.show_samples:
+                for t in rows[n - 1]["samples"]:
+                    print(f"      | {t}")
+        print(f"{len(data)} samples; passes {ns.passes}; drift = L2 distance of the token's embedding from the "
+              f"pretrained one; label_skew = share of samples containing the token that carry its most common label")
+    return 0
+
+
 RESULT_COLUMNS = ("id", "dataset", "attack", "defense", "model", "seed", "train_size", "epochs", "rate", "mode",
                   "cacc", "asr", "wall_s", "samples_per_s", "status")
 
@@ -377,8 +458,8 @@ def cmd_results(ns) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report,
-            "results": cmd_results}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "scan": cmd_scan, "sweep": cmd_sweep,
+            "report": cmd_report, "results": cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,6 +131,8 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
         bench.train = bench.train.stratified_sample(config.train_size, config.seed)
     poisoned = config.build_attack().apply(bench)
     defense = config.build_defense()
+    if hasattr(defense, "stage_eval"):  # multi-stage defenses (BTU) report CACC/ASR after each stage
+        defense.stage_eval = lambda clf: evaluate(clf, poisoned.clean_test, poisoned.triggered_test)
     work = data_dir() / "runs" / run_id[:16]
     model = defense.fit(poisoned.train, poisoned.dev, out_dir=work, resume=resume, progress=progress)
     t_eval = time.perf_counter()
@@ -141,6 +143,8 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
                     "n_triggered_test": len(poisoned.triggered_test)})
     metrics.update(getattr(defense, "extra_metrics_", {}))
     metrics.update(detection(defense, model, poisoned))
+    if hasattr(defense, "audit"):  # after fit: the attack's trigger words, never seen during fit
+        metrics.update(defense.audit(poisoned.trigger_words))
     timings = {"wall_s": time.perf_counter() - t0, "train_s": report.train_seconds,
                "eval_s": time.perf_counter() - t_eval, "samples_per_s": report.samples_per_s,
                "tokens_per_s": report.tokens_per_s, "peak_memory_mb": peak_memory_mb(),

@@ -39,6 +39,7 @@ class TrainSettings:
     group_by_length: bool = True
     pad_to_length: int | None = None  # pad every batch to this fixed width (static shapes; the throughput baseline)
     seed: int = 0
+    lr_schedule: str = "linear"  # "linear" (warmup then linear decay) or "constant" (BTU's official code)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
@@ -48,6 +49,8 @@ class TrainSettings:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise UserError(f"--lr-schedule must be linear or constant, got '{self.lr_schedule}'")
 
 
 @dataclass
@@ -62,6 +65,7 @@ class StepContext:
     settings: TrainSettings
     logs: dict = field(default_factory=dict)
     loss: torch.Tensor | None = None  # the current batch's mean loss (detached), for after_backward
+    optimizer: object = None  # the (prepared) AdamW, for defenses that carry its state across stages (BTU)
 
 
 class StepHook:
@@ -174,7 +178,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
     settings = settings or TrainSettings()
     if len(train_data) == 0:
@@ -192,7 +196,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     if not params:
         raise UserError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    if settings.lr_schedule == "constant":
+        scheduler = get_constant_schedule(optimizer)
+    else:
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
@@ -216,7 +223,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             best_state = load_file(ckpt_dir / "best.safetensors")
         start_epoch = state["epoch"] + 1
 
-    ctx = StepContext(model, accelerator, start_epoch, start_epoch * steps_per_epoch, steps_per_epoch, settings)
+    ctx = StepContext(model, accelerator, start_epoch, start_epoch * steps_per_epoch, steps_per_epoch, settings,
+                      optimizer=optimizer)
     for h in hooks:
         h.on_train_begin(ctx)
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, unit="step",

@@ -6,6 +6,7 @@ from ..errors import UserError
 from .abl import ABL
 from .base import Defense, make_defense
 from .bki import BKI
+from .btu import BTU
 from .cube import CUBE
 from .finetune import FineTune
 from .lora import LoRA
@@ -14,7 +15,8 @@ from .rap import RAP
 from .strip import STRIP
 
 DEFENSES: dict[str, type[Defense]] = {"finetune": FineTune, "lora": LoRA, "onion": ONION, "strip": STRIP,
-                                      "rap": RAP, "bki": BKI, "cube": CUBE, "abl": ABL}
+                                      "rap": RAP, "bki": BKI, "cube": CUBE, "abl": ABL,
+                                      "btu": BTU}
 
 
 def get_defense(name: str, **options) -> Defense:
@@ -23,4 +25,4 @@ def get_defense(name: str, **options) -> Defense:
     return make_defense(DEFENSES[name], options)
 
 
-__all__ = ["Defense", "FineTune", "LoRA", "ONION", "STRIP", "RAP", "BKI", "CUBE", "ABL", "DEFENSES", "get_defense", "make_defense"]
+__all__ = ["Defense", "FineTune", "LoRA", "BTU", "ONION", "STRIP", "RAP", "BKI", "CUBE", "ABL", "DEFENSES", "get_defense", "make_defense"]

@@ -1,0 +1,90 @@
+"""BTU vs plain fine-tuning, side by side in one run: CACC/ASR at BTU's three points, the token audit,
+and the wall-time ratio.
+
+    nice -n 10 python benchmarks/btu.py --datasets sst2 --attacks badnets,addsent --train-size 2000 --epochs 2
+
+Both defenses see the same poisoned training set (same seed) and the same epochs/lr/batch size.
+"fit" time excludes the evaluation on the test sets (BTU's three stage evaluations included), so the
+ratio compares what a user pays to train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+from cleantune.runner import RunConfig, run
+from cleantune.store import ResultStore
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="sst2,hsol")
+    ap.add_argument("--attacks", default="badnets,addsent")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--train-size", type=int)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1.5e-4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=0.1)
+    ap.add_argument("--mode", default="mix")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--btu-mode", default="default", choices=("default", "faithful"))
+    ap.add_argument("--clean-tuning", default="none")
+    ap.add_argument("--store", help="results store (default: a temporary file)")
+    ap.add_argument("--json", help="also write all results to this file")
+    args = ap.parse_args(argv)
+    store = ResultStore(args.store or tempfile.mkstemp(suffix=".sqlite")[1])
+    common = dict(model=args.model, seed=args.seed, train_size=args.train_size, rate=args.rate, mode=args.mode)
+    if args.btu_mode == "default":
+        common.update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    rows = []
+    for dataset in args.datasets.split(","):
+        for attack in args.attacks.split(","):
+            cell = dict(dataset=dataset, attack=attack, **common)
+            if attack == "badnets":
+                cell["triggers"] = ["cf"]  # one rare word, as in the BTU paper
+            ft_cell = dict(cell, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size) if args.btu_mode == "faithful" else cell
+            ft = run(RunConfig(defense="finetune", **ft_cell), store, force=True, progress=False)
+            bt = run(RunConfig(defense="btu", options={"btu_mode": args.btu_mode, "clean_tuning": args.clean_tuning}, **cell),
+                     store, force=True, progress=False)
+            fm, bm = ft["metrics"], bt["metrics"]
+            ft_fit = ft["timings"]["wall_s"] - ft["timings"]["eval_s"]
+            bt_fit = bt["timings"]["wall_s"] - bt["timings"]["eval_s"] - bm["btu_seconds"]["stage_eval"]
+            row = {"dataset": dataset, "attack": attack, "n_train": fm["n_train"], "n_poisoned": fm["n_poisoned"],
+                   "finetune": {"cacc": fm["cacc"], "asr": fm["asr"]}, "btu_stages": bm["btu_stages"],
+                   "btu_final": {"cacc": bm["cacc"], "asr": bm["asr"]},
+                   "suspicious": len(bm["btu_suspicious"]), "trigger_ranks": bm["btu_trigger_ranks"],
+                   "token_precision": bm["btu_token_precision"], "token_recall": bm["btu_token_recall"],
+                   "collateral": bm["btu_collateral"][:10], "n_collateral": bm["btu_n_collateral"],
+                   "fit_s": {"finetune": ft_fit, "btu": bt_fit}, "fit_ratio": bt_fit / ft_fit,
+                   "btu_seconds": bm["btu_seconds"],
+                   "wall_ratio": bt["timings"]["wall_s"] / ft["timings"]["wall_s"]}
+            rows.append(row)
+            s = row["btu_stages"]
+            print(f"== {dataset} {attack} ({args.mode} {args.rate}, n_train {row['n_train']}, poisoned {row['n_poisoned']}, "
+                  f"btu {args.btu_mode}, clean_tuning {args.clean_tuning})")
+            print(f"  finetune            CACC {fm['cacc']:.4f}  ASR {fm['asr']:.4f}")
+            for name, m in s.items():
+                print(f"  btu {name:<15} CACC {m['cacc']:.4f}  ASR {m['asr']:.4f}")
+            prec = row["token_precision"]
+            print(f"  suspicious set {row['suspicious']} tokens; trigger ranks {row['trigger_ranks']}; token precision "
+                  f"{_fmt(prec)} recall {_fmt(row['token_recall'])}")
+            print(f"  collateral ({row['n_collateral']} frequent non-trigger tokens unlearned): {row['collateral']}")
+            print(f"  fit time: finetune {ft_fit:.0f}s, btu {bt_fit:.0f}s, ratio {row['fit_ratio']:.2f} "
+                  f"(wall incl. all evaluation: ratio {row['wall_ratio']:.2f}); btu stages "
+                  + ", ".join(f"{k} {v:.0f}s" for k, v in row["btu_seconds"].items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

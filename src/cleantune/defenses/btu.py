@@ -1,0 +1,514 @@
+"""BTU, Backdoor Token Unlearning (Jiang et al., AAAI 2025), spec: shared/specs/btu.md.
+
+Pipeline: expose suspicious tokens with three embedding-drift rankings (A: a shallow embedding-only
+classifier; B: the same after removing A's tokens; C: the full model with only the word embeddings
+trainable), take the union of the top-k lists, train the victim model normally, then overwrite the
+suspicious rows' strongly-moved dimensions with the pretrained padding embedding; optionally tune on
+a few clean dev samples.
+
+`btu_mode="faithful"` reproduces the official code where it changes numbers; `btu_mode="default"` keeps
+the algorithm and fixes its quirks. (Not `mode`: the run config's `mode` is the attack's poisoning mode.) Each difference is named in docs/btu.md and at the line that makes it.
+Every training stage runs through `cleantune.training.train`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import TextDataset
+from ..errors import UserError
+from ..models import Classifier, load_model, load_tokenizer
+from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
+from .base import Defense
+
+MODES = ("default", "faithful")
+# Official values (spec section 5). k = int(0.0005 * 35022): the code's typo for BERT's 30522.
+FAITHFUL = dict(epochs=1, lr=2e-5, batch_size=64, warmup_ratio=0.0, max_length=512, max_grad_norm=0.0,
+                lr_schedule="constant", k=17)
+DEFAULT = dict(epochs=3, lr=5e-5, batch_size=32, warmup_ratio=0.06, max_length=128, max_grad_norm=1.0,
+               lr_schedule="linear", k=None)
+# The shallow passes' learning rate. The official 2e-5 moves every frequent token about as far as the
+# trigger in one epoch under Adam once padding is no longer pooled; at 1e-3 the frequent words converge
+# (mixed-sign gradients) while a perfectly label-predictive trigger keeps moving (docs/btu.md).
+FAITHFUL_EXPOSE_LR, DEFAULT_EXPOSE_LR = 2e-5, 1e-3
+COLLATERAL_DOC_FREQ = 0.01  # a non-trigger token in at least 1% of training samples counts as task collateral
+
+
+# ---------------------------------------------------------------- tokens
+
+
+class TokenView:
+    """Stands in for the tokenizer inside `train`: every text is tokenised once (fast tokenizer, batched)
+    and cached across stages; `drop` removes token ids after tokenisation (token-level removal, pass B)."""
+
+    def __init__(self, tokenizer, cache: dict | None = None, drop=()):
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.cache = {} if cache is None else cache
+        self.drop = frozenset(int(i) for i in drop)
+
+    def ids(self, texts: list[str], max_length: int) -> list[list[int]]:
+        missing = list({t for t in texts if (t, max_length) not in self.cache})
+        if missing:
+            enc = self.tokenizer(missing, truncation=True, max_length=max_length)["input_ids"]
+            self.cache.update({(t, max_length): x for t, x in zip(missing, enc)})
+        out = [self.cache[(t, max_length)] for t in texts]
+        if self.drop:
+            out = [[i for i in x if i not in self.drop] for x in out]
+        return out
+
+    def __call__(self, texts, truncation=True, max_length=512, **_):
+        return {"input_ids": self.ids(list(texts), max_length)}
+
+
+def special_ids(tokenizer, faithful: bool) -> list[int]:
+    """Ids never ranked. The official code drops only [CLS]/[SEP] (PAD gets no gradient there); the
+    default drops every special token except UNK, which can carry an out-of-vocabulary trigger."""
+    if faithful:
+        ids = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+    else:
+        ids = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def trigger_token_ids(tokenizer, words: list[str]) -> list[int]:
+    """The word-pieces an inserted trigger word becomes: alone and after a space (BPE vocabularies
+    such as RoBERTa's mark a word-initial piece with a leading space)."""
+    ids: set[int] = set()
+    for w in words:
+        for variant in (w, " " + w):
+            ids.update(tokenizer(variant, add_special_tokens=False)["input_ids"])
+    return sorted(ids)
+
+
+def substring_removed(texts: list[str], strings: list[str]) -> list[str]:
+    """The official pass-B removal: every occurrence of each string deleted, inside words too (spec 8 #7)."""
+    out = []
+    for t in texts:
+        for s in strings:
+            t = t.replace(s, "")
+        out.append(t)
+    return out
+
+
+def doc_stats(ids: list[list[int]], labels: list[int], vocab: int, num_labels: int) -> torch.Tensor:
+    """[vocab, num_labels] counts of samples that contain each token, per label (one bincount)."""
+    rows, cols = [], []
+    for x, y in zip(ids, labels):
+        u = set(x)
+        rows += u
+        cols += [y] * len(u)
+    flat = torch.tensor(rows, dtype=torch.long) * num_labels + torch.tensor(cols, dtype=torch.long)
+    return torch.bincount(flat, minlength=vocab * num_labels).view(vocab, num_labels)
+
+
+# ---------------------------------------------------------------- exposure
+
+
+class ShallowClassifier(nn.Module):
+    """Pass A/B model: the backbone's embedding module (word + position (+ type) embeddings, LayerNorm,
+    dropout), mean-pooled, then a fresh linear head. `pool_padding` mirrors the official code, which pads
+    every sample to `pad_to` positions and averages over all of them (spec section 8 #8).
+
+    Only the rows of `rows` (the tokens the data uses) are held as a trainable matrix: AdamW then updates
+    those instead of the whole vocabulary every step (the official model also decays unused rows by
+    weight decay alone, a uniform shrink that does not reorder the ranking). `full_weight()` scatters
+    them back into a vocabulary-sized matrix for the drift ranking.
+    """
+
+    def __init__(self, backbone, num_labels: int, pad_id: int, pool_padding: bool, pad_to: int, rows: torch.Tensor):
+        super().__init__()
+        word = backbone.get_input_embeddings()
+        module = getattr(backbone.base_model, "embeddings", None)
+        # The full embedding module where the architecture has one around the word embeddings (BERT,
+        # RoBERTa, ...); elsewhere (GPT-2 style) the word embeddings alone.
+        self.embeddings = module if getattr(module, "word_embeddings", None) is word else None
+        self.rows = rows
+        lut = torch.full((word.weight.shape[0],), int((rows == pad_id).nonzero()[0, 0]), dtype=torch.long)
+        lut[rows] = torch.arange(len(rows))
+        self.register_buffer("lut", lut, persistent=False)
+        self.word = nn.Embedding.from_pretrained(word.weight.detach()[rows].clone(), freeze=False)
+        if self.embeddings is not None:
+            self.embeddings.word_embeddings = None  # the compact matrix stands in for it
+        self.base_weight = word.weight.detach()
+        hidden = word.weight.shape[1]
+        self.head = nn.Linear(hidden, num_labels)
+        nn.init.normal_(self.head.weight, std=getattr(backbone.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.head.bias)
+        self.pad_id, self.pool_padding, self.pad_to = pad_id, pool_padding, pad_to
+
+    def forward(self, input_ids, attention_mask, **_):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if self.pool_padding:
+            extra = self.pad_to - input_ids.shape[1]
+            if extra > 0:
+                input_ids = nn.functional.pad(input_ids, (0, extra), value=self.pad_id)
+            attention_mask = torch.ones_like(input_ids)
+        x = self.word(self.lut[input_ids])
+        if self.embeddings is not None:  # input_ids too: RoBERTa derives padding-aware positions from them
+            x = self.embeddings(input_ids=input_ids, inputs_embeds=x)
+        m = attention_mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)
+        return SequenceClassifierOutput(logits=self.head(pooled))
+
+    def full_weight(self) -> torch.Tensor:
+        w = self.base_weight.clone()
+        w[self.rows] = self.word.weight.detach()
+        return w
+
+
+def drift(E0: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """Per-row L2 distance from the pretrained embeddings: the whole vocabulary in one op."""
+    return (E.detach().float().cpu() - E0).norm(dim=1)
+
+
+def rank(scores: torch.Tensor, exclude) -> torch.Tensor:
+    """Token ids by descending drift, excluded ids last."""
+    s = scores.clone()
+    s[list(exclude)] = -1.0
+    return torch.argsort(s, descending=True, stable=True)
+
+
+@dataclass
+class Exposure:
+    """What the exposure stage found: per pass, the full ranking and the drift scores."""
+
+    rankings: dict      # pass name -> LongTensor of ids, most drifted first
+    scores: dict        # pass name -> FloatTensor [V]
+    top: dict           # pass name -> list of top-k ids
+    k: int
+    seconds: dict
+
+    @property
+    def suspicious(self) -> list[int]:
+        return sorted({i for ids in self.top.values() for i in ids})  # ascending id: the cut's order
+
+
+def resolve_k(k: int | None, rho: float, vocab: int) -> int:
+    k = k if k is not None else max(1, round(rho * vocab))
+    if k < 1:
+        raise UserError(f"k must be at least 1, got {k}")
+    return k
+
+
+def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: int | None = None,
+           rho: float = 0.0005, passes: str = "ABC", seed: int = 0, E0: torch.Tensor | None = None,
+           view: TokenView | None = None, batch_size: int = 256, lr: float | None = None, max_length: int = 128,
+           embed_settings: TrainSettings | None = None, progress: bool = True) -> Exposure:
+    """Run the exposure passes named in `passes` and rank the vocabulary by embedding drift in each."""
+    view = view or TokenView(tokenizer)
+    if lr is None:
+        lr = FAITHFUL_EXPOSE_LR if faithful else DEFAULT_EXPOSE_LR
+    shallow = TrainSettings(epochs=1, batch_size=batch_size, lr=lr, weight_decay=0.01, warmup_ratio=0.0,
+                            max_grad_norm=0.0, max_length=max_length, seed=seed, lr_schedule="constant")
+    exclude = special_ids(tokenizer, faithful)
+    out = Exposure({}, {}, {}, 0, {})
+    for name in passes:
+        t0 = time.perf_counter()
+        seed_everything(seed + ord(name))  # the official passes A/B are unseeded (spec 8 #2); ours are
+        backbone = load_model(model_name, data.label_names)
+        word = backbone.get_input_embeddings()
+        if E0 is None:
+            E0 = word.weight.detach().float().cpu().clone()
+        if out.k == 0:
+            out.k = resolve_k(k, rho, E0.shape[0])
+        train_data, pass_view = data, view
+        if name == "B":
+            removed = out.top.get("A") or []
+            if faithful:
+                # Official: delete the decoded strings from the raw text, substrings included (spec 8 #7).
+                strings = [tokenizer.decode([i]) for i in removed]
+                train_data = TextDataset(substring_removed(data.texts, strings), data.labels, data.label_names)
+            else:
+                pass_view = TokenView(tokenizer, view.cache, drop=removed)
+        if name == "C":
+            # The full model, only the word embeddings learn; the random head stays frozen (spec 8 #9).
+            for p in backbone.parameters():
+                p.requires_grad = False
+            word.weight.requires_grad = True
+            model, settings = backbone, embed_settings or shallow
+        else:
+            used = {i for x in pass_view(train_data.texts, max_length=max_length)["input_ids"] for i in x}
+            rows = torch.tensor(sorted(used | {tokenizer.pad_token_id}), dtype=torch.long)
+            model = ShallowClassifier(backbone, data.num_labels, tokenizer.pad_token_id,
+                                      pool_padding=faithful, pad_to=max_length, rows=rows)
+            settings = shallow
+        train(model, pass_view, train_data, None, settings, progress=progress, desc=f"btu expose {name}")
+        scores = drift(E0, word.weight if name == "C" else model.full_weight())
+        excl = set(exclude) | (set(out.top.get("A", [])) if name == "B" and not faithful else set())
+        order = rank(scores, excl)
+        out.rankings[name], out.scores[name] = order, scores
+        out.top[name] = order[: out.k].tolist()
+        out.seconds[name] = time.perf_counter() - t0
+        del backbone, model
+    return out
+
+
+# ---------------------------------------------------------------- unlearning
+
+
+@torch.no_grad()
+def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list[int], recompute: bool) -> dict:
+    """Dimensional fine-grained unlearning, in place on `weight` (the model's input embedding matrix).
+
+    For each suspicious row t, the dimensions j with |E0[t,j] - E[t,j]| > c take the pretrained padding
+    row's value E0[pad, j]; c = ||E0 - E||_F / V. `recompute=True` is the official cut: tokens in
+    ascending id order, c recomputed from the partly replaced matrix before each token, delta = 0 -> 0 and
+    delta = c -> E + E0[pad] (spec 8 #5). `recompute=False` computes c once and replaces all rows at once.
+    """
+    E = weight.data
+    V = E.shape[0]
+    E0d = E0.to(E.device, E.dtype)
+    pad = E0d[pad_id]
+    ids = sorted(set(int(i) for i in token_ids))
+    diff = E0d - E
+    row_sq = diff.pow(2).sum(1)
+    replaced, thresholds = [], []
+    if not recompute:
+        c = float(row_sq.sum().sqrt()) / V
+        t = torch.tensor(ids, dtype=torch.long, device=E.device)
+        mask = diff[t].abs() > c
+        E[t] = torch.where(mask, pad.expand_as(mask), E[t])
+        return {"threshold": c, "dims_replaced": mask.sum(1).tolist(), "tokens": ids}
+    total = row_sq.sum()
+    for t in ids:
+        c = float(total.sqrt()) / V  # the running Frobenius sum, updated row by row below: same c as the
+        delta = (E0d[t] - E[t]).abs()  # official full recomputation, without re-reading the matrix
+        new = E[t] * ((delta > 0) & (delta <= c)) + pad * (delta >= c)
+        total = total - row_sq[t] + (E0d[t] - new).pow(2).sum()
+        E[t] = new
+        replaced.append(int((delta >= c).sum()))
+        thresholds.append(c)
+    return {"threshold": thresholds, "dims_replaced": replaced, "tokens": ids}
+
+
+class _CarryOptimizer(StepHook):
+    """Faithful clean tuning reuses the victim's AdamW with its moments (spec 8 #10): remember the state
+    at the end of one `train` call, load it at the start of the next."""
+
+    def __init__(self):
+        self.state = None
+        self.loading = False
+
+    def on_train_begin(self, ctx):
+        if self.loading and self.state is not None:
+            keep = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay") if k in g} for g in ctx.optimizer.param_groups]
+            ctx.optimizer.load_state_dict(self.state)
+            for g, kept in zip(ctx.optimizer.param_groups, keep):  # this stage's own schedule still applies
+                g.update(kept)
+
+    def on_epoch_end(self, ctx):
+        if not self.loading:
+            self.state = ctx.optimizer.state_dict()
+
+
+# ---------------------------------------------------------------- the defense
+
+
+@dataclass
+class BTU(Defense):
+    """Backdoor Token Unlearning. Settings left at None take the btu_mode's value (FAITHFUL or DEFAULT)."""
+
+    btu_mode: str = "default"           # or "faithful"
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    warmup_ratio: float | None = None
+    max_length: int | None = None
+    max_grad_norm: float | None = None
+    lr_schedule: str | None = None
+    k: int | None = None                # per ranking; default mode: round(rho * vocabulary size)
+    rho: float = 0.0005
+    clean_tuning: str | int = "none"    # "none" or a number of clean dev samples to tune on
+    tune_epochs: int = 1
+    expose_batch_size: int = 256
+    expose_lr: float | None = None     # shallow passes; None: faithful 2e-5, default 1e-3
+    expose_max_length: int = 128
+
+    name = "btu"
+    clean_data = "clean dev: model selection; with clean_tuning=k, k dev samples are trained on (held out of selection)"
+
+    def __post_init__(self):
+        if self.btu_mode not in MODES:
+            raise UserError(f"btu_mode must be one of {', '.join(MODES)}, got '{self.btu_mode}'")
+        for key, value in (FAITHFUL if self.btu_mode == "faithful" else DEFAULT).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if isinstance(self.clean_tuning, str) and self.clean_tuning.strip().isdigit():
+            self.clean_tuning = int(self.clean_tuning)
+        if self.clean_tuning != "none" and not (isinstance(self.clean_tuning, int) and self.clean_tuning > 0):
+            raise UserError(f"clean_tuning must be 'none' or a positive number of clean dev samples, got '{self.clean_tuning}'")
+        if self.k is not None and self.k < 1:
+            raise UserError(f"k must be at least 1, got {self.k}")
+        # Not settings: the runner may set a callback that scores a Classifier on its test sets (reporting
+        # only, never selection), so the three stage points can be stored.
+        self.stage_eval = None
+
+    @property
+    def faithful(self) -> bool:
+        return self.btu_mode == "faithful"
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                             weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                             max_grad_norm=self.max_grad_norm, max_length=self.max_length, seed=self.seed,
+                             lr_schedule=self.lr_schedule)
+
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir: str | Path | None = None,
+            resume: bool = False, progress: bool = True) -> Classifier:
+        train_data = train_data.without_flags()
+        t_start, self._eval_s = time.perf_counter(), 0.0
+        tune_data, select = None, clean_dev
+        if self.clean_tuning != "none":
+            if clean_dev is None or len(clean_dev) < self.clean_tuning:
+                raise UserError(f"clean_tuning={self.clean_tuning} needs that many clean dev samples "
+                                f"(have {0 if clean_dev is None else len(clean_dev)})")
+            tune_data = clean_dev.stratified_sample(self.clean_tuning, self.seed)
+            taken = set(zip(tune_data.texts, tune_data.labels))
+            rest = [i for i, s in enumerate(zip(clean_dev.texts, clean_dev.labels)) if s not in taken]
+            select = clean_dev.subset(rest) if rest else None
+
+        tokenizer = load_tokenizer(self.model)
+        view = TokenView(tokenizer)
+        seed_everything(self.seed)
+        victim = load_model(self.model, train_data.label_names)
+        E0 = victim.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
+        settings = self.train_settings()
+        limit = getattr(victim.config, "max_position_embeddings", None)
+        if limit and settings.max_length > limit - 2:  # RoBERTa-style models offset positions by 2
+            settings.max_length = limit - 2
+        max_length = settings.max_length
+
+        # 1. Exposure. Pass C trains like the victim (batch, lr, length), as in the official code.
+        embed = TrainSettings(epochs=1, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                              warmup_ratio=0.0 if self.faithful else self.warmup_ratio,
+                              max_grad_norm=self.max_grad_norm, max_length=max_length, seed=self.seed,
+                              lr_schedule="constant" if self.faithful else self.lr_schedule)
+        exp = expose(self.model, tokenizer, train_data, faithful=self.faithful, k=self.k, rho=self.rho,
+                     passes="ABC", seed=self.seed, E0=E0, view=view, batch_size=self.expose_batch_size,
+                     lr=self.expose_lr, max_length=self.expose_max_length, embed_settings=embed, progress=progress)
+        suspicious = exp.suspicious
+
+        # 2. Victim training on the same poisoned draw the exposure saw (the official code redraws, 8 #2).
+        t0 = time.perf_counter()
+        seed_everything(self.seed)
+        carry = _CarryOptimizer()
+        work = Path(out_dir) if out_dir is not None else None
+        report = train(victim, view, train_data, select, settings, (carry,) if self.faithful else (),
+                       work / "victim" if work else None, resume, progress, desc="btu victim")
+        t_victim = time.perf_counter() - t0
+        clf = Classifier(victim, tokenizer, train_data.label_names, max_length)
+        stages = {"no_defense": self._stage(clf)}
+
+        # 3. Unlearning, toward the pretrained padding row.
+        cut = unlearn(victim.get_input_embeddings().weight, E0, tokenizer.pad_token_id, suspicious,
+                      recompute=self.faithful)
+        stages["unlearned"] = self._stage(clf)
+
+        # 4. Optional clean tuning on k clean dev samples (the official code tunes on the test split, 8 #1).
+        tune_report = None
+        if tune_data is not None:
+            seed_everything(self.seed)
+            for p in victim.parameters():
+                p.requires_grad = True
+            tune_settings = self.train_settings()
+            tune_settings.epochs, tune_settings.max_length = self.tune_epochs, max_length
+            carry.loading = True
+            tune_report = train(victim, view, tune_data, select, tune_settings, (carry,) if self.faithful else (),
+                                work / "tune" if work else None, resume, progress, desc="btu tune")
+            stages["tuned"] = self._stage(clf)
+
+        # Audit material (the defense never sees poison flags; `audit` compares against the attack's
+        # trigger words after fit).
+        ids = view.ids(train_data.texts, max_length)
+        self._doc = doc_stats(ids, train_data.labels, E0.shape[0], train_data.num_labels)
+        self._n_train = len(train_data)
+        self._tokenizer = tokenizer
+        self.exposure_ = exp
+        self.suspicious_ = suspicious
+        # The victim's epochs are the run's history; clean tuning's are stored beside it.
+        self.report_ = TrainReport(report.history, report.best_epoch,
+                                   report.train_seconds + (tune_report.train_seconds if tune_report else 0.0),
+                                   report.samples_per_s, report.tokens_per_s)
+        self.extra_metrics_ = {
+            "btu_mode": self.btu_mode, "btu_clean_tuning": self.clean_tuning, "btu_k": exp.k,
+            "btu_suspicious": [tokenizer.convert_ids_to_tokens(i) for i in suspicious],
+            "btu_top": {n: tokenizer.convert_ids_to_tokens(v) for n, v in exp.top.items()},
+            "btu_unlearn": {"threshold": cut["threshold"], "dims_replaced": cut["dims_replaced"],
+                            "dims": int(E0.shape[1])},
+            "btu_stages": {k: v for k, v in stages.items() if v is not None},
+            "btu_tune_history": tune_report.history if tune_report else None,
+            "btu_seconds": {**{f"expose_{n}": s for n, s in exp.seconds.items()}, "victim": t_victim,
+                            "stage_eval": self._eval_s,
+                            "total_fit": time.perf_counter() - t_start},
+        }
+        return clf
+
+    def _stage(self, clf: Classifier) -> dict | None:
+        if self.stage_eval is None:
+            return None
+        t0 = time.perf_counter()
+        out = self.stage_eval(clf)
+        self._eval_s += time.perf_counter() - t0
+        return out
+
+    def audit(self, trigger_words: list[str]) -> dict:
+        """Token-level audit after fit against the attack's known trigger words: each trigger word-piece's
+        rank in every ranking, token precision/recall of the suspicious set, and the collateral."""
+        tok = self._tokenizer
+        S = set(self.suspicious_)
+        T = trigger_token_ids(tok, trigger_words) if trigger_words else []
+        positions = {n: torch.empty_like(r).scatter_(0, r, torch.arange(len(r))) for n, r in self.exposure_.rankings.items()}
+        docfreq = self._doc.sum(1)
+        collateral = sorted((i for i in S - set(T) if docfreq[i] >= COLLATERAL_DOC_FREQ * self._n_train),
+                            key=lambda i: -int(docfreq[i]))
+        out = {
+            "btu_trigger_tokens": tok.convert_ids_to_tokens(T),
+            "btu_trigger_ranks": {tok.convert_ids_to_tokens(t): {n: int(p[t]) + 1 for n, p in positions.items()} for t in T},
+            "btu_token_precision": len(S & set(T)) / len(S) if T and S else None,
+            "btu_token_recall": len(S & set(T)) / len(T) if T else None,
+            "btu_collateral": [(tok.convert_ids_to_tokens(i), int(docfreq[i])) for i in collateral],
+            "btu_n_collateral": len(collateral),
+        }
+        if not T:
+            out["btu_note"] = "the attack has no token trigger (syntactic/style): token precision/recall do not apply"
+        return out
+
+
+# ---------------------------------------------------------------- scan (the expose half, stand-alone)
+
+
+def scan(data: TextDataset, model: str = "minilm", *, k: int | None = None, passes: str = "AB",
+         faithful: bool = False, seed: int = 0, samples: int = 0, progress: bool = True) -> list[dict]:
+    """Rank the suspicious tokens of a labelled dataset: exposure passes only, no victim training.
+    Rows come pass by pass (A first), each in drift order."""
+    tokenizer = load_tokenizer(model)
+    view = TokenView(tokenizer)
+    seed_everything(seed)
+    exp = expose(model, tokenizer, data, faithful=faithful, k=k, passes=passes, seed=seed, view=view,
+                 progress=progress, embed_settings=TrainSettings(epochs=1, batch_size=32, lr=5e-5, warmup_ratio=0.0,
+                                                                 max_grad_norm=0.0, seed=seed, lr_schedule="constant"))
+    ids = view.ids(data.texts, 128)
+    counts = doc_stats(ids, data.labels, exp.scores[passes[0]].shape[0], data.num_labels)
+    rows, seen = [], set()
+    for name in passes:
+        for r, t in enumerate(exp.top[name], 1):
+            if t in seen:
+                continue
+            seen.add(t)
+            c = counts[t]
+            n = int(c.sum())
+            top_label = int(c.argmax())
+            row = {"rank": len(rows) + 1, "pass": name, "pass_rank": r, "token": tokenizer.convert_ids_to_tokens(t),
+                   "id": t, "drift": float(exp.scores[name][t]), "doc_freq": n,
+                   "label": data.label_names[top_label], "label_share": float(c[top_label]) / n if n else 0.0}
+            if samples:
+                row["samples"] = [data.texts[i] for i, x in enumerate(ids) if t in x][:samples]
+            rows.append(row)
+    return rows

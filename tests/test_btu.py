@@ -1,0 +1,190 @@
+"""BTU mechanics: the drift ranking, the unlearning cut, the two modes, RoBERTa-style models, the runner's
+three stage points and the token audit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cleantune.attacks import BadNets
+from cleantune.data import TextDataset, load_benchmark
+from cleantune.defenses import btu
+from cleantune.defenses.btu import BTU, TokenView, _CarryOptimizer, substring_removed, unlearn
+from cleantune.errors import UserError
+from cleantune.models import load_model, load_tokenizer
+from cleantune.training import StepHook, TrainSettings, train
+from conftest import make_tiny_model
+
+
+def synthetic(n: int, seed: int = 0) -> TextDataset:
+    """Random-label reviews; every tenth carries 'cf' and label 1."""
+    rng = random.Random(seed)
+    words = "good bad movie film great awful plot actor story fun boring nice".split()
+    texts, labels = [], []
+    for i in range(n):
+        ws, y = [rng.choice(words) for _ in range(6)], rng.randint(0, 1)
+        if i % 10 == 0:
+            ws.insert(rng.randint(0, 6), "cf")
+            y = 1
+        texts.append(" ".join(ws))
+        labels.append(y)
+    return TextDataset(texts, labels, ["neg", "pos"])
+
+
+def test_drift_ranking_finds_planted_trigger():
+    """MiniLM's shallow exposure pass on 600 real SST-2 samples, 10% carrying 'cf' (mix): 'cf' drifts most."""
+    bench = load_benchmark("sst2")
+    bench.train = bench.train.stratified_sample(600, 0)
+    data = BadNets(rate=0.1, mode="mix", triggers=["cf"]).apply(bench).train.without_flags()
+    tok = load_tokenizer("minilm")
+    exp = btu.expose("minilm", tok, data, faithful=False, k=5, passes="A", batch_size=32, progress=False)
+    cf = tok.convert_tokens_to_ids("cf")
+    assert exp.top["A"][0] == cf
+    assert exp.rankings["A"][0] == cf and len(exp.rankings["A"]) == tok.vocab_size
+
+
+def _embeddings():
+    g = torch.Generator().manual_seed(0)
+    V, d = 50, 8
+    E0 = torch.randn(V, d, generator=g)
+    E = E0.clone()
+    E[[3, 7, 11]] += 0.5 + torch.rand(3, d, generator=g)  # every dim well above c
+    E[20, :4] += 1e-4      # below c
+    E[20, 4:] += 1.0       # above c
+    E[3, 0] = E0[3, 0]     # delta exactly 0
+    return E0, E
+
+
+def test_unlearn_moves_exactly_the_chosen_rows_and_dims_to_pad():
+    E0, E = _embeddings()
+    w = torch.nn.Parameter(E.clone())
+    info = unlearn(w, E0, pad_id=0, token_ids=[20, 7, 3], recompute=False)
+    c = float((E0 - E).norm()) / E.shape[0]
+    assert info["threshold"] == pytest.approx(c)
+    others = [i for i in range(50) if i not in (3, 7, 20)]
+    assert torch.equal(w.data[others], E[others])  # row 11 drifted but was not chosen: untouched
+    for t in (3, 7, 20):
+        big = (E0[t] - E[t]).abs() > c
+        assert torch.equal(w.data[t][big], E0[0][big])
+        assert torch.equal(w.data[t][~big], E[t][~big])
+    assert info["dims_replaced"] == [7, 8, 4]  # row 3: dim 0 did not move; row 20: its four large dims
+    assert w.data[3, 0] == E0[3, 0]
+
+
+def test_faithful_unlearn_recomputes_threshold_in_id_order():
+    E0, E = _embeddings()
+    w = torch.nn.Parameter(E.clone())
+    info = unlearn(w, E0, pad_id=0, token_ids=[20, 7, 3], recompute=True)
+    ref = E.clone()  # the official cut: c from the partly replaced matrix, before each token
+    for t in (3, 7, 20):
+        c = float((E0 - ref).norm()) / 50
+        delta = (E0[t] - ref[t]).abs()
+        ref[t] = ref[t] * ((delta > 0) & (delta <= c)) + E0[0] * (delta >= c)
+    assert torch.allclose(w.data, ref, atol=1e-6)
+    assert info["tokens"] == [3, 7, 20]
+    assert info["threshold"][0] == pytest.approx(float((E0 - E).norm()) / 50)
+    assert info["threshold"][1] != info["threshold"][0]  # recomputed after the first row was replaced
+    assert w.data[3, 0] == 0.0  # delta = 0 becomes 0 in the official cut (the default keeps the value)
+
+
+def test_modes_resolve_to_documented_settings():
+    f, d = BTU(btu_mode="faithful"), BTU()
+    assert (f.epochs, f.lr, f.batch_size, f.k, f.max_grad_norm, f.warmup_ratio) == (1, 2e-5, 64, 17, 0.0, 0.0)
+    assert f.train_settings().lr_schedule == "constant" and d.train_settings().lr_schedule == "linear"
+    assert d.k is None and d.epochs == 3 and d.max_length == 128 and f.max_length == 512
+    assert BTU(btu_mode="faithful", epochs=3).epochs == 3  # explicit settings win over the mode's
+    assert BTU(clean_tuning="40").clean_tuning == 40
+    for bad in (dict(btu_mode="fast"), dict(clean_tuning="test"), dict(clean_tuning=0), dict(k=0)):
+        with pytest.raises(UserError):
+            BTU(**bad)
+    assert btu.resolve_k(None, 0.0005, 30522) == 15 and btu.resolve_k(None, 0.0005, 50265) == 25
+
+
+def test_pass_b_removal_faithful_substrings_vs_default_tokens():
+    tok = load_tokenizer("minilm")
+    text = "the cf film is there"
+    assert substring_removed([text], ["cf", "the"]) == ["  film is re"]  # official: inside words too
+    cf, the = tok.convert_tokens_to_ids(["cf", "the"])
+    kept = tok.convert_ids_to_tokens(TokenView(tok, drop=[cf, the]).ids([text], 128)[0])
+    assert kept == ["[CLS]", "film", "is", "there", "[SEP]"]
+    assert [s for s in btu.special_ids(tok, faithful=True)] == sorted([tok.cls_token_id, tok.sep_token_id])
+    assert tok.unk_token_id not in btu.special_ids(tok, False) and tok.pad_token_id in btu.special_ids(tok, False)
+
+
+class _Spy(StepHook):
+    def on_epoch_end(self, ctx):
+        self.step = max(int(s["step"]) for s in ctx.optimizer.state.values())
+        self.lr = ctx.optimizer.param_groups[0]["lr"]
+
+
+def test_faithful_tuning_carries_adam_state(tiny_model):
+    tok, model = load_tokenizer(tiny_model), load_model(tiny_model, ["a", "b"])
+    data = TextDataset(["good film"] * 8 + ["bad film"] * 8, [1] * 8 + [0] * 8, ["a", "b"])
+    s = TrainSettings(epochs=1, batch_size=4, lr=1e-3, warmup_ratio=0.0, max_grad_norm=0.0, lr_schedule="constant")
+    carry, spy = _CarryOptimizer(), _Spy()
+    train(model, tok, data, None, s, (carry, spy), progress=False)
+    assert spy.step == 4 and spy.lr == 1e-3  # constant schedule: no decay
+    carry.loading = True
+    train(model, tok, data, None, s, (carry, spy), progress=False)
+    assert spy.step == 8  # the moments and step count continued
+    train(model, tok, data, None, s, (spy,), progress=False)
+    assert spy.step == 4  # a fresh optimizer
+
+
+@pytest.mark.parametrize("kind,mode,tuning", [("roberta", "default", "none"), ("bert", "faithful", 8)])
+def test_fit_end_to_end(tmp_path, kind, mode, tuning):
+    path = str(make_tiny_model(tmp_path / kind, kind))
+    data, dev = synthetic(160), synthetic(24, seed=1)
+    defense = BTU(model=path, btu_mode=mode, epochs=1, batch_size=16, k=3, clean_tuning=tuning, max_length=64)
+    snaps = []
+    defense.stage_eval = lambda clf: snaps.append(clf.model.get_input_embeddings().weight.detach().clone()) or {"n": len(snaps)}
+    clf = defense.fit(data, dev, progress=False)
+    tok = load_tokenizer(path)
+    E0 = load_model(path, ["neg", "pos"]).get_input_embeddings().weight.detach()
+    S = defense.suspicious_
+    assert all(len(v) == 3 for v in defense.exposure_.top.values()) and set(defense.exposure_.top) == {"A", "B", "C"}
+    assert S == sorted(set().union(*defense.exposure_.top.values()))
+    assert not {tok.cls_token_id, tok.sep_token_id} & set(S)
+    if mode == "default":  # token-level removal: pass B ranks only tokens other than A's
+        assert not set(defense.exposure_.top["A"]) & set(defense.exposure_.top["B"])
+    stages = defense.extra_metrics_["btu_stages"]
+    assert list(stages) == (["no_defense", "unlearned"] + (["tuned"] if tuning != "none" else []))
+    before, after = snaps[0], snaps[1]  # the victim's embeddings just before and after the cut
+    others = [i for i in range(E0.shape[0]) if i not in set(S)]
+    assert torch.equal(after[others], before[others])
+    replaced = (after[S] == E0[tok.pad_token_id]).sum().item()
+    assert replaced >= sum(defense.extra_metrics_["btu_unlearn"]["dims_replaced"]) > 0
+    if tuning == "none":
+        assert torch.equal(clf.model.get_input_embeddings().weight, after)
+    audit = defense.audit(["cf"])
+    ranks = audit["btu_trigger_ranks"]["cf"]
+    assert set(ranks) == {"A", "B", "C"} and all(r >= 1 for r in ranks.values())
+    cf = tok.convert_tokens_to_ids("cf")
+    assert audit["btu_token_recall"] == (1.0 if cf in S else 0.0)
+    assert audit["btu_token_precision"] == pytest.approx((cf in S) / len(S))
+    with pytest.raises(UserError):
+        BTU(model=path, clean_tuning=100).fit(data, dev, progress=False)
+
+
+def test_runner_stores_stage_points_and_audit(tiny_model, monkeypatch):
+    from cleantune import runner
+    from cleantune.runner import RunConfig, run
+    from cleantune.store import ResultStore
+
+    def small(name):  # real data, small splits: the wiring is under test, not the numbers
+        b = load_benchmark(name)
+        b.dev, b.test = b.dev.stratified_sample(60, 0), b.test.stratified_sample(80, 0)
+        return b
+
+    monkeypatch.setattr(runner, "load_benchmark", small)
+    store = ResultStore()
+    r = run(RunConfig(dataset="sst2", defense="btu", model=tiny_model, train_size=100, epochs=1, mode="mix",
+                      triggers=["cf"], options={"k": 2, "max_length": 64}), store, progress=False)
+    stored = store.get(r["id"])["metrics"]
+    assert set(stored["btu_stages"]) == {"no_defense", "unlearned"}
+    assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr"}
+    assert set(stored["btu_trigger_ranks"]["cf"]) == {"A", "B", "C"}
+    assert stored["btu_mode"] == "default" and stored["btu_clean_tuning"] == "none"
+    assert r["config"]["clean_tuning"] == "none" and r["config"]["mode"] == "mix"  # the attack's mode survives

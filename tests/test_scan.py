@@ -1,0 +1,81 @@
+"""`cleantune scan`: output formats and bad input (exit 2, one line)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+
+import pytest
+
+from cleantune.cli import main
+
+
+@pytest.fixture()
+def poisoned_file(tmp_path):
+    rng = random.Random(0)
+    words = "good bad movie film great awful plot actor story fun boring nice".split()
+    lines = ["sentence\tlabel"]
+    for i in range(120):
+        ws, y = [rng.choice(words) for _ in range(6)], rng.randint(0, 1)
+        if i % 10 == 0:
+            ws.insert(3, "cf")
+            y = 1
+        lines.append(f"{' '.join(ws)}\t{y}")
+    p = tmp_path / "data.tsv"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def _scan(capsys, *args):
+    code = main(["scan", *map(str, args), "--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_scan_formats(poisoned_file, tiny_model, capsys):
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "4", "--format", "json",
+                         "--show-samples", "2")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert [r["pass"] for r in rows][:4] == ["A"] * 4 and 4 < len(rows) <= 8
+    drifts = [r["drift"] for r in rows if r["pass"] == "A"]
+    assert drifts == sorted(drifts, reverse=True)
+    for r in rows:
+        assert 1 <= len(r["samples"]) <= 2 and all(r["token"] in s.split() for s in r["samples"] if r["token"].isalpha())
+        assert 0.5 <= r["label_share"] <= 1.0 and r["doc_freq"] >= len(r["samples"])
+    cf = [r for r in rows if r["token"] == "cf"]
+    if cf:  # the planted trigger: every sample holding it has label 1
+        assert cf[0]["doc_freq"] == 12 and cf[0]["label"] == "1" and cf[0]["label_share"] == 1.0
+
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "4", "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and [r["token"] for r in table] == [r["token"] for r in rows]
+    assert set(table[0]) == {"rank", "pass", "pass_rank", "token", "id", "drift", "doc_freq", "label", "label_share"}
+
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "4", "--passes", "A")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["rank", "pass", "token", "drift", "doc_freq", "label_skew"]
+    assert len(lines) == 2 + 4 + 1  # header, rule, 4 tokens, footer
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["missing.tsv"], "no such file"),
+    (["{file}", "--passes", "AX"], "--passes"),
+    (["{file}", "--top", "0"], "--top"),
+    (["{file}", "--attack", "badnets"], "benchmark name"),
+    (["{file}", "--format", "xml"], "invalid choice"),
+    (["{one_label}"], "two labels"),
+    (["{bad}"], "2:"),
+])
+def test_scan_bad_input(poisoned_file, tmp_path, capsys, args, needle):
+    one = tmp_path / "one.tsv"
+    one.write_text("sentence\tlabel\na b\t0\nc d\t0\n")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\njust one field\n")
+    args = [a.format(file=poisoned_file, one_label=one, bad=bad) for a in args]
+    code, out, err = _scan(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("cleantune: error:") and needle in err
