@@ -6,8 +6,10 @@ from ..errors import UserError
 from .base import Defense, make_defense
 from .finetune import FineTune
 from .lora import LoRA
+from .muscle import GA, GALoRA, LoRAMSLR, MuScleLoRA
 
-DEFENSES: dict[str, type[Defense]] = {"finetune": FineTune, "lora": LoRA}
+DEFENSES: dict[str, type[Defense]] = {"finetune": FineTune, "lora": LoRA, "ga": GA, "ga-lora": GALoRA,
+                                      "lora-mslr": LoRAMSLR, "muscle-lora": MuScleLoRA}
 
 
 def get_defense(name: str, **options) -> Defense:
@@ -16,4 +18,4 @@ def get_defense(name: str, **options) -> Defense:
     return make_defense(DEFENSES[name], options)
 
 
-__all__ = ["Defense", "FineTune", "LoRA", "DEFENSES", "get_defense", "make_defense"]
+__all__ = ["Defense", "FineTune", "LoRA", "GA", "GALoRA", "LoRAMSLR", "MuScleLoRA", "DEFENSES", "get_defense", "make_defense"]
