@@ -137,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("analyze", help="analyses of training dynamics")
+    analyses = p.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
+    q = analyses.add_parser("frequency", help="low/high-frequency relative errors of the clean and backdoor "
+                                              "mappings during training (MuScleLoRA's Fourier analysis)")
+    _add_run_options(q, lists=False)
+    q.add_argument("--out", required=True, help="folder for curves.json and the PNG plots")
+    q.add_argument("--every", type=int, default=5, help="record every N optimizer steps (default 5)")
+    q.add_argument("--samples", type=int, help="subsample each dev set to N samples (faster on CPU)")
+    q.add_argument("--distance", choices=("raw", "median"), default="raw",
+                   help="kernel distances as published (raw) or divided by their median")
+    q.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("results", help="the stored runs")
     p.add_argument("--store")
@@ -458,8 +469,35 @@ def cmd_results(ns) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "scan": cmd_scan, "sweep": cmd_sweep,
-            "report": cmd_report, "results": cmd_results}
+def cmd_analyze(ns) -> int:
+    from . import frequency
+    from .runner import RunConfig
+
+    opts = _run_options(ns)
+    opts.pop("store", None)
+    if "seed" in opts:
+        opts["seed"] = _int("seed", opts["seed"])
+    if "triggers" in opts:
+        opts["triggers"] = _as_list(opts["triggers"])
+    try:
+        config = RunConfig(**opts)
+    except TypeError as e:
+        raise UserError(str(e)) from None
+    r = frequency.analyze(config, ns.out, every=ns.every, samples=ns.samples, distance=ns.distance,
+                          progress=not ns.no_progress)
+    m = r["metrics"]
+    print(f"{config.dataset} {config.attack} {config.defense}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f}")
+    for name, meta in r["sets"].items():
+        print(f"{name}: {meta['n']} samples, median input distance {meta['median_distance']:.1f}, "
+              f"e_low (delta {r['deltas'][0]:g}) first below 0.5 at step {r['first_step_e_low_below_0.5'][name]}")
+    print(f"curves: {Path(ns.out) / 'curves.json'}")
+    for path in r["plots"]:
+        print(f"plot: {path}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "scan": cmd_scan, "analyze": cmd_analyze,
+            "sweep": cmd_sweep, "report": cmd_report, "results": cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,15 @@ from .btu import BTU
 from .cube import CUBE
 from .finetune import FineTune
 from .lora import LoRA
+from .muscle import GA, GALoRA, LoRAMSLR, MuScleLoRA
 from .onion import ONION
 from .rap import RAP
 from .strip import STRIP
 
-DEFENSES: dict[str, type[Defense]] = {"finetune": FineTune, "lora": LoRA, "onion": ONION, "strip": STRIP,
-                                      "rap": RAP, "bki": BKI, "cube": CUBE, "abl": ABL,
-                                      "btu": BTU}
+DEFENSES: dict[str, type[Defense]] = {
+    "finetune": FineTune, "lora": LoRA, "ga": GA, "ga-lora": GALoRA, "lora-mslr": LoRAMSLR, "muscle-lora": MuScleLoRA,
+    "btu": BTU, "onion": ONION, "strip": STRIP, "rap": RAP, "bki": BKI, "cube": CUBE, "abl": ABL,
+}
 
 
 def get_defense(name: str, **options) -> Defense:
@@ -25,4 +27,5 @@ def get_defense(name: str, **options) -> Defense:
     return make_defense(DEFENSES[name], options)
 
 
-__all__ = ["Defense", "FineTune", "LoRA", "BTU", "ONION", "STRIP", "RAP", "BKI", "CUBE", "ABL", "DEFENSES", "get_defense", "make_defense"]
+__all__ = ["Defense", "FineTune", "LoRA", "GA", "GALoRA", "LoRAMSLR", "MuScleLoRA", "BTU", "ONION", "STRIP",
+           "RAP", "BKI", "CUBE", "ABL", "DEFENSES", "get_defense", "make_defense"]

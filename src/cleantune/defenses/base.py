@@ -56,12 +56,13 @@ class Defense:
 
     # --- the common path
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir: str | Path | None = None,
-            resume: bool = False, progress: bool = True) -> Classifier:
+            resume: bool = False, progress: bool = True, extra_hooks: tuple[StepHook, ...] = ()) -> Classifier:
+        """`extra_hooks` run after the defense's own (analysis hooks, e.g. frequency.FrequencyHook)."""
         train_data = train_data.without_flags()
         seed_everything(self.seed)
         tokenizer = load_tokenizer(self.model)
         model = self.prepare_model(load_model(self.model, train_data.label_names), tokenizer, train_data)
-        hooks = self.hooks(model, tokenizer, train_data, clean_dev)
+        hooks = tuple(self.hooks(model, tokenizer, train_data, clean_dev)) + tuple(extra_hooks)
         self.report_: TrainReport = train(model, tokenizer, train_data, self.selection_data(clean_dev),
                                           self.train_settings(), hooks, out_dir, resume, progress, desc=self.name)
         return Classifier(model, tokenizer, train_data.label_names, self.max_length)

@@ -1,8 +1,20 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .base import Defense
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, target_modules: list[str] | None = None,
+               modules_to_save: bool = True):
+    """PEFT LoRA on `model`, base weights frozen. With `modules_to_save` PEFT's SEQ_CLS task keeps a
+    trainable copy of the classification head (saved in the adapter); without it only LoRA trains and
+    the head is left to the caller."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS if modules_to_save else None, r=r, lora_alpha=alpha,
+                        lora_dropout=dropout, target_modules=target_modules)
+    return get_peft_model(model, config)
 
 
 @dataclass
@@ -10,7 +22,8 @@ class LoRA(Defense):
     """PEFT LoRA on the attention projections; the base model is frozen.
 
     `train_head` keeps the classification head trainable (PEFT's SEQ_CLS default). The MuScleLoRA code
-    freezes the head at its random initialisation instead; set it to False to reproduce that.
+    freezes the head at its random initialisation instead; set it to False to reproduce that (the
+    paper's LoRA baseline: also pass --lr 2e-5 --epochs 10 and weight_decay=0, warmup_ratio=0).
     """
 
     lr: float = 5e-4
@@ -23,11 +36,7 @@ class LoRA(Defense):
     name = "lora"
 
     def prepare_model(self, model, tokenizer, train_data):
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=self.lora_r, lora_alpha=self.lora_alpha,
-                            lora_dropout=self.lora_dropout, target_modules=self.target_modules)
-        model = get_peft_model(model, config)
+        model = apply_lora(model, self.lora_r, self.lora_alpha, self.lora_dropout, self.target_modules)
         if not self.train_head:
             for name, p in model.named_parameters():
                 if "modules_to_save" in name or name.split(".")[-2] in ("classifier", "score"):

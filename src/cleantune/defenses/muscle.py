@@ -1,0 +1,255 @@
+"""MuScleLoRA (Wu et al., ACL 2024) and its ablations: LoRA + MSLR + gradient alignment (GA).
+
+Spec: shared/specs/muscle-lora.md. Components by defense name:
+
+    ga          full fine-tuning + GA                 ("OnlyGA")
+    ga-lora     LoRA + GA, head frozen
+    lora-mslr   LoRA + MSLR, head frozen (no GA)       ("OnlyMSLR")
+    muscle-lora LoRA + MSLR + GA, head frozen
+    lora        (defenses/lora.py; `train_head=False` is the paper's frozen-head LoRA baseline)
+
+Gradient alignment is a StepHook of the one training loop: after the backward pass on the (possibly
+poisoned) batch it computes the gradient of one clean reference batch and replaces every trainable
+tensor's gradient by its projection onto the reference gradient (spec 3.2), before clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..adapters import mslr as A
+from ..data import TextDataset
+from ..errors import UserError
+from ..training import StepContext, StepHook, encode, make_batch
+from .base import Defense
+from .lora import apply_lora
+
+# Per-family values the paper ships (spec 3.3, 5, 16): (PLM, causal LM).
+PLM_GA = {"ref_samples": 96, "ga_epoch": 1, "max_raw_grad_ratio": 0.1, "min_ref_loss": 0.4}
+LLM_GA = {"ref_samples": 128, "ga_epoch": 0, "max_raw_grad_ratio": 0.0, "min_ref_loss": 0.0}
+PLM_LORA = {"lora_r": 8, "lora_alpha": 32}
+LLM_LORA = {"lora_r": 2, "lora_alpha": 8}
+
+
+# ---------------------------------------------------------------- gradient alignment
+
+
+def project(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """|<g, r>| / ||r||^2 * r: the length of g's projection onto r, pointing along +r (spec 3.2; the
+    absolute value is the official code's, so an opposing poisoned gradient still steps the clean way)."""
+    return (g.flatten().double() @ r.flatten().double()).abs().to(r.dtype) / r.flatten().pow(2).sum() * r
+
+
+def ga_mode(mean_ref_norm: float, ref_loss: float, epoch: int, epochs: int, *, min_ref_grad_norm: float,
+            min_ref_loss: float, ga_epoch: int, max_raw_grad_ratio: float) -> tuple[str, float]:
+    """The official gating: ('project', 0), ('mix', mu) or ('raw', 1). Epochs count from 0."""
+    if mean_ref_norm > min_ref_grad_norm and ref_loss > min_ref_loss:
+        return "project", 0.0
+    if max_raw_grad_ratio > 0 and epoch >= ga_epoch:
+        return "mix", max_raw_grad_ratio * (epoch - ga_epoch) / max(1, epochs - ga_epoch)
+    return "raw", 1.0
+
+
+def align(g: torch.Tensor, r: torch.Tensor | None, mode: str, mu: float) -> torch.Tensor:
+    """The new gradient of one tensor. Tensors where g or r is zero (or r missing) keep g."""
+    if mode == "raw" or r is None or not bool(g.any()) or not bool(r.any()):
+        return g
+    g_a = project(g, r)
+    return g_a if mode == "project" else (1 - mu) * g_a + mu * g
+
+
+def split_refs(clean_dev: TextDataset, n: int, seed: int) -> tuple[TextDataset, TextDataset]:
+    """(references, the rest): a seeded random split of the clean dev set. The references are drawn with
+    their own RNG, so every variant gets the same ones (the official draw depends on model construction)."""
+    if n >= len(clean_dev):
+        raise UserError(f"ref_samples={n} leaves no clean dev sample for model selection ({len(clean_dev)} given)")
+    chosen = set(random.Random(f"ga-refs-{seed}").sample(range(len(clean_dev)), n))
+    return (clean_dev.subset(sorted(chosen)),
+            clean_dev.subset(i for i in range(len(clean_dev)) if i not in chosen))
+
+
+class GradientAlignment(StepHook):
+    """Spec 3.2. One reference batch (the first `batch_size` of a fresh seeded shuffle of the references)
+    per optimizer step, forward in train mode as the official code; batch-mean gradients only."""
+
+    def __init__(self, tokenizer, refs: TextDataset, *, batch_size: int, max_length: int, seed: int,
+                 min_ref_loss: float, min_ref_grad_norm: float, ga_epoch: int, max_raw_grad_ratio: float):
+        self.refs = refs
+        self.ids = encode(tokenizer, refs.texts, max_length)
+        self.pad_id = tokenizer.pad_token_id
+        self.batch_size, self.seed = batch_size, seed
+        self.gating = dict(min_ref_grad_norm=min_ref_grad_norm, min_ref_loss=min_ref_loss, ga_epoch=ga_epoch,
+                           max_raw_grad_ratio=max_raw_grad_ratio)
+        self._reset()
+
+    def _reset(self):
+        self.counts = {"project": 0, "mix": 0, "raw": 0}
+        self.ref_loss_sum = 0.0
+
+    def reference_gradients(self, model, step: int, device) -> tuple[float, list[torch.Tensor | None]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randperm(len(self.ids), generator=g)[: self.batch_size].tolist()
+        batch = {k: v.to(device) for k, v in make_batch([self.ids[i] for i in idx], self.pad_id).items()}
+        y = torch.tensor([self.refs.labels[i] for i in idx], device=device)
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), y)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # one gradient per parameter, None where unused: pairing by parameter, not by position (the official
+        # zip silently misaligns when a trainable tensor gets no gradient)
+        return loss.item(), list(torch.autograd.grad(loss, params, allow_unused=True))
+
+    def after_backward(self, ctx: StepContext) -> None:
+        model = ctx.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        ref_loss, refs = self.reference_gradients(model, ctx.step, next(model.parameters()).device)
+        norms = [float(r.norm()) for r in refs if r is not None]
+        norms = [n for n in norms if n > 0]
+        mean_norm = sum(norms) / len(norms) if norms else 0.0
+        mode, mu = ga_mode(mean_norm, ref_loss, ctx.epoch, ctx.settings.epochs, **self.gating)
+        if mode != "raw":
+            with torch.no_grad():
+                for p, r in zip(params, refs):  # refs[i] belongs to params[i] by construction
+                    if p.grad is not None:
+                        p.grad.copy_(align(p.grad, r, mode, mu))
+        self.counts[mode] += 1
+        self.ref_loss_sum += ref_loss
+        steps = sum(self.counts.values())
+        ctx.logs.update({f"ga_{k}": v / steps for k, v in self.counts.items()})
+        ctx.logs["ga_ref_loss"] = self.ref_loss_sum / steps
+
+    def on_epoch_end(self, ctx: StepContext) -> None:
+        self._reset()
+
+
+# ---------------------------------------------------------------- the defenses
+
+
+@dataclass
+class MuScleLoRA(Defense):
+    """LoRA on the attention projections + MSLR on the head's penultimate layer + gradient alignment.
+
+    Settings left at None take the paper's value for the backbone family (spec 2.5, 3.3, 16):
+    encoders (BERT, RoBERTa, MiniLM): LoRA r8/alpha32, 96 refs, GA epoch 1, raw-gradient ratio 0.1, min
+    ref loss 0.4; causal LMs (GPT-2, Llama): LoRA r2/alpha8, 128 refs, GA epoch 0, ratio 0, min ref loss 0,
+    and the d->16->C head. For causal LMs also pass the paper's `--lr 1e-5 --epochs 5 --batch-size 16`.
+    The head is frozen at its random init, as in the official code (`train_head=True` trains it).
+    """
+
+    epochs: int = 10
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    # LoRA
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    target_modules: list[str] | None = None  # None: PEFT's default (query,value / q_proj,v_proj / c_attn)
+    train_head: bool = False
+    head_inner: int = 16  # causal LMs: width of the d->inner->C head
+    # MSLR
+    scales: list[float] | None = None  # None: spec 2.5 per backbone, see adapters.mslr.published_mslr
+    inner_rank: int = 1
+    mslr_alpha: float | None = None
+    mslr_target: str | None = None  # None: the head's penultimate layer
+    # gradient alignment
+    ref_samples: int | None = None
+    min_ref_loss: float | None = None
+    min_ref_grad_norm: float = 5e-7
+    ga_epoch: int | None = None
+    max_raw_grad_ratio: float | None = None
+
+    name = "muscle-lora"
+    clean_data: ClassVar[str] = ("clean dev: `ref_samples` (96) labelled samples for gradient alignment, "
+                                 "the rest for model selection")
+    components: ClassVar[tuple[str, ...]] = ("lora", "mslr", "ga")
+
+    _GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "lora": ("lora_r", "lora_alpha", "target_modules", "train_head"),
+        "mslr": ("scales", "inner_rank", "mslr_alpha", "mslr_target"),
+        "ga": ("ref_samples", "min_ref_loss", "min_ref_grad_norm", "ga_epoch", "max_raw_grad_ratio"),
+    }
+
+    def settings(self) -> dict:
+        """Only the settings of the components this variant uses."""
+        unused = {f for c, fs in self._GROUPS.items() if c not in self.components for f in fs}
+        return {k: v for k, v in asdict(self).items() if k not in unused}
+
+    def resolve(self, model) -> dict:
+        """The settings with the per-backbone defaults filled in."""
+        causal = A.backbone_family(model) == "causal"
+        out = dict(self.settings())
+        for k, v in {**(LLM_GA if causal else PLM_GA), **(LLM_LORA if causal else PLM_LORA)}.items():
+            if k in out and out[k] is None:
+                out[k] = v
+        if "mslr" in self.components:
+            scales, alpha = A.published_mslr(model)
+            out["scales"] = out["scales"] or scales
+            out["mslr_alpha"] = out["mslr_alpha"] if out["mslr_alpha"] is not None else alpha
+        return out
+
+    def prepare_model(self, model, tokenizer, train_data):
+        self.resolved_ = r = self.resolve(model)
+        self.extra_metrics_ = {"resolved_settings": {k: v for k, v in r.items() if k not in asdict(Defense())}}
+        if A.backbone_family(model) == "causal":
+            A.attach_causal_head(model, self.head_inner)
+        if "lora" not in self.components:
+            return model  # full fine-tuning ("OnlyGA"): every parameter trains, the head included
+        head = getattr(model, "classifier", None) or getattr(model, "score")
+        for p in head.parameters():
+            p.requires_grad = False  # the official code freezes the head at its random init
+        trainable = list(head.parameters()) if r["train_head"] else []
+        A.register(model, base_model=self.model)  # the frozen head travels with the saved adapter
+        if "mslr" in self.components:
+            layer = A.inject_mslr(model, A.MSLRConfig(r["scales"], r["inner_rank"], r["mslr_alpha"], r["mslr_target"]))
+            trainable += [layer.mslr_L, layer.mslr_R]
+        model = apply_lora(model, r["lora_r"], r["lora_alpha"], 0.0, r["target_modules"], modules_to_save=False)
+        for p in trainable:  # PEFT froze every non-LoRA parameter
+            p.requires_grad = True
+        return model
+
+    def _refs(self, clean_dev):
+        if clean_dev is None or len(clean_dev) == 0:
+            raise UserError(f"defense '{self.name}' needs clean labelled dev data (--dev) for gradient alignment")
+        return split_refs(clean_dev, self.resolved_["ref_samples"], self.seed)
+
+    def hooks(self, model, tokenizer, train_data, clean_dev):
+        if "ga" not in self.components:
+            return ()
+        r = self.resolved_
+        return (GradientAlignment(tokenizer, self._refs(clean_dev)[0], batch_size=self.batch_size,
+                                  max_length=self.max_length, seed=self.seed, min_ref_loss=r["min_ref_loss"],
+                                  min_ref_grad_norm=r["min_ref_grad_norm"], ga_epoch=r["ga_epoch"],
+                                  max_raw_grad_ratio=r["max_raw_grad_ratio"]),)
+
+    def selection_data(self, clean_dev):
+        if "ga" not in self.components:
+            return clean_dev
+        return self._refs(clean_dev)[1]  # the references never pick the epoch
+
+
+@dataclass
+class LoRAMSLR(MuScleLoRA):
+    """Ablation: LoRA + MSLR, no gradient alignment (the official "OnlyMSLR")."""
+
+    name = "lora-mslr"
+    clean_data: ClassVar[str] = "clean dev: model selection only"
+    components: ClassVar[tuple[str, ...]] = ("lora", "mslr")
+
+
+@dataclass
+class GALoRA(MuScleLoRA):
+    """Ablation: LoRA + gradient alignment, no MSLR."""
+
+    name = "ga-lora"
+    components: ClassVar[tuple[str, ...]] = ("lora", "ga")
+
+
+@dataclass
+class GA(MuScleLoRA):
+    """Ablation: full fine-tuning + gradient alignment (the official "OnlyGA")."""
+
+    name = "ga"
+    components: ClassVar[tuple[str, ...]] = ("ga",)

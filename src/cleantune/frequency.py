@@ -1,0 +1,213 @@
+"""Frequency analysis of learning dynamics (MuScleLoRA, spec section 6): does the backdoor mapping
+converge first because it is lower-frequency?
+
+The "filtering method" of the F-Principle literature, as the official code does it: with inputs x_i
+(the embedding layer's output for sample i, flattened) a kernel G_ij = exp(-||x_i - x_j|| / (2 delta)),
+row-normalised, splits a function F over the samples (targets Y one-hot, predictions P softmax) into a
+low-frequency part G F and a high-frequency part F - G F. Every `every` optimizer steps we record, for
+the clean mapping (clean dev, minus GA references) and the backdoor mapping (triggered dev, label =
+target) and every delta in linspace(2, 8, 25):
+
+    e_low  = mean_i ||(GP - GY)_i|| / mean_i ||(GY)_i||
+    e_high = mean_i ||((P - GP) - (Y - GY))_i|| / mean_i ||(Y - GY)_i||
+    LFR    = mean_i ||(GP)_i|| / mean_i ||P_i||,   HFR = mean_i ||(P - GP)_i|| / mean_i ||P_i||
+
+Deliberate deviations from the official code (each fixes a bug of spec section 13.8):
+- Inputs are computed in eval mode: the official code leaves embedding dropout on, so the kernel is built
+  from randomly masked inputs and changes from one recording to the next. We compute the inputs once,
+  at the start of training, so every point of a curve uses the same kernel. (With LoRA the embedding
+  layer is frozen and this is exact; under full fine-tuning it is the input space at initialisation.)
+- Pad positions are zero vectors (the official code pads with pad-token embeddings per batch, then zeros
+  to the longest sequence, so distances depend on how samples were batched).
+- The backdoor set has one target for every sample, so Y - GY = 0 and e_high is 0/0 in the official
+  code. Where mean ||Y - GY|| is below 1e-6 * mean ||Y|| we divide by mean ||Y|| instead: e_high is then
+  the high-frequency content of the prediction error relative to the target's size. The JSON marks
+  those curves with "e_high_denominator": "target".
+The distance is the plain (not squared) Euclidean one, as published: a Laplacian kernel. The distances
+between flattened embeddings of different sentences are large (hundreds for BERT-sized models), so with
+2 delta in [4, 16] the kernel is close to the identity; `distance="median"` divides the distances by their
+median first (our option, off by default), which makes the smoothing strong. The median distance is
+stored with the curves so a reader can judge the scale.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import TextDataset
+from .errors import UserError
+from .training import StepContext, StepHook, encode, make_batch, predict_logits
+
+DELTAS = [2 + 6 * i / 24 for i in range(25)]  # linspace(2, 8, 25), the published grid
+EPS = 1e-6
+
+
+def relative_errors(G: torch.Tensor, Y: torch.Tensor, P: torch.Tensor) -> dict[str, list[float]]:
+    """Spec 6.1 step 5 for a stack of kernels G (K x N x N), targets Y and predictions P (N x C)."""
+    GY, GP = G @ Y, G @ P  # K x N x C
+
+    def mean_norm(t):
+        return t.norm(dim=-1).mean(dim=-1)
+
+    low = mean_norm(GP - GY) / mean_norm(GY)
+    high_num = mean_norm((P - GP) - (Y - GY))
+    high_den = mean_norm(Y - GY)
+    degenerate = high_den < EPS * mean_norm(Y)  # constant targets: Y - GY = 0 (the published 0/0)
+    high = torch.where(degenerate, high_num / mean_norm(Y), high_num / high_den.clamp_min(1e-30))
+    p_norm = mean_norm(P)
+    return {"e_low": low.tolist(), "e_high": high.tolist(), "lfr": (mean_norm(GP) / p_norm).tolist(),
+            "hfr": (mean_norm(P - GP) / p_norm).tolist(),
+            "e_high_denominator": "target" if bool(degenerate.all()) else "high part of target"}
+
+
+def kernels(X: torch.Tensor, deltas: list[float], distance: str = "raw") -> tuple[torch.Tensor, float]:
+    """Row-normalised exp(-D / (2 delta)) for each delta, and the median pairwise distance."""
+    D = torch.cdist(X, X)
+    off = D[~torch.eye(len(X), dtype=torch.bool)]
+    median = float(off.median()) if len(off) else 0.0
+    if distance == "median" and median > 0:
+        D = D / median
+    d = torch.tensor(deltas, dtype=X.dtype).view(-1, 1, 1)
+    G = torch.exp(-D.unsqueeze(0) / (2 * d))  # the diagonal is exp(0) = 1, so no row sums to 0
+    return G / G.sum(dim=-1, keepdim=True), median
+
+
+def embedding_inputs(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """The embedding layer's outputs (eval mode), pad positions zero, flattened to length L_max * d."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = getattr(base, base.base_model_prefix, base)
+    embed = getattr(encoder, "embeddings", None)
+    if embed is None:  # decoder LMs: the raw token embeddings, as the official code
+        embed = base.get_input_embeddings()
+    ids = encode(tokenizer, texts, max_length)
+    width = max(len(x) for x in ids)
+    was_training = model.training
+    model.eval()
+    out = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for s in range(0, len(ids), batch_size):
+            batch = make_batch(ids[s: s + batch_size], tokenizer.pad_token_id)
+            e = embed(batch["input_ids"].to(device)).float().cpu() * batch["attention_mask"].unsqueeze(-1)
+            out.append(torch.nn.functional.pad(e, (0, 0, 0, width - e.shape[1])).flatten(1))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class FrequencyHook(StepHook):
+    """Records the curves every `every` optimizer steps (and at step 0) into `self.records`."""
+
+    def __init__(self, tokenizer, sets: dict[str, TextDataset | Callable[[], TextDataset]], every: int = 5,
+                 deltas: list[float] | None = None, distance: str = "raw", samples: int | None = None,
+                 seed: int = 0):
+        if every < 1:
+            raise UserError(f"--every must be at least 1, got {every}")
+        if distance not in ("raw", "median"):
+            raise UserError(f"--distance must be raw or median, got '{distance}'")
+        self.tokenizer, self.sets, self.every = tokenizer, sets, every
+        self.deltas = list(deltas or DELTAS)
+        self.distance, self.samples, self.seed = distance, samples, seed
+        self.records: list[dict] = []
+        self.meta: dict = {}
+
+    def on_train_begin(self, ctx: StepContext) -> None:
+        self.data, self.G, self.Y = {}, {}, {}
+        for name, ds in self.sets.items():
+            ds = ds() if callable(ds) else ds
+            if self.samples is not None and len(ds) > self.samples:
+                ds = ds.subset(sorted(random.Random(f"freq-{self.seed}-{name}").sample(range(len(ds)), self.samples)))
+            X = embedding_inputs(ctx.model, self.tokenizer, ds.texts, ctx.settings.max_length)
+            self.G[name], median = kernels(X, self.deltas, self.distance)
+            self.Y[name] = torch.eye(ds.num_labels)[torch.tensor(ds.labels)]
+            self.data[name] = ds
+            self.meta[name] = {"n": len(ds), "median_distance": median}
+        self.record(ctx)
+
+    def after_backward(self, ctx: StepContext) -> None:
+        if ctx.step > 0 and ctx.step % self.every == 0:  # the model after ctx.step updates
+            self.record(ctx)
+
+    def record(self, ctx: StepContext) -> None:
+        rec = {"step": ctx.step, "epoch": ctx.epoch}
+        for name, ds in self.data.items():
+            P = predict_logits(ctx.model, self.tokenizer, ds.texts, ctx.settings).softmax(-1)
+            rec[name] = relative_errors(self.G[name], self.Y[name], P)
+        self.records.append(rec)
+
+    def result(self) -> dict:
+        return {"deltas": self.deltas, "distance": self.distance, "every": self.every, "sets": self.meta,
+                "records": self.records}
+
+
+def first_step_below(result: dict, name: str, key: str = "e_low", delta_index: int = 0,
+                     threshold: float = 0.5) -> int | None:
+    """The first recorded step at which a curve falls below `threshold` (None: never)."""
+    for rec in result["records"]:
+        if rec[name][key][delta_index] < threshold:
+            return rec["step"]
+    return None
+
+
+def plot(result: dict, out_dir: str | Path, delta_indices: tuple[int, ...] = (0, 12, 24)) -> list[Path]:
+    """One PNG per chosen delta: e_low and e_high against steps, clean vs backdoor mapping."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    steps = [r["step"] for r in result["records"]]
+    paths = []
+    for k in delta_indices:
+        if k >= len(result["deltas"]):
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, key, title in ((axes[0], "e_low", "low frequency"), (axes[1], "e_high", "high frequency")):
+            for name, style in (("clean", "-"), ("poison", "--")):
+                if name in result["sets"]:
+                    ax.plot(steps, [r[name][key][k] for r in result["records"]], style,
+                            label={"clean": "clean mapping (clean dev)", "poison": "backdoor mapping (triggered dev)"}[name])
+            ax.set_title(f"relative error, {title}")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"delta = {result['deltas'][k]:.2f} ({result['distance']} distances)")
+        fig.tight_layout()
+        path = out_dir / f"frequency_delta{result['deltas'][k]:.2f}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = None, distance: str = "raw",
+            progress: bool = True) -> dict:
+    """Train one benchmark cell (a runner.RunConfig) with the frequency hook; write curves.json and PNGs."""
+    from .data import load_benchmark
+    from .evaluate import evaluate
+    from .models import load_tokenizer
+
+    config.check()
+    out_dir = Path(out_dir)
+    bench = load_benchmark(config.dataset)
+    if config.train_size is not None:
+        bench.train = bench.train.stratified_sample(config.train_size, config.seed)
+    poisoned = config.build_attack().apply(bench)
+    defense = config.build_defense()
+    hook = FrequencyHook(load_tokenizer(defense.model),
+                         {"clean": lambda: defense.selection_data(poisoned.dev), "poison": poisoned.triggered_dev},
+                         every=every, distance=distance, samples=samples, seed=config.seed)
+    model = defense.fit(poisoned.train, poisoned.dev, progress=progress, extra_hooks=(hook,))
+    result = hook.result()
+    result["config"] = {k: v for k, v in vars(config).items()}
+    result["metrics"] = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
+    result["first_step_e_low_below_0.5"] = {n: first_step_below(result, n) for n in result["sets"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "curves.json").write_text(json.dumps(result, indent=1))
+    result["plots"] = [str(p) for p in plot(result, out_dir)]
+    return result

@@ -1,0 +1,224 @@
+"""MuScleLoRA mechanics on tiny random models: the MSLR layer, gradient alignment, what trains,
+reference/selection split, save/reload, causal-LM heads."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cleantune.adapters import MSLRConfig, MSLRLinear, inject_mslr, load_classifier
+from cleantune.data import TextDataset, load_benchmark
+from cleantune.defenses import get_defense
+from cleantune.defenses.muscle import GradientAlignment, align, ga_mode, project, split_refs
+from cleantune.errors import UserError
+from cleantune.models import Classifier, load_model, load_tokenizer
+from cleantune.training import StepContext, TrainSettings, make_batch, encode
+
+
+def test_mslr_forward_is_the_per_scale_sum():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    cfg = MSLRConfig(scales=[1, 3, 5], inner_rank=2, alpha=4.0)
+    layer = MSLRLinear(base, cfg)
+    x = torch.randn(7, 6)
+    s = cfg.alpha / cfg.inner_rank
+    expected = base(x)
+    for j, k in enumerate(cfg.scales):  # branch j: R_j L_j (k_j x), rank inner_rank
+        L_j = layer.mslr_L[2 * j: 2 * j + 2]
+        R_j = layer.mslr_R[:, 2 * j: 2 * j + 2]
+        expected = expected + s * (k * x) @ L_j.T @ R_j.T
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert torch.allclose(layer.merged()(x), expected, atol=1e-5)
+    assert torch.equal(layer.mslr_kappa, torch.tensor([1.0, 1, 3, 3, 5, 5]))
+
+
+def test_mslr_init_is_kaiming_uniform_and_non_zero():
+    torch.manual_seed(0)
+    layer = MSLRLinear(nn.Linear(64, 32), MSLRConfig(scales=[1, 4, 8, 12], inner_rank=1, alpha=6.0))
+    for t, fan_in in ((layer.mslr_L, 64), (layer.mslr_R, 4)):
+        bound = 1 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5))
+        assert t.abs().max() <= bound + 1e-6
+        assert t.abs().max() > 0.8 * bound  # spread over the whole range: not zero, not tiny
+    assert layer.delta_weight().norm() > layer.base_linear.weight.norm()  # large at step 0 (spec 2.3)
+    assert not layer.base_linear.weight.requires_grad and not layer.mslr_kappa.requires_grad
+
+
+def _trainable(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_only_lora_and_mslr_train(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    d = get_defense("muscle-lora", model=tiny_model)
+    model = d.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+    names = _trainable(model)
+    assert names and all("lora_" in n or "mslr_" in n for n in names)
+    assert sum("mslr_" in n for n in names) == 2 and any("pooler.dense.mslr_L" in n for n in names)
+    assert d.resolved_["scales"] == [1, 4, 8, 12, 16, 20, 24, 28] and d.resolved_["mslr_alpha"] == 6.0
+    # ablations: no MSLR in ga-lora, everything trains in ga
+    m2 = get_defense("ga-lora", model=tiny_model).prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+    assert all("lora_" in n for n in _trainable(m2))
+    m3 = load_model(tiny_model, ["a", "b"])
+    get_defense("ga", model=tiny_model).prepare_model(m3, tok, None)
+    assert len(_trainable(m3)) == len(list(m3.parameters()))
+
+
+def test_projection_and_gating_by_hand():
+    g, r = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.0, 1.0, 1.0])
+    # <g, r> = -2, ||r||^2 = 2: |-2| / 2 * r, pointing along +r although g opposes r
+    assert torch.allclose(project(g, r), torch.tensor([0.0, 1.0, 1.0]))
+    assert torch.allclose(align(g, r, "mix", 0.25), 0.75 * torch.tensor([0.0, 1.0, 1.0]) + 0.25 * g)
+    assert torch.equal(align(g, r, "raw", 1.0), g)
+    assert torch.equal(align(g, torch.zeros(3), "project", 0.0), g)  # zero reference: keep g
+    assert torch.equal(align(g, None, "project", 0.0), g)
+    plm = dict(min_ref_grad_norm=5e-7, min_ref_loss=0.4, ga_epoch=1, max_raw_grad_ratio=0.1)
+    assert ga_mode(1e-3, 0.5, 0, 10, **plm) == ("project", 0.0)
+    assert ga_mode(1e-3, 0.3, 0, 10, **plm) == ("raw", 1.0)        # epoch 0 < GAEpoch: raw gradient
+    mode, mu = ga_mode(1e-3, 0.3, 4, 10, **plm)
+    assert mode == "mix" and mu == pytest.approx(0.1 * 3 / 9)
+    assert ga_mode(1e-9, 0.9, 4, 10, **plm)[0] == "mix"             # tiny reference gradient
+    llm = dict(min_ref_grad_norm=5e-7, min_ref_loss=0.0, ga_epoch=0, max_raw_grad_ratio=0.0)
+    assert ga_mode(1e-3, 0.01, 3, 5, **llm) == ("project", 0.0)
+    assert ga_mode(1e-9, 0.01, 3, 5, **llm) == ("raw", 1.0)
+
+
+def test_gradient_alignment_hook_pairs_by_parameter(tiny_model):
+    torch.manual_seed(0)
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, ["a", "b"])
+    # an unused trainable tensor early in the parameter order: the official zip would shift every pair
+    model.bert.embeddings.register_parameter("unused", nn.Parameter(torch.ones(3)))
+    refs = TextDataset([f"good film {i}" for i in range(6)] + [f"bad film {i}" for i in range(6)], [1] * 6 + [0] * 6,
+                       ["a", "b"])
+    hook = GradientAlignment(tok, refs, batch_size=4, max_length=16, seed=0, min_ref_loss=0.0,
+                             min_ref_grad_norm=0.0, ga_epoch=0, max_raw_grad_ratio=0.0)
+    model.train()
+    batch = make_batch(encode(tok, ["a dull story", "a fine cast"], 16), tok.pad_token_id)
+    loss = nn.functional.cross_entropy(model(**batch).logits, torch.tensor([0, 1]))
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    raw = [None if p.grad is None else p.grad.clone() for p in params]
+    ctx = StepContext(model, None, epoch=0, step=3, steps_per_epoch=10, settings=TrainSettings(epochs=2))
+    torch.manual_seed(1)
+    _, ref = hook.reference_gradients(model, 3, torch.device("cpu"))
+    torch.manual_seed(1)  # same dropout masks in the hook's own reference pass
+    hook.after_backward(ctx)
+    assert params[next(i for i, p in enumerate(params) if p.shape == (3,))].grad is None
+    checked = 0
+    for p, g, r in zip(params, raw, ref):
+        if g is None:
+            continue
+        assert torch.allclose(p.grad, align(g, r, "project", 0.0), atol=1e-6, rtol=1e-4)
+        checked += r is not None and bool(r.any()) and bool(g.any())
+    assert checked > 10
+    assert ctx.logs["ga_project"] == 1.0
+
+
+def test_references_are_excluded_from_selection(tiny_model):
+    dev = load_benchmark("sst2").dev
+    tok = load_tokenizer(tiny_model)
+    d = get_defense("muscle-lora", model=tiny_model)
+    model = d.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+    (hook,) = d.hooks(model, tok, None, dev)
+    selection = d.selection_data(dev)
+    assert len(hook.refs) == 96 and len(selection) == len(dev) - 96
+    assert not set(hook.refs.texts) & set(selection.texts)
+    # every variant with GA gets the same references (the draw does not depend on the model)
+    g = get_defense("ga-lora", model=tiny_model)
+    g.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+    assert g.hooks(None, tok, None, dev)[0].refs.texts == hook.refs.texts
+    assert get_defense("lora-mslr", model=tiny_model).selection_data(dev) is dev
+    with pytest.raises(UserError):
+        split_refs(dev.subset(range(50)), 96, 0)
+    with pytest.raises(UserError):
+        d.hooks(model, tok, None, None)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    b = load_benchmark("sst2")
+    return b.train.stratified_sample(48, 0), b.dev.subset(range(130)), b.test.texts[:60]
+
+
+def test_save_and_reload_give_identical_predictions(tiny_model, small_data, tmp_path):
+    train, dev, texts = small_data
+    d = get_defense("muscle-lora", model=tiny_model, epochs=1, batch_size=16, ref_samples=32, lr=5e-3)
+    clf = d.fit(train, dev, progress=False)
+    assert d.report_.history[0]["ga_project"] + d.report_.history[0]["ga_raw"] + d.report_.history[0]["ga_mix"] == 1
+    before = clf.predict_logits(texts)
+    clf.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "adapter").is_dir() and (tmp_path / "m" / "cleantune_adapter").is_dir()
+    merged = Classifier.from_pretrained(tmp_path / "m")
+    assert not any("mslr" in n or "lora" in n for n, _ in merged.model.named_parameters())
+    adapter_only = load_classifier(tmp_path / "m")
+    for other in (merged, adapter_only):
+        after = other.predict_logits(texts)
+        assert torch.allclose(before, after, atol=1e-5)
+        assert torch.equal(before.argmax(-1), after.argmax(-1))
+
+
+def _tiny_causal(kind: str, path: Path) -> str:
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    from cleantune.models import resolve_model
+
+    tok = load_tokenizer(resolve_model("minilm"))
+    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2ForSequenceClassification(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                                         n_positions=64, num_labels=2, **ids))
+    else:
+        model = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=64, num_labels=2, **ids))
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_causal_lm_head_forward_backward_and_export(kind, tmp_path):
+    path = _tiny_causal(kind, tmp_path / kind)
+    tok = load_tokenizer(path)
+    d = get_defense("muscle-lora", model=path)
+    model = d.prepare_model(load_model(path, ["a", "b"]), tok, None)
+    r = d.resolved_
+    assert (r["lora_r"], r["lora_alpha"], r["ref_samples"], r["min_ref_loss"], r["ga_epoch"]) == (2, 8, 128, 0.0, 0)
+    assert r["scales"] == [1, 2, 3, 4] and r["mslr_alpha"] == 4.0
+    head = model.get_base_model().score
+    assert (head.dense.base_linear.in_features, head.dense.base_linear.out_features) == (32, 16)
+    assert head.dense.base_linear.bias is None and head.out_proj.bias is None
+    texts = ["a fine film", "dull , long and loud movie", "ok"]
+    batch = make_batch(encode(tok, texts, 32), tok.pad_token_id)
+    model.train()
+    logits = model(**batch).logits
+    assert logits.shape == (3, 2)
+    nn.functional.cross_entropy(logits, torch.tensor([1, 0, 1])).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    # LoRA's B starts at zero, so A's first gradient is zero; B and both MSLR factors get one
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" not in n)
+    assert any("mslr_L" in n for n in grads) and any("lora_A" in n for n in grads)
+    assert head.out_proj.weight.grad is None  # the head is frozen
+    clf = Classifier(model, tok, ["a", "b"], 32)
+    before = clf.predict_logits(texts)
+    clf.save_pretrained(tmp_path / "out")
+    merged = Classifier.from_pretrained(tmp_path / "out")
+    assert isinstance(merged.model.score, nn.Linear)  # a plain HF checkpoint
+    assert torch.allclose(before, merged.predict_logits(texts), atol=1e-5)
+    assert torch.allclose(before, load_classifier(tmp_path / "out").predict_logits(texts), atol=1e-5)
+
+
+def test_inject_rejects_bad_targets(tiny_model):
+    model = load_model(tiny_model, ["a", "b"])
+    with pytest.raises(UserError):
+        inject_mslr(model, MSLRConfig(target_module="bert.nothing"))
+    with pytest.raises(UserError):
+        inject_mslr(model, MSLRConfig(target_module="bert.embeddings"))
+    with pytest.raises(UserError):
+        MSLRConfig(scales=[])
