@@ -75,6 +75,9 @@ class RunConfig:
         attack, defense = self.build_attack(), self.build_defense()
         attack_settings = {f.name: getattr(attack, f.name) for f in fields(attack)}
         defense_settings = defense.settings()
+        clash = sorted((set(attack_settings) & set(defense_settings)) - {"seed"})
+        if clash:  # one name per setting: a shared name would overwrite the other in the stored config
+            raise ValueError(f"defense '{self.defense}' and attack '{self.attack}' both define '{clash[0]}'")
         resolved = {"dataset": self.dataset, "attack": self.attack, "defense": self.defense,
                     "train_size": self.train_size, **attack_settings, **defense_settings,
                     "clean_data": defense.clean_data,
