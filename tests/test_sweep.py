@@ -71,7 +71,7 @@ def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path
     grid = write_grid(tmp_path / "g.yaml", tiny_model, learning_rate=[1e-4])
     with pytest.raises(UserError, match=r"grid .*g\.yaml: unknown key 'learning_rate'"):
         load_grid(grid)
-    grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=["finetune", "muscle-lora"])
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=["finetune", "no-such-defense"])
     assert main(["sweep", str(grid), "--store", str(store), "--no-progress"]) == 2
     assert not store.exists()  # every cell is checked before the first one trains
     grid = write_grid(tmp_path / "g.yaml", tiny_model, attack=[{"addsent": {"triggers": ["cf"]}}])

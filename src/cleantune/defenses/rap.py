@@ -100,7 +100,7 @@ class RapClassifier(FlaggingClassifier):
 @dataclass
 class RAP(Defense):
     word: str = "jj"
-    target: int = 1
+    rap_target: int = 1  # the label RAP protects (the defender is assumed to know it); not the attack's `target`
     rap_epochs: int = 5
     rap_lr: float = 1e-2
     prob_range: tuple[float, float] = (-0.1, -0.3)
@@ -119,11 +119,11 @@ class RAP(Defense):
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("RAP needs a clean dev set (--dev) to learn its word and calibrate its threshold")
         victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
-        clf = RapClassifier(victim, self.word, self.target, self.on_flag)
+        clf = RapClassifier(victim, self.word, self.rap_target, self.on_flag)
         clf.learn(clean_dev, self.rap_epochs, self.rap_lr, tuple(self.prob_range), self.scale)
         drop, is_target = clf.drops(clean_dev.texts)
         if not is_target.any():
-            raise UserError(f"RAP: no clean dev sample is predicted as the target {self.target}; cannot calibrate")
+            raise UserError(f"RAP: no clean dev sample is predicted as the target {self.rap_target}; cannot calibrate")
         self.clean_drops_ = drop[is_target]
         clf.threshold = frr_threshold(self.clean_drops_, self.frr)
         self.extra_metrics_ = {"rap_threshold": clf.threshold,
