@@ -253,12 +253,13 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ctx.step += 1
-            loss_sum += loss.item()
+            loss_value = loss.item()  # one device sync per step, shared by the sum and the progress bar
+            loss_sum += loss_value
             n_samples += len(b) * world
             n_tokens += int(batch["attention_mask"].sum()) * world
             bar.update(1)
             elapsed = t_train + time.perf_counter() - t0
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", **{"samples/s": f"{n_samples / max(elapsed, 1e-9):.0f}"})
+            bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", **{"samples/s": f"{n_samples / max(elapsed, 1e-9):.0f}"})
         t_train += time.perf_counter() - t0
         record = {"epoch": epoch, "steps": len(mine), "loss": loss_sum / max(1, len(mine))}
         if dev_data is not None and len(dev_data):
