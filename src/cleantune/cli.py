@@ -382,13 +382,17 @@ def cmd_scan(ns) -> int:
 
 
 RESULT_COLUMNS = ("id", "dataset", "attack", "defense", "model", "seed", "train_size", "epochs", "rate", "mode",
-                  "cacc", "asr", "wall_s", "samples_per_s", "status")
+                  "cacc", "asr", "asr_floor", "det_precision", "det_recall", "wall_s", "samples_per_s", "status")
 
 
 def _flat(r: dict) -> dict:
+    """One table row. det_* are the defense's detection scores where it flags samples: training samples it
+    removed, else test inputs it rejected."""
     c, m, t = r["config"], r.get("metrics") or {}, r.get("timings") or {}
+    det = m.get("train_detection") or m.get("test_detection") or {}
     return {"id": r["id"][:12], **{k: c.get(k) for k in RESULT_COLUMNS if k in c},
-            "cacc": m.get("cacc"), "asr": m.get("asr"), "wall_s": t.get("wall_s"),
+            "cacc": m.get("cacc"), "asr": m.get("asr"), "asr_floor": m.get("asr_floor"),
+            "det_precision": det.get("precision"), "det_recall": det.get("recall"), "wall_s": t.get("wall_s"),
             "samples_per_s": t.get("samples_per_s"), "status": r.get("status", "ok")}
 
 

@@ -15,10 +15,17 @@ def accuracy_on(model: Classifier, data: TextDataset) -> float:
 
 def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDataset | None = None) -> dict:
     """CACC on the clean test split; ASR = share of triggered non-target samples predicted as the target
-    (the triggered set's labels are the target)."""
-    out = {"cacc": accuracy_on(model, clean_test)}
+    (the triggered set's labels are the target). `asr_floor` is the share of clean non-target test samples
+    predicted as the target with no trigger at all: the ASR a model that ignores the trigger still shows,
+    the level a defense can at best bring ASR down to."""
+    preds = model.predict(clean_test.texts) if len(clean_test) else []
+    out = {"cacc": sum(p == y for p, y in zip(preds, clean_test.labels)) / len(clean_test) if preds else float("nan")}
     if triggered_test is not None:
         out["asr"] = accuracy_on(model, triggered_test)
+        if len(triggered_test):
+            target = triggered_test.labels[0]
+            others = [p for p, y in zip(preds, clean_test.labels) if y != target]
+            out["asr_floor"] = sum(p == target for p in others) / len(others) if others else float("nan")
     return out
 
 
