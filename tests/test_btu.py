@@ -73,6 +73,42 @@ def test_unlearn_moves_exactly_the_chosen_rows_and_dims_to_pad():
     assert w.data[3, 0] == E0[3, 0]
 
 
+class ToyClassifier:
+    """Predicts 1 when the summed first embedding dimension of a text's tokens is positive."""
+
+    def __init__(self, tokenizer, emb):
+        self.tokenizer, self.max_length, self.emb = tokenizer, 32, emb
+        self.model = self
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def predict(self, texts):
+        ids = TokenView(self.tokenizer).ids(texts, self.max_length)
+        return [int(self.emb.weight[seq, 0].sum() > 0) for seq in ids]
+
+
+def test_guard_spares_tokens_whose_unlearning_costs_clean_dev_accuracy(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    good, movie, cf = tok.convert_tokens_to_ids(["good", "movie", "cf"])
+    E0 = torch.zeros(tok.vocab_size, 4)
+    E0[tok.pad_token_id] = -1.0
+    emb = torch.nn.Embedding(tok.vocab_size, 4)
+    with torch.no_grad():
+        emb.weight.copy_(E0)
+        emb.weight[good, 0] = 5.0   # learned: "good" carries the positive class
+        emb.weight[movie, 1] = 3.0  # learned, but in a dimension the prediction ignores
+        emb.weight[cf, 0] = 9.0     # a trigger: absent from clean dev
+    clf = ToyClassifier(tok, emb)
+    dev = TextDataset(["good movie", "bad movie", "a good one"], [1, 0, 1], ["neg", "pos"])
+    before = emb.weight.detach().clone()
+    spared = btu.guard(clf, TokenView(tok), E0, tok.pad_token_id, [good, movie, cf], dev, tolerance=0.001)
+    assert spared == [good]  # unlearning "good" turns two correct dev predictions wrong
+    assert torch.equal(emb.weight, before)  # the guard leaves the embeddings as it found them
+    # a tolerance above the loss (2 of 3 dev samples) spares nothing
+    assert btu.guard(clf, TokenView(tok), E0, tok.pad_token_id, [good, movie, cf], dev, tolerance=0.7) == []
+
+
 def test_faithful_unlearn_recomputes_threshold_in_id_order():
     E0, E = _embeddings()
     w = torch.nn.Parameter(E.clone())
@@ -96,7 +132,8 @@ def test_modes_resolve_to_documented_settings():
     assert d.k is None and d.epochs == 3 and d.max_length == 128 and f.max_length == 512
     assert BTU(btu_mode="faithful", epochs=3).epochs == 3  # explicit settings win over the mode's
     assert BTU(clean_tuning="40").clean_tuning == 40
-    for bad in (dict(btu_mode="fast"), dict(clean_tuning="test"), dict(clean_tuning=0), dict(k=0)):
+    assert d.guard and not f.guard and not BTU(guard=False).guard
+    for bad in (dict(btu_mode="fast"), dict(clean_tuning="test"), dict(clean_tuning=0), dict(k=0), dict(guard_tolerance=1.0)):
         with pytest.raises(UserError):
             BTU(**bad)
     assert btu.resolve_k(None, 0.0005, 30522) == 15 and btu.resolve_k(None, 0.0005, 50265) == 25
@@ -184,7 +221,20 @@ def test_runner_stores_stage_points_and_audit(tiny_model, monkeypatch):
                       triggers=["cf"], options={"k": 2, "max_length": 64}), store, progress=False)
     stored = store.get(r["id"])["metrics"]
     assert set(stored["btu_stages"]) == {"no_defense", "unlearned"}
-    assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr"}
+    assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr", "asr_floor"}
     assert set(stored["btu_trigger_ranks"]["cf"]) == {"A", "B", "C"}
     assert stored["btu_mode"] == "default" and stored["btu_clean_tuning"] == "none"
     assert r["config"]["clean_tuning"] == "none" and r["config"]["mode"] == "mix"  # the attack's mode survives
+
+
+def test_default_victim_is_the_finetune_model(tiny_model):
+    from cleantune.defenses import FineTune
+
+    data, dev = synthetic(96), synthetic(24, seed=1)
+    common = dict(model=tiny_model, epochs=1, batch_size=16, max_length=64)
+    plain = FineTune(**common).fit(data, dev, progress=False).predict_logits(dev.texts)
+    defense = BTU(k=2, **common)
+    seen = []
+    defense.stage_eval = lambda clf: seen.append(clf.predict_logits(dev.texts)) or {}
+    defense.fit(data, dev, progress=False)
+    assert torch.allclose(seen[0], plain, atol=1e-6)  # same settings, init and data order: the same victim

@@ -29,9 +29,11 @@ from .base import Defense
 MODES = ("default", "faithful")
 # Official values (spec section 5). k = int(0.0005 * 35022): the code's typo for BERT's 30522.
 FAITHFUL = dict(epochs=1, lr=2e-5, batch_size=64, warmup_ratio=0.0, max_length=512, max_grad_norm=0.0,
-                lr_schedule="constant", k=17)
-DEFAULT = dict(epochs=3, lr=5e-5, batch_size=32, warmup_ratio=0.06, max_length=128, max_grad_norm=1.0,
-               lr_schedule="linear", k=None)
+                lr_schedule="constant", k=17, guard=False)
+# The default victim trains exactly like `finetune` (Defense's defaults), so btu_stages.no_defense is the
+# plain fine-tuning point on the same data.
+DEFAULT = dict(epochs=3, lr=Defense.lr, batch_size=32, warmup_ratio=0.06, max_length=128, max_grad_norm=1.0,
+               lr_schedule="linear", k=None, guard=True)
 # The shallow passes' learning rate. The official 2e-5 moves every frequent token about as far as the
 # trigger in one epoch under Adam once padding is no longer pooled; at 1e-3 the frequent words converge
 # (mixed-sign gradients) while a perfectly label-predictive trigger keeps moving (docs/btu.md).
@@ -288,6 +290,27 @@ def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list
     return {"threshold": thresholds, "dims_replaced": replaced, "tokens": ids}
 
 
+def guard(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token_ids: list[int], dev: TextDataset,
+          tolerance: float) -> list[int]:
+    """The suspicious tokens whose unlearning, one at a time, lowers clean dev accuracy by more than
+    `tolerance`. Only the dev samples that contain a token can change, so only those are re-scored."""
+    weight = clf.model.get_input_embeddings().weight
+    ids = view.ids(dev.texts, clf.max_length)
+    before = torch.tensor(clf.predict(dev.texts)) == torch.tensor(dev.labels)
+    spared = []
+    for t in token_ids:
+        rows = [i for i, seq in enumerate(ids) if t in seq]
+        if not rows:
+            continue
+        kept = weight.data[t].clone()
+        unlearn(weight, E0, pad_id, [t], recompute=False)
+        after = torch.tensor(clf.predict([dev.texts[i] for i in rows])) == torch.tensor([dev.labels[i] for i in rows])
+        weight.data[t] = kept
+        if int(before[rows].sum() - after.sum()) > tolerance * len(dev):
+            spared.append(t)
+    return spared
+
+
 class _CarryOptimizer(StepHook):
     """Faithful clean tuning reuses the victim's AdamW with its moments (spec 8 #10): remember the state
     at the end of one `train` call, load it at the start of the next."""
@@ -330,9 +353,15 @@ class BTU(Defense):
     expose_batch_size: int = 256
     expose_lr: float | None = None     # shallow passes; None: faithful 2e-5, default 1e-3
     expose_max_length: int = 128
+    # The collateral guard (default mode; not in the paper): a suspicious token whose unlearning alone lowers
+    # clean dev accuracy by more than guard_tolerance is spared. Triggers are absent from clean text, so
+    # unlearning them costs nothing there; frequent task words ("bad", "fun") do cost.
+    guard: bool | None = None
+    guard_tolerance: float = 0.001
 
     name = "btu"
-    clean_data = "clean dev: model selection; with clean_tuning=k, k dev samples are trained on (held out of selection)"
+    clean_data = ("clean dev: model selection and the collateral guard (default mode); with clean_tuning=k, "
+                  "k dev samples are trained on (held out of selection and of the guard)")
 
     def __post_init__(self):
         if self.btu_mode not in MODES:
@@ -344,6 +373,8 @@ class BTU(Defense):
             self.clean_tuning = int(self.clean_tuning)
         if self.clean_tuning != "none" and not (isinstance(self.clean_tuning, int) and self.clean_tuning > 0):
             raise UserError(f"clean_tuning must be 'none' or a positive number of clean dev samples, got '{self.clean_tuning}'")
+        if not 0 <= self.guard_tolerance < 1:
+            raise UserError(f"guard_tolerance must be in [0, 1), got {self.guard_tolerance}")
         if self.k is not None and self.k < 1:
             raise UserError(f"k must be at least 1, got {self.k}")
         # Not settings: the runner may set a callback that scores a Classifier on its test sets (reporting
@@ -363,6 +394,8 @@ class BTU(Defense):
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True) -> Classifier:
         train_data = train_data.without_flags()
+        if self.guard and clean_dev is None:
+            raise UserError("btu's collateral guard needs clean dev data (give a dev set, or --option guard=false)")
         t_start, self._eval_s = time.perf_counter(), 0.0
         tune_data, select = None, clean_dev
         if self.clean_tuning != "none":
@@ -376,11 +409,11 @@ class BTU(Defense):
 
         tokenizer = load_tokenizer(self.model)
         view = TokenView(tokenizer)
-        seed_everything(self.seed)
-        victim = load_model(self.model, train_data.label_names)
-        E0 = victim.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
+        pretrained = load_model(self.model, train_data.label_names)
+        E0 = pretrained.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
         settings = self.train_settings()
-        limit = getattr(victim.config, "max_position_embeddings", None)
+        limit = getattr(pretrained.config, "max_position_embeddings", None)
+        del pretrained
         if limit and settings.max_length > limit - 2:  # RoBERTa-style models offset positions by 2
             settings.max_length = limit - 2
         max_length = settings.max_length
@@ -396,8 +429,10 @@ class BTU(Defense):
         suspicious = exp.suspicious
 
         # 2. Victim training on the same poisoned draw the exposure saw (the official code redraws, 8 #2).
+        # Seeded and built as `finetune` builds its model, so the no-defense stage is the finetune run itself.
         t0 = time.perf_counter()
         seed_everything(self.seed)
+        victim = load_model(self.model, train_data.label_names)
         carry = _CarryOptimizer()
         work = Path(out_dir) if out_dir is not None else None
         report = train(victim, view, train_data, select, settings, (carry,) if self.faithful else (),
@@ -406,9 +441,12 @@ class BTU(Defense):
         clf = Classifier(victim, tokenizer, train_data.label_names, max_length)
         stages = {"no_defense": self._stage(clf)}
 
-        # 3. Unlearning, toward the pretrained padding row.
-        cut = unlearn(victim.get_input_embeddings().weight, E0, tokenizer.pad_token_id, suspicious,
-                      recompute=self.faithful)
+        # 3. Unlearning, toward the pretrained padding row, of the suspicious tokens the guard does not spare.
+        spared = []
+        if self.guard and select is not None:
+            spared = guard(clf, view, E0, tokenizer.pad_token_id, suspicious, select, self.guard_tolerance)
+        cut = unlearn(victim.get_input_embeddings().weight, E0, tokenizer.pad_token_id,
+                      [t for t in suspicious if t not in spared], recompute=self.faithful)
         stages["unlearned"] = self._stage(clf)
 
         # 4. Optional clean tuning on k clean dev samples (the official code tunes on the test split, 8 #1).
@@ -432,6 +470,7 @@ class BTU(Defense):
         self._tokenizer = tokenizer
         self.exposure_ = exp
         self.suspicious_ = suspicious
+        self.spared_ = spared
         # The victim's epochs are the run's history; clean tuning's are stored beside it.
         self.report_ = TrainReport(report.history, report.best_epoch,
                                    report.train_seconds + (tune_report.train_seconds if tune_report else 0.0),
@@ -439,6 +478,7 @@ class BTU(Defense):
         self.extra_metrics_ = {
             "btu_mode": self.btu_mode, "btu_clean_tuning": self.clean_tuning, "btu_k": exp.k,
             "btu_suspicious": [tokenizer.convert_ids_to_tokens(i) for i in suspicious],
+            "btu_spared": tokenizer.convert_ids_to_tokens(spared), "btu_guard": self.guard,
             "btu_top": {n: tokenizer.convert_ids_to_tokens(v) for n, v in exp.top.items()},
             "btu_unlearn": {"threshold": cut["threshold"], "dims_replaced": cut["dims_replaced"],
                             "dims": int(E0.shape[1])},
@@ -475,6 +515,7 @@ class BTU(Defense):
             "btu_token_recall": len(S & set(T)) / len(T) if T else None,
             "btu_collateral": [(tok.convert_ids_to_tokens(i), int(docfreq[i])) for i in collateral],
             "btu_n_collateral": len(collateral),
+            "btu_spared_triggers": tok.convert_ids_to_tokens(sorted(set(T) & set(self.spared_))),
         }
         if not T:
             out["btu_note"] = "the attack has no token trigger (syntactic/style): token precision/recall do not apply"
