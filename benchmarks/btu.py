@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--btu-mode", default="default", choices=("default", "faithful"))
     ap.add_argument("--clean-tuning", default="none")
+    ap.add_argument("--no-finetune", action="store_true",
+                    help="skip the separate finetune run (BTU's no_defense stage is that same model); no time ratio")
     ap.add_argument("--store", help="results store (default: a temporary file)")
     ap.add_argument("--json", help="also write all results to this file")
     args = ap.parse_args(argv)
@@ -51,34 +53,37 @@ def main(argv=None) -> int:
             if attack == "badnets":
                 cell["triggers"] = ["cf"]  # one rare word, as in the BTU paper
             ft_cell = dict(cell, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size) if args.btu_mode == "faithful" else cell
-            ft = run(RunConfig(defense="finetune", **ft_cell), store, force=True, progress=False)
+            ft = None if args.no_finetune else run(RunConfig(defense="finetune", **ft_cell), store, force=True, progress=False)
             bt = run(RunConfig(defense="btu", options={"btu_mode": args.btu_mode, "clean_tuning": args.clean_tuning}, **cell),
                      store, force=True, progress=False)
-            fm, bm = ft["metrics"], bt["metrics"]
-            ft_fit = ft["timings"]["wall_s"] - ft["timings"]["eval_s"]
+            bm = bt["metrics"]
+            fm = ft["metrics"] if ft else None
             bt_fit = bt["timings"]["wall_s"] - bt["timings"]["eval_s"] - bm["btu_seconds"]["stage_eval"]
-            row = {"dataset": dataset, "attack": attack, "n_train": fm["n_train"], "n_poisoned": fm["n_poisoned"],
-                   "finetune": {"cacc": fm["cacc"], "asr": fm["asr"]}, "btu_stages": bm["btu_stages"],
+            ft_fit = ft["timings"]["wall_s"] - ft["timings"]["eval_s"] if ft else None
+            row = {"dataset": dataset, "attack": attack, "n_train": bm["n_train"], "n_poisoned": bm["n_poisoned"],
+                   "finetune": {k: fm[k] for k in ("cacc", "asr", "asr_floor")} if fm else None,
+                   "btu_stages": bm["btu_stages"], "spared": bm["btu_spared"],
+                   "spared_triggers": bm["btu_spared_triggers"],
                    "btu_final": {"cacc": bm["cacc"], "asr": bm["asr"]},
                    "suspicious": len(bm["btu_suspicious"]), "trigger_ranks": bm["btu_trigger_ranks"],
                    "token_precision": bm["btu_token_precision"], "token_recall": bm["btu_token_recall"],
                    "collateral": bm["btu_collateral"][:10], "n_collateral": bm["btu_n_collateral"],
-                   "fit_s": {"finetune": ft_fit, "btu": bt_fit}, "fit_ratio": bt_fit / ft_fit,
+                   "fit_s": {"finetune": ft_fit, "btu": bt_fit}, "fit_ratio": bt_fit / ft_fit if ft else None,
                    "btu_seconds": bm["btu_seconds"],
-                   "wall_ratio": bt["timings"]["wall_s"] / ft["timings"]["wall_s"]}
+                   "wall_ratio": bt["timings"]["wall_s"] / ft["timings"]["wall_s"] if ft else None}
             rows.append(row)
             s = row["btu_stages"]
             print(f"== {dataset} {attack} ({args.mode} {args.rate}, n_train {row['n_train']}, poisoned {row['n_poisoned']}, "
                   f"btu {args.btu_mode}, clean_tuning {args.clean_tuning})")
-            print(f"  finetune            CACC {fm['cacc']:.4f}  ASR {fm['asr']:.4f}")
-            for name, m in s.items():
-                print(f"  btu {name:<15} CACC {m['cacc']:.4f}  ASR {m['asr']:.4f}")
+            for name, m in ([("finetune", fm)] if fm else []) + [(f"btu {n}", m) for n, m in s.items()]:
+                print(f"  {name:<19} CACC {m['cacc']:.4f}  ASR {m['asr']:.4f}  (no-trigger floor {m['asr_floor']:.4f})")
             prec = row["token_precision"]
             print(f"  suspicious set {row['suspicious']} tokens; trigger ranks {row['trigger_ranks']}; token precision "
                   f"{_fmt(prec)} recall {_fmt(row['token_recall'])}")
+            print(f"  spared by the guard: {row['spared']} (trigger pieces among them: {row['spared_triggers']})")
             print(f"  collateral ({row['n_collateral']} frequent non-trigger tokens unlearned): {row['collateral']}")
-            print(f"  fit time: finetune {ft_fit:.0f}s, btu {bt_fit:.0f}s, ratio {row['fit_ratio']:.2f} "
-                  f"(wall incl. all evaluation: ratio {row['wall_ratio']:.2f}); btu stages "
+            ratio = f", ratio {row['fit_ratio']:.2f} (wall incl. all evaluation: ratio {row['wall_ratio']:.2f})" if ft else ""
+            print(f"  fit time: {f'finetune {ft_fit:.0f}s, ' if ft else ''}btu {bt_fit:.0f}s{ratio}; btu stages "
                   + ", ".join(f"{k} {v:.0f}s" for k, v in row["btu_seconds"].items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:

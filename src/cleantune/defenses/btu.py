@@ -506,7 +506,8 @@ class BTU(Defense):
         T = trigger_token_ids(tok, trigger_words) if trigger_words else []
         positions = {n: torch.empty_like(r).scatter_(0, r, torch.arange(len(r))) for n, r in self.exposure_.rankings.items()}
         docfreq = self._doc.sum(1)
-        collateral = sorted((i for i in S - set(T) if docfreq[i] >= COLLATERAL_DOC_FREQ * self._n_train),
+        unlearned = S - set(self.spared_)
+        collateral = sorted((i for i in unlearned - set(T) if docfreq[i] >= COLLATERAL_DOC_FREQ * self._n_train),
                             key=lambda i: -int(docfreq[i]))
         out = {
             "btu_trigger_tokens": tok.convert_ids_to_tokens(T),
