@@ -107,6 +107,8 @@ def test_guard_spares_tokens_whose_unlearning_costs_clean_dev_accuracy(tiny_mode
     assert torch.equal(emb.weight, before)  # the guard leaves the embeddings as it found them
     # a tolerance above the loss (2 of 3 dev samples) spares nothing
     assert btu.guard(clf, TokenView(tok), E0, tok.pad_token_id, [good, movie, cf], dev, tolerance=0.7) == []
+    with pytest.raises(UserError, match="guard needs clean dev"):  # refused before any training
+        BTU(model=tiny_model).fit(dev, None, progress=False)
 
 
 def test_faithful_unlearn_recomputes_threshold_in_id_order():
