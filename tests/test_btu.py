@@ -88,7 +88,7 @@ class ToyClassifier:
         return [int(self.emb.weight[seq, 0].sum() > 0) for seq in ids]
 
 
-def test_guard_spares_tokens_whose_unlearning_costs_clean_dev_accuracy(tiny_model):
+def test_guard_costs_are_the_clean_dev_accuracy_each_token_takes(tiny_model):
     tok = load_tokenizer(tiny_model)
     good, movie, cf = tok.convert_tokens_to_ids(["good", "movie", "cf"])
     E0 = torch.zeros(tok.vocab_size, 4)
@@ -102,11 +102,10 @@ def test_guard_spares_tokens_whose_unlearning_costs_clean_dev_accuracy(tiny_mode
     clf = ToyClassifier(tok, emb)
     dev = TextDataset(["good movie", "bad movie", "a good one"], [1, 0, 1], ["neg", "pos"])
     before = emb.weight.detach().clone()
-    spared = btu.guard(clf, TokenView(tok), E0, tok.pad_token_id, [good, movie, cf], dev, tolerance=0.001)
-    assert spared == [good]  # unlearning "good" turns two correct dev predictions wrong
+    costs = btu.guard_costs(clf, TokenView(tok), E0, tok.pad_token_id, [good, movie, cf], dev)
+    # unlearning "good" turns two of three correct dev predictions wrong; "movie" changes none; "cf" is absent
+    assert costs == {good: 2 / 3, movie: 0.0}
     assert torch.equal(emb.weight, before)  # the guard leaves the embeddings as it found them
-    # a tolerance above the loss (2 of 3 dev samples) spares nothing
-    assert btu.guard(clf, TokenView(tok), E0, tok.pad_token_id, [good, movie, cf], dev, tolerance=0.7) == []
     with pytest.raises(UserError, match="guard needs clean dev"):  # refused before any training
         BTU(model=tiny_model).fit(dev, None, progress=False)
 
@@ -193,6 +192,10 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     before, after = snaps[0], snaps[1]  # the victim's embeddings just before and after the cut
     others = [i for i in range(E0.shape[0]) if i not in set(S)]
     assert torch.equal(after[others], before[others])
+    spared, costs = defense.spared_, defense.extra_metrics_["btu_guard_costs"]
+    assert tok.convert_ids_to_tokens(spared) == [t for t, c in costs.items() if c > defense.guard_tolerance]
+    assert torch.equal(after[spared], before[spared])  # spared rows keep the victim's values
+    assert (costs == {}) == (mode == "faithful")
     replaced = (after[S] == E0[tok.pad_token_id]).sum().item()
     assert replaced >= sum(defense.extra_metrics_["btu_unlearn"]["dims_replaced"]) > 0
     if tuning == "none":

@@ -290,14 +290,14 @@ def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list
     return {"threshold": thresholds, "dims_replaced": replaced, "tokens": ids}
 
 
-def guard(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token_ids: list[int], dev: TextDataset,
-          tolerance: float) -> list[int]:
-    """The suspicious tokens whose unlearning, one at a time, lowers clean dev accuracy by more than
-    `tolerance`. Only the dev samples that contain a token can change, so only those are re-scored."""
+def guard_costs(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token_ids: list[int],
+                dev: TextDataset) -> dict[int, float]:
+    """For each suspicious token that occurs in clean dev: the clean dev accuracy lost by unlearning it
+    alone. Only the dev samples that contain the token can change, so only those are re-scored."""
     weight = clf.model.get_input_embeddings().weight
     ids = view.ids(dev.texts, clf.max_length)
     before = torch.tensor(clf.predict(dev.texts)) == torch.tensor(dev.labels)
-    spared = []
+    costs = {}
     for t in token_ids:
         rows = [i for i, seq in enumerate(ids) if t in seq]
         if not rows:
@@ -306,9 +306,8 @@ def guard(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token
         unlearn(weight, E0, pad_id, [t], recompute=False)
         after = torch.tensor(clf.predict([dev.texts[i] for i in rows])) == torch.tensor([dev.labels[i] for i in rows])
         weight.data[t] = kept
-        if int(before[rows].sum() - after.sum()) > tolerance * len(dev):
-            spared.append(t)
-    return spared
+        costs[t] = int(before[rows].sum() - after.sum()) / len(dev)
+    return costs
 
 
 class _CarryOptimizer(StepHook):
@@ -442,9 +441,8 @@ class BTU(Defense):
         stages = {"no_defense": self._stage(clf)}
 
         # 3. Unlearning, toward the pretrained padding row, of the suspicious tokens the guard does not spare.
-        spared = []
-        if self.guard and select is not None:
-            spared = guard(clf, view, E0, tokenizer.pad_token_id, suspicious, select, self.guard_tolerance)
+        costs = guard_costs(clf, view, E0, tokenizer.pad_token_id, suspicious, select) if self.guard and select else {}
+        spared = [t for t, cost in costs.items() if cost > self.guard_tolerance]
         cut = unlearn(victim.get_input_embeddings().weight, E0, tokenizer.pad_token_id,
                       [t for t in suspicious if t not in spared], recompute=self.faithful)
         stages["unlearned"] = self._stage(clf)
@@ -479,6 +477,7 @@ class BTU(Defense):
             "btu_mode": self.btu_mode, "btu_clean_tuning": self.clean_tuning, "btu_k": exp.k,
             "btu_suspicious": [tokenizer.convert_ids_to_tokens(i) for i in suspicious],
             "btu_spared": tokenizer.convert_ids_to_tokens(spared), "btu_guard": self.guard,
+            "btu_guard_costs": {tokenizer.convert_ids_to_tokens(t): c for t, c in costs.items()},
             "btu_top": {n: tokenizer.convert_ids_to_tokens(v) for n, v in exp.top.items()},
             "btu_unlearn": {"threshold": cut["threshold"], "dims_replaced": cut["dims_replaced"],
                             "dims": int(E0.shape[1])},
