@@ -33,6 +33,13 @@ from .base import Defense
 from .common import FlaggingClassifier, check_frr, frr_threshold, victim_model
 
 
+def band_loss(diff: torch.Tensor, prob_range: tuple[float, float], scale: float) -> torch.Tensor:
+    """RAP's loss on diff = p_target(word + x) - p_target(x): zero inside prob_range = (upper, lower), e.g.
+    (-0.1, -0.3); above it (too small a drop) weighted by `scale`, below it (too large a drop) by 1."""
+    upper, lower = prob_range
+    return scale * torch.mean((diff > upper) * (diff - upper)) + torch.mean((diff < lower) * (lower - diff))
+
+
 class RapClassifier(FlaggingClassifier):
     def __init__(self, base: Classifier, word: str, target: int, on_flag: str, batch_size: int = 32):
         super().__init__(base, on_flag)
@@ -73,23 +80,30 @@ class RapClassifier(FlaggingClassifier):
         return np.array(drop), np.array(is_target, dtype=bool)
 
     def learn(self, dev: TextDataset, epochs: int, lr: float, prob_range: tuple[float, float], scale: float) -> None:
-        """OpenBackdoor's construct/rap_iter: a band loss keeps diff = p(word + x) - p(x) inside prob_range."""
+        """The RAP paper's construction (official code's construct_rap): on the clean dev samples labelled as
+        the target, a band loss keeps diff = p(word + x) - p(x) inside prob_range. Each step subtracts
+        lr x the gradient summed over all steps so far: the official code never zeroes the gradient, on
+        purpose ("to get faster convergence"), and OpenBackdoor keeps that."""
+        texts = [t for t, y in zip(dev.texts, dev.labels) if y == self.target]
+        if not texts:
+            raise UserError(f"RAP: the clean dev set has no sample labelled as the target {self.target}")
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         norm = self.vector.norm()
-        hi, lo = prob_range  # e.g. -0.1, -0.3
-        chunks = [dev.texts[s: s + self.batch_size] for s in range(0, len(dev), self.batch_size)]
+        chunks = [texts[s: s + self.batch_size] for s in range(0, len(texts), self.batch_size)]
         with torch.no_grad():  # the victim is frozen: its own probabilities are computed once
             clean = [self.probs(chunk)[:, self.target] for chunk in chunks]
+        grad_sum = torch.zeros_like(self.vector)
         for _ in range(epochs):
             for chunk, p in zip(chunks, clean):
                 v = self.vector.clone().requires_grad_(True)
                 diff = self.probs(self.prepend(chunk), v)[:, self.target] - p
-                loss = scale * torch.mean((diff > lo) * (diff - lo)) + torch.mean((diff < hi) * (hi - diff))
+                loss = band_loss(diff, prob_range, scale)
                 (grad,) = torch.autograd.grad(loss, v)
                 with torch.no_grad():
-                    v = v - lr * grad
+                    grad_sum += grad
+                    v = v - lr * grad_sum
                     self.vector = (v * norm / v.norm()).detach()
 
     def detect(self, texts):
