@@ -184,7 +184,7 @@ def test_runner_stores_stage_points_and_audit(tiny_model, monkeypatch):
                       triggers=["cf"], options={"k": 2, "max_length": 64}), store, progress=False)
     stored = store.get(r["id"])["metrics"]
     assert set(stored["btu_stages"]) == {"no_defense", "unlearned"}
-    assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr"}
+    assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr", "asr_floor"}
     assert set(stored["btu_trigger_ranks"]["cf"]) == {"A", "B", "C"}
     assert stored["btu_mode"] == "default" and stored["btu_clean_tuning"] == "none"
     assert r["config"]["clean_tuning"] == "none" and r["config"]["mode"] == "mix"  # the attack's mode survives
