@@ -1,7 +1,8 @@
 """RAP (Yang et al. 2021, "RAP: Robustness-Aware Perturbations for Defending against Backdoor Attacks on
 NLP Models"), as OpenBackdoor's RAPDefender: prepend a rare word to every input and learn its embedding
-on clean dev so that it lowers the target-class probability of clean inputs by 0.1-0.3 (plain SGD on
-that one row at `rap_lr`, its norm kept fixed). A triggered input is robust: its target probability
+on the clean dev samples of the target class so that it lowers their target-class probability by 0.1-0.3
+(SGD on that one row at `rap_lr` with the never-zeroed gradient of the official code, its norm kept
+fixed). A triggered input is robust: its target probability
 barely drops. An input predicted as the target is flagged when its drop is below the `frr` quantile of
 the drops of the clean dev samples predicted as the target.
 
@@ -16,6 +17,8 @@ Fixed or changed here (see docs/baselines.md):
 * The learned embedding lives beside the victim and is used only by the probe: OpenBackdoor overwrites the
   victim's embedding row, which changes its predictions on inputs that contain the word.
 * Default word 'jj' instead of the MuScleLoRA config's 'mb', which is one of cleantune's BadNets triggers.
+* The word is learned on the target-labelled clean dev samples only, as the RAP paper's official code;
+  OpenBackdoor uses every dev sample, whose non-target ones cannot show the drop the loss asks for.
 """
 
 from __future__ import annotations
