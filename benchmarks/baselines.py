@@ -4,7 +4,9 @@
         --defenses finetune,strip,rap,bki,onion --train-size 1000 --epochs 2
 
 Plain fine-tuning is trained once per attack and saved; the inference-time defenses (strip, rap,
-onion) wrap that same victim (their `victim` option) instead of training an identical copy. The
+onion) wrap that same victim (their `victim` option) instead of training an identical copy. A victim
+saved and stored by an earlier invocation with the identical config is reused, with its stored
+numbers, instead of being trained again. The
 training-time defenses (bki, cube, abl) train their own models. Every number is on the clean
 test split and the triggered non-target test samples, optionally a seeded subsample of each
 (`--test-size`; ONION, which runs its language model (n_words + 1) times per input, has its own
@@ -23,7 +25,9 @@ from pathlib import Path
 import yaml
 
 from cleantune.data import load_benchmark
+from cleantune.errors import UserError
 from cleantune.evaluate import evaluate
+from cleantune.models import Classifier
 from cleantune.runner import RunConfig, detection, environment
 from cleantune.store import ResultStore, config_hash, data_dir
 
@@ -87,40 +91,55 @@ def main(argv=None) -> int:
             defense = config.build_defense()
             run_id = config_hash(resolved)
             saved = data_dir() / "victims" / run_id[:16]
-            if name == "finetune" and saved.is_dir() and store.get(run_id) is not None and name not in defenses:
+            stored = store.get(run_id)
+            if name == "finetune" and saved.is_dir() and stored is not None and stored["status"] == "ok":
                 victim_dir = saved  # trained by an earlier invocation with the same config: reuse it
-                continue
-            t0 = time.perf_counter()
-            model = defense.fit(poisoned.train, poisoned.dev, out_dir=data_dir() / "runs" / run_id[:16], progress=False)
-            fit_s = time.perf_counter() - t0
-            if name == "finetune":
-                victim_dir = model.save_pretrained(saved)
-            metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
-            metrics.update(getattr(defense, "extra_metrics_", {}))
-            metrics.update(detection(defense, model, poisoned))
-            metrics.update({"best_epoch": defense.report_.best_epoch, "history": defense.report_.history,
-                            "n_clean_test": len(poisoned.clean_test), "n_triggered_test": len(poisoned.triggered_test)})
-            timings = {"fit_s": fit_s, "wall_s": time.perf_counter() - t0}
-            store.put(run_id, resolved, metrics, timings, environment())
+                metrics, timings, extra = stored["metrics"], stored["timings"], {}
+            else:
+                t0 = time.perf_counter()
+                model = defense.fit(poisoned.train, poisoned.dev, out_dir=data_dir() / "runs" / run_id[:16],
+                                    progress=False)
+                fit_s = time.perf_counter() - t0
+                if name == "finetune":
+                    victim_dir = model.save_pretrained(saved)
+                extra = getattr(defense, "extra_metrics_", {})
+                metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
+                metrics.update(extra)
+                metrics.update(detection(defense, model, poisoned))
+                if name == "onion":  # its test subsample differs from the victim's: score the victim on it too
+                    metrics["victim_on_onion_test"] = evaluate(Classifier.from_pretrained(victim_dir),
+                                                               poisoned.clean_test, poisoned.triggered_test)
+                metrics.update({"best_epoch": defense.report_.best_epoch, "history": defense.report_.history,
+                                "n_clean_test": len(poisoned.clean_test),
+                                "n_triggered_test": len(poisoned.triggered_test)})
+                timings = {"fit_s": fit_s, "wall_s": time.perf_counter() - t0}
+                store.put(run_id, resolved, metrics, timings, environment())
             det = metrics.get("train_detection") or metrics.get("test_detection") or {}
             kind = "train" if "train_detection" in metrics else "test" if det else ""
-            rows.append([attack, name, metrics["cacc"], metrics["asr"], kind, det.get("precision"), det.get("recall"),
-                         det.get("frr"), det.get("far"), len(poisoned.clean_test), timings["wall_s"]])
+            rows.append([attack, name, metrics["cacc"], metrics["asr"], metrics.get("asr_floor"), kind,
+                         det.get("precision"), det.get("recall"), det.get("frr"), det.get("far"),
+                         f"{metrics['n_clean_test']}+{metrics['n_triggered_test']}", timings["wall_s"]])
             print(f"{attack:10} {name:9} cacc={metrics['cacc']:.3f} asr={metrics['asr']:.3f} "
+                  f"asr_floor={metrics.get('asr_floor', float('nan')):.3f} "
                   f"{kind}-detection={json.dumps({k: round(v, 3) for k, v in det.items()})} "
-                  f"extra={json.dumps({k: v for k, v in getattr(defense, 'extra_metrics_', {}).items() if k != 'isolation_history'})} "
-                  f"n_test={len(poisoned.clean_test)}+{len(poisoned.triggered_test)} wall={timings['wall_s']:.0f}s",
+                  f"extra={json.dumps({k: v for k, v in extra.items() if k != 'isolation_history'})} "
+                  f"{'victim_on_onion_test=' + json.dumps(metrics['victim_on_onion_test']) + ' ' if name == 'onion' else ''}"
+                  f"n_test={metrics['n_clean_test']}+{metrics['n_triggered_test']} wall={timings['wall_s']:.0f}s",
                   flush=True)
 
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    print("\n| attack | defense | CACC | ASR | flags | precision | recall | FRR | FAR | clean test n | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| attack | defense | CACC | ASR | asr_floor | flags | precision | recall | FRR | FAR | test n | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print("| " + " | ".join(fmt(v) if i != 10 else f"{v:.0f}" for i, v in enumerate(r)) + " |")
+        print("| " + " | ".join(f"{v:.0f}" if i == len(r) - 1 else fmt(v) for i, v in enumerate(r)) + " |")
     print(f"\nstore: {store.path}; train size {args.train_size}, {args.epochs} epochs, lr {args.lr}, seed {args.seed}",
           file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

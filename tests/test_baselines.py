@@ -17,7 +17,7 @@ from cleantune.defenses.bki import BKI, keyword_scores
 from cleantune.defenses.common import ABSTAIN, FlaggingClassifier, frr_threshold, per_sample_losses
 from cleantune.defenses.cube import minority_clusters
 from cleantune.defenses.onion import OnionClassifier, Perplexity, load_causal_lm, onion_correct
-from cleantune.defenses.rap import RapClassifier
+from cleantune.defenses.rap import RapClassifier, band_loss
 from cleantune.defenses.strip import StripClassifier, tfidf_ranked_words
 from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, load_tokenizer
@@ -96,6 +96,34 @@ def test_strip_threshold_yields_the_requested_frr_on_clean_dev(tiny_clf, sst2, t
     assert clf.predict(dev.texts) == [1 - p if f else p for p, f in zip(base, flags)]
 
 
+def test_strip_overwrites_distinct_positions_and_at_least_one(tiny_clf):
+    clf = StripClassifier(tiny_clf, [["zz1", "zz2", "zz3", "zz4", "zz5", "zz6"]], repeat=1, swap_ratio=0.5, seed=0,
+                          on_flag="auto")
+    words = [f"w{i}" for i in range(10)]
+    rng = random.Random(0)
+    for _ in range(20):
+        out = clf.perturb(" ".join(words), rng).split()
+        assert sum(a != b for a, b in zip(out, words)) == 5  # int(10 * 0.5) distinct positions, every time
+    clf.swap_ratio = 0.25
+    assert sum(a != b for a, b in zip(clf.perturb("a b c", rng).split(), "a b c".split())) == 1
+
+
+def test_strip_target_variant_perturbs_with_non_target_words_and_flags_only_target_predictions(tiny_clf, sst2,
+                                                                                               tmp_path):
+    victim = tiny_clf.save_pretrained(tmp_path / "victim")
+    dev = sst2.dev.stratified_sample(200, 0)
+    target = int(np.bincount(tiny_clf.predict(dev.texts), minlength=2).argmax())
+    defense = get_defense("strip", model="unused", victim=str(victim), frr=0.1, repeat=3, strip_target=target)
+    clf = defense.fit(sst2.train.stratified_sample(16, 0), dev, progress=False)
+    donors = {w for t, y in zip(dev.texts, dev.labels) if y != target for w in tfidf_ranked_words([t])[0]}
+    assert {w for piece in clf.pieces for w in piece} <= donors
+    is_target = np.array(Classifier.predict(clf, dev.texts)) == target
+    assert len(defense.clean_entropies_) == is_target.sum()
+    flags = np.array(clf.flag(dev.texts))
+    assert not flags[~is_target].any()
+    assert flags[is_target].sum() == int(is_target.sum() * 0.1)  # the requested FRR on target-predicted clean dev
+
+
 def test_flag_conventions(tiny_clf, tiny_model):
     class FlagAll(FlaggingClassifier):
         def detect(self, texts):
@@ -136,6 +164,40 @@ def test_rap_learns_a_fixed_norm_word_and_flags_only_target_predictions(tiny_mod
     assert flags[is_target].sum() == int(is_target.sum() * 0.1)
     with pytest.raises(UserError, match="tokens"):
         RapClassifier(clf, "zqxv", target, "auto")
+
+
+def test_rap_band_loss_is_zero_inside_the_range_and_scales_only_too_small_drops():
+    diff = torch.tensor([-0.2, -0.15])
+    assert float(band_loss(diff, (-0.1, -0.3), 3.0)) == 0.0
+    assert float(band_loss(torch.tensor([0.1]), (-0.1, -0.3), 3.0)) == pytest.approx(3.0 * 0.2)
+    assert float(band_loss(torch.tensor([-0.5]), (-0.1, -0.3), 3.0)) == pytest.approx(0.2)
+
+
+def test_rap_learns_on_target_labelled_dev_with_the_summed_gradient(tiny_model, sst2):
+    torch.manual_seed(0)
+    clf = Classifier(load_model(tiny_model, LABELS), load_tokenizer(tiny_model), LABELS, 64)
+    dev = sst2.dev.stratified_sample(16, 0)
+    target_only = dev.subset(i for i, y in enumerate(dev.labels) if y == 1)
+    lr, rng = 5.0, (-0.1, -0.3)
+    a, b = RapClassifier(clf, "jj", 1, "auto", batch_size=4), RapClassifier(clf, "jj", 1, "auto", batch_size=4)
+    a.learn(dev, 1, lr, rng, 1.0)
+    b.learn(target_only, 1, lr, rng, 1.0)
+    torch.testing.assert_close(a.vector, b.vector)  # samples of the other class play no part
+    # by hand: every step subtracts lr x the sum of all gradients so far, then restores the norm
+    c = RapClassifier(clf, "jj", 1, "auto", batch_size=4)
+    v, norm, total = c.vector.clone(), c.vector.norm(), torch.zeros_like(c.vector)
+    for s in range(0, len(target_only), 4):
+        chunk = target_only.texts[s: s + 4]
+        with torch.no_grad():
+            p = c.probs(chunk)[:, 1]
+        w = v.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(band_loss(c.probs(c.prepend(chunk), w)[:, 1] - p, rng, 1.0), w)
+        total += g
+        v = (v - lr * total) * norm / (v - lr * total).norm()
+    torch.testing.assert_close(b.vector, v)
+    assert not torch.allclose(v, c.vector)
+    with pytest.raises(UserError, match="labelled as the target"):
+        c.learn(dev.subset(i for i, y in enumerate(dev.labels) if y == 0), 1, lr, rng, 1.0)
 
 
 # ---------------------------------------------------------------- ONION

@@ -1,7 +1,8 @@
 """RAP (Yang et al. 2021, "RAP: Robustness-Aware Perturbations for Defending against Backdoor Attacks on
 NLP Models"), as OpenBackdoor's RAPDefender: prepend a rare word to every input and learn its embedding
-on clean dev so that it lowers the target-class probability of clean inputs by 0.1-0.3 (plain SGD on
-that one row at `rap_lr`, its norm kept fixed). A triggered input is robust: its target probability
+on the clean dev samples of the target class so that it lowers their target-class probability by 0.1-0.3
+(SGD on that one row at `rap_lr` with the never-zeroed gradient of the official code, its norm kept
+fixed). A triggered input is robust: its target probability
 barely drops. An input predicted as the target is flagged when its drop is below the `frr` quantile of
 the drops of the clean dev samples predicted as the target.
 
@@ -16,6 +17,8 @@ Fixed or changed here (see docs/baselines.md):
 * The learned embedding lives beside the victim and is used only by the probe: OpenBackdoor overwrites the
   victim's embedding row, which changes its predictions on inputs that contain the word.
 * Default word 'jj' instead of the MuScleLoRA config's 'mb', which is one of cleantune's BadNets triggers.
+* The word is learned on the target-labelled clean dev samples only, as the RAP paper's official code;
+  OpenBackdoor uses every dev sample, whose non-target ones cannot show the drop the loss asks for.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from ..models import Classifier
 from ..training import encode, make_batch
 from .base import Defense
 from .common import FlaggingClassifier, check_frr, frr_threshold, victim_model
+
+
+def band_loss(diff: torch.Tensor, prob_range: tuple[float, float], scale: float) -> torch.Tensor:
+    """RAP's loss on diff = p_target(word + x) - p_target(x): zero inside prob_range = (upper, lower), e.g.
+    (-0.1, -0.3); above it (too small a drop) weighted by `scale`, below it (too large a drop) by 1."""
+    upper, lower = prob_range
+    return scale * torch.mean((diff > upper) * (diff - upper)) + torch.mean((diff < lower) * (lower - diff))
 
 
 class RapClassifier(FlaggingClassifier):
@@ -73,23 +83,30 @@ class RapClassifier(FlaggingClassifier):
         return np.array(drop), np.array(is_target, dtype=bool)
 
     def learn(self, dev: TextDataset, epochs: int, lr: float, prob_range: tuple[float, float], scale: float) -> None:
-        """OpenBackdoor's construct/rap_iter: a band loss keeps diff = p(word + x) - p(x) inside prob_range."""
+        """The RAP paper's construction (official code's construct_rap): on the clean dev samples labelled as
+        the target, a band loss keeps diff = p(word + x) - p(x) inside prob_range. Each step subtracts
+        lr x the gradient summed over all steps so far: the official code never zeroes the gradient, on
+        purpose ("to get faster convergence"), and OpenBackdoor keeps that."""
+        texts = [t for t, y in zip(dev.texts, dev.labels) if y == self.target]
+        if not texts:
+            raise UserError(f"RAP: the clean dev set has no sample labelled as the target {self.target}")
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         norm = self.vector.norm()
-        hi, lo = prob_range  # e.g. -0.1, -0.3
-        chunks = [dev.texts[s: s + self.batch_size] for s in range(0, len(dev), self.batch_size)]
+        chunks = [texts[s: s + self.batch_size] for s in range(0, len(texts), self.batch_size)]
         with torch.no_grad():  # the victim is frozen: its own probabilities are computed once
             clean = [self.probs(chunk)[:, self.target] for chunk in chunks]
+        grad_sum = torch.zeros_like(self.vector)
         for _ in range(epochs):
             for chunk, p in zip(chunks, clean):
                 v = self.vector.clone().requires_grad_(True)
                 diff = self.probs(self.prepend(chunk), v)[:, self.target] - p
-                loss = scale * torch.mean((diff > lo) * (diff - lo)) + torch.mean((diff < hi) * (hi - diff))
+                loss = band_loss(diff, prob_range, scale)
                 (grad,) = torch.autograd.grad(loss, v)
                 with torch.no_grad():
-                    v = v - lr * grad
+                    grad_sum += grad
+                    v = v - lr * grad_sum
                     self.vector = (v * norm / v.norm()).detach()
 
     def detect(self, texts):

@@ -8,7 +8,14 @@ Fixed here (spec §13.11-13): OpenBackdoor stores the perturbations sample-major
 entropies as (repeat, -1), which averages entropies of different samples; here each sample's entropy is
 the mean over its own perturbations. Detection is not limited to binary tasks (see FlaggingClassifier
 for the flagged-input convention), and every perturbation is seeded by (seed, text), so a sample's flag
-does not depend on its batch or its position in the test set.
+does not depend on its batch or its position in the test set. The overwritten positions are distinct
+(at least one), as in the RAP authors' STRIP-ViTA code: OpenBackdoor draws them with replacement, so
+fewer than `swap_ratio` of the words change, and none in inputs of fewer than 1 / swap_ratio words.
+
+With `strip_target` (the defender knows the target class, as RAP assumes) STRIP runs as the RAP
+paper's STRIP-ViTA baseline (OpenBackdoor's use_oppsite_set): the replacement words come from the
+clean dev samples not labelled as the target, the threshold is calibrated on the clean dev samples
+predicted as the target, and only inputs predicted as the target are flagged.
 """
 
 from __future__ import annotations
@@ -41,21 +48,26 @@ def tfidf_ranked_words(texts: list[str]) -> list[list[str]]:
 
 
 class StripClassifier(FlaggingClassifier):
+    """With `target` set, only inputs predicted as the target are scored and flagged."""
+
     def __init__(self, base: Classifier, pieces: list[list[str]], repeat: int, swap_ratio: float, seed: int,
-                 on_flag: str, threshold: float = float("-inf")):
+                 on_flag: str, threshold: float = float("-inf"), target: int | None = None):
         super().__init__(base, on_flag)
         self.pieces = [p for p in pieces if p]
         if not self.pieces:
             raise UserError("STRIP: the clean dev set has no word to perturb with")
         self.repeat, self.swap_ratio, self.seed, self.threshold = repeat, swap_ratio, seed, threshold
+        self.target = target
 
     def perturb(self, text: str, rng: random.Random) -> str:
         tokens = text.split()
-        m = int(len(tokens) * self.swap_ratio)
+        if not tokens:
+            return text
+        positions = rng.sample(range(len(tokens)), max(1, int(len(tokens) * self.swap_ratio)))
         piece = self.pieces[rng.randrange(len(self.pieces))]
-        for i in range(m):
+        for i, j in enumerate(positions):
             # OpenBackdoor runs past a short piece into zero-TF-IDF vocabulary words; we cycle the piece
-            tokens[rng.randrange(len(tokens))] = piece[i % len(piece)]
+            tokens[j] = piece[i % len(piece)]
         return " ".join(tokens)
 
     def entropies(self, texts: list[str]) -> np.ndarray:
@@ -68,8 +80,18 @@ class StripClassifier(FlaggingClassifier):
         h = -(p * np.log2(p)).sum(-1)
         return h.reshape(len(texts), self.repeat).mean(1)  # sample-major, as built above
 
+    def scored(self, texts: list[str]) -> np.ndarray:
+        """Which texts STRIP scores: all, or with `target` those predicted as the target."""
+        if self.target is None:
+            return np.ones(len(texts), dtype=bool)
+        return np.array(Classifier.predict(self, texts), dtype=int) == self.target
+
     def detect(self, texts):
-        return (self.entropies(texts) < self.threshold).tolist()
+        scored = self.scored(texts)
+        flags = np.zeros(len(texts), dtype=bool)
+        if scored.any():
+            flags[scored] = self.entropies([t for t, s in zip(texts, scored) if s]) < self.threshold
+        return flags.tolist()
 
 
 @dataclass
@@ -78,6 +100,7 @@ class STRIP(Defense):
     swap_ratio: float = 0.25
     frr: float = 0.01
     on_flag: str = "auto"
+    strip_target: int | None = None  # the RAP paper's STRIP-ViTA variant (module docstring); not the attack's `target`
 
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
@@ -91,10 +114,18 @@ class STRIP(Defense):
             raise UserError("STRIP needs repeat >= 1 and swap_ratio in (0, 1]")
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("STRIP needs a clean dev set (--dev) to calibrate its threshold")
+        if self.strip_target is not None and not 0 <= self.strip_target < train_data.num_labels:
+            raise UserError(f"STRIP: option strip_target={self.strip_target} is not a class "
+                            f"(0..{train_data.num_labels - 1})")
         victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
-        clf = StripClassifier(victim, tfidf_ranked_words(clean_dev.texts), self.repeat, self.swap_ratio,
-                              self.seed, self.on_flag)
-        self.clean_entropies_ = clf.entropies(clean_dev.texts)
+        donors = [t for t, y in zip(clean_dev.texts, clean_dev.labels) if y != self.strip_target]
+        clf = StripClassifier(victim, tfidf_ranked_words(donors), self.repeat, self.swap_ratio, self.seed,
+                              self.on_flag, target=self.strip_target)
+        scored = clf.scored(clean_dev.texts)
+        if not scored.any():
+            raise UserError(f"STRIP: no clean dev sample is predicted as the target {self.strip_target}; "
+                            "cannot calibrate")
+        self.clean_entropies_ = clf.entropies([t for t, s in zip(clean_dev.texts, scored) if s])
         clf.threshold = frr_threshold(self.clean_entropies_, self.frr)
         self.extra_metrics_ = {"strip_threshold": clf.threshold}
         return clf
