@@ -6,11 +6,12 @@ from .data import TextDataset
 from .models import Classifier
 
 
+def _share_correct(preds: list[int], labels: list[int]) -> float:
+    return sum(p == y for p, y in zip(preds, labels)) / len(labels) if labels else float("nan")
+
+
 def accuracy_on(model: Classifier, data: TextDataset) -> float:
-    if len(data) == 0:
-        return float("nan")
-    preds = model.predict(data.texts)
-    return sum(p == y for p, y in zip(preds, data.labels)) / len(data)
+    return _share_correct(model.predict(data.texts) if len(data) else [], data.labels)
 
 
 def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDataset | None = None) -> dict:
@@ -18,14 +19,14 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     (the triggered set's labels are the target). `asr_floor` is the share of clean non-target test samples
     predicted as the target with no trigger at all: the ASR a model that ignores the trigger still shows,
     the level a defense can at best bring ASR down to."""
-    preds = model.predict(clean_test.texts) if len(clean_test) else []
-    out = {"cacc": sum(p == y for p, y in zip(preds, clean_test.labels)) / len(clean_test) if preds else float("nan")}
+    preds = model.predict(clean_test.texts) if len(clean_test) else []  # once, for CACC and the floor
+    out = {"cacc": _share_correct(preds, clean_test.labels)}
     if triggered_test is not None:
         out["asr"] = accuracy_on(model, triggered_test)
         if len(triggered_test):
             target = triggered_test.labels[0]
             others = [p for p, y in zip(preds, clean_test.labels) if y != target]
-            out["asr_floor"] = sum(p == target for p in others) / len(others) if others else float("nan")
+            out["asr_floor"] = _share_correct(others, [target] * len(others))
     return out
 
 
