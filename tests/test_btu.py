@@ -108,6 +108,8 @@ def test_guard_costs_are_the_clean_dev_accuracy_each_token_takes(tiny_model):
     assert torch.equal(emb.weight, before)  # the guard leaves the embeddings as it found them
     with pytest.raises(UserError, match="guard needs clean dev"):  # refused before any training
         BTU(model=tiny_model).fit(dev, None, progress=False)
+    with pytest.raises(UserError, match="guard has none left"):  # clean tuning would take all of it
+        BTU(model=tiny_model, clean_tuning=3).fit(dev, dev, progress=False)
 
 
 def test_faithful_unlearn_recomputes_threshold_in_id_order():

@@ -59,12 +59,35 @@ def test_only_lora_and_mslr_train(tiny_model):
     assert names and all("lora_" in n or "mslr_" in n for n in names)
     assert sum("mslr_" in n for n in names) == 2 and any("pooler.dense.mslr_L" in n for n in names)
     assert d.resolved_["scales"] == [1, 4, 8, 12, 16, 20, 24, 28] and d.resolved_["mslr_alpha"] == 6.0
+    assert d.train_settings().lr == d.resolved_["lr"] == 2e-5  # lr left unset: resolved for the backbone
     # ablations: no MSLR in ga-lora, everything trains in ga
     m2 = get_defense("ga-lora", model=tiny_model).prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
     assert all("lora_" in n for n in _trainable(m2))
     m3 = load_model(tiny_model, ["a", "b"])
     get_defense("ga", model=tiny_model).prepare_model(m3, tok, None)
     assert len(_trainable(m3)) == len(list(m3.parameters()))
+
+
+def test_per_backbone_lr_and_alpha():
+    """Published backbones keep the paper's lr and alpha; a 384-wide BERT (MiniLM) takes the values tuned on
+    clean dev (TUNED); settings given explicitly always win."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from cleantune.defenses.base import Defense
+    from cleantune.defenses.muscle import TUNED
+
+    def model(hidden):
+        return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=1,
+                                                        num_attention_heads=4, intermediate_size=32))
+
+    base = get_defense("muscle-lora").resolve(model(768))
+    assert base["lr"] == 2e-5 and base["mslr_alpha"] == 6.0
+    minilm = get_defense("muscle-lora").resolve(model(384))
+    assert (minilm["lr"], minilm["mslr_alpha"]) == (TUNED[("bert", 384)]["lr"], TUNED[("bert", 384)]["mslr_alpha"])
+    assert get_defense("ga").resolve(model(384))["lr"] == Defense.lr  # full fine-tuning keeps its own lr
+    assert get_defense("ga").resolve(model(768))["lr"] == 2e-5
+    given = get_defense("muscle-lora", lr=1e-4, mslr_alpha=2.0).resolve(model(384))
+    assert (given["lr"], given["mslr_alpha"]) == (1e-4, 2.0)
 
 
 def test_projection_and_gating_by_hand():

@@ -405,6 +405,9 @@ class BTU(Defense):
             taken = set(zip(tune_data.texts, tune_data.labels))
             rest = [i for i, s in enumerate(zip(clean_dev.texts, clean_dev.labels)) if s not in taken]
             select = clean_dev.subset(rest) if rest else None
+            if select is None and self.guard:
+                raise UserError(f"clean_tuning={self.clean_tuning} takes every clean dev sample, so the collateral "
+                                "guard has none left (tune on fewer, or --option guard=false)")
 
         tokenizer = load_tokenizer(self.model)
         view = TokenView(tokenizer)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -34,6 +34,12 @@ PLM_GA = {"ref_samples": 96, "ga_epoch": 1, "max_raw_grad_ratio": 0.1, "min_ref_
 LLM_GA = {"ref_samples": 128, "ga_epoch": 0, "max_raw_grad_ratio": 0.0, "min_ref_loss": 0.0}
 PLM_LORA = {"lora_r": 8, "lora_alpha": 32}
 LLM_LORA = {"lora_r": 2, "lora_alpha": 8}
+PUBLISHED_LR = {"encoder": 2e-5, "causal": 1e-5}
+# Backbones the paper did not use, keyed (family, hidden size): values chosen on clean SST-2 dev accuracy
+# by benchmarks/muscle_tune.py (no attack, no test data); docs/muscle-lora.md, "The MiniLM settings".
+# MiniLM's pretrained pooler is small (||W0 x|| about a third of a default-init layer's), so the published
+# alpha 6 makes the MSLR delta 175x the base output at init and saturates 82% of the tanh units.
+TUNED = {("bert", 384): {"lr": 3e-3, "mslr_alpha": 0.1}}
 
 
 # ---------------------------------------------------------------- gradient alignment
@@ -140,7 +146,7 @@ class MuScleLoRA(Defense):
     """
 
     epochs: int = 10
-    lr: float = 2e-5
+    lr: float | None = None  # None: 2e-5 (encoders), 1e-5 (causal LMs), or the TUNED value for the backbone
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     # LoRA
@@ -179,20 +185,31 @@ class MuScleLoRA(Defense):
 
     def resolve(self, model) -> dict:
         """The settings with the per-backbone defaults filled in."""
-        causal = A.backbone_family(model) == "causal"
+        family = A.backbone_family(model)
+        causal = family == "causal"
+        tuned = TUNED.get((family, model.config.hidden_size), {})
         out = dict(self.settings())
         for k, v in {**(LLM_GA if causal else PLM_GA), **(LLM_LORA if causal else PLM_LORA)}.items():
             if k in out and out[k] is None:
                 out[k] = v
+        if out["lr"] is None:
+            if "lora" not in self.components:  # "ga": full fine-tuning, at the backbone's fine-tuning lr
+                out["lr"] = Defense.lr if tuned else PUBLISHED_LR["encoder"]
+            else:
+                out["lr"] = tuned.get("lr", PUBLISHED_LR["causal" if causal else "encoder"])
         if "mslr" in self.components:
             scales, alpha = A.published_mslr(model)
             out["scales"] = out["scales"] or scales
-            out["mslr_alpha"] = out["mslr_alpha"] if out["mslr_alpha"] is not None else alpha
+            if out["mslr_alpha"] is None:
+                out["mslr_alpha"] = tuned.get("mslr_alpha", alpha)
         return out
+
+    def train_settings(self):
+        return Defense.train_settings(replace(self, lr=self.resolved_["lr"]))
 
     def prepare_model(self, model, tokenizer, train_data):
         self.resolved_ = r = self.resolve(model)
-        self.extra_metrics_ = {"resolved_settings": {k: v for k, v in r.items() if k not in asdict(Defense())}}
+        self.extra_metrics_ = {"resolved_settings": {k: v for k, v in r.items() if k == "lr" or k not in asdict(Defense())}}
         if A.backbone_family(model) == "causal":
             A.attach_causal_head(model, self.head_inner)
         if "lora" not in self.components:

@@ -1,0 +1,89 @@
+"""Choose MuScleLoRA's learning rate and MSLR alpha for a backbone the paper did not use, on clean data only.
+
+The defense is trained on a clean (unpoisoned) training subset and scored by its own model-selection
+rule: accuracy on the clean dev set minus the GA references. No attack, no poisoned sample and no test
+sample is involved, so the choice cannot favour any attack. The candidate with the best clean dev
+accuracy wins (ties: the smaller lr, then the larger alpha, the published side).
+
+Per candidate it also prints the share of steps per epoch in which gradient alignment fell back to the
+raw gradient (the reference loss had dropped below min_ref_loss before GA's mixing epoch): a learning
+rate that fits the references within the first epoch leaves most of that epoch unaligned.
+For each alpha it prints the MSLR's size at initialisation on the clean dev inputs,
+||dW x|| / ||W0 x|| and the share of saturated tanh units after the layer (spec 2.3), the quantity
+the alpha rule in docs/muscle-lora.md is about.
+
+    PYTHONPATH=src python benchmarks/muscle_tune.py --lrs 1e-3,3e-3 --mslr-alphas 6,2,0.5 --train-size 1000 --epochs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cleantune.adapters import mslr as A
+from cleantune.data import load_benchmark
+from cleantune.defenses import get_defense
+from cleantune.models import load_model, load_tokenizer
+
+
+def init_size(model_name: str, texts: list[str], alpha: float | None, seed: int) -> tuple[float, float]:
+    """(mean ||dW x|| / ||W0 x||, share of |tanh| > 0.99) at the MSLR's init, on `texts`."""
+    torch.manual_seed(seed)
+    model, tok = load_model(model_name, ["0", "1"]).eval(), load_tokenizer(model_name)
+    scales, published = A.published_mslr(model)
+    target = A.default_target(model)
+    base = model.get_submodule(target)
+    captured = {}
+    handle = base.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        model(**batch)
+        handle.remove()
+        x = captured["x"]
+        z0 = base(x)
+        layer = A.inject_mslr(model, A.MSLRConfig(scales, 1, published if alpha is None else alpha, None))
+        z = layer(x)
+    ratio = ((z - z0).norm(dim=-1) / z0.norm(dim=-1)).mean().item()
+    return ratio, (z.tanh().abs() > 0.99).float().mean().item()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--dataset", default="sst2")
+    ap.add_argument("--defense", default="muscle-lora")
+    ap.add_argument("--lrs", default="2e-5,2e-4,1e-3")
+    ap.add_argument("--mslr-alphas", default="", help="comma list; empty: the published alpha only")
+    ap.add_argument("--train-size", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=42)
+    args = ap.parse_args()
+    bench = load_benchmark(args.dataset)
+    train = bench.train.stratified_sample(args.train_size, args.seed)
+    alphas = [float(a) for a in args.mslr_alphas.split(",") if a] or [None]
+    for a in alphas:
+        ratio, sat = init_size(args.model, bench.dev.texts[:128], a, args.seed)
+        print(f"mslr_alpha {a if a is not None else 'published'}: at init ||dW x||/||W0 x|| {ratio:.1f}, "
+              f"saturated tanh units {sat:.3f}", flush=True)
+    rows = []
+    for a in alphas:
+        for lr in [float(x) for x in args.lrs.split(",")]:
+            opts = {} if a is None else {"mslr_alpha": a}
+            d = get_defense(args.defense, model=args.model, lr=lr, epochs=args.epochs, seed=args.seed, **opts)
+            t0 = time.time()
+            d.fit(train, bench.dev, progress=False)
+            accs = [h["dev_acc"] for h in d.report_.history]
+            rows.append((lr, a, max(accs)))
+            raw = [h.get("ga_raw") for h in d.report_.history]
+            print(f"lr {lr:g} mslr_alpha {a if a is not None else 'published'}: clean dev accuracy (selection set) "
+                  f"per epoch {', '.join(f'{x:.4f}' for x in accs)}; share of steps GA left raw per epoch "
+                  f"{', '.join('-' if x is None else f'{x:.2f}' for x in raw)} ({time.time() - t0:.0f} s)", flush=True)
+    best = max(rows, key=lambda r: (r[2], -r[0], r[1] if r[1] is not None else float("inf")))
+    print(f"{args.defense} on {args.model}, {args.dataset} clean train {args.train_size}, {args.epochs} epochs: "
+          f"best lr {best[0]:g}, mslr_alpha {best[1] if best[1] is not None else 'published'} (clean dev {best[2]:.4f})")
+
+
+if __name__ == "__main__":
+    main()
