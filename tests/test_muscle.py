@@ -86,6 +86,9 @@ def test_per_backbone_lr_and_alpha():
     assert (minilm["lr"], minilm["mslr_alpha"]) == (TUNED[("bert", 384)]["lr"], TUNED[("bert", 384)]["mslr_alpha"])
     assert get_defense("ga").resolve(model(384))["lr"] == Defense.lr  # full fine-tuning keeps its own lr
     assert get_defense("ga").resolve(model(768))["lr"] == 2e-5
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    causal = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, num_labels=2))
+    assert get_defense("muscle-lora").resolve(causal)["lr"] == 1e-5
     given = get_defense("muscle-lora", lr=1e-4, mslr_alpha=2.0).resolve(model(384))
     assert (given["lr"], given["mslr_alpha"]) == (1e-4, 2.0)
 

@@ -141,7 +141,8 @@ class MuScleLoRA(Defense):
     Settings left at None take the paper's value for the backbone family (spec 2.5, 3.3, 16):
     encoders (BERT, RoBERTa, MiniLM): LoRA r8/alpha32, 96 refs, GA epoch 1, raw-gradient ratio 0.1, min
     ref loss 0.4; causal LMs (GPT-2, Llama): LoRA r2/alpha8, 128 refs, GA epoch 0, ratio 0, min ref loss 0,
-    and the d->16->C head. For causal LMs also pass the paper's `--lr 1e-5 --epochs 5 --batch-size 16`.
+    and the d->16->C head. `lr` unset: 2e-5 (encoders), 1e-5 (causal LMs), or TUNED for the backbone (MiniLM
+    3e-3 and MSLR alpha 0.1). For causal LMs also pass the paper's `--epochs 5 --batch-size 16`.
     The head is frozen at its random init, as in the official code (`train_head=True` trains it).
     """
 
