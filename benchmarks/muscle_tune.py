@@ -81,8 +81,9 @@ def main():
                   f"per epoch {', '.join(f'{x:.4f}' for x in accs)}; share of steps GA left raw per epoch "
                   f"{', '.join('-' if x is None else f'{x:.2f}' for x in raw)} ({time.time() - t0:.0f} s)", flush=True)
     best = max(rows, key=lambda r: (r[2], -r[0], r[1] if r[1] is not None else float("inf")))
+    alpha = best[1] if best[1] is not None else "published"
     print(f"{args.defense} on {args.model}, {args.dataset} clean train {args.train_size}, {args.epochs} epochs: "
-          f"best lr {best[0]:g}, mslr_alpha {best[1] if best[1] is not None else 'published'} (clean dev {best[2]:.4f})")
+          f"best lr {best[0]:g}, mslr_alpha {alpha} (clean dev {best[2]:.4f})")
 
 
 if __name__ == "__main__":

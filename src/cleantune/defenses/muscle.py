@@ -194,10 +194,11 @@ class MuScleLoRA(Defense):
             if k in out and out[k] is None:
                 out[k] = v
         if out["lr"] is None:
+            published = PUBLISHED_LR["causal" if causal else "encoder"]
             if "lora" not in self.components:  # "ga": full fine-tuning, at the backbone's fine-tuning lr
-                out["lr"] = Defense.lr if tuned else PUBLISHED_LR["encoder"]
+                out["lr"] = Defense.lr if tuned else published
             else:
-                out["lr"] = tuned.get("lr", PUBLISHED_LR["causal" if causal else "encoder"])
+                out["lr"] = tuned.get("lr", published)
         if "mslr" in self.components:
             scales, alpha = A.published_mslr(model)
             out["scales"] = out["scales"] or scales
@@ -210,7 +211,8 @@ class MuScleLoRA(Defense):
 
     def prepare_model(self, model, tokenizer, train_data):
         self.resolved_ = r = self.resolve(model)
-        self.extra_metrics_ = {"resolved_settings": {k: v for k, v in r.items() if k == "lr" or k not in asdict(Defense())}}
+        shared = set(asdict(Defense())) - {"lr"}  # lr is resolved per backbone, so it is reported
+        self.extra_metrics_ = {"resolved_settings": {k: v for k, v in r.items() if k not in shared}}
         if A.backbone_family(model) == "causal":
             A.attach_causal_head(model, self.head_inner)
         if "lora" not in self.components:
