@@ -56,12 +56,12 @@ def main():
     ap.add_argument("--defense", default="muscle-lora")
     ap.add_argument("--lrs", default="2e-5,2e-4,1e-3")
     ap.add_argument("--mslr-alphas", default="", help="comma list; empty: the published alpha only")
-    ap.add_argument("--train-size", type=int, default=1000)
+    ap.add_argument("--train-size", type=int, default=1000, help="0: the whole train split")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
     bench = load_benchmark(args.dataset)
-    train = bench.train.stratified_sample(args.train_size, args.seed)
+    train = bench.train.stratified_sample(args.train_size, args.seed) if args.train_size else bench.train
     alphas = [float(a) for a in args.mslr_alphas.split(",") if a] or [None]
     for a in alphas:
         ratio, sat = init_size(args.model, bench.dev.texts[:128], a, args.seed)

@@ -88,18 +88,25 @@ class ToyClassifier:
         return [int(self.emb.weight[seq, 0].sum() > 0) for seq in ids]
 
 
-def test_guard_costs_are_the_clean_dev_accuracy_each_token_takes(tiny_model):
-    tok = load_tokenizer(tiny_model)
-    good, movie, cf = tok.convert_tokens_to_ids(["good", "movie", "cf"])
+def _toy_victim(tok, learned: dict[int, tuple[int, float]]):
+    """(E0, embedding, ToyClassifier): pretrained rows all zero but the padding row (-1); each learned token
+    id moved to `value` in one dimension."""
     E0 = torch.zeros(tok.vocab_size, 4)
     E0[tok.pad_token_id] = -1.0
     emb = torch.nn.Embedding(tok.vocab_size, 4)
     with torch.no_grad():
         emb.weight.copy_(E0)
-        emb.weight[good, 0] = 5.0   # learned: "good" carries the positive class
-        emb.weight[movie, 1] = 3.0  # learned, but in a dimension the prediction ignores
-        emb.weight[cf, 0] = 9.0     # a trigger: absent from clean dev
-    clf = ToyClassifier(tok, emb)
+        for t, (dim, value) in learned.items():
+            emb.weight[t, dim] = value
+    return E0, emb, ToyClassifier(tok, emb)
+
+
+def test_guard_costs_are_the_clean_dev_accuracy_each_token_takes(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    good, movie, cf = tok.convert_tokens_to_ids(["good", "movie", "cf"])
+    E0, emb, clf = _toy_victim(tok, {good: (0, 5.0),    # learned: "good" carries the positive class
+                                     movie: (1, 3.0),   # learned, but in a dimension the prediction ignores
+                                     cf: (0, 9.0)})     # a trigger: absent from clean dev
     dev = TextDataset(["good movie", "bad movie", "a good one"], [1, 0, 1], ["neg", "pos"])
     before = emb.weight.detach().clone()
     costs = btu.guard_costs(clf, TokenView(tok), E0, tok.pad_token_id, [good, movie, cf], dev)
@@ -110,6 +117,22 @@ def test_guard_costs_are_the_clean_dev_accuracy_each_token_takes(tiny_model):
         BTU(model=tiny_model).fit(dev, None, progress=False)
     with pytest.raises(UserError, match="guard has none left"):  # clean tuning would take all of it
         BTU(model=tiny_model, clean_tuning=3).fit(dev, dev, progress=False)
+
+
+def test_guard_measures_spared_tokens_again_after_the_cut(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    watch, movie, good = tok.convert_tokens_to_ids(["watch", "movie", "good"])
+    E0, emb, clf = _toy_victim(tok, {watch: (0, 2.0),   # pulls "watch movie" toward the target
+                                     movie: (0, -3.0),  # and "movie" holds it back: unlearned alone, it flips
+                                     good: (0, 5.0)})   # a task word: unlearning it always costs
+    dev = TextDataset(["watch movie", "good one"], [0, 1], ["neg", "pos"])
+    cut, spared, rounds = btu.guarded_unlearn(clf, TokenView(tok), E0, tok.pad_token_id, [watch, movie, good], dev,
+                                              tolerance=0.001, recompute=False)
+    # round 1 spares "movie" and "good"; once "watch" is cut, "movie" costs nothing and is cut too
+    assert rounds == [{watch: 0.0, movie: 0.5, good: 0.5}, {movie: 0.0, good: 0.5}, {good: 0.5}]
+    assert spared == [good] and cut["tokens"] == [watch, movie]
+    assert emb.weight[good, 0] == 5.0 and emb.weight[movie, 0] == -1.0 and emb.weight[watch, 0] == -1.0
+    assert clf.predict(dev.texts) == [0, 1]
 
 
 def test_faithful_unlearn_recomputes_threshold_in_id_order():
@@ -194,10 +217,11 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     before, after = snaps[0], snaps[1]  # the victim's embeddings just before and after the cut
     others = [i for i in range(E0.shape[0]) if i not in set(S)]
     assert torch.equal(after[others], before[others])
-    spared, costs = defense.spared_, defense.extra_metrics_["btu_guard_costs"]
-    assert tok.convert_ids_to_tokens(spared) == [t for t, c in costs.items() if c > defense.guard_tolerance]
+    spared, rounds = defense.spared_, defense.extra_metrics_["btu_guard_costs"]
+    last = {t: c for r in rounds for t, c in r.items()}  # each token's cost in the last round that measured it
+    assert tok.convert_ids_to_tokens(spared) == [t for t, c in last.items() if c > defense.guard_tolerance]
     assert torch.equal(after[spared], before[spared])  # spared rows keep the victim's values
-    assert (costs == {}) == (mode == "faithful")
+    assert (rounds == []) == (mode == "faithful")
     replaced = (after[S] == E0[tok.pad_token_id]).sum().item()
     assert replaced >= sum(defense.extra_metrics_["btu_unlearn"]["dims_replaced"]) > 0
     if tuning == "none":

@@ -256,13 +256,15 @@ def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: 
 
 
 @torch.no_grad()
-def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list[int], recompute: bool) -> dict:
+def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list[int], recompute: bool,
+            threshold: float | None = None) -> dict:
     """Dimensional fine-grained unlearning, in place on `weight` (the model's input embedding matrix).
 
     For each suspicious row t, the dimensions j with |E0[t,j] - E[t,j]| > c take the pretrained padding
     row's value E0[pad, j]; c = ||E0 - E||_F / V. `recompute=True` is the official cut: tokens in
     ascending id order, c recomputed from the partly replaced matrix before each token, delta = 0 -> 0 and
-    delta = c -> E + E0[pad] (spec 8 #5). `recompute=False` computes c once and replaces all rows at once.
+    delta = c -> E + E0[pad] (spec 8 #5). `recompute=False` computes c once (or takes `threshold`, so a
+    later cut can use the first cut's c) and replaces all rows at once.
     """
     E = weight.data
     V = E.shape[0]
@@ -273,7 +275,7 @@ def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list
     row_sq = diff.pow(2).sum(1)
     replaced, thresholds = [], []
     if not recompute:
-        c = float(row_sq.sum().sqrt()) / V
+        c = float(row_sq.sum().sqrt()) / V if threshold is None else threshold
         t = torch.tensor(ids, dtype=torch.long, device=E.device)
         mask = diff[t].abs() > c
         E[t] = torch.where(mask, pad.expand_as(mask), E[t])
@@ -291,7 +293,7 @@ def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list
 
 
 def guard_costs(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token_ids: list[int],
-                dev: TextDataset) -> dict[int, float]:
+                dev: TextDataset, threshold: float | None = None) -> dict[int, float]:
     """For each suspicious token that occurs in clean dev: the clean dev accuracy lost by unlearning it
     alone. Only the dev samples that contain the token can change, so only those are re-scored."""
     weight = clf.model.get_input_embeddings().weight
@@ -303,11 +305,36 @@ def guard_costs(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int,
         if not rows:
             continue
         kept = weight.data[t].clone()
-        unlearn(weight, E0, pad_id, [t], recompute=False)
+        unlearn(weight, E0, pad_id, [t], recompute=False, threshold=threshold)
         after = torch.tensor(clf.predict([dev.texts[i] for i in rows])) == torch.tensor([dev.labels[i] for i in rows])
         weight.data[t] = kept
         costs[t] = int(before[rows].sum() - after.sum()) / len(dev)
     return costs
+
+
+def guarded_unlearn(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token_ids: list[int],
+                    dev: TextDataset, tolerance: float, recompute: bool) -> tuple[dict, list[int], list[dict]]:
+    """Unlearn the suspicious tokens the collateral guard does not spare; returns (the cut, the spared
+    tokens, the guard's costs per round). A spared token's cost is measured again once the others are
+    cut, until no more are freed: on the victim a common word can flip a dev sample that cut tokens also
+    decided (AddSent's "movie" and "watch" on full SST-2 cost one sample each before the cut, none after)."""
+    weight = clf.model.get_input_embeddings().weight
+    costs = guard_costs(clf, view, E0, pad_id, token_ids, dev)
+    spared = [t for t, cost in costs.items() if cost > tolerance]
+    cut = unlearn(weight, E0, pad_id, [t for t in token_ids if t not in spared], recompute=recompute)
+    c = None if recompute else cut["threshold"]  # the later cuts keep the first cut's threshold
+    rounds = [costs]
+    while spared:
+        again = guard_costs(clf, view, E0, pad_id, spared, dev, threshold=c)
+        rounds.append(again)
+        freed = [t for t in spared if again[t] <= tolerance]
+        if not freed:
+            break
+        spared = [t for t in spared if t not in freed]
+        more = unlearn(weight, E0, pad_id, freed, recompute=recompute, threshold=c)
+        for key in ("dims_replaced", "tokens") + (("threshold",) if recompute else ()):
+            cut[key] += more[key]
+    return cut, spared, rounds
 
 
 class _CarryOptimizer(StepHook):
@@ -444,10 +471,12 @@ class BTU(Defense):
         stages = {"no_defense": self._stage(clf)}
 
         # 3. Unlearning, toward the pretrained padding row, of the suspicious tokens the guard does not spare.
-        costs = guard_costs(clf, view, E0, tokenizer.pad_token_id, suspicious, select) if self.guard and select else {}
-        spared = [t for t, cost in costs.items() if cost > self.guard_tolerance]
-        cut = unlearn(victim.get_input_embeddings().weight, E0, tokenizer.pad_token_id,
-                      [t for t in suspicious if t not in spared], recompute=self.faithful)
+        if self.guard and select:
+            cut, spared, guard_rounds = guarded_unlearn(clf, view, E0, tokenizer.pad_token_id, suspicious, select,
+                                                        self.guard_tolerance, recompute=self.faithful)
+        else:
+            cut, spared, guard_rounds = unlearn(victim.get_input_embeddings().weight, E0, tokenizer.pad_token_id,
+                                                suspicious, recompute=self.faithful), [], []
         stages["unlearned"] = self._stage(clf)
 
         # 4. Optional clean tuning on k clean dev samples (the official code tunes on the test split, 8 #1).
@@ -480,7 +509,7 @@ class BTU(Defense):
             "btu_mode": self.btu_mode, "btu_clean_tuning": self.clean_tuning, "btu_k": exp.k,
             "btu_suspicious": [tokenizer.convert_ids_to_tokens(i) for i in suspicious],
             "btu_spared": tokenizer.convert_ids_to_tokens(spared), "btu_guard": self.guard,
-            "btu_guard_costs": {tokenizer.convert_ids_to_tokens(t): c for t, c in costs.items()},
+            "btu_guard_costs": [{tokenizer.convert_ids_to_tokens(t): c for t, c in r.items()} for r in guard_rounds],
             "btu_top": {n: tokenizer.convert_ids_to_tokens(v) for n, v in exp.top.items()},
             "btu_unlearn": {"threshold": cut["threshold"], "dims_replaced": cut["dims_replaced"],
                             "dims": int(E0.shape[1])},
