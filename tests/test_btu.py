@@ -119,7 +119,8 @@ def test_guard_costs_are_the_clean_dev_accuracy_each_token_takes(tiny_model):
         BTU(model=tiny_model, clean_tuning=3).fit(dev, dev, progress=False)
 
 
-def test_guard_measures_spared_tokens_again_after_the_cut(tiny_model):
+@pytest.mark.parametrize("recompute", [False, True])  # default cut; faithful cut with guard=true
+def test_guard_measures_spared_tokens_again_after_the_cut(tiny_model, recompute):
     tok = load_tokenizer(tiny_model)
     watch, movie, good = tok.convert_tokens_to_ids(["watch", "movie", "good"])
     E0, emb, clf = _toy_victim(tok, {watch: (0, 2.0),   # pulls "watch movie" toward the target
@@ -127,10 +128,12 @@ def test_guard_measures_spared_tokens_again_after_the_cut(tiny_model):
                                      good: (0, 5.0)})   # a task word: unlearning it always costs
     dev = TextDataset(["watch movie", "good one"], [0, 1], ["neg", "pos"])
     cut, spared, rounds = btu.guarded_unlearn(clf, TokenView(tok), E0, tok.pad_token_id, [watch, movie, good], dev,
-                                              tolerance=0.001, recompute=False)
+                                              tolerance=0.001, recompute=recompute)
     # round 1 spares "movie" and "good"; once "watch" is cut, "movie" costs nothing and is cut too
     assert rounds == [{watch: 0.0, movie: 0.5, good: 0.5}, {movie: 0.0, good: 0.5}, {good: 0.5}]
     assert spared == [good] and cut["tokens"] == [watch, movie]
+    # one threshold per cut token when recomputed; else the first cut's, kept by the later rounds
+    assert len(cut["threshold"]) == 2 if recompute else isinstance(cut["threshold"], float)
     assert emb.weight[good, 0] == 5.0 and emb.weight[movie, 0] == -1.0 and emb.weight[watch, 0] == -1.0
     assert clf.predict(dev.texts) == [0, 1]
 
