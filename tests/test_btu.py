@@ -127,14 +127,17 @@ def test_guard_measures_spared_tokens_again_after_the_cut(tiny_model, recompute)
                                      movie: (0, -3.0),  # and "movie" holds it back: unlearned alone, it flips
                                      good: (0, 5.0)})   # a task word: unlearning it always costs
     dev = TextDataset(["watch movie", "good one"], [0, 1], ["neg", "pos"])
-    first_c = float((emb.weight.detach() - E0).norm()) / tok.vocab_size  # the once-computed c, on the victim
+    victim = emb.weight.detach().clone()
+    first_c = float((victim - E0).norm()) / tok.vocab_size  # the once-computed c, on the victim
     cut, spared, rounds = btu.guarded_unlearn(clf, TokenView(tok), E0, tok.pad_token_id, [watch, movie, good], dev,
                                               tolerance=0.001, recompute=recompute)
     # round 1 spares "movie" and "good"; once "watch" is cut, "movie" costs nothing and is cut too
     assert rounds == [{watch: 0.0, movie: 0.5, good: 0.5}, {movie: 0.0, good: 0.5}, {good: 0.5}]
     assert spared == [good] and cut["tokens"] == [watch, movie]
-    if recompute:  # one threshold per cut token, each from the matrix as it was then
-        assert len(cut["threshold"]) == 2
+    if recompute:  # one threshold per cut token, each from the matrix as it was then: "movie"'s after "watch"'s cut
+        after_watch = victim.clone()
+        after_watch[watch, 0] = -1.0
+        assert cut["threshold"] == pytest.approx([first_c, float((after_watch - E0).norm()) / tok.vocab_size])
     else:  # c computed once, on the victim, as the later rounds are given it
         assert cut["threshold"] == pytest.approx(first_c)
     assert emb.weight[good, 0] == 5.0 and emb.weight[movie, 0] == -1.0 and emb.weight[watch, 0] == -1.0
