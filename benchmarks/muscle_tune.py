@@ -13,6 +13,8 @@ For each alpha it prints the MSLR's size at initialisation on the clean dev inpu
 the alpha rule in docs/muscle-lora.md is about.
 
     PYTHONPATH=src python benchmarks/muscle_tune.py --lrs 1e-3,3e-3 --mslr-alphas 6,2,0.5 --train-size 1000 --epochs 4
+
+Any other defense's lr is chosen the same way (`--defense finetune --lrs 1e-4,3e-4`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,14 @@ def main():
     bench = load_benchmark(args.dataset)
     train = bench.train.stratified_sample(args.train_size, args.seed) if args.train_size else bench.train
     alphas = [float(a) for a in args.mslr_alphas.split(",") if a] or [None]
-    for a in alphas:
+    has_mslr = "mslr" in getattr(type(get_defense(args.defense)), "components", ())
+    if alphas != [None] and not has_mslr:
+        ap.error(f"--mslr-alphas: defense {args.defense} has no MSLR")
+
+    def named(a):
+        return f" mslr_alpha {a if a is not None else 'published'}" if has_mslr else ""
+
+    for a in alphas if has_mslr else []:
         ratio, sat = init_size(args.model, bench.dev.texts[:128], a, args.seed)
         print(f"mslr_alpha {a if a is not None else 'published'}: at init ||dW x||/||W0 x|| {ratio:.1f}, "
               f"saturated tanh units {sat:.3f}", flush=True)
@@ -77,13 +86,13 @@ def main():
             accs = [h["dev_acc"] for h in d.report_.history]
             rows.append((lr, a, max(accs)))
             raw = [h.get("ga_raw") for h in d.report_.history]
-            print(f"lr {lr:g} mslr_alpha {a if a is not None else 'published'}: clean dev accuracy (selection set) "
-                  f"per epoch {', '.join(f'{x:.4f}' for x in accs)}; share of steps GA left raw per epoch "
-                  f"{', '.join('-' if x is None else f'{x:.2f}' for x in raw)} ({time.time() - t0:.0f} s)", flush=True)
+            ga = ("; share of steps GA left raw per epoch " + ", ".join(f"{x:.2f}" for x in raw)
+                  if None not in raw else "")
+            print(f"lr {lr:g}{named(a)}: clean dev accuracy (selection set) per epoch "
+                  f"{', '.join(f'{x:.4f}' for x in accs)}{ga} ({time.time() - t0:.0f} s)", flush=True)
     best = max(rows, key=lambda r: (r[2], -r[0], r[1] if r[1] is not None else float("inf")))
-    alpha = best[1] if best[1] is not None else "published"
     print(f"{args.defense} on {args.model}, {args.dataset} clean train {args.train_size}, {args.epochs} epochs: "
-          f"best lr {best[0]:g}, mslr_alpha {alpha} (clean dev {best[2]:.4f})")
+          f"best lr {best[0]:g}{named(best[1])} (clean dev {best[2]:.4f})")
 
 
 if __name__ == "__main__":
