@@ -26,7 +26,7 @@ import torch
 
 from cleantune.adapters import mslr as A
 from cleantune.data import load_benchmark
-from cleantune.defenses import get_defense
+from cleantune.defenses import DEFENSES, get_defense
 from cleantune.models import load_model, load_tokenizer
 
 
@@ -55,27 +55,29 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--dataset", default="sst2")
-    ap.add_argument("--defense", default="muscle-lora")
+    ap.add_argument("--defense", default="muscle-lora", choices=list(DEFENSES))
     ap.add_argument("--lrs", default="2e-5,2e-4,1e-3")
     ap.add_argument("--mslr-alphas", default="", help="comma list; empty: the published alpha only")
     ap.add_argument("--train-size", type=int, default=1000, help="0: the whole train split")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
-    bench = load_benchmark(args.dataset)
-    train = bench.train.stratified_sample(args.train_size, args.seed) if args.train_size else bench.train
     alphas = [float(a) for a in args.mslr_alphas.split(",") if a] or [None]
-    has_mslr = "mslr" in getattr(type(get_defense(args.defense)), "components", ())
+    components = getattr(DEFENSES[args.defense], "components", ())
+    has_mslr = "mslr" in components
     if alphas != [None] and not has_mslr:
         ap.error(f"--mslr-alphas: defense {args.defense} has no MSLR")
+    bench = load_benchmark(args.dataset)
+    train = bench.train.stratified_sample(args.train_size, args.seed) if args.train_size else bench.train
 
     def named(a):
         return f" mslr_alpha {a if a is not None else 'published'}" if has_mslr else ""
 
-    for a in alphas if has_mslr else []:
-        ratio, sat = init_size(args.model, bench.dev.texts[:128], a, args.seed)
-        print(f"mslr_alpha {a if a is not None else 'published'}: at init ||dW x||/||W0 x|| {ratio:.1f}, "
-              f"saturated tanh units {sat:.3f}", flush=True)
+    if has_mslr:
+        for a in alphas:
+            ratio, sat = init_size(args.model, bench.dev.texts[:128], a, args.seed)
+            print(f"{named(a).strip()}: at init ||dW x||/||W0 x|| {ratio:.1f}, saturated tanh units {sat:.3f}",
+                  flush=True)
     rows = []
     for a in alphas:
         for lr in [float(x) for x in args.lrs.split(",")]:
@@ -85,9 +87,8 @@ def main():
             d.fit(train, bench.dev, progress=False)
             accs = [h["dev_acc"] for h in d.report_.history]
             rows.append((lr, a, max(accs)))
-            raw = [h.get("ga_raw") for h in d.report_.history]
-            ga = ("; share of steps GA left raw per epoch " + ", ".join(f"{x:.2f}" for x in raw)
-                  if None not in raw else "")
+            ga = ("; share of steps GA left raw per epoch " + ", ".join(f"{h['ga_raw']:.2f}" for h in d.report_.history)
+                  if "ga" in components else "")
             print(f"lr {lr:g}{named(a)}: clean dev accuracy (selection set) per epoch "
                   f"{', '.join(f'{x:.4f}' for x in accs)}{ga} ({time.time() - t0:.0f} s)", flush=True)
     best = max(rows, key=lambda r: (r[2], -r[0], r[1] if r[1] is not None else float("inf")))
