@@ -101,6 +101,8 @@ def test_projection_and_gating_by_hand():
     assert torch.equal(align(g, r, "raw", 1.0), g)
     assert torch.equal(align(g, torch.zeros(3), "project", 0.0), g)  # zero reference: keep g
     assert torch.equal(align(g, None, "project", 0.0), g)
+    tiny = torch.tensor([0.0, 1e-23, 1e-23])  # ||r||^2 underflows to 0 in float32
+    assert torch.allclose(project(g, tiny), torch.tensor([0.0, 1e-23, 1e-23]) * 1e23)
     plm = dict(min_ref_grad_norm=5e-7, min_ref_loss=0.4, ga_epoch=1, max_raw_grad_ratio=0.1)
     assert ga_mode(1e-3, 0.5, 0, 10, **plm) == ("project", 0.0)
     assert ga_mode(1e-3, 0.3, 0, 10, **plm) == ("raw", 1.0)        # epoch 0 < GAEpoch: raw gradient

@@ -107,6 +107,31 @@ def test_hook_rewrites_gradients_before_the_step(tiny_model, small):
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+class _InfGradAt(StepHook):
+    def __init__(self, step):
+        self.step = step
+
+    def after_backward(self, ctx):
+        if ctx.step == self.step:
+            next(p for p in ctx.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+
+def test_divergence_stops_and_keeps_the_best_finite_epoch(tiny_model, small):
+    from cleantune.errors import UserError
+
+    train_data, dev = small  # 160 samples, batch 32: 5 steps per epoch; step 7 is in epoch 1
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, train_data.label_names)
+    settings = TrainSettings(epochs=3, lr=1e-3, seed=0)
+    with pytest.warns(RuntimeWarning, match="diverged at step 7 .epoch 1.*kept epoch 0"):
+        report = train(model, tok, train_data, dev, settings, (_InfGradAt(7),), progress=False)
+    assert [h["epoch"] for h in report.history] == [0, 1] and report.history[1]["diverged_at_step"] == 7
+    assert report.best_epoch == 0 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    model = load_model(tiny_model, train_data.label_names)
+    with pytest.raises(UserError, match="diverged at step 2 .epoch 0.*lower the learning rate"):
+        train(model, tok, train_data, None, settings, (_InfGradAt(2),), progress=False)
+
+
 def test_lora_trains_adapter_only(tiny_model, small):
     train_data, dev = small
     base = load_model(tiny_model, train_data.label_names)

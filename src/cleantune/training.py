@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -231,6 +232,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True, leave=False)
     n_samples = n_tokens = 0
     t_train = 0.0
+    diverged = None
     for epoch in range(start_epoch, settings.epochs):
         ctx.epoch = epoch
         wrapped.train()
@@ -247,8 +249,13 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             ctx.loss = loss.detach()
             for h in hooks:
                 h.after_backward(ctx)
-            if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
+            # the norm is taken after the all-reduce, so every process sees the same value and stops together;
+            # max_norm inf (no clipping) scales by exactly 1
+            grad_norm = accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm or math.inf)
+            if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                diverged = ctx.step  # skipped: the weights stay those of the last finite step
+                optimizer.zero_grad(set_to_none=True)
+                break
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -261,6 +268,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             elapsed = t_train + time.perf_counter() - t0
             bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", **{"samples/s": f"{n_samples / max(elapsed, 1e-9):.0f}"})
         t_train += time.perf_counter() - t0
+        if diverged is not None:
+            # stop without a checkpoint for this epoch and fall back to the best epoch so far
+            history.append({"epoch": epoch, "diverged_at_step": diverged, **ctx.logs})
+            break
         record = {"epoch": epoch, "steps": len(mine), "loss": loss_sum / max(1, len(mine))}
         if dev_data is not None and len(dev_data):
             dev_logits = predict_logits(accelerator.unwrap_model(wrapped), tokenizer, dev_data.texts, settings, accelerator)
@@ -278,6 +289,12 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                               "best_score": best_score, "fingerprint": fingerprint})
         accelerator.wait_for_everyone()
     bar.close()
+    if diverged is not None:
+        if best_state is None:
+            raise UserError(f"training diverged at step {diverged} (epoch {epoch}): the gradient is not finite; "
+                            f"lower the learning rate (lr={settings.lr:g})")
+        warnings.warn(f"training diverged at step {diverged} (epoch {epoch}): the gradient is not finite; stopped "
+                      f"and kept epoch {best_epoch}, the best on clean dev", RuntimeWarning, stacklevel=2)
     if best_state is not None:
         for n, p in params.items():
             p.data.copy_(best_state[n])

@@ -48,8 +48,16 @@ TUNED = {("bert", 384): {"lr": 1e-3, "mslr_alpha": 0.1}}
 
 def project(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """|<g, r>| / ||r||^2 * r: the length of g's projection onto r, pointing along +r (spec 3.2; the
-    absolute value is the official code's, so an opposing poisoned gradient still steps the clean way)."""
-    return (g.flatten().double() @ r.flatten().double()).abs().to(r.dtype) / r.flatten().pow(2).sum() * r
+    absolute value is the official code's, so an opposing poisoned gradient still steps the clean way).
+    Once the references are memorised their gradients can be so small (~1e-23) that ||r||^2 underflows to 0
+    in float32 and the official formula returns inf, which gradient clipping turns into NaN weights; such
+    tensors are computed in float64 instead (a deviation: the official code diverges there)."""
+    den = r.flatten().pow(2).sum()
+    if bool(den > 0) and bool(torch.isfinite(den)):
+        return (g.flatten().double() @ r.flatten().double()).abs().to(r.dtype) / den * r
+    r64 = r.flatten().double()
+    coef = (g.flatten().double() @ r64).abs() / (r64 @ r64)
+    return (coef * r.double()).to(r.dtype)
 
 
 def ga_mode(mean_ref_norm: float, ref_loss: float, epoch: int, epochs: int, *, min_ref_grad_norm: float,
