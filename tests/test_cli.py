@@ -112,6 +112,12 @@ def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
     assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "m"),
                  "--model", tiny_model, "--epochs", "1", "--no-progress"]) == 0
     assert "labels ['neg', 'pos']" in capsys.readouterr().out
+    assert not (tmp_path / "m.work").exists()  # the checkpoints go once the model is saved
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    assert main(["train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "other"), "--model", tiny_model]) == 2
+    assert "not a saved cleantune model" in capsys.readouterr().err
+    assert not (tmp_path / "other.work").exists()
     assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv"), "--attack", "badnets", "--triggers", "cf",
                  "--format", "json"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -48,6 +48,22 @@ def test_lora_saves_adapter_and_merged_model(tiny_model, named_data, tmp_path):
                           before, atol=1e-5)
 
 
+def test_save_refuses_what_it_must_not_replace(tiny_model, named_data, tmp_path):
+    data, _ = named_data
+    clf = FineTune(model=tiny_model, epochs=1, lr=1e-3).fit(data, None, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "file").write_text("x")
+    for out, msg in ((tmp_path / "mine", "not a saved cleantune model"), (tmp_path / "file", "not a folder"),
+                     (tmp_path / "file" / "m", "cannot create")):
+        with pytest.raises(UserError, match=msg):
+            clf.save_pretrained(out)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    clf.save_pretrained(tmp_path / "m")
+    clf.save_pretrained(tmp_path / "m")  # a saved model is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m", "mine"]
+
+
 def test_model_names_resolve(tmp_path):
     assert resolve_model("minilm").endswith("model")
     assert resolve_model("org/some-model") == "org/some-model"  # a hub id, loaded by transformers on use

@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 import json
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -269,14 +270,17 @@ def cmd_train(ns) -> int:
         if getattr(ns, k) is not None:
             opts[k] = getattr(ns, k)
     defense = get_defense(ns.defense, seed=ns.seed, **opts)
-    out = Path(ns.out)
-    model = defense.fit(train_data, dev, out_dir=out.with_name(out.name + ".work"), resume=ns.resume,
-                        progress=not ns.no_progress)
+    from .models import check_out_dir
     from .training import is_main_process
 
+    out = Path(ns.out)
+    check_out_dir(out)
+    work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
+    model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
     if not is_main_process():
         return 0
     model.save_pretrained(out)
+    shutil.rmtree(work, ignore_errors=True)
     hist = defense.report_.history
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
           f"{defense.report_.processes} process(es), "

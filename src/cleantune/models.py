@@ -71,6 +71,20 @@ def load_model(name_or_path: str, label_names: list[str]):
     return model
 
 
+def check_out_dir(out: str | Path) -> None:
+    """Refuse, before any work, an output folder that saving could not fill or would wrongly replace."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / LABELS_FILE).is_file():
+        raise UserError(f"--out {out}: a non-empty folder that is not a saved cleantune model; not replacing it")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: cannot create it ({parent} is not a writable folder)")
+
+
 class Classifier:
     """A trained sequence classifier: the model, its tokenizer and its label names.
 
@@ -108,26 +122,33 @@ class Classifier:
         return self.predict_logits(texts, batch_size).argmax(-1).tolist()
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the model to `out_dir` whole or not at all (via a `.partial` folder). An existing saved model
+        there is replaced; any other existing content is refused. The adapters stay on `self.model`, so
+        saving twice writes the same thing."""
+        import copy
+        import shutil
+
         out = Path(out_dir)
+        check_out_dir(out)
         tmp = out.with_name(out.name + ".partial")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        model = self.model
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
-            model = model.merge_and_unload()  # after this, self.model is the merged plain model
-            self.model = model
-        if hasattr(model, "cleantune_export"):  # adapters of our own merge themselves for export
-            model = model.cleantune_export(tmp)
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        (tmp / LABELS_FILE).write_text(json.dumps({"label_names": self.label_names, "max_length": self.max_length}))
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            model = self.model
+            if hasattr(model, "peft_config") or hasattr(model, "cleantune_export"):
+                model = copy.deepcopy(model)  # merging is in place; the caller keeps its adapters
+            if hasattr(model, "peft_config"):
+                model.save_pretrained(tmp / "adapter", safe_serialization=True)
+                model = model.merge_and_unload()
+            if hasattr(model, "cleantune_export"):  # adapters of our own merge themselves for export
+                model = model.cleantune_export(tmp)
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / LABELS_FILE).write_text(json.dumps({"label_names": self.label_names, "max_length": self.max_length}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         os.replace(tmp, out)
         return out
