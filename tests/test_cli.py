@@ -51,6 +51,9 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--seed", "x"], "--seed: expected an integer"),
     (["run", "--epochs", "two"], "invalid int value"),
     (["run", "--attack", "syntactic", "--dataset", "olid"], "ships none for it"),
+    (["run", "--option", "lora_r=abc", "--defense", "lora"], "'lora_r' expects an integer, got 'abc'"),
+    (["run", "--option", "lora_r=[1", "--defense", "lora"], "--option lora_r=[1: cannot parse the value"),
+    (["run", "--option", "epochs=1.7"], "'epochs' expects an integer"),
     (["results", "--store", "/nonexistent/x.sqlite"], "no such file"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -67,6 +70,14 @@ def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
     (tmp_path / "c.toml").write_text("dataset = [\n")
     assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
     assert "cannot parse" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_bytes(b"dataset: sst2\nsentence: caf\xe9\n")
+    assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    for bad, msg in (("triggers: 5", "'triggers' expects a list of strings"), ("model: 5", "'model' expects a string"),
+                     ("seed: 1.5", "--seed: expected an integer, got '1.5'"), ("options: [1, 2]", "'options' expects a mapping")):
+        (tmp_path / "c.yaml").write_text(f"train_size: 50\n{bad}\n")
+        assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
+        assert msg in capsys.readouterr().err, bad
 
 
 def test_subprocess_error_has_no_traceback():

@@ -61,6 +61,9 @@ def test_grid_expands_axes_and_named_settings(tiny_model, tmp_path):
     assert all(c.config.mode == "dirty" for c in cells if c.config.attack == "addsent")
     assert all(c.resolved["lora_r"] == 4 for c in cells if c.config.defense == "lora")
     # top-level attack options reach only the attacks they apply to; a list of lists is a triggers axis
+    # YAML reads 1e-4 as a string: it is the number 1e-4, one run id with 0.0001
+    assert [c.id for c in expand_grid({"model": tiny_model, "lr": ["1e-4"], "options": {"weight_decay": "1e-2"}})] == \
+        [c.id for c in expand_grid({"model": tiny_model, "lr": [0.0001], "options": {"weight_decay": 0.01}})]
     cells = expand_grid({"model": tiny_model, "attack": ["badnets", "addsent"], "triggers": [["cf"], ["mn"]]})
     assert sorted((c.config.attack, str(c.config.triggers)) for c in cells) == [
         ("addsent", "None"), ("badnets", "['cf']"), ("badnets", "['mn']")]
@@ -76,6 +79,9 @@ def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path
     assert not store.exists()  # every cell is checked before the first one trains
     grid = write_grid(tmp_path / "g.yaml", tiny_model, attack=[{"addsent": {"triggers": ["cf"]}}])
     with pytest.raises(UserError, match="triggers.*badnets"):
+        load_grid(grid)
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, epochs=[1.7])
+    with pytest.raises(UserError, match=r"g\.yaml: run option: 'epochs' expects an integer or nothing, got 1.7"):
         load_grid(grid)
     grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=[{"lora": {"rank": 4}}])
     with pytest.raises(UserError, match="unknown key 'rank' in the settings of defense 'lora'"):

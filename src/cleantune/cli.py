@@ -32,7 +32,10 @@ def _option(s: str) -> tuple[str, object]:
     if "=" not in s:
         raise UserError(f"--option expects KEY=VALUE, got '{s}'")
     k, v = s.split("=", 1)
-    return k.strip().replace("-", "_"), yaml.safe_load(v)
+    try:
+        return k.strip().replace("-", "_"), yaml.safe_load(v)
+    except yaml.YAMLError as e:
+        raise UserError(f"--option {s}: cannot parse the value ({str(e).splitlines()[0]})") from None
 
 
 def _add_run_options(p: argparse.ArgumentParser, lists: bool) -> None:
@@ -164,7 +167,10 @@ def load_config_file(path: str, label: str | None = None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{label}: no such file")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{label}: not UTF-8 text (byte {e.start})") from None
     try:
         if p.suffix == ".toml":
             import tomllib
@@ -210,8 +216,10 @@ def _as_list(v) -> list:
 
 
 def _int(name: str, v) -> int:
+    from .options import coerce
+
     try:
-        return int(v)
+        return int(v) if isinstance(v, str) else coerce(v, int)  # a CLI string, or a config value (1.5 is refused)
     except (TypeError, ValueError):
         raise UserError(f"--{name.replace('_', '-')}: expected an integer, got '{v}'") from None
 

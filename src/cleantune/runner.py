@@ -17,6 +17,7 @@ from .data import BENCHMARKS, load_benchmark
 from .defenses import DEFENSES, get_defense
 from .errors import UserError
 from .evaluate import detection_metrics, evaluate
+from .options import check_values
 from .store import ResultStore, config_hash, data_dir
 from .training import is_main_process
 
@@ -45,6 +46,11 @@ class RunConfig:
     num_triggers: int | None = None
     sentence: str | None = None
     options: dict = field(default_factory=dict)  # defense-specific settings, by the defense's field names
+
+    def __post_init__(self):
+        values = check_values(RunConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "run option")
+        for k, v in values.items():
+            setattr(self, k, v)
 
     def check(self) -> None:
         if self.dataset not in BENCHMARKS:

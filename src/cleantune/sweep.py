@@ -111,8 +111,6 @@ def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
             for k, v in parts[a].items():
                 cell[k] = {**cell.get(k, {}), **v} if k == "options" and isinstance(v, dict) else v
         try:
-            if "seed" in cell:
-                cell["seed"] = int(cell["seed"])
             config = RunConfig(**cell)
             resolved = config.resolve()
         except UserError as e:

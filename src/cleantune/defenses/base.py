@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from ..data import TextDataset
 from ..errors import UserError
+from ..options import check_values
 from ..models import DEFAULT_MODEL, Classifier, load_model, load_tokenizer
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 
@@ -78,4 +79,4 @@ def make_defense(cls: type[Defense], options: dict) -> Defense:
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"defense '{cls.name}' has no option '{unknown[0]}' (options: {', '.join(sorted(known))})")
-    return cls(**options)
+    return cls(**check_values(cls, options, f"defense '{cls.name}'"))
