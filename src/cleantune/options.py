@@ -42,12 +42,8 @@ def coerce(value, hint):
             except ValueError:
                 pass
         raise ValueError
-    if hint is NoneType:
-        if value is None:
-            return None
-        raise ValueError
-    if hint is bool:
-        if isinstance(value, bool):
+    if hint in (NoneType, bool, str, dict):
+        if isinstance(value, hint):
             return value
         raise ValueError
     if hint is int:
@@ -61,14 +57,6 @@ def coerce(value, hint):
             return float(value)
         if isinstance(value, str):
             return float(value)  # ValueError when it is not a number
-        raise ValueError
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError
-    if hint is dict:
-        if isinstance(value, dict):
-            return value
         raise ValueError
     if origin is list:
         if isinstance(value, str) and args[0] is str:
