@@ -80,6 +80,29 @@ def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
         assert msg in capsys.readouterr().err, bad
 
 
+def test_stores_are_checked_and_never_changed_by_reading(tmp_path, capsys):
+    import sqlite3
+
+    from cleantune.store import default_store_path
+
+    foreign = tmp_path / "other.sqlite"
+    sqlite3.connect(foreign).execute("CREATE TABLE people (name TEXT)").connection.commit()
+    odd = tmp_path / "odd.sqlite"
+    sqlite3.connect(odd).execute("CREATE TABLE runs (name TEXT)").connection.commit()
+    for path, msg in ((foreign, "not a cleantune results store (tables: people)"), (odd, "other columns")):
+        before = path.read_bytes()
+        for args in (["results"], ["report", "--out", str(tmp_path / "rep")], ["run", "--train-size", "50"]):
+            assert main(args + ["--store", str(path)]) == 2
+            assert msg in capsys.readouterr().err, (path, args)
+        assert path.read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    assert main(["run", "--store", str(tmp_path / "file" / "s.sqlite"), "--train-size", "50"]) == 2
+    assert "cannot open it" in capsys.readouterr().err
+    assert main(["results"]) == 2 and "no run stored yet" in capsys.readouterr().err
+    assert main(["run", "--dataset", "sst2,imdb", "--store", str(tmp_path / "new" / "s.sqlite")]) == 2
+    assert not default_store_path().exists() and not (tmp_path / "new").exists()  # checked before anything is made
+
+
 def test_subprocess_error_has_no_traceback():
     assert_one_line_error(*cli("run", "--dataset", "nope"), "unknown dataset 'nope'")
 

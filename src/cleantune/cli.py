@@ -234,7 +234,7 @@ def cmd_run(ns) -> int:
     from .store import ResultStore
 
     opts = _run_options(ns)
-    store = ResultStore(opts.pop("store", None))
+    store_path = opts.pop("store", None)
     axes = {a: _as_list(opts.pop(a)) if a in opts else [getattr(RunConfig, a)] for a in LIST_AXES}
     axes["seed"] = [_int("seed", s) for s in axes["seed"]]
     if "triggers" in opts:
@@ -251,6 +251,7 @@ def cmd_run(ns) -> int:
             raise UserError(str(e)) from None
         config.resolve()  # every cell is checked before the first one trains
         configs.append(config)
+    store = ResultStore(store_path)
     results = []
     for config in configs:
         r = run(config, store, force=ns.force, resume=ns.resume, progress=not ns.no_progress)
@@ -433,7 +434,7 @@ def cmd_sweep(ns) -> int:
         from .store import default_store_path
 
         path = Path(ns.store) if ns.store else default_store_path()
-        stored = {r["id"] for r in ResultStore(path).runs() if r["status"] == "ok"} if path.is_file() else set()
+        stored = {r["id"] for r in ResultStore(path, readonly=True).runs() if r["status"] == "ok"} if path.is_file() else set()
         for c in cells:
             print(f"{'stored' if c.id in stored else 'to run':7} {c.id[:12]}  {c.config.dataset} {c.config.attack} "
                   f"{c.config.defense} seed={c.config.seed}")
@@ -452,15 +453,16 @@ def cmd_sweep(ns) -> int:
 
 
 def cmd_report(ns) -> int:
+    from .models import check_out_dir
     from .report import write_report
     from .store import ResultStore
 
-    if ns.store is not None and not Path(ns.store).is_file():
-        raise UserError(f"--store {ns.store}: no such file")
+    store = ResultStore(ns.store, readonly=True)
     for f in ns.frequency:
         if not Path(f).is_file():
             raise UserError(f"--frequency {f}: no such file")
-    html, md = write_report(ResultStore(ns.store), ns.out, ns.frequency)
+    check_out_dir(ns.out, model=False)
+    html, md = write_report(store, ns.out, ns.frequency)
     print(f"wrote {html} and {md}")
     return 0
 
@@ -468,9 +470,7 @@ def cmd_report(ns) -> int:
 def cmd_results(ns) -> int:
     from .store import ResultStore
 
-    if ns.store is not None and not Path(ns.store).is_file():
-        raise UserError(f"--store {ns.store}: no such file")
-    runs = ResultStore(ns.store).runs()
+    runs = ResultStore(ns.store, readonly=True).runs()
     if ns.format == "json":
         print(json.dumps(runs, indent=1))
     elif ns.format == "csv":
@@ -499,6 +499,12 @@ def cmd_analyze(ns) -> int:
         config = RunConfig(**opts)
     except TypeError as e:
         raise UserError(str(e)) from None
+    if ns.samples is not None and ns.samples < 2:
+        raise UserError(f"--samples must be at least 2 (distances need pairs), got {ns.samples}")
+    from .models import check_out_dir
+
+    config.resolve()
+    check_out_dir(ns.out, model=False)
     r = frequency.analyze(config, ns.out, every=ns.every, samples=ns.samples, distance=ns.distance,
                           progress=not ns.no_progress)
     m = r["metrics"]

@@ -71,12 +71,13 @@ def load_model(name_or_path: str, label_names: list[str]):
     return model
 
 
-def check_out_dir(out: str | Path) -> None:
-    """Refuse, before any work, an output folder that saving could not fill or would wrongly replace."""
+def check_out_dir(out: str | Path, model: bool = True) -> None:
+    """Refuse, before any work, an output folder that could not be written, or (`model`) a folder a saved
+    model would wrongly replace: one with other content."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / LABELS_FILE).is_file():
+    if model and out.is_dir() and any(out.iterdir()) and not (out / LABELS_FILE).is_file():
         raise UserError(f"--out {out}: a non-empty folder that is not a saved cleantune model; not replacing it")
     parent = out.absolute().parent
     while not parent.exists():

@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+COLUMNS = ["id", "config", "status", "metrics", "timings", "env", "error", "created"]
+
+
 def data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "cleantune"
 
@@ -54,15 +57,29 @@ class ResultStore:
     """WAL mode, a busy timeout and retries, so several processes (sweep workers, two sweeps at once)
     can write to one file on one machine. (WAL needs shared memory: not for network filesystems.)"""
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, readonly: bool = False):
+        """`readonly` (results, report): the file must exist and is never modified. Otherwise it is created
+        when missing. Either way an SQLite file holding other tables is refused, not changed."""
         self.path = Path(path) if path is not None else default_store_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        label = f"--store {self.path}"
+        if readonly and not self.path.is_file():
+            raise UserError(f"{label}: no such file" + ("" if path is not None else " (no run stored yet)"))
         try:
-            self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            _retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
-            _retry(lambda: self.conn.execute(SCHEMA))
-        except sqlite3.DatabaseError as e:
-            raise UserError(f"--store {self.path}: not a cleantune results store ({e})") from None
+            if not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            uri = f"{self.path.absolute().as_uri()}?mode={'ro' if readonly else 'rwc'}"
+            self.conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+            tables = {r[0] for r in _retry(lambda: self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall())}
+            if "runs" not in tables and (tables or readonly):
+                raise UserError(f"{label}: not a cleantune results store (tables: {', '.join(sorted(tables)) or 'none'})")
+            if "runs" in tables and [r[1] for r in self.conn.execute("PRAGMA table_info(runs)")] != COLUMNS:
+                raise UserError(f"{label}: its 'runs' table has other columns; not a cleantune results store")
+            if not readonly:
+                _retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
+                _retry(lambda: self.conn.execute(SCHEMA))
+        except (sqlite3.DatabaseError, OSError) as e:
+            raise UserError(f"{label}: cannot open it as a cleantune results store ({e})") from None
 
     def get(self, run_id: str) -> dict | None:
         row = _retry(lambda: self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
