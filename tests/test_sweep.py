@@ -80,6 +80,11 @@ def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path
     grid = write_grid(tmp_path / "g.yaml", tiny_model, attack=[{"addsent": {"triggers": ["cf"]}}])
     with pytest.raises(UserError, match="triggers.*badnets"):
         load_grid(grid)
+    for bad, msg in ((dict(dataset="olid", attack=["badnets", "syntactic"]), "dataset 'olid' ships none"),
+                     (dict(target=2), "--target 2 is not a class of sst2"),
+                     (dict(), "no such directory")):
+        with pytest.raises(UserError, match=msg):
+            load_grid(write_grid(tmp_path / "g.yaml", tiny_model if bad else str(tmp_path / "no-model"), **bad))
     grid = write_grid(tmp_path / "g.yaml", tiny_model, epochs=[1.7])
     with pytest.raises(UserError, match=r"g\.yaml: run option: 'epochs' expects an integer or nothing, got 1.7"):
         load_grid(grid)

@@ -286,10 +286,14 @@ def load_benchmark(name: str) -> Benchmark:
     return Benchmark(name, splits["train"], splits["dev"], splits["test"], root)
 
 
+def check_paraphrases(dataset: str, attack: str) -> None:
+    if attack not in BENCHMARKS[dataset][2]:
+        raise UserError(f"attack '{attack}' needs paraphrases, and dataset '{dataset}' ships none for it")
+
+
 def load_paraphrases(bench: Benchmark, attack: str) -> dict[str, dict[str, str]]:
     """{split: {original sentence: trigger-bearing paraphrase}} for a paraphrase attack."""
-    if attack not in BENCHMARKS[bench.name][2]:
-        raise UserError(f"attack '{attack}' needs paraphrases, and dataset '{bench.name}' ships none for it")
+    check_paraphrases(bench.name, attack)
     path = bench.root / "paraphrases" / f"{attack}.tsv"
     table: dict[str, dict[str, str]] = {s: {} for s in SPLITS}
     for n, rec in read_records(path):

@@ -13,10 +13,11 @@ import torch
 
 from . import __version__
 from .attacks import ATTACKS, get_attack
-from .data import BENCHMARKS, load_benchmark
+from .data import BENCHMARKS, check_paraphrases, load_benchmark
 from .defenses import DEFENSES, get_defense
 from .errors import UserError
 from .evaluate import detection_metrics, evaluate
+from .models import resolve_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
 from .training import is_main_process
@@ -62,6 +63,14 @@ class RunConfig:
         for opt, attacks in ATTACK_OPTIONS.items():
             if getattr(self, opt) is not None and self.attack not in attacks:
                 raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(attacks)} only")
+        # what would otherwise fail only when the cell runs, after earlier cells of a sweep
+        n_classes = BENCHMARKS[self.dataset][0]
+        if self.attack in ("syntactic", "style"):
+            check_paraphrases(self.dataset, self.attack)
+        if not 0 <= self.target < n_classes:
+            raise UserError(f"--target {self.target} is not a class of {self.dataset} (0..{n_classes - 1})")
+        if self.model is not None:
+            resolve_model(self.model)  # a missing local folder fails here; a hub id is checked when loaded
 
     def build_attack(self):
         extra = {k: getattr(self, k) for k in ATTACK_OPTIONS if getattr(self, k) is not None}
