@@ -205,6 +205,18 @@ def test_faithful_tuning_carries_adam_state(tiny_model):
     assert spy.step == 4  # a fresh optimizer
 
 
+def test_faithful_tuning_carries_adam_state_past_a_finished_resume(tiny_model, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    data = TextDataset(["good film"] * 8 + ["bad film"] * 8, [1] * 8 + [0] * 8, ["a", "b"])
+    s = TrainSettings(epochs=1, batch_size=4, lr=1e-3, warmup_ratio=0.0, max_grad_norm=0.0, lr_schedule="constant")
+    train(load_model(tiny_model, ["a", "b"]), tok, data, None, s, (), tmp_path, progress=False)
+    carry, spy = _CarryOptimizer(), _Spy()  # the victim finished; resuming runs no epoch
+    train(load_model(tiny_model, ["a", "b"]), tok, data, None, s, (carry,), tmp_path, resume=True, progress=False)
+    carry.loading = True
+    train(load_model(tiny_model, ["a", "b"]), tok, data, None, s, (carry, spy), progress=False)
+    assert spy.step == 8
+
+
 @pytest.mark.parametrize("kind,mode,tuning", [("roberta", "default", "none"), ("bert", "faithful", 8)])
 def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     path = str(make_tiny_model(tmp_path / kind, kind))

@@ -346,7 +346,9 @@ class _CarryOptimizer(StepHook):
         self.loading = False
 
     def on_train_begin(self, ctx):
-        if self.loading and self.state is not None:
+        if not self.loading:  # a resumed run that has no epoch left still hands on its checkpoint's state
+            self.state = ctx.optimizer.state_dict()
+        elif self.state is not None:
             keep = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay") if k in g} for g in ctx.optimizer.param_groups]
             ctx.optimizer.load_state_dict(self.state)
             for g, kept in zip(ctx.optimizer.param_groups, keep):  # this stage's own schedule still applies
