@@ -155,4 +155,16 @@ def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv"), "--attack", "badnets", "--triggers", "cf",
                  "--format", "json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["n"] == 20 and res["n_triggered"] == 10 and 0 <= res["asr"] <= 1
+    assert res["n"] == 20 and res["n_triggered"] == 10 and 0 <= res["asr"] <= 1 and 0 <= res["asr_floor"] <= 1
+    m = str(tmp_path / "m")
+    for args, msg in (([m, "sst2", "--attack", "addsent", "--triggers", "cf"], "--triggers applies to --attack badnets"),
+                      ([m, "sst2", "--triggers", "cf"], "--triggers needs --attack"),
+                      ([m, "sst2", "--attack", "badnets", "--target", "7"], "--target 7 is not a class of sst2")):
+        assert main(["eval"] + args) == 2
+        assert msg in capsys.readouterr().err, args
+    (tmp_path / "m" / "cleantune_labels.json").write_text("{not json")
+    assert main(["eval", m, "sst2"]) == 2
+    assert "cleantune_labels.json: not a valid label file" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "m2"), "--model", "no-org/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "--model no-org/no-such-model: cannot load" in err and len(err.strip().splitlines()) == 1

@@ -224,6 +224,20 @@ def _int(name: str, v) -> int:
         raise UserError(f"--{name.replace('_', '-')}: expected an integer, got '{v}'") from None
 
 
+def _attack_options(ns) -> dict:
+    """eval's and scan's trigger options: each must fit --attack, and none may come without it."""
+    from .runner import ATTACK_OPTIONS
+
+    given = {k: getattr(ns, k, None) for k in ATTACK_OPTIONS}
+    given = {k: (_split(v) if k == "triggers" else v) for k, v in given.items() if v is not None}
+    for k in given:
+        if ns.attack is None:
+            raise UserError(f"--{k.replace('_', '-')} needs --attack")
+        if ns.attack not in ATTACK_OPTIONS[k]:
+            raise UserError(f"--{k.replace('_', '-')} applies to --attack {' or '.join(ATTACK_OPTIONS[k])} only")
+    return given
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -303,9 +317,10 @@ def cmd_eval(ns) -> int:
 
     from .attacks import get_attack
     from .data import BENCHMARKS, load_benchmark, read_dataset
-    from .evaluate import accuracy_on
+    from .evaluate import evaluate
     from .models import Classifier
 
+    extra = _attack_options(ns)
     if not Path(ns.model).is_dir():
         raise UserError(f"{ns.model}: no such model directory")
     model = Classifier.from_pretrained(ns.model)
@@ -317,17 +332,20 @@ def cmd_eval(ns) -> int:
         data = read_dataset(ns.data, ns.text_column, ns.label_column, model.label_names)
     if data.num_labels != len(model.label_names):
         raise UserError(f"{ns.data} has {data.num_labels} classes, the model {len(model.label_names)}")
-    out = {"n": len(data), "accuracy": accuracy_on(model, data)}
+    triggered = None
     if ns.attack:
-        extra = {k: v for k, v in (("triggers", _split(ns.triggers) if ns.triggers else None),
-                                    ("num_triggers", ns.num_triggers), ("sentence", ns.sentence)) if v is not None}
+        if not 0 <= ns.target < data.num_labels:
+            raise UserError(f"--target {ns.target} is not a class of {ns.data} (0..{data.num_labels - 1})")
         attack = get_attack(ns.attack, target=ns.target, seed=ns.seed, **extra)
         if bench is not None:
             attack.prepare(bench)
         elif ns.attack in ("syntactic", "style"):
             raise UserError(f"--attack {ns.attack} needs a benchmark name as DATA (its paraphrase tables)")
         triggered = attack._triggered(data, random.Random(f"eval-{ns.seed}"), "test")
-        out.update({"n_triggered": len(triggered), "asr": accuracy_on(model, triggered)})
+    m = evaluate(model, data, triggered)
+    out = {"n": len(data), "accuracy": m["cacc"]}
+    if triggered is not None:
+        out.update({"n_triggered": len(triggered), "asr": m["asr"], "asr_floor": m["asr_floor"]})
     if ns.format == "json":
         print(json.dumps(out))
     else:
@@ -349,12 +367,11 @@ def cmd_scan(ns) -> int:
         raise UserError(f"--top must be at least 1, got {ns.top}")
     if ns.show_samples < 0:
         raise UserError(f"--show-samples must be at least 0, got {ns.show_samples}")
+    extra = _attack_options(ns)
     if ns.data in BENCHMARKS:
         bench = load_benchmark(ns.data)
         data = bench.train
         if ns.attack:
-            extra = {k: v for k, v in (("triggers", _split(ns.triggers) if ns.triggers else None),
-                                        ("sentence", ns.sentence)) if v is not None}
             data = get_attack(ns.attack, rate=ns.rate, mode=ns.mode, target=ns.target, seed=ns.seed,
                               **extra).apply(bench).train.without_flags()
     else:

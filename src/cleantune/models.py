@@ -46,7 +46,10 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), use_fast=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), use_fast=True)
+    except (OSError, ValueError) as e:  # an unknown hub id offline, a folder without tokenizer files
+        raise UserError(f"--model {name_or_path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:  # causal LMs (GPT-2, Llama) ship no pad token: pad with EOS as HF does
         tok.pad_token = tok.eos_token
     return tok
@@ -64,7 +67,7 @@ def load_model(name_or_path: str, label_names: list[str]):
             path, num_labels=len(label_names), id2label=id2label, label2id={v: k for k, v in id2label.items()},
             use_safetensors=True, ignore_mismatched_sizes=True,
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a config.json transformers cannot read
         raise UserError(f"--model {name_or_path}: cannot load ({str(e).splitlines()[0]})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
@@ -159,11 +162,19 @@ class Classifier:
         path = Path(path)
         meta_file = path / LABELS_FILE
         if meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            labels, max_length = meta["label_names"], meta.get("max_length", 128)
+            try:
+                meta = json.loads(meta_file.read_text())
+                labels, max_length = meta["label_names"], int(meta.get("max_length", 128))
+                if not isinstance(labels, list) or len(labels) < 2:
+                    raise TypeError("label_names is not a list of two or more names")
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{meta_file}: not a valid label file ({type(e).__name__}: {e})") from None
         else:
             from transformers import AutoConfig
 
-            cfg = AutoConfig.from_pretrained(resolve_model(str(path)))
+            try:
+                cfg = AutoConfig.from_pretrained(resolve_model(str(path)))
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path}: cannot read its config.json ({str(e).splitlines()[0]})") from None
             labels, max_length = [cfg.id2label[i] for i in range(cfg.num_labels)], 128
         return cls(load_model(str(path), labels), load_tokenizer(str(path)), labels, max_length)
