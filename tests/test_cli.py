@@ -23,6 +23,7 @@ def assert_one_line_error(code, out, err, fragment):
     ("sentence\tlabel\nok\t1\n\t0\n", "bad.tsv:3: empty text"),
     ("text\ty\nok\t1\n", "missing column 'label'"),
     ("sentence\tlabel\nok\t1\nx\t0\t9\n", "bad.tsv:3: not a table"),
+    ("sentence\tlabel\nok\tpos\nfine\tpos\n", "every sample has label 'pos'"),
     (b"sentence\tlabel\nok\t1\n\xff\t0\n", "bad.tsv:3: not valid UTF-8"),
 ])
 def test_train_rejects_malformed_files(tmp_path, content, fragment):
@@ -51,6 +52,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--seed", "x"], "--seed: expected an integer"),
     (["run", "--epochs", "two"], "invalid int value"),
     (["run", "--attack", "syntactic", "--dataset", "olid"], "ships none for it"),
+    (["run", "--dataset", "olid", "--train-size", "99999999"], "--train-size 99999999 exceeds the"),
     (["run", "--option", "lora_r=abc", "--defense", "lora"], "'lora_r' expects an integer, got 'abc'"),
     (["run", "--option", "lora_r=[1", "--defense", "lora"], "--option lora_r=[1: cannot parse the value"),
     (["run", "--option", "epochs=1.7"], "'epochs' expects an integer"),
@@ -58,7 +60,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, capsys):
-    assert main(args + (["--train-size", "50"] if args[0] == "run" else [])) == 2
+    assert main(args + (["--train-size", "50"] if args[0] == "run" and "--train-size" not in args else [])) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and fragment in err, err
 

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -29,9 +30,9 @@ def test_reads_tsv_csv_jsonl_with_string_labels(tmp_path):
 
 
 def test_integer_labels_and_custom_columns(tmp_path):
-    p = write(tmp_path, "a.tsv", "review\ty\nx\t2\nz\t0\n")
+    p = write(tmp_path, "a.tsv", "review\ty\nx\t2\nz\t0\nw\t1\n")
     d = read_dataset(p, text_column="review", label_column="y")
-    assert d.label_names == ["0", "1", "2"] and d.labels == [2, 0]
+    assert d.label_names == ["0", "1", "2"] and d.labels == [2, 0, 1]
 
 
 @pytest.mark.parametrize("name,content,msg", [
@@ -42,9 +43,15 @@ def test_integer_labels_and_custom_columns(tmp_path):
     ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "a.jsonl:2: missing column 'label'"),
     ("a.txt", "whatever", "unsupported file type"),
     ("a.tsv", "", "empty file or missing header"),
+    ("a.tsv", "sentence\tlabel\tlabel\nfine\t1\t0\n", "a.tsv:1: column 'label' appears twice"),
+    ("a.tsv", "sentence\tlabel\nfine\t0\nok\t100000000\n", "a.tsv:3: label 100000000, but class 1 never occurs"),
+    ("a.tsv", "sentence\tlabel\nfine\t0\nok\t-1\n", "a.tsv:3: negative label -1"),
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": [1]}\n', "a.jsonl:2: label [1] is neither"),
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1.0}\n', "a.jsonl:2: label 1.0 is neither"),
+    ("a.csv", 'sentence,label\n"two\nlines",0\nok,1\n"",1\n', "a.csv:5: empty text"),
 ])
 def test_malformed_files_name_file_and_line(tmp_path, name, content, msg):
-    with pytest.raises(UserError, match=msg.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(msg)):
         read_dataset(write(tmp_path, name, content))
 
 

@@ -287,6 +287,9 @@ def cmd_train(ns) -> int:
     from .defenses import get_defense
 
     train_data = read_dataset(ns.data, ns.text_column, ns.label_column)
+    if len(set(train_data.labels)) < 2:
+        raise UserError(f"{ns.data}: every sample has label '{train_data.label_names[train_data.labels[0]]}'; "
+                        f"a classifier needs at least two classes")
     dev = read_dataset(ns.dev, ns.text_column, ns.label_column, train_data.label_names) if ns.dev else None
     opts = dict(_option(s) for s in ns.option)
     for k in ("model", "epochs", "lr", "batch_size", "max_length"):

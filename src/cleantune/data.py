@@ -137,15 +137,21 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     # The benchmark TSVs hold no quoting (see the data README); csv files use standard quoting.
     reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",",
                         quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    rows, last = [], 0
     try:
-        rows = list(reader)
+        for row in reader:  # numbered by the line each row starts on (a quoted field may span lines)
+            rows.append((last + 1, row))
+            last = reader.line_num
     except csv.Error as e:
         raise UserError(f"{path}:{reader.line_num}: not a table ({e})") from None
-    if not rows or not any(c.strip() for c in rows[0]):
+    if not rows or not any(c.strip() for c in rows[0][1]):
         raise UserError(f"{path}:1: empty file or missing header")
-    header = [c.strip() for c in rows[0]]
+    header = [c.strip() for c in rows[0][1]]
+    twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+    if twice is not None:
+        raise UserError(f"{path}:{rows[0][0]}: column '{twice}' appears twice in the header")
     out = []
-    for n, row in enumerate(rows[1:], 2):
+    for n, row in rows[1:]:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != len(header):
@@ -178,12 +184,14 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
         t, y = rec[text_column], rec[label_column]
         if not isinstance(t, str) or not t.strip():
             raise UserError(f"{path}:{n}: empty text")
-        if isinstance(y, bool) or y is None or (isinstance(y, str) and not y.strip()):
+        if y is None or (isinstance(y, str) and not y.strip()):
             raise UserError(f"{path}:{n}: missing label")
+        if isinstance(y, bool) or not isinstance(y, (int, str)):
+            raise UserError(f"{path}:{n}: label {json.dumps(y)} is neither an integer class id nor a string")
         texts.append(t.strip())
         raw_labels.append((n, str(y).strip() if not isinstance(y, int) else y))
     if label_names is None:
-        label_names = _infer_label_names([y for _, y in raw_labels])
+        label_names = _infer_label_names(raw_labels, path)
     labels = [_label_id(y, label_names, path, n) for n, y in raw_labels]
     return TextDataset(texts, labels, list(label_names))
 
@@ -192,13 +200,22 @@ def _is_int(y) -> bool:
     return isinstance(y, int) or (isinstance(y, str) and y.lstrip("-").isdigit())
 
 
-def _infer_label_names(labels) -> list[str]:
-    if all(_is_int(y) for y in labels):
-        ids = sorted({int(y) for y in labels})
+def _infer_label_names(labels: list[tuple[int, object]], path: Path) -> list[str]:
+    """Integer labels are class ids 0..C-1, every one of them present (a gap, as in 0 and 5, means codes
+    rather than ids, and would silently make empty classes); any other labels are names, sorted."""
+    if all(_is_int(y) for _, y in labels):
+        first = {}
+        for n, y in labels:
+            first.setdefault(int(y), n)
+        ids = sorted(first)
         if ids[0] < 0:
-            raise UserError(f"negative label {ids[0]}: integer labels must be class ids 0..C-1")
-        return [str(i) for i in range(ids[-1] + 1)]
-    return sorted({str(y) for y in labels})
+            raise UserError(f"{path}:{first[ids[0]]}: negative label {ids[0]}: integer labels must be class ids 0..C-1")
+        if len(ids) != ids[-1] + 1:
+            missing = next(i for i in range(ids[-1] + 1) if i not in first)
+            raise UserError(f"{path}:{first[ids[-1]]}: label {ids[-1]}, but class {missing} never occurs: integer "
+                            f"labels must be class ids 0..C-1 (write codes as strings, e.g. 'c{ids[-1]}')")
+        return [str(i) for i in ids]
+    return sorted({str(y) for _, y in labels})
 
 
 def _label_id(y, label_names: list[str], path: Path, line: int) -> int:

@@ -146,6 +146,9 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
     t0 = time.perf_counter()
     bench = load_benchmark(config.dataset)
     if config.train_size is not None:
+        if config.train_size > len(bench.train):
+            raise UserError(f"--train-size {config.train_size} exceeds the {len(bench.train)} samples of "
+                            f"{config.dataset}'s train split")
         bench.train = bench.train.stratified_sample(config.train_size, config.seed)
     poisoned = config.build_attack().apply(bench)
     defense = config.build_defense()
