@@ -164,6 +164,9 @@ def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
                       ([m, "sst2", "--attack", "badnets", "--target", "7"], "--target 7 is not a class of sst2")):
         assert main(["eval"] + args) == 2
         assert msg in capsys.readouterr().err, args
+    assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "s"),
+                 "--model", tiny_model, "--epochs", "1", "--no-progress", "--defense", "strip"]) == 0
+    assert "note: strip acts at inference time" in capsys.readouterr().err
     (tmp_path / "m" / "cleantune_labels.json").write_text("{not json")
     assert main(["eval", m, "sst2"]) == 2
     assert "cleantune_labels.json: not a valid label file" in capsys.readouterr().err

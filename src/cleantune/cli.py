@@ -307,6 +307,9 @@ def cmd_train(ns) -> int:
         return 0
     model.save_pretrained(out)
     shutil.rmtree(work, ignore_errors=True)
+    if defense.at_inference:
+        print(f"note: {ns.defense} acts at inference time; {out} holds the trained victim without it "
+              f"(its defended predictions: `cleantune run` or the Python API)", file=sys.stderr)
     hist = defense.report_.history
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
           f"{defense.report_.processes} process(es), "

@@ -38,6 +38,8 @@ class Defense:
     # What clean labelled data the defense reads, beyond the training set. Every defense selects its
     # epoch on clean dev accuracy; defenses that learn from clean data say how much.
     clean_data: ClassVar[str] = "clean dev: model selection only"
+    # Inference-time defenses (filters, detectors) wrap a trained victim; a saved model holds only the victim.
+    at_inference: ClassVar[bool] = False
 
     def settings(self) -> dict:
         return asdict(self)

@@ -143,6 +143,7 @@ class ONION(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "onion"
+    at_inference = True
     clean_data = "clean dev: model selection only"
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,

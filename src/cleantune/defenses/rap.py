@@ -128,6 +128,7 @@ class RAP(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "rap"
+    at_inference = True
     clean_data = "clean dev: model selection, the RAP word's embedding and the drop threshold"
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,

@@ -105,6 +105,7 @@ class STRIP(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "strip"
+    at_inference = True
     clean_data = "clean dev: model selection, replacement words (TF-IDF) and the entropy threshold"
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
