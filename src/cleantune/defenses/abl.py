@@ -69,12 +69,14 @@ class ABL(Defense):
     name = "abl"
     clean_data = "clean dev: model selection only"
 
-    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
-            progress=True) -> Classifier:
+    def __post_init__(self):
         if not 0 < self.isolation_ratio < 1:
             raise UserError(f"ABL: option isolation_ratio must be in (0, 1), got {self.isolation_ratio}")
         if self.isolation_epochs < 1 or self.unlearning_epochs < 0:
             raise UserError("ABL needs isolation_epochs >= 1 and unlearning_epochs >= 0")
+
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
+            progress=True) -> Classifier:
         train_data = train_data.without_flags()
         model, tok, iso_report = train_side_model(self, train_data, self.isolation_epochs, None,
                                                   side_dir(out_dir, "abl-isolation"), resume, progress,

@@ -79,10 +79,12 @@ class BKI(Defense):
     name = "bki"
     clean_data = "clean dev: model selection only"
 
-    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
-            progress=True) -> Classifier:
+    def __post_init__(self):
         if self.bki_epochs < 1 or self.top_words < 1 or self.keywords < 1:
             raise UserError("BKI needs bki_epochs, top_words and keywords of at least 1")
+
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
+            progress=True) -> Classifier:
         train_data = train_data.without_flags()
         # OpenBackdoor keeps this model's last epoch: selecting it on clean dev would favour a less
         # backdoored model, whose representations reveal the trigger less

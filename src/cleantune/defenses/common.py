@@ -71,9 +71,12 @@ def frr_threshold(clean_scores, frr: float) -> float:
     return float(s[min(int(len(s) * frr), len(s) - 1)])
 
 
-def check_frr(frr: float) -> None:
+def check_detector_options(frr: float, on_flag: str) -> None:
+    """STRIP's and RAP's own option checks, at construction: before any data loads."""
     if not 0 <= frr < 1:
         raise UserError(f"option frr must be in [0, 1), got {frr}")
+    if on_flag not in ("auto", "flip", "abstain"):
+        raise UserError(f"option on_flag must be auto, flip or abstain, got '{on_flag}'")
 
 
 class FlaggingClassifier(Classifier):

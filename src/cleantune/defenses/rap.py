@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..models import Classifier
 from ..training import encode, make_batch
 from .base import Defense
-from .common import FlaggingClassifier, check_frr, frr_threshold, victim_model
+from .common import FlaggingClassifier, check_detector_options, frr_threshold, victim_model
 
 
 def band_loss(diff: torch.Tensor, prob_range: tuple[float, float], scale: float) -> torch.Tensor:
@@ -131,9 +131,11 @@ class RAP(Defense):
     at_inference = True
     clean_data = "clean dev: model selection, the RAP word's embedding and the drop threshold"
 
+    def __post_init__(self):
+        check_detector_options(self.frr, self.on_flag)
+
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:
-        check_frr(self.frr)
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("RAP needs a clean dev set (--dev) to learn its word and calibrate its threshold")
         victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)

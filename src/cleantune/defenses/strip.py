@@ -32,7 +32,7 @@ from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier
 from .base import Defense
-from .common import FlaggingClassifier, check_frr, frr_threshold, softmax_probs, victim_model
+from .common import FlaggingClassifier, check_detector_options, frr_threshold, softmax_probs, victim_model
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn TfidfVectorizer's default, as OpenBackdoor uses it
 
@@ -108,11 +108,13 @@ class STRIP(Defense):
     at_inference = True
     clean_data = "clean dev: model selection, replacement words (TF-IDF) and the entropy threshold"
 
-    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
-            progress=True) -> Classifier:
-        check_frr(self.frr)
+    def __post_init__(self):
+        check_detector_options(self.frr, self.on_flag)
         if self.repeat < 1 or not 0 < self.swap_ratio <= 1:
             raise UserError("STRIP needs repeat >= 1 and swap_ratio in (0, 1]")
+
+    def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
+            progress=True) -> Classifier:
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("STRIP needs a clean dev set (--dev) to calibrate its threshold")
         if self.strip_target is not None and not 0 <= self.strip_target < train_data.num_labels:
