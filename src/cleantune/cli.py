@@ -7,8 +7,10 @@ import argparse
 import csv
 import io
 import json
+import os
 import shutil
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -545,7 +547,16 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "scan": cmd_sc
             "sweep": cmd_sweep, "report": cmd_report, "results": cmd_results}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """cleantune's own warnings as one line, like its errors; other libraries' as Python prints them."""
+    if f"{os.sep}cleantune{os.sep}" in str(filename):
+        print(f"cleantune: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     try:
         ns = build_parser().parse_args(argv)
         return COMMANDS[ns.command](ns)
