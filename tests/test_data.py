@@ -29,6 +29,11 @@ def test_reads_tsv_csv_jsonl_with_string_labels(tmp_path):
     assert c.texts == ["good", "bad"] and c.labels == [1, 0]
 
 
+def test_trailing_empty_csv_columns_are_read(tmp_path):
+    d = read_dataset(write(tmp_path, "t.csv", "text,label,,\nhello world,0,,\nbad day,1,,\n"))
+    assert d.texts == ["hello world", "bad day"] and d.label_names == ["0", "1"]
+
+
 def test_integer_labels_and_custom_columns(tmp_path):
     p = write(tmp_path, "a.tsv", "review\ty\nx\t2\nz\t0\nw\t1\n")
     d = read_dataset(p, text_column="review", label_column="y")

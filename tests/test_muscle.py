@@ -103,6 +103,12 @@ def test_projection_and_gating_by_hand():
     assert torch.equal(align(g, None, "project", 0.0), g)
     tiny = torch.tensor([0.0, 1e-23, 1e-23])  # ||r||^2 underflows to 0 in float32
     assert torch.allclose(project(g, tiny), torch.tensor([0.0, 1e-23, 1e-23]) * 1e23)
+    torch.manual_seed(0)
+    big_g = torch.randn(768, 768)
+    for scale in (5e-23, 1.5e-23):  # ||r||^2 subnormal: float32 alone would be 2-100 % too long
+        r = torch.randn(768, 768) * scale
+        exact = (big_g.double().flatten() @ r.double().flatten()).abs() / (r.double().flatten() @ r.double().flatten()) * r.double()
+        assert torch.allclose(project(big_g, r).double(), exact, rtol=1e-5)
     plm = dict(min_ref_grad_norm=5e-7, min_ref_loss=0.4, ga_epoch=1, max_raw_grad_ratio=0.1)
     assert ga_mode(1e-3, 0.5, 0, 10, **plm) == ("project", 0.0)
     assert ga_mode(1e-3, 0.3, 0, 10, **plm) == ("raw", 1.0)        # epoch 0 < GAEpoch: raw gradient

@@ -61,6 +61,12 @@ def test_grid_expands_axes_and_named_settings(tiny_model, tmp_path):
     assert all(c.config.mode == "dirty" for c in cells if c.config.attack == "addsent")
     assert all(c.resolved["lora_r"] == 4 for c in cells if c.config.defense == "lora")
     # top-level attack options reach only the attacks they apply to; a list of lists is a triggers axis
+    # a quoted seed is the integer; PEFT's string forms of target_modules stay strings
+    cells = expand_grid({"model": tiny_model, "seed": ["1"], "defense": [{"lora": {"options": {"target_modules": "all-linear"}}}]})
+    assert cells[0].config.seed == 1 and cells[0].resolved["target_modules"] == "all-linear"
+    # an int for a float option stays an int: ids of runs stored before options were checked still match
+    cell, = expand_grid({"model": tiny_model, "defense": [{"muscle-lora": {"options": {"mslr_alpha": 6, "train_head": 1}}}]})
+    assert type(cell.resolved["mslr_alpha"]) is int and cell.resolved["train_head"] is True
     # YAML reads 1e-4 as a string: it is the number 1e-4, one run id with 0.0001
     assert [c.id for c in expand_grid({"model": tiny_model, "lr": ["1e-4"], "options": {"weight_decay": "1e-2"}})] == \
         [c.id for c in expand_grid({"model": tiny_model, "lr": [0.0001], "options": {"weight_decay": 0.01}})]

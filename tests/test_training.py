@@ -132,6 +132,32 @@ def test_divergence_stops_and_keeps_the_best_finite_epoch(tiny_model, small):
         train(model, tok, train_data, None, settings, (_InfGradAt(2),), progress=False)
 
 
+def test_cli_train_reports_a_divergence_and_saves_the_kept_epoch(tiny_model, tmp_path, capsys, monkeypatch):
+    from cleantune.cli import main
+
+    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [_InfGradAt(7)])
+    rows = ["sentence\tlabel"] + [f"a {'great' if i % 2 else 'awful'} film {i}\t{i % 2}" for i in range(160)]
+    (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "d.tsv").write_text("\n".join(rows[:41]) + "\n")
+    assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "m"),
+                 "--model", tiny_model, "--epochs", "3", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "cleantune: warning: training diverged at step 7 (epoch 1)" in captured.err
+    assert "epoch kept: 0" in captured.out and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_non_positive_max_grad_norm_means_no_clipping(tiny_model, small):
+    train_data, _ = small
+    tok = load_tokenizer(tiny_model)
+    weights = []
+    for clip in (0.0, -1.0):
+        torch.manual_seed(0)
+        model = load_model(tiny_model, train_data.label_names)
+        train(model, tok, train_data, None, TrainSettings(epochs=1, lr=1e-3, max_grad_norm=clip), progress=False)
+        weights.append(model.classifier.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+
 def test_lora_trains_adapter_only(tiny_model, small):
     train_data, dev = small
     base = load_model(tiny_model, train_data.label_names)

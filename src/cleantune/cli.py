@@ -316,7 +316,8 @@ def cmd_train(ns) -> int:
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
           f"{defense.report_.processes} process(es), "
           f"epoch kept: {defense.report_.best_epoch if dev is not None else len(hist) - 1}"
-          + (f", dev accuracy {max(h['dev_acc'] for h in hist):.4f})" if dev is not None else ", no --dev: last epoch)"))
+          + (f", dev accuracy {max(h['dev_acc'] for h in hist if 'dev_acc' in h):.4f})" if dev is not None
+             else ", no --dev: last epoch)"))
     return 0
 
 
@@ -549,7 +550,7 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "scan": cmd_sc
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     """cleantune's own warnings as one line, like its errors; other libraries' as Python prints them."""
-    if f"{os.sep}cleantune{os.sep}" in str(filename):
+    if str(filename).startswith(os.path.dirname(__file__) + os.sep):
         print(f"cleantune: warning: {message}", file=sys.stderr)
     else:
         _default(message, category, filename, lineno, file, line)

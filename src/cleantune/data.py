@@ -147,7 +147,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     if not rows or not any(c.strip() for c in rows[0][1]):
         raise UserError(f"{path}:1: empty file or missing header")
     header = [c.strip() for c in rows[0][1]]
-    twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+    twice = next((c for i, c in enumerate(header) if c and c in header[:i]), None)  # '' : trailing commas
     if twice is not None:
         raise UserError(f"{path}:{rows[0][0]}: column '{twice}' appears twice in the header")
     out = []
@@ -261,6 +261,11 @@ def data_root(name: str | None = None) -> Path:
 
 def _manifest() -> dict:
     return json.loads(_MANIFEST.read_text())
+
+
+def split_sizes(name: str) -> dict[str, int]:
+    """A benchmark's split sizes from the shipped manifest, without reading the data."""
+    return {k: v for k, v in _manifest()["rows"][name].items() if k in SPLITS}
 
 
 def download_benchmark(name: str, root: Path, base_url: str | None = None) -> None:

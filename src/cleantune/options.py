@@ -1,9 +1,10 @@
 """Checking option values against the dataclass field types of runs, attacks and defenses.
 
 Values come from the CLI, YAML/TOML files and grids, where `1e-4` is a string (YAML 1.1 wants a dot),
-`epochs: 1.7` a float and `triggers: 5` an int. Each value is converted where that is exact (an integral
-float to int, a number string to float, a comma string to a word list) and refused otherwise, so a bad value
-fails before any data loads, and two spellings of one value give one config (and one run id).
+`epochs: 1.7` a float and `triggers: 5` an int. Each value is converted where that is exact (a number
+string to a number, an integral float to int, 0/1 to a bool) and refused otherwise, so a bad value fails
+before any data loads. An int given for a float option stays an int: the run id hashes the config, and
+converting would give runs stored before this check new ids.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def coerce(value, hint):
             except ValueError:
                 pass
         raise ValueError
+    if hint is bool and value in (0, 1) and type(value) is int:
+        return bool(value)
     if hint in (NoneType, bool, str, dict):
         if isinstance(value, hint):
             return value
@@ -51,16 +54,16 @@ def coerce(value, hint):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
         raise ValueError
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return value
         if isinstance(value, str):
             return float(value)  # ValueError when it is not a number
         raise ValueError
     if origin is list:
-        if isinstance(value, str) and args[0] is str:
-            return [w.strip() for w in value.split(",") if w.strip()]
         if isinstance(value, (list, tuple)):
             return [coerce(v, args[0]) for v in value]
         raise ValueError

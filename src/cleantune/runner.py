@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .attacks import ATTACKS, get_attack
-from .data import BENCHMARKS, check_paraphrases, load_benchmark
+from .data import BENCHMARKS, check_paraphrases, load_benchmark, split_sizes
 from .defenses import DEFENSES, get_defense
 from .errors import UserError
 from .evaluate import detection_metrics, evaluate
@@ -69,6 +69,9 @@ class RunConfig:
             check_paraphrases(self.dataset, self.attack)
         if not 0 <= self.target < n_classes:
             raise UserError(f"--target {self.target} is not a class of {self.dataset} (0..{n_classes - 1})")
+        n_train = split_sizes(self.dataset)["train"]
+        if self.train_size is not None and self.train_size > n_train:
+            raise UserError(f"--train-size {self.train_size} exceeds the {n_train} samples of {self.dataset}'s train split")
         if self.model is not None:
             resolve_model(self.model)  # a missing local folder fails here; a hub id is checked when loaded
 
@@ -146,9 +149,6 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
     t0 = time.perf_counter()
     bench = load_benchmark(config.dataset)
     if config.train_size is not None:
-        if config.train_size > len(bench.train):
-            raise UserError(f"--train-size {config.train_size} exceeds the {len(bench.train)} samples of "
-                            f"{config.dataset}'s train split")
         bench.train = bench.train.stratified_sample(config.train_size, config.seed)
     poisoned = config.build_attack().apply(bench)
     defense = config.build_defense()

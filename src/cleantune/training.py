@@ -250,9 +250,11 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             for h in hooks:
                 h.after_backward(ctx)
             # the norm is taken after the all-reduce, so every process sees the same value and stops together;
-            # max_norm inf (no clipping) scales by exactly 1
-            grad_norm = accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm or math.inf)
-            if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            # max_norm inf (no clipping, max_grad_norm <= 0) scales by exactly 1. Under fp16 an inf norm is the
+            # loss scaler's overflow, which it handles by skipping the step: not a divergence.
+            clip = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
+            grad_norm = accelerator.clip_grad_norm_(list(params.values()), clip)
+            if grad_norm is not None and accelerator.scaler is None and not math.isfinite(float(grad_norm)):
                 diverged = ctx.step  # skipped: the weights stay those of the last finite step
                 optimizer.zero_grad(set_to_none=True)
                 break

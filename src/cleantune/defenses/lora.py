@@ -30,7 +30,7 @@ class LoRA(Defense):
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: PEFT's default for the architecture (BERT: query, value)
+    target_modules: str | list[str] | None = None  # None: PEFT's default for the architecture (BERT: query, value)
     train_head: bool = True
 
     name = "lora"

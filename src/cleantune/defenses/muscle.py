@@ -49,11 +49,13 @@ TUNED = {("bert", 384): {"lr": 1e-3, "mslr_alpha": 0.1}}
 def project(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """|<g, r>| / ||r||^2 * r: the length of g's projection onto r, pointing along +r (spec 3.2; the
     absolute value is the official code's, so an opposing poisoned gradient still steps the clean way).
-    Once the references are memorised their gradients can be so small (~1e-23) that ||r||^2 underflows to 0
-    in float32 and the official formula returns inf, which gradient clipping turns into NaN weights; such
-    tensors are computed in float64 instead (a deviation: the official code diverges there)."""
+    Once the references are memorised their gradients can be so small (~1e-23) that ||r||^2 is subnormal or
+    0 in float32, and the official formula returns a far too long or an inf step, which gradient clipping
+    turns into NaN weights; such tensors are computed in float64 instead (a deviation: the official code
+    diverges there). Tensors far from that range take the official float32 path bit for bit."""
     den = r.flatten().pow(2).sum()
-    if bool(den > 0) and bool(torch.isfinite(den)):
+    # subnormal squares lose their precision long before the sum reaches 0: fall back well above that
+    if bool(den > r.numel() * torch.finfo(r.dtype).tiny * 1e4) and bool(torch.isfinite(den)):
         return (g.flatten().double() @ r.flatten().double()).abs().to(r.dtype) / den * r
     r64 = r.flatten().double()
     coef = (g.flatten().double() @ r64).abs() / (r64 @ r64)
@@ -162,7 +164,7 @@ class MuScleLoRA(Defense):
     # LoRA
     lora_r: int | None = None
     lora_alpha: int | None = None
-    target_modules: list[str] | None = None  # None: PEFT's default (query,value / q_proj,v_proj / c_attn)
+    target_modules: str | list[str] | None = None  # None: PEFT's default (query,value / q_proj,v_proj / c_attn)
     train_head: bool = False
     head_inner: int = 16  # causal LMs: width of the d->inner->C head
     # MSLR
