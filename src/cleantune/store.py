@@ -58,8 +58,9 @@ class ResultStore:
     can write to one file on one machine. (WAL needs shared memory: not for network filesystems.)"""
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False):
-        """`readonly` (results, report): the file must exist and is never modified. Otherwise it is created
-        when missing. Either way an SQLite file holding other tables is refused, not changed."""
+        """`readonly` (results, report): the file must exist and its content is never changed (SQLite may add
+        the `-wal`/`-shm` companions a WAL database has while open). Otherwise it is created when missing.
+        Either way an SQLite file holding other tables is refused, not changed."""
         self.path = Path(path) if path is not None else default_store_path()
         label = f"--store {self.path}"
         if readonly and not self.path.is_file():
