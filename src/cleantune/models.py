@@ -140,7 +140,14 @@ class Classifier:
             tmp.mkdir(parents=True)
             model = self.model
             if hasattr(model, "peft_config") or hasattr(model, "cleantune_export"):
-                model = copy.deepcopy(model)  # merging is in place; the caller keeps its adapters
+                # merging is in place, so a copy is merged and the caller keeps its adapters; the copy is
+                # made on the CPU, so saving never needs twice the model's accelerator memory
+                device = next(model.parameters()).device
+                model.to("cpu")
+                try:
+                    model = copy.deepcopy(model)
+                finally:
+                    self.model.to(device)
             if hasattr(model, "peft_config"):
                 model.save_pretrained(tmp / "adapter", safe_serialization=True)
                 model = model.merge_and_unload()
