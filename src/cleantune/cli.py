@@ -221,22 +221,21 @@ def _int(name: str, v) -> int:
     from .options import coerce
 
     try:
-        return int(v) if isinstance(v, str) else coerce(v, int)  # a CLI string, or a config value (1.5 is refused)
+        return coerce(v, int)  # a CLI string or a config value; 1.5 is refused
     except (TypeError, ValueError):
         raise UserError(f"--{name.replace('_', '-')}: expected an integer, got '{v}'") from None
 
 
 def _attack_options(ns) -> dict:
     """eval's and scan's trigger options: each must fit --attack, and none may come without it."""
-    from .runner import ATTACK_OPTIONS
+    from .runner import ATTACK_OPTIONS, check_attack_option
 
     given = {k: getattr(ns, k, None) for k in ATTACK_OPTIONS}
     given = {k: (_split(v) if k == "triggers" else v) for k, v in given.items() if v is not None}
     for k in given:
         if ns.attack is None:
             raise UserError(f"--{k.replace('_', '-')} needs --attack")
-        if ns.attack not in ATTACK_OPTIONS[k]:
-            raise UserError(f"--{k.replace('_', '-')} applies to --attack {' or '.join(ATTACK_OPTIONS[k])} only")
+        check_attack_option(k, [ns.attack])
     return given
 
 
@@ -246,7 +245,7 @@ def _attack_options(ns) -> dict:
 def cmd_run(ns) -> int:
     import itertools
 
-    from .runner import ATTACK_OPTIONS, RunConfig, run
+    from .runner import ATTACK_OPTIONS, RunConfig, check_attack_option, run
     from .store import ResultStore
 
     opts = _run_options(ns)
@@ -255,9 +254,9 @@ def cmd_run(ns) -> int:
     axes["seed"] = [_int("seed", s) for s in axes["seed"]]
     if "triggers" in opts:
         opts["triggers"] = _as_list(opts["triggers"])
-    for opt, attacks in ATTACK_OPTIONS.items():  # attack-specific options go to the cells they apply to
-        if opt in opts and not set(attacks) & set(axes["attack"]):
-            raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(attacks)} only")
+    for opt in ATTACK_OPTIONS:  # attack-specific options go to the cells they apply to
+        if opt in opts:
+            check_attack_option(opt, axes["attack"])
     configs = []
     for dataset, attack, defense, seed in itertools.product(*axes.values()):
         cell = {k: v for k, v in opts.items() if k not in ATTACK_OPTIONS or attack in ATTACK_OPTIONS[k]}
@@ -325,6 +324,7 @@ def cmd_eval(ns) -> int:
     import random
 
     from .attacks import get_attack
+    from .attacks.base import check_target
     from .data import BENCHMARKS, load_benchmark, read_dataset
     from .evaluate import evaluate
     from .models import Classifier
@@ -343,8 +343,7 @@ def cmd_eval(ns) -> int:
         raise UserError(f"{ns.data} has {data.num_labels} classes, the model {len(model.label_names)}")
     triggered = None
     if ns.attack:
-        if not 0 <= ns.target < data.num_labels:
-            raise UserError(f"--target {ns.target} is not a class of {ns.data} (0..{data.num_labels - 1})")
+        check_target(ns.target, data.num_labels, ns.data)
         attack = get_attack(ns.attack, target=ns.target, seed=ns.seed, **extra)
         if bench is not None:
             attack.prepare(bench)

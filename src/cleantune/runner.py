@@ -13,6 +13,7 @@ import torch
 
 from . import __version__
 from .attacks import ATTACKS, get_attack
+from .attacks.base import check_target
 from .data import BENCHMARKS, check_paraphrases, load_benchmark, split_sizes
 from .defenses import DEFENSES, get_defense
 from .errors import UserError
@@ -23,6 +24,12 @@ from .store import ResultStore, config_hash, data_dir
 from .training import is_main_process
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
+
+
+def check_attack_option(opt: str, attacks: list[str]) -> None:
+    """An attack-specific option must fit at least one of the attacks it is given with."""
+    if not set(ATTACK_OPTIONS[opt]) & set(attacks):
+        raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(ATTACK_OPTIONS[opt])} only")
 
 
 @dataclass
@@ -60,15 +67,14 @@ class RunConfig:
             raise UserError(f"unknown attack '{self.attack}' (choose from {', '.join(ATTACKS)})")
         if self.defense not in DEFENSES:
             raise UserError(f"unknown defense '{self.defense}' (choose from {', '.join(DEFENSES)})")
-        for opt, attacks in ATTACK_OPTIONS.items():
-            if getattr(self, opt) is not None and self.attack not in attacks:
-                raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(attacks)} only")
+        for opt in ATTACK_OPTIONS:
+            if getattr(self, opt) is not None:
+                check_attack_option(opt, [self.attack])
         # what would otherwise fail only when the cell runs, after earlier cells of a sweep
         n_classes = BENCHMARKS[self.dataset][0]
         if self.attack in ("syntactic", "style"):
             check_paraphrases(self.dataset, self.attack)
-        if not 0 <= self.target < n_classes:
-            raise UserError(f"--target {self.target} is not a class of {self.dataset} (0..{n_classes - 1})")
+        check_target(self.target, n_classes, self.dataset)
         n_train = split_sizes(self.dataset)["train"]
         if self.train_size is not None and self.train_size > n_train:
             raise UserError(f"--train-size {self.train_size} exceeds the {n_train} samples of {self.dataset}'s train split")

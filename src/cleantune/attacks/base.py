@@ -9,6 +9,11 @@ from ..errors import UserError
 MODES = ("dirty", "clean", "mix")
 
 
+def check_target(target: int, n_classes: int, data: str) -> None:
+    if not 0 <= target < n_classes:
+        raise UserError(f"--target {target} is not a class of {data} (0..{n_classes - 1})")
+
+
 @dataclass
 class PoisonedBenchmark:
     dataset: str
@@ -52,8 +57,7 @@ class Attack:
         """Load whatever the trigger needs from the benchmark (paraphrase tables)."""
 
     def apply(self, bench: Benchmark) -> PoisonedBenchmark:
-        if not 0 <= self.target < bench.train.num_labels:
-            raise UserError(f"--target {self.target} is not a class of {bench.name} (0..{bench.train.num_labels - 1})")
+        check_target(self.target, bench.train.num_labels, bench.name)
         self.prepare(bench)
         rng = random.Random(f"{self.name}-{self.seed}")
         train = bench.train
