@@ -223,7 +223,7 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     data, dev = synthetic(160), synthetic(24, seed=1)
     defense = BTU(model=path, btu_mode=mode, epochs=1, batch_size=16, k=3, clean_tuning=tuning, max_length=64)
     snaps = []
-    defense.stage_eval = lambda clf: snaps.append(clf.model.get_input_embeddings().weight.detach().clone()) or {"n": len(snaps)}
+    defense.stage_eval = lambda clf: snaps.append(clf.model.get_input_embeddings().weight.detach().cpu().clone()) or {"n": len(snaps)}
     clf = defense.fit(data, dev, progress=False)
     tok = load_tokenizer(path)
     E0 = load_model(path, ["neg", "pos"]).get_input_embeddings().weight.detach()

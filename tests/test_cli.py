@@ -173,3 +173,27 @@ def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
     assert main(["train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "m2"), "--model", "no-org/no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "--model no-org/no-such-model: cannot load" in err and len(err.strip().splitlines()) == 1
+
+
+def test_mixed_precision_is_its_own_run(tiny_model, tmp_path, capsys, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION: such a run trains under
+    autocast and is stored under its own id, never answered by the full-precision run of the same config."""
+    import os
+
+    args = ["run", "--model", tiny_model, "--train-size", "100", "--epochs", "1", "--format", "json", "--no-progress",
+            "--store", tmp_path / "s.sqlite"]
+    assert main(list(map(str, args))) == 0
+    full = json.loads(capsys.readouterr().out)[0]
+    code, out, err = cli(*args, env={**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert code == 0, err
+    half = json.loads(out)[0]
+    assert half["id"] != full["id"] and half["config"]["mixed_precision"] == "bf16"
+    assert "mixed_precision" not in full["config"]
+    assert half["metrics"]["history"] != full["metrics"]["history"]  # trained again, under bf16 autocast
+    # this process's Accelerate state is full precision: it cannot switch, and says so in one line
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert main(list(map(str, args + ["--force"]))) == 2
+    assert "mixed precision bf16: AcceleratorState has already been initialized" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf17")
+    assert main(list(map(str, args))) == 2
+    assert "ACCELERATE_MIXED_PRECISION=bf17: expected no, fp16 or bf16" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import shutil
@@ -21,7 +22,7 @@ from .evaluate import detection_metrics, evaluate
 from .models import resolve_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
-from .training import is_main_process
+from .training import is_main_process, mixed_precision
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -105,6 +106,7 @@ class RunConfig:
         resolved = {"dataset": self.dataset, "attack": self.attack, "defense": self.defense,
                     "train_size": self.train_size, **attack_settings, **defense_settings,
                     "clean_data": defense.clean_data,
+                    **({} if mixed_precision() == "no" else {"mixed_precision": mixed_precision()}),
                     "versions": {"cleantune": __version__, "torch": torch.__version__.split("+")[0],
                                  "transformers": _version("transformers"), "peft": _version("peft")}}
         return resolved

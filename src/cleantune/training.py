@@ -90,6 +90,16 @@ class TrainReport:
     processes: int = 1
 
 
+def mixed_precision() -> str:
+    """ACCELERATE_MIXED_PRECISION, which `accelerate launch --mixed_precision bf16|fp16` sets: the training
+    loop uses it and a run's resolved config records it (a mixed-precision run is another run, with its own
+    id; absent under full precision, so the ids of fp32 runs stay what they were)."""
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mp not in ("no", "fp16", "bf16"):
+        raise UserError(f"ACCELERATE_MIXED_PRECISION={mp}: expected no, fp16 or bf16")
+    return mp
+
+
 def is_main_process() -> bool:
     """False in the non-zero ranks of `accelerate launch`: only the main process writes files."""
     from accelerate import PartialState
@@ -101,6 +111,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        # Same seed, same metrics on a GPU too: deterministic kernels (atomics-based ones such as the
+        # embedding backward otherwise reorder float sums run to run). cuBLAS reads its workspace setting
+        # when a process first uses it, so in a process that ran CUDA work before this call it may come late;
+        # warn_only: an op without a deterministic kernel warns instead of stopping the run.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -185,7 +202,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     if len(train_data) == 0:
         raise UserError("the training set is empty")
     # cpu=True on a machine without CUDA makes a multi-process launch use DDP over gloo (MULTI_CPU).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision())
+    except ValueError as e:  # e.g. this process's AcceleratorState was made with another precision
+        raise UserError(f"mixed precision {mixed_precision()}: {e}") from None
     ids = encode(tokenizer, train_data.texts, settings.max_length)
     lengths = [len(x) for x in ids]
     labels = train_data.labels
@@ -218,7 +238,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         opt_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-        torch.set_rng_state(load_file(ckpt_dir / "rng.safetensors")["torch"])
+        rng = load_file(ckpt_dir / "rng.safetensors")
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and accelerator.device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
+            torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
         history, best_epoch, best_score = state["history"], state["best_epoch"], state["best_score"]
         if (ckpt_dir / "best.safetensors").is_file():
             best_state = load_file(ckpt_dir / "best.safetensors")
@@ -288,7 +311,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         if ckpt_dir is not None and accelerator.is_main_process:
             _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state,
                              {"epoch": epoch, "history": history, "best_epoch": best_epoch,
-                              "best_score": best_score, "fingerprint": fingerprint})
+                              "best_score": best_score, "fingerprint": fingerprint}, accelerator.device)
         accelerator.wait_for_everyone()
     bar.close()
     if diverged is not None:
@@ -305,7 +328,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                        world)
 
 
-def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, state: dict) -> None:
+def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, state: dict,
+                     device: torch.device) -> None:
     """Write the whole checkpoint into a fresh folder, then swap it in: a kill leaves the old one intact."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -314,7 +338,10 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, s
     if best_state is not None:
         save_file({n: t.contiguous() for n, t in best_state.items()}, tmp / "best.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    save_file(rng, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(state))
     old = ckpt_dir.with_name(ckpt_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

@@ -160,8 +160,8 @@ class ShallowClassifier(nn.Module):
         return SequenceClassifierOutput(logits=self.head(pooled))
 
     def full_weight(self) -> torch.Tensor:
-        w = self.base_weight.clone()
-        w[self.rows] = self.word.weight.detach()
+        w = self.base_weight.clone()  # on the CPU, where the pretrained rows stay when training moves to a GPU
+        w[self.rows] = self.word.weight.detach().to(w.device)
         return w
 
 

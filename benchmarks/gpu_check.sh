@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one script that fits a short lease: the test suite on CUDA, MuScleLoRA's
+# step cost, the paper-budget sst2 BadNets cell (finetune vs muscle-lora, seed 42), same seed -> same metrics
+# on the GPU, bf16/fp16 mixed precision through `accelerate launch`, and training throughput against the
+# GPU's fp32 roofline. Needs cleantune importable (installed, or PYTHONPATH=src) and the benchmark data.
+# Every stage has a time limit and writes its log to $OUT/<stage>.log (default ./gpu-check), so a run cut
+# short still says how far it got; result stores go to a temporary folder (the logs hold their tables).
+#
+#     OUT=gpu-check bash benchmarks/gpu_check.sh
+#     STAGES="tests step_cost" TESTS="tests/test_btu.py" bash benchmarks/gpu_check.sh   # a subset
+set -u
+OUT=${OUT:-gpu-check}
+STAGES=${STAGES:-tests step_cost quality determinism amp throughput}
+mkdir -p "$OUT"
+stores=$(mktemp -d)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+py=${PYTHON:-python3}
+
+stage() {  # stage NAME SECONDS COMMAND...: run it if NAME is in $STAGES, log to $OUT/NAME.log, print the tail
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    [[ " $STAGES " == *" $name "* ]] || return 0
+    echo "== $name (limit ${limit}s)"
+    timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start))s"
+    tail -n "${TAIL:-12}" "$OUT/$name.log"
+}
+
+{ nvidia-smi -L; $py -c "import sys, torch, transformers, peft, accelerate
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__,
+      'peft', peft.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"; } \
+    >"$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+# test_distributed launches two processes over gloo on CPU; on a one-GPU machine that is the CPU test again
+TAIL=25 stage tests "${TESTS_S:-150}" $py -m pytest -p no:cacheprovider -p no:warnings -q ${TESTS:-tests} \
+    --deselect tests/test_distributed.py::test_two_process_launch_trains_and_evaluates
+stage step_cost "${STEP_S:-60}" $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --with-ga
+stage quality "${QUALITY_S:-170}" $py benchmarks/muscle_quality.py --datasets sst2 --attacks badnets \
+    --defenses finetune,muscle-lora --store "$stores/quality.sqlite" --no-progress
+cell="--dataset sst2 --attack badnets --defense muscle-lora --train-size 1000 --epochs 1 --no-progress"
+compare='import json, sys
+a, b = (json.load(open(f))[0]["metrics"] for f in sys.argv[1:])
+keys = ("cacc", "asr", "history")
+print({k: a[k] for k in keys if k != "history"}, "identical" if all(a[k] == b[k] for k in keys) else "DIFFERENT")'
+stage determinism "${DETERMINISM_S:-50}" bash -c "for i in 1 2; do $py -m cleantune run $cell \
+    --store $stores/det\$i.sqlite --format json >$stores/det\$i.json || exit 1; done; $py -c '$compare' $stores/det1.json $stores/det2.json"
+stage amp "${AMP_S:-50}" bash -c "for mp in bf16 fp16; do echo \"-- \$mp\"; $py -m accelerate.commands.launch \
+    --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision \$mp -m cleantune run $cell \
+    --format table --store $stores/amp.sqlite || exit 1; done"
+stage throughput "${THROUGHPUT_S:-40}" $py benchmarks/throughput.py --samples 3200
+rm -rf "$stores"
