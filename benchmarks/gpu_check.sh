@@ -4,7 +4,8 @@
 # on the GPU, bf16/fp16 mixed precision through `accelerate launch`, and training throughput against the
 # GPU's fp32 roofline. Needs cleantune importable (installed, or PYTHONPATH=src) and the benchmark data.
 # Every stage has a time limit and writes its log to $OUT/<stage>.log (default ./gpu-check), so a run cut
-# short still says how far it got; result stores go to a temporary folder (the logs hold their tables).
+# short still says how far it got; result stores go to a temporary folder (the logs hold their tables). The
+# exit status is 1 if any stage failed or ran out of time.
 #
 #     OUT=gpu-check bash benchmarks/gpu_check.sh
 #     STAGES="tests step_cost" TESTS="tests/test_btu.py" bash benchmarks/gpu_check.sh   # a subset
@@ -13,6 +14,8 @@ OUT=${OUT:-gpu-check}
 STAGES=${STAGES:-tests step_cost quality determinism amp throughput}
 mkdir -p "$OUT"
 stores=$(mktemp -d)
+trap 'rm -rf "$stores"' EXIT
+failed=0
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
 
@@ -23,6 +26,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run it if NAME is in $STAGES, log to
     echo "== $name (limit ${limit}s)"
     timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
+    [ $rc -eq 0 ] || failed=1
     echo "== $name: exit $rc after $((SECONDS - start))s"
     tail -n "${TAIL:-12}" "$OUT/$name.log"
 }
@@ -50,4 +54,4 @@ stage amp "${AMP_S:-50}" bash -c "for mp in bf16 fp16; do echo \"-- \$mp\"; $py 
     --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision \$mp -m cleantune run $cell \
     --format table --store $stores/amp.sqlite || exit 1; done"
 stage throughput "${THROUGHPUT_S:-40}" $py benchmarks/throughput.py --samples 3200
-rm -rf "$stores"
+exit $failed

@@ -180,6 +180,8 @@ def test_mixed_precision_is_its_own_run(tiny_model, tmp_path, capsys, monkeypatc
     autocast and is stored under its own id, never answered by the full-precision run of the same config."""
     import os
 
+    import torch
+
     args = ["run", "--model", tiny_model, "--train-size", "100", "--epochs", "1", "--format", "json", "--no-progress",
             "--store", tmp_path / "s.sqlite"]
     assert main(list(map(str, args))) == 0
@@ -194,6 +196,10 @@ def test_mixed_precision_is_its_own_run(tiny_model, tmp_path, capsys, monkeypatc
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert main(list(map(str, args + ["--force"]))) == 2
     assert "mixed precision bf16: AcceleratorState has already been initialized" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # Accelerate would silently train fp16 in fp32 on a CPU
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        assert main(list(map(str, args))) == 2
+        assert "ACCELERATE_MIXED_PRECISION=fp16 needs a GPU" in capsys.readouterr().err
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf17")
     assert main(list(map(str, args))) == 2
     assert "ACCELERATE_MIXED_PRECISION=bf17: expected no, fp16 or bf16" in capsys.readouterr().err

@@ -93,3 +93,21 @@ def test_report_plots_curves_files_of_the_frequency_analysis(tmp_path, capsys):
     bad.write_text(json.dumps({"records": "none"}))
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "r2"), "--frequency", str(bad)]) == 2
     assert "no frequency curves" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+def test_mixed_precision_runs_are_their_own_rows_and_compare_at_their_precision(tmp_path, monkeypatch, capsys):
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.90, 1.00, 10.0, dataset="sst2", attack="badnets", defense="finetune")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision` sets
+    put_run(s, 0.88, 1.00, 4.0, dataset="sst2", attack="badnets", defense="finetune")
+    put_run(s, 0.85, 0.20, 2.0, dataset="sst2", attack="badnets", defense="lora")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| finetune | 1 | 0.900 | 1.000 | +0.0 pt | 1.00× |" in md  # not averaged with the bf16 run
+    assert "| lora [bf16] | 1 | 0.850 | 0.200 | +3.0 pt | 0.50× |" in md  # against bf16 fine-tuning
+    assert "Precision: bf16 mixed precision, fp32" in md
+    capsys.readouterr()
+    assert main(["results", "--store", str(s.path), "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert "mixed_precision" in rows[0].split(",") and sum(",bf16," in r for r in rows) == 2

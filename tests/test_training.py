@@ -91,6 +91,22 @@ def test_resume_refuses_other_settings(tiny_model, small, tmp_path):
               resume=True, progress=False)
 
 
+def test_a_checkpoint_resumes_only_under_its_own_precision(monkeypatch):
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from cleantune.training import _settings_hash
+
+    full = _settings_hash(TrainSettings(), 100)
+    before = hashlib.sha256(json.dumps([asdict(TrainSettings()), 100], sort_keys=True).encode()).hexdigest()[:16]
+    assert full == before  # the fingerprint of fp32 checkpoints made before precision was recorded
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert _settings_hash(TrainSettings(), 100) != full  # so --resume says "other settings"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert _settings_hash(TrainSettings(), 100) == full
+
+
 class _ZeroGrads(StepHook):
     def after_backward(self, ctx):
         for p in ctx.model.parameters():

@@ -21,7 +21,8 @@ from .store import ResultStore, data_dir
 
 REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
 ATTACK_ORDER = ("badnets", "addsent", "syntactic", "style")
-IGNORED_KEYS = {"seed", "versions"}  # what may differ between the seeds of one cell
+IGNORED_KEYS = {"seed", "versions", "mixed_precision"}  # what may differ between the seeds of one cell
+# (a mixed-precision run is never a seed of a full-precision cell: its row carries the precision, _row)
 
 
 # ---------------------------------------------------------------- numbers
@@ -66,7 +67,7 @@ def summarize(runs: list[dict]) -> dict:
     by_cell: dict[tuple, list[dict]] = defaultdict(list)
     for r in ok:
         c = r["config"]
-        row = c["defense"] + (f" ({labels[r['id']]})" if labels[r["id"]] else "")
+        row = c["defense"] + _precision_tag(c) + (f" ({labels[r['id']]})" if labels[r["id"]] else "")
         by_cell[(c["dataset"], row, c["attack"])].append(r)
     for (dataset, row, attack), rs in by_cell.items():
         d = out.setdefault(dataset, {"attacks": [], "rows": [], "cells": {}})
@@ -75,7 +76,8 @@ def summarize(runs: list[dict]) -> dict:
         cacc = _mean_std([r["metrics"].get("cacc") for r in rs])
         asr = _mean_std([r["metrics"].get("asr") for r in rs])
         wall = _mean_std([r["timings"].get("wall_s") for r in rs])
-        d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "cacc": cacc, "asr": asr,
+        d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "tag": _precision_tag(rs[0]["config"]),
+                                     "cacc": cacc, "asr": asr,
                                      "wall": wall, "n": len(rs), "runs": rs}
     for d in out.values():
         d["attacks"].sort(key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
@@ -87,10 +89,19 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def _precision_tag(config: dict) -> str:
+    mp = config.get("mixed_precision")
+    return f" [{mp}]" if mp else ""
+
+
 def _reference(d: dict, row: str, attack: str) -> dict | None:
-    """Plain fine-tuning on the same attack: the row with the same variant label if there is one."""
+    """Plain fine-tuning on the same attack at the same precision: the row with the same variant label if
+    there is one, else another of that precision."""
     suffix = row[len(row.split(" ")[0]):]
-    for cand in (REFERENCE + suffix, *[r for r in d["rows"] if r.split(" ")[0] == REFERENCE]):
+    tag = d["cells"][(row, attack)]["tag"]
+    same = [r for r in d["rows"] if r.split(" ")[0] == REFERENCE
+            and any(c["tag"] == tag for (r2, _), c in d["cells"].items() if r2 == r)]
+    for cand in (REFERENCE + suffix, *same):
         if (cand, attack) in d["cells"]:
             return d["cells"][(cand, attack)]
     return None
@@ -321,7 +332,9 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
     items.append(("data caveats", "; ".join(caveats)))
     versions = sorted({", ".join(f"{k} {v}" for k, v in sorted(r["config"].get("versions", {}).items())) for r in ok})
     devices = sorted({f"{r['env'].get('device', '?')} (torch threads: {r['env'].get('cpu_threads', '?')})" for r in ok})
-    items.append(("software and hardware", "; ".join(versions) + ". Runs on " + "; ".join(devices)))
+    precisions = sorted({r["config"].get("mixed_precision", "fp32") for r in ok})
+    items.append(("software and hardware", "; ".join(versions) + ". Runs on " + "; ".join(devices)
+                  + ". Precision: " + ", ".join(p if p == "fp32" else f"{p} mixed precision" for p in precisions)))
     return items
 
 

@@ -217,6 +217,8 @@ def _ray(cells: list[Cell], store: ResultStore, address: str | None, cpus: int, 
     # cleantune as this driver (a source checkout). A cluster's nodes have their own install and paths.
     env = {k: os.environ[k] for k in ("PYTHONPATH", "CLEANTUNE_DATA", "HF_HUB_OFFLINE")
            if k in os.environ and address in (None, "local")}
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # part of a run's id: every worker trains what was planned
+        env["ACCELERATE_MIXED_PRECISION"] = os.environ["ACCELERATE_MIXED_PRECISION"]
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": env} if env else None)
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)

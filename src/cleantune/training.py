@@ -97,6 +97,8 @@ def mixed_precision() -> str:
     mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mp not in ("no", "fp16", "bf16"):
         raise UserError(f"ACCELERATE_MIXED_PRECISION={mp}: expected no, fp16 or bf16")
+    if mp == "fp16" and not torch.cuda.is_available():  # Accelerate would train in fp32 without a word
+        raise UserError("ACCELERATE_MIXED_PRECISION=fp16 needs a GPU; on a CPU use bf16")
     return mp
 
 
@@ -118,6 +120,11 @@ def seed_everything(seed: int) -> None:
         # warn_only: an op without a deterministic kernel warns instead of stopping the run.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # warn_only leaves the fused attention kernels' backward nondeterministic (they only warn): attention
+        # runs as plain matmuls and softmax instead, cheap at classification lengths (<= 128 tokens by default)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -149,7 +156,9 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
 
 
 def _settings_hash(settings: TrainSettings, n_train: int) -> str:
-    return hashlib.sha256(json.dumps([asdict(settings), n_train], sort_keys=True).encode()).hexdigest()[:16]
+    mp = mixed_precision()  # a checkpoint resumes only under its own precision; fp32 fingerprints as before
+    return hashlib.sha256(json.dumps([asdict(settings), n_train] + ([mp] if mp != "no" else []),
+                                     sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -238,6 +247,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         opt_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
+        if accelerator.scaler is not None and "scaler" in opt_state:  # fp16: the loss scale goes on
+            accelerator.scaler.load_state_dict(opt_state["scaler"])
         rng = load_file(ckpt_dir / "rng.safetensors")
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and accelerator.device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
@@ -311,7 +322,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         if ckpt_dir is not None and accelerator.is_main_process:
             _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state,
                              {"epoch": epoch, "history": history, "best_epoch": best_epoch,
-                              "best_score": best_score, "fingerprint": fingerprint}, accelerator.device)
+                              "best_score": best_score, "fingerprint": fingerprint}, accelerator.device,
+                             accelerator.scaler)
         accelerator.wait_for_everyone()
     bar.close()
     if diverged is not None:
@@ -329,7 +341,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
 
 
 def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, state: dict,
-                     device: torch.device) -> None:
+                     device: torch.device, scaler=None) -> None:
     """Write the whole checkpoint into a fresh folder, then swap it in: a kill leaves the old one intact."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -337,7 +349,8 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, s
     save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
     if best_state is not None:
         save_file({n: t.contiguous() for n, t in best_state.items()}, tmp / "best.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tmp / "optimizer.pt")
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)

@@ -147,7 +147,7 @@ class GradientAlignment(StepHook):
         params = [p for p in model.parameters() if p.requires_grad]
         ref_loss, refs = self.reference_gradients(model, ctx.step, next(model.parameters()).device)
         present = [r for r in refs if r is not None]
-        norms = torch.stack([r.norm().float() for r in present]).tolist() if present else []  # one host sync for all
+        norms = torch.stack([r.norm().double() for r in present]).tolist() if present else []  # one host sync for all
         norms = [n for n in norms if n > 0]
         mean_norm = sum(norms) / len(norms) if norms else 0.0
         mode, mu = ga_mode(mean_norm, ref_loss, ctx.epoch, ctx.settings.epochs, **self.gating)
