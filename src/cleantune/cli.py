@@ -557,6 +557,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    # PEFT 0.21 calls an attribute transformers 5 deprecates, once per LoRA model: a notice for PEFT's
+    # developers that every LoRA run would otherwise print
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         ns = build_parser().parse_args(argv)
         return COMMANDS[ns.command](ns)
