@@ -420,7 +420,8 @@ def cmd_scan(ns) -> int:
 
 
 RESULT_COLUMNS = ("id", "dataset", "attack", "defense", "model", "seed", "train_size", "epochs", "rate", "mode",
-                  "mixed_precision", "cacc", "asr", "asr_floor", "det_precision", "det_recall", "wall_s", "samples_per_s", "status")
+                  "mixed_precision", "cacc", "asr", "asr_floor", "det_precision", "det_recall", "wall_s",
+                  "samples_per_s", "status")
 
 
 def _flat(r: dict) -> dict:

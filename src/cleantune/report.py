@@ -22,7 +22,7 @@ from .store import ResultStore, data_dir
 REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
 ATTACK_ORDER = ("badnets", "addsent", "syntactic", "style")
 IGNORED_KEYS = {"seed", "versions", "mixed_precision"}  # what may differ between the seeds of one cell
-# (a mixed-precision run is never a seed of a full-precision cell: its row carries the precision, _row)
+# (a mixed-precision run is never a seed of a full-precision cell: its row carries the precision, _precision_tag)
 
 
 # ---------------------------------------------------------------- numbers
