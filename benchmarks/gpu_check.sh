@@ -41,7 +41,7 @@ cat "$OUT/env.log"
 TAIL=25 stage tests "${TESTS_S:-150}" $py -m pytest -p no:cacheprovider -p no:warnings -q ${TESTS:-tests} \
     --deselect tests/test_distributed.py::test_two_process_launch_trains_and_evaluates
 stage step_cost "${STEP_S:-60}" $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --with-ga
-stage quality "${QUALITY_S:-170}" $py benchmarks/muscle_quality.py --datasets sst2 --attacks badnets \
+stage quality "${QUALITY_S:-190}" $py benchmarks/muscle_quality.py --datasets sst2 --attacks badnets \
     --defenses finetune,muscle-lora --store "$stores/quality.sqlite" --no-progress
 cell="--dataset sst2 --attack badnets --defense muscle-lora --train-size 1000 --epochs 1 --no-progress"
 compare='import json, sys
@@ -50,7 +50,7 @@ keys = ("cacc", "asr", "history")
 print({k: a[k] for k in keys if k != "history"}, "identical" if all(a[k] == b[k] for k in keys) else "DIFFERENT")'
 stage determinism "${DETERMINISM_S:-50}" bash -c "for i in 1 2; do $py -m cleantune run $cell \
     --store $stores/det\$i.sqlite --format json >$stores/det\$i.json || exit 1; done; $py -c '$compare' $stores/det1.json $stores/det2.json"
-stage amp "${AMP_S:-50}" bash -c "for mp in bf16 fp16; do echo \"-- \$mp\"; $py -m accelerate.commands.launch \
+stage amp "${AMP_S:-80}" bash -c "for mp in bf16 fp16; do echo \"-- \$mp\"; $py -m accelerate.commands.launch \
     --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision \$mp -m cleantune run $cell \
     --format table --store $stores/amp.sqlite || exit 1; done"
 stage throughput "${THROUGHPUT_S:-40}" $py benchmarks/throughput.py --samples 3200
