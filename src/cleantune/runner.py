@@ -125,7 +125,8 @@ def environment() -> dict:
 
 
 def peak_memory_mb() -> float:
-    """Peak GPU memory, or on CPU the process's peak resident memory (so far, over all runs in it)."""
+    """Peak GPU memory of this run, or on CPU the process's peak resident memory (so far, over all runs in
+    it: the kernel keeps no per-run peak)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -155,6 +156,8 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
         if stored is not None and stored["status"] == "ok":
             return {**stored, "reused": True}
     t0 = time.perf_counter()
+    if torch.cuda.is_available():  # this run's peak, not the process's (a sweep runs many cells in one)
+        torch.cuda.reset_peak_memory_stats()
     bench = load_benchmark(config.dataset)
     if config.train_size is not None:
         bench.train = bench.train.stratified_sample(config.train_size, config.seed)
