@@ -99,11 +99,10 @@ def _reference(d: dict, row: str, attack: str) -> dict | None:
     there is one, else another of that precision."""
     suffix = row[len(row.split(" ")[0]):]
     tag = d["cells"][(row, attack)]["tag"]
-    same = [r for r in d["rows"] if r.split(" ")[0] == REFERENCE
-            and any(c["tag"] == tag for (r2, _), c in d["cells"].items() if r2 == r)]
-    for cand in (REFERENCE + suffix, *same):
-        if (cand, attack) in d["cells"]:
-            return d["cells"][(cand, attack)]
+    for cand in (REFERENCE + suffix, *[r for r in d["rows"] if r.split(" ")[0] == REFERENCE]):
+        ref = d["cells"].get((cand, attack))
+        if ref is not None and ref["tag"] == tag:
+            return ref
     return None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import resource
 import shutil
@@ -103,10 +102,11 @@ class RunConfig:
         clash = sorted((set(attack_settings) & set(defense_settings)) - {"seed"})
         if clash:  # one name per setting: a shared name would overwrite the other in the stored config
             raise ValueError(f"defense '{self.defense}' and attack '{self.attack}' both define '{clash[0]}'")
+        mp = mixed_precision()
         resolved = {"dataset": self.dataset, "attack": self.attack, "defense": self.defense,
                     "train_size": self.train_size, **attack_settings, **defense_settings,
                     "clean_data": defense.clean_data,
-                    **({} if mixed_precision() == "no" else {"mixed_precision": mixed_precision()}),
+                    **({} if mp == "no" else {"mixed_precision": mp}),
                     "versions": {"cleantune": __version__, "torch": torch.__version__.split("+")[0],
                                  "transformers": _version("transformers"), "peft": _version("peft")}}
         return resolved

@@ -211,10 +211,11 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     if len(train_data) == 0:
         raise UserError("the training set is empty")
     # cpu=True on a machine without CUDA makes a multi-process launch use DDP over gloo (MULTI_CPU).
+    mp = mixed_precision()
     try:
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision())
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
     except ValueError as e:  # e.g. this process's AcceleratorState was made with another precision
-        raise UserError(f"mixed precision {mixed_precision()}: {e}") from None
+        raise UserError(f"mixed precision {mp}: {e}") from None
     ids = encode(tokenizer, train_data.texts, settings.max_length)
     lengths = [len(x) for x in ids]
     labels = train_data.labels
@@ -267,6 +268,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     n_samples = n_tokens = 0
     t_train = 0.0
     diverged = None
+    clipped = list(params.values())
+    clip = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf  # inf (no clipping) scales by 1
     for epoch in range(start_epoch, settings.epochs):
         ctx.epoch = epoch
         wrapped.train()
@@ -283,11 +286,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             ctx.loss = loss.detach()
             for h in hooks:
                 h.after_backward(ctx)
-            # the norm is taken after the all-reduce, so every process sees the same value and stops together;
-            # max_norm inf (no clipping, max_grad_norm <= 0) scales by exactly 1. Under fp16 an inf norm is the
-            # loss scaler's overflow, which it handles by skipping the step: not a divergence.
-            clip = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
-            grad_norm = accelerator.clip_grad_norm_(list(params.values()), clip)
+            # the norm is taken after the all-reduce, so every process sees the same value and stops together.
+            # Under fp16 an inf norm is the loss scaler's overflow, which it handles by skipping the step: not a
+            # divergence.
+            grad_norm = accelerator.clip_grad_norm_(clipped, clip)
             if grad_norm is not None and accelerator.scaler is None and not math.isfinite(float(grad_norm)):
                 diverged = ctx.step  # skipped: the weights stay those of the last finite step
                 optimizer.zero_grad(set_to_none=True)
