@@ -13,7 +13,7 @@ from torch import nn
 from cleantune.adapters import MSLRConfig, MSLRLinear, inject_mslr, load_classifier
 from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import get_defense
-from cleantune.defenses.muscle import GradientAlignment, align, ga_mode, project, split_refs
+from cleantune.defenses.muscle import GradientAlignment, align, align_all, ga_mode, project, ref_groups, split_refs
 from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, load_tokenizer
 from cleantune.training import StepContext, TrainSettings, make_batch, encode
@@ -120,6 +120,32 @@ def test_projection_and_gating_by_hand():
     assert ga_mode(1e-9, 0.01, 3, 5, **llm) == ("raw", 1.0)
 
 
+@pytest.mark.parametrize("mode,mu", [("project", 0.0), ("mix", 0.3)])
+def test_align_all_is_the_per_tensor_formula_bit_for_bit(mode, mu):
+    torch.manual_seed(0)
+    # 24 LoRA-sized tensors (one stacked group), odd sizes, three above the parallel grain (never stacked:
+    # their float32 sums differ from a stacked row's), a zero gradient, a zero and a missing reference,
+    # and one memorised reference (float64 fallback)
+    shapes = [(8, 384)] * 12 + [(384, 8)] * 12 + [(7, 384), (384,), (40000,), (40000,), (200, 200)]
+    grads = [torch.randn(s) * 10 ** torch.empty(1).uniform_(-6, 0).item() for s in shapes]
+    refs = [torch.randn(s) * 10 ** torch.empty(1).uniform_(-6, 0).item() for s in shapes]
+    grads[3] = torch.zeros(shapes[3])
+    refs[5], refs[6] = torch.zeros(shapes[5]), None
+    refs[7] = torch.randn(shapes[7]) * 1e-23
+    expected = []
+    for g, r in zip(grads, refs):
+        if r is None or not g.any() or not r.any():
+            expected.append(g)
+            continue
+        g_a = project(g, r)
+        expected.append(g_a if mode == "project" else (1 - mu) * g_a + mu * g)
+    got = align_all(grads, refs, mode, mu)
+    assert len(ref_groups(refs)) == 6  # the 23 LoRA-sized references stacked, the 5 others alone
+    for i, (e, a) in enumerate(zip(expected, got)):
+        assert a.shape == e.shape and torch.equal(a, e), i
+    assert got[3] is grads[3] and got[5] is grads[5] and got[6] is grads[6]
+
+
 def test_gradient_alignment_hook_pairs_by_parameter(tiny_model):
     torch.manual_seed(0)
     tok = load_tokenizer(tiny_model)
@@ -138,7 +164,7 @@ def test_gradient_alignment_hook_pairs_by_parameter(tiny_model):
     raw = [None if p.grad is None else p.grad.clone() for p in params]
     ctx = StepContext(model, None, epoch=0, step=3, steps_per_epoch=10, settings=TrainSettings(epochs=2))
     torch.manual_seed(1)
-    _, ref = hook.reference_gradients(model, 3, torch.device("cpu"))
+    _, ref = hook.reference_gradients(model, params, 3, torch.device("cpu"))
     torch.manual_seed(1)  # same dropout masks in the hook's own reference pass
     hook.after_backward(ctx)
     assert params[next(i for i, p in enumerate(params) if p.shape == (3,))].grad is None

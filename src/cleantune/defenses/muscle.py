@@ -54,12 +54,12 @@ def project(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     turns into NaN weights; such tensors are computed in float64 instead (a deviation: the official code
     diverges there). Tensors far from that range take the official float32 path bit for bit."""
     den = r.flatten().pow(2).sum()
-    return _project(g, r, den, bool(_representable(den, r)))
+    return _project(g, r, den, bool(_representable(den, r.numel(), r.dtype)))
 
 
-def _representable(den: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def _representable(den: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
     # subnormal squares lose their precision long before the sum reaches 0: fall back well above that
-    return (den > r.numel() * torch.finfo(r.dtype).tiny * 1e4) & torch.isfinite(den)
+    return (den > numel * torch.finfo(dtype).tiny * 1e4) & torch.isfinite(den)
 
 
 def _project(g: torch.Tensor, r: torch.Tensor, den: torch.Tensor, representable: bool) -> torch.Tensor:
@@ -85,21 +85,66 @@ def align(g: torch.Tensor, r: torch.Tensor | None, mode: str, mu: float) -> torc
     return align_all([g], [r], mode, mu)[0]
 
 
-def align_all(grads: list[torch.Tensor | None], refs: list[torch.Tensor | None], mode: str,
-              mu: float) -> list[torch.Tensor | None]:
-    """align() for every tensor of a step, reading all the per-tensor tests back in one host sync: a GPU
-    stalls at every sync, and five per tensor made a MuScleLoRA step on an H100 2.1x a fine-tuning step."""
+# Tensors up to PyTorch's parallel grain (at::internal::GRAIN_SIZE) are reduced by one thread, so a row of a
+# stacked matrix sums to the same float32 bits as the tensor alone; larger ones are split across threads and
+# keep a matrix of their own (a 1-row view, no copy), whose reduction is the tensor's.
+STACK_MAX_NUMEL = 32768
+
+
+def ref_groups(refs: list[torch.Tensor | None]) -> list[tuple[list[int], torch.Tensor]]:
+    """The reference gradients as (indices, k x n matrix) groups of equal size, dtype and device: a step's
+    per-tensor reductions become a few row-wise ones. A MuScleLoRA step has about 27 small tensors, and on a
+    GPU, where a MiniLM step is bound by kernel launches, 20 launches per tensor were a fifth of the step."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, r in enumerate(refs):
+        if r is not None:
+            key = (r.numel(), r.dtype, r.device) if r.numel() <= STACK_MAX_NUMEL else (i,)
+            by_key.setdefault(key, []).append(i)
+    return [(idx, _rows([refs[i] for i in idx])) for idx in by_key.values()]
+
+
+def _rows(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0].reshape(1, -1) if len(ts) == 1 else torch.stack([t.reshape(-1) for t in ts])
+
+
+def align_all(grads: list[torch.Tensor | None], refs: list[torch.Tensor | None], mode: str, mu: float,
+              groups: list[tuple[list[int], torch.Tensor]] | None = None) -> list[torch.Tensor | None]:
+    """align() for every tensor of a step, as row-wise operations over `ref_groups` and with all the
+    per-tensor tests read back in one host sync (a GPU stalls at every sync). The float32 path is the
+    published formula row by row: the same bits as tensor by tensor on a CPU, up to the float64 dot
+    product's summation order, which changes its float32 rounding about once in 1e8 tensors."""
     out = list(grads)
-    live = [i for i, (g, r) in enumerate(zip(grads, refs)) if g is not None and r is not None]
-    if mode == "raw" or not live:
+    if mode == "raw":
         return out
-    dens = {i: refs[i].flatten().pow(2).sum() for i in live}
-    tests = torch.stack([torch.stack([grads[i].any(), refs[i].any(), _representable(dens[i], refs[i])])
-                         for i in live]).tolist()
-    for i, (g_nonzero, r_nonzero, representable) in zip(live, tests):
-        if g_nonzero and r_nonzero:
-            g_a = _project(grads[i], refs[i], dens[i], representable)
-            out[i] = g_a if mode == "project" else (1 - mu) * g_a + mu * grads[i]
+    work = []
+    for idx, R in ref_groups(refs) if groups is None else groups:
+        keep = [j for j, i in enumerate(idx) if grads[i] is not None]
+        if not keep:
+            continue
+        if len(keep) < len(idx):
+            idx, R = [idx[j] for j in keep], R[keep]
+        G = _rows([grads[i] for i in idx])
+        den = R.pow(2).sum(1)
+        work.append((idx, G, R, den, torch.stack([G.any(1), R.any(1), _representable(den, R.shape[1], R.dtype)], 1)))
+    if not work:
+        return out
+    tests = torch.cat([w[-1] for w in work]).tolist()
+    k = 0
+    for idx, G, R, den, _ in work:
+        coef = torch.bmm(G.double().unsqueeze(1), R.double().unsqueeze(2)).view(-1).abs().to(R.dtype) / den
+        A = coef[:, None] * R
+        if mode == "mix":
+            A = (1 - mu) * A + mu * G
+        for j, i in enumerate(idx):
+            g_nonzero, r_nonzero, rep = tests[k]
+            k += 1
+            if not (g_nonzero and r_nonzero):
+                continue
+            if rep:
+                out[i] = A[j].view_as(grads[i])
+            else:  # the float64 fallback, tensor by tensor (rare: memorised references)
+                g_a = _project(grads[i], refs[i], den[j], False)
+                out[i] = g_a if mode == "project" else (1 - mu) * g_a + mu * grads[i]
     return out
 
 
@@ -131,13 +176,13 @@ class GradientAlignment(StepHook):
         self.counts = {"project": 0, "mix": 0, "raw": 0}
         self.ref_loss_sum = 0.0
 
-    def reference_gradients(self, model, step: int, device) -> tuple[float, list[torch.Tensor | None]]:
+    def reference_gradients(self, model, params: list[torch.nn.Parameter], step: int,
+                            device) -> tuple[float, list[torch.Tensor | None]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         idx = torch.randperm(len(self.ids), generator=g)[: self.batch_size].tolist()
         batch = {k: v.to(device) for k, v in make_batch([self.ids[i] for i in idx], self.pad_id).items()}
         y = torch.tensor([self.refs.labels[i] for i in idx], device=device)
         loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), y)
-        params = [p for p in model.parameters() if p.requires_grad]
         # one gradient per parameter, None where unused: pairing by parameter, not by position (the official
         # zip silently misaligns when a trainable tensor gets no gradient)
         return loss.item(), list(torch.autograd.grad(loss, params, allow_unused=True))
@@ -145,17 +190,18 @@ class GradientAlignment(StepHook):
     def after_backward(self, ctx: StepContext) -> None:
         model = ctx.model
         params = [p for p in model.parameters() if p.requires_grad]
-        ref_loss, refs = self.reference_gradients(model, ctx.step, next(model.parameters()).device)
-        present = [r for r in refs if r is not None]
-        norms = torch.stack([r.norm().double() for r in present]).tolist() if present else []  # one host sync for all
+        ref_loss, refs = self.reference_gradients(model, params, ctx.step, params[0].device)
+        groups = ref_groups(refs)
+        norms = torch.cat([R.norm(dim=1) for _, R in groups]).double().tolist() if groups else []  # one host sync
         norms = [n for n in norms if n > 0]
         mean_norm = sum(norms) / len(norms) if norms else 0.0
         mode, mu = ga_mode(mean_norm, ref_loss, ctx.epoch, ctx.settings.epochs, **self.gating)
         if mode != "raw":
             with torch.no_grad():  # refs[i] belongs to params[i] by construction
-                for p, new in zip(params, align_all([p.grad for p in params], refs, mode, mu)):
-                    if new is not p.grad:
-                        p.grad.copy_(new)
+                changed = [(p.grad, new) for p, new in zip(params, align_all([p.grad for p in params], refs, mode,
+                                                                             mu, groups)) if new is not p.grad]
+                if changed:
+                    torch._foreach_copy_(*map(list, zip(*changed)))
         self.counts[mode] += 1
         self.ref_loss_sum += ref_loss
         steps = sum(self.counts.values())
