@@ -52,7 +52,15 @@ def test_integer_labels_and_custom_columns(tmp_path):
     ("a.tsv", "sentence\tlabel\nfine\t0\nok\t100000000\n", "a.tsv:3: label 100000000, but class 1 never occurs"),
     ("a.tsv", "sentence\tlabel\nfine\t0\nok\t-1\n", "a.tsv:3: negative label -1"),
     ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": [1]}\n', "a.jsonl:2: label [1] is neither"),
-    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1.0}\n', "a.jsonl:2: label 1.0 is neither"),
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1.5}\n', "a.jsonl:2: label 1.5 is a number but not"),
+    ("a.tsv", "sentence\tlabel\nfine\t0\nok\t1.5\n", "a.tsv:3: label 1.5 is a number but not an integer"),
+    ("a.csv", "sentence,label\nfine,0\nok,1e999999999\n", "a.csv:3: label 1e999999999 is too large"),
+    ("a.tsv", "sentence\tlabel\na\t0\nb\t1\nc\tpos\nd\t1\n",
+     "a.tsv:4: label 'pos' is a string name, but other labels are integer class ids (e.g. '0' at line 2)"),
+    ("a.jsonl", '{"text": "a", "label": "neg"}\n{"text": "b", "label": 1}\n{"text": "c", "label": "pos"}\n',
+     "a.jsonl:2: label '1' is an integer class id, but other labels are string names (e.g. 'neg' at line 1)"),
+    ("a.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t\u00b2\n", "a.tsv:4: label '\u00b2' is a string name"),
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": 5, "label": 1}\n', "a.jsonl:2: text 5 is not a string"),
     ("a.csv", 'sentence,label\n"two\nlines",0\nok,1\n"",1\n', "a.csv:5: empty text"),
 ])
 def test_malformed_files_name_file_and_line(tmp_path, name, content, msg):
@@ -67,6 +75,43 @@ def test_undecodable_bytes_and_unknown_label(tmp_path):
     p = write(tmp_path, "c.tsv", "sentence\tlabel\nok\t1\nhm\t7\n")
     with pytest.raises(UserError, match=r"c.tsv:3: label '7' not in the label set"):
         read_dataset(p, label_names=["0", "1"])
+
+
+@pytest.mark.parametrize("name,rows", [
+    ("a.tsv", "sentence\tlabel\n{}\n"),
+    ("a.csv", "sentence,label\n{}\n"),
+    ("a.jsonl", "{}\n"),
+])
+def test_integral_numbers_are_class_ids_in_every_format(tmp_path, name, rows):
+    labels = ["0.0", "1", "2.00", "1e0", "+2"]
+    if name == "a.jsonl":
+        lines = [json.dumps({"text": f"t{i}", "label": json.loads(y.lstrip("+"))}) for i, y in enumerate(labels)]
+    else:
+        lines = [f"t{i}{',' if name == 'a.csv' else chr(9)}{y}" for i, y in enumerate(labels)]
+    d = read_dataset(write(tmp_path, name, rows.format("\n".join(lines))))
+    assert d.label_names == ["0", "1", "2"] and d.labels == [round(float(y)) for y in labels]
+
+
+def test_labels_read_against_a_label_set_are_never_positions_among_names(tmp_path):
+    # a dev file of 1..4 against a label set of names that look numeric: no shift by one class
+    dev = write(tmp_path, "dev.tsv", "sentence\tlabel\na\t1\nb\t2\n")
+    with pytest.raises(UserError, match=re.escape("dev.tsv:2: label '1' not in the label set (1.0, 2.0, 3.0)")):
+        read_dataset(dev, label_names=["1.0", "2.0", "3.0"])
+    with pytest.raises(UserError, match=re.escape("dev.tsv:2: label '1' not in the label set (neg, pos)")):
+        read_dataset(dev, label_names=["neg", "pos"])
+    # names written as saved still match, and ids address a label set of ids, however the number is written
+    same = write(tmp_path, "same.tsv", "sentence\tlabel\na\t2.0\nb\t1.0\n")
+    assert read_dataset(same, label_names=["1.0", "2.0", "3.0"]).labels == [1, 0]
+    assert read_dataset(same, label_names=["0", "1", "2"]).labels == [2, 1]
+    assert read_dataset(dev, label_names=["LABEL_0", "LABEL_1", "LABEL_2"]).labels == [1, 2]
+
+
+def test_train_then_dev_labels_map_the_same_way(tmp_path):
+    # what `cleantune train --dev` and `eval` do: the dev file is read against the training label set
+    train = read_dataset(write(tmp_path, "t.jsonl", "".join(json.dumps({"text": f"t{i}", "label": y}) + "\n"
+                                                           for i, y in enumerate([0.0, 1.0, 2.0, 1.0]))))
+    dev = read_dataset(write(tmp_path, "d.csv", "text,label\nx,2\ny,0.0\nz,1\n"), label_names=train.label_names)
+    assert [dev.label_names[i] for i in dev.labels] == ["2", "0", "1"]
 
 
 def test_benchmarks_load_with_manifest_counts():

@@ -8,9 +8,11 @@ import io
 import json
 import os
 import random
+import re
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .errors import UserError
@@ -164,8 +166,12 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
                  label_names: list[str] | None = None) -> TextDataset:
     """Read a labelled file. Integer labels are class ids; string labels map to ids.
 
-    With `label_names` given (a model's or a benchmark's label set) every label must belong to it.
-    Without it, integer labels 0..max become their own names and string labels are sorted.
+    A number is the same label in every format: `1`, `"1"`, `1.0` and `1e0` are all the integer 1 (pandas
+    writes an integer column holding a gap as floats); a non-integral number such as 2.5 is refused, since
+    it is a regression target or a typo, not a class. Only ASCII digits make a number.
+    Without `label_names`, integer labels 0..max become their own names and string labels are sorted; one
+    file cannot mix the two. With `label_names` given (a model's or a benchmark's label set) every label must
+    be one of those names, or, where the names are the ids "0".."C-1", an integer id below C.
     """
     path = Path(path)
     records = read_records(path)
@@ -182,31 +188,69 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
         if text_column not in rec or label_column not in rec:
             raise UserError(f"{path}:{n}: missing column '{text_column if text_column not in rec else label_column}'")
         t, y = rec[text_column], rec[label_column]
-        if not isinstance(t, str) or not t.strip():
+        if not isinstance(t, str):
+            raise UserError(f"{path}:{n}: text {json.dumps(t)[:40]} is not a string")
+        if not t.strip():
             raise UserError(f"{path}:{n}: empty text")
         if y is None or (isinstance(y, str) and not y.strip()):
             raise UserError(f"{path}:{n}: missing label")
-        if isinstance(y, bool) or not isinstance(y, (int, str)):
+        if isinstance(y, bool) or not isinstance(y, (int, float, str)):
             raise UserError(f"{path}:{n}: label {json.dumps(y)} is neither an integer class id nor a string")
         texts.append(t.strip())
-        raw_labels.append((n, str(y).strip() if not isinstance(y, int) else y))
+        raw_labels.append((n, y.strip() if isinstance(y, str) else y))
     if label_names is None:
         label_names = _infer_label_names(raw_labels, path)
     labels = [_label_id(y, label_names, path, n) for n, y in raw_labels]
     return TextDataset(texts, labels, list(label_names))
 
 
-def _is_int(y) -> bool:
-    return isinstance(y, int) or (isinstance(y, str) and y.lstrip("-").isdigit())
+# ASCII digits only: str.isdigit() also accepts '²', which int() then rejects.
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
+_MAX_ID = 10**18  # far beyond any class count
+
+
+def _label_value(y, path: Path, line: int) -> int | str:
+    """A label as an integer class id, or as a string name (anything that is not a number)."""
+    if isinstance(y, int) and abs(y) < _MAX_ID:
+        return y
+    if isinstance(y, str) and not _DECIMAL.fullmatch(y):
+        return y
+    x = Decimal(y)  # exact, unlike float: '1.0000000000000001' is not the integer 1
+    if x.is_finite() and x.adjusted() >= 18:  # before any arithmetic, which overflows on 1e999999999
+        raise UserError(f"{path}:{line}: label {y} is too large for a class id")
+    if not x.is_finite() or x != x.to_integral_value():
+        raise UserError(f"{path}:{line}: label {y} is a number but not an integer class id "
+                        f"(class labels are integer ids 0..C-1 or names)")
+    return int(x)
+
+
+def _ids(label_names: list[str]) -> bool:
+    """Whether a label set is the bare ids 0..C-1 (transformers' default names LABEL_i for a model
+    saved without names count too), so that integer labels may address it by position."""
+    c = len(label_names)
+    return label_names in ([str(i) for i in range(c)], [f"LABEL_{i}" for i in range(c)])
 
 
 def _infer_label_names(labels: list[tuple[int, object]], path: Path) -> list[str]:
     """Integer labels are class ids 0..C-1, every one of them present (a gap, as in 0 and 5, means codes
-    rather than ids, and would silently make empty classes); any other labels are names, sorted."""
-    if all(_is_int(y) for _, y in labels):
+    rather than ids, and would silently make empty classes); any other labels are names, sorted.
+    A column mixing the two is refused: a stray name among ids would otherwise become an extra class."""
+    values = [(n, _label_value(y, path, n)) for n, y in labels]
+    kinds = {"ids": [(n, v) for n, v in values if isinstance(v, int)],
+             "names": [(n, v) for n, v in values if isinstance(v, str)]}
+    if kinds["ids"] and kinds["names"]:
+        # the rarer kind is the stray one; on a tie, the kind that shows up later
+        odd = min(kinds, key=lambda k: (len(kinds[k]), -kinds[k][0][0]))
+        other = "names" if odd == "ids" else "ids"
+        (n, v), (m, w) = kinds[odd][0], kinds[other][0]
+        described = {"ids": "an integer class id", "names": "a string name"}
+        raise UserError(f"{path}:{n}: label '{v}' is {described[odd]}, but other labels are "
+                        f"{'integer class ids' if other == 'ids' else 'string names'} (e.g. '{w}' at line {m}): "
+                        f"a label column holds either ids 0..C-1 or names, not both")
+    if kinds["ids"]:
         first = {}
-        for n, y in labels:
-            first.setdefault(int(y), n)
+        for n, y in kinds["ids"]:
+            first.setdefault(y, n)
         ids = sorted(first)
         if ids[0] < 0:
             raise UserError(f"{path}:{first[ids[0]]}: negative label {ids[0]}: integer labels must be class ids 0..C-1")
@@ -215,15 +259,23 @@ def _infer_label_names(labels: list[tuple[int, object]], path: Path) -> list[str
             raise UserError(f"{path}:{first[ids[-1]]}: label {ids[-1]}, but class {missing} never occurs: integer "
                             f"labels must be class ids 0..C-1 (write codes as strings, e.g. 'c{ids[-1]}')")
         return [str(i) for i in ids]
-    return sorted({str(y) for _, y in labels})
+    return sorted({v for _, v in kinds["names"]})
 
 
 def _label_id(y, label_names: list[str], path: Path, line: int) -> int:
+    # The label as written first, so that a saved label set whose names look numeric (say '1.0') still
+    # matches; a number is never taken as a position among names, which silently shifted classes.
     if str(y) in label_names:
         return label_names.index(str(y))
-    if _is_int(y) and 0 <= int(y) < len(label_names):
-        return int(y)
-    raise UserError(f"{path}:{line}: label '{y}' not in the label set ({', '.join(label_names)})")
+    v = _label_value(y, path, line)
+    if isinstance(v, int) and _ids(label_names):
+        if 0 <= v < len(label_names):
+            return v
+    elif str(v) in label_names:
+        return label_names.index(str(v))
+    hint = "; integer labels address classes only when the label set is ids 0..C-1" \
+        if isinstance(v, int) and not _ids(label_names) else ""
+    raise UserError(f"{path}:{line}: label '{y}' not in the label set ({', '.join(label_names)}){hint}")
 
 
 # ---------------------------------------------------------------- benchmark data
