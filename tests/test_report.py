@@ -111,3 +111,74 @@ def test_mixed_precision_runs_are_their_own_rows_and_compare_at_their_precision(
     assert main(["results", "--store", str(s.path), "--format", "csv"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert "mixed_precision" in rows[0].split(",") and sum(",bf16," in r for r in rows) == 2
+
+
+def md_rows(md: str, defense: str) -> dict[str, list[str]]:
+    """label -> the other cells of that defense's Markdown rows."""
+    out = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if line.startswith("| ") and cells[0].split(" ")[0] == defense:
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def test_backbones_whose_folders_share_a_name_are_separate_rows(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    paths = []
+    for parent, cacc in (("a", 0.9), ("b", 0.7)):
+        path = tmp_path / parent / "model"
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        paths.append(str(path))
+        put_run(s, cacc, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", model=str(path))
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    rows = md_rows(md, "finetune")
+    assert len(rows) == 2 and all(cells[0] == "1" for cells in rows.values())  # one seed each, not 2 seeds of one
+    for path, label in zip(paths, sorted(rows)):
+        assert "/".join(path.split("/")[-2:]) in label  # the folder above tells them apart
+    assert sorted(cells[1] for cells in rows.values()) == ["0.700", "0.900"]
+
+
+def test_defense_is_compared_only_with_fine_tuning_on_the_same_cell(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    # two sweeps into one store: fine-tuning on 300 samples, LoRA on 200
+    put_run(s, 0.90, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", train_size=300)
+    put_run(s, 0.80, 0.2, 5.0, dataset="sst2", attack="badnets", defense="lora", train_size=200, epochs=5)
+    # hsol: fine-tuning over seeds 0 and 1, LoRA over seed 0 only
+    for seed in (0, 1):
+        put_run(s, 0.9, 1.0, 10.0, dataset="hsol", attack="badnets", defense="finetune", seed=seed)
+    put_run(s, 0.8, 0.2, 5.0, dataset="hsol", attack="badnets", defense="lora")
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("| lora | 1 | 0.800 | 0.200 | – | – |") == 2
+    # fine-tuning on LoRA's 200 samples is its reference, though LoRA trains for its own number of epochs
+    ft, lora, ft_wall, lora_wall = 0.85, 0.80, 8.0, 5.0
+    put_run(s, ft, 1.0, ft_wall, dataset="sst2", attack="badnets", defense="finetune", train_size=200)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep2")]) == 0
+    md = (tmp_path / "rep2" / "report.md").read_text()
+    assert f"| lora | 1 | 0.800 | 0.200 | {100 * (ft - lora):+.1f} pt | {lora_wall / ft_wall:.2f}× |" in md
+
+
+def test_a_bar_in_a_label_stays_inside_its_markdown_cell(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    for sentence in ("watch this | movie", "plain words"):
+        put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="addsent", defense="finetune", sentence=sentence)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    columns = {len(re.findall(r"(?<!\\)\|", line)) for line in table}
+    assert len(table) == 4 and len(columns) == 1  # header, rule, two rows: as many columns in each
+    assert "watch this \\| movie" in md
+
+
+def test_an_empty_store_gives_a_short_report_without_protocol(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "no runs" in md and "Protocol" not in md
+    put_run(s, 0, 0, 1.0, status="failed", dataset="sst2", attack="badnets", defense="lora")
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep2")]) == 0
+    md = (tmp_path / "rep2" / "report.md").read_text()
+    assert "No successful runs" in md and "Protocol" not in md and "RuntimeError: out of memory" in md

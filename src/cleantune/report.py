@@ -15,14 +15,28 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 
+from .attacks import ATTACKS
 from .store import ResultStore, data_dir
 
 REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
 ATTACK_ORDER = ("badnets", "addsent", "syntactic", "style")
 IGNORED_KEYS = {"seed", "versions", "mixed_precision"}  # what may differ between the seeds of one cell
 # (a mixed-precision run is never a seed of a full-precision cell: its row carries the precision, _precision_tag)
+
+# What a cell is, for comparing a defense with plain fine-tuning: the data (dataset, train size), the attack
+# with every one of its settings, the backbone and the precision; and, checked in _reference, the same
+# seeds. The defense's own settings (epochs, lr, batch size, max length, its options) are not part of it:
+# each defense trains with its own budget (muscle-lora's 10 epochs against fine-tuning's 3), and ΔCACC
+# and time× are what that costs against fine-tuning on the same data.
+ATTACK_KEYS = tuple(sorted({f.name for a in ATTACKS.values() for f in fields(a)} - {"seed"}))
+CELL_KEYS = ("dataset", "train_size", "attack", *ATTACK_KEYS, "model", "mixed_precision")
+
+
+def cell_key(config: dict) -> tuple:
+    return tuple(_json(config.get(k)) for k in CELL_KEYS)
 
 
 # ---------------------------------------------------------------- numbers
@@ -35,48 +49,71 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def _variant_labels(runs: list[dict]) -> dict[str, str]:
-    """Runs of one dataset/attack/defense that differ in more than the seed (an lr axis, another train
-    size) are separate rows; their label names the settings that differ."""
+def _json(v) -> str:
+    return json.dumps(v, sort_keys=True)
+
+
+def _variant_rows(runs: list[dict]) -> dict[str, tuple[tuple, str]]:
+    """Run id -> (row key, row label). Runs of one dataset/attack/defense that differ in more than the seed
+    (an lr axis, another train size, another backbone) are separate rows: the key holds the full values of
+    the settings that differ, the label short forms of them that stay as distinct as the values (_forms)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         c = r["config"]
         groups[(c["dataset"], c["attack"], c["defense"])].append(r)
-    labels = {}
+    out = {}
     for rs in groups.values():
         keys = sorted({k for r in rs for k in r["config"]} - IGNORED_KEYS)
-        varying = [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in rs}) > 1]
+        varying = [k for k in keys if len({_json(r["config"].get(k)) for r in rs}) > 1]
+        forms = {k: _forms([r["config"].get(k) for r in rs]) for k in varying}
         for r in rs:
-            labels[r["id"]] = ", ".join(f"{k}={_short(r['config'].get(k))}" for k in varying)
-    return labels
+            c = r["config"]
+            key = (c["defense"], c.get("mixed_precision"), *((k, _json(c.get(k))) for k in varying))
+            label = ", ".join(f"{k}={forms[k][_json(c.get(k))]}" for k in varying)
+            out[r["id"]] = key, c["defense"] + _precision_tag(c) + (f" ({label})" if label else "")
+    return out
 
 
-def _short(v) -> str:
+def _short(v, depth: int = 1) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, str) and "/" in v:
-        return v.rstrip("/").rsplit("/", 1)[-1]
+        return "/".join(v.rstrip("/").split("/")[-depth:])
     return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _forms(values: list) -> dict[str, str]:
+    """JSON of each value -> its short form, as short as keeps different values apart: a path by its last
+    component, or by as many trailing ones as tell two paths apart (/tmp/a/model and /tmp/b/model: a/model,
+    b/model); the full value where no short form does (two floats equal to 6 digits)."""
+    distinct = {_json(v): v for v in values}
+    longest = max((v.rstrip("/").count("/") + 1 for v in distinct.values() if isinstance(v, str)), default=1)
+    for depth in range(1, longest + 1):
+        forms = {j: _short(v, depth) for j, v in distinct.items()}
+        if len(set(forms.values())) == len(forms):
+            return forms
+    return {j: j for j in distinct}
 
 
 def summarize(runs: list[dict]) -> dict:
     """{dataset: {"attacks": [...], "rows": [...], "cells": {(row, attack): {...}}}} over the ok runs."""
     ok = [r for r in runs if r["status"] == "ok"]
-    labels = _variant_labels(ok)
+    variants = _variant_rows(ok)
     out: dict = {}
     by_cell: dict[tuple, list[dict]] = defaultdict(list)
     for r in ok:
         c = r["config"]
-        row = c["defense"] + _precision_tag(c) + (f" ({labels[r['id']]})" if labels[r["id"]] else "")
-        by_cell[(c["dataset"], row, c["attack"])].append(r)
-    for (dataset, row, attack), rs in by_cell.items():
+        by_cell[(c["dataset"], c["attack"], variants[r["id"]][0])].append(r)
+    for (dataset, attack, _), rs in by_cell.items():
+        row = variants[rs[0]["id"]][1]
         d = out.setdefault(dataset, {"attacks": [], "rows": [], "cells": {}})
         d["attacks"].append(attack) if attack not in d["attacks"] else None
         d["rows"].append(row) if row not in d["rows"] else None
         cacc = _mean_std([r["metrics"].get("cacc") for r in rs])
         asr = _mean_std([r["metrics"].get("asr") for r in rs])
         wall = _mean_std([r["timings"].get("wall_s") for r in rs])
-        d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "tag": _precision_tag(rs[0]["config"]),
+        d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "cell": cell_key(rs[0]["config"]),
+                                     "seeds": frozenset(_json(r["config"].get("seed")) for r in rs),
                                      "cacc": cacc, "asr": asr,
                                      "wall": wall, "n": len(rs), "runs": rs}
     for d in out.values():
@@ -95,15 +132,14 @@ def _precision_tag(config: dict) -> str:
 
 
 def _reference(d: dict, row: str, attack: str) -> dict | None:
-    """Plain fine-tuning on the same attack at the same precision: the row with the same variant label if
-    there is one, else another of that precision."""
-    suffix = row[len(row.split(" ")[0]):]
-    tag = d["cells"][(row, attack)]["tag"]
-    for cand in (REFERENCE + suffix, *[r for r in d["rows"] if r.split(" ")[0] == REFERENCE]):
-        ref = d["cells"].get((cand, attack))
-        if ref is not None and ref["tag"] == tag:
-            return ref
-    return None
+    """Plain fine-tuning on the same cell (cell_key) with the same seeds: of several (a fine-tuning lr axis),
+    the row with the defense's own variant label if there is one, else the first. None when fine-tuning
+    did not run that cell: another cell's numbers (another train size, backbone) are no baseline."""
+    cell = d["cells"][(row, attack)]
+    same = {r: ref for r in d["rows"] if (ref := d["cells"].get((r, attack))) is not None
+            and ref["defense"] == REFERENCE and ref["cell"] == cell["cell"] and ref["seeds"] == cell["seeds"]}
+    own = REFERENCE + row[len(cell["defense"]):]
+    return same[min(same, key=lambda r: r != own)] if same else None
 
 
 # ---------------------------------------------------------------- plots (matplotlib, PNG bytes)
@@ -302,9 +338,12 @@ def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
 def protocol(runs: list[dict]) -> list[tuple[str, str]]:
     """(topic, statement) pairs: the settings every number above was produced under."""
     ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:  # no numbers, nothing they were produced under
+        return []
 
     def values(key, rs=ok):
-        return sorted({_short(r["config"].get(key)) for r in rs if key in r["config"]}, key=str)
+        forms = _forms([r["config"][key] for r in ok if key in r["config"]])  # one form per value, report-wide
+        return sorted({forms[_json(r["config"][key])] for r in rs if key in r["config"]}, key=str)
 
     items = []
     for attack in sorted({r["config"]["attack"] for r in ok}):
@@ -352,6 +391,15 @@ dl dt{font-weight:600;margin-top:6px}dl dd{margin-left:18px}
 """
 
 
+def _md(cell: str) -> str:
+    """A Markdown table cell: a | in it (an AddSent sentence, an error) would start a new column."""
+    return cell.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(_md(c) for c in cells) + " |"
+
+
 def _title(c: dict) -> str:
     return f"{c.get('dataset')} {c.get('attack')} {c.get('defense')} seed {c.get('seed')}"
 
@@ -387,14 +435,18 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
         freq_plots.append((title, name))
     failed = [r for r in runs if r["status"] != "ok"]
     n_ok = len(runs) - len(failed)
+    if n_ok:
+        intro = (f"{n_ok} stored runs ({len(failed)} failed) over {len(summary)} dataset(s). "
+                 "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better).")
+    elif failed:
+        intro = f"No successful runs in the store, {len(failed)} failed: nothing to compare."
+    else:
+        intro = "The store holds no runs: nothing to report."
 
     h = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cleantune report</title>",
          f"<style>{CSS}</style></head><body><h1>cleantune benchmark report</h1>",
-         f"<p class='muted'>{n_ok} stored runs ({len(failed)} failed) over {len(summary)} dataset(s). "
-         "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better).</p>"]
-    m = ["# cleantune benchmark report", "",
-         f"{n_ok} stored runs ({len(failed)} failed) over {len(summary)} dataset(s). "
-         "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better).", ""]
+         f"<p class='muted'>{html.escape(intro)}</p>"]
+    m = ["# cleantune benchmark report", "", intro, ""]
 
     def img(name: str, alt: str) -> None:
         h.append(f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(images[name]).decode()}'>")
@@ -407,8 +459,8 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
             cls = " class='ref'" if row[0].split(" ")[0] == REFERENCE else ""
             h.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
         h.append("</table>")
-        m.extend([f"## {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
-        m.extend("| " + " | ".join(row) + " |" for row in rows)
+        m.extend([f"## {dataset}", "", _md_row(header), "|" + "---|" * len(header)])
+        m.extend(_md_row(row) for row in rows)
         m.append("")
         img(f"bars_{dataset}.png", f"CACC and ASR per attack on {dataset}")
     if scatter:
@@ -420,13 +472,15 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
         m.extend(["## Frequency analysis", ""])
         for title, name in freq_plots:
             img(name, f"frequency curves: {title}")
-    h.append("<h2>Protocol</h2><dl>")
-    m.extend(["## Protocol", ""])
-    for topic, text in protocol(runs):
-        h.append(f"<dt>{html.escape(topic)}</dt><dd>{html.escape(text)}</dd>")
-        m.append(f"- **{topic}**: {text}")
-    h.append("</dl>")
-    m.append("")
+    items = protocol(runs)
+    if items:
+        h.append("<h2>Protocol</h2><dl>")
+        m.extend(["## Protocol", ""])
+        for topic, text in items:
+            h.append(f"<dt>{html.escape(topic)}</dt><dd>{html.escape(text)}</dd>")
+            m.append(f"- **{topic}**: {text}")
+        h.append("</dl>")
+        m.append("")
     if failed:
         h.append("<h2>Failed runs</h2><table><tr><th>run</th><th>cell</th><th>error</th></tr>")
         m.extend(["## Failed runs", "", "| run | cell | error |", "|---|---|---|"])
@@ -435,7 +489,7 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
             cell = f"{c.get('dataset')} {c.get('attack')} {c.get('defense')} seed {c.get('seed')}"
             err = (r.get("error") or "").splitlines()[0] if r.get("error") else ""
             h.append(f"<tr><td>{r['id'][:12]}</td><td>{html.escape(cell)}</td><td style='text-align:left'>{html.escape(err)}</td></tr>")
-            m.append(f"| {r['id'][:12]} | {cell} | {err.replace('|', '/')} |")
+            m.append(_md_row([r["id"][:12], cell, err]))
         h.append("</table>")
     h.append("</body></html>")
     return "\n".join(h), "\n".join(m) + "\n", images
