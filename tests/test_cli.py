@@ -55,7 +55,13 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--dataset", "olid", "--train-size", "99999999"], "--train-size 99999999 exceeds the"),
     (["run", "--option", "lora_r=abc", "--defense", "lora"], "'lora_r' expects an integer, got 'abc'"),
     (["run", "--option", "lora_r=[1", "--defense", "lora"], "--option lora_r=[1: cannot parse the value"),
-    (["run", "--option", "epochs=1.7"], "'epochs' expects an integer"),
+    (["run", "--option", "lora_r=1.7", "--defense", "lora"], "'lora_r' expects an integer"),
+    (["run", "--epochs", "1", "--option", "epochs=2"], "option 'epochs' is given twice"),
+    (["run", "--option", "seed=3"], "option 'seed' is given twice"),
+    (["run", "--train-size", "0"], "--train-size must be positive"),
+    (["run", "--dataset", "agnews", "--defense", "strip", "--option", "on_flag=flip"], "on_flag=flip needs a binary task"),
+    (["scan", "sst2", "--rate", "0.5"], "--rate needs --attack"),
+    (["eval", "model", "sst2", "--target", "0"], "--target needs --attack"),
     (["results", "--store", "/nonexistent/x.sqlite"], "no such file"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -63,6 +69,17 @@ def test_bad_options_are_one_line_errors(args, fragment, capsys):
     assert main(args + (["--train-size", "50"] if args[0] == "run" and "--train-size" not in args else [])) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_train_refuses_impossible_settings_before_writing(tiny_model, tmp_path, capsys):
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\nawful\t0\n")
+    base = ["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--out", str(tmp_path / "out")]
+    for extra, fragment in [(["--max-length", "200"], "--max-length 200 exceeds the 130 tokens"),
+                            (["--option", "seed=3"], "option 'seed' is given twice")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and fragment in err, err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 
 def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
@@ -109,6 +126,29 @@ def test_subprocess_error_has_no_traceback():
     assert_one_line_error(*cli("run", "--dataset", "nope"), "unknown dataset 'nope'")
 
 
+SUBNORMALS = """
+import sys, torch
+from cleantune import cli, sweep
+def compute(ns=None):  # two intra-op threads on float32 subnormals: nonzero results unless flushed
+    torch.set_num_threads(2)
+    print(int((torch.full((1_000_000,), 1e-39) * 1.5 != 0).sum()))
+    return 0
+if sys.argv[1] == "cli":
+    cli.COMMANDS["eval"] = compute
+    cli.main(["eval", "model", "data"])
+else:
+    sweep._init_worker(2)
+    compute()
+"""
+
+
+@pytest.mark.parametrize("entry", ["cli", "sweep-worker"])
+def test_compute_processes_flush_subnormals_on_every_thread(entry):
+    p = subprocess.run([sys.executable, "-c", SUBNORMALS, entry], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "0"
+
+
 def test_run_stores_reuses_and_exports(tiny_model, tmp_path, capsys):
     store = tmp_path / "r.sqlite"
     (tmp_path / "c.toml").write_text(f'model = "{tiny_model}"\ntrain_size = 120\nepochs = 1\nlr = 0.001\n')
@@ -127,6 +167,27 @@ def test_run_stores_reuses_and_exports(tiny_model, tmp_path, capsys):
     assert main(["results", "--store", str(store), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("id,dataset,attack") and len(lines) == 3
+
+
+def test_a_cell_another_process_runs_is_waited_for_then_reused(tiny_model, tmp_path):
+    import threading
+
+    from cleantune.runner import RunConfig, run
+    from cleantune.store import ResultStore, config_hash, data_dir
+    from cleantune.training import work_lock
+
+    config = RunConfig(model=tiny_model, train_size=120, epochs=1)
+    resolved = config.resolve()
+    run_id, path = config_hash(resolved), tmp_path / "s.sqlite"
+    out = {}
+    with work_lock(data_dir() / "runs" / run_id[:16], wait=False):  # another process is training this cell
+        t = threading.Thread(target=lambda: out.update(r=run(config, ResultStore(path), progress=False)))
+        t.start()
+        t.join(3)
+        assert t.is_alive()  # waiting, not training beside it
+        ResultStore(path).put(run_id, resolved, {"cacc": 0.5, "asr": 0.25}, {"wall_s": 1.0}, {})  # what it stored
+    t.join(120)
+    assert out["r"]["reused"] and out["r"]["metrics"] == {"cacc": 0.5, "asr": 0.25}
 
 
 def test_same_seed_same_metrics_through_the_cli(tiny_model, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -97,6 +98,48 @@ def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path
     grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=[{"lora": {"rank": 4}}])
     with pytest.raises(UserError, match="unknown key 'rank' in the settings of defense 'lora'"):
         load_grid(grid)
+
+
+
+def test_grid_wide_attack_option_fitting_none_of_the_attacks_is_an_error(tiny_model):
+    base = {"model": tiny_model, "train_size": 200}
+    # as in `cleantune run --attack badnets --sentence ...`: silently dropping it would run another config
+    with pytest.raises(UserError, match=r"'sentence' applies to attack addsent only; the grid's attacks are badnets$"):
+        expand_grid({**base, "sentence": "hello there", "attack": ["badnets"]})
+    with pytest.raises(UserError, match=r"'triggers' applies to attack badnets only; the grid's attacks are addsent"):
+        expand_grid({**base, "triggers": [["cf"], ["mn"]], "attack": "addsent"})  # an axis of it too
+    with pytest.raises(UserError, match=r"'sentence' applies to attack addsent only; the grid's attacks are badnets$"):
+        expand_grid({**base, "sentence": "hello there"})  # no attack key: the default attack, badnets
+    # fitting one of the grid's attacks, it is kept there and left out of the others' cells and ids
+    cells = {c.config.attack: c for c in expand_grid({**base, "sentence": "hello there", "attack": ["badnets", "addsent"]})}
+    assert cells["addsent"].resolved["sentence"] == "hello there"
+    assert cells["badnets"].config.sentence is None
+    assert cells["badnets"].id == expand_grid({**base, "attack": ["badnets"]})[0].id
+
+
+def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp_path, capsys):
+    grid = str(write_grid(tmp_path / "g.yaml", tiny_model, defense="finetune"))
+    cases = [(["--cpus-per-run", "-1"], "--cpus-per-run must be a positive integer, got -1"),
+             (["--cpus-per-run", "0"], "--cpus-per-run must be a positive integer, got 0"),
+             (["--workers", "0"], "--workers must be a positive integer, got 0"),
+             (["--backend", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be a number of GPUs, 0 or more, got -1"),
+             (["--address", "foo"], "--address applies to --backend ray only"),
+             (["--gpus-per-run", "1"], "--gpus-per-run applies to --backend ray only"),
+             (["--backend", "ray", "--workers", "2"], "--workers applies to --backend local only")]
+    for args, msg in cases:
+        assert main(["sweep", grid, "--store", str(tmp_path / "s.sqlite"), "--no-progress", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"cleantune: error: {msg}") and err.count("\n") == 1, (args, err)
+        assert not list(tmp_path.glob("s.sqlite*")), args  # checked before the store is opened
+
+
+def test_ray_backend_without_ray_writes_nothing(tiny_model, tmp_path, capsys):
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("Ray is installed")
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, defense="finetune")
+    assert main(["sweep", str(grid), "--store", str(tmp_path / "s.sqlite"), "--backend", "ray", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "cleantune: error: --backend ray needs Ray: pip install 'cleantune[ray]'\n"
+    assert not list(tmp_path.glob("s.sqlite*"))
 
 
 def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cleantune.data import load_benchmark
+from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import FineTune, LoRA
 from cleantune.models import load_model, load_tokenizer
 from cleantune.training import StepHook, TrainSettings, batch_order, encode, predict_logits, train
@@ -75,6 +75,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_model, small, tmp_
         _run(tiny_model, train_data, tmp_path / "b", hooks=(_StopAfter(2),))
     model_b, _, rep_b = _run(tiny_model, train_data, tmp_path / "b", resume=True)
     assert [h["loss"] for h in rep_b.history] == [h["loss"] for h in rep_a.history]
+    # the report covers the whole run, the interrupted session's two epochs included
+    assert 0 < rep_b.resumed_train_seconds < rep_b.train_seconds
+    assert round(rep_b.samples_per_s * rep_b.train_seconds) == round(rep_a.samples_per_s * rep_a.train_seconds)
     s = TrainSettings()
     assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
 
@@ -91,20 +94,42 @@ def test_resume_refuses_other_settings(tiny_model, small, tmp_path):
               resume=True, progress=False)
 
 
+def test_resume_refuses_other_data_or_defense(tiny_model, small, tmp_path):
+    from cleantune.errors import UserError
+
+    train_data, dev = small
+    _run(tiny_model, train_data, tmp_path / "d")
+    tok = load_tokenizer(tiny_model)
+    settings = TrainSettings(epochs=3, lr=2e-3, batch_size=16, seed=0)
+    other = TextDataset(list(reversed(train_data.texts)), list(train_data.labels), train_data.label_names)
+    for data, dev_data, identity in [(other, None, None), (train_data, dev, None),
+                                     (train_data, None, {"defense": "lora"})]:
+        with pytest.raises(UserError, match="other settings or data"):  # same size, other content or defense
+            train(load_model(tiny_model, train_data.label_names), tok, data, dev_data, settings, (), tmp_path / "d",
+                  resume=True, progress=False, identity=identity)
+
+
+def test_work_lock_is_exclusive_and_leaves_nothing(tmp_path):
+    from cleantune.training import Busy, work_lock
+
+    with work_lock(tmp_path / "w", wait=False):
+        with pytest.raises(Busy, match="another cleantune process is training into"):
+            with work_lock(tmp_path / "w", wait=False):
+                pass
+    assert list(tmp_path.iterdir()) == []
+    with work_lock(tmp_path / "w", wait=False):  # free again
+        pass
+
+
 def test_a_checkpoint_resumes_only_under_its_own_precision(monkeypatch):
-    import hashlib
-    import json
-    from dataclasses import asdict
+    from cleantune.training import _fingerprint
 
-    from cleantune.training import _settings_hash
-
-    full = _settings_hash(TrainSettings(), 100)
-    before = hashlib.sha256(json.dumps([asdict(TrainSettings()), 100], sort_keys=True).encode()).hexdigest()[:16]
-    assert full == before  # the fingerprint of fp32 checkpoints made before precision was recorded
+    args = (TrainSettings(), [[5, 6, 7]], [0], None, None, "train")
+    full = _fingerprint(*args)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert _settings_hash(TrainSettings(), 100) != full  # so --resume says "other settings"
+    assert _fingerprint(*args) != full  # so --resume says "other settings"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    assert _settings_hash(TrainSettings(), 100) == full
+    assert _fingerprint(*args) == full
 
 
 class _ZeroGrads(StepHook):

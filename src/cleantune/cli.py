@@ -40,7 +40,7 @@ def _option(s: str) -> tuple[str, object]:
         raise UserError(f"--option {s}: cannot parse the value ({str(e).splitlines()[0]})") from None
 
 
-def _add_run_options(p: argparse.ArgumentParser, lists: bool) -> None:
+def _add_run_options(p: argparse.ArgumentParser, lists: bool, store: bool = True) -> None:
     S = argparse.SUPPRESS
     many = " (comma list: each value runs)" if lists else ""
     p.add_argument("--config", help="YAML or TOML file of options (keys as below, with underscores)", default=S)
@@ -61,7 +61,8 @@ def _add_run_options(p: argparse.ArgumentParser, lists: bool) -> None:
     p.add_argument("--num-triggers", type=int, default=S, help="BadNets triggers inserted per sample")
     p.add_argument("--sentence", default=S, help="AddSent trigger sentence")
     p.add_argument("--option", action="append", default=S, metavar="KEY=VALUE", help="a defense-specific setting")
-    p.add_argument("--store", default=S, help="results store (SQLite file)")
+    if store:
+        p.add_argument("--store", default=S, help="results store (SQLite file)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triggers", help="BadNets trigger words (with --attack badnets)")
     p.add_argument("--num-triggers", type=int)
     p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
-    p.add_argument("--target", type=int, default=1)
+    p.add_argument("--target", type=int, help="target label, with --attack (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -127,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="auto")
     p.add_argument("--label-column", default="label")
     p.add_argument("--attack", help="poison the benchmark's train split with this attack first (a check)")
-    p.add_argument("--rate", type=float, default=0.1)
-    p.add_argument("--mode", default="mix", help="poisoning mode with --attack: dirty, clean or mix")
-    p.add_argument("--target", type=int, default=1)
+    p.add_argument("--rate", type=float, help="poison rate, with --attack (default 0.1)")
+    p.add_argument("--mode", help="poisoning mode, with --attack: dirty, clean or mix (default mix)")
+    p.add_argument("--target", type=int, help="target label, with --attack (default 1)")
     p.add_argument("--triggers", help="BadNets trigger words (with --attack badnets)")
     p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
     p.add_argument("--model", default="minilm")
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyses = p.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
     q = analyses.add_parser("frequency", help="low/high-frequency relative errors of the clean and backdoor "
                                               "mappings during training (MuScleLoRA's Fourier analysis)")
-    _add_run_options(q, lists=False)
+    _add_run_options(q, lists=False, store=False)  # the analysis writes its --out folder, not the store
     q.add_argument("--out", required=True, help="folder for curves.json and the PNG plots")
     q.add_argument("--every", type=int, default=5, help="record every N optimizer steps (default 5)")
     q.add_argument("--samples", type=int, help="subsample each dev set to N samples (faster on CPU)")
@@ -193,10 +194,10 @@ def load_config_file(path: str, label: str | None = None) -> dict:
     return data
 
 
-def _run_options(ns: argparse.Namespace) -> dict:
+def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
     from .runner import RunConfig
 
-    known = {f.name for f in fields(RunConfig)} | {"store"}
+    known = {f.name for f in fields(RunConfig)} | ({"store"} if store else set())
     opts: dict = {}
     if "config" in ns:
         for k, v in load_config_file(ns.config).items():
@@ -230,6 +231,9 @@ def _attack_options(ns) -> dict:
     """eval's and scan's trigger options: each must fit --attack, and none may come without it."""
     from .runner import ATTACK_OPTIONS, check_attack_option
 
+    for k in ("rate", "mode", "target"):  # poisoning settings: meaningless without an attack
+        if getattr(ns, k, None) is not None and ns.attack is None:
+            raise UserError(f"--{k} needs --attack")
     given = {k: getattr(ns, k, None) for k in ATTACK_OPTIONS}
     given = {k: (_split(v) if k == "triggers" else v) for k, v in given.items() if v is not None}
     for k in given:
@@ -293,21 +297,26 @@ def cmd_train(ns) -> int:
                         f"a classifier needs at least two classes")
     dev = read_dataset(ns.dev, ns.text_column, ns.label_column, train_data.label_names) if ns.dev else None
     opts = dict(_option(s) for s in ns.option)
-    for k in ("model", "epochs", "lr", "batch_size", "max_length"):
-        if getattr(ns, k) is not None:
+    for k in ("seed", "model", "epochs", "lr", "batch_size", "max_length"):
+        if getattr(ns, k) is not None:  # the seed always is (default 0)
+            if k in opts:
+                raise UserError(f"option '{k}' is given twice (as --{k.replace('_', '-')} and in --option)")
             opts[k] = getattr(ns, k)
-    defense = get_defense(ns.defense, seed=ns.seed, **opts)
+    defense = get_defense(ns.defense, **opts)
+    from contextlib import nullcontext
+
     from .models import check_out_dir
-    from .training import is_main_process
+    from .training import is_main_process, single_process, work_lock
 
     out = Path(ns.out)
     check_out_dir(out)
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
-    model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
-    if not is_main_process():
-        return 0
-    model.save_pretrained(out)
-    shutil.rmtree(work, ignore_errors=True)
+    with work_lock(work, wait=False) if single_process() else nullcontext():  # one `train` per --out at a time
+        model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
+        if not is_main_process():
+            return 0
+        model.save_pretrained(out)
+        shutil.rmtree(work, ignore_errors=True)
     if defense.at_inference:
         print(f"note: {ns.defense} acts at inference time; {out} holds the trained victim without it "
               f"(its defended predictions: `cleantune run` or the Python API)", file=sys.stderr)
@@ -343,8 +352,9 @@ def cmd_eval(ns) -> int:
         raise UserError(f"{ns.data} has {data.num_labels} classes, the model {len(model.label_names)}")
     triggered = None
     if ns.attack:
-        check_target(ns.target, data.num_labels, ns.data)
-        attack = get_attack(ns.attack, target=ns.target, seed=ns.seed, **extra)
+        target = 1 if ns.target is None else ns.target
+        check_target(target, data.num_labels, ns.data)
+        attack = get_attack(ns.attack, target=target, seed=ns.seed, **extra)
         if bench is not None:
             attack.prepare(bench)
         elif ns.attack in ("syntactic", "style"):
@@ -380,7 +390,8 @@ def cmd_scan(ns) -> int:
         bench = load_benchmark(ns.data)
         data = bench.train
         if ns.attack:
-            data = get_attack(ns.attack, rate=ns.rate, mode=ns.mode, target=ns.target, seed=ns.seed,
+            data = get_attack(ns.attack, rate=0.1 if ns.rate is None else ns.rate, mode=ns.mode or "mix",
+                              target=1 if ns.target is None else ns.target, seed=ns.seed,
                               **extra).apply(bench).train.without_flags()
     else:
         if ns.attack:
@@ -515,8 +526,7 @@ def cmd_analyze(ns) -> int:
     from . import frequency
     from .runner import RunConfig
 
-    opts = _run_options(ns)
-    opts.pop("store", None)
+    opts = _run_options(ns, store=False)
     if "seed" in opts:
         opts["seed"] = _int("seed", opts["seed"])
     if "triggers" in opts:
@@ -563,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         ns = build_parser().parse_args(argv)
+        if ns.command not in ("results", "report"):  # those two only read the store: no torch import
+            from .training import flush_subnormals
+
+            flush_subnormals()
         return COMMANDS[ns.command](ns)
     except UserError as e:
         print(f"cleantune: error: {e}", file=sys.stderr)

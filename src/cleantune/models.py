@@ -74,6 +74,25 @@ def load_model(name_or_path: str, label_names: list[str]):
     return model
 
 
+def max_positions(model) -> int | None:
+    """The longest input `model` takes: its position table, less the offset of RoBERTa-style models, whose
+    positions start after the padding index (514 rows, 512 tokens). None: no limit in the config."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return None
+    pos = next((m for name, m in model.named_modules()
+                if name.endswith("position_embeddings") and isinstance(m, torch.nn.Embedding)), None)
+    if pos is not None and pos.padding_idx is not None:
+        n -= pos.padding_idx + 1
+    return n
+
+
+def check_max_length(model, max_length: int, name: str) -> None:
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        raise UserError(f"--max-length {max_length} exceeds the {limit} tokens --model {name} takes")
+
+
 def check_out_dir(out: str | Path, model: bool = True) -> None:
     """Refuse, before any work, an output folder that could not be written, or (`model`) a folder a saved
     model would wrongly replace: one with other content."""

@@ -6,6 +6,7 @@ import platform
 import resource
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .evaluate import detection_metrics, evaluate
 from .models import resolve_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
-from .training import is_main_process, mixed_precision
+from .training import is_main_process, mixed_precision, single_process, work_lock
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -76,6 +77,8 @@ class RunConfig:
             check_paraphrases(self.dataset, self.attack)
         check_target(self.target, n_classes, self.dataset)
         n_train = split_sizes(self.dataset)["train"]
+        if self.train_size is not None and self.train_size <= 0:
+            raise UserError(f"--train-size must be positive, got {self.train_size}")
         if self.train_size is not None and self.train_size > n_train:
             raise UserError(f"--train-size {self.train_size} exceeds the {n_train} samples of {self.dataset}'s train split")
         if self.model is not None:
@@ -88,7 +91,7 @@ class RunConfig:
     def build_defense(self):
         common = {k: getattr(self, k) for k in ("model", "epochs", "lr", "batch_size", "max_length")
                   if getattr(self, k) is not None}
-        clash = sorted(set(common) & set(self.options))
+        clash = sorted((set(common) | {"seed"}) & set(self.options))  # the seed is always given
         if clash:
             raise UserError(f"option '{clash[0]}' is given twice (as --{clash[0].replace('_', '-')} and in options)")
         return get_defense(self.defense, seed=self.seed, **common, **self.options)
@@ -97,6 +100,7 @@ class RunConfig:
         """The full config with every default filled in: what the run's id hashes."""
         self.check()
         attack, defense = self.build_attack(), self.build_defense()
+        defense.check_task(BENCHMARKS[self.dataset][0])
         attack_settings = {f.name: getattr(attack, f.name) for f in fields(attack)}
         defense_settings = defense.settings()
         clash = sorted((set(attack_settings) & set(defense_settings)) - {"seed"})
@@ -148,13 +152,31 @@ def detection(defense, model, poisoned) -> dict:
 
 def run(config: RunConfig, store: ResultStore | None = None, force: bool = False, resume: bool = False,
         progress: bool = True) -> dict:
-    """Run one benchmark cell, or return the stored result of an identical config (unless `force`)."""
+    """Run one benchmark cell, or return the stored result of an identical config (unless `force`). A
+    second process asking for a cell that one is running waits for it, then takes its stored result."""
     resolved = config.resolve()
     run_id = config_hash(resolved)
-    if store is not None and not force:
-        stored = store.get(run_id)
-        if stored is not None and stored["status"] == "ok":
-            return {**stored, "reused": True}
+    stored = _stored(store, run_id, force)
+    if stored is not None:
+        return stored
+    work = data_dir() / "runs" / run_id[:16]
+    # the processes of one `accelerate launch` train this run together: only separate launches take the lock
+    with work_lock(work, wait=True) if single_process() else nullcontext():
+        stored = _stored(store, run_id, force)
+        if stored is not None:
+            return stored
+        return _run(config, resolved, run_id, work, store, resume, progress)
+
+
+def _stored(store: ResultStore | None, run_id: str, force: bool) -> dict | None:
+    if store is None or force:
+        return None
+    stored = store.get(run_id)
+    return {**stored, "reused": True} if stored is not None and stored["status"] == "ok" else None
+
+
+def _run(config: RunConfig, resolved: dict, run_id: str, work: Path, store: ResultStore | None, resume: bool,
+         progress: bool) -> dict:
     t0 = time.perf_counter()
     if torch.cuda.is_available():  # this run's peak, not the process's (a sweep runs many cells in one)
         torch.cuda.reset_peak_memory_stats()
@@ -165,7 +187,6 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
     defense = config.build_defense()
     if hasattr(defense, "stage_eval"):  # multi-stage defenses (BTU) report CACC/ASR after each stage
         defense.stage_eval = lambda clf: evaluate(clf, poisoned.clean_test, poisoned.triggered_test)
-    work = data_dir() / "runs" / run_id[:16]
     model = defense.fit(poisoned.train, poisoned.dev, out_dir=work, resume=resume, progress=progress)
     t_eval = time.perf_counter()
     metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
@@ -177,10 +198,12 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
     metrics.update(detection(defense, model, poisoned))
     if hasattr(defense, "audit"):  # after fit: the attack's trigger words, never seen during fit
         metrics.update(defense.audit(poisoned.trigger_words))
-    timings = {"wall_s": time.perf_counter() - t0, "train_s": report.train_seconds,
+    # a resumed run's wall time adds the training its interrupted sessions did (their setup is not counted)
+    timings = {"wall_s": time.perf_counter() - t0 + report.resumed_train_seconds, "train_s": report.train_seconds,
                "eval_s": time.perf_counter() - t_eval, "samples_per_s": report.samples_per_s,
                "tokens_per_s": report.tokens_per_s, "peak_memory_mb": peak_memory_mb(),
-               "processes": report.processes}
+               "processes": report.processes,
+               **({"resumed_train_s": report.resumed_train_seconds} if report.resumed_train_seconds else {})}
     result = {"id": run_id, "config": resolved, "status": "ok", "metrics": metrics, "timings": timings,
               "env": environment(), "error": None, "reused": False}
     if store is not None and is_main_process():

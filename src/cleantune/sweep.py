@@ -15,6 +15,7 @@ traceback; the next sweep retries it.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 import sys
@@ -96,6 +97,13 @@ def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
             fixed[key] = v
     for key in NAMED_AXES:
         axes.setdefault(key, [{key: getattr(RunConfig, key)}])
+    attacks = [item["attack"] for item in axes["attack"]]
+    for opt, fits in ATTACK_OPTIONS.items():
+        values = [fixed[opt]] if opt in fixed else [item[opt] for item in axes.get(opt, [])]
+        # dropped below for the attacks it does not fit; fitting none it would vanish from every cell
+        if any(v is not None for v in values) and not set(fits) & set(attacks):
+            raise UserError(f"{source}: '{opt}' applies to attack {' or '.join(fits)} only; "
+                            f"the grid's attacks are {', '.join(dict.fromkeys(attacks))}")
     # named settings are the most specific, so they are applied after the hyperparameter axes
     order = [a for a in axes if a not in NAMED_AXES and a != "seed"] + list(NAMED_AXES) + (["seed"] if "seed" in axes else [])
     cells: list[Cell] = []
@@ -132,6 +140,9 @@ def run_cell(config: RunConfig, store_path: str | None, threads: int | None = No
     without, the caller writes it (Ray: the driver owns the store). Errors become a 'failed' record."""
     import torch
 
+    from .training import flush_subnormals
+
+    flush_subnormals()  # a Ray worker enters here first (local workers already did, in _init_worker)
     if threads:
         torch.set_num_threads(threads)
     store = ResultStore(store_path) if store_path is not None else None
@@ -170,6 +181,9 @@ def _init_worker(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from .training import flush_subnormals
+
+    flush_subnormals()  # before the first parallel op, so every intra-op thread inherits it
     torch.set_num_threads(threads)
     _warm_up()
 
@@ -209,10 +223,7 @@ def _local(cells: list[Cell], store_path: str, workers: int, threads: int) -> It
 
 
 def _ray(cells: list[Cell], store: ResultStore, address: str | None, cpus: int, gpus: float) -> Iterator[dict]:
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--backend ray needs Ray: pip install 'cleantune[ray]'") from None
+    ray = _require_ray()
     # A local instance's workers see this machine's paths: PYTHONPATH travels so that they import the same
     # cleantune as this driver (a source checkout). A cluster's nodes have their own install and paths.
     env = {k: os.environ[k] for k in ("PYTHONPATH", "CLEANTUNE_DATA", "HF_HUB_OFFLINE")
@@ -247,15 +258,45 @@ class SweepSummary:
     seconds: float
 
 
+def _require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--backend ray needs Ray: pip install 'cleantune[ray]'") from None
+    return ray
+
+
+def check_options(workers: int = 1, backend: str = "local", address: str | None = None,
+                  cpus_per_run: int | None = None, gpus_per_run: float = 0) -> None:
+    """The sweep's own options; an option the backend would ignore is an error, not a silent no-op."""
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend must be local or ray, got '{backend}'")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {workers}")
+    if cpus_per_run is not None and (isinstance(cpus_per_run, bool) or not isinstance(cpus_per_run, int)
+                                     or cpus_per_run < 1):
+        raise UserError(f"--cpus-per-run must be a positive integer, got {cpus_per_run}")
+    if isinstance(gpus_per_run, bool) or not isinstance(gpus_per_run, (int, float)) \
+            or not math.isfinite(gpus_per_run) or gpus_per_run < 0:
+        raise UserError(f"--gpus-per-run must be a number of GPUs, 0 or more, got {gpus_per_run}")
+    if backend == "local":
+        for name, given in (("--address", address is not None), ("--gpus-per-run", gpus_per_run != 0)):
+            if given:
+                raise UserError(f"{name} applies to --backend ray only")
+    elif workers != 1:  # Ray runs as many tasks at once as the cluster's free CPUs and GPUs allow
+        raise UserError("--workers applies to --backend local only (with Ray, --cpus-per-run and "
+                        "--gpus-per-run decide how many runs fit at once)")
+
+
 def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int = 1, backend: str = "local",
           address: str | None = None, cpus_per_run: int | None = None, gpus_per_run: float = 0,
           progress: bool = True) -> SweepSummary:
     from tqdm.auto import tqdm
 
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    if backend not in ("local", "ray"):
-        raise UserError(f"--backend must be local or ray, got '{backend}'")
+    # every check before the store is opened: opening it creates the file
+    check_options(workers, backend, address, cpus_per_run, gpus_per_run)
+    if backend == "ray":
+        _require_ray()
     store = ResultStore(store_path)
     stored = {r["id"] for r in store.runs() if r["status"] == "ok"}
     pending = [c for c in cells if c.id not in stored]

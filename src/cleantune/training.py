@@ -8,7 +8,9 @@ hooks (MuScleLoRA's gradient alignment rewrites the gradients after the backward
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -16,6 +18,7 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,6 +91,7 @@ class TrainReport:
     samples_per_s: float
     tokens_per_s: float  # non-padding tokens
     processes: int = 1
+    resumed_train_seconds: float = 0.0  # of train_seconds, what sessions before a --resume spent
 
 
 def mixed_precision() -> str:
@@ -107,6 +111,23 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
+def flush_subnormals() -> None:
+    """Float32 values below 1.2e-38 become 0 on the CPU (FTZ/DAZ). Late in gradient alignment the reference
+    gradients, and with them the optimizer's moments, drift into that range, where x86 arithmetic is many
+    times slower: a `ga` step at the paper's budget took 9.0 s instead of 1.42 s. A GPU keeps subnormals,
+    so this is a deliberate CPU deviation; it changes only values that small. The flag is per thread and
+    the intra-op threads copy it when they start, so a process must set it before its first parallel op:
+    the CLI and sweep workers do so first thing (docs/muscle-lora.md, "Subnormals on the CPU")."""
+    torch.set_flush_denormal(True)
+
+
+def single_process() -> bool:
+    """Not one of several processes of an `accelerate launch`, which train one run together."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).num_processes == 1
 
 
 def seed_everything(seed: int) -> None:
@@ -155,10 +176,20 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
-def _settings_hash(settings: TrainSettings, n_train: int) -> str:
-    mp = mixed_precision()  # a checkpoint resumes only under its own precision; fp32 fingerprints as before
-    return hashlib.sha256(json.dumps([asdict(settings), n_train] + ([mp] if mp != "no" else []),
-                                     sort_keys=True).encode()).hexdigest()[:16]
+def _fingerprint(settings: TrainSettings, ids: list[list[int]], labels: list[int], dev_data: TextDataset | None,
+                 identity: dict | None, desc: str) -> str:
+    """What a checkpoint must match to be resumed: the settings, the precision, the stage (`desc`), the
+    caller's identity (a defense's settings, model included) and the content of the training and selection
+    data, so `train --resume` into the same folder with another file or defense is refused, not blended."""
+    h = hashlib.sha256(json.dumps({"settings": asdict(settings), "precision": mixed_precision(), "desc": desc,
+                                   "identity": identity}, sort_keys=True, default=str).encode())
+    h.update(np.array([len(x) for x in ids], dtype=np.int64).tobytes())
+    h.update(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64).tobytes())
+    h.update(np.array(labels, dtype=np.int64).tobytes())
+    if dev_data is not None:
+        h.update("\0".join(dev_data.texts).encode())
+        h.update(np.array(dev_data.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -197,11 +228,11 @@ def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
 
 def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | None = None,
           settings: TrainSettings | None = None, hooks: tuple[StepHook, ...] = (), out_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True, desc: str = "train") -> TrainReport:
+          resume: bool = False, progress: bool = True, desc: str = "train", identity: dict | None = None) -> TrainReport:
     """Train the parameters of `model` that require grad on `train_data` (AdamW, linear warmup and decay,
     clipping). After each epoch the model is scored on the clean `dev_data`; the best epoch (ties keep the
     earlier) is restored at the end. With `out_dir`, a checkpoint is written per epoch and `resume`
-    continues from the last one.
+    continues from the last one; `identity` (e.g. the defense's settings) is part of what it must match.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -234,10 +265,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
-    fingerprint = _settings_hash(settings, len(ids))
+    fingerprint = _fingerprint(settings, ids, labels, dev_data, identity, desc)
     history: list[dict] = []
     best_epoch, best_score, best_state = None, -1.0, None
-    start_epoch = 0
+    start_epoch, done = 0, {}
     if resume and ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
         state = json.loads((ckpt_dir / "state.json").read_text())
         if state["fingerprint"] != fingerprint:
@@ -258,6 +289,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         if (ckpt_dir / "best.safetensors").is_file():
             best_state = load_file(ckpt_dir / "best.safetensors")
         start_epoch = state["epoch"] + 1
+        done = state.get("done", {})  # the interrupted sessions' work, so the report covers the whole run
 
     ctx = StepContext(model, accelerator, start_epoch, start_epoch * steps_per_epoch, steps_per_epoch, settings,
                       optimizer=optimizer)
@@ -265,8 +297,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         h.on_train_begin(ctx)
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True, leave=False)
-    n_samples = n_tokens = 0
-    t_train = 0.0
+    n_samples, n_tokens = done.get("samples", 0), done.get("tokens", 0)
+    t_train = t_before = done.get("train_seconds", 0.0)
     diverged = None
     clipped = list(params.values())
     clip = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf  # inf (no clipping) scales by 1
@@ -324,7 +356,9 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         if ckpt_dir is not None and accelerator.is_main_process:
             _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state,
                              {"epoch": epoch, "history": history, "best_epoch": best_epoch,
-                              "best_score": best_score, "fingerprint": fingerprint}, accelerator.device,
+                              "best_score": best_score, "fingerprint": fingerprint,
+                              "done": {"samples": n_samples, "tokens": n_tokens, "train_seconds": t_train}},
+                             accelerator.device,
                              accelerator.scaler)
         accelerator.wait_for_everyone()
     bar.close()
@@ -339,7 +373,38 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             p.data.copy_(best_state[n])
     accelerator.unwrap_model(wrapped).eval()
     return TrainReport(history, best_epoch, t_train, n_samples / max(t_train, 1e-9), n_tokens / max(t_train, 1e-9),
-                       world)
+                       world, resumed_train_seconds=t_before)
+
+
+class Busy(UserError):
+    """Another live process holds the lock."""
+
+
+@contextmanager
+def work_lock(work: Path, wait: bool):
+    """Hold `<work>.lock` while training into the checkpoint folder `work`: two processes on one folder would
+    overwrite each other's checkpoints, or resume from one still being written. `wait`: block until the
+    other process is done; else raise Busy. The lock is the kernel's (flock), so a killed holder frees it."""
+    path = work.with_name(work.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"another cleantune process is training into {work}") from None
+        try:  # the holder before us may have removed the file: then lock the new one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, state: dict,

@@ -15,7 +15,7 @@ from typing import ClassVar
 from ..data import TextDataset
 from ..errors import UserError
 from ..options import check_values
-from ..models import DEFAULT_MODEL, Classifier, load_model, load_tokenizer
+from ..models import DEFAULT_MODEL, Classifier, check_max_length, load_model, load_tokenizer
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 
 
@@ -44,12 +44,19 @@ class Defense:
     def settings(self) -> dict:
         return asdict(self)
 
+    def identity(self) -> dict:
+        """What a checkpoint of this defense must match to be resumed (with the data and stage)."""
+        return {"defense": self.name, **self.settings()}
+
     def train_settings(self) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                              weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
                              max_length=self.max_length, seed=self.seed)
 
     # --- the parts a defense overrides
+    def check_task(self, num_labels: int) -> None:
+        """Refuse settings that cannot work for a `num_labels`-class task, before anything trains."""
+
     def prepare_model(self, model, tokenizer, train_data: TextDataset):
         """Return the model to train, with requires_grad set on what should learn."""
         return model
@@ -65,13 +72,17 @@ class Defense:
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True, extra_hooks: tuple[StepHook, ...] = ()) -> Classifier:
         """`extra_hooks` run after the defense's own (analysis hooks, e.g. frequency.FrequencyHook)."""
+        self.check_task(train_data.num_labels)
         train_data = train_data.without_flags()
         seed_everything(self.seed)
         tokenizer = load_tokenizer(self.model)
-        model = self.prepare_model(load_model(self.model, train_data.label_names), tokenizer, train_data)
+        model = load_model(self.model, train_data.label_names)
+        check_max_length(model, self.max_length, self.model)
+        model = self.prepare_model(model, tokenizer, train_data)
         hooks = tuple(self.hooks(model, tokenizer, train_data, clean_dev)) + tuple(extra_hooks)
         self.report_: TrainReport = train(model, tokenizer, train_data, self.selection_data(clean_dev),
-                                          self.train_settings(), hooks, out_dir, resume, progress, desc=self.name)
+                                          self.train_settings(), hooks, out_dir, resume, progress, desc=self.name,
+                                          identity=self.identity())
         return Classifier(model, tokenizer, train_data.label_names, self.max_length)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..models import Classifier, load_model, load_tokenizer
+from ..models import Classifier, check_max_length, load_model, load_tokenizer, max_positions
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 from .base import Defense
 
@@ -443,10 +443,13 @@ class BTU(Defense):
         pretrained = load_model(self.model, train_data.label_names)
         E0 = pretrained.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
         settings = self.train_settings()
-        limit = getattr(pretrained.config, "max_position_embeddings", None)
+        if self.max_length is not None:
+            check_max_length(pretrained, self.max_length, self.model)
+        else:  # the mode's length (faithful: the official 512) as far as the backbone reaches
+            limit = max_positions(pretrained)
+            if limit is not None:
+                settings.max_length = min(settings.max_length, limit)
         del pretrained
-        if limit and settings.max_length > limit - 2:  # RoBERTa-style models offset positions by 2
-            settings.max_length = limit - 2
         max_length = settings.max_length
 
         # 1. Exposure. Pass C trains like the victim (batch, lr, length), as in the official code.
@@ -467,7 +470,7 @@ class BTU(Defense):
         carry = _CarryOptimizer()
         work = Path(out_dir) if out_dir is not None else None
         report = train(victim, view, train_data, select, settings, (carry,) if self.faithful else (),
-                       work / "victim" if work else None, resume, progress, desc="btu victim")
+                       work / "victim" if work else None, resume, progress, desc="btu victim", identity=self.identity())
         t_victim = time.perf_counter() - t0
         clf = Classifier(victim, tokenizer, train_data.label_names, max_length)
         stages = {"no_defense": self._stage(clf)}
@@ -491,7 +494,8 @@ class BTU(Defense):
             tune_settings.epochs, tune_settings.max_length = self.tune_epochs, max_length
             carry.loading = True
             tune_report = train(victim, view, tune_data, select, tune_settings, (carry,) if self.faithful else (),
-                                work / "tune" if work else None, resume, progress, desc="btu tune")
+                                work / "tune" if work else None, resume, progress, desc="btu tune",
+                                identity=self.identity())
             stages["tuned"] = self._stage(clf)
 
         # Audit material (the defense never sees poison flags; `audit` compares against the attack's
@@ -506,7 +510,9 @@ class BTU(Defense):
         # The victim's epochs are the run's history; clean tuning's are stored beside it.
         self.report_ = TrainReport(report.history, report.best_epoch,
                                    report.train_seconds + (tune_report.train_seconds if tune_report else 0.0),
-                                   report.samples_per_s, report.tokens_per_s)
+                                   report.samples_per_s, report.tokens_per_s,
+                                   resumed_train_seconds=report.resumed_train_seconds
+                                   + (tune_report.resumed_train_seconds if tune_report else 0.0))
         self.extra_metrics_ = {
             "btu_mode": self.btu_mode, "btu_clean_tuning": self.clean_tuning, "btu_k": exp.k,
             "btu_suspicious": [tokenizer.convert_ids_to_tokens(i) for i in suspicious],

@@ -27,7 +27,8 @@ def train_side_model(defense, data: TextDataset, epochs: int, dev: TextDataset |
     tokenizer = tokenizer or load_tokenizer(defense.model)
     model = model if model is not None else load_model(defense.model, data.label_names)
     settings = replace(defense.train_settings(), epochs=epochs, **({"lr": lr} if lr is not None else {}))
-    report = train(model, tokenizer, data, dev, settings, hooks, out_dir, resume, progress, desc=desc)
+    report = train(model, tokenizer, data, dev, settings, hooks, out_dir, resume, progress, desc=desc,
+                   identity=defense.identity())
     return model, tokenizer, report
 
 
@@ -71,6 +72,11 @@ def frr_threshold(clean_scores, frr: float) -> float:
     return float(s[min(int(len(s) * frr), len(s) - 1)])
 
 
+def check_flag_task(on_flag: str, num_labels: int) -> None:
+    if on_flag == "flip" and num_labels != 2:
+        raise UserError("option on_flag=flip needs a binary task; use on_flag=abstain")
+
+
 def check_detector_options(frr: float, on_flag: str) -> None:
     """STRIP's and RAP's own option checks, at construction: before any data loads."""
     if not 0 <= frr < 1:
@@ -95,8 +101,7 @@ class FlaggingClassifier(Classifier):
             on_flag = "flip" if len(base.label_names) == 2 else "abstain"
         if on_flag not in ("flip", "abstain"):
             raise UserError(f"option on_flag must be auto, flip or abstain, got '{on_flag}'")
-        if on_flag == "flip" and len(base.label_names) != 2:
-            raise UserError("option on_flag=flip needs a binary task; use on_flag=abstain")
+        check_flag_task(on_flag, len(base.label_names))
         self.on_flag = on_flag
         self._flags: dict[str, bool] = {}
 

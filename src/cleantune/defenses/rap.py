@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..models import Classifier
 from ..training import encode, make_batch
 from .base import Defense
-from .common import FlaggingClassifier, check_detector_options, frr_threshold, victim_model
+from .common import FlaggingClassifier, check_detector_options, check_flag_task, frr_threshold, victim_model
 
 
 def band_loss(diff: torch.Tensor, prob_range: tuple[float, float], scale: float) -> torch.Tensor:
@@ -134,10 +134,14 @@ class RAP(Defense):
     def __post_init__(self):
         check_detector_options(self.frr, self.on_flag)
 
+    def check_task(self, num_labels: int) -> None:
+        check_flag_task(self.on_flag, num_labels)
+
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("RAP needs a clean dev set (--dev) to learn its word and calibrate its threshold")
+        self.check_task(train_data.num_labels)
         victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
         clf = RapClassifier(victim, self.word, self.rap_target, self.on_flag)
         clf.learn(clean_dev, self.rap_epochs, self.rap_lr, tuple(self.prob_range), self.scale)

@@ -32,7 +32,8 @@ from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier
 from .base import Defense
-from .common import FlaggingClassifier, check_detector_options, frr_threshold, softmax_probs, victim_model
+from .common import (FlaggingClassifier, check_detector_options, check_flag_task, frr_threshold, softmax_probs,
+                     victim_model)
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn TfidfVectorizer's default, as OpenBackdoor uses it
 
@@ -113,13 +114,16 @@ class STRIP(Defense):
         if self.repeat < 1 or not 0 < self.swap_ratio <= 1:
             raise UserError("STRIP needs repeat >= 1 and swap_ratio in (0, 1]")
 
+    def check_task(self, num_labels: int) -> None:
+        check_flag_task(self.on_flag, num_labels)
+        if self.strip_target is not None and not 0 <= self.strip_target < num_labels:
+            raise UserError(f"STRIP: option strip_target={self.strip_target} is not a class (0..{num_labels - 1})")
+
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("STRIP needs a clean dev set (--dev) to calibrate its threshold")
-        if self.strip_target is not None and not 0 <= self.strip_target < train_data.num_labels:
-            raise UserError(f"STRIP: option strip_target={self.strip_target} is not a class "
-                            f"(0..{train_data.num_labels - 1})")
+        self.check_task(train_data.num_labels)
         victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
         donors = [t for t, y in zip(clean_dev.texts, clean_dev.labels) if y != self.strip_target]
         clf = StripClassifier(victim, tfidf_ranked_words(donors), self.repeat, self.swap_ratio, self.seed,
