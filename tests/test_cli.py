@@ -82,6 +82,26 @@ def test_train_refuses_impossible_settings_before_writing(tiny_model, tmp_path, 
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 
+def test_train_takes_a_config_file_and_the_command_line_wins(tiny_model, tmp_path, capsys):
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 8)
+    (tmp_path / "c.yaml").write_text(f"model: {tiny_model}\nepochs: 2\nbatch-size: 8\noptions: {{lora_r: 2}}\n"
+                                     "defense: lora\n")
+    base = ["train", str(tmp_path / "a.tsv"), "--config", str(tmp_path / "c.yaml"), "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "m2")]) == 0
+    out = capsys.readouterr().out
+    assert "defense lora" in out and "epoch kept: 1" in out, out  # 2 epochs from the file, no --dev: the last
+    assert main(base + ["--out", str(tmp_path / "m1"), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "defense lora" in out and "epoch kept: 0" in out, out
+    assert json.loads((tmp_path / "m1" / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    (tmp_path / "bad.yaml").write_text("epochs: two\n")
+    (tmp_path / "unknown.yaml").write_text("store: x.sqlite\n")
+    for cfg, fragment in [("bad.yaml", "'epochs' expects int, got 'two'"), ("unknown.yaml", "unknown key 'store'")]:
+        assert main(["train", str(tmp_path / "a.tsv"), "--config", str(tmp_path / cfg), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
 def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("dataset: sst2\nlearning_rate: 0.1\n")
     assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2

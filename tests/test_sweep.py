@@ -126,7 +126,7 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
              (["--address", "foo"], "--address applies to --backend ray only"),
              (["--gpus-per-run", "1"], "--gpus-per-run applies to --backend ray only"),
              (["--backend", "ray", "--workers", "2"], "--workers applies to --backend local only")]
-    for args, msg in cases:
+    for args, msg in [(args + dry, msg) for args, msg in cases for dry in ([], ["--dry-run"])]:
         assert main(["sweep", grid, "--store", str(tmp_path / "s.sqlite"), "--no-progress", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith(f"cleantune: error: {msg}") and err.count("\n") == 1, (args, err)

@@ -79,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a defended model on your own data")
     p.add_argument("data", help=".tsv/.csv/.jsonl training file")
     p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--config", help="YAML or TOML file of the options below (keys with underscores; "
+                   "`options` holds defense options); the command line wins")
     p.add_argument("--dev", help="clean labelled dev file for model selection (without it: the last epoch)")
-    p.add_argument("--text-column", default="auto")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--defense", default="finetune")
+    p.add_argument("--text-column", help="default: sentence or text")
+    p.add_argument("--label-column", help="default: label")
+    p.add_argument("--defense", help="default: finetune")
     p.add_argument("--model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
@@ -287,10 +289,38 @@ def cmd_run(ns) -> int:
     return 0
 
 
+TRAIN_CONFIG = {"dev": str, "text_column": str, "label_column": str, "defense": str, "model": str, "seed": int,
+                "epochs": int, "lr": float, "batch_size": int, "max_length": int, "options": dict}
+TRAIN_DEFAULTS = {"text_column": "auto", "label_column": "label", "defense": "finetune", "seed": 0}
+
+
+def _train_config(ns) -> None:
+    """Fill `train`'s options from --config where the command line left them unset, then the defaults."""
+    from .options import coerce
+
+    given = load_config_file(ns.config) if ns.config else {}
+    for k, v in given.items():
+        key = k.replace("-", "_")
+        if key not in TRAIN_CONFIG:
+            raise UserError(f"--config {ns.config}: unknown key '{k}' (keys: {', '.join(TRAIN_CONFIG)})")
+        try:
+            v = coerce(v, TRAIN_CONFIG[key])
+        except (TypeError, ValueError):
+            raise UserError(f"--config {ns.config}: '{k}' expects {TRAIN_CONFIG[key].__name__}, got {v!r}") from None
+        if key == "options":
+            ns.option = [f"{o}={json.dumps(x)}" for o, x in v.items()] + ns.option  # --option wins
+        elif getattr(ns, key) is None:
+            setattr(ns, key, v)
+    for k, v in TRAIN_DEFAULTS.items():
+        if getattr(ns, k) is None:
+            setattr(ns, k, v)
+
+
 def cmd_train(ns) -> int:
     from .data import read_dataset
     from .defenses import get_defense
 
+    _train_config(ns)
     train_data = read_dataset(ns.data, ns.text_column, ns.label_column)
     if len(set(train_data.labels)) < 2:
         raise UserError(f"{ns.data}: every sample has label '{train_data.label_names[train_data.labels[0]]}'; "
@@ -464,9 +494,10 @@ def format_table(runs: list[dict]) -> str:
 
 def cmd_sweep(ns) -> int:
     from .store import ResultStore
-    from .sweep import load_grid, sweep
+    from .sweep import check_options, load_grid, sweep
 
     cells = load_grid(ns.grid)
+    check_options(ns.workers, ns.backend, ns.address, ns.cpus_per_run, ns.gpus_per_run)  # --dry-run checks them too
     if ns.dry_run:  # reads the store, creates nothing
         from .store import default_store_path
 
