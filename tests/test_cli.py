@@ -142,6 +142,16 @@ def test_stores_are_checked_and_never_changed_by_reading(tmp_path, capsys):
     assert not default_store_path().exists() and not (tmp_path / "new").exists()  # checked before anything is made
 
 
+def test_a_run_that_fails_before_storing_anything_leaves_no_store(tiny_model, tmp_path, capsys):
+    from cleantune.store import data_dir
+
+    store = tmp_path / "new.sqlite"
+    args = ["run", "--model", tiny_model, "--train-size", "50", "--max-length", "200", "--store", str(store)]
+    assert main(args) == 2  # found only when the model loads, after the store was opened
+    assert "--max-length 200 exceeds the 130 tokens" in capsys.readouterr().err
+    assert not list(tmp_path.glob("new.sqlite*")) and not list((data_dir() / "runs").glob("*"))
+
+
 def test_subprocess_error_has_no_traceback():
     assert_one_line_error(*cli("run", "--dataset", "nope"), "unknown dataset 'nope'")
 

@@ -272,15 +272,26 @@ def cmd_run(ns) -> int:
             raise UserError(str(e)) from None
         config.resolve()  # every cell is checked before the first one trains
         configs.append(config)
+    from .store import default_store_path
+
+    new_store = not Path(store_path or default_store_path()).exists()
     store = ResultStore(store_path)
     results = []
-    for config in configs:
-        r = run(config, store, force=ns.force, resume=ns.resume, progress=not ns.no_progress)
-        results.append(r)
-        if ns.format == "table" and len(configs) > 1:
-            m = r["metrics"]
-            print(f"[{len(results)}/{len(configs)}] {config.dataset} {config.attack} {config.defense} seed={config.seed}: "
-                  f"CACC {m['cacc']:.4f} ASR {m['asr']:.4f}{' (stored)' if r.get('reused') else ''}", file=sys.stderr)
+    try:
+        for config in configs:
+            r = run(config, store, force=ns.force, resume=ns.resume, progress=not ns.no_progress)
+            results.append(r)
+            if ns.format == "table" and len(configs) > 1:
+                m = r["metrics"]
+                print(f"[{len(results)}/{len(configs)}] {config.dataset} {config.attack} {config.defense} "
+                      f"seed={config.seed}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f}"
+                      f"{' (stored)' if r.get('reused') else ''}", file=sys.stderr)
+    except BaseException:  # an error the checks could not foresee (a hub id offline): no empty store left
+        if new_store and not store.runs():
+            store.conn.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(store.path) + suffix).unlink(missing_ok=True)
+        raise
     if ns.format == "json":
         print(json.dumps([{k: r[k] for k in ("id", "config", "metrics", "timings")} for r in results], indent=1))
     else:
