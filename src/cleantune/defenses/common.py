@@ -12,7 +12,7 @@ import torch
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..models import Classifier, load_model, load_tokenizer
+from ..models import Classifier, check_max_length, load_model, load_tokenizer
 from ..training import StepHook, TrainReport, encode, make_batch, seed_everything, train
 
 ABSTAIN = -1  # the prediction for a flagged input under on_flag="abstain": never equals a class id
@@ -27,6 +27,7 @@ def train_side_model(defense, data: TextDataset, epochs: int, dev: TextDataset |
     tokenizer = tokenizer or load_tokenizer(defense.model)
     model = model if model is not None else load_model(defense.model, data.label_names)
     settings = replace(defense.train_settings(), epochs=epochs, **({"lr": lr} if lr is not None else {}))
+    check_max_length(model, settings.max_length, defense.model)
     report = train(model, tokenizer, data, dev, settings, hooks, out_dir, resume, progress, desc=desc,
                    identity=defense.identity())
     return model, tokenizer, report
