@@ -233,9 +233,11 @@ def _attack_options(ns) -> dict:
     """eval's and scan's trigger options: each must fit --attack, and none may come without it."""
     from .runner import ATTACK_OPTIONS, check_attack_option
 
-    for k in ("rate", "mode", "target"):  # poisoning settings: meaningless without an attack
+    for k, default in (("rate", 0.1), ("mode", "mix"), ("target", 1)):  # poisoning settings of eval and scan
         if getattr(ns, k, None) is not None and ns.attack is None:
             raise UserError(f"--{k} needs --attack")
+        if hasattr(ns, k) and getattr(ns, k) is None and ns.attack is not None:
+            setattr(ns, k, default)
     given = {k: getattr(ns, k, None) for k in ATTACK_OPTIONS}
     given = {k: (_split(v) if k == "triggers" else v) for k, v in given.items() if v is not None}
     for k in given:
@@ -393,9 +395,8 @@ def cmd_eval(ns) -> int:
         raise UserError(f"{ns.data} has {data.num_labels} classes, the model {len(model.label_names)}")
     triggered = None
     if ns.attack:
-        target = 1 if ns.target is None else ns.target
-        check_target(target, data.num_labels, ns.data)
-        attack = get_attack(ns.attack, target=target, seed=ns.seed, **extra)
+        check_target(ns.target, data.num_labels, ns.data)
+        attack = get_attack(ns.attack, target=ns.target, seed=ns.seed, **extra)
         if bench is not None:
             attack.prepare(bench)
         elif ns.attack in ("syntactic", "style"):
@@ -431,8 +432,7 @@ def cmd_scan(ns) -> int:
         bench = load_benchmark(ns.data)
         data = bench.train
         if ns.attack:
-            data = get_attack(ns.attack, rate=0.1 if ns.rate is None else ns.rate, mode=ns.mode or "mix",
-                              target=1 if ns.target is None else ns.target, seed=ns.seed,
+            data = get_attack(ns.attack, rate=ns.rate, mode=ns.mode, target=ns.target, seed=ns.seed,
                               **extra).apply(bench).train.without_flags()
     else:
         if ns.attack:

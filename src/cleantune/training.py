@@ -265,7 +265,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
-    fingerprint = _fingerprint(settings, ids, labels, dev_data, identity, desc)
+    # only a checkpoint needs it: hashing the data is skipped for runs that write none (BTU's exposure passes)
+    fingerprint = _fingerprint(settings, ids, labels, dev_data, identity, desc) if ckpt_dir is not None else None
     history: list[dict] = []
     best_epoch, best_score, best_state = None, -1.0, None
     start_epoch, done = 0, {}
