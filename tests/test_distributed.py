@@ -3,17 +3,24 @@
 On a machine without CUDA, `--multi_gpu --num_processes N` starts N processes (torchrun) and the loop's
 Accelerator(cpu=True) joins them over gloo; `--cpu` alone would start a single process."""
 
+import json
 import subprocess
 import sys
+import time
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def test_two_process_launch_trains_and_evaluates(tiny_model, tmp_path):
     store = tmp_path / "s.sqlite"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cleantune", "run", "--model", tiny_model,
-           "--train-size", "128", "--epochs", "1", "--store", str(store), "--no-progress", "--format", "json"]
+    cmd = LAUNCH + ["-m", "cleantune", "run", "--model", tiny_model, "--train-size", "128", "--epochs", "1",
+                    "--store", str(store), "--no-progress", "--format", "json"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+    printed = json.loads(p.stdout)  # one process prints: two would make this two arrays
+    assert len(printed) == 1 and printed[0]["config"]["processes"] == 2  # another effective batch, another run
     from cleantune.store import ResultStore
 
     runs = ResultStore(store).runs()
@@ -22,3 +29,47 @@ def test_two_process_launch_trains_and_evaluates(tiny_model, tmp_path):
     assert 0 <= runs[0]["metrics"]["cacc"] <= 1 and 0 <= runs[0]["metrics"]["asr"] <= 1
     # each process took half of the batches: 128 samples / batch 32 = 4 batches -> 2 steps per process
     assert runs[0]["metrics"]["history"][0]["steps"] == 2
+
+
+LOCKER = """
+import sys, time
+from pathlib import Path
+from accelerate import PartialState
+from cleantune.training import Busy, work_lock
+
+work = Path(sys.argv[1])
+state = PartialState(cpu=True)
+try:
+    with work_lock(work, wait=False):
+        print("unlocked", flush=True)
+except Busy:
+    print("busy", flush=True)
+if state.is_main_process:
+    (work.parent / "ready").touch()
+with work_lock(work, wait=True):
+    print("got", time.time(), flush=True)
+"""
+
+
+def test_a_launch_waits_for_another_process_on_its_run_folder(tmp_path):
+    """Two launches of one cell would write one checkpoint folder at once: the main process locks for all."""
+    from cleantune.training import work_lock
+
+    script = tmp_path / "locker.py"
+    script.write_text(LOCKER)
+    work = tmp_path / "w"
+    with work_lock(work, wait=False):
+        p = subprocess.Popen(LAUNCH + [str(script), str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        deadline = time.time() + 120
+        while not (tmp_path / "ready").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert p.poll() is None, p.stderr.read()[-2000:]  # still waiting
+        released = time.time()
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    lines = out.split()
+    assert lines.count("busy") == 2 and "unlocked" not in lines  # without waiting, both processes give up
+    got = [float(t) for k, t in zip(lines, lines[1:]) if k == "got"]
+    assert len(got) == 2 and min(got) >= released

@@ -275,7 +275,9 @@ def cmd_run(ns) -> int:
         config.resolve()  # every cell is checked before the first one trains
         configs.append(config)
     from .store import default_store_path
+    from .training import is_main_process
 
+    main = is_main_process()  # the processes of an `accelerate launch` run each cell together; one speaks
     new_store = not Path(store_path or default_store_path()).exists()
     store = ResultStore(store_path)
     results = []
@@ -283,17 +285,19 @@ def cmd_run(ns) -> int:
         for config in configs:
             r = run(config, store, force=ns.force, resume=ns.resume, progress=not ns.no_progress)
             results.append(r)
-            if ns.format == "table" and len(configs) > 1:
+            if main and ns.format == "table" and len(configs) > 1:
                 m = r["metrics"]
                 print(f"[{len(results)}/{len(configs)}] {config.dataset} {config.attack} {config.defense} "
                       f"seed={config.seed}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f}"
                       f"{' (stored)' if r.get('reused') else ''}", file=sys.stderr)
     except BaseException:  # an error the checks could not foresee (a hub id offline): no empty store left
-        if new_store and not store.runs():
+        if main and new_store and not store.runs():
             store.conn.close()
             for suffix in ("", "-wal", "-shm"):
                 Path(str(store.path) + suffix).unlink(missing_ok=True)
         raise
+    if not main:
+        return 0
     if ns.format == "json":
         print(json.dumps([{k: r[k] for k in ("id", "config", "metrics", "timings")} for r in results], indent=1))
     else:
@@ -346,15 +350,13 @@ def cmd_train(ns) -> int:
                 raise UserError(f"option '{k}' is given twice (as --{k.replace('_', '-')} and in --option)")
             opts[k] = getattr(ns, k)
     defense = get_defense(ns.defense, **opts)
-    from contextlib import nullcontext
-
     from .models import check_out_dir
-    from .training import is_main_process, single_process, work_lock
+    from .training import is_main_process, work_lock
 
     out = Path(ns.out)
     check_out_dir(out)
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
-    with work_lock(work, wait=False) if single_process() else nullcontext():  # one `train` per --out at a time
+    with work_lock(work, wait=False):  # one `train` per --out at a time
         model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
         if not is_main_process():
             return 0

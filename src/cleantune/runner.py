@@ -6,7 +6,6 @@ import platform
 import resource
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from .evaluate import detection_metrics, evaluate
 from .models import resolve_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
-from .training import is_main_process, mixed_precision, single_process, work_lock
+from .training import is_main_process, mixed_precision, num_processes, work_lock
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -106,11 +105,13 @@ class RunConfig:
         clash = sorted((set(attack_settings) & set(defense_settings)) - {"seed"})
         if clash:  # one name per setting: a shared name would overwrite the other in the stored config
             raise ValueError(f"defense '{self.defense}' and attack '{self.attack}' both define '{clash[0]}'")
-        mp = mixed_precision()
+        mp, world = mixed_precision(), num_processes()
         resolved = {"dataset": self.dataset, "attack": self.attack, "defense": self.defense,
                     "train_size": self.train_size, **attack_settings, **defense_settings,
                     "clean_data": defense.clean_data,
                     **({} if mp == "no" else {"mixed_precision": mp}),
+                    # several processes each take a batch per step: another effective batch, another run
+                    **({} if world == 1 else {"processes": world}),
                     "versions": {"cleantune": __version__, "torch": torch.__version__.split("+")[0],
                                  "transformers": _version("transformers"), "peft": _version("peft")}}
         return resolved
@@ -160,8 +161,7 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
     if stored is not None:
         return stored
     work = data_dir() / "runs" / run_id[:16]
-    # the processes of one `accelerate launch` train this run together: only separate launches take the lock
-    with work_lock(work, wait=True) if single_process() else nullcontext():
+    with work_lock(work, wait=True):
         stored = _stored(store, run_id, force)
         if stored is not None:
             return stored

@@ -123,11 +123,12 @@ def flush_subnormals() -> None:
     torch.set_flush_denormal(True)
 
 
-def single_process() -> bool:
-    """Not one of several processes of an `accelerate launch`, which train one run together."""
+def num_processes() -> int:
+    """How many processes of one `accelerate launch` train a run together (1 without a launch). Each takes a
+    batch per step, so the effective batch, and with it the results, depend on it."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).num_processes == 1
+    return PartialState(cpu=not torch.cuda.is_available()).num_processes
 
 
 def seed_everything(seed: int) -> None:
@@ -178,11 +179,13 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
 
 def _fingerprint(settings: TrainSettings, ids: list[list[int]], labels: list[int], dev_data: TextDataset | None,
                  identity: dict | None, desc: str) -> str:
-    """What a checkpoint must match to be resumed: the settings, the precision, the stage (`desc`), the
+    """What a checkpoint must match to be resumed: the settings, the precision, the process count (the
+    effective batch), the stage (`desc`), the
     caller's identity (a defense's settings, model included) and the content of the training and selection
     data, so `train --resume` into the same folder with another file or defense is refused, not blended."""
     h = hashlib.sha256(json.dumps({"settings": asdict(settings), "precision": mixed_precision(), "desc": desc,
-                                   "identity": identity}, sort_keys=True, default=str).encode())
+                                   "identity": identity, "processes": num_processes()},
+                                  sort_keys=True, default=str).encode())
     h.update(np.array([len(x) for x in ids], dtype=np.int64).tobytes())
     h.update(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64).tobytes())
     h.update(np.array(labels, dtype=np.int64).tobytes())
@@ -386,25 +389,51 @@ def work_lock(work: Path, wait: bool):
     """Hold `<work>.lock` while training into the checkpoint folder `work`: two processes on one folder would
     overwrite each other's checkpoints, or resume from one still being written. `wait`: block until the
     other process is done; else raise Busy. The lock is the kernel's (flock), so a killed holder frees it."""
+    from accelerate import PartialState
+
     path = work.with_name(work.name + ".lock")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes == 1:
+        fd = _flock(path, wait)
+        if fd is None:
+            raise Busy(f"another cleantune process is training into {work}")
+    else:
+        # the processes of one launch train together, so the main one locks for all. It tries without blocking
+        # and tells the others each second: a collective that waited as long as the other launch trains would
+        # pass the process group's timeout (30 minutes).
+        from accelerate.utils import broadcast_object_list
+
+        while True:
+            fd = _flock(path, wait=False) if state.is_main_process else None
+            got = broadcast_object_list([fd is not None])[0]
+            if got or not wait:
+                break
+            time.sleep(1.0)
+        if not got:
+            raise Busy(f"another cleantune process is training into {work}")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _flock(path: Path, wait: bool) -> int | None:
+    """The open, locked lock file; None when another process holds it and `wait` is false."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        except BlockingIOError:  # only without `wait`
             os.close(fd)
-            raise Busy(f"another cleantune process is training into {work}") from None
+            return None
         try:  # the holder before us may have removed the file: then lock the new one
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
+                return fd
         except FileNotFoundError:
             pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
         os.close(fd)
 
 
