@@ -139,6 +139,8 @@ def test_flag_conventions(tiny_clf, tiny_model):
     base = tiny_clf.predict(texts)
     assert FlagAll(tiny_clf, "auto").predict(texts) == [1 - p for p in base]
     assert FlagAll(tiny_clf, "abstain").predict(texts) == [ABSTAIN, ABSTAIN]
+    assert FlagAll(tiny_clf, "abstain").predict(texts[0]) == [ABSTAIN]  # one string is one text, not characters
+    assert FlagAll(tiny_clf, "abstain").flag(texts[0]) == [True]
     three = Classifier(tiny_clf.model, tiny_clf.tokenizer, ["a", "b", "c"], 64)
     assert FlagAll(three, "auto").on_flag == "abstain"
     with pytest.raises(UserError, match="binary"):
@@ -224,6 +226,7 @@ def test_onion_removes_the_outlier_word_by_perplexity():
 def test_onion_classifier_predicts_on_corrected_text(tiny_clf):
     onion = OnionClassifier(tiny_clf, _stub_perplexity, 0.0)
     torch.testing.assert_close(onion.predict_logits(["a cf great movie"]), tiny_clf.predict_logits(["a great movie"]))
+    torch.testing.assert_close(onion.predict_logits("a cf great movie"), tiny_clf.predict_logits(["a great movie"]))
 
 
 def test_onion_with_a_tiny_gpt2(tmp_path, tiny_model):
@@ -375,3 +378,24 @@ def test_detection_reads_ground_truth_only_after_fit(tiny_clf):
     assert out["test_detection"] == {"precision": 2 / 3, "recall": 1.0, "frr": 0.5, "far": 0.0}
     assert "train_detection" not in detection(object(), tiny_clf, pb)
 
+
+
+def test_a_victim_numbering_classes_otherwise_is_refused(tiny_clf, sst2, tmp_path):
+    """STRIP and RAP read targets and dev labels in the data's numbering: a victim trained on the same classes
+    in another order would be wrapped with its classes swapped."""
+    victim = tiny_clf.save_pretrained(tmp_path / "victim")
+    train = sst2.train.stratified_sample(16, 0)
+    swap = lambda d: TextDataset(d.texts, [1 - y for y in d.labels], d.label_names[::-1])  # noqa: E731
+    with pytest.raises(UserError, match="numbers its classes"):
+        get_defense("strip", model="unused", victim=str(victim), repeat=1).fit(
+            swap(train), swap(sst2.dev.stratified_sample(16, 0)), progress=False)
+
+
+def test_model_folders_are_recorded_absolute(tiny_model, monkeypatch):
+    """A relative folder would give the run another id, and an adapter another base model, from another folder."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(tiny_model).parent)
+    defense = get_defense("strip", model=Path(tiny_model).name, victim=Path(tiny_model).name)
+    assert defense.model == tiny_model and defense.victim == tiny_model
+    assert get_defense("finetune").model == "minilm"  # short names stay as they are

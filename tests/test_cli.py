@@ -294,3 +294,39 @@ def test_mixed_precision_is_its_own_run(tiny_model, tmp_path, capsys, monkeypatc
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf17")
     assert main(list(map(str, args))) == 2
     assert "ACCELERATE_MIXED_PRECISION=bf17: expected no, fp16 or bf16" in capsys.readouterr().err
+
+
+def test_eval_matches_classes_by_name(tiny_model, tmp_path, capsys):
+    """A model trained on a file of names numbers its classes alphabetically; agnews numbers them world,
+    sports, business, sci/tech. eval renumbers the benchmark to the model's ids by name, --target included."""
+    import torch
+
+    from cleantune.data import load_benchmark
+    from cleantune.models import Classifier, load_model, load_tokenizer
+
+    names = ["business", "sci/tech", "sports", "world"]
+    net = load_model(tiny_model, names)
+    with torch.no_grad():
+        net.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 100.0]))  # always "world", the model's id 3
+    m = str(Classifier(net, load_tokenizer(tiny_model), names).save_pretrained(tmp_path / "m"))
+    test = load_benchmark("agnews").test
+    for target in ("0", "world"):  # agnews's id 0 is world
+        assert main(["eval", m, "agnews", "--attack", "badnets", "--target", target, "--format", "json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["target"] == "world" and res["asr"] == 1.0 and res["asr_floor"] == 1.0
+        assert res["accuracy"] == test.labels.count(0) / len(test)
+    rows = [(t, test.label_names[y]) for t, y in zip(test.texts, test.labels) if y in (0, 1)][:30]
+    (tmp_path / "named.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    assert main(["eval", m, str(tmp_path / "named.tsv"), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == sum(y == "world" for _, y in rows) / len(rows)
+    for args, msg in (
+            ([m, "sst2"], "the labels of sst2 (negative, positive) are not the model's "
+                          "(business, sci/tech, sports, world)"),
+            ([tiny_model, "agnews"], "agnews has 4 classes, the model 2"),  # LABEL_i names: by position
+            ([m, "agnews", "--text-column", "text"], "--text-column applies to files; benchmark agnews has fixed"),
+            ([m, "agnews", "--label-column", "y"], "--label-column applies to files"),
+            ([m, "agnews", "--attack", "badnets", "--target", "politics"],
+             "--target politics is neither a class id nor a label of agnews")):
+        assert main(["eval"] + args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and msg in err, (args, err)

@@ -22,3 +22,45 @@ def test_cacc_asr_and_the_no_trigger_floor():
 def test_detection_metrics_counts():
     m = detection_metrics([True, True, False, False, True], [True, False, True, False, True])
     assert (m["precision"], m["recall"], m["frr"], m["far"]) == (2 / 3, 2 / 3, 1 / 2, 1 / 3)
+
+
+AG_BENCH = ["world", "sports", "business", "sci/tech"]  # agnews's own numbering
+AG_SORTED = ["business", "sci/tech", "sports", "world"]  # a model trained on a file of these names
+
+
+class NamedKeywordModel:
+    """Predicts, in its own numbering, the class whose name the text contains; 'cf' is a trigger for sports."""
+
+    label_names = AG_SORTED
+
+    def predict(self, texts):
+        return [self.label_names.index("sports") if "cf" in t else
+                next(i for i, n in enumerate(self.label_names) if n in t) for t in texts]
+
+
+def test_classes_are_matched_by_name_not_position():
+    clean = TextDataset(["world news", "sports news", "business news", "sci/tech news"], [0, 1, 2, 3], AG_BENCH)
+    triggered = TextDataset(["world cf", "business cf", "sci/tech"], [1, 1, 1], AG_BENCH)  # target 1: sports
+    m = evaluate(NamedKeywordModel(), clean, triggered)
+    assert m["cacc"] == 1.0
+    assert m["asr"] == 2 / 3
+    assert m["asr_floor"] == 0.0
+
+
+def test_label_sets_that_differ_are_refused():
+    import pytest
+
+    from cleantune.errors import UserError
+    from cleantune.evaluate import label_mapping
+
+    with pytest.raises(UserError, match=r"the labels of sst2 \(negative, positive\) are not the model's \(neg, pos\)"):
+        label_mapping(["negative", "positive"], ["neg", "pos"], "sst2")
+    with pytest.raises(UserError, match="are not the model's"):
+        label_mapping(["a", "b"], ["a", "b", "c"])
+    assert label_mapping(AG_BENCH, AG_SORTED) == [3, 2, 0, 1]
+    assert label_mapping(["negative", "positive"], ["NEGATIVE", "POSITIVE"]) == [0, 1]
+    # transformers' default names and bare ids carry no meaning: positions are all there is
+    assert label_mapping(AG_BENCH, [f"LABEL_{i}" for i in range(4)]) == [0, 1, 2, 3]
+    assert label_mapping(["0", "1"], ["neg", "pos"]) == [0, 1]
+    with pytest.raises(UserError, match="agnews has 4 classes, the model 2"):
+        label_mapping(AG_BENCH, ["LABEL_0", "LABEL_1"], "agnews")

@@ -80,3 +80,40 @@ def test_minilm_is_the_default_backbone():
     m = load_model("minilm", ["a", "b"])
     assert m.config.hidden_size == 384 and m.config.num_hidden_layers == 6
     assert 22e6 < sum(p.numel() for p in m.parameters()) < 23e6
+
+
+def test_predict_takes_one_string_as_one_text_and_no_texts(tiny_model):
+    from cleantune.models import load_model, load_tokenizer
+
+    clf = Classifier(load_model(tiny_model, ["a", "b"]), load_tokenizer(tiny_model), ["a", "b"])
+    one = clf.predict("a fairly long sentence, not a list of characters")
+    assert one == clf.predict(["a fairly long sentence, not a list of characters"]) and len(one) == 1
+    assert clf.predict_logits("short").shape == (1, 2)
+    assert clf.predict([]) == []
+    assert clf.predict_logits([]).shape == (0, 2)
+
+
+def test_local_model_paths_become_absolute(tiny_model, monkeypatch):
+    from pathlib import Path
+
+    from cleantune.models import model_name
+
+    folder = Path(tiny_model).resolve()
+    monkeypatch.chdir(folder.parent)
+    for relative in (folder.name, f"./{folder.name}", f"../{folder.parent.name}/{folder.name}"):
+        assert resolve_model(relative) == str(folder)
+        assert model_name(relative) == str(folder)
+    assert model_name("minilm") == "minilm" and model_name("org/some-model") == "org/some-model"
+
+
+def test_saved_tokenizer_truncates_at_the_trained_length(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from cleantune.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    limit = tok.model_max_length
+    Classifier(load_model(tiny_model, ["a", "b"]), tok, ["a", "b"], max_length=64).save_pretrained(tmp_path / "m")
+    assert AutoTokenizer.from_pretrained(tmp_path / "m").model_max_length == 64
+    assert Classifier.from_pretrained(tmp_path / "m").max_length == 64
+    assert tok.model_max_length == limit  # the caller's tokenizer is left as it was

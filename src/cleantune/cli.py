@@ -97,14 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy of a model on data, or its attack success rate with a trigger")
     p.add_argument("model", help="model directory (from `cleantune train` or any HF classifier)")
-    p.add_argument("data", help="a .tsv/.csv/.jsonl file, or a benchmark name (its test split)")
-    p.add_argument("--text-column", default="auto")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("data", help="a .tsv/.csv/.jsonl file, or a benchmark name (its test split); classes are "
+                   "matched to the model's by label name, by position where the model's labels are bare ids "
+                   "(0..C-1 or LABEL_i)")
+    p.add_argument("--text-column", help="a file's text column (default: sentence or text)")
+    p.add_argument("--label-column", help="a file's label column (default: label)")
     p.add_argument("--attack", help="apply this trigger to the non-target samples and report ASR")
     p.add_argument("--triggers", help="BadNets trigger words (with --attack badnets)")
     p.add_argument("--num-triggers", type=int)
     p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
-    p.add_argument("--target", type=int, help="target label, with --attack (default 1)")
+    p.add_argument("--target", help="target class, with --attack: a label name, or a class id as DATA numbers "
+                   "them (a benchmark's own ids, as in `run`; a file's labels: the model's) (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -137,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
     p.add_argument("--model", default="minilm")
     p.add_argument("--top", type=int, help="tokens per exposure pass (default: 0.0005 x vocabulary size)")
-    p.add_argument("--passes", default="AB", help="exposure passes: A (shallow), B (A's tokens removed), "
-                   "C (full model, slow); default AB")
+    p.add_argument("--passes", default="AB", help="exposure passes: A (shallow), B (A's tokens removed: B "
+                   "without A still runs A, unlisted), C (full model, slow); listed in this order; default AB")
     p.add_argument("--faithful", action="store_true", help="official BTU code's exposure (pools over padding, "
                    "substring removal in pass B)")
     p.add_argument("--show-samples", type=int, nargs="?", const=3, default=0, metavar="N",
@@ -149,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="analyses of training dynamics")
     analyses = p.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
     q = analyses.add_parser("frequency", help="low/high-frequency relative errors of the clean and backdoor "
-                                              "mappings during training (MuScleLoRA's Fourier analysis)")
+                                              "mappings during training (MuScleLoRA's Fourier analysis)",
+                            description="Records the curves while the defended model trains. Defenses: finetune, "
+                                        "lora, ga, ga-lora, lora-mslr, muscle-lora, and bki and cube (their final "
+                                        "training, on the data they kept). strip, rap, onion, btu and abl are "
+                                        "refused: their model is plain fine-tuning behind a filter or an edit "
+                                        "(use finetune), or several trainings (abl).")
     _add_run_options(q, lists=False, store=False)  # the analysis writes its --out folder, not the store
     q.add_argument("--out", required=True, help="folder for curves.json and the PNG plots")
     q.add_argument("--every", type=int, default=5, help="record every N optimizer steps (default 5)")
@@ -374,16 +382,31 @@ def cmd_train(ns) -> int:
     return 0
 
 
+def _eval_target(value, label_names: list[str], data: str) -> int:
+    """eval's --target: one of DATA's label names, else a class id in DATA's numbering."""
+    if str(value) in label_names:  # a name first, as labels in files are read
+        return label_names.index(str(value))
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--target {value} is neither a class id nor a label of {data} "
+                        f"({', '.join(label_names)})") from None
+
+
 def cmd_eval(ns) -> int:
     import random
 
     from .attacks import get_attack
     from .attacks.base import check_target
     from .data import BENCHMARKS, load_benchmark, read_dataset
-    from .evaluate import evaluate
+    from .evaluate import evaluate, label_mapping
     from .models import Classifier
 
     extra = _attack_options(ns)
+    if ns.data in BENCHMARKS:
+        for option in ("text_column", "label_column"):
+            if getattr(ns, option) is not None:
+                raise UserError(f"--{option.replace('_', '-')} applies to files; benchmark {ns.data} has fixed columns")
     if not Path(ns.model).is_dir():
         raise UserError(f"{ns.model}: no such model directory")
     model = Classifier.from_pretrained(ns.model)
@@ -391,14 +414,15 @@ def cmd_eval(ns) -> int:
     if ns.data in BENCHMARKS:
         bench = load_benchmark(ns.data)
         data = bench.test
-    else:
-        data = read_dataset(ns.data, ns.text_column, ns.label_column, model.label_names)
-    if data.num_labels != len(model.label_names):
-        raise UserError(f"{ns.data} has {data.num_labels} classes, the model {len(model.label_names)}")
+    else:  # a file's labels are read as the model's names (or its ids, where its names are ids)
+        data = read_dataset(ns.data, ns.text_column or "auto", ns.label_column or "label", model.label_names)
+    if ns.attack:  # in DATA's numbering, as the trigger is drawn; evaluate() renumbers to the model's by name
+        target = _eval_target(ns.target, data.label_names, ns.data)
+        check_target(target, data.num_labels, ns.data)
+    label_mapping(data.label_names, model.label_names, ns.data)  # classes that do not match: refused before any work
     triggered = None
     if ns.attack:
-        check_target(ns.target, data.num_labels, ns.data)
-        attack = get_attack(ns.attack, target=ns.target, seed=ns.seed, **extra)
+        attack = get_attack(ns.attack, target=target, seed=ns.seed, **extra)
         if bench is not None:
             attack.prepare(bench)
         elif ns.attack in ("syntactic", "style"):
@@ -407,7 +431,8 @@ def cmd_eval(ns) -> int:
     m = evaluate(model, data, triggered)
     out = {"n": len(data), "accuracy": m["cacc"]}
     if triggered is not None:
-        out.update({"n_triggered": len(triggered), "asr": m["asr"], "asr_floor": m["asr_floor"]})
+        out.update({"target": data.label_names[target], "n_triggered": len(triggered), "asr": m["asr"],
+                    "asr_floor": m["asr_floor"]})
     if ns.format == "json":
         print(json.dumps(out))
     else:
@@ -581,6 +606,7 @@ def cmd_analyze(ns) -> int:
         raise UserError(str(e)) from None
     if ns.samples is not None and ns.samples < 2:
         raise UserError(f"--samples must be at least 2 (distances need pairs), got {ns.samples}")
+    frequency.check_defense(config.defense)
     from .models import check_out_dir
 
     config.resolve()

@@ -2,8 +2,36 @@
 
 from __future__ import annotations
 
-from .data import TextDataset
+from .data import TextDataset, _ids
+from .errors import UserError
 from .models import Classifier
+
+
+def label_mapping(data_names: list[str], model_names: list[str], data: str = "the data") -> list[int]:
+    """For each class id of the data, the model's id of the same class, matched by name (ignoring case where
+    the model's names stay distinct): the two number their classes independently, a model trained on a file
+    of names alphabetically, a benchmark in its own order. Where either side's names are bare ids (0..C-1, or
+    transformers' default LABEL_i), there is nothing to match but positions."""
+    if _ids(data_names) or _ids(model_names):
+        if len(data_names) != len(model_names):
+            raise UserError(f"{data} has {len(data_names)} classes, the model {len(model_names)}")
+        return list(range(len(data_names)))
+    folded = {n.casefold() for n in model_names}
+    fold = str.casefold if len(folded) == len(model_names) else (lambda s: s)
+    ids = {fold(n): i for i, n in enumerate(model_names)}
+    mapping = [ids.get(fold(n)) for n in data_names]
+    if None in mapping or len(set(mapping)) != len(model_names):
+        raise UserError(f"the labels of {data} ({', '.join(data_names)}) are not the model's "
+                        f"({', '.join(model_names)}); classes are matched by name")
+    return mapping
+
+
+def align_labels(data: TextDataset, model_names: list[str], name: str = "the data") -> TextDataset:
+    """`data` with its labels renumbered as the model numbers the same classes (see `label_mapping`)."""
+    mapping = label_mapping(data.label_names, model_names, name)
+    if mapping == list(range(len(mapping))) and data.label_names == list(model_names):
+        return data
+    return TextDataset(data.texts, [mapping[y] for y in data.labels], list(model_names), data.poisoned)
 
 
 def _share_correct(preds: list[int], labels: list[int]) -> float:
@@ -11,6 +39,8 @@ def _share_correct(preds: list[int], labels: list[int]) -> float:
 
 
 def accuracy_on(model: Classifier, data: TextDataset) -> float:
+    if getattr(model, "label_names", None) is not None:
+        data = align_labels(data, model.label_names)
     return _share_correct(model.predict(data.texts) if len(data) else [], data.labels)
 
 
@@ -18,7 +48,14 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     """CACC on the clean test split; ASR = share of triggered non-target samples predicted as the target
     (the triggered set's labels are the target). `asr_floor` is the share of clean non-target test samples
     predicted as the target with no trigger at all: the ASR a model that ignores the trigger still shows,
-    the level a defense can at best bring ASR down to."""
+    the level a defense can at best bring ASR down to.
+    Both sets are first renumbered to the model's label ids by class name (`align_labels`), so the target is
+    the class the triggered set's labels name in the data's own numbering."""
+    names = getattr(model, "label_names", None)  # a bare predictor has none: ids as they are
+    if names is not None:
+        clean_test = align_labels(clean_test, names)
+        if triggered_test is not None:
+            triggered_test = align_labels(triggered_test, names)
     preds = model.predict(clean_test.texts) if len(clean_test) else []  # once, for CACC and the floor
     out = {"cacc": _share_correct(preds, clean_test.labels)}
     if triggered_test is not None:

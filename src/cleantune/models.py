@@ -22,8 +22,18 @@ def _quiet_transformers():
     logging.disable_progress_bar()
 
 
+def model_name(name: str) -> str:
+    """`name` as a run records it: a local folder as its absolute path, so that run ids, store keys and a saved
+    adapter's base model do not depend on the working folder; short names and hub ids unchanged."""
+    if name in SHORT_NAMES:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def resolve_model(name: str) -> str:
-    """A short name, a local Hugging Face directory, or a hub id (downloaded by transformers on use)."""
+    """A short name, a local Hugging Face directory (returned as its absolute path), or a hub id (downloaded
+    by transformers on use)."""
     if name in SHORT_NAMES:
         import importlib
 
@@ -36,7 +46,7 @@ def resolve_model(name: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"--model {name}: directory has no config.json (not a Hugging Face model)")
-        return str(path)
+        return str(path.resolve())
     if name.count("/") > 1 or name.startswith((".", "/", "~")):
         raise UserError(f"--model {name}: no such directory")
     return name
@@ -123,9 +133,14 @@ class Classifier:
         self.max_length = max_length
 
     @torch.no_grad()
-    def predict_logits(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    def predict_logits(self, texts: list[str] | str, batch_size: int = 128) -> torch.Tensor:
+        """Logits, one row per text (a single string is one text: a (1, C) tensor)."""
         from .training import encode, make_batch
 
+        if isinstance(texts, str):  # iterating a string would classify its characters
+            texts = [texts]
+        if not len(texts):  # the tokenizer fails on an empty batch
+            return torch.empty(0, len(self.label_names))
         model = self.model
         was_training = model.training
         model.eval()
@@ -141,7 +156,11 @@ class Classifier:
         model.train(was_training)
         return out
 
-    def predict(self, texts: list[str], batch_size: int = 128) -> list[int]:
+    def predict(self, texts: list[str] | str, batch_size: int = 128) -> list[int]:
+        """Class ids, one per text. A single string is one text and gives a list of one, as a Hugging Face
+        pipeline does; no texts give an empty list."""
+        if isinstance(texts, str):  # before any subclass's predict_logits sees it
+            texts = [texts]
         return self.predict_logits(texts, batch_size).argmax(-1).tolist()
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
@@ -173,7 +192,13 @@ class Classifier:
             if hasattr(model, "cleantune_export"):  # adapters of our own merge themselves for export
                 model = model.cleantune_export(tmp)
             model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
+            # the saved tokenizer truncates where training did, for whoever loads the folder with transformers
+            limit = self.tokenizer.model_max_length
+            self.tokenizer.model_max_length = self.max_length
+            try:
+                self.tokenizer.save_pretrained(tmp)
+            finally:
+                self.tokenizer.model_max_length = limit
             (tmp / LABELS_FILE).write_text(json.dumps({"label_names": self.label_names, "max_length": self.max_length}))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

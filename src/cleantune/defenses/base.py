@@ -40,6 +40,11 @@ class Defense:
     clean_data: ClassVar[str] = "clean dev: model selection only"
     # Inference-time defenses (filters, detectors) wrap a trained victim; a saved model holds only the victim.
     at_inference: ClassVar[bool] = False
+    # Whether `fit(extra_hooks=...)` runs analysis hooks (`cleantune analyze frequency`) through the training
+    # of the model it returns. False where that curve would say nothing of the defense: the returned model
+    # is plain fine-tuning behind an inference-time filter (STRIP, RAP, ONION) or an edit of one (BTU), or
+    # comes out of several trainings with their own step counts (ABL).
+    step_hooks: ClassVar[bool] = True
 
     def settings(self) -> dict:
         return asdict(self)
@@ -92,4 +97,8 @@ def make_defense(cls: type[Defense], options: dict) -> Defense:
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"defense '{cls.name}' has no option '{unknown[0]}' (options: {', '.join(sorted(known))})")
+    from ..models import model_name
+
+    # a relative folder would make run ids, store keys and an adapter's base model depend on the working folder
+    options = {k: model_name(v) if k in ("model", "victim") and isinstance(v, str) else v for k, v in options.items()}
     return cls(**check_values(cls, options, f"defense '{cls.name}'"))

@@ -109,13 +109,15 @@ class FlaggingClassifier(Classifier):
     def detect(self, texts: list[str]) -> list[bool]:
         raise NotImplementedError
 
-    def flag(self, texts: list[str]) -> list[bool]:
+    def flag(self, texts: list[str] | str) -> list[bool]:
+        texts = [texts] if isinstance(texts, str) else texts  # one string is one text, as in predict
         todo = list(dict.fromkeys(t for t in texts if t not in self._flags))
         if todo:
             self._flags.update(zip(todo, self.detect(todo)))
         return [self._flags[t] for t in texts]
 
-    def predict(self, texts: list[str], batch_size: int = 128) -> list[int]:
+    def predict(self, texts: list[str] | str, batch_size: int = 128) -> list[int]:
+        texts = [texts] if isinstance(texts, str) else texts
         preds = super().predict(texts, batch_size)
         flags = self.flag(texts)
         if self.on_flag == "flip":
@@ -136,9 +138,13 @@ def victim_model(defense, train_data: TextDataset, clean_dev: TextDataset | None
 
     if defense.victim is None:
         return Defense.fit(defense, train_data, clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+    from ..evaluate import label_mapping
+
     clf = Classifier.from_pretrained(defense.victim)
-    if len(clf.label_names) != train_data.num_labels:
-        raise UserError(f"option victim={defense.victim}: the model has {len(clf.label_names)} classes, "
-                        f"the data {train_data.num_labels}")
+    # the defense reads targets and dev labels in the data's numbering: the victim must number classes alike
+    mapping = label_mapping(train_data.label_names, clf.label_names, f"option victim={defense.victim}: the data")
+    if mapping != list(range(len(mapping))):
+        raise UserError(f"option victim={defense.victim}: the model numbers its classes "
+                        f"({', '.join(clf.label_names)}) otherwise than the data ({', '.join(train_data.label_names)})")
     defense.report_ = TrainReport([], None, 0.0, 0.0, 0.0)
     return clf

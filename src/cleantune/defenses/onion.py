@@ -129,7 +129,8 @@ class OnionClassifier(Classifier):
             self._corrected.update(zip(todo, onion_correct(todo, self.perplexity, self.threshold)))
         return [self._corrected[t] for t in texts]
 
-    def predict_logits(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    def predict_logits(self, texts: list[str] | str, batch_size: int = 128) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts  # one string is one text (Classifier.predict)
         return super().predict_logits(self.correct(texts), batch_size)
 
 
@@ -144,6 +145,7 @@ class ONION(Defense):
 
     name = "onion"
     at_inference = True
+    step_hooks = False
     clean_data = "clean dev: model selection only"
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
