@@ -290,3 +290,76 @@ def test_default_victim_is_the_finetune_model(tiny_model):
     defense.stage_eval = lambda clf: seen.append(clf.predict_logits(dev.texts)) or {}
     defense.fit(data, dev, progress=False)
     assert torch.allclose(seen[0], plain, atol=1e-6)  # same settings, init and data order: the same victim
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_pass_b_without_a_still_removes_a_tokens(tiny_model, faithful):
+    """Pass B ranks after removing pass A's tokens (spec 4 step 2), whether or not A is reported."""
+    tok = load_tokenizer(tiny_model)
+    data = synthetic(120)
+
+    def top(passes):
+        return btu.expose(tiny_model, tok, data, faithful=faithful, k=3, passes=passes, batch_size=16,
+                          progress=False).top
+
+    both, alone, reversed_ = top("AB"), top("B"), top("BA")
+    assert set(alone) == {"B"} and set(reversed_) == {"A", "B"} and len(alone["B"]) == 3
+    assert alone["B"] == both["B"] == reversed_["B"] and reversed_["A"] == both["A"]
+    if not faithful:
+        assert not set(both["A"]) & set(alone["B"])
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_ranking_holds_only_tokens_in_the_data(tiny_model, faithful):
+    """Default mode ranks only tokens that occur (top lists shrink below k on tiny data); faithful mode
+    ranks the whole vocabulary as the official code, unless asked not to (scan)."""
+    tok = load_tokenizer(tiny_model)
+    data = synthetic(40)
+    present = {i for x in tok(data.texts)["input_ids"] for i in x} - set(tok.all_special_ids)
+    k = len(present) + 5
+    embed = TrainSettings(epochs=1, batch_size=16, lr=1e-3, warmup_ratio=0.0, max_grad_norm=0.0, max_length=64)
+    exp = btu.expose(tiny_model, tok, data, faithful=faithful, k=k, passes="ABC", batch_size=16,
+                     embed_settings=embed, progress=False)
+    for name, ids in exp.top.items():
+        assert len(exp.rankings[name]) == tok.vocab_size
+        if faithful:
+            assert len(ids) == k and set(ids) - present
+        elif name == "B":  # A took every token that occurs, so none is left for B to rank
+            assert ids == []
+        else:
+            assert set(ids) == present
+    if faithful:
+        exp = btu.expose(tiny_model, tok, data, faithful=True, k=k, passes="A", batch_size=16, present_only=True,
+                         progress=False)
+        assert exp.top["A"] and set(exp.top["A"]) <= present
+
+
+def test_scan_lists_only_tokens_in_the_data(tiny_model, tmp_path, capsys):
+    import json
+
+    from cleantune.cli import main
+
+    data = synthetic(40)
+    path = tmp_path / "tiny.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(data.texts, data.labels)))
+    present = {w for t in data.texts for w in t.split()}
+    for extra in ([], ["--faithful"]):  # 13 distinct words: A's 10 leave B 3 (default mode)
+        assert main(["scan", str(path), "--model", tiny_model, "--top", "10", "--format", "json",
+                     "--no-progress", *extra]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [r["pass"] for r in rows][:10] == ["A"] * 10
+        assert all(r["doc_freq"] > 0 and r["token"] in present for r in rows)
+
+
+def test_fit_reports_the_processes_that_trained(tiny_model, monkeypatch):
+    real = btu.train
+
+    def train_on_two(*args, **kwargs):  # as under `accelerate launch --num_processes 2`
+        report = real(*args, **kwargs)
+        report.processes = 2
+        return report
+
+    monkeypatch.setattr(btu, "train", train_on_two)
+    defense = BTU(model=tiny_model, k=2, epochs=1, batch_size=16, max_length=64, guard=False)
+    defense.fit(synthetic(48), synthetic(16, seed=1), progress=False)
+    assert defense.report_.processes == 2

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import pytest
 import torch
 
+from cleantune.cli import main
 from cleantune.data import load_benchmark
-from cleantune.defenses import get_defense
-from cleantune.frequency import DELTAS, FrequencyHook, kernels, plot, relative_errors
+from cleantune.defenses import DEFENSES, get_defense
+from cleantune.frequency import DELTAS, FrequencyHook, kernels, plot, relative_errors, supported_defenses
 from cleantune.models import load_tokenizer
 
 
@@ -72,3 +75,49 @@ def test_frequency_hook_records_finite_curves_and_plots(tiny_model, tmp_path):
 
     img = matplotlib.image.imread(paths[0])
     assert img.ndim == 3 and img.shape[0] > 100
+
+
+@pytest.mark.parametrize("defense", ["strip", "rap", "onion", "btu", "abl"])
+def test_analyze_refuses_defenses_not_trained_in_one_run(defense, tiny_model, tmp_path, capsys):
+    out = tmp_path / "freq"
+    code = main(["analyze", "frequency", "--dataset", "sst2", "--defense", defense, "--model", tiny_model,
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"cleantune: error: --defense {defense}:")
+    assert "supports finetune, lora, ga, ga-lora, lora-mslr, muscle-lora, bki, cube " in err
+    assert not out.exists()
+
+
+def test_analyze_help_lists_the_supported_defenses(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "frequency", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert set(supported_defenses()) < set(DEFENSES)
+    for name in DEFENSES:
+        assert name in text
+
+
+def test_analyze_bki_records_its_final_training(tiny_model, tmp_path, capsys):
+    """BKI trains a side model first (2 epochs: 10 steps); the curves follow only the training of the
+    model it returns (1 epoch over at most 40 samples: at most 5 steps)."""
+    out = tmp_path / "freq"
+    code = main(["analyze", "frequency", "--dataset", "sst2", "--attack", "badnets", "--defense", "bki",
+                 "--model", tiny_model, "--train-size", "40", "--epochs", "1", "--batch-size", "8", "--samples", "8",
+                 "--every", "1", "--option", "bki_epochs=2", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((out / "curves.json").read_text())
+    steps = [r["step"] for r in res["records"]]
+    assert steps == list(range(len(steps))) and 2 <= len(steps) <= 6
+
+
+def test_report_refuses_a_curves_file_without_records(tmp_path, capsys):
+    from cleantune.store import ResultStore
+
+    store = ResultStore(tmp_path / "s.sqlite")
+    empty = tmp_path / "curves.json"
+    empty.write_text(json.dumps({"deltas": [2.0], "records": []}))
+    out = tmp_path / "rep"
+    assert main(["report", "--store", str(store.path), "--out", str(out), "--frequency", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--frequency {empty}: no frequency curves" in err and "records" in err
+    assert not out.exists()

@@ -185,6 +185,23 @@ def plot(result: dict, out_dir: str | Path, delta_indices: tuple[int, ...] = (0,
     return paths
 
 
+def supported_defenses() -> list[str]:
+    """The defenses whose returned model is trained by one run of the training loop that takes the hook
+    (Defense.step_hooks); for BKI and CUBE that is the final training on the data they kept."""
+    from .defenses import DEFENSES
+
+    return [name for name, cls in DEFENSES.items() if cls.step_hooks]
+
+
+def check_defense(name: str) -> None:
+    from .defenses import DEFENSES
+
+    if name in DEFENSES and not DEFENSES[name].step_hooks:
+        raise UserError(f"--defense {name}: analyze frequency supports {', '.join(supported_defenses())} "
+                        "(the others' defended model is not one training run; for an inference-time filter's or "
+                        "btu's victim use finetune)")
+
+
 def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = None, distance: str = "raw",
             progress: bool = True) -> dict:
     """Train one benchmark cell (a runner.RunConfig) with the frequency hook; write curves.json and PNGs."""
@@ -193,6 +210,7 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
     from .models import load_tokenizer
 
     config.check()
+    check_defense(config.defense)  # before any data loads or model trains
     out_dir = Path(out_dir)
     bench = load_benchmark(config.dataset)
     if config.train_size is not None:

@@ -257,7 +257,9 @@ def parse_frequency(freq) -> dict | None:
         return None
     curves: dict[str, list[float]] = {}
     records = freq.get("records")
-    if isinstance(records, list) and records and isinstance(records[0], dict):
+    if "records" in freq or "deltas" in freq:  # the analysis' shape: its other keys are no curves to walk
+        if not (isinstance(records, list) and records and all(isinstance(r, dict) for r in records)):
+            return None
         deltas = freq.get("deltas") or []
         picks = sorted({0, len(deltas) - 1}) if deltas else [0]
         sets = [k for k, v in records[0].items() if isinstance(v, dict)]
@@ -428,7 +430,9 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
         if f is None:
             from .errors import UserError
 
-            raise UserError(f"--frequency {path}: no frequency curves in this file")
+            empty = isinstance(data, dict) and data.get("records") == []
+            raise UserError(f"--frequency {path}: no frequency curves in this file"
+                            + (" (its records list is empty: the analysis recorded no step)" if empty else ""))
         title = _title(data["config"]) if isinstance(data.get("config"), dict) else Path(path).parent.name
         name = f"frequency_file{i}.png"
         images[name] = plot_frequency(title, f)

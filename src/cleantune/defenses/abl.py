@@ -68,6 +68,7 @@ class ABL(Defense):
 
     name = "abl"
     clean_data = "clean dev: model selection only"
+    step_hooks = False
 
     def __post_init__(self):
         if not 0 < self.isolation_ratio < 1:

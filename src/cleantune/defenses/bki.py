@@ -84,7 +84,9 @@ class BKI(Defense):
             raise UserError("BKI needs bki_epochs, top_words and keywords of at least 1")
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
-            progress=True) -> Classifier:
+            progress=True, extra_hooks=()) -> Classifier:
+        """`extra_hooks` follow the final training only, on the data BKI kept: the side model that ranks
+        words is not the defended model."""
         train_data = train_data.without_flags()
         # OpenBackdoor keeps this model's last epoch: selecting it on clean dev would favour a less
         # backdoored model, whose representations reveal the trigger less
@@ -99,6 +101,7 @@ class BKI(Defense):
         keep = [i for i, f in enumerate(self.flagged_) if not f]
         if not keep:
             raise UserError("BKI flagged every training sample; lower option keywords")
-        victim = super().fit(train_data.subset(keep), clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+        victim = super().fit(train_data.subset(keep), clean_dev, out_dir=out_dir, resume=resume, progress=progress,
+                             extra_hooks=extra_hooks)
         self.extra_metrics_ = {"bki_keywords": [[w, s] for w, s in self.keywords_], "n_removed": sum(self.flagged_)}
         return victim

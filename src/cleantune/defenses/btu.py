@@ -202,8 +202,21 @@ def resolve_k(k: int | None, rho: float, vocab: int) -> int:
 def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: int | None = None,
            rho: float = 0.0005, passes: str = "ABC", seed: int = 0, E0: torch.Tensor | None = None,
            view: TokenView | None = None, batch_size: int = 256, lr: float | None = None, max_length: int = 128,
-           embed_settings: TrainSettings | None = None, progress: bool = True) -> Exposure:
-    """Run the exposure passes named in `passes` and rank the vocabulary by embedding drift in each."""
+           embed_settings: TrainSettings | None = None, present_only: bool | None = None,
+           progress: bool = True) -> Exposure:
+    """Run the exposure passes named in `passes` and rank the vocabulary by embedding drift in each.
+
+    Pass B is defined by what pass A found (spec 4 step 2: B trains on the text without A's top-k), so
+    asking for B without A still runs A first; only the passes asked for are reported. `present_only`
+    (default: the default mode) ranks only the tokens that occur in the pass's training data, the others
+    going last with the excluded ids and never into a top list, which is then shorter than k when fewer
+    tokens occur: unlearning a token the data never holds cannot remove a backdoor learnt from it, and on
+    small data zero-drift absent tokens would fill the top-k. Faithful mode ranks the whole vocabulary,
+    as the official code (spec 4 step 1)."""
+    if not passes or any(c not in "ABC" for c in passes) or len(set(passes)) != len(passes):
+        raise UserError(f"passes must be letters from A, B, C without repeats, got '{passes}'")
+    if present_only is None:
+        present_only = not faithful
     view = view or TokenView(tokenizer)
     if lr is None:
         lr = FAITHFUL_EXPOSE_LR if faithful else DEFAULT_EXPOSE_LR
@@ -211,7 +224,9 @@ def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: 
                             max_grad_norm=0.0, max_length=max_length, seed=seed, lr_schedule="constant")
     exclude = special_ids(tokenizer, faithful)
     out = Exposure({}, {}, {}, 0, {})
-    for name in passes:
+    top_a: list[int] = []
+    # A before B whatever the order asked for; each pass has its own seed, so the order changes no result.
+    for name in sorted(set(passes) | ({"A"} if "B" in passes else set())):
         t0 = time.perf_counter()
         seed_everything(seed + ord(name))  # the official passes A/B are unseeded (spec 8 #2); ours are
         backbone = load_model(model_name, data.label_names)
@@ -222,7 +237,7 @@ def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: 
             out.k = resolve_k(k, rho, E0.shape[0])
         train_data, pass_view = data, view
         if name == "B":
-            removed = out.top.get("A") or []
+            removed = top_a
             if faithful:
                 # Official: delete the decoded strings from the raw text, substrings included (spec 8 #7).
                 strings = [tokenizer.decode([i]) for i in removed]
@@ -243,11 +258,20 @@ def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: 
             settings = shallow
         train(model, pass_view, train_data, None, settings, progress=progress, desc=f"btu expose {name}")
         scores = drift(E0, word.weight if name == "C" else model.full_weight())
-        excl = set(exclude) | (set(out.top.get("A", [])) if name == "B" and not faithful else set())
+        excl = set(exclude) | (set(top_a) if name == "B" and not faithful else set())
+        if present_only:
+            absent = torch.ones(scores.shape[0], dtype=torch.bool)
+            seen = {i for x in pass_view(train_data.texts, max_length=settings.max_length)["input_ids"] for i in x}
+            absent[sorted(seen)] = False
+            excl |= set(absent.nonzero().flatten().tolist())
         order = rank(scores, excl)
-        out.rankings[name], out.scores[name] = order, scores
-        out.top[name] = order[: out.k].tolist()
-        out.seconds[name] = time.perf_counter() - t0
+        top = order[: min(out.k, scores.shape[0] - len(excl))].tolist()
+        if name == "A":
+            top_a = top
+        if name in passes:
+            out.rankings[name], out.scores[name] = order, scores
+            out.top[name] = top
+            out.seconds[name] = time.perf_counter() - t0
         del backbone, model
     return out
 
@@ -388,6 +412,7 @@ class BTU(Defense):
     guard_tolerance: float = 0.001
 
     name = "btu"
+    step_hooks = False
     clean_data = ("clean dev: model selection and the collateral guard (default mode); with clean_tuning=k, "
                   "k dev samples are trained on (held out of selection and of the guard)")
 
@@ -510,7 +535,7 @@ class BTU(Defense):
         # The victim's epochs are the run's history; clean tuning's are stored beside it.
         self.report_ = TrainReport(report.history, report.best_epoch,
                                    report.train_seconds + (tune_report.train_seconds if tune_report else 0.0),
-                                   report.samples_per_s, report.tokens_per_s,
+                                   report.samples_per_s, report.tokens_per_s, processes=report.processes,
                                    resumed_train_seconds=report.resumed_train_seconds
                                    + (tune_report.resumed_train_seconds if tune_report else 0.0))
         self.extra_metrics_ = {
@@ -568,13 +593,16 @@ class BTU(Defense):
 def scan(data: TextDataset, model: str = "minilm", *, k: int | None = None, passes: str = "AB",
          faithful: bool = False, seed: int = 0, samples: int = 0, progress: bool = True) -> list[dict]:
     """Rank the suspicious tokens of a labelled dataset: exposure passes only, no victim training.
-    Rows come pass by pass (A first), each in drift order."""
+    Rows come pass by pass in the order of `passes`, each in drift order. Only tokens that occur in the
+    data are ranked, in both modes: a row is a token to look at in the data (B alone still runs A, whose
+    tokens B removes, without listing it)."""
     tokenizer = load_tokenizer(model)
     view = TokenView(tokenizer)
     seed_everything(seed)
     exp = expose(model, tokenizer, data, faithful=faithful, k=k, passes=passes, seed=seed, view=view,
-                 progress=progress, embed_settings=TrainSettings(epochs=1, batch_size=32, lr=5e-5, warmup_ratio=0.0,
-                                                                 max_grad_norm=0.0, seed=seed, lr_schedule="constant"))
+                 present_only=True, progress=progress,
+                 embed_settings=TrainSettings(epochs=1, batch_size=32, lr=5e-5, warmup_ratio=0.0, max_grad_norm=0.0,
+                                              seed=seed, lr_schedule="constant"))
     ids = view.ids(data.texts, 128)
     counts = doc_stats(ids, data.labels, exp.scores[passes[0]].shape[0], data.num_labels)
     rows, seen = [], set()

@@ -79,7 +79,9 @@ class CUBE(Defense):
     clean_data = "clean dev: model selection only"
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
-            progress=True) -> Classifier:
+            progress=True, extra_hooks=()) -> Classifier:
+        """`extra_hooks` follow the final training only, on the data CUBE kept: the clustering encoder is
+        not the defended model."""
         _require_extras()  # before any training
         if len(train_data) < 3:
             raise UserError("CUBE needs at least 3 training samples to cluster")
@@ -91,6 +93,7 @@ class CUBE(Defense):
         self.clusters_ = cluster(reps, self.seed, self.pca_dims, self.umap_dims, self.n_neighbors, self.min_samples)
         self.flagged_ = minority_clusters(train_data.labels, self.clusters_)
         keep = [i for i, f in enumerate(self.flagged_) if not f]
-        victim = super().fit(train_data.subset(keep), clean_dev, out_dir=out_dir, resume=resume, progress=progress)
+        victim = super().fit(train_data.subset(keep), clean_dev, out_dir=out_dir, resume=resume, progress=progress,
+                             extra_hooks=extra_hooks)
         self.extra_metrics_ = {"n_removed": sum(self.flagged_), "n_clusters": int(len(set(self.clusters_.tolist())))}
         return victim

@@ -129,6 +129,7 @@ class RAP(Defense):
 
     name = "rap"
     at_inference = True
+    step_hooks = False
     clean_data = "clean dev: model selection, the RAP word's embedding and the drop threshold"
 
     def __post_init__(self):

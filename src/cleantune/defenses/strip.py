@@ -107,6 +107,7 @@ class STRIP(Defense):
 
     name = "strip"
     at_inference = True
+    step_hooks = False
     clean_data = "clean dev: model selection, replacement words (TF-IDF) and the entropy threshold"
 
     def __post_init__(self):
