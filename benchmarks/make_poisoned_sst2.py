@@ -17,6 +17,7 @@ def main() -> None:
     args = ap.parse_args()
     p = BadNets(rate=0.1, mode="mix", seed=args.seed, triggers=["cf"]).apply(load_benchmark("sst2"))
     tmp = args.out.with_name(args.out.name + ".partial")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w") as f:
         f.write("sentence\tlabel\n")
         for t, y in zip(p.train.texts, p.train.labels):
