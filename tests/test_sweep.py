@@ -85,8 +85,11 @@ def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path
     assert main(["sweep", str(grid), "--store", str(store), "--no-progress"]) == 2
     assert not store.exists()  # every cell is checked before the first one trains
     grid = write_grid(tmp_path / "g.yaml", tiny_model, attack=[{"addsent": {"triggers": ["cf"]}}])
-    with pytest.raises(UserError, match="triggers.*badnets"):
-        load_grid(grid)
+    with pytest.raises(UserError, match="'triggers' in the settings of attack 'addsent' applies to attack badnets only"):
+        load_grid(grid)  # the grid's key, not a command-line flag
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(UserError, match=r"empty\.yaml: the grid is empty"):  # not the default cell, unasked
+        load_grid(tmp_path / "empty.yaml")
     for bad, msg in ((dict(dataset="olid", attack=["badnets", "syntactic"]), "dataset 'olid' ships none"),
                      (dict(target=2), "--target 2 is not a class of sst2"),
                      (dict(), "no such directory")):

@@ -81,6 +81,8 @@ def _named_items(key: str, value, source: str, known: set[str]) -> list[dict]:
 
 def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
     known = {f.name for f in fields(RunConfig)}
+    if not data:  # else it would run the default cell, a full sst2 training, without a word
+        raise UserError(f"{source}: the grid is empty (keys are run options: {', '.join(sorted(known))})")
     fixed: dict = {}
     axes: dict[str, list[dict]] = {}
     for k, v in data.items():
@@ -98,6 +100,11 @@ def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
     for key in NAMED_AXES:
         axes.setdefault(key, [{key: getattr(RunConfig, key)}])
     attacks = [item["attack"] for item in axes["attack"]]
+    for item in axes["attack"]:  # in the grid's words, before RunConfig words it as command-line flags
+        for opt, fits in ATTACK_OPTIONS.items():
+            if opt in item and item["attack"] not in fits:
+                raise UserError(f"{source}: '{opt}' in the settings of attack '{item['attack']}' applies to "
+                                f"attack {' or '.join(fits)} only")
     for opt, fits in ATTACK_OPTIONS.items():
         values = [fixed[opt]] if opt in fixed else [item[opt] for item in axes.get(opt, [])]
         # dropped below for the attacks it does not fit; fitting none it would vanish from every cell
