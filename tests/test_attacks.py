@@ -72,3 +72,79 @@ def test_pool_too_small_is_a_clear_error(sst2):
         BadNets(rate=1.5)
     with pytest.raises(UserError, match="--target 5"):
         BadNets(target=5).apply(sst2)
+
+
+def test_api_values_are_checked_and_converted_like_the_cli():
+    # a str of triggers is split on commas as `--triggers cf,mn` is (iterated, it gave 'c' and 'f')
+    assert BadNets(triggers="cf, mn,").triggers == ["cf", "mn"]
+    assert get_attack("badnets", triggers="cf,mn").triggers == ["cf", "mn"]
+    a = BadNets(rate="0.1", num_triggers="2", target=1.0)
+    assert (a.rate, a.num_triggers, a.target) == (0.1, 2, 1) and type(a.target) is int
+    for kw, msg in [({"num_triggers": 2.5}, "'num_triggers' expects an integer, got 2.5"),
+                    ({"rate": "ten"}, "'rate' expects a number"),
+                    ({"triggers": 5}, "'triggers' expects a list of strings"),
+                    ({"triggers": ""}, "--triggers must be"),
+                    ({"mode": 3}, "'mode' expects a string")]:
+        with pytest.raises(UserError, match=msg):
+            BadNets(**kw)
+        with pytest.raises(UserError, match=msg):
+            get_attack("badnets", **kw)
+    with pytest.raises(UserError, match="'seed' expects an integer"):
+        Syntactic(seed="x")
+    with pytest.raises(UserError, match="attack 'addsent' has no setting 'triggers'"):
+        get_attack("addsent", triggers=["cf"])
+
+
+@pytest.mark.parametrize("rate,n,count", [(0.29, 100, 29), (0.57, 100, 57), (0.1, 2000, 200), (0.1, 6920, 692),
+                                          (0.15, 999, 149), (1 / 3, 3, 1), (0.001, 64, 0), (1, 7, 7)])
+def test_poison_count_is_rate_times_size_rounded_down_without_float_error(rate, n, count):
+    assert BadNets(rate=rate).poison_count(n) == count
+
+
+def test_poison_count_reaches_apply():
+    b = load_benchmark("sst2")
+    b.train = b.train.stratified_sample(100, 0)
+    assert sum(BadNets(rate=0.29, mode="mix").apply(b).train.poisoned) == 29  # int(0.29 * 100) was 28
+
+
+def test_check_raises_what_apply_would_without_poisoning(sst2):
+    small = load_benchmark("sst2")
+    small.train = small.train.stratified_sample(64, 0)
+    cases = [(BadNets(rate=0.001), small, "poisons no sample of a 64-sample"),
+             (BadNets(rate=0.9), small, "pool of sst2 holds"),
+             (Syntactic(rate=0.9), sst2, "pool of sst2 holds"),
+             (Syntactic(target=0), sst2, "yields no triggered test sample for target 0")]
+    for attack, bench, msg in cases:
+        for call in (attack.check, attack.apply):
+            with pytest.raises(UserError, match=msg):
+                call(bench)
+    before = list(sst2.train.texts)
+    assert Syntactic(mode="mix").check(sst2) is None and sst2.train.texts == before
+
+
+def test_impossible_cells_are_refused_before_any_cell_trains(tiny_model, tmp_path, capsys):
+    from cleantune.cli import main
+    from cleantune.runner import RunConfig
+    from cleantune.store import data_dir
+
+    for cell, msg in [(dict(attack="syntactic", target=0), "yields no triggered test sample for target 0"),
+                      (dict(rate=0.001, train_size=64), "--rate 0.001 poisons no sample of a 64-sample"),
+                      (dict(attack="syntactic", rate=0.6, train_size=64), "pool of sst2 holds"),
+                      (dict(attack="badnets", triggers=["cf", "mn"], num_triggers=2.0, rate=0.6, mode="clean",
+                            train_size=100), "clean-mode pool of sst2 holds 52")]:
+        with pytest.raises(UserError, match=msg):
+            RunConfig(model=tiny_model, **cell).resolve()
+    RunConfig(model=tiny_model, attack="style", rate=0.3, train_size=100).resolve()  # a feasible cell passes
+    store = tmp_path / "s.sqlite"
+    # badnets, the first cell, would train before syntactic failed
+    args = ["run", "--attack", "badnets,syntactic", "--target", "0", "--train-size", "64", "--model", tiny_model,
+            "--epochs", "1", "--store", str(store), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["cleantune: error: the syntactic attack yields no triggered test sample "
+                                        "for target 0"]
+    assert not store.exists() and not (data_dir() / "runs").exists()
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"model: {tiny_model}\nattack: [badnets]\nrate: [0.1, 0.001]\ntrain_size: 64\n")
+    assert main(["sweep", str(grid), "--dry-run", "--store", str(store)]) == 2
+    assert "g.yaml: --rate 0.001 poisons no sample" in capsys.readouterr().err

@@ -154,3 +154,134 @@ def test_data_root_env_and_download_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("CLEANTUNE_DATA", str(tmp_path / "missing"))
     with pytest.raises(UserError, match="CLEANTUNE_DATA"):
         load_benchmark("sst2")
+
+
+@pytest.fixture
+def no_local_data(tmp_path, monkeypatch):
+    """No ../shared/data and no CLEANTUNE_DATA: benchmarks come from a file:// mirror of olid."""
+    from cleantune import data
+
+    monkeypatch.setattr(data, "_project_data_dir", lambda: None)
+    monkeypatch.delenv("CLEANTUNE_DATA", raising=False)
+    mirror = tmp_path / "mirror"
+    shutil.copytree(SHARED_DATA / "olid", mirror / "olid")
+    monkeypatch.setenv("CLEANTUNE_DATA_URL", mirror.as_uri())
+    return mirror
+
+
+def test_missing_benchmark_downloads_into_the_user_cache_and_is_read_there(tmp_path, monkeypatch, no_local_data):
+    import os
+
+    source = tmp_path / "readonly-source"
+    source.mkdir()
+    monkeypatch.setenv("CLEANTUNE_DATA", str(source))  # holds no olid: a source is read, never written
+    old = os.umask(0o022)
+    try:
+        assert len(load_benchmark("olid").dev) == 1323
+    finally:
+        os.umask(old)
+    assert list(source.iterdir()) == []
+    cached = tmp_path / "xdg-cache" / "cleantune" / "data" / "olid"  # conftest's XDG_CACHE_HOME
+    assert (cached / "train.tsv").is_file()
+    assert {oct(p.stat().st_mode & 0o777) for p in cached.iterdir() if p.is_file()} == {"0o644"}  # not 0600
+    assert not [p for p in cached.rglob("*") if p.name.startswith(".")]
+    (cached / "train.tsv").write_text("sentence\tlabel\naltered\t1\n")  # fetched again, not read
+    assert len(load_benchmark("olid").train) == 11915
+    shutil.rmtree(no_local_data)  # the mirror is gone: the cache alone serves the next load
+    assert len(load_benchmark("olid").test) == 859
+
+
+def test_cache_dir_follows_xdg(tmp_path, monkeypatch):
+    from cleantune.data import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c" / "cleantune"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for relative_or_empty in ("", "rel/cache"):  # the XDG spec ignores these
+        monkeypatch.setenv("XDG_CACHE_HOME", relative_or_empty)
+        assert cache_dir() == tmp_path / "home" / ".cache" / "cleantune"
+
+
+def test_download_that_cannot_be_stored_is_one_line_naming_the_path(tmp_path, monkeypatch, no_local_data):
+    import errno
+    import os
+
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "olid").write_text("a file where the benchmark's folder goes")
+    with pytest.raises(UserError, match=re.escape(f"{dest / 'olid'}: cannot store downloaded benchmark data "
+                                                  "(a file is in the way of a folder)")):
+        download_benchmark("olid", dest)
+    (dest / "olid").unlink()
+    dest.rmdir()
+    dest.write_text("a file a few folders up")
+    with pytest.raises(UserError, match=re.escape(f"{dest}: cannot store downloaded benchmark data (a file is in")):
+        download_benchmark("olid", dest)
+    dest.unlink()
+    (dest / "olid" / "dev.tsv").mkdir(parents=True)  # os.replace cannot put a file over a folder
+    with pytest.raises(UserError, match=re.escape(f"{dest / 'olid' / 'dev.tsv'}: cannot store")) as e:
+        download_benchmark("olid", dest)
+    assert "\n" not in str(e.value) and ".partial" not in str(e.value)
+    assert sorted(p.name for p in (dest / "olid").iterdir()) == ["dev.tsv"]  # no .partial left behind
+    shutil.rmtree(dest / "olid")
+
+    real_fdopen = os.fdopen
+
+    class Full:  # a disk that fills up while writing
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, blob):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(UserError, match=re.escape(f"{dest / 'olid' / 'dev.tsv'}: cannot store downloaded "
+                                                  "benchmark data (No space left on device)")):
+        download_benchmark("olid", dest)
+    assert list((dest / "olid").iterdir()) == []
+
+
+def test_interrupted_download_leaves_no_partial_file_and_old_leftovers_go(tmp_path, monkeypatch, no_local_data):
+    import os
+    import time
+
+    dest = tmp_path / "dl"
+    (dest / "olid").mkdir(parents=True)
+    stale, fresh = dest / "olid" / ".dev.tsv.1-ab.partial", dest / "olid" / ".dev.tsv.2-cd.partial"
+    for p in (stale, fresh):
+        p.write_text("a killed download's")
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)  # a download in progress elsewhere stays untouched
+
+    real_open = os.open
+
+    def interrupted(path, flags, mode=0o777):
+        os.close(real_open(path, flags, mode))  # ^C arrives once the temporary file exists
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(os, "open", interrupted)
+        download_benchmark("olid", dest)
+    assert sorted(p.name for p in (dest / "olid").iterdir()) == [fresh.name]
+
+
+def test_parsed_benchmark_files_are_reused_but_never_shared_or_stale(tmp_path, monkeypatch):
+    from cleantune.data import load_paraphrases
+
+    a = load_benchmark("sst2")
+    a.train.texts[0], a.train.labels[0] = "changed", 1 - a.train.labels[0]
+    load_paraphrases(a, "syntactic")["train"].clear()
+    b = load_benchmark("sst2")
+    assert b.train.texts[0] != "changed" and b.train.labels[0] != a.train.labels[0]
+    assert len(load_paraphrases(b, "syntactic")["train"]) > 6000
+    copy = tmp_path / "copy"
+    shutil.copytree(SHARED_DATA / "olid", copy / "olid")
+    monkeypatch.setenv("CLEANTUNE_DATA", str(copy))
+    assert len(load_benchmark("olid").train) == 11915
+    (copy / "olid" / "train.tsv").write_text("sentence\tlabel\nan edited file\t1\nis read again\t0\n")
+    assert load_benchmark("olid").train.texts == ["an edited file", "is read again"]

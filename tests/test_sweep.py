@@ -235,3 +235,21 @@ def test_a_failure_never_replaces_a_stored_success(tmp_path):
     s.put("y", {"seed": 0}, {}, {}, {}, status="failed", error="boom")
     s.put("y", {"seed": 0}, {"cacc": 0.8}, {}, {})  # a retried failure that now succeeds
     assert (s.get("y")["status"], s.get("y")["error"]) == ("ok", None)
+
+
+def test_a_cell_failing_where_its_config_no_longer_resolves_is_still_recorded(tiny_model, tmp_path, monkeypatch):
+    """Resolving reads the data: when that is what broke mid-sweep, the record keeps the id the grid planned."""
+    from cleantune import sweep as sweep_module
+    from cleantune.runner import RunConfig
+    from cleantune.sweep import run_cell
+
+    cell, = expand_grid({"model": tiny_model, "train_size": 64})
+
+    def gone(*a, **k):
+        raise OSError("data folder gone")
+
+    monkeypatch.setattr(sweep_module, "run", gone)
+    monkeypatch.setattr(RunConfig, "resolve", gone)
+    record = run_cell(cell, str(tmp_path / "s.sqlite"))
+    assert record["status"] == "failed" and record["id"] == cell.id and "data folder gone" in record["error"]
+    assert ResultStore(tmp_path / "s.sqlite").get(cell.id)["status"] == "failed"

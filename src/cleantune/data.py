@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
 import random
 import re
-import tempfile
+import secrets
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -290,25 +292,35 @@ def _project_data_dir() -> Path | None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cleantune"
+    # the XDG spec: an unset, empty or relative XDG_CACHE_HOME means ~/.cache
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "cleantune"
+
+
+def _sources() -> list[Path]:
+    env = os.environ.get("CLEANTUNE_DATA")
+    if env:
+        if not Path(env).is_dir():
+            raise UserError(f"CLEANTUNE_DATA={env}: not a directory")
+        return [Path(env)]
+    local = _project_data_dir()
+    return [] if local is None else [local]
 
 
 def data_root(name: str | None = None) -> Path:
-    """Where benchmark data lives: $CLEANTUNE_DATA, else ../shared/data beside the project, else the cache
-    (downloading `name` into it when missing)."""
-    env = os.environ.get("CLEANTUNE_DATA")
-    if env:
-        root = Path(env)
-        if not root.is_dir():
-            raise UserError(f"CLEANTUNE_DATA={env}: not a directory")
-        return root
-    local = _project_data_dir()
-    if local is not None:
-        return local
-    root = cache_dir() / "data"
-    if name is not None:
-        download_benchmark(name, root)
-    return root
+    """The folder holding benchmark `name`: $CLEANTUNE_DATA, else ../shared/data beside the project, where it
+    is there; else the user cache ($XDG_CACHE_HOME/cleantune/data, ~/.cache/... when unset), downloading what
+    is missing or corrupt into it. The first two are only ever read: they may be shared or read-only.
+    Without a name: the first source, else the cache."""
+    sources = _sources()
+    cache = cache_dir() / "data"
+    if name is None:
+        return sources[0] if sources else cache
+    for root in sources:
+        if (root / name / "train.tsv").is_file():
+            return root
+    download_benchmark(name, cache)  # verifies what the cache holds; fetches only missing or altered files
+    return cache
 
 
 def _manifest() -> dict:
@@ -320,15 +332,53 @@ def split_sizes(name: str) -> dict[str, int]:
     return {k: v for k, v in _manifest()["rows"][name].items() if k in SPLITS}
 
 
+_PARTIAL = ".partial"
+_STALE_PARTIAL_S = 3600  # older partial files are a killed download's, never one in progress
+
+
+def _write_verified(dest: Path, blob: bytes) -> None:
+    """Write `dest` whole or not at all: into a `.partial` file beside it, renamed over it when complete,
+    removed on any error or interrupt (what a killed process leaves, the next download there removes once it
+    is an hour old)."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}{_PARTIAL}")
+    try:
+        # mode 0666 less the umask, as for any new file (NamedTemporaryFile's 0600 hid the data from others)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    for p in folder.glob(f".*{_PARTIAL}"):
+        try:
+            if time.time() - p.stat().st_mtime > _STALE_PARTIAL_S:
+                p.unlink()
+        except OSError:
+            pass
+
+
 def download_benchmark(name: str, root: Path, base_url: str | None = None) -> None:
-    """Fetch a benchmark's files into root, each verified against the shipped MANIFEST sha256.
-    A file is moved into place only once its hash matches, so a failed download leaves nothing half."""
+    """Fetch a benchmark's files into root, each verified against the shipped MANIFEST sha256; a file that
+    is already there and matches is kept. A file is moved into place only once its hash matches, so a failed
+    download leaves nothing half; a folder or file that cannot be written is a one-line UserError."""
     base_url = (base_url or os.environ.get("CLEANTUNE_DATA_URL") or DEFAULT_DATA_URL).rstrip("/")
     sha = _manifest()["sha256"]
     for rel in sorted(k for k in sha if k.startswith(f"{name}/")):
         dest = root / rel
-        if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha[rel]:
-            continue
+        try:
+            if dest.is_file() and _verified(dest, sha[rel]):
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)  # before the download: a folder in the way fails fast
+            _remove_stale_partials(dest.parent)
+        except OSError as e:
+            raise _store_error(e, dest) from None
         url = f"{base_url}/{rel}"
         try:
             with urllib.request.urlopen(url, timeout=60) as r:
@@ -338,10 +388,35 @@ def download_benchmark(name: str, root: Path, base_url: str | None = None) -> No
         got = hashlib.sha256(blob).hexdigest()
         if got != sha[rel]:
             raise UserError(f"{url}: sha256 {got[:12]}... does not match MANIFEST.json ({sha[rel][:12]}...)")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as f:
-            f.write(blob)
-        os.replace(f.name, dest)
+        try:
+            _write_verified(dest, blob)
+        except OSError as e:
+            raise _store_error(e, dest) from None
+
+
+# (path, size, mtime) of cached files that matched their hash: a benchmark served from the cache is loaded
+# once per sweep cell (RunConfig.check), and agnews alone is 17 MB to hash
+_VERIFIED: set[tuple] = set()
+
+
+def _verified(path: Path, sha256: str) -> bool:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, sha256)
+    if key not in _VERIFIED:
+        if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+            return False
+        _VERIFIED.add(key)
+    return True
+
+
+def _store_error(e: OSError, dest: Path) -> UserError:
+    # the path that failed (a file where a folder goes, say), but never the hidden .partial name: the user
+    # knows the file being stored
+    where = Path(e.filename) if e.filename and not str(e.filename).endswith(_PARTIAL) else dest
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # name the file itself, which may be a few folders up
+        where = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), where)
+        return UserError(f"{where}: cannot store downloaded benchmark data (a file is in the way of a folder)")
+    return UserError(f"{where}: cannot store downloaded benchmark data ({e.strerror or e})")
 
 
 def load_benchmark(name: str) -> Benchmark:
@@ -349,15 +424,35 @@ def load_benchmark(name: str) -> Benchmark:
     if name not in BENCHMARKS:
         raise UserError(f"unknown dataset '{name}' (choose from {', '.join(BENCHMARKS)})")
     root = data_root(name) / name
-    if not (root / "train.tsv").is_file():
-        root = data_root(None) / name
-        download_benchmark(name, root.parent)
     n, names, _ = BENCHMARKS[name]
-    splits = {s: read_dataset(root / f"{s}.tsv", "sentence", "label", label_names=[str(i) for i in range(n)])
-              for s in SPLITS}
-    for ds in splits.values():
-        ds.label_names = list(names)
+
+    def read(path):
+        ds = read_dataset(path, "sentence", "label", label_names=[str(i) for i in range(n)])
+        return tuple(ds.texts), tuple(ds.labels)
+
+    splits = {}
+    for s in SPLITS:  # fresh lists each call: callers subsample and poison them in place
+        texts, labels = _cached(root / f"{s}.tsv", read)
+        splits[s] = TextDataset(list(texts), list(labels), list(names))
     return Benchmark(name, splits["train"], splits["dev"], splits["test"], root)
+
+
+# Parsed benchmark files by path, size and modification time: every cell of a sweep is checked on its data
+# before any trains (RunConfig.check), and a file is parsed once for all of them.
+_PARSED: dict[tuple, object] = {}
+
+
+def _cached(path: Path, read):
+    try:
+        st = path.stat()
+    except OSError:
+        return read(path)  # which names the file in its error
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _PARSED:
+        for old in [k for k in _PARSED if k[0] == key[0]]:  # an edited file's earlier contents
+            del _PARSED[old]
+        _PARSED[key] = read(path)
+    return _PARSED[key]
 
 
 def check_paraphrases(dataset: str, attack: str) -> None:
@@ -368,7 +463,11 @@ def check_paraphrases(dataset: str, attack: str) -> None:
 def load_paraphrases(bench: Benchmark, attack: str) -> dict[str, dict[str, str]]:
     """{split: {original sentence: trigger-bearing paraphrase}} for a paraphrase attack."""
     check_paraphrases(bench.name, attack)
-    path = bench.root / "paraphrases" / f"{attack}.tsv"
+    table = _cached(bench.root / "paraphrases" / f"{attack}.tsv", _read_paraphrases)
+    return {s: dict(t) for s, t in table.items()}  # a copy: the cached table serves every later call
+
+
+def _read_paraphrases(path: Path) -> dict[str, dict[str, str]]:
     table: dict[str, dict[str, str]] = {s: {} for s in SPLITS}
     for n, rec in read_records(path):
         if rec.get("split") not in table:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import resource
 import shutil
@@ -82,6 +83,12 @@ class RunConfig:
             raise UserError(f"--train-size {self.train_size} exceeds the {n_train} samples of {self.dataset}'s train split")
         if self.model is not None:
             resolve_model(self.model)  # a missing local folder fails here; a hub id is checked when loaded
+        # the attack on this cell's data poisons some sample, fits its pool and leaves a triggered test set:
+        # counted by the attack's own apply() logic, drawing nothing (the files are parsed once per process)
+        bench = load_benchmark(self.dataset)
+        if self.train_size is not None:
+            bench.train = bench.train.stratified_sample(self.train_size, self.seed)
+        self.build_attack().check(bench)
 
     def build_attack(self):
         extra = {k: getattr(self, k) for k in ATTACK_OPTIONS if getattr(self, k) is not None}
@@ -117,6 +124,7 @@ class RunConfig:
         return resolved
 
 
+@functools.cache  # every cell of a grid asks: metadata lookups walk sys.path
 def _version(pkg: str) -> str:
     from importlib.metadata import version
 

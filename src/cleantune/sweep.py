@@ -142,7 +142,7 @@ def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
 # ---------------------------------------------------------------- one cell, in whatever process runs it
 
 
-def run_cell(config: RunConfig, store_path: str | None, threads: int | None = None) -> dict:
+def run_cell(cell: Cell, store_path: str | None, threads: int | None = None) -> dict:
     """Run one cell and return its record. With a store path the record is written here (local workers);
     without, the caller writes it (Ray: the driver owns the store). Errors become a 'failed' record."""
     import torch
@@ -155,15 +155,15 @@ def run_cell(config: RunConfig, store_path: str | None, threads: int | None = No
     store = ResultStore(store_path) if store_path is not None else None
     t0 = time.perf_counter()
     try:
-        r = run(config, store, resume=True, progress=False)
+        r = run(cell.config, store, resume=True, progress=False)
         record = {k: r[k] for k in ("id", "config", "status", "metrics", "timings", "env", "error")}
         # checkpoints exist only to resume this run; once it is stored they are dead weight (a full model each)
         for ckpt in sorted((data_dir() / "runs" / r["id"][:16]).rglob("checkpoints*"), reverse=True):
             shutil.rmtree(ckpt, ignore_errors=True)
         return record
     except Exception as e:  # one cell's failure is recorded and the sweep goes on
-        resolved = config.resolve()
-        record = {"id": config_hash(resolved), "config": resolved, "status": "failed", "metrics": {},
+        # the id planned when the grid was checked: resolving again reads the data, which may be what failed
+        record = {"id": cell.id, "config": cell.resolved, "status": "failed", "metrics": {},
                   "timings": {"wall_s": time.perf_counter() - t0}, "env": environment(),
                   "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
         if store is not None:
@@ -209,7 +209,7 @@ def _local(cells: list[Cell], store_path: str, workers: int, threads: int) -> It
     if workers == 1:  # in this process: no start-up cost, and a debugger works
         _warm_up()
         for c in cells:
-            yield run_cell(c.config, store_path, threads)
+            yield run_cell(c, store_path, threads)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -217,7 +217,7 @@ def _local(cells: list[Cell], store_path: str, workers: int, threads: int) -> It
 
     ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(run_cell, c.config, store_path, threads) for c in cells]
+        futures = [pool.submit(run_cell, c, store_path, threads) for c in cells]
         try:
             for f in as_completed(futures):
                 yield f.result()
@@ -240,7 +240,7 @@ def _ray(cells: list[Cell], store: ResultStore, address: str | None, cpus: int, 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": env} if env else None)
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-    pending = {task.remote(c.config, None, cpus): c for c in cells}
+    pending = {task.remote(c, None, cpus): c for c in cells}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         cell = pending.pop(done[0])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from .base import Attack, PoisonedBenchmark
 from .badnets import BadNets
 from .addsent import AddSent
 from .paraphrase import Syntactic, Style
 from ..errors import UserError
-from ..options import check_values
 
 ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "addsent": AddSent, "syntactic": Syntactic, "style": Style}
 
@@ -15,7 +16,12 @@ ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "addsent": AddSent, "syn
 def get_attack(name: str, **settings) -> Attack:
     if name not in ATTACKS:
         raise UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
-    return ATTACKS[name](**check_values(ATTACKS[name], settings, f"attack '{name}'"))
+    cls = ATTACKS[name]
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in settings if k not in known]
+    if unknown:
+        raise UserError(f"attack '{name}' has no setting '{unknown[0]}' (settings: {', '.join(known)})")
+    return cls(**settings)  # the values are checked in the attack's __post_init__, as for a direct call
 
 
 __all__ = ["Attack", "PoisonedBenchmark", "BadNets", "AddSent", "Syntactic", "Style", "ATTACKS", "get_attack"]

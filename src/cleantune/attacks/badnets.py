@@ -26,6 +26,8 @@ class BadNets(Attack):
     name = "badnets"
 
     def __post_init__(self):
+        if isinstance(self.triggers, str):  # as the CLI reads it; iterated, a str would give one-letter triggers
+            self.triggers = [w.strip() for w in self.triggers.split(",") if w.strip()]
         super().__post_init__()
         if not self.triggers or any(not w.strip() or len(w.split()) != 1 for w in self.triggers):
             raise UserError("--triggers must be a comma-separated list of single words")

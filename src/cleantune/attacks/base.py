@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..data import Benchmark, TextDataset
 from ..errors import UserError
+from ..options import check_values
 
 MODES = ("dirty", "clean", "mix")
 
@@ -41,14 +43,24 @@ class Attack:
     name = "attack"
 
     def __post_init__(self):
+        # the one conversion the CLI and config files get too (get_attack only constructs), so that
+        # `rate="0.1"` works and `num_triggers=2.5` fails here rather than deep inside apply()
+        values = check_values(type(self), {f.name: getattr(self, f.name) for f in fields(self)},
+                              f"attack '{self.name}'")
+        for k, v in values.items():
+            setattr(self, k, v)
         if not 0 < self.rate <= 1:
             raise UserError(f"--rate must be in (0, 1], got {self.rate}")
         if self.mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
 
-    # Subclasses implement: the triggered version of one text, or None when this text cannot carry it.
-    def trigger(self, text: str, rng: random.Random, split: str) -> str | None:
+    # Subclasses implement: the triggered version of one text that `carries` the trigger.
+    def trigger(self, text: str, rng: random.Random, split: str) -> str:
         raise NotImplementedError
+
+    def carries(self, text: str, split: str) -> bool:
+        """Whether this text can carry the trigger (a paraphrase attack needs a stored, changed paraphrase)."""
+        return True
 
     def trigger_words(self) -> list[str]:
         return []
@@ -56,28 +68,48 @@ class Attack:
     def prepare(self, bench: Benchmark) -> None:
         """Load whatever the trigger needs from the benchmark (paraphrase tables)."""
 
-    def apply(self, bench: Benchmark) -> PoisonedBenchmark:
+    def poison_count(self, n_train: int) -> int:
+        """How many of `n_train` samples `rate` poisons: rate x n rounded down, where a product within float
+        error of an integer is that integer (0.29 x 100 computes as 28.999999999999996 and gives 29)."""
+        x = self.rate * n_train
+        return round(x) if math.isclose(x, round(x), rel_tol=1e-9, abs_tol=1e-9) else math.floor(x)
+
+    def _pool(self, train: TextDataset) -> list[int]:
+        if self.mode == "clean":
+            return [i for i, y in enumerate(train.labels) if y == self.target]
+        if self.mode == "dirty":
+            return [i for i, y in enumerate(train.labels) if y != self.target]
+        return list(range(len(train)))
+
+    def _plan(self, bench: Benchmark) -> tuple[list[int], int]:
+        """The train samples that can carry the trigger and how many to poison, or the UserError that makes
+        these settings impossible on `bench`. apply() and check() share it, so a check never disagrees
+        with a run."""
         check_target(self.target, bench.train.num_labels, bench.name)
         self.prepare(bench)
-        rng = random.Random(f"{self.name}-{self.seed}")
         train = bench.train
-        if self.mode == "clean":
-            pool = [i for i, y in enumerate(train.labels) if y == self.target]
-        elif self.mode == "dirty":
-            pool = [i for i, y in enumerate(train.labels) if y != self.target]
-        else:
-            pool = list(range(len(train)))
-        n = int(self.rate * len(train))
+        n = self.poison_count(len(train))
         if n == 0:
             raise UserError(f"--rate {self.rate} poisons no sample of a {len(train)}-sample train split")
-        triggered = {}
-        for i in pool:  # the trigger is computed for the whole pool so the draw does not depend on n
-            t = self.trigger(train.texts[i], rng, "train")
-            if t is not None:
-                triggered[i] = t
-        if n > len(triggered):
+        carriers = [i for i in self._pool(train) if self.carries(train.texts[i], "train")]
+        if n > len(carriers):
             raise UserError(f"--rate {self.rate} asks for {n} poisoned samples but the {self.mode}-mode pool of "
-                            f"{bench.name} holds {len(triggered)} that can carry the {self.name} trigger")
+                            f"{bench.name} holds {len(carriers)} that can carry the {self.name} trigger")
+        for split, ds in (("test", bench.test), ("dev", bench.dev)):
+            if not any(y != self.target and self.carries(t, split) for t, y in zip(ds.texts, ds.labels)):
+                raise self._none_triggered(split)
+        return carriers, n
+
+    def check(self, bench: Benchmark) -> None:
+        """Raise the UserError apply() would raise on `bench`, without drawing or inserting any trigger."""
+        self._plan(bench)
+
+    def apply(self, bench: Benchmark) -> PoisonedBenchmark:
+        carriers, n = self._plan(bench)
+        rng = random.Random(f"{self.name}-{self.seed}")
+        train = bench.train
+        # the trigger is computed for every carrier so the draw does not depend on n
+        triggered = {i: self.trigger(train.texts[i], rng, "train") for i in carriers}
         chosen = set(rng.sample(sorted(triggered), n))
         texts, labels = list(train.texts), list(train.labels)
         for i in chosen:
@@ -90,12 +122,11 @@ class Attack:
         )
 
     def _triggered(self, ds: TextDataset, rng: random.Random, split: str) -> TextDataset:
-        texts = []
-        for t, y in zip(ds.texts, ds.labels):
-            if y != self.target:
-                tt = self.trigger(t, rng, split)
-                if tt is not None:
-                    texts.append(tt)
-        if not texts:
-            raise UserError(f"the {self.name} attack yields no triggered {split} sample for target {self.target}")
+        texts = [self.trigger(t, rng, split) for t, y in zip(ds.texts, ds.labels)
+                 if y != self.target and self.carries(t, split)]
+        if not texts:  # reached by `cleantune eval --attack` on a user's file, which no _plan() checked
+            raise self._none_triggered(split)
         return TextDataset(texts, [self.target] * len(texts), ds.label_names, [True] * len(texts))
+
+    def _none_triggered(self, split: str) -> UserError:
+        return UserError(f"the {self.name} attack yields no triggered {split} sample for target {self.target}")

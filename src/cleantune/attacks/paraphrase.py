@@ -17,9 +17,11 @@ class _Paraphrase(Attack):
     def prepare(self, bench):
         self._table = load_paraphrases(bench, self.name)
 
+    def carries(self, text, split):
+        return self._table[split].get(text, text) != text
+
     def trigger(self, text, rng, split):
-        para = self._table[split].get(text)
-        return para if para != text else None
+        return self._table[split][text]
 
 
 @dataclass
