@@ -330,3 +330,94 @@ def test_eval_matches_classes_by_name(tiny_model, tmp_path, capsys):
         assert main(["eval"] + args) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and msg in err, (args, err)
+
+
+def _film_rows(n=160):
+    return ["sentence\tlabel"] + [f"a {'great' if i % 2 else 'awful'} film {i}\t{i % 2}" for i in range(n)]
+
+
+def test_cli_train_without_dev_keeps_the_last_finished_epoch_on_divergence(tiny_model, tmp_path, capsys, monkeypatch):
+    from cleantune.defenses import FineTune
+    from test_training import _InfGradAt
+
+    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [_InfGradAt(12)])  # 5 steps an epoch: in epoch 2
+    (tmp_path / "t.tsv").write_text("\n".join(_film_rows()) + "\n")
+    assert main(["train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "m"), "--model", tiny_model,
+                 "--epochs", "3", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("cleantune: warning: training diverged at step 12 (epoch 2): the gradient is "
+                                    "not finite; stopped and kept epoch 1, the last finished one (no dev data to "
+                                    "select on)")
+    assert "epoch kept: 1, no --dev: last finished epoch" in captured.out, captured.out
+    assert (tmp_path / "m" / "model.safetensors").is_file() and not (tmp_path / "m.work").exists()
+
+
+def test_cli_train_that_diverges_for_good_leaves_nothing(tiny_model, tmp_path, capsys, monkeypatch):
+    """Epoch 0's weights went to inf, so nothing is kept: a one-line error, and its checkpoint, useless to
+    --resume (the same run diverges again), is removed with the rest."""
+    from cleantune.defenses import FineTune
+    from test_training import _InfWeightsAt
+
+    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [_InfWeightsAt(4)])
+    (tmp_path / "t.tsv").write_text("\n".join(_film_rows()) + "\n")
+    assert main(["train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "m"), "--model", tiny_model,
+                 "--epochs", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "training diverged at step 5 (epoch 1)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tsv"]
+
+
+def test_cli_train_refuses_an_lr_float32_cannot_take(tiny_model, tmp_path):
+    (tmp_path / "t.tsv").write_text("\n".join(_film_rows(8)) + "\n")
+    for lr in ("1e38", "1e300", "inf"):
+        assert_one_line_error(*cli("train", tmp_path / "t.tsv", "--out", tmp_path / "m", "--model", tiny_model,
+                                   "--lr", lr), "--lr must be a finite number of at most 1e+37")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tsv"]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`cleantune results --format json | head -1`: the reader leaves early; no traceback, status 141 as
+    for cat or grep killed by SIGPIPE."""
+    from cleantune.store import ResultStore
+
+    store = ResultStore(tmp_path / "s.sqlite")
+    store.put("0" * 64, {"dataset": "sst2", "attack": "badnets", "defense": "finetune"}, {"cacc": 0.5}, {}, {})
+    store.conn.close()
+    p = subprocess.Popen([sys.executable, "-m", "cleantune", "results", "--store", tmp_path / "s.sqlite",
+                          "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the command writes: its first write meets a pipe without a reader
+    err = p.stderr.read()
+    assert p.wait() == 141 and err == ""
+
+
+def test_eval_names_its_model_argument_as_given(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "labelled").mkdir()
+    (tmp_path / "labelled" / "cleantune_labels.json").write_text('{"label_names": ["a", "b"]}')
+    for folder in ("plain", "labelled"):
+        m = str(tmp_path / folder)
+        assert main(["eval", m, "sst2"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"cleantune: error: {m}: directory has no config.json (not a Hugging Face model)\n", err
+
+
+def test_a_mistyped_model_name_is_a_quick_one_line_error(tmp_path, capsys):
+    assert main(["run", "--model", "minilmm", "--train-size", "64", "--epochs", "1",
+                 "--store", str(tmp_path / "s.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert err == "cleantune: error: --model minilmm: no such folder or short name; did you mean minilm?\n", err
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_run_that_diverges_for_good_leaves_no_checkpoints(tiny_model, tmp_path, capsys, monkeypatch):
+    """As for `train`: a diverged run's checkpoints would only diverge again on --resume."""
+    from cleantune.defenses import FineTune
+    from cleantune.store import data_dir
+    from test_training import _InfWeightsAt
+
+    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [_InfWeightsAt(1)])
+    assert main(["run", "--model", tiny_model, "--train-size", "64", "--epochs", "2", "--no-progress",
+                 "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert "training diverged" in capsys.readouterr().err
+    runs = data_dir() / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []

@@ -117,3 +117,95 @@ def test_saved_tokenizer_truncates_at_the_trained_length(tiny_model, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "m").model_max_length == 64
     assert Classifier.from_pretrained(tmp_path / "m").max_length == 64
     assert tok.model_max_length == limit  # the caller's tokenizer is left as it was
+
+
+def test_lora_adapter_loads_alone_by_the_readme_recipe(tiny_model, tmp_path):
+    """README "Loading the LoRA adapter alone": a 3-class adapter, its head and label names restored from the
+    adapter folder and the base model, predicts as the merged model does (the base has a 2-class head)."""
+    from pathlib import Path
+
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoTokenizer
+
+    texts = [f"{w} film number {i}" for i in range(30) for w in ("great", "awful", "okay")]
+    data = TextDataset(texts, [i % 3 for i in range(len(texts))], ["bad", "good", "meh"])
+    LoRA(model=tiny_model, epochs=1, lr=1e-2).fit(data, None, progress=False).save_pretrained(tmp_path / "model")
+
+    # the recipe, as the README gives it
+    adapter = str(tmp_path / "model" / "adapter")
+    meta = json.loads((Path(adapter) / "cleantune_labels.json").read_text())
+    names = meta["label_names"]
+    base_path = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_path, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    tok = AutoTokenizer.from_pretrained(base_path)
+    batch = tok(texts, truncation=True, max_length=meta["max_length"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+
+    assert base_path == str(Path(tiny_model).resolve())
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        expected = merged(**batch).logits
+    assert model.config.id2label == merged.config.id2label == {0: "bad", 1: "good", 2: "meh"}
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["minilmm", "minlm", "MiniLM", "minilm-"])
+def test_a_mistyped_short_name_is_refused_with_a_suggestion(name):
+    with pytest.raises(UserError, match=f"--model {name}: no such folder or short name; did you mean minilm\\?"):
+        resolve_model(name)
+
+
+@pytest.mark.parametrize("name", ["bert-base-uncased", "gpt2", "roberta-base", "distilgpt2", "xlnet-base-cased"])
+def test_legacy_hub_ids_without_a_slash_pass(name):
+    assert resolve_model(name) == name
+
+
+class _NoNetwork:
+    """An HTTP client whose every request fails as a machine without a network does."""
+
+    def __init__(self):
+        self.requests = 0
+
+    def _fail(self, method, url, **kwargs):
+        import httpx2
+
+        self.requests += 1
+        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    request = stream = _fail
+
+
+def test_an_unreachable_hub_fails_once_quietly(monkeypatch, capsys, caplog, tmp_path):
+    """Without a network (and without HF_HUB_OFFLINE), a hub id not in the cache fails in one line after one
+    request, instead of huggingface_hub's 5 retries per file with backoff and a warning for each."""
+    import time
+    import types
+
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    from cleantune import models
+    from cleantune.cli import main
+
+    client, sleeps = _NoNetwork(), []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_http, "get_session", lambda: client)
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(**{**{k: getattr(time, k) for k in dir(time)
+                                                                   if not k.startswith("_")}, "sleep": sleeps.append}))
+    for load in (lambda: models.load_tokenizer("no-org/unreachable-model"),
+                 lambda: models.load_model("no-org/unreachable-model", ["a", "b"])):
+        with pytest.raises(UserError, match="--model no-org/unreachable-model: cannot load.*not in the local Hugging "
+                                            "Face cache and the hub cannot be reached .*Name or service not known"):
+            load()
+    assert client.requests == 1 and sleeps == []  # one probe, remembered; no retries
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    assert main(["train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "m"), "--model", "other/unreachable"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--model other/unreachable: cannot load its tokenizer: not in the local" in err, err
+    assert client.requests == 2 and sleeps == [] and not (tmp_path / "m").exists()

@@ -212,3 +212,96 @@ def test_tokens_are_truncated_to_max_length(tiny_model):
     tok = load_tokenizer(tiny_model)
     ids = encode(tok, ["word " * 500], 32)
     assert len(ids[0]) == 32
+
+
+class _Snapshot(StepHook):
+    """The trainable weights at the end of `epoch` (after the other hooks, as a checkpoint has them)."""
+
+    def __init__(self, epoch):
+        self.epoch, self.weights = epoch, None
+
+    def on_epoch_end(self, ctx):
+        if ctx.epoch == self.epoch:
+            self.weights = {n: p.detach().cpu().clone() for n, p in ctx.model.named_parameters() if p.requires_grad}
+
+
+def test_divergence_without_dev_keeps_the_last_finished_epoch(tiny_model, small):
+    train_data, _ = small  # 160 samples, batch 32: 5 steps per epoch; step 12 is in epoch 2
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, train_data.label_names)
+    snap = _Snapshot(1)
+    with pytest.warns(RuntimeWarning, match=r"diverged at step 12 \(epoch 2\).*kept epoch 1, the last finished one"):
+        report = train(model, tok, train_data, None, TrainSettings(epochs=3, lr=1e-3, seed=0),
+                       (snap, _InfGradAt(12)), progress=False)
+    assert [h["epoch"] for h in report.history] == [0, 1, 2] and report.history[2]["diverged_at_step"] == 12
+    assert all(torch.equal(p.detach().cpu(), snap.weights[n]) for n, p in model.named_parameters())
+
+
+def test_divergence_after_resume_without_dev_keeps_the_checkpointed_epoch(tiny_model, small, tmp_path):
+    from safetensors.torch import load_file
+
+    train_data, _ = small
+    with pytest.raises(_Stop):  # killed during epoch 1: the checkpoint of epoch 0 is on disk
+        _run(tiny_model, train_data, tmp_path / "r", hooks=(_StopAfter(1),))
+    saved = load_file(tmp_path / "r" / "checkpoints" / "trainable.safetensors")
+    with pytest.warns(RuntimeWarning, match=r"diverged at step 12 \(epoch 1\).*kept epoch 0"):  # 10 steps an epoch
+        model, _, _ = _run(tiny_model, train_data, tmp_path / "r", hooks=(_InfGradAt(12),), resume=True)
+    assert all(torch.equal(p.detach().cpu(), saved[n]) for n, p in model.named_parameters())
+
+
+class _InfWeightsAt(StepHook):
+    """Weights that a step with a finite gradient takes to inf (what an enormous lr does): the next gradient is NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_backward(self, ctx):
+        if ctx.step == self.step:
+            with torch.no_grad():
+                next(p for p in ctx.model.parameters() if p.requires_grad).fill_(float("inf"))
+
+
+def test_an_epoch_with_infinite_weights_is_not_kept(tiny_model, small):
+    from cleantune.training import Diverged
+
+    train_data, dev = small
+    tok = load_tokenizer(tiny_model)
+    for dev_data in (None, dev):
+        model = load_model(tiny_model, train_data.label_names)
+        with pytest.raises(Diverged, match=r"diverged at step 5 \(epoch 1\).*lower the learning rate"):
+            # step 4 ends epoch 0 (5 steps an epoch), which is kept unless its weights are not finite
+            train(model, tok, train_data, dev_data, TrainSettings(epochs=3, lr=1e-3), (_InfWeightsAt(4),),
+                  progress=False)
+
+
+@pytest.mark.parametrize("setting,fragment", [
+    ({"lr": 1e38}, "--lr must be a finite number of at most 1e+37, got 1e+38"),
+    ({"lr": 1e300}, "--lr must be a finite number"),
+    ({"lr": float("inf")}, "--lr must be a finite number"),
+    ({"lr": float("nan")}, "--lr must be positive"),
+    ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0, got -0.1"),
+    ({"weight_decay": 1e39}, "--weight-decay must be a finite number"),
+    ({"weight_decay": float("nan")}, "--weight-decay must be a finite number"),
+    ({"warmup_ratio": float("inf")}, "--warmup-ratio must be in [0, 1)"),
+    ({"max_grad_norm": float("nan")}, "--max-grad-norm must be a number"),
+])
+def test_float_settings_outside_what_float32_training_takes_are_refused(setting, fragment):
+    from cleantune.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        TrainSettings(**setting)
+    assert fragment in str(e.value)
+
+
+def test_the_largest_accepted_lr_trains_without_an_overflow(tiny_model, small):
+    """AdamW's first step divides lr by 1 - beta1 in float32: the bound leaves room for it (the model then
+    diverges, which the loop reports in one line)."""
+    from cleantune.errors import UserError
+    from cleantune.training import LR_MAX
+
+    train_data, _ = small
+    tok = load_tokenizer(tiny_model)
+    TrainSettings(lr=LR_MAX, max_grad_norm=float("inf"), weight_decay=0.0)  # inf and <= 0: no clipping
+    with pytest.raises(UserError, match="diverged"):
+        train(load_model(tiny_model, train_data.label_names), tok, train_data, None,
+              TrainSettings(epochs=2, lr=LR_MAX, warmup_ratio=0.0), progress=False)

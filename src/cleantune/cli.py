@@ -359,13 +359,20 @@ def cmd_train(ns) -> int:
             opts[k] = getattr(ns, k)
     defense = get_defense(ns.defense, **opts)
     from .models import check_out_dir
-    from .training import is_main_process, work_lock
+    from .training import Diverged, is_main_process, work_lock
 
     out = Path(ns.out)
     check_out_dir(out)
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
     with work_lock(work, wait=False):  # one `train` per --out at a time
-        model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
+        try:
+            model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
+        except Diverged:
+            # the same seed and data diverge again on --resume, so its checkpoints are of no use. Other
+            # failures (an interruption, a refused --resume) keep them.
+            if is_main_process():
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         if not is_main_process():
             return 0
         model.save_pretrained(out)
@@ -374,11 +381,16 @@ def cmd_train(ns) -> int:
         print(f"note: {ns.defense} acts at inference time; {out} holds the trained victim without it "
               f"(its defended predictions: `cleantune run` or the Python API)", file=sys.stderr)
     hist = defense.report_.history
+    finished = [h["epoch"] for h in hist if "diverged_at_step" not in h]  # a diverged epoch is never kept
+    dev_accs = [h["dev_acc"] for h in hist if "dev_acc" in h]
+    if not finished:  # nothing trained here: an inference-time defense given an already trained victim
+        kept = "epoch kept: none (no training)"
+    elif dev is not None and dev_accs:
+        kept = f"epoch kept: {defense.report_.best_epoch}, dev accuracy {max(dev_accs):.4f}"
+    else:
+        kept = f"epoch kept: {finished[-1]}, {'no --dev: ' if dev is None else ''}last finished epoch"
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
-          f"{defense.report_.processes} process(es), "
-          f"epoch kept: {defense.report_.best_epoch if dev is not None else len(hist) - 1}"
-          + (f", dev accuracy {max(h['dev_acc'] for h in hist if 'dev_acc' in h):.4f})" if dev is not None
-             else ", no --dev: last epoch)"))
+          f"{defense.report_.processes} process(es), {kept})")
     return 0
 
 
@@ -647,13 +659,35 @@ def main(argv: list[str] | None = None) -> int:
             from .training import flush_subnormals
 
             flush_subnormals()
-        return COMMANDS[ns.command](ns)
+        code = COMMANDS[ns.command](ns)
+        sys.stdout.flush()  # here, not at exit, so a reader that left shows up as the BrokenPipeError below
+        return code
     except UserError as e:
         print(f"cleantune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cleantune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():  # another pipe (a worker's) broke: a real failure
+            raise
+        # The reader of stdout left (`cleantune results | head`): stop quietly, as the Python docs advise,
+        # pointing stdout at devnull so the interpreter's final flush of what is buffered cannot fail again.
+        # 141 (128 + SIGPIPE) is the status a shell reports for cat, grep and the like killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose read end is closed (Linux polls it as POLLERR)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured), or no poll()
+        return False
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,54 +33,116 @@ def model_name(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, label: str | None = None) -> str:
     """A short name, a local Hugging Face directory (returned as its absolute path), or a hub id (downloaded
-    by transformers on use)."""
+    by transformers on use). `label`: how errors name the model (default `--model NAME`; eval's positional
+    MODEL is just its path)."""
+    label = label or f"--model {name}"
     if name in SHORT_NAMES:
         import importlib
 
         try:
             pkg = importlib.import_module(SHORT_NAMES[name])
         except ImportError:
-            raise UserError(f"--model {name}: the package {SHORT_NAMES[name]} is not installed") from None
+            raise UserError(f"{label}: the package {SHORT_NAMES[name]} is not installed") from None
         return str(pkg.get_model_path())
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"--model {name}: directory has no config.json (not a Hugging Face model)")
+            raise UserError(f"{label}: directory has no config.json (not a Hugging Face model)")
         return str(path.resolve())
     if name.count("/") > 1 or name.startswith((".", "/", "~")):
-        raise UserError(f"--model {name}: no such directory")
+        raise UserError(f"{label}: no such directory")
+    if "/" not in name:
+        # a typo of a short name would otherwise go to the hub as a legacy id (bert-base-uncased, gpt2): a wait
+        # and a "cannot load" that does not say what was meant. Those ids are nowhere near a short name.
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), list(SHORT_NAMES), n=1, cutoff=0.8)
+        if close:
+            raise UserError(f"{label}: no such folder or short name; did you mean {close[0]}?")
     return name
 
 
-def load_tokenizer(name_or_path: str):
+@contextmanager
+def _quiet_hub():
+    """huggingface_hub logs each failed request and each retry as a warning: the load's one-line error says it."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
+def _hub_unreachable(repo_id: str) -> str | None:
+    """Why the hub cannot be asked for `repo_id`, or None: it answered (an answer such as 404 is for the load
+    to report) or offline mode is set (transformers then reads the cache alone, without a request)."""
+    import huggingface_hub
+
+    return None if huggingface_hub.constants.HF_HUB_OFFLINE else _probe_hub(repo_id)
+
+
+@functools.lru_cache(maxsize=None)  # a process loads a backbone several times (tokenizer, model, BTU's stages)
+def _probe_hub(repo_id: str) -> str | None:
+    """One request for `repo_id`'s config.json, without huggingface_hub's retries."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, "config.json"))
+    except HfHubHTTPError:
+        return None
+    except Exception as e:  # the HTTP client's own network errors: their types vary with its version
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
+    """`load(path, **kwargs)` (a `from_pretrained`), its failures as one UserError. Where the hub cannot be
+    reached, a hub id is read from the cache alone: transformers would retry each file 5 times with backoff,
+    about 50 s and 20 lines of warnings before failing just the same."""
+    _quiet_transformers()
+    with _quiet_hub():
+        unreachable = None if Path(path).exists() else _hub_unreachable(path)
+        if unreachable:
+            kwargs["local_files_only"] = True
+            if "adapter_kwargs" in kwargs:  # the Auto classes look for a PEFT adapter without local_files_only
+                kwargs["adapter_kwargs"] = {**kwargs["adapter_kwargs"], "local_files_only": True}
+        try:
+            return load(path, **kwargs)
+        except (OSError, ValueError) as e:  # ValueError: a config.json transformers cannot read
+            if unreachable:
+                raise UserError(f"{label}: {failed}: not in the local Hugging Face cache and the hub cannot be "
+                                f"reached ({unreachable})") from None
+            raise UserError(f"{label}: {failed} ({str(e).splitlines()[0]})") from None
+
+
+def load_tokenizer(name_or_path: str, label: str | None = None):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), use_fast=True)
-    except (OSError, ValueError) as e:  # an unknown hub id offline, a folder without tokenizer files
-        raise UserError(f"--model {name_or_path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    label = label or f"--model {name_or_path}"
+    # an unknown hub id, a folder without tokenizer files
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, resolve_model(name_or_path, label), label,
+                           "cannot load its tokenizer", use_fast=True)
     if tok.pad_token is None:  # causal LMs (GPT-2, Llama) ship no pad token: pad with EOS as HF does
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(name_or_path: str, label_names: list[str]):
-    """An AutoModelForSequenceClassification with a head for `label_names`, weights from safetensors only."""
+def load_model(name_or_path: str, label_names: list[str], label: str | None = None):
+    """An AutoModelForSequenceClassification with a head for `label_names`, weights from safetensors only.
+    `label`: how errors name the model (as in `resolve_model`)."""
     from transformers import AutoModelForSequenceClassification
 
-    _quiet_transformers()
-    path = resolve_model(name_or_path)
+    label = label or f"--model {name_or_path}"
     id2label = dict(enumerate(label_names))
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-            use_safetensors=True, ignore_mismatched_sizes=True,
-        )
-    except (OSError, ValueError) as e:  # ValueError: a config.json transformers cannot read
-        raise UserError(f"--model {name_or_path}: cannot load ({str(e).splitlines()[0]})") from None
+    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, resolve_model(name_or_path, label),
+                             label, "cannot load", num_labels=len(label_names), id2label=id2label,
+                             label2id={v: k for k, v in id2label.items()}, use_safetensors=True,
+                             ignore_mismatched_sizes=True, adapter_kwargs={})
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -186,8 +250,12 @@ class Classifier:
                     model = copy.deepcopy(model)
                 finally:
                     self.model.to(device)
+            meta = json.dumps({"label_names": self.label_names, "max_length": self.max_length})
             if hasattr(model, "peft_config"):
                 model.save_pretrained(tmp / "adapter", safe_serialization=True)
+                # the adapter holds the head (modules_to_save) but a base model loads with a 2-class head and
+                # LABEL_i names: loading it alone takes the label names (README, "Loading the LoRA adapter alone")
+                (tmp / "adapter" / LABELS_FILE).write_text(meta)
                 model = model.merge_and_unload()
             if hasattr(model, "cleantune_export"):  # adapters of our own merge themselves for export
                 model = model.cleantune_export(tmp)
@@ -199,7 +267,7 @@ class Classifier:
                 self.tokenizer.save_pretrained(tmp)
             finally:
                 self.tokenizer.model_max_length = limit
-            (tmp / LABELS_FILE).write_text(json.dumps({"label_names": self.label_names, "max_length": self.max_length}))
+            (tmp / LABELS_FILE).write_text(meta)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -223,9 +291,8 @@ class Classifier:
         else:
             from transformers import AutoConfig
 
-            try:
-                cfg = AutoConfig.from_pretrained(resolve_model(str(path)))
-            except (OSError, ValueError) as e:
-                raise UserError(f"{path}: cannot read its config.json ({str(e).splitlines()[0]})") from None
+            cfg = _from_pretrained(AutoConfig.from_pretrained, resolve_model(str(path), str(path)), str(path),
+                                   "cannot read its config.json")
             labels, max_length = [cfg.id2label[i] for i in range(cfg.num_labels)], 128
-        return cls(load_model(str(path), labels), load_tokenizer(str(path)), labels, max_length)
+        # the caller named the model by its path (eval's MODEL, a victim= option), not by --model
+        return cls(load_model(str(path), labels, str(path)), load_tokenizer(str(path), str(path)), labels, max_length)

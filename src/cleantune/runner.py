@@ -22,7 +22,7 @@ from .evaluate import detection_metrics, evaluate
 from .models import resolve_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
-from .training import is_main_process, mixed_precision, num_processes, work_lock
+from .training import Diverged, is_main_process, mixed_precision, num_processes, work_lock
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -173,7 +173,12 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
         stored = _stored(store, run_id, force)
         if stored is not None:
             return stored
-        return _run(config, resolved, run_id, work, store, resume, progress)
+        try:
+            return _run(config, resolved, run_id, work, store, resume, progress)
+        except Diverged:  # the same seed diverges again on --resume: its checkpoints are of no use
+            if is_main_process():
+                shutil.rmtree(work, ignore_errors=True)
+            raise
 
 
 def _stored(store: ResultStore | None, run_id: str, force: bool) -> dict | None:

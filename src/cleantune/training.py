@@ -29,6 +29,9 @@ from safetensors.torch import load_file, save_file
 from .data import TextDataset
 from .errors import UserError
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+LR_MAX = 1e37
+
 
 @dataclass
 class TrainSettings:
@@ -51,6 +54,15 @@ class TrainSettings:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        # AdamW's first step divides lr by 1 - beta1 = 0.1 and hands it to a float32 kernel, which raises
+        # (a traceback, mid-run) above 3.4e38: 1e37 leaves that margin. Anything near it diverges at once anyway.
+        if not self.lr <= LR_MAX:
+            raise UserError(f"--lr must be a finite number of at most {LR_MAX:g}, got {self.lr}")
+        # AdamW refuses a negative decay with a ValueError; past float32's range it is inf in the weights
+        if not 0 <= self.weight_decay <= FLOAT32_MAX:
+            raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if math.isnan(self.max_grad_norm):  # inf and <= 0 are meaningful: no clipping
+            raise UserError(f"--max-grad-norm must be a number, got {self.max_grad_norm}")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr_schedule not in ("linear", "constant"):
@@ -234,8 +246,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
           resume: bool = False, progress: bool = True, desc: str = "train", identity: dict | None = None) -> TrainReport:
     """Train the parameters of `model` that require grad on `train_data` (AdamW, linear warmup and decay,
     clipping). After each epoch the model is scored on the clean `dev_data`; the best epoch (ties keep the
-    earlier) is restored at the end. With `out_dir`, a checkpoint is written per epoch and `resume`
-    continues from the last one; `identity` (e.g. the defense's settings) is part of what it must match.
+    earlier) is restored at the end. A non-finite gradient stops training and keeps that epoch, or without
+    dev data the last finished one; with none to keep it raises Diverged. With `out_dir`, a checkpoint is
+    written per epoch and `resume` continues from the last one; `identity` (e.g. the defense's settings) is
+    part of what it must match.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -272,6 +286,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     fingerprint = _fingerprint(settings, ids, labels, dev_data, identity, desc) if ckpt_dir is not None else None
     history: list[dict] = []
     best_epoch, best_score, best_state = None, -1.0, None
+    selecting = dev_data is not None and len(dev_data) > 0
+    # without dev data the last finished epoch is what a divergence falls back to: its weights are kept
+    # aside (the live ones are mid-epoch by then)
+    last_epoch, last_state = None, None
     start_epoch, done = 0, {}
     if resume and ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
         state = json.loads((ckpt_dir / "state.json").read_text())
@@ -293,6 +311,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         if (ckpt_dir / "best.safetensors").is_file():
             best_state = load_file(ckpt_dir / "best.safetensors")
         start_epoch = state["epoch"] + 1
+        if not selecting:  # the checkpoint's weights are the last finished epoch's
+            last_epoch, last_state = state["epoch"], {n: weights[n].clone() for n in params}
         done = state.get("done", {})  # the interrupted sessions' work, so the report covers the whole run
 
     ctx = StepContext(model, accelerator, start_epoch, start_epoch * steps_per_epoch, steps_per_epoch, settings,
@@ -347,7 +367,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             history.append({"epoch": epoch, "diverged_at_step": diverged, **ctx.logs})
             break
         record = {"epoch": epoch, "steps": len(mine), "loss": loss_sum / max(1, len(mine))}
-        if dev_data is not None and len(dev_data):
+        if selecting:
             dev_logits = predict_logits(accelerator.unwrap_model(wrapped), tokenizer, dev_data.texts, settings, accelerator)
             record["dev_acc"] = accuracy(dev_logits, dev_data.labels)
             if record["dev_acc"] > best_score:
@@ -357,6 +377,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         history.append(record)
         for h in hooks:
             h.on_epoch_end(ctx)
+        if not selecting and epoch < settings.epochs - 1:  # after the last epoch nothing can diverge
+            last_epoch, last_state = epoch, {n: p.detach().cpu().clone() for n, p in params.items()}
         if ckpt_dir is not None and accelerator.is_main_process:
             _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state,
                              {"epoch": epoch, "history": history, "best_epoch": best_epoch,
@@ -367,11 +389,15 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         accelerator.wait_for_everyone()
     bar.close()
     if diverged is not None:
-        if best_state is None:
-            raise UserError(f"training diverged at step {diverged} (epoch {epoch}): the gradient is not finite; "
-                            f"lower the learning rate (lr={settings.lr:g})")
+        kept, kept_epoch, which = ((best_state, best_epoch, "the best on clean dev") if selecting else
+                                   (last_state, last_epoch, "the last finished one (no dev data to select on)"))
+        # a finite gradient can still have stepped the weights to inf (a huge lr): nothing worth keeping then
+        if kept is None or not all(bool(torch.isfinite(t).all()) for t in kept.values()):
+            raise Diverged(f"training diverged at step {diverged} (epoch {epoch}): the gradient is not finite; "
+                           f"lower the learning rate (lr={settings.lr:g})")
         warnings.warn(f"training diverged at step {diverged} (epoch {epoch}): the gradient is not finite; stopped "
-                      f"and kept epoch {best_epoch}, the best on clean dev", RuntimeWarning, stacklevel=2)
+                      f"and kept epoch {kept_epoch}, {which}", RuntimeWarning, stacklevel=2)
+        best_state = kept
     if best_state is not None:
         for n, p in params.items():
             p.data.copy_(best_state[n])
@@ -382,6 +408,10 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
 
 class Busy(UserError):
     """Another live process holds the lock."""
+
+
+class Diverged(UserError):
+    """The gradient stopped being finite before any epoch worth keeping: resuming would diverge again."""
 
 
 @contextmanager
