@@ -359,20 +359,13 @@ def cmd_train(ns) -> int:
             opts[k] = getattr(ns, k)
     defense = get_defense(ns.defense, **opts)
     from .models import check_out_dir
-    from .training import Diverged, is_main_process, work_lock
+    from .training import is_main_process, work_lock
 
     out = Path(ns.out)
     check_out_dir(out)
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
     with work_lock(work, wait=False):  # one `train` per --out at a time
-        try:
-            model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
-        except Diverged:
-            # the same seed and data diverge again on --resume, so its checkpoints are of no use. Other
-            # failures (an interruption, a refused --resume) keep them.
-            if is_main_process():
-                shutil.rmtree(work, ignore_errors=True)
-            raise
+        model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
         if not is_main_process():
             return 0
         model.save_pretrained(out)
@@ -618,7 +611,6 @@ def cmd_analyze(ns) -> int:
         raise UserError(str(e)) from None
     if ns.samples is not None and ns.samples < 2:
         raise UserError(f"--samples must be at least 2 (distances need pairs), got {ns.samples}")
-    frequency.check_defense(config.defense)
     from .models import check_out_dir
 
     config.resolve()

@@ -14,7 +14,7 @@ import secrets
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
 from .errors import UserError

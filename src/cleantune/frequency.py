@@ -205,17 +205,13 @@ def check_defense(name: str) -> None:
 def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = None, distance: str = "raw",
             progress: bool = True) -> dict:
     """Train one benchmark cell (a runner.RunConfig) with the frequency hook; write curves.json and PNGs."""
-    from .data import load_benchmark
     from .evaluate import evaluate
     from .models import load_tokenizer
 
-    config.check()
     check_defense(config.defense)  # before any data loads or model trains
+    config.check()
     out_dir = Path(out_dir)
-    bench = load_benchmark(config.dataset)
-    if config.train_size is not None:
-        bench.train = bench.train.stratified_sample(config.train_size, config.seed)
-    poisoned = config.build_attack().apply(bench)
+    poisoned = config.build_attack().apply(config.benchmark())
     defense = config.build_defense()
     hook = FrequencyHook(load_tokenizer(defense.model),
                          {"clean": lambda: defense.selection_data(poisoned.dev), "poison": poisoned.triggered_dev},

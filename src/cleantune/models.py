@@ -182,6 +182,11 @@ def check_out_dir(out: str | Path, model: bool = True) -> None:
         raise UserError(f"--out {out}: cannot create it ({parent} is not a writable folder)")
 
 
+def as_texts(texts: list[str] | str) -> list[str]:
+    """A single string as one text: iterated, it would be classified character by character."""
+    return [texts] if isinstance(texts, str) else texts
+
+
 class Classifier:
     """A trained sequence classifier: the model, its tokenizer and its label names.
 
@@ -201,8 +206,7 @@ class Classifier:
         """Logits, one row per text (a single string is one text: a (1, C) tensor)."""
         from .training import encode, make_batch
 
-        if isinstance(texts, str):  # iterating a string would classify its characters
-            texts = [texts]
+        texts = as_texts(texts)
         if not len(texts):  # the tokenizer fails on an empty batch
             return torch.empty(0, len(self.label_names))
         model = self.model
@@ -223,9 +227,7 @@ class Classifier:
     def predict(self, texts: list[str] | str, batch_size: int = 128) -> list[int]:
         """Class ids, one per text. A single string is one text and gives a list of one, as a Hugging Face
         pipeline does; no texts give an empty list."""
-        if isinstance(texts, str):  # before any subclass's predict_logits sees it
-            texts = [texts]
-        return self.predict_logits(texts, batch_size).argmax(-1).tolist()
+        return self.predict_logits(as_texts(texts), batch_size).argmax(-1).tolist()
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the model to `out_dir` whole or not at all (via a `.partial` folder). An existing saved model

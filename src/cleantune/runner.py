@@ -7,7 +7,7 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from .evaluate import detection_metrics, evaluate
 from .models import resolve_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
-from .training import Diverged, is_main_process, mixed_precision, num_processes, work_lock
+from .training import is_main_process, mixed_precision, num_processes, work_lock
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -85,10 +85,14 @@ class RunConfig:
             resolve_model(self.model)  # a missing local folder fails here; a hub id is checked when loaded
         # the attack on this cell's data poisons some sample, fits its pool and leaves a triggered test set:
         # counted by the attack's own apply() logic, drawing nothing (the files are parsed once per process)
+        self.build_attack().check(self.benchmark())
+
+    def benchmark(self):
+        """The cell's benchmark, its train split subsampled to `train_size` (seeded, label-stratified)."""
         bench = load_benchmark(self.dataset)
         if self.train_size is not None:
             bench.train = bench.train.stratified_sample(self.train_size, self.seed)
-        self.build_attack().check(bench)
+        return bench
 
     def build_attack(self):
         extra = {k: getattr(self, k) for k in ATTACK_OPTIONS if getattr(self, k) is not None}
@@ -173,12 +177,7 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
         stored = _stored(store, run_id, force)
         if stored is not None:
             return stored
-        try:
-            return _run(config, resolved, run_id, work, store, resume, progress)
-        except Diverged:  # the same seed diverges again on --resume: its checkpoints are of no use
-            if is_main_process():
-                shutil.rmtree(work, ignore_errors=True)
-            raise
+        return _run(config, resolved, run_id, work, store, resume, progress)
 
 
 def _stored(store: ResultStore | None, run_id: str, force: bool) -> dict | None:
@@ -193,10 +192,7 @@ def _run(config: RunConfig, resolved: dict, run_id: str, work: Path, store: Resu
     t0 = time.perf_counter()
     if torch.cuda.is_available():  # this run's peak, not the process's (a sweep runs many cells in one)
         torch.cuda.reset_peak_memory_stats()
-    bench = load_benchmark(config.dataset)
-    if config.train_size is not None:
-        bench.train = bench.train.stratified_sample(config.train_size, config.seed)
-    poisoned = config.build_attack().apply(bench)
+    poisoned = config.build_attack().apply(config.benchmark())
     defense = config.build_defense()
     if hasattr(defense, "stage_eval"):  # multi-stage defenses (BTU) report CACC/ASR after each stage
         defense.stage_eval = lambda clf: evaluate(clf, poisoned.clean_test, poisoned.triggered_test)

@@ -418,15 +418,16 @@ class Diverged(UserError):
 def work_lock(work: Path, wait: bool):
     """Hold `<work>.lock` while training into the checkpoint folder `work`: two processes on one folder would
     overwrite each other's checkpoints, or resume from one still being written. `wait`: block until the
-    other process is done; else raise Busy. The lock is the kernel's (flock), so a killed holder frees it."""
+    other process is done; else raise Busy. The lock is the kernel's (flock), so a killed holder frees it.
+    A run that raises Diverged leaves no checkpoints: the same seed and data diverge again on --resume
+    (other failures, an interruption or a refused --resume, keep them)."""
     from accelerate import PartialState
 
     path = work.with_name(work.name + ".lock")
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes == 1:
         fd = _flock(path, wait)
-        if fd is None:
-            raise Busy(f"another cleantune process is training into {work}")
+        got = fd is not None
     else:
         # the processes of one launch train together, so the main one locks for all. It tries without blocking
         # and tells the others each second: a collective that waited as long as the other launch trains would
@@ -439,10 +440,14 @@ def work_lock(work: Path, wait: bool):
             if got or not wait:
                 break
             time.sleep(1.0)
-        if not got:
-            raise Busy(f"another cleantune process is training into {work}")
+    if not got:
+        raise Busy(f"another cleantune process is training into {work}")
     try:
         yield
+    except Diverged:
+        if state.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         if fd is not None:
             path.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import torch
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..models import Classifier, check_max_length, load_model, load_tokenizer
+from ..models import Classifier, as_texts, check_max_length, load_model, load_tokenizer
 from ..training import StepHook, TrainReport, encode, make_batch, seed_everything, train
 
 ABSTAIN = -1  # the prediction for a flagged input under on_flag="abstain": never equals a class id
@@ -110,14 +110,14 @@ class FlaggingClassifier(Classifier):
         raise NotImplementedError
 
     def flag(self, texts: list[str] | str) -> list[bool]:
-        texts = [texts] if isinstance(texts, str) else texts  # one string is one text, as in predict
+        texts = as_texts(texts)
         todo = list(dict.fromkeys(t for t in texts if t not in self._flags))
         if todo:
             self._flags.update(zip(todo, self.detect(todo)))
         return [self._flags[t] for t in texts]
 
     def predict(self, texts: list[str] | str, batch_size: int = 128) -> list[int]:
-        texts = [texts] if isinstance(texts, str) else texts
+        texts = as_texts(texts)
         preds = super().predict(texts, batch_size)
         flags = self.flag(texts)
         if self.on_flag == "flip":

@@ -15,9 +15,8 @@ tensor's gradient by its projection onto the reference gradient (spec 3.2), befo
 
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import torch

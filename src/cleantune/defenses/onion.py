@@ -24,7 +24,7 @@ import torch
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..models import Classifier
+from ..models import Classifier, as_texts
 from .base import Defense
 from .common import victim_model
 
@@ -130,8 +130,7 @@ class OnionClassifier(Classifier):
         return [self._corrected[t] for t in texts]
 
     def predict_logits(self, texts: list[str] | str, batch_size: int = 128) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else texts  # one string is one text (Classifier.predict)
-        return super().predict_logits(self.correct(texts), batch_size)
+        return super().predict_logits(self.correct(as_texts(texts)), batch_size)
 
 
 @dataclass
