@@ -33,6 +33,7 @@ def test_two_process_launch_trains_and_evaluates(tiny_model, tmp_path):
 
 LOCKER = """
 import sys, time
+import torch
 from pathlib import Path
 from accelerate import PartialState
 from cleantune.training import Busy, work_lock
@@ -48,6 +49,7 @@ if state.is_main_process:
     (work.parent / "ready").touch()
 with work_lock(work, wait=True):
     print("got", time.time(), flush=True)
+torch.distributed.destroy_process_group()  # as cleantune's CLI does on exit: else gloo may abort the exit
 """
 
 

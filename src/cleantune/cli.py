@@ -668,6 +668,13 @@ def main(argv: list[str] | None = None) -> int:
         # 141 (128 + SIGPIPE) is the status a shell reports for cat, grep and the like killed by SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        # Under `accelerate launch` the process group's gloo threads must stop before the interpreter exits: a
+        # process leaving with them alive aborts ("terminate called without an active exception"), about one
+        # exit in four on this machine, and the launcher reports the launch as failed
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _stdout_gone() -> bool:
