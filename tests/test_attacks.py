@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from cleantune.attacks import AddSent, BadNets, Style, Syntactic, get_attack
@@ -34,6 +36,56 @@ def test_clean_label_and_mix_modes(sst2):
     mix = AddSent(mode="mix", seed=0).apply(sst2)
     src = {sst2.train.labels[i] for i, f in enumerate(mix.train.poisoned) if f}
     assert src == {0, 1} and all(mix.train.labels[i] == 1 for i, f in enumerate(mix.train.poisoned) if f)
+
+
+def _inserted(before, after):
+    """The words `after` gained over `before`, and where: (position, words) for a block inserted at one place."""
+    old, new = before.split(), after.split()
+    k = len(new) - len(old)
+    at = [p for p in range(len(old) + 1) if new[:p] + new[p + k:] == old]
+    return at, new[at[0]: at[0] + k] if at else None
+
+
+def test_badnets_draws_each_trigger_word_independently(sst2):
+    # one trigger per sample, drawn from the whole list: a defense keyed on a single word would miss the rest
+    p = BadNets(num_triggers=1, seed=0).apply(sst2)
+    words = {tuple(_inserted(sst2.train.texts[i], p.train.texts[i])[1])
+             for i, f in enumerate(p.train.poisoned) if f}
+    assert words == {(w,) for w in ("cf", "mn", "bb", "tq", "mb")}
+
+
+@pytest.mark.parametrize("attack", [BadNets(num_triggers=1, seed=0), AddSent(seed=0)], ids=["badnets", "addsent"])
+def test_triggers_land_at_uniform_random_positions(sst2, attack):
+    # a trigger always at one end is trivially found (and cut) by position alone
+    originals = [t for t, y in zip(sst2.test.texts, sst2.test.labels) if y != attack.target]
+    triggered = attack.apply(sst2).triggered_test.texts
+    assert len(originals) == len(triggered)
+    start = end = middle = 0
+    for before, after in zip(originals, triggered):
+        at, words = _inserted(before, after)
+        assert words and set(words) <= set(attack.trigger_words())
+        n = len(before.split())
+        start += 0 in at
+        end += n in at
+        middle += all(0 < p < n for p in at)
+    assert start >= 10 and end >= 10 and middle > 0.7 * len(originals)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: BadNets(num_triggers=0), "--num-triggers must be at least 1, got 0"),
+    (lambda: AddSent(sentence=" "), "--sentence must not be empty"),
+], ids=["num_triggers", "sentence"])
+def test_empty_triggers_are_refused(make, msg):
+    with pytest.raises(UserError, match=re.escape(msg)):
+        make()
+
+
+def test_negative_target_is_not_a_class(sst2):
+    # Python would read labels[-1] as the last class: -1 must not pass as class 1 of sst2
+    attack = BadNets(target=-1)
+    for call in (attack.check, attack.apply):
+        with pytest.raises(UserError, match=re.escape("--target -1 is not a class of sst2 (0..1)")):
+            call(sst2)
 
 
 def test_seed_determines_poison(sst2):

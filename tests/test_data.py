@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from cleantune.data import download_benchmark, load_benchmark, read_dataset
+from cleantune.data import TextDataset, download_benchmark, load_benchmark, read_dataset
 from cleantune.errors import UserError
 
 from conftest import SHARED_DATA
@@ -52,6 +52,8 @@ def test_integer_labels_and_custom_columns(tmp_path):
     ("a.tsv", "sentence\tlabel\nfine\t0\nok\t100000000\n", "a.tsv:3: label 100000000, but class 1 never occurs"),
     ("a.tsv", "sentence\tlabel\nfine\t0\nok\t-1\n", "a.tsv:3: negative label -1"),
     ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": [1]}\n', "a.jsonl:2: label [1] is neither"),
+    # JSON true is an int to Python: it would pass as class 1
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": true}\n', "a.jsonl:2: label true is neither"),
     ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1.5}\n', "a.jsonl:2: label 1.5 is a number but not"),
     ("a.tsv", "sentence\tlabel\nfine\t0\nok\t1.5\n", "a.tsv:3: label 1.5 is a number but not an integer"),
     ("a.csv", "sentence,label\nfine,0\nok,1e999999999\n", "a.csv:3: label 1e999999999 is too large"),
@@ -74,6 +76,9 @@ def test_undecodable_bytes_and_unknown_label(tmp_path):
         read_dataset(p)
     p = write(tmp_path, "c.tsv", "sentence\tlabel\nok\t1\nhm\t7\n")
     with pytest.raises(UserError, match=r"c.tsv:3: label '7' not in the label set"):
+        read_dataset(p, label_names=["0", "1"])
+    p = write(tmp_path, "d.tsv", "sentence\tlabel\nok\t1\nhm\t2\n")  # one past the last id
+    with pytest.raises(UserError, match=re.escape("d.tsv:3: label '2' not in the label set (0, 1)")):
         read_dataset(p, label_names=["0", "1"])
 
 
@@ -129,6 +134,27 @@ def test_stratified_sample_keeps_proportions_and_is_seeded():
     assert len(a) == 500 and a.texts == b.texts and a.texts != c.texts
     share = sum(train.labels) / len(train)
     assert abs(sum(a.labels) / 500 - share) < 0.003
+
+
+def test_stratified_sample_keeps_file_order():
+    # drawn class by class, but returned in file order: batches and poison draws must not see the classes in blocks
+    ds = TextDataset([f"s{i}" for i in range(300)], [int(i % 3 == 0) for i in range(300)], ["a", "b"])
+    rows = [int(t[1:]) for t in ds.stratified_sample(60, 0).texts]
+    assert rows == sorted(rows) and len(set(rows)) == 60
+
+
+def test_text_dataset_refuses_columns_of_different_lengths():
+    with pytest.raises(ValueError, match="same length"):
+        TextDataset(["a"], [0, 1], ["x", "y"])
+    with pytest.raises(ValueError, match="same length"):
+        TextDataset(["a", "b"], [0, 1], ["x", "y"], [True])
+
+
+def test_without_flags_hides_the_poison_ground_truth():
+    ds = TextDataset(["a", "b", "c"], [0, 1, 1], ["x", "y"], [True, False, True])
+    view = ds.without_flags()
+    assert view.poisoned == [False, False, False] and (view.texts, view.labels) == (ds.texts, ds.labels)
+    assert ds.poisoned == [True, False, True]  # the ground truth stays with the caller for the metrics
 
 
 def test_download_from_file_mirror_verifies_sha256(tmp_path):

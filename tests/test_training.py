@@ -20,6 +20,9 @@ def test_batch_order_covers_each_sample_once_and_groups_lengths():
     assert a == batch_order(lengths, 16, 0, 0, True) and a != batch_order(lengths, 16, 0, 1, True)
     padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)
     assert padded(a) < 0.6 * padded(batch_order(lengths, 16, 0, 0, False))
+    # grouped batches come longest-first inside a mega-batch; unshuffled, every epoch would run long to short
+    widths = [max(lengths[i] for i in b) for b in a]
+    assert sum(x < y for x, y in zip(widths, widths[1:])) > len(widths) // 4
 
 
 def test_same_seed_same_model(tiny_model, small):
@@ -102,7 +105,8 @@ def test_resume_refuses_other_data_or_defense(tiny_model, small, tmp_path):
     tok = load_tokenizer(tiny_model)
     settings = TrainSettings(epochs=3, lr=2e-3, batch_size=16, seed=0)
     other = TextDataset(list(reversed(train_data.texts)), list(train_data.labels), train_data.label_names)
-    for data, dev_data, identity in [(other, None, None), (train_data, dev, None),
+    relabelled = TextDataset(list(train_data.texts), [1 - y for y in train_data.labels], train_data.label_names)
+    for data, dev_data, identity in [(other, None, None), (relabelled, None, None), (train_data, dev, None),
                                      (train_data, None, {"defense": "lora"})]:
         with pytest.raises(UserError, match="other settings or data"):  # same size, other content or defense
             train(load_model(tiny_model, train_data.label_names), tok, data, dev_data, settings, (), tmp_path / "d",
@@ -191,12 +195,62 @@ def test_non_positive_max_grad_norm_means_no_clipping(tiny_model, small):
     train_data, _ = small
     tok = load_tokenizer(tiny_model)
     weights = []
-    for clip in (0.0, -1.0):
+    for clip in (0.0, -1.0, 1e-4):
         torch.manual_seed(0)
         model = load_model(tiny_model, train_data.label_names)
         train(model, tok, train_data, None, TrainSettings(epochs=1, lr=1e-3, max_grad_norm=clip), progress=False)
         weights.append(model.classifier.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])  # a positive norm does clip
+
+
+class _RecordLr(StepHook):
+    def __init__(self):
+        self.lrs = []
+
+    def after_backward(self, ctx):  # the lr this step's optimizer.step() will use
+        self.lrs.append(ctx.optimizer.param_groups[0]["lr"])
+
+
+def test_lr_warms_up_from_zero_then_decays_linearly(tiny_model, small):
+    train_data, _ = small
+    tok = load_tokenizer(tiny_model)
+    rec = _RecordLr()
+    # 64 samples, batch 8: 8 steps, of which warmup_ratio 0.5 makes the first 4 warmup
+    train(load_model(tiny_model, train_data.label_names), tok, train_data.subset(range(64)), None,
+          TrainSettings(epochs=1, batch_size=8, lr=1e-3, warmup_ratio=0.5), (rec,), progress=False)
+    assert rec.lrs == pytest.approx([1e-3 * f for f in (0, 0.25, 0.5, 0.75, 1, 0.75, 0.5, 0.25)])
+
+
+def test_tokens_per_s_counts_real_tokens_not_padding(tiny_model, small):
+    train_data, _ = small
+    data = train_data.subset(range(64))
+    tok = load_tokenizer(tiny_model)
+    # every batch padded to 64 columns, far past any sample's 32 tokens: padding would inflate the count
+    report = train(load_model(tiny_model, data.label_names), tok, data, None,
+                   TrainSettings(epochs=1, batch_size=16, max_length=32, pad_to_length=64), progress=False)
+    real = sum(len(x) for x in encode(tok, data.texts, 32))
+    assert real < 64 * 64
+    assert report.tokens_per_s * report.train_seconds == pytest.approx(real, rel=1e-9)
+
+
+def test_a_defense_never_sees_the_poison_flags(tiny_model, small, monkeypatch):
+    import cleantune.defenses.base as base
+
+    train_data, _ = small
+    flagged = TextDataset(list(train_data.texts), list(train_data.labels), train_data.label_names,
+                          [i % 3 == 0 for i in range(len(train_data))])
+    seen = []
+
+    def capture(model, tokenizer, data, *args, **kwargs):
+        seen.append(data)
+        raise _Stop  # what training receives is all this test needs
+
+    monkeypatch.setattr(base, "train", capture)
+    with pytest.raises(_Stop):
+        FineTune(model=tiny_model, epochs=1).fit(flagged, progress=False)
+    assert seen[0].texts == flagged.texts and seen[0].labels == flagged.labels
+    assert not any(seen[0].poisoned) and sum(flagged.poisoned) == 54
 
 
 def test_lora_trains_adapter_only(tiny_model, small):

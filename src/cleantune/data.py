@@ -226,7 +226,7 @@ def _label_value(y, path: Path, line: int) -> int | str:
     return int(x)
 
 
-def _ids(label_names: list[str]) -> bool:
+def bare_ids(label_names: list[str]) -> bool:
     """Whether a label set is the bare ids 0..C-1 (transformers' default names LABEL_i for a model
     saved without names count too), so that integer labels may address it by position."""
     c = len(label_names)
@@ -270,13 +270,13 @@ def _label_id(y, label_names: list[str], path: Path, line: int) -> int:
     if str(y) in label_names:
         return label_names.index(str(y))
     v = _label_value(y, path, line)
-    if isinstance(v, int) and _ids(label_names):
+    if isinstance(v, int) and bare_ids(label_names):
         if 0 <= v < len(label_names):
             return v
     elif str(v) in label_names:
         return label_names.index(str(v))
     hint = "; integer labels address classes only when the label set is ids 0..C-1" \
-        if isinstance(v, int) and not _ids(label_names) else ""
+        if isinstance(v, int) and not bare_ids(label_names) else ""
     raise UserError(f"{path}:{line}: label '{y}' not in the label set ({', '.join(label_names)}){hint}")
 
 

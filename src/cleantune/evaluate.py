@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .data import TextDataset, _ids
+from .data import TextDataset, bare_ids
 from .errors import UserError
 from .models import Classifier
 
@@ -12,7 +12,7 @@ def label_mapping(data_names: list[str], model_names: list[str], data: str = "th
     the model's names stay distinct): the two number their classes independently, a model trained on a file
     of names alphabetically, a benchmark in its own order. Where either side's names are bare ids (0..C-1, or
     transformers' default LABEL_i), there is nothing to match but positions."""
-    if _ids(data_names) or _ids(model_names):
+    if bare_ids(data_names) or bare_ids(model_names):
         if len(data_names) != len(model_names):
             raise UserError(f"{data} has {len(data_names)} classes, the model {len(model_names)}")
         return list(range(len(data_names)))
@@ -38,12 +38,6 @@ def _share_correct(preds: list[int], labels: list[int]) -> float:
     return sum(p == y for p, y in zip(preds, labels)) / len(labels) if labels else float("nan")
 
 
-def accuracy_on(model: Classifier, data: TextDataset) -> float:
-    if getattr(model, "label_names", None) is not None:
-        data = align_labels(data, model.label_names)
-    return _share_correct(model.predict(data.texts) if len(data) else [], data.labels)
-
-
 def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDataset | None = None) -> dict:
     """CACC on the clean test split; ASR = share of triggered non-target samples predicted as the target
     (the triggered set's labels are the target). `asr_floor` is the share of clean non-target test samples
@@ -56,10 +50,14 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
         clean_test = align_labels(clean_test, names)
         if triggered_test is not None:
             triggered_test = align_labels(triggered_test, names)
-    preds = model.predict(clean_test.texts) if len(clean_test) else []  # once, for CACC and the floor
+
+    def predict(data: TextDataset) -> list[int]:
+        return model.predict(data.texts) if len(data) else []
+
+    preds = predict(clean_test)  # once, for CACC and the floor
     out = {"cacc": _share_correct(preds, clean_test.labels)}
     if triggered_test is not None:
-        out["asr"] = accuracy_on(model, triggered_test)
+        out["asr"] = _share_correct(predict(triggered_test), triggered_test.labels)
         if len(triggered_test):
             target = triggered_test.labels[0]
             others = [p for p, y in zip(preds, clean_test.labels) if y != target]

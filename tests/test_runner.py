@@ -1,0 +1,48 @@
+"""One benchmark cell: what its seed draws, what its id hashes, and which stored result it may reuse."""
+
+import pytest
+
+from cleantune import runner
+from cleantune.runner import RunConfig
+from cleantune.store import ResultStore, config_hash
+
+
+def test_seed_draws_the_train_subsample():
+    # seeds are repeats of an experiment: each must see its own subsample, not the same one
+    a, b, c = (RunConfig(train_size=100, seed=s).benchmark().train for s in (0, 0, 1))
+    assert len(a) == len(c) == 100
+    assert a.texts == b.texts and a.texts != c.texts
+
+
+def test_seed_reaches_the_attack():
+    assert RunConfig(seed=5).build_attack().seed == 5
+    bench = RunConfig(train_size=200).benchmark()  # one subsample, so only the attack's draw can differ
+    flags = [RunConfig(seed=s, train_size=200).build_attack().apply(bench).train.poisoned for s in (0, 1)]
+    assert sum(flags[0]) == sum(flags[1]) == 20 and flags[0] != flags[1]
+
+
+def test_library_versions_are_part_of_the_run_id(monkeypatch):
+    # a result computed by another cleantune (or torch) is another run, not one to reuse
+    resolved = RunConfig(train_size=100).resolve()
+    assert resolved["versions"]["cleantune"] == runner.__version__
+    assert set(resolved["versions"]) == {"cleantune", "torch", "transformers", "peft"}
+    monkeypatch.setattr(runner, "__version__", runner.__version__ + ".post1")
+    assert config_hash(RunConfig(train_size=100).resolve()) != config_hash(resolved)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    s.put("done", {"seed": 0}, {"cacc": 0.9, "asr": 0.1}, {"wall_s": 1.0}, {})
+    s.put("crashed", {"seed": 1}, {}, {"wall_s": 1.0}, {}, status="failed", error="RuntimeError: out of memory")
+    return s
+
+
+def test_only_a_successful_stored_run_is_reused(store):
+    # a failed cell runs again: reusing it would report the failure forever
+    assert runner._stored(store, "crashed", force=False) is None
+    got = runner._stored(store, "done", force=False)
+    assert got["reused"] is True and got["status"] == "ok" and got["metrics"] == {"cacc": 0.9, "asr": 0.1}
+    assert runner._stored(store, "done", force=True) is None
+    assert runner._stored(None, "done", force=False) is None
+    assert runner._stored(store, "never-ran", force=False) is None
