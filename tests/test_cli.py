@@ -63,6 +63,21 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["scan", "sst2", "--rate", "0.5"], "--rate needs --attack"),
     (["eval", "model", "sst2", "--target", "0"], "--target needs --attack"),
     (["results", "--store", "/nonexistent/x.sqlite"], "no such file"),
+    # refused when the cell is checked, not by torch, PEFT or sklearn after earlier cells trained
+    (["run", "--seed", "0,99999999999999999999"], "--seed must fit in 64 bits"),
+    (["run", "--dataset", ","], "--dataset lists no value"),
+    (["run", "--defense", "lora", "--option", "lora_r=0"], "option lora_r must be positive, got 0"),
+    (["run", "--defense", "lora", "--option", "lora_dropout=2"], "lora_dropout must be in [0, 1)"),
+    (["run", "--defense", "muscle-lora", "--option", "ref_samples=0"], "option ref_samples must be positive"),
+    (["run", "--defense", "lora-mslr", "--option", "mslr_alpha=nan"], "option mslr_alpha must be positive, got nan"),
+    (["run", "--defense", "cube", "--option", "pca_dims=0"], "option pca_dims must be positive"),
+    (["run", "--defense", "btu", "--option", "expose_batch_size=0"], "option expose_batch_size must be positive"),
+    (["run", "--defense", "btu", "--option", "tune_epochs=0"], "option tune_epochs must be positive"),
+    (["run", "--defense", "abl", "--option", "unlearning_lr=-1"], "option unlearning_lr must be positive"),
+    (["run", "--defense", "rap", "--option", "rap_target=7"], "rap_target=7 is not a class (0..1)"),
+    (["run", "--defense", "rap", "--option", 'word=" "'], "option word must not be empty"),
+    (["run", "--option", "warmup_ratio=2"], "--warmup-ratio must be in [0, 1)"),
+    (["report", "--out", ""], "--out: empty path"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, capsys):
@@ -119,6 +134,37 @@ def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
         assert msg in capsys.readouterr().err, bad
 
 
+def test_config_files_name_themselves_in_type_errors_and_refuse_odd_keys(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("train_size: 50\nepochs: [1, 2]\n")
+    assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert f"--config {tmp_path / 'c.yaml'}: 'epochs' expects an integer" in capsys.readouterr().err
+    (tmp_path / "k.yaml").write_text("1: 2\n")  # YAML reads an int key
+    for args in (["run"], ["train", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "m")]):
+        assert main(args + ["--config", str(tmp_path / "k.yaml")]) == 2
+        assert "unknown key 1" in capsys.readouterr().err
+
+
+def test_corrupt_store_rows_are_one_line_errors(tmp_path, capsys):
+    import sqlite3
+
+    from cleantune.store import ResultStore
+
+    path = tmp_path / "s.sqlite"
+    ResultStore(path).put("abc", {"dataset": "sst2"}, {"cacc": 0.9, "asr": 0.1}, {"wall_s": 1.0}, {})
+    for update, msg in (("config = '{bad'", "run abc has a corrupt 'config' column"),
+                        ("metrics = 'null'", "run abc has a corrupt 'metrics' column"),
+                        ("metrics = '{\"cacc\": \"high\"}'", "run abc has a corrupt 'cacc' metric ('high')")):
+        con = sqlite3.connect(path)
+        con.execute(f"UPDATE runs SET config = '{{}}', metrics = '{{}}'")
+        con.execute(f"UPDATE runs SET {update}")
+        con.commit()
+        con.close()
+        for args in (["results"], ["results", "--format", "csv"], ["report", "--out", str(tmp_path / "rep")]):
+            assert main(args + ["--store", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and msg in err, (update, args, err)
+
+
 def test_stores_are_checked_and_never_changed_by_reading(tmp_path, capsys):
     import sqlite3
 
@@ -138,6 +184,10 @@ def test_stores_are_checked_and_never_changed_by_reading(tmp_path, capsys):
     assert main(["run", "--store", str(tmp_path / "file" / "s.sqlite"), "--train-size", "50"]) == 2
     assert "cannot open it" in capsys.readouterr().err
     assert main(["results"]) == 2 and "no run stored yet" in capsys.readouterr().err
+    broken = tmp_path / "broken.sqlite"  # a truncated file: reading it fails and adds no -wal/-shm beside it
+    broken.write_bytes(b"SQLite format 3\x00" + b"\x10\x00\x02\x02" + b"\x00" * 3000)
+    assert main(["results", "--store", str(broken)]) == 2 and "cannot open it" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("broken*")) == ["broken.sqlite"]
     assert main(["run", "--dataset", "sst2,imdb", "--store", str(tmp_path / "new" / "s.sqlite")]) == 2
     assert not default_store_path().exists() and not (tmp_path / "new").exists()  # checked before anything is made
 
@@ -388,6 +438,24 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     p.stdout.close()  # before the command writes: its first write meets a pipe without a reader
     err = p.stderr.read()
     assert p.wait() == 141 and err == ""
+
+
+def test_damaged_model_folders_are_one_line_errors(tiny_model, tmp_path, capsys):
+    import shutil
+
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    corrupt = shutil.copytree(tiny_model, tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"\xff" * 5000)
+    assert main(["eval", str(corrupt), str(tmp_path / "d.tsv")]) == 2
+    assert "corrupt: cannot load (Error while deserializing header" in capsys.readouterr().err
+    # a labels file naming more classes than the weights have: loading would give a new, random head
+    relabelled = shutil.copytree(tiny_model, tmp_path / "relabelled")
+    n = json.loads((relabelled / "config.json").read_text()).get("num_labels", 2)
+    names = [f"c{i}" for i in range(n + 1)]
+    (relabelled / "cleantune_labels.json").write_text(json.dumps({"label_names": names, "max_length": 32}))
+    (tmp_path / "e.tsv").write_text("sentence\tlabel\n" + "".join(f"x {c}\t{c}\n" for c in names))
+    assert main(["eval", str(relabelled), str(tmp_path / "e.tsv")]) == 2
+    assert f"{n + 1} label names for a model with {n} classes" in capsys.readouterr().err
 
 
 def test_eval_names_its_model_argument_as_given(tmp_path, capsys):

@@ -64,10 +64,23 @@ def test_integer_labels_and_custom_columns(tmp_path):
     ("a.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t\u00b2\n", "a.tsv:4: label '\u00b2' is a string name"),
     ("a.jsonl", '{"text": "a", "label": 0}\n{"text": 5, "label": 1}\n', "a.jsonl:2: text 5 is not a string"),
     ("a.csv", 'sentence,label\n"two\nlines",0\nok,1\n"",1\n', "a.csv:5: empty text"),
+    # a JSON escape of half a UTF-16 pair: no tokenizer takes the string it decodes to
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "ok \\ud800", "label": 1}\n',
+     "a.jsonl:2: invalid text (character 4 is a lone surrogate)"),
+    ("a.jsonl", '{"text": "a", "label": 0, "x": ' + "[" * 100000 + "]" * 100000 + "}\n",
+     "a.jsonl:1: invalid JSON (nested too deeply)"),
 ])
 def test_malformed_files_name_file_and_line(tmp_path, name, content, msg):
     with pytest.raises(UserError, match=re.escape(msg)):
         read_dataset(write(tmp_path, name, content))
+
+
+def test_one_column_cannot_be_both_text_and_label(tmp_path):
+    # it would train on the labels as text (or make a class of every sentence)
+    path = write(tmp_path, "a.tsv", "sentence\tlabel\nfine\t0\nbad\t1\n")
+    for text_column, label_column in (("label", "label"), ("auto", "sentence")):
+        with pytest.raises(UserError, match="the text and label columns are both"):
+            read_dataset(path, text_column, label_column)
 
 
 def test_undecodable_bytes_and_unknown_label(tmp_path):

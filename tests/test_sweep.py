@@ -169,7 +169,7 @@ def test_failed_cell_is_recorded_and_the_others_run(tiny_model, tmp_path, capsys
     store = tmp_path / "s.sqlite"
     assert main(["sweep", str(grid), "--store", str(store), "--no-progress", "--cpus-per-run", "1"]) == 1
     runs = {r["config"]["defense"]: r for r in ResultStore(store).runs()}
-    assert runs["lora"]["status"] == "failed" and "NoMatchingPeftModuleError" in runs["lora"]["error"]
+    assert runs["lora"]["status"] == "failed" and "UserError: option target_modules" in runs["lora"]["error"]
     assert "Traceback" in runs["lora"]["error"]
     assert runs["lora"]["config"]["target_modules"] == ["no_such_module"]
     assert runs["finetune"]["status"] == "ok" and "cacc" in runs["finetune"]["metrics"]

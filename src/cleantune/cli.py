@@ -201,10 +201,14 @@ def load_config_file(path: str, label: str | None = None) -> dict:
         raise UserError(f"{label}: cannot parse ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{label}: expected a mapping of option names to values")
+    odd = next((k for k in data if not isinstance(k, str)), None)  # YAML reads `1: 2` as an int key
+    if odd is not None:
+        raise UserError(f"{label}: unknown key {odd!r} (option names are words)")
     return data
 
 
 def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
+    from .options import check_values
     from .runner import RunConfig
 
     known = {f.name for f in fields(RunConfig)} | ({"store"} if store else set())
@@ -215,6 +219,8 @@ def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
             if key not in known:
                 raise UserError(f"--config {ns.config}: unknown key '{k}'")
             opts[key] = v
+        # a wrong type is named with the file it came from (the axes may be lists: checked per cell)
+        check_values(RunConfig, {k: v for k, v in opts.items() if k not in LIST_AXES}, f"--config {ns.config}")
     cli = {k: v for k, v in vars(ns).items() if k in known or k == "option"}
     if "option" in cli:
         opts.setdefault("options", {}).update(dict(_option(s) for s in cli.pop("option")))
@@ -267,6 +273,9 @@ def cmd_run(ns) -> int:
     opts = _run_options(ns)
     store_path = opts.pop("store", None)
     axes = {a: _as_list(opts.pop(a)) if a in opts else [getattr(RunConfig, a)] for a in LIST_AXES}
+    empty = next((a for a, values in axes.items() if not values), None)
+    if empty:  # `--dataset ,` would run nothing and still create the store
+        raise UserError(f"--{empty} lists no value")
     axes["seed"] = [_int("seed", s) for s in axes["seed"]]
     if "triggers" in opts:
         opts["triggers"] = _as_list(opts["triggers"])
@@ -568,11 +577,11 @@ def cmd_report(ns) -> int:
     from .report import write_report
     from .store import ResultStore
 
+    check_out_dir(ns.out, model=False)
     store = ResultStore(ns.store, readonly=True)
     for f in ns.frequency:
         if not Path(f).is_file():
             raise UserError(f"--frequency {f}: no such file")
-    check_out_dir(ns.out, model=False)
     html, md = write_report(store, ns.out, ns.frequency)
     print(f"wrote {html} and {md}")
     return 0

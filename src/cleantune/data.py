@@ -134,6 +134,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{n}: invalid JSON (nested too deeply)") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{path}:{n}: each line must be a JSON object")
             out.append((n, rec))
@@ -182,6 +184,8 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
     first_line, first = records[0]
     if text_column == "auto":
         text_column = next((c for c in ("sentence", "text") if c in first), "sentence")
+    if text_column == label_column:
+        raise UserError(f"{path}: the text and label columns are both '{text_column}'")
     for col in (text_column, label_column):
         if col not in first:
             raise UserError(f"{path}:{first_line}: missing column '{col}' (found: {', '.join(map(str, first))})")
@@ -194,6 +198,10 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
             raise UserError(f"{path}:{n}: text {json.dumps(t)[:40]} is not a string")
         if not t.strip():
             raise UserError(f"{path}:{n}: empty text")
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{path}:{n}: invalid text (character {e.start + 1} is a lone surrogate)") from None
         if y is None or (isinstance(y, str) and not y.strip()):
             raise UserError(f"{path}:{n}: missing label")
         if isinstance(y, bool) or not isinstance(y, (int, float, str)):

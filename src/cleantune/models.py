@@ -104,6 +104,8 @@ def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
     """`load(path, **kwargs)` (a `from_pretrained`), its failures as one UserError. Where the hub cannot be
     reached, a hub id is read from the cache alone: transformers would retry each file 5 times with backoff,
     about 50 s and 20 lines of warnings before failing just the same."""
+    from safetensors import SafetensorError
+
     _quiet_transformers()
     with _quiet_hub():
         unreachable = None if Path(path).exists() else _hub_unreachable(path)
@@ -113,7 +115,8 @@ def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
                 kwargs["adapter_kwargs"] = {**kwargs["adapter_kwargs"], "local_files_only": True}
         try:
             return load(path, **kwargs)
-        except (OSError, ValueError) as e:  # ValueError: a config.json transformers cannot read
+        # ValueError: a config.json transformers cannot read; SafetensorError: a corrupt weights file
+        except (OSError, ValueError, SafetensorError) as e:
             if unreachable:
                 raise UserError(f"{label}: {failed}: not in the local Hugging Face cache and the hub cannot be "
                                 f"reached ({unreachable})") from None
@@ -170,6 +173,8 @@ def check_max_length(model, max_length: int, name: str) -> None:
 def check_out_dir(out: str | Path, model: bool = True) -> None:
     """Refuse, before any work, an output folder that could not be written, or (`model`) a folder a saved
     model would wrongly replace: one with other content."""
+    if not str(out).strip():  # Path("") is the current folder
+        raise UserError("--out: empty path")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
@@ -280,8 +285,12 @@ class Classifier:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Classifier:
+        from transformers import AutoConfig
+
         path = Path(path)
         meta_file = path / LABELS_FILE
+        cfg = _from_pretrained(AutoConfig.from_pretrained, resolve_model(str(path), str(path)), str(path),
+                               "cannot read its config.json")
         if meta_file.is_file():
             try:
                 meta = json.loads(meta_file.read_text())
@@ -290,11 +299,10 @@ class Classifier:
                     raise TypeError("label_names is not a list of two or more names")
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{meta_file}: not a valid label file ({type(e).__name__}: {e})") from None
+            if len(labels) != cfg.num_labels:  # loading would quietly give the model a new, random head
+                raise UserError(f"{meta_file}: {len(labels)} label names for a model with {cfg.num_labels} "
+                                f"classes (its config.json)")
         else:
-            from transformers import AutoConfig
-
-            cfg = _from_pretrained(AutoConfig.from_pretrained, resolve_model(str(path), str(path)), str(path),
-                                   "cannot read its config.json")
             labels, max_length = [cfg.id2label[i] for i in range(cfg.num_labels)], 128
         # the caller named the model by its path (eval's MODEL, a victim= option), not by --model
         return cls(load_model(str(path), labels, str(path)), load_tokenizer(str(path), str(path)), labels, max_length)

@@ -65,6 +65,8 @@ class ResultStore:
         label = f"--store {self.path}"
         if readonly and not self.path.is_file():
             raise UserError(f"{label}: no such file" + ("" if path is not None else " (no run stored yet)"))
+        companions = [Path(f"{self.path}{s}") for s in ("-wal", "-shm")]
+        created = [c for c in companions if not c.exists()]
         try:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,14 @@ class ResultStore:
             if not readonly:
                 _retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
                 _retry(lambda: self.conn.execute(SCHEMA))
-        except (sqlite3.DatabaseError, OSError) as e:
+        except (sqlite3.DatabaseError, OSError, UserError) as e:
+            if hasattr(self, "conn"):
+                self.conn.close()
+            if readonly:  # a store refused on reading is left as it was found
+                for c in created:
+                    c.unlink(missing_ok=True)
+            if isinstance(e, UserError):
+                raise
             raise UserError(f"{label}: cannot open it as a cleantune results store ({e})") from None
 
     def get(self, run_id: str) -> dict | None:
@@ -101,8 +110,18 @@ class ResultStore:
         rows = _retry(lambda: self.conn.execute("SELECT * FROM runs ORDER BY created").fetchall())
         return [self._row(r) for r in rows]
 
-    @staticmethod
-    def _row(row) -> dict:
+    def _row(self, row) -> dict:
         id_, config, status, metrics, timings, env, error, created = row
-        return {"id": id_, "config": json.loads(config), "status": status, "metrics": json.loads(metrics),
-                "timings": json.loads(timings), "env": json.loads(env), "error": error, "created": created}
+        out = {"id": id_, "status": status, "error": error, "created": created}
+        for name, text in (("config", config), ("metrics", metrics), ("timings", timings), ("env", env)):
+            try:
+                out[name] = json.loads(text)
+            except (TypeError, ValueError, RecursionError):
+                out[name] = None
+            if not isinstance(out[name], dict):  # a row edited or damaged outside cleantune
+                raise UserError(f"--store {self.path}: run {id_} has a corrupt '{name}' column")
+        bad = next((k for k in ("cacc", "asr", "asr_floor") if k in out["metrics"]
+                    and (isinstance(out["metrics"][k], bool) or not isinstance(out["metrics"][k], (int, float)))), None)
+        if bad:
+            raise UserError(f"--store {self.path}: run {id_} has a corrupt '{bad}' metric ({out['metrics'][bad]!r})")
+        return {k: out[k] for k in COLUMNS}

@@ -67,6 +67,7 @@ class ABL(Defense):
     unlearning_lr: float = 5e-5
 
     name = "abl"
+    positive = ("gamma", "unlearning_lr")
     clean_data = "clean dev: model selection only"
     step_hooks = False
 
@@ -75,6 +76,7 @@ class ABL(Defense):
             raise UserError(f"ABL: option isolation_ratio must be in (0, 1), got {self.isolation_ratio}")
         if self.isolation_epochs < 1 or self.unlearning_epochs < 0:
             raise UserError("ABL needs isolation_epochs >= 1 and unlearning_epochs >= 0")
+        super().__post_init__()
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:

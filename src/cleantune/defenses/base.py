@@ -45,6 +45,18 @@ class Defense:
     # is plain fine-tuning behind an inference-time filter (STRIP, RAP, ONION) or an edit of one (BTU), or
     # comes out of several trainings with their own step counts (ABL).
     step_hooks: ClassVar[bool] = True
+    # Options that must be above 0 (counts: at least 1). With the loop's own settings they are checked when
+    # the defense is built, so `run` and `sweep --dry-run` refuse them before any cell trains.
+    positive: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        for name in self.positive:
+            value = getattr(self, name)
+            if value is not None and not all(v > 0 for v in (value if isinstance(value, (list, tuple)) else [value])):
+                raise UserError(f"defense '{self.name}': option {name} must be positive, got {value}")
+        # the loop's settings as far as the defense fixes them (None: chosen at fit, e.g. per backbone)
+        TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)
+                         if getattr(self, f.name, None) is not None})
 
     def settings(self) -> dict:
         return asdict(self)

@@ -412,6 +412,7 @@ class BTU(Defense):
     guard_tolerance: float = 0.001
 
     name = "btu"
+    positive = ("k", "rho", "tune_epochs", "expose_batch_size", "expose_lr", "expose_max_length")
     step_hooks = False
     clean_data = ("clean dev: model selection and the collateral guard (default mode); with clean_tuning=k, "
                   "k dev samples are trained on (held out of selection and of the guard)")
@@ -428,8 +429,7 @@ class BTU(Defense):
             raise UserError(f"clean_tuning must be 'none' or a positive number of clean dev samples, got '{self.clean_tuning}'")
         if not 0 <= self.guard_tolerance < 1:
             raise UserError(f"guard_tolerance must be in [0, 1), got {self.guard_tolerance}")
-        if self.k is not None and self.k < 1:
-            raise UserError(f"k must be at least 1, got {self.k}")
+        super().__post_init__()
         # Not settings: the runner may set a callback that scores a Classifier on its test sets (reporting
         # only, never selection), so the three stage points can be stored.
         self.stage_eval = None

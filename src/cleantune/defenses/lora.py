@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UserError
 from .base import Defense
 
 
@@ -14,7 +15,10 @@ def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, target_modules: 
 
     config = LoraConfig(task_type=TaskType.SEQ_CLS if modules_to_save else None, r=r, lora_alpha=alpha,
                         lora_dropout=dropout, target_modules=target_modules)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # target modules the backbone does not have; its names are known only here
+        raise UserError(f"option target_modules={target_modules}: {str(e).splitlines()[0]}") from None
 
 
 @dataclass
@@ -34,6 +38,12 @@ class LoRA(Defense):
     train_head: bool = True
 
     name = "lora"
+    positive = ("lora_r", "lora_alpha")
+
+    def __post_init__(self):
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"defense 'lora': option lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        super().__post_init__()
 
     def prepare_model(self, model, tokenizer, train_data):
         model = apply_lora(model, self.lora_r, self.lora_alpha, self.lora_dropout, self.target_modules)

@@ -249,6 +249,7 @@ class MuScleLoRA(Defense):
     max_raw_grad_ratio: float | None = None
 
     name = "muscle-lora"
+    positive = ("lora_r", "lora_alpha", "head_inner", "scales", "inner_rank", "mslr_alpha", "ref_samples")
     clean_data: ClassVar[str] = ("clean dev: `ref_samples` (96) labelled samples for gradient alignment, "
                                  "the rest for model selection")
     components: ClassVar[tuple[str, ...]] = ("lora", "mslr", "ga")

@@ -143,6 +143,7 @@ class ONION(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "onion"
+    positive = ("lm_max_length", "lm_batch_size")
     at_inference = True
     step_hooks = False
     clean_data = "clean dev: model selection only"

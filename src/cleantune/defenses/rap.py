@@ -128,15 +128,21 @@ class RAP(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "rap"
+    positive = ("rap_epochs", "rap_lr", "scale")
     at_inference = True
     step_hooks = False
     clean_data = "clean dev: model selection, the RAP word's embedding and the drop threshold"
 
     def __post_init__(self):
         check_detector_options(self.frr, self.on_flag)
+        if not self.word.strip():
+            raise UserError("RAP: option word must not be empty")
+        super().__post_init__()
 
     def check_task(self, num_labels: int) -> None:
         check_flag_task(self.on_flag, num_labels)
+        if not 0 <= self.rap_target < num_labels:
+            raise UserError(f"RAP: option rap_target={self.rap_target} is not a class (0..{num_labels - 1})")
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:

@@ -114,6 +114,7 @@ class STRIP(Defense):
         check_detector_options(self.frr, self.on_flag)
         if self.repeat < 1 or not 0 < self.swap_ratio <= 1:
             raise UserError("STRIP needs repeat >= 1 and swap_ratio in (0, 1]")
+        super().__post_init__()
 
     def check_task(self, num_labels: int) -> None:
         check_flag_task(self.on_flag, num_labels)
