@@ -134,6 +134,14 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
         err = capsys.readouterr().err
         assert err.startswith(f"cleantune: error: {msg}") and err.count("\n") == 1, (args, err)
         assert not list(tmp_path.glob("s.sqlite*")), args  # checked before the store is opened
+    # --dry-run refuses a store the real sweep could not open or create
+    (tmp_path / "file").write_text("x")
+    for store, msg in ((tmp_path, "a folder, not a store file"),
+                       (tmp_path / "file" / "s.sqlite", f"cannot create it ({tmp_path / 'file'} is not a folder)")):
+        assert main(["sweep", grid, "--store", str(store), "--dry-run"]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["sweep", grid, "--store", str(tmp_path / "new" / "s.sqlite"), "--dry-run"]) == 0
+    assert "1 cells, 0 stored" in capsys.readouterr().out and not (tmp_path / "new").exists()
 
 
 def test_ray_backend_without_ray_writes_nothing(tiny_model, tmp_path, capsys):

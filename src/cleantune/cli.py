@@ -554,7 +554,12 @@ def cmd_sweep(ns) -> int:
         from .store import default_store_path
 
         path = Path(ns.store) if ns.store else default_store_path()
-        stored = {r["id"] for r in ResultStore(path, readonly=True).runs() if r["status"] == "ok"} if path.is_file() else set()
+        # a store that does not exist yet holds nothing; one the sweep could not create is refused here too
+        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if existing != path and not existing.is_dir():
+            raise UserError(f"--store {path}: cannot create it ({existing} is not a folder)")
+        stored = ({r["id"] for r in ResultStore(path, readonly=True).runs() if r["status"] == "ok"}
+                  if path.exists() else set())
         for c in cells:
             print(f"{'stored' if c.id in stored else 'to run':7} {c.id[:12]}  {c.config.dataset} {c.config.attack} "
                   f"{c.config.defense} seed={c.config.seed}")

@@ -63,6 +63,8 @@ class ResultStore:
         Either way an SQLite file holding other tables is refused, not changed."""
         self.path = Path(path) if path is not None else default_store_path()
         label = f"--store {self.path}"
+        if self.path.is_dir():
+            raise UserError(f"{label}: a folder, not a store file")
         if readonly and not self.path.is_file():
             raise UserError(f"{label}: no such file" + ("" if path is not None else " (no run stored yet)"))
         companions = [Path(f"{self.path}{s}") for s in ("-wal", "-shm")]
