@@ -78,6 +78,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--defense", "rap", "--option", 'word=" "'], "option word must not be empty"),
     (["run", "--option", "warmup_ratio=2"], "--warmup-ratio must be in [0, 1)"),
     (["report", "--out", ""], "--out: empty path"),
+    (["scan", "sst2", "--seed", "99999999999999999999"], "--seed must fit in 64 bits"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, capsys):

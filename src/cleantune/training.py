@@ -65,8 +65,7 @@ class TrainSettings:
             raise UserError(f"--max-grad-norm must be a number, got {self.max_grad_norm}")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not -2**63 <= self.seed < 2**64:  # what torch.manual_seed takes
-            raise UserError(f"--seed must fit in 64 bits, got {self.seed}")
+        check_seed(self.seed)
         if self.lr_schedule not in ("linear", "constant"):
             raise UserError(f"--lr-schedule must be linear or constant, got '{self.lr_schedule}'")
 
@@ -145,7 +144,13 @@ def num_processes() -> int:
     return PartialState(cpu=not torch.cuda.is_available()).num_processes
 
 
+def check_seed(seed: int) -> None:
+    if not -2**63 <= seed < 2**64:  # what torch.manual_seed takes
+        raise UserError(f"--seed must fit in 64 bits, got {seed}")
+
+
 def seed_everything(seed: int) -> None:
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
