@@ -209,3 +209,79 @@ def test_an_unreachable_hub_fails_once_quietly(monkeypatch, capsys, caplog, tmp_
     assert len(err.strip().splitlines()) == 1, err
     assert "--model other/unreachable: cannot load its tokenizer: not in the local" in err, err
     assert client.requests == 2 and sleeps == [] and not (tmp_path / "m").exists()
+
+
+def test_a_pickle_checkpoint_is_refused(tiny_model, tmp_path):
+    """Weights load from safetensors only: a pytorch_model.bin (a pickle, which can run code) is never read."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cleantune.models import load_model
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="cannot load"):
+        load_model(str(folder), ["a", "b"])
+
+
+def test_causal_lm_without_a_pad_token_pads_with_eos(tmp_path):
+    """GPT-2 and Llama ship no pad token: without one, HF's classifier refuses any batch of two or more."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from cleantune.models import load_model, load_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    tok.pad_token, tok.eos_token = None, "[SEP]"
+    tok.save_pretrained(tmp_path / "g")
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=tok.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                             eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
+                                             pad_token_id=None)).save_pretrained(tmp_path / "g")
+    clf = Classifier(load_model(str(tmp_path / "g"), ["a", "b"]), load_tokenizer(str(tmp_path / "g")), ["a", "b"])
+    assert clf.model.config.pad_token_id == clf.tokenizer.pad_token_id == tok.sep_token_id
+    texts = ["a fine film", "a dull , long and loud movie"]
+    # HF pools each row at its last non-pad token, so a padded text scores as it does alone
+    assert torch.allclose(clf.predict_logits(texts), torch.cat([clf.predict_logits(t) for t in texts]), atol=1e-5)
+
+
+def test_max_length_is_checked_against_the_position_table():
+    """RoBERTa-style positions start after the padding index: roberta-base's 514 rows take 512 tokens."""
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    from cleantune.models import check_max_length
+
+    small = dict(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    for model in (BertForSequenceClassification(BertConfig(max_position_embeddings=64, **small)),
+                  RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=66, pad_token_id=1, **small))):
+        check_max_length(model, 64, "m")
+        with pytest.raises(UserError, match="--max-length 65 exceeds the 64 tokens --model m takes"):
+            check_max_length(model, 65, "m")
+
+
+def test_predict_keeps_the_input_order_and_the_train_mode(tiny_model):
+    from cleantune.models import load_model, load_tokenizer
+
+    clf = Classifier(load_model(tiny_model, ["a", "b"]), load_tokenizer(tiny_model), ["a", "b"])
+    # longest first: batching sorts by length, and the rows must come back in the caller's order
+    texts = ["a much longer text with a good many more words in it", "short", "a medium length text", "hi"]
+    clf.model.train()
+    alone = torch.cat([clf.predict_logits(t) for t in texts])
+    assert torch.allclose(clf.predict_logits(texts, batch_size=2), alone, atol=1e-5)
+    assert clf.model.training  # predicting in the middle of training leaves dropout on
+
+
+@pytest.mark.parametrize("given,wanted", [("query", {"query"}), ("query, value", {"query", "value"}),
+                                          (r".*\.value", {"value"}), (["query"], {"query"})])
+def test_lora_target_modules_as_names_or_regex(tiny_model, given, wanted):
+    # `--option target_modules=query` arrives as a string, which PEFT alone would read as a regex that matches
+    # no whole module name
+    from cleantune.defenses.lora import apply_lora
+    from cleantune.models import load_model
+
+    model = apply_lora(load_model(tiny_model, ["a", "b"]), 2, 4, 0.0, given)
+    assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if ".lora_A." in n} == wanted
+    with pytest.raises(UserError, match="option target_modules=\\['nope'\\]: No modules were targeted"):
+        apply_lora(load_model(tiny_model, ["a", "b"]), 2, 4, 0.0, "nope")

@@ -194,6 +194,8 @@ def test_references_are_excluded_from_selection(tiny_model):
     assert get_defense("lora-mslr", model=tiny_model).selection_data(dev) is dev
     with pytest.raises(UserError):
         split_refs(dev.subset(range(50)), 96, 0)
+    with pytest.raises(UserError):  # all of them references: nothing left to select the epoch
+        split_refs(dev.subset(range(96)), 96, 0)
     with pytest.raises(UserError):
         d.hooks(model, tok, None, None)
 
@@ -255,6 +257,7 @@ def test_causal_lm_head_forward_backward_and_export(kind, tmp_path):
     head = model.get_base_model().score
     assert (head.dense.base_linear.in_features, head.dense.base_linear.out_features) == (32, 16)
     assert head.dense.base_linear.bias is None and head.out_proj.bias is None
+    assert head.dropout.p == 0.1  # spec 2.6: the official head's dropout between the two layers
     texts = ["a fine film", "dull , long and loud movie", "ok"]
     batch = make_batch(encode(tok, texts, 32), tok.pad_token_id)
     model.train()
@@ -284,3 +287,129 @@ def test_inject_rejects_bad_targets(tiny_model):
         inject_mslr(model, MSLRConfig(target_module="bert.embeddings"))
     with pytest.raises(UserError):
         MSLRConfig(scales=[])
+
+
+def test_published_scales_by_family_and_width():
+    """Spec 2.5: a 1024-wide encoder (bert/roberta-large) takes the large-size scales 1..9, narrower ones their
+    family's base-size scales."""
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    from cleantune.adapters.mslr import published_mslr
+
+    small = dict(vocab_size=50, num_hidden_layers=1, num_attention_heads=4, intermediate_size=8,
+                 max_position_embeddings=16)
+    for cls, config, base in ((BertForSequenceClassification, BertConfig, [1, 4, 8, 12, 16, 20, 24, 28]),
+                              (RobertaForSequenceClassification, RobertaConfig, [1, 2, 4, 6, 8, 10, 12, 14, 16])):
+        assert published_mslr(cls(config(hidden_size=768, **small))) == (base, 6.0)
+        assert published_mslr(cls(config(hidden_size=1024, **small))) == (list(range(1, 10)), 6.0)
+
+
+def test_roberta_mslr_wraps_the_head_dense_layer(tmp_path):
+    """Spec 2.4: RoBERTa has no pooler; MSLR goes on classifier.dense (before the tanh), not on out_proj."""
+    from conftest import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path / "roberta", "roberta"))
+    d = get_defense("muscle-lora", model=path)
+    model = d.prepare_model(load_model(path, ["a", "b"]), load_tokenizer(path), None)
+    head = model.get_base_model().classifier
+    assert isinstance(head.dense, MSLRLinear) and type(head.out_proj) is nn.Linear
+    assert torch.equal(head.dense.mslr_kappa, torch.tensor([1.0, 2, 4, 6, 8, 10, 12, 14, 16]))
+    assert not head.out_proj.weight.requires_grad
+
+
+def test_plm_defaults_reach_lora_and_the_hook(tiny_model):
+    """The encoder values (spec 3.3, 16.3) must reach the LoRA layers and the gating, not only `resolved_`."""
+    tok = load_tokenizer(tiny_model)
+    d = get_defense("muscle-lora", model=tiny_model)
+    model = d.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+    cfg = model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.0)
+    assert sorted(cfg.target_modules) == ["query", "value"]  # PEFT's default for BERT
+    (hook,) = d.hooks(model, tok, None, load_benchmark("sst2").dev)
+    assert hook.gating == dict(min_ref_grad_norm=5e-7, min_ref_loss=0.4, ga_epoch=1, max_raw_grad_ratio=0.1)
+
+
+def test_train_head_and_target_modules_are_honoured(tiny_model):
+    model = get_defense("muscle-lora", model=tiny_model, train_head=True, target_modules=["query"]).prepare_model(
+        load_model(tiny_model, ["a", "b"]), load_tokenizer(tiny_model), None)
+    names = _trainable(model)
+    assert any(".classifier." in n for n in names)
+    lora = [n for n in names if "lora_" in n]
+    assert lora and all(".query." in n for n in lora)
+
+
+def test_gating_at_its_boundaries():
+    plm = dict(min_ref_grad_norm=5e-7, min_ref_loss=0.4, ga_epoch=1, max_raw_grad_ratio=0.1)
+    # the official tests are strict: a reference loss of exactly minRefLoss no longer projects
+    assert ga_mode(1e-3, 0.4, 0, 10, **plm) == ("raw", 1.0)
+    # epoch == GAEpoch already mixes, with mu = 0 (the projection), not the raw poisoned gradient
+    assert ga_mode(1e-3, 0.3, 1, 10, **plm) == ("mix", 0.0)
+    assert ga_mode(1e-3, 0.3, 9, 10, **plm)[1] == pytest.approx(0.1 * 8 / 9)
+    llm = dict(min_ref_grad_norm=5e-7, min_ref_loss=0.0, ga_epoch=0, max_raw_grad_ratio=0.0)
+    assert ga_mode(1e-3, 0.0, 3, 5, **llm) == ("raw", 1.0)
+
+
+class _TwoTensors(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(3))
+
+
+def _hook_step(tiny_model, ref_a, ref_loss, epoch, **gating):
+    """One after_backward on two tensors with given gradients, the reference gradients stubbed: (grads, logs)."""
+    refs = TextDataset(["good", "bad"], [1, 0], ["a", "b"])
+    hook = GradientAlignment(load_tokenizer(tiny_model), refs, batch_size=2, max_length=8, seed=0, **gating)
+    hook.reference_gradients = lambda model, params, step, device: (ref_loss, [ref_a, torch.zeros(3)])
+    model = _TwoTensors()
+    model.a.grad, model.b.grad = torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.ones(3)
+    ctx = StepContext(model, None, epoch=epoch, step=0, steps_per_epoch=1, settings=TrainSettings(epochs=10))
+    hook.after_backward(ctx)
+    return model.a.grad, model.b.grad, ctx.logs
+
+
+def test_hook_gates_on_the_mean_of_non_zero_reference_norms(tiny_model):
+    """Spec 3.2 step 3: tensors whose reference gradient is zero (LoRA A at step 0) do not drag the mean norm
+    below minRefGradNorm; and the gate sees the loop's epoch (the mixing schedule)."""
+    g_a, r_a = torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    # mean over the one non-zero norm: above the threshold -> project; over both it would be half of it
+    a, b, logs = _hook_step(tiny_model, r_a, 1.0, 0, min_ref_loss=0.0, min_ref_grad_norm=0.75 * r_a.norm().item(),
+                            ga_epoch=0, max_raw_grad_ratio=0.0)
+    assert logs["ga_project"] == 1.0 and torch.allclose(a, project(g_a, r_a)) and torch.equal(b, torch.ones(3))
+    # reference loss under minRefLoss in epoch 4: mix with mu = 0.1 * (4 - 1) / (10 - 1)
+    a, _, logs = _hook_step(tiny_model, r_a, 0.3, 4, min_ref_loss=0.4, min_ref_grad_norm=5e-7, ga_epoch=1,
+                            max_raw_grad_ratio=0.1)
+    mu = 0.1 * 3 / 9
+    assert logs["ga_mix"] == 1.0 and torch.allclose(a, (1 - mu) * project(g_a, r_a) + mu * g_a)
+
+
+def test_each_step_draws_one_fresh_reference_batch(tiny_model, monkeypatch):
+    """Spec 3.1: each step takes the first batch_size references of a fresh shuffle: a batch, not all of them,
+    a different one per step, and the same one again for the same seed and step (reproducible runs)."""
+    import cleantune.defenses.muscle as muscle
+
+    tok = load_tokenizer(tiny_model)
+    refs = TextDataset([f"film number {i}" for i in range(12)], [i % 2 for i in range(12)], ["a", "b"])
+    hook = GradientAlignment(tok, refs, batch_size=4, max_length=16, seed=0, min_ref_loss=0.0,
+                             min_ref_grad_norm=0.0, ga_epoch=0, max_raw_grad_ratio=0.0)
+    seen = []
+    monkeypatch.setattr(muscle, "make_batch", lambda ids, pad: seen.append(tuple(map(tuple, ids))) or make_batch(ids, pad))
+    model = load_model(tiny_model, ["a", "b"])
+    params = [model.classifier.weight]
+    for step in (0, 1, 2, 0):
+        hook.reference_gradients(model, params, step, torch.device("cpu"))
+    assert [len(b) for b in seen] == [4] * 4
+    assert len(set(seen[:3])) == 3 and seen[3] == seen[0]
+
+
+def test_an_adapter_that_does_not_fit_is_refused(tiny_model, tmp_path):
+    """`load_classifier(path, base_model=...)` on the wrong backbone: one line naming the tensor, not a KeyError."""
+    from conftest import make_tiny_model
+
+    from cleantune.adapters.mslr import apply_adapter, register, save_adapter
+
+    bert = load_model(tiny_model, ["a", "b"])
+    register(bert, base_model=tiny_model)  # as ga-lora does: the adapter is the frozen head alone
+    save_adapter(bert, tmp_path / "adapter")
+    roberta = load_model(str(make_tiny_model(tmp_path / "roberta", "roberta")), ["a", "b"])
+    with pytest.raises(UserError, match="adapter tensor 'classifier.bias' does not fit RobertaForSequenceClassification"):
+        apply_adapter(roberta, tmp_path / "adapter")

@@ -11,8 +11,14 @@ def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, target_modules: 
     """PEFT LoRA on `model`, base weights frozen. With `modules_to_save` PEFT's SEQ_CLS task keeps a
     trainable copy of the classification head (saved in the adapter); without it only LoRA trains and
     the head is left to the caller."""
+    import re
+
     from peft import LoraConfig, TaskType, get_peft_model
 
+    # PEFT reads a string as one regex over whole module names, so "query" alone matches nothing; a plain
+    # comma list of names ("query,value", as --option gives it) means those modules, as the list form does
+    if isinstance(target_modules, str) and re.fullmatch(r"\s*\w+(\s*,\s*\w+)*\s*", target_modules):
+        target_modules = [m.strip() for m in target_modules.split(",")]
     config = LoraConfig(task_type=TaskType.SEQ_CLS if modules_to_save else None, r=r, lora_alpha=alpha,
                         lora_dropout=dropout, target_modules=target_modules)
     try:
@@ -34,7 +40,9 @@ class LoRA(Defense):
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target_modules: str | list[str] | None = None  # None: PEFT's default for the architecture (BERT: query, value)
+    # None: PEFT's default for the architecture (BERT: query, value); "query,value" or a list names modules,
+    # any other string is PEFT's regex over whole module names
+    target_modules: str | list[str] | None = None
     train_head: bool = True
 
     name = "lora"
