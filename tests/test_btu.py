@@ -73,6 +73,15 @@ def test_unlearn_moves_exactly_the_chosen_rows_and_dims_to_pad():
     assert w.data[3, 0] == E0[3, 0]
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_unlearning_writes_the_pretrained_padding_row_not_the_victims(recompute):
+    E0, E = _embeddings()
+    E[0] += 0.25  # the victim's padding row moved too (weight decay; models without a padding_idx)
+    w = torch.nn.Parameter(E.clone())
+    unlearn(w, E0, pad_id=0, token_ids=[7], recompute=recompute)
+    assert torch.equal(w.data[7], E0[0])  # every dim of row 7 moved far above c
+
+
 class ToyClassifier:
     """Predicts 1 when the summed first embedding dimension of a text's tokens is positive."""
 
@@ -298,15 +307,19 @@ def test_pass_b_without_a_still_removes_a_tokens(tiny_model, faithful):
     tok = load_tokenizer(tiny_model)
     data = synthetic(120)
 
-    def top(passes):
+    def exposure(passes):
         return btu.expose(tiny_model, tok, data, faithful=faithful, k=3, passes=passes, batch_size=16,
-                          progress=False).top
+                          progress=False)
 
-    both, alone, reversed_ = top("AB"), top("B"), top("BA")
+    full = exposure("AB")
+    both, alone, reversed_ = full.top, exposure("B").top, exposure("BA").top
     assert set(alone) == {"B"} and set(reversed_) == {"A", "B"} and len(alone["B"]) == 3
     assert alone["B"] == both["B"] == reversed_["B"] and reversed_["A"] == both["A"]
     if not faithful:
         assert not set(both["A"]) & set(alone["B"])
+        assert all(full.scores["A"][t] > 0 for t in both["A"])
+    # A's tokens are gone from B's training data, not only from its ranking: their rows never move there
+    assert all(full.scores["B"][t] == 0 for t in both["A"])
 
 
 @pytest.mark.parametrize("faithful", [False, True])
@@ -363,3 +376,76 @@ def test_fit_reports_the_processes_that_trained(tiny_model, monkeypatch):
     defense = BTU(model=tiny_model, k=2, epochs=1, batch_size=16, max_length=64, guard=False)
     defense.fit(synthetic(48), synthetic(16, seed=1), progress=False)
     assert defense.report_.processes == 2
+
+
+def test_drift_is_each_rows_l2_distance_and_excluded_ids_rank_last():
+    E0 = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, -1.0], [0.0, 1.0]])
+    E = torch.tensor([[4.0, 6.0], [0.0, 0.0], [3.0, -1.5], [0.0, 1.0]])
+    # the Euclidean distance of each row (row 0: 5, where an L1 distance gives 7)
+    assert torch.allclose(btu.drift(E0, E), torch.tensor([5.0, 0.0, 0.5, 0.0]))
+    assert btu.rank(torch.tensor([0.1, 0.9, 0.5, 0.7]), exclude=[1]).tolist() == [3, 2, 0, 1]
+
+
+def test_pass_c_trains_only_the_word_embeddings_against_a_held_pretrained_copy(tiny_model, monkeypatch):
+    """Pass C alone (scan --passes C): nothing else learns (spec 4 step 3), and the pretrained rows the drift
+    is measured from are a copy, not the matrix training moves."""
+    trainable, real = [], btu.train
+
+    def spy(model, *args, **kwargs):
+        trainable.append(sorted(n for n, p in model.named_parameters() if p.requires_grad))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(btu, "train", spy)
+    tok = load_tokenizer(tiny_model)
+    embed = TrainSettings(epochs=1, batch_size=16, lr=1e-3, warmup_ratio=0.0, max_grad_norm=0.0, max_length=64)
+    exp = btu.expose(tiny_model, tok, synthetic(32), faithful=False, k=3, passes="C", embed_settings=embed,
+                     progress=False)
+    assert trainable == [["bert.embeddings.word_embeddings.weight"]]
+    assert len(exp.top["C"]) == 3 and all(exp.scores["C"][t] > 0 for t in exp.top["C"])
+
+
+def test_clean_tuning_trains_on_k_dev_samples_held_out_of_selection(tiny_model, monkeypatch):
+    calls, real = {}, btu.train
+
+    def spy(model, tokenizer, data, dev=None, settings=None, hooks=(), *args, **kwargs):
+        calls[kwargs.get("desc")] = (data, dev, [type(h) for h in hooks])
+        return real(model, tokenizer, data, dev, settings, hooks, *args, **kwargs)
+
+    monkeypatch.setattr(btu, "train", spy)
+    dev = synthetic(24, seed=1)
+    BTU(model=tiny_model, btu_mode="faithful", epochs=1, batch_size=16, k=2, clean_tuning=8,
+        max_length=64).fit(synthetic(48), dev, progress=False)
+    tune, select, tune_hooks = calls["btu tune"]
+    pairs = set(zip(dev.texts, dev.labels))
+    assert len(tune) == 8 and set(zip(tune.texts, tune.labels)) <= pairs
+    # the tuning samples never choose an epoch (victim's or tuning's); the rest of dev does
+    for _, chosen, _ in (calls["btu victim"], calls["btu tune"]):
+        assert len(chosen) == 16 and not set(chosen.texts) & set(tune.texts)
+    # faithful tuning continues the victim's AdamW (spec 8 #10)
+    assert _CarryOptimizer in calls["btu victim"][2] and _CarryOptimizer in tune_hooks
+
+
+def test_audit_scores_the_suspicious_set_against_the_trigger(tiny_model):
+    """The audit on a hand-made fit: ranks are 1-based, precision is over the suspicious set, and collateral
+    is what was actually unlearned (not spared) among tokens in at least 1% of the training samples."""
+    tok = load_tokenizer(tiny_model)
+    cf, the, good, rare = tok.convert_tokens_to_ids(["cf", "the", "good", "rare"])
+    V = tok.vocab_size
+    order = torch.tensor([the, good, cf] + [i for i in range(V) if i not in (the, good, cf)])
+    d = BTU()
+    d.exposure_ = btu.Exposure({"A": order, "B": order.flip(0)}, {}, {}, 3, {})
+    d.suspicious_, d.spared_ = sorted([cf, the, good, rare]), [good]
+    d._doc = torch.zeros(V, 2, dtype=torch.long)
+    for t, counts in ((the, [30, 20]), (good, [5, 25]), (rare, [1, 0]), (cf, [0, 10])):
+        d._doc[t] = torch.tensor(counts)
+    d._n_train, d._tokenizer = 100, tok
+    a = d.audit(["cf"])
+    assert a["btu_trigger_tokens"] == ["cf"] and a["btu_trigger_ranks"] == {"cf": {"A": 3, "B": V - 2}}
+    assert a["btu_token_precision"] == 0.25 and a["btu_token_recall"] == 1.0
+    # "rare" sits exactly at the 1% line (1 of 100) and counts; the spared "good" does not
+    assert a["btu_collateral"] == [("the", 50), ("rare", 1)] and a["btu_n_collateral"] == 2
+    assert a["btu_spared_triggers"] == []
+    d.spared_ = [cf]
+    assert d.audit(["cf"])["btu_spared_triggers"] == ["cf"]
+    none = d.audit([])
+    assert none["btu_token_precision"] is None and none["btu_token_recall"] is None and "btu_note" in none

@@ -46,3 +46,11 @@ def test_only_a_successful_stored_run_is_reused(store):
     assert runner._stored(store, "done", force=True) is None
     assert runner._stored(None, "done", force=False) is None
     assert runner._stored(store, "never-ran", force=False) is None
+
+
+def test_store_lists_runs_in_the_order_they_were_stored(tmp_path):
+    s = ResultStore(tmp_path / "r.sqlite")
+    for run_id in ("b", "a", "c"):  # ids are config hashes: their order means nothing to a reader
+        s.put(run_id, {"seed": run_id}, {}, {}, {})
+    assert [r["id"] for r in s.runs()] == ["b", "a", "c"]
+    assert [r["id"] for r in ResultStore(tmp_path / "r.sqlite", readonly=True).runs()] == ["b", "a", "c"]

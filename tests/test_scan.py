@@ -53,12 +53,52 @@ def test_scan_formats(poisoned_file, tiny_model, capsys):
     code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "4", "--format", "csv")
     table = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and [r["token"] for r in table] == [r["token"] for r in rows]
+    assert out.splitlines()[0] == "rank,pass,pass_rank,token,id,drift,doc_freq,label,label_share"  # scripts read by position
     assert set(table[0]) == {"rank", "pass", "pass_rank", "token", "id", "drift", "doc_freq", "label", "label_share"}
 
     code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "4", "--passes", "A")
     lines = out.splitlines()
     assert code == 0 and lines[0].split() == ["rank", "pass", "token", "drift", "doc_freq", "label_skew"]
     assert len(lines) == 2 + 4 + 1  # header, rule, 4 tokens, footer
+
+
+def test_scan_rows_follow_the_passes_order_with_each_tokens_own_counts(poisoned_file, tiny_model, capsys):
+    """--passes BA lists B first. Each row's drift is its own pass's (A's tokens never move in B), and its
+    document frequency and label skew are counted per sample from the file."""
+    samples = [(line.split("\t")[0].split(), line.split("\t")[1]) for line in poisoned_file.read_text().splitlines()[1:]]
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "3", "--passes", "BA", "--format", "json")
+    rows = json.loads(out)
+    assert code == 0 and [r["pass"] for r in rows] == ["B"] * 3 + ["A"] * 3
+    assert [r["pass_rank"] for r in rows] == [1, 2, 3] * 2 and all(r["drift"] > 0 for r in rows)
+    for r in rows:
+        labels = [y for words, y in samples if r["token"] in words]  # a repeated word counts once per sample
+        top = max(set(labels), key=labels.count)
+        assert r["doc_freq"] == len(labels) and r["label_share"] == pytest.approx(labels.count(top) / len(labels))
+        assert r["label"] == top or labels.count(r["label"]) == labels.count(top)
+
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "3", "--passes", "BA",
+                         "--show-samples", "1")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 + 2 * 6 + 1  # header, rule, each token and its one sample, footer
+    for r, line, sample in zip(rows, lines[2::2], lines[3::2]):
+        assert line.split()[1:3] == [f"{r['pass']}{r['pass_rank']}", r["token"]]
+        assert line.endswith(f"{r['label_share']:.2f} {r['label']}")
+        assert sample.startswith("      | ") and r["token"] in sample.split()
+
+
+def test_scan_lists_a_token_once_across_passes(poisoned_file, tiny_model):
+    """Pass C ranks the whole data again, so its top list can repeat A's tokens: each is listed once, under
+    the first pass that found it, and C's own ranks show where the repeats were."""
+    from cleantune.data import TextDataset
+    from cleantune.defenses.btu import scan
+
+    lines = [line.split("\t") for line in poisoned_file.read_text().splitlines()[1:41]]
+    data = TextDataset([t for t, _ in lines], [int(y) for _, y in lines], ["0", "1"])
+    rows = scan(data, tiny_model, k=4, passes="AC", progress=False)
+    ids = [r["id"] for r in rows]
+    c_ranks = [r["pass_rank"] for r in rows if r["pass"] == "C"]
+    assert len(set(ids)) == len(ids) and [r["pass"] for r in rows][:4] == ["A"] * 4
+    assert c_ranks == sorted(set(c_ranks)) and set(c_ranks) <= {1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("args,needle", [
