@@ -69,6 +69,18 @@ def test_report_without_frequency_or_reference_degrades_gracefully(tmp_path):
     assert "dev and test hold the same" not in md  # the hsol caveat only where hsol was run
 
 
+def test_report_writes_only_into_an_empty_folder_or_its_own(tmp_path, capsys):
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.8, 0.1, 5.0, dataset="sst2", attack="badnets", defense="lora")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "notes")]) == 2
+    assert "not a cleantune report; not writing into it" in capsys.readouterr().err
+    assert [f.name for f in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+    for _ in range(2):  # its own earlier report is replaced
+        assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+
+
 def test_report_missing_store_is_a_user_error(tmp_path, capsys):
     assert main(["report", "--store", str(tmp_path / "nope.sqlite"), "--out", str(tmp_path / "r")]) == 2
     assert "no such file" in capsys.readouterr().err

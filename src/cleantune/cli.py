@@ -582,7 +582,7 @@ def cmd_report(ns) -> int:
     from .report import write_report
     from .store import ResultStore
 
-    check_out_dir(ns.out, model=False)
+    check_out_dir(ns.out, "report.md", "cleantune report")
     store = ResultStore(ns.store, readonly=True)
     for f in ns.frequency:
         if not Path(f).is_file():
@@ -628,7 +628,7 @@ def cmd_analyze(ns) -> int:
     from .models import check_out_dir
 
     config.resolve()
-    check_out_dir(ns.out, model=False)
+    check_out_dir(ns.out, "curves.json", "frequency analysis")
     r = frequency.analyze(config, ns.out, every=ns.every, samples=ns.samples, distance=ns.distance,
                           progress=not ns.no_progress)
     m = r["metrics"]

@@ -170,16 +170,16 @@ def check_max_length(model, max_length: int, name: str) -> None:
         raise UserError(f"--max-length {max_length} exceeds the {limit} tokens --model {name} takes")
 
 
-def check_out_dir(out: str | Path, model: bool = True) -> None:
-    """Refuse, before any work, an output folder that could not be written, or (`model`) a folder a saved
-    model would wrongly replace: one with other content."""
+def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved cleantune model") -> None:
+    """Refuse, before any work, an output folder that could not be written, or one with other content than
+    an earlier output of the same command (which holds `marker`): writing there would mix the two."""
     if not str(out).strip():  # Path("") is the current folder
         raise UserError("--out: empty path")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    if model and out.is_dir() and any(out.iterdir()) and not (out / LABELS_FILE).is_file():
-        raise UserError(f"--out {out}: a non-empty folder that is not a saved cleantune model; not replacing it")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UserError(f"--out {out}: a non-empty folder that is not a {what}; not writing into it")
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
