@@ -121,3 +121,65 @@ def test_report_refuses_a_curves_file_without_records(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--frequency {empty}: no frequency curves" in err and "records" in err
     assert not out.exists()
+
+
+def test_low_and_high_frequency_ratios_are_shares_of_the_prediction():
+    torch.manual_seed(1)
+    G, _ = kernels(torch.randn(5, 3), [1.0])
+    P = torch.softmax(torch.randn(5, 2), -1)
+    Y = torch.eye(2)[torch.tensor([0, 1, 1, 0, 1])]
+    out = relative_errors(G, Y, P)
+    GP, p_norm = G[0] @ P, P.norm(dim=1).mean()
+    # of the prediction's size, not the target's: LFR and HFR say how P itself splits
+    assert math.isclose(out["lfr"][0], float(GP.norm(dim=1).mean() / p_norm), rel_tol=1e-5)
+    assert math.isclose(out["hfr"][0], float((P - GP).norm(dim=1).mean() / p_norm), rel_tol=1e-5)
+
+
+def test_first_step_below_a_threshold():
+    from cleantune.frequency import first_step_below
+
+    res = {"records": [{"step": s, "clean": {"e_low": [v]}} for s, v in ((0, 0.9), (5, 0.6), (10, 0.4), (15, 0.2))]}
+    assert first_step_below(res, "clean") == 10
+    assert first_step_below(res, "clean", threshold=0.1) is None
+
+
+def test_embedding_inputs_are_deterministic_and_ignore_padding_and_batching(tiny_model):
+    from cleantune.frequency import embedding_inputs
+    from cleantune.models import load_model
+
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, ["negative", "positive"])
+    model.train()  # as during training: the inputs must still come from eval mode (no dropout)
+    texts = ["a short one", "a much longer sentence with many more words in it than the first"]
+    X = embedding_inputs(model, tok, texts, 32)
+    assert model.training  # the caller's mode is restored
+    assert torch.equal(X, embedding_inputs(model, tok, texts, 32))
+    # a sample's vector does not depend on what it was batched with: pad positions are zero
+    alone = embedding_inputs(model, tok, texts[:1], 32)
+    assert torch.allclose(X[0, : alone.shape[1]], alone[0], atol=1e-6)
+    assert X[0, alone.shape[1]:].abs().max() == 0
+
+
+def test_frequency_hook_subsamples_each_set_reproducibly(tiny_model):
+    b = load_benchmark("sst2")
+    sets = {"clean": b.dev.subset(range(30))}
+
+    def fitted(seed):
+        hook = FrequencyHook(load_tokenizer(tiny_model), sets, every=100, samples=6, seed=seed)
+        d = get_defense("finetune", model=tiny_model, epochs=1, batch_size=8)
+        d.fit(b.train.stratified_sample(16, 0), b.dev.subset(range(8)), progress=False, extra_hooks=(hook,))
+        return hook
+
+    h = fitted(0)
+    assert h.result()["sets"]["clean"]["n"] == 6 and len(h.data["clean"]) == 6
+    assert h.data["clean"].texts == fitted(0).data["clean"].texts
+
+
+def test_the_target_denominator_is_marked_only_when_every_delta_needed_it():
+    # far-apart samples: at a narrow kernel G is the identity and Y - GY vanishes even for mixed labels,
+    # at a wide one it does not; the curves file must not claim the fallback for every delta
+    G, _ = kernels(torch.tensor([[0.0], [40.0], [80.0]]), [0.5, 100.0])
+    Y = torch.eye(2)[torch.tensor([0, 1, 0])]
+    out = relative_errors(G, Y, torch.full((3, 2), 0.5))
+    assert out["e_high_denominator"] == "high part of target"
+    assert all(math.isfinite(v) for v in out["e_high"])

@@ -194,3 +194,29 @@ def test_an_empty_store_gives_a_short_report_without_protocol(tmp_path):
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep2")]) == 0
     md = (tmp_path / "rep2" / "report.md").read_text()
     assert "No successful runs" in md and "Protocol" not in md and "RuntimeError: out of memory" in md
+
+
+def test_fine_tuning_leads_the_table_and_the_protocol_is_per_defense(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed in (0, 1):  # equal numbers over two seeds: still two seeds, so the ± is shown
+        put_run(s, 0.90, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", seed=seed, epochs=2)
+        put_run(s, 0.80, 0.2, 10.0, dataset="sst2", attack="badnets", defense="abl", seed=seed, epochs=4)
+        put_run(s, 0.85, 0.1, 10.0, dataset="sst2", attack="badnets", defense="lora", seed=seed, epochs=5)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    rows = [line.split(" | ")[0][2:] for line in md.splitlines() if line.startswith("| ") and "defense" not in line]
+    assert rows == ["finetune", "abl", "lora"]  # the baseline first, whatever its name sorts as
+    assert "| finetune | 2 | 0.900 ± 0.000 | 1.000 ± 0.000 | +0.0 pt | 1.00× |" in md
+    # each defense's own training budget, not the union over the store
+    protocol = {line.split("**")[1]: line for line in md.splitlines() if line.startswith("- **defense ")}
+    assert "; epochs 2; " in protocol["defense finetune"] and "; epochs 5; " in protocol["defense lora"]
+
+
+def test_analysis_curves_are_read_at_the_smallest_and_largest_delta():
+    from cleantune.report import parse_frequency
+
+    rec = lambda step: {"step": step, "epoch": 0, "clean": {"e_low": [1.0 + step, 2.0, 3.0 + step], "e_high": [4.0, 5.0, 6.0]}}
+    f = parse_frequency({"deltas": [2.0, 5.0, 8.0], "records": [rec(0), rec(5)]})
+    assert f["steps"] == [0, 5]
+    assert f["curves"] == {"clean e_low (δ=2)": [1.0, 6.0], "clean e_low (δ=8)": [3.0, 8.0],
+                           "clean e_high (δ=2)": [4.0, 4.0], "clean e_high (δ=8)": [6.0, 6.0]}

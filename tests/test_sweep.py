@@ -261,3 +261,37 @@ def test_a_cell_failing_where_its_config_no_longer_resolves_is_still_recorded(ti
     record = run_cell(cell, str(tmp_path / "s.sqlite"))
     assert record["status"] == "failed" and record["id"] == cell.id and "data folder gone" in record["error"]
     assert ResultStore(tmp_path / "s.sqlite").get(cell.id)["status"] == "failed"
+
+
+def test_named_options_merge_with_the_grid_wide_ones_and_a_list_of_words_is_one_trigger_value(tiny_model):
+    # a defense's own options add to the grid's options; replacing them would drop weight_decay unnoticed
+    cell, = expand_grid({"model": tiny_model, "options": {"weight_decay": 0.02},
+                         "defense": [{"lora": {"options": {"lora_r": 4}}}]})
+    assert (cell.resolved["weight_decay"], cell.resolved["lora_r"]) == (0.02, 4)
+    # triggers are a list by nature: [cf, mn] is one cell with both triggers, not two cells
+    cell, = expand_grid({"model": tiny_model, "triggers": ["cf", "mn"]})
+    assert cell.config.triggers == ["cf", "mn"]
+
+
+def test_sweep_retries_failed_cells_skips_ok_ones_and_splits_the_cores(tiny_model, tmp_path, monkeypatch):
+    from cleantune import sweep as sweep_module
+
+    a, b = expand_grid({"model": tiny_model, "seed": [0, 1]})
+    store = ResultStore(tmp_path / "s.sqlite")
+    store.put(a.id, a.resolved, {}, {}, {}, status="failed", error="boom")
+    store.put(b.id, b.resolved, {"cacc": 0.9}, {}, {})
+    store.put("other", {"seed": 9}, {"cacc": 0.5}, {}, {})  # another grid's run in the same store
+    calls = []
+
+    def fake_local(cells, store_path, workers, threads):  # no training: what the sweep hands its workers
+        calls.append(([c.id for c in cells], workers, threads))
+        for c in cells:
+            yield {"config": c.resolved, "status": "ok"}
+
+    monkeypatch.setattr(sweep_module, "_local", fake_local)
+    monkeypatch.setattr(sweep_module, "cpu_count", lambda: 8)
+    summary = sweep([a, b], store.path, workers=2, progress=False)
+    assert calls == [([a.id], 2, 4)]  # the failure runs again, the stored run does not; cores // workers
+    assert (summary.skipped, summary.ran) == (1, 1)  # of this grid's cells, not every row in the store
+    sweep([a, b], store.path, workers=2, cpus_per_run=3, progress=False)
+    assert calls[-1] == ([a.id], 2, 3)
