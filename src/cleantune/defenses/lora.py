@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -11,8 +12,6 @@ def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, target_modules: 
     """PEFT LoRA on `model`, base weights frozen. With `modules_to_save` PEFT's SEQ_CLS task keeps a
     trainable copy of the classification head (saved in the adapter); without it only LoRA trains and
     the head is left to the caller."""
-    import re
-
     from peft import LoraConfig, TaskType, get_peft_model
 
     # PEFT reads a string as one regex over whole module names, so "query" alone matches nothing; a plain
