@@ -551,13 +551,13 @@ def cmd_sweep(ns) -> int:
     cells = load_grid(ns.grid)
     check_options(ns.workers, ns.backend, ns.address, ns.cpus_per_run, ns.gpus_per_run)  # --dry-run checks them too
     if ns.dry_run:  # reads the store, creates nothing
+        from .models import check_creatable
         from .store import default_store_path
 
         path = Path(ns.store) if ns.store else default_store_path()
         # a store that does not exist yet holds nothing; one the sweep could not create is refused here too
-        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-        if existing != path and not existing.is_dir():
-            raise UserError(f"--store {path}: cannot create it ({existing} is not a folder)")
+        if not path.exists():
+            check_creatable(path, f"--store {path}")
         stored = ({r["id"] for r in ResultStore(path, readonly=True).runs() if r["status"] == "ok"}
                   if path.exists() else set())
         for c in cells:

@@ -180,11 +180,18 @@ def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved
         raise UserError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"--out {out}: a non-empty folder that is not a {what}; not writing into it")
-    parent = out.absolute().parent
+    check_creatable(out, f"--out {out}")
+
+
+def check_creatable(path: Path, label: str) -> None:
+    """Refuse a path whose nearest existing ancestor is a file or a folder this process cannot write."""
+    parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: cannot create it ({parent} is not a writable folder)")
+    if not parent.is_dir():
+        raise UserError(f"{label}: cannot create it ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{label}: cannot create it ({parent} is not a writable folder)")
 
 
 def as_texts(texts: list[str] | str) -> list[str]:

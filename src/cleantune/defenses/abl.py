@@ -67,15 +67,15 @@ class ABL(Defense):
     unlearning_lr: float = 5e-5
 
     name = "abl"
-    positive = ("gamma", "unlearning_lr")
+    positive = ("isolation_epochs", "gamma", "unlearning_lr")
     clean_data = "clean dev: model selection only"
     step_hooks = False
 
     def __post_init__(self):
         if not 0 < self.isolation_ratio < 1:
             raise UserError(f"ABL: option isolation_ratio must be in (0, 1), got {self.isolation_ratio}")
-        if self.isolation_epochs < 1 or self.unlearning_epochs < 0:
-            raise UserError("ABL needs isolation_epochs >= 1 and unlearning_epochs >= 0")
+        if self.unlearning_epochs < 0:
+            raise UserError(f"ABL: option unlearning_epochs must be at least 0, got {self.unlearning_epochs}")
         super().__post_init__()
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,

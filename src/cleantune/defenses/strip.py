@@ -106,14 +106,15 @@ class STRIP(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "strip"
+    positive = ("repeat",)
     at_inference = True
     step_hooks = False
     clean_data = "clean dev: model selection, replacement words (TF-IDF) and the entropy threshold"
 
     def __post_init__(self):
         check_detector_options(self.frr, self.on_flag)
-        if self.repeat < 1 or not 0 < self.swap_ratio <= 1:
-            raise UserError("STRIP needs repeat >= 1 and swap_ratio in (0, 1]")
+        if not 0 < self.swap_ratio <= 1:
+            raise UserError(f"STRIP: option swap_ratio must be in (0, 1], got {self.swap_ratio}")
         super().__post_init__()
 
     def check_task(self, num_labels: int) -> None:
