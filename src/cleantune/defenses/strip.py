@@ -114,7 +114,7 @@ class STRIP(Defense):
     def __post_init__(self):
         check_detector_options(self.frr, self.on_flag)
         if not 0 < self.swap_ratio <= 1:
-            raise UserError(f"STRIP: option swap_ratio must be in (0, 1], got {self.swap_ratio}")
+            raise UserError(f"STRIP needs swap_ratio in (0, 1], got {self.swap_ratio}")
         super().__post_init__()
 
     def check_task(self, num_labels: int) -> None:
