@@ -9,8 +9,10 @@ import sys
 import time
 
 
+# port 0: accelerate picks a free port. Its default, 29500, is checked and then bound, so two launches at
+# once (another test run, a user's job) could both find it free and one would fail its rendezvous.
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+          "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def test_two_process_launch_trains_and_evaluates(tiny_model, tmp_path):

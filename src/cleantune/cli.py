@@ -441,7 +441,7 @@ def cmd_eval(ns) -> int:
             attack.prepare(bench)
         elif ns.attack in ("syntactic", "style"):
             raise UserError(f"--attack {ns.attack} needs a benchmark name as DATA (its paraphrase tables)")
-        triggered = attack._triggered(data, random.Random(f"eval-{ns.seed}"), "test")
+        triggered = attack.triggered_set(data, random.Random(f"eval-{ns.seed}"), "test")
     m = evaluate(model, data, triggered)
     out = {"n": len(data), "accuracy": m["cacc"]}
     if triggered is not None:

@@ -117,11 +117,13 @@ class Attack:
         poisoned_train = TextDataset(texts, labels, train.label_names, [i in chosen for i in range(len(train))])
         return PoisonedBenchmark(
             bench.name, poisoned_train, bench.dev, bench.test,
-            self._triggered(bench.test, rng, "test"), self._triggered(bench.dev, rng, "dev"),
+            self.triggered_set(bench.test, rng, "test"), self.triggered_set(bench.dev, rng, "dev"),
             self.trigger_words(),
         )
 
-    def _triggered(self, ds: TextDataset, rng: random.Random, split: str) -> TextDataset:
+    def triggered_set(self, ds: TextDataset, rng: random.Random, split: str) -> TextDataset:
+        """The samples of `ds` not labelled `target` that can carry the trigger, triggered and labelled `target`:
+        the set an ASR is measured on."""
         texts = [self.trigger(t, rng, split) for t, y in zip(ds.texts, ds.labels)
                  if y != self.target and self.carries(t, split)]
         if not texts:  # reached by `cleantune eval --attack` on a user's file, which no _plan() checked
