@@ -56,6 +56,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--option", "lora_r=abc", "--defense", "lora"], "'lora_r' expects an integer, got 'abc'"),
     (["run", "--option", "lora_r=[1", "--defense", "lora"], "--option lora_r=[1: cannot parse the value"),
     (["run", "--option", "lora_r=1.7", "--defense", "lora"], "'lora_r' expects an integer"),
+    (["run", "--option", "word= ", "--defense", "rap"], "--option word= : no value (write word=null for none)"),
     (["run", "--epochs", "1", "--option", "epochs=2"], "option 'epochs' is given twice"),
     (["run", "--option", "seed=3"], "option 'seed' is given twice"),
     (["run", "--train-size", "0"], "--train-size must be positive"),

@@ -88,6 +88,13 @@ def test_analyze_refuses_defenses_not_trained_in_one_run(defense, tiny_model, tm
     assert not out.exists()
 
 
+def test_analyze_refuses_the_defense_before_the_cell_is_resolved(tiny_model, tmp_path, capsys):
+    # olid ships no syntactic paraphrases: resolving the cell would refuse that instead
+    code = main(["analyze", "frequency", "--dataset", "olid", "--attack", "syntactic", "--defense", "btu",
+                 "--model", tiny_model, "--out", str(tmp_path / "freq"), "--no-progress"])
+    assert code == 2 and capsys.readouterr().err.startswith("cleantune: error: --defense btu:")
+
+
 def test_analyze_help_lists_the_supported_defenses(capsys):
     with pytest.raises(SystemExit):
         main(["analyze", "frequency", "--help"])

@@ -34,6 +34,8 @@ def _option(s: str) -> tuple[str, object]:
     if "=" not in s:
         raise UserError(f"--option expects KEY=VALUE, got '{s}'")
     k, v = s.split("=", 1)
+    if not v.strip():  # YAML reads an empty value as null, which would surface later as a type error
+        raise UserError(f"--option {s}: no value (write {k.strip()}=null for none)")
     try:
         return k.strip().replace("-", "_"), yaml.safe_load(v)
     except yaml.YAMLError as e:
@@ -627,6 +629,7 @@ def cmd_analyze(ns) -> int:
         raise UserError(f"--samples must be at least 2 (distances need pairs), got {ns.samples}")
     from .models import check_out_dir
 
+    frequency.check_defense(config.defense)  # before resolve() loads the benchmark
     config.resolve()
     check_out_dir(ns.out, "curves.json", "frequency analysis")
     r = frequency.analyze(config, ns.out, every=ns.every, samples=ns.samples, distance=ns.distance,

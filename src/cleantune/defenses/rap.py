@@ -7,7 +7,7 @@ barely drops. An input predicted as the target is flagged when its drop is below
 the drops of the clean dev samples predicted as the target.
 
 Fixed or changed here (see docs/baselines.md):
-* OpenBackdoor reads the target label from the poisoned test labels; here it is a setting (`target`,
+* OpenBackdoor reads the target label from the poisoned test labels; here it is a setting (`rap_target`,
   the defender's knowledge the RAP paper assumes).
 * OpenBackdoor takes the threshold at index floor(len(dev) * frr) of the drops of only the dev samples
   predicted as the target (a shorter list), which raises the real FRR; here the index is taken in that
