@@ -105,6 +105,7 @@ def test_scan_lists_a_token_once_across_passes(poisoned_file, tiny_model):
     (["missing.tsv"], "no such file"),
     (["{file}", "--passes", "AX"], "--passes"),
     (["{file}", "--top", "0"], "--top"),
+    (["{file}", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["{file}", "--attack", "badnets"], "benchmark name"),
     (["{file}", "--format", "xml"], "invalid choice"),
     (["{one_label}"], "two labels"),
@@ -119,3 +120,22 @@ def test_scan_bad_input(poisoned_file, tmp_path, capsys, args, needle):
     code, out, err = _scan(capsys, *args)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("cleantune: error:") and needle in err
+
+
+def test_scan_batch_gives_small_files_enough_steps_to_separate_tokens(poisoned_file, tiny_model, capsys):
+    from cleantune.defenses.btu import scan_batch_size
+
+    assert [scan_batch_size(n) for n in (10, 120, 200, 1000, 6920)] == [8, 8, 8, 40, 256]  # full SST-2 keeps BTU's 256
+    spread = {}
+    for extra in ([], ["--batch-size", "256"]):
+        code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "6", "--passes", "A",
+                             "--format", "json", *extra)
+        drifts = [r["drift"] for r in json.loads(out)]
+        spread[bool(extra)] = (max(drifts) - min(drifts)) / max(drifts)
+    # one Adam step (120 rows, batch 256) moves every row with a gradient alike: the top tokens tie
+    assert spread[True] < 0.01 < spread[False]
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--passes", "A",
+                         "--batch-size", "256")
+    assert "batch 256, 1 optimizer step(s) per pass (too few" in out.splitlines()[-1]
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--passes", "A")
+    assert "batch 8, 15 optimizer step(s) per pass;" in out.splitlines()[-1]

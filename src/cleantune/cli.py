@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
     p.add_argument("--model", default="minilm")
     p.add_argument("--top", type=int, help="tokens per exposure pass (default: 0.0005 x vocabulary size)")
+    p.add_argument("--batch-size", type=int, help="shallow passes' batch (default: BTU's 256, or less so that a "
+                   "pass makes at least 25 optimizer steps)")
     p.add_argument("--passes", default="AB", help="exposure passes: A (shallow), B (A's tokens removed: B "
                    "without A still runs A, unlisted), C (full model, slow); listed in this order; default AB")
     p.add_argument("--faithful", action="store_true", help="official BTU code's exposure (pools over padding, "
@@ -462,12 +465,14 @@ SCAN_COLUMNS = ("rank", "pass", "pass_rank", "token", "id", "drift", "doc_freq",
 def cmd_scan(ns) -> int:
     from .attacks import get_attack
     from .data import BENCHMARKS, load_benchmark, read_dataset
-    from .defenses.btu import scan
+    from .defenses.btu import scan, scan_batch_size
 
     if not ns.passes or any(c not in "ABC" for c in ns.passes) or len(set(ns.passes)) != len(ns.passes):
         raise UserError(f"--passes must be letters from A, B, C without repeats, got '{ns.passes}'")
     if ns.top is not None and ns.top < 1:
         raise UserError(f"--top must be at least 1, got {ns.top}")
+    if ns.batch_size is not None and ns.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {ns.batch_size}")
     if ns.show_samples < 0:
         raise UserError(f"--show-samples must be at least 0, got {ns.show_samples}")
     extra = _attack_options(ns)
@@ -485,8 +490,9 @@ def cmd_scan(ns) -> int:
         data = read_dataset(ns.data, ns.text_column, ns.label_column)
     if data.num_labels < 2:
         raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")
+    batch_size = ns.batch_size or scan_batch_size(len(data))
     rows = scan(data, ns.model, k=ns.top, passes=ns.passes, faithful=ns.faithful, seed=ns.seed,
-                samples=ns.show_samples, progress=not ns.no_progress)
+                samples=ns.show_samples, progress=not ns.no_progress, batch_size=batch_size)
     if ns.format == "json":
         print(json.dumps(rows, indent=1))
     elif ns.format == "csv":
@@ -509,7 +515,10 @@ def cmd_scan(ns) -> int:
             elif ns.show_samples:
                 for t in rows[n - 1]["samples"]:
                     print(f"      | {t}")
-        print(f"{len(data)} samples; passes {ns.passes}; drift = L2 distance of the token's embedding from the "
+        steps = math.ceil(len(data) / batch_size)
+        print(f"{len(data)} samples; passes {ns.passes}, batch {batch_size}, {steps} optimizer step(s) per pass"
+              + (" (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else "")
+              + "; drift = L2 distance of the token's embedding from the "
               f"pretrained one; label_skew = share of samples containing the token that carry its most common label")
     return 0
 

@@ -13,6 +13,7 @@ Every training stage runs through `cleantune.training.train`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -590,17 +591,31 @@ class BTU(Defense):
 # ---------------------------------------------------------------- scan (the expose half, stand-alone)
 
 
+SCAN_MIN_STEPS = 25
+
+
+def scan_batch_size(n: int) -> int:
+    """The shallow passes' batch for `scan` on n samples: BTU's 256, smaller on small files so that a pass
+    makes at least SCAN_MIN_STEPS optimizer steps (full SST-2 makes 28 at 256). With fewer steps the drift
+    does not separate tokens: Adam's first step moves every row that had a gradient by the same amount, so
+    one step (a file under 257 rows) ties every token and the order is arbitrary."""
+    return min(256, max(8, math.ceil(n / SCAN_MIN_STEPS)))
+
+
 def scan(data: TextDataset, model: str = "minilm", *, k: int | None = None, passes: str = "AB",
-         faithful: bool = False, seed: int = 0, samples: int = 0, progress: bool = True) -> list[dict]:
+         faithful: bool = False, seed: int = 0, samples: int = 0, progress: bool = True,
+         batch_size: int | None = None) -> list[dict]:
     """Rank the suspicious tokens of a labelled dataset: exposure passes only, no victim training.
     Rows come pass by pass in the order of `passes`, each in drift order. Only tokens that occur in the
     data are ranked, in both modes: a row is a token to look at in the data (B alone still runs A, whose
-    tokens B removes, without listing it)."""
+    tokens B removes, without listing it). `batch_size` (the shallow passes'; default scan_batch_size)."""
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     tokenizer = load_tokenizer(model)
     view = TokenView(tokenizer)
     seed_everything(seed)
     exp = expose(model, tokenizer, data, faithful=faithful, k=k, passes=passes, seed=seed, view=view,
-                 present_only=True, progress=progress,
+                 present_only=True, progress=progress, batch_size=batch_size or scan_batch_size(len(data)),
                  embed_settings=TrainSettings(epochs=1, batch_size=32, lr=5e-5, warmup_ratio=0.0, max_grad_norm=0.0,
                                               seed=seed, lr_schedule="constant"))
     ids = view.ids(data.texts, 128)
