@@ -38,9 +38,9 @@ def test_report_tables_plots_and_protocol(store, tmp_path):
     page = (tmp_path / "rep" / "report.html").read_text()
     md = (tmp_path / "rep" / "report.md").read_text()
     # sst2: mean ± sample std over the two seeds; lora loses 4 points of CACC and takes half the time
-    assert "| finetune | 2 | 0.910 ± 0.014 | 0.995 ± 0.007 | +0.0 pt | 1.00× |" in md
-    assert "| lora | 2 | 0.870 ± 0.014 | 0.250 ± 0.071 | +4.0 pt | 0.50× |" in md
-    assert "| lora | 1 | 0.900 | 0.500 | +5.0 pt | 1.50× |" in md  # hsol, one seed: no ±
+    assert "| finetune | 2 | 0.910 ± 0.014 | 0.995 ± 0.007 | – | +0.0 pt | 1.00× |" in md
+    assert "| lora | 2 | 0.870 ± 0.014 | 0.250 ± 0.071 | – | +4.0 pt | 0.50× |" in md
+    assert "| lora | 1 | 0.900 | 0.500 | – | +5.0 pt | 1.50× |" in md  # hsol, one seed: no ±
     for text in ("0.870 ± 0.014", "+4.0 pt", "0.50×"):
         assert text in page
     # plots: a bar chart per dataset, the scatter, the recorded frequency curves; all embedded PNGs
@@ -65,7 +65,7 @@ def test_report_without_frequency_or_reference_degrades_gracefully(tmp_path):
     put_run(s, 0.8, 0.1, 5.0, dataset="sst2", attack="syntactic", defense="lora")
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| lora | 1 | 0.800 | 0.100 | – | – |" in md and "Frequency" not in md
+    assert "| lora | 1 | 0.800 | 0.100 | – | – | – |" in md and "Frequency" not in md
     assert "dev and test hold the same" not in md  # the hsol caveat only where hsol was run
 
 
@@ -116,8 +116,8 @@ def test_mixed_precision_runs_are_their_own_rows_and_compare_at_their_precision(
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| finetune | 1 | 0.900 | 1.000 | +0.0 pt | 1.00× |" in md  # not averaged with the bf16 run
-    assert "| lora [bf16] | 1 | 0.850 | 0.200 | +3.0 pt | 0.50× |" in md  # against bf16 fine-tuning
+    assert "| finetune | 1 | 0.900 | 1.000 | – | +0.0 pt | 1.00× |" in md  # not averaged with the bf16 run
+    assert "| lora [bf16] | 1 | 0.850 | 0.200 | – | +3.0 pt | 0.50× |" in md  # against bf16 fine-tuning
     assert "Precision: bf16 mixed precision, fp32" in md
     capsys.readouterr()
     assert main(["results", "--store", str(s.path), "--format", "csv"]) == 0
@@ -164,13 +164,16 @@ def test_defense_is_compared_only_with_fine_tuning_on_the_same_cell(tmp_path):
     put_run(s, 0.8, 0.2, 5.0, dataset="hsol", attack="badnets", defense="lora")
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert md.count("| lora | 1 | 0.800 | 0.200 | – | – |") == 2
+    # sst2 mixes train sizes: every row carries its own, LoRA's too, though LoRA ran only one
+    assert "| lora (train_size=200) | 1 | 0.800 | 0.200 | – | – | – |" in md
+    assert "| finetune (train_size=300) | 1 | 0.900 | 1.000 | – | +0.0 pt | 1.00× |" in md
+    assert "| lora | 1 | 0.800 | 0.200 | – | – | – |" in md  # hsol: one train size, no label
     # fine-tuning on LoRA's 200 samples is its reference, though LoRA trains for its own number of epochs
     ft, lora, ft_wall, lora_wall = 0.85, 0.80, 8.0, 5.0
     put_run(s, ft, 1.0, ft_wall, dataset="sst2", attack="badnets", defense="finetune", train_size=200)
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep2")]) == 0
     md = (tmp_path / "rep2" / "report.md").read_text()
-    assert f"| lora | 1 | 0.800 | 0.200 | {100 * (ft - lora):+.1f} pt | {lora_wall / ft_wall:.2f}× |" in md
+    assert f"| lora (train_size=200) | 1 | 0.800 | 0.200 | – | {100 * (ft - lora):+.1f} pt | {lora_wall / ft_wall:.2f}× |" in md
 
 
 def test_a_bar_in_a_label_stays_inside_its_markdown_cell(tmp_path):
@@ -206,7 +209,7 @@ def test_fine_tuning_leads_the_table_and_the_protocol_is_per_defense(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     rows = [line.split(" | ")[0][2:] for line in md.splitlines() if line.startswith("| ") and "defense" not in line]
     assert rows == ["finetune", "abl", "lora"]  # the baseline first, whatever its name sorts as
-    assert "| finetune | 2 | 0.900 ± 0.000 | 1.000 ± 0.000 | +0.0 pt | 1.00× |" in md
+    assert "| finetune | 2 | 0.900 ± 0.000 | 1.000 ± 0.000 | – | +0.0 pt | 1.00× |" in md
     # each defense's own training budget, not the union over the store
     protocol = {line.split("**")[1]: line for line in md.splitlines() if line.startswith("- **defense ")}
     assert "; epochs 2; " in protocol["defense finetune"] and "; epochs 5; " in protocol["defense lora"]
@@ -220,3 +223,75 @@ def test_analysis_curves_are_read_at_the_smallest_and_largest_delta():
     assert f["steps"] == [0, 5]
     assert f["curves"] == {"clean e_low (δ=2)": [1.0, 6.0], "clean e_low (δ=8)": [3.0, 8.0],
                            "clean e_high (δ=2)": [4.0, 4.0], "clean e_high (δ=8)": [6.0, 6.0]}
+
+
+def test_asr_is_shown_with_its_floor_in_the_table_and_the_plots(tmp_path):
+    from cleantune.report import build
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed, floor in ((0, 0.70), (1, 0.80)):  # the floor is averaged over seeds as ASR is
+        put_run(s, 0.54, 0.54, 10.0, dataset="sst2", attack="badnets", defense="muscle-lora", seed=seed,
+                metrics={"asr_floor": floor})
+    put_run(s, 0.50, 1.00, 10.0, dataset="sst2", attack="badnets", defense="finetune", metrics={"asr_floor": 1.0})
+    put_run(s, 0.90, 0.20, 10.0, dataset="sst2", attack="badnets", defense="lora")  # stored before the floor
+    put_run(s, 0.80, 0.30, 10.0, dataset="sst2", attack="badnets", defense="abl", seed=0, metrics={"asr_floor": 0.1})
+    put_run(s, 0.80, 0.30, 10.0, dataset="sst2", attack="badnets", defense="abl", seed=1)  # one seed without it
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    page = (tmp_path / "rep" / "report.html").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| defense"))
+    assert "| badnets ASR | badnets ASR floor |" in header and "<th>badnets ASR floor</th>" in page
+    assert md_rows(md, "muscle-lora")["muscle-lora"][1:4] == ["0.540 ± 0.000", "0.540 ± 0.000", "0.750 ± 0.071"]
+    assert md_rows(md, "finetune")["finetune"][2:4] == ["1.000", "1.000"]
+    assert md_rows(md, "lora")["lora"][2:4] == ["0.200", "–"]  # an old run still renders
+    assert md_rows(md, "abl")["abl"][3] == "–"  # no floor over a part of the seeds
+    assert "ASR floor" in md.split("## sst2")[0]  # the intro says what it is
+
+    # the plots mark the floor: the same runs without it draw other pictures
+    runs = s.runs()
+    bare = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "asr_floor"}} for r in runs]
+    with_floor, without = build(runs)[2], build(bare)[2]
+    assert with_floor["bars_sst2.png"] != without["bars_sst2.png"]
+    assert with_floor["asr_vs_cacc.png"] != without["asr_vs_cacc.png"]
+    assert build(bare)[2]["bars_sst2.png"] == without["bars_sst2.png"]  # the comparison means something
+
+
+def test_protocol_prints_the_training_settings_the_runs_used(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    # muscle-lora's config holds lr None ("the defense's default"); the lr it trained with is resolved per
+    # backbone and stored in its metrics, as runner._run stores the defense's extra_metrics_
+    put_run(s, 0.54, 0.54, 10.0, dataset="sst2", attack="badnets", defense="muscle-lora", epochs=1,
+            metrics={"resolved_settings": {"lr": 0.001, "lora_r": 8, "scales": [1, 4, 8]}})
+    put_run(s, 0.54, 0.54, 10.0, dataset="sst2", attack="addsent", defense="muscle-lora", epochs=1)  # an older run
+    put_run(s, 0.90, 1.00, 10.0, dataset="sst2", attack="badnets", defense="finetune", epochs=2, lr=3e-4)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    protocol = {line.split("**")[1]: line for line in md.splitlines() if line.startswith("- **defense ")}
+    assert protocol["defense muscle-lora"].endswith("; epochs 1; lr 0.001, default (not recorded)")
+    assert protocol["defense finetune"].endswith("; epochs 2; lr 0.0003")
+    assert "None" not in "".join(protocol.values())
+
+
+def test_a_cell_setting_that_differs_in_a_table_labels_every_row(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    # fine-tuning on 200 and 600 samples; the defenses on 200 only
+    put_run(s, 0.80, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", train_size=200)
+    put_run(s, 0.90, 1.0, 20.0, dataset="sst2", attack="badnets", defense="finetune", train_size=600)
+    put_run(s, 0.70, 0.2, 30.0, dataset="sst2", attack="badnets", defense="btu", train_size=200)
+    for lr in (1e-4, 5e-4):  # LoRA's own lr axis labels LoRA's rows only
+        put_run(s, 0.75, 0.3, 5.0, dataset="sst2", attack="badnets", defense="lora", train_size=200, lr=lr)
+    # an attack's setting counts in its own column: AddSent at another rate than BadNets labels no row
+    put_run(s, 0.85, 1.0, 10.0, dataset="sst2", attack="addsent", defense="finetune", train_size=200, rate=0.2)
+    put_run(s, 0.80, 0.5, 10.0, dataset="hsol", attack="badnets", defense="lora", train_size=200)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    sst2 = md.split("## sst2")[1].split("## ASR")[0]
+    assert sorted(md_rows(sst2, "finetune")) == ["finetune (train_size=200)", "finetune (train_size=600)"]
+    assert list(md_rows(sst2, "btu")) == ["btu (train_size=200)"]
+    assert sorted(md_rows(sst2, "lora")) == ["lora (lr=0.0001, train_size=200)", "lora (lr=0.0005, train_size=200)"]
+    # ΔCACC against fine-tuning on its own 200 samples, as its label says; one fine-tuning row per train
+    # size across the attacks (badnets and addsent in the 200-sample row)
+    assert md_rows(sst2, "btu")["btu (train_size=200)"][4:6] == ["+10.0 pt", "3.00×"]
+    assert md_rows(sst2, "finetune")["finetune (train_size=200)"][1] == "0.800"
+    assert md_rows(sst2, "finetune")["finetune (train_size=200)"][6] == "0.850"
+    assert list(md_rows(md.split("## hsol")[1].split("## sst2")[0], "lora")) == ["lora"]  # hsol: one train size, no label

@@ -35,6 +35,11 @@ ATTACK_KEYS = tuple(sorted({f.name for a in ATTACKS.values() for f in fields(a)}
 CELL_KEYS = ("dataset", "train_size", "attack", *ATTACK_KEYS, "model", "mixed_precision")
 
 
+# The cell's settings that label every row of a dataset's table where they differ in it, an attack's
+# settings where they differ in its column (_variant_rows); the precision has its own tag (_precision_tag).
+TABLE_KEYS = tuple(k for k in CELL_KEYS if k not in ("dataset", "attack", "mixed_precision"))
+
+
 def cell_key(config: dict) -> tuple:
     return tuple(_json(config.get(k)) for k in CELL_KEYS)
 
@@ -56,20 +61,37 @@ def _json(v) -> str:
 def _variant_rows(runs: list[dict]) -> dict[str, tuple[tuple, str]]:
     """Run id -> (row key, row label). Runs of one dataset/attack/defense that differ in more than the seed
     (an lr axis, another train size, another backbone) are separate rows: the key holds the full values of
-    the settings that differ, the label short forms of them that stay as distinct as the values (_forms)."""
+    the settings that differ, the label short forms of them that stay as distinct as the values (_forms).
+    A setting of the cell (TABLE_KEYS) that differs within a dataset's table labels every row there, each
+    defense's too where the defense ran only one value of it: ΔCACC and time× pair a row with fine-tuning
+    on the same cell, and the label says which. Train size and backbone count over the whole table, an
+    attack's settings over its own column (BadNets at 10 % and AddSent at 20 % label no row)."""
+    scopes: dict[tuple, list[dict]] = defaultdict(list)  # (dataset,) and (dataset, attack) -> their runs
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         c = r["config"]
+        scopes[(c["dataset"],)].append(r)
+        scopes[(c["dataset"], c["attack"])].append(r)
         groups[(c["dataset"], c["attack"], c["defense"])].append(r)
+    table_forms = defaultdict(dict)  # scope -> {key: forms}: one value, one short form in every row
+    for scope, rs in scopes.items():
+        for k in TABLE_KEYS:
+            if (k in ATTACK_KEYS) == (len(scope) == 2):
+                present = [r["config"][k] for r in rs if k in r["config"]]
+                if len({_json(v) for v in present}) > 1:
+                    table_forms[scope][k] = _forms(present)
     out = {}
-    for rs in groups.values():
+    for (dataset, attack, _), rs in groups.items():
         keys = sorted({k for r in rs for k in r["config"]} - IGNORED_KEYS)
-        varying = [k for k in keys if len({_json(r["config"].get(k)) for r in rs}) > 1]
-        forms = {k: _forms([r["config"].get(k) for r in rs]) for k in varying}
+        scoped = {**table_forms[(dataset,)], **table_forms[(dataset, attack)]}
+        table = {k: f for k, f in scoped.items() if k in keys}
+        own = [k for k in keys if k not in table and len({_json(r["config"].get(k)) for r in rs}) > 1]
+        forms = {**table, **{k: _forms([r["config"].get(k) for r in rs]) for k in own}}
+        varying = sorted(forms)
         for r in rs:
             c = r["config"]
             key = (c["defense"], c.get("mixed_precision"), *((k, _json(c.get(k))) for k in varying))
-            label = ", ".join(f"{k}={forms[k][_json(c.get(k))]}" for k in varying)
+            label = ", ".join(f"{k}={forms[k].get(_json(c.get(k)), _short(c.get(k)))}" for k in varying)
             out[r["id"]] = key, c["defense"] + _precision_tag(c) + (f" ({label})" if label else "")
     return out
 
@@ -96,7 +118,8 @@ def _forms(values: list) -> dict[str, str]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """{dataset: {"attacks": [...], "rows": [...], "cells": {(row, attack): {...}}}} over the ok runs."""
+    """{dataset: {"attacks": [...], "rows": [...], "cells": {(row, attack): {...}}}} over the ok runs. A cell's
+    "asr_floor" is nan unless every run of it recorded one (runs stored before the floor was)."""
     ok = [r for r in runs if r["status"] == "ok"]
     variants = _variant_rows(ok)
     out: dict = {}
@@ -111,10 +134,12 @@ def summarize(runs: list[dict]) -> dict:
         d["rows"].append(row) if row not in d["rows"] else None
         cacc = _mean_std([r["metrics"].get("cacc") for r in rs])
         asr = _mean_std([r["metrics"].get("asr") for r in rs])
+        floors = [r["metrics"].get("asr_floor") for r in rs]  # a run stored before the floor was recorded: None
+        floor = _mean_std(floors) if None not in floors else (float("nan"), float("nan"))  # not over some seeds
         wall = _mean_std([r["timings"].get("wall_s") for r in rs])
         d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "cell": cell_key(rs[0]["config"]),
                                      "seeds": frozenset(_json(r["config"].get("seed")) for r in rs),
-                                     "cacc": cacc, "asr": asr,
+                                     "cacc": cacc, "asr": asr, "asr_floor": floor,
                                      "wall": wall, "n": len(rs), "runs": rs}
     for d in out.values():
         d["attacks"].sort(key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
@@ -162,7 +187,8 @@ def _colors(names: list[str]) -> dict[str, str]:
 
 
 def plot_scatter(summary: dict) -> bytes | None:
-    """ASR against CACC, one panel per attack, a point per dataset x defense (error bars: std over seeds)."""
+    """ASR against CACC, one panel per attack, a point per dataset x defense (error bars: std over seeds); the
+    ASR floor of each point, where recorded, as a hollow triangle of its colour, joined to it by a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,6 +201,7 @@ def plot_scatter(summary: dict) -> bytes | None:
     rows = sorted({r for d in summary.values() for r in d["rows"]})
     colors, markers = _colors(rows), dict(zip(sorted(summary), "osD^vP*X"))
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 4), squeeze=False)
+    floors = False
     for ax, attack in zip(axes[0], attacks):
         for dataset, d in sorted(summary.items()):
             for row in d["rows"]:
@@ -184,6 +211,11 @@ def plot_scatter(summary: dict) -> bytes | None:
                 ax.errorbar(c["cacc"][0], c["asr"][0], xerr=c["cacc"][1], yerr=c["asr"][1],
                             fmt=markers.get(dataset, "o"), color=colors[row], ms=7, capsize=2,
                             label=f"{dataset} · {row}")
+                floor = c["asr_floor"][0]
+                if not math.isnan(floor):
+                    ax.plot([c["cacc"][0]] * 2, [floor, c["asr"][0]], ls=":", lw=1, color=colors[row])
+                    ax.plot(c["cacc"][0], floor, marker="v", ms=7, mfc="none", ls="none", color=colors[row])
+                    floors = True
         ax.set_title(attack)
         ax.set_xlabel("CACC (clean accuracy)")
         ax.set_ylabel("ASR (attack success)")
@@ -195,13 +227,19 @@ def plot_scatter(summary: dict) -> bytes | None:
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
+    if floors:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="v", ms=7, mfc="none", ls="none", color="0.3"))
+        labels.append("ASR floor (no trigger; in the point's colour)")
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.04 * math.ceil(len(labels) / 4)))
     fig.suptitle("Lower right is better: high clean accuracy, low attack success", y=1.04)
     return _png(fig)
 
 
 def plot_bars(dataset: str, d: dict) -> bytes:
-    """Per dataset: CACC and ASR bars, attacks on the x axis, a bar per defense."""
+    """Per dataset: CACC and ASR bars, attacks on the x axis, a bar per defense; on each ASR bar a dashed black
+    line at its ASR floor, where recorded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,16 +249,24 @@ def plot_bars(dataset: str, d: dict) -> bytes:
     colors = _colors(sorted({r for r in rows}))
     fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(attacks) * 2 + 2), 3.6))
     width = 0.8 / max(1, len(rows))
-    for ax, metric, title in ((axes[0], "cacc", "CACC (higher is better)"), (axes[1], "asr", "ASR (lower is better)")):
+    floor_label = False  # one legend entry for the floor lines
+    for ax, metric, title in ((axes[0], "cacc", "CACC (higher is better)"), (axes[1], "asr", "ASR (lower is better, down to the floor)")):
         for i, row in enumerate(rows):
-            xs, ys, es = [], [], []
+            xs, ys, es, floors = [], [], [], []
             for j, attack in enumerate(attacks):
                 c = d["cells"].get((row, attack))
                 if c is not None:
                     xs.append(j + (i - (len(rows) - 1) / 2) * width)
                     ys.append(c[metric][0])
                     es.append(c[metric][1])
+                    floors.append(c["asr_floor"][0])
             ax.bar(xs, ys, width, yerr=es, color=colors[row], label=row, capsize=2)
+            drawn = [(x, f) for x, f in zip(xs, floors) if not math.isnan(f)]
+            if metric == "asr" and drawn:
+                ax.hlines([f for _, f in drawn], [x - width / 2 for x, _ in drawn], [x + width / 2 for x, _ in drawn],
+                          colors="black", linestyles="--", lw=1.5, zorder=3,
+                          label=None if floor_label else "ASR floor (no trigger)")
+                floor_label = True
         ax.set_xticks(range(len(attacks)), attacks)
         ax.set_ylim(0, 1.05)
         ax.set_title(title)
@@ -321,31 +367,45 @@ def _fmt(ms: tuple[float, float], n: int) -> str:
 def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
     header = ["defense", "seeds"]
     for a in d["attacks"]:
-        header += [f"{a} CACC", f"{a} ASR", f"{a} ΔCACC", f"{a} time×"]
+        header += [f"{a} CACC", f"{a} ASR", f"{a} ASR floor", f"{a} ΔCACC", f"{a} time×"]
     rows = []
     for row in d["rows"]:
         cells = [d["cells"].get((row, a)) for a in d["attacks"]]
         line = [row, "/".join(sorted({str(c["n"]) for c in cells if c}))]
         for c in cells:
             if c is None:
-                line += ["–"] * 4
+                line += ["–"] * 5
                 continue
-            line += [_fmt(c["cacc"], c["n"]), _fmt(c["asr"], c["n"]),
+            line += [_fmt(c["cacc"], c["n"]), _fmt(c["asr"], c["n"]), _fmt(c["asr_floor"], c["n"]),
                      "–" if c["cacc_drop"] is None else f"{100 * c['cacc_drop']:+.1f} pt",
                      "–" if c["time_rel"] is None else f"{c['time_rel']:.2f}×"]
         rows.append(line)
     return header, rows
 
 
+def _used_setting(run: dict, key: str):
+    """A training setting as the run used it: the value the defense resolved (metrics["resolved_settings"],
+    e.g. muscle-lora's per-backbone lr where the config holds None, "its default") where it recorded one,
+    else the config's."""
+    resolved = run["metrics"].get("resolved_settings")
+    if isinstance(resolved, dict) and resolved.get(key) is not None:
+        return resolved[key]
+    return run["config"].get(key)
+
+
 def protocol(runs: list[dict]) -> list[tuple[str, str]]:
-    """(topic, statement) pairs: the settings every number above was produced under."""
+    """(topic, statement) pairs: the settings every number above was produced under; a defense's training
+    settings as used (_used_setting)."""
     ok = [r for r in runs if r["status"] == "ok"]
     if not ok:  # no numbers, nothing they were produced under
         return []
 
-    def values(key, rs=ok):
-        forms = _forms([r["config"][key] for r in ok if key in r["config"]])  # one form per value, report-wide
-        return sorted({forms[_json(r["config"][key])] for r in rs if key in r["config"]}, key=str)
+    def values(key, rs=ok, get=lambda r, k: r["config"][k]):
+        forms = _forms([get(r, key) for r in ok if key in r["config"]])  # one form per value, report-wide
+        return sorted({forms[_json(get(r, key))] for r in rs if key in r["config"]}, key=str)
+
+    def used(key, rs):  # a training setting as the run used it: None (the defense's default) resolved
+        return [v if v != "None" else "default (not recorded)" for v in values(key, rs, _used_setting)]
 
     items = []
     for attack in sorted({r["config"]["attack"] for r in ok}):
@@ -358,10 +418,11 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
     for defense in sorted({r["config"]["defense"] for r in ok}):
         rs = [r for r in ok if r["config"]["defense"] == defense]
         items.append((f"defense {defense}", f"clean-data budget: {'; '.join(values('clean_data', rs)) or 'not recorded'}; "
-                      f"epochs {', '.join(values('epochs', rs))}; lr {', '.join(values('lr', rs))}"))
+                      f"epochs {', '.join(used('epochs', rs))}; lr {', '.join(used('lr', rs))}"))
     items.append(("selection rule", "every defense keeps the epoch with the best accuracy on the clean dev split; "
                   "nothing is selected on poisoned data or on the test split. CACC is accuracy on the clean test "
-                  "split; ASR is the share of triggered non-target test samples classified as the target."))
+                  "split; ASR is the share of triggered non-target test samples classified as the target; the ASR floor is "
+                  "the share of the same clean non-target test samples classified as the target without a trigger."))
     items.append(("statistics", "mean ± sample standard deviation over seeds (the seed drives poisoning, subsampling "
                   "and training); ΔCACC = plain fine-tuning's CACC minus the defense's, in points (positive: "
                   "accuracy lost); time× = the defense's wall time over plain fine-tuning's for the same cell."))
@@ -441,7 +502,9 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
     n_ok = len(runs) - len(failed)
     if n_ok:
         intro = (f"{n_ok} stored runs ({len(failed)} failed) over {len(summary)} dataset(s). "
-                 "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better).")
+                 "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better, but "
+                 "read it against the ASR floor: the share of clean non-target test samples predicted as the "
+                 "target without the trigger, where a model that ignores the trigger sits; – where not recorded).")
     elif failed:
         intro = f"No successful runs in the store, {len(failed)} failed: nothing to compare."
     else:
