@@ -252,6 +252,10 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     assert tok.convert_ids_to_tokens(spared) == [t for t, c in last.items() if c > defense.guard_tolerance]
     assert torch.equal(after[spared], before[spared])  # spared rows keep the victim's values
     assert (rounds == []) == (mode == "faithful")
+    cut = [t for t in S if t not in set(spared)]  # what `cleantune train` prints
+    assert defense.findings().startswith(f"unlearned {len(cut)} suspicious token(s): "
+                                         f"{', '.join(tok.convert_ids_to_tokens(cut))}")
+    assert ("; spared by the collateral guard: " in defense.findings()) == bool(spared)
     replaced = (after[S] == E0[tok.pad_token_id]).sum().item()
     assert replaced >= sum(defense.extra_metrics_["btu_unlearn"]["dims_replaced"]) > 0
     if tuning == "none":

@@ -49,6 +49,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--mode", "sideways"], "--mode must be one of"),
     (["run", "--attack", "style", "--sentence", "x"], "--sentence applies to --attack addsent only"),
     (["run", "--option", "nope=1"], "has no option 'nope'"),
+    (["run", "--defense", "lora", "--option", "lora_rr=4"], "has no option 'lora_rr' (did you mean lora_r? options:"),
     (["run", "--seed", "x"], "--seed: expected an integer"),
     (["run", "--epochs", "two"], "invalid int value"),
     (["run", "--attack", "syntactic", "--dataset", "olid"], "ships none for it"),
@@ -469,6 +470,11 @@ def test_eval_names_its_model_argument_as_given(tmp_path, capsys):
         assert main(["eval", m, "sst2"]) == 2
         err = capsys.readouterr().err
         assert err == f"cleantune: error: {m}: directory has no config.json (not a Hugging Face model)\n", err
+    (tmp_path / "plain" / "config.json").write_text("{}")  # a saved model, and its adapter folder given instead
+    (tmp_path / "plain" / "adapter").mkdir()
+    (tmp_path / "plain" / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["eval", str(tmp_path / "plain" / "adapter"), "sst2"]) == 2
+    assert capsys.readouterr().err.endswith("; this is a PEFT adapter: give the model folder above it\n")
 
 
 def test_a_mistyped_model_name_is_a_quick_one_line_error(tmp_path, capsys):
@@ -491,3 +497,71 @@ def test_run_that_diverges_for_good_leaves_no_checkpoints(tiny_model, tmp_path, 
     assert "training diverged" in capsys.readouterr().err
     runs = data_dir() / "runs"
     assert not runs.exists() or list(runs.iterdir()) == []
+
+
+def test_a_stored_run_says_it_was_not_trained_again(tiny_model, tmp_path, capsys):
+    args = ["run", "--model", tiny_model, "--train-size", "64", "--epochs", "1", "--no-progress",
+            "--store", str(tmp_path / "s.sqlite")]
+    assert main(args) == 0
+    assert "taken from the store" not in capsys.readouterr().out
+    assert main(args) == 0
+    assert "1 of 1 run(s) taken from the store, not trained again (--force re-runs)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,hint", [("run", "with --resume continues"), ("sweep", "skips the stored cells"),
+                                          ("results", None)])
+def test_an_interrupt_says_how_to_continue(command, hint, monkeypatch, capsys):
+    import cleantune.cli as cli
+
+    def interrupted(ns):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    args = {"run": [], "sweep": ["grid.yaml"], "results": []}[command]
+    assert main([command, *args]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cleantune: interrupted")
+    assert (hint in err) if hint else err == "cleantune: interrupted\n"
+
+
+def test_train_prints_what_a_filtering_defense_found(tiny_model, tmp_path, capsys):
+    words = "good bad movie plot actor story fun boring nice awful great dull".split()
+    rows = [f"{w} {words[(i * 5) % 12]} cf\t1" if i % 4 == 0 else f"{w} {words[(i * 5) % 12]}\t{i % 2}"
+            for i, w in enumerate(words * 2)]
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    assert main(["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--defense", "bki", "--epochs", "1",
+                 "--option", "keywords=1", "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("bki: removed ") and " sample(s) holding the suspected keywords " in last
+    assert len(last.split("keywords ")[1].split(", ")) == 1
+    assert main(["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--epochs", "1",
+                 "--out", str(tmp_path / "f"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("saved ")  # finetune looks for nothing
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_help_states_finetunes_own_training_defaults(command, capsys):
+    from cleantune.defenses import FineTune
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    d = FineTune()
+    for option, value in [("--epochs", d.epochs), ("--lr", d.lr), ("--batch-size", d.batch_size),
+                          ("--max-length", d.max_length)]:
+        stated = text.split(f" {option} ", 1)[1].split("(default: the defense's; finetune: ", 1)[1].split(")")[0]
+        assert float(stated) == value, option
+
+
+def test_results_table_formats_each_column_one_way():
+    from cleantune.cli import format_table
+
+    def rec(cacc, wall, sps):
+        return {"id": "x", "status": "ok", "config": {"dataset": "sst2", "rate": 0.1},
+                "metrics": {"cacc": cacc, "asr": 0.5}, "timings": {"wall_s": wall, "samples_per_s": sps}}
+
+    lines = format_table([rec(0.8, 7.26531, 61.26), rec(0.81234, 12.0, 5.4961)]).splitlines()
+    head = lines[0].split()
+    rows = [dict(zip(head, line.split())) for line in lines[2:]]
+    assert [r["samples_per_s"] for r in rows] == ["61.3", "5.5"] and [r["wall_s"] for r in rows] == ["7.3", "12.0"]
+    assert [r["CACC"] for r in rows] == ["0.8000", "0.8123"] and rows[0]["rate"] == "0.1"

@@ -43,6 +43,8 @@ def test_integer_labels_and_custom_columns(tmp_path):
 @pytest.mark.parametrize("name,content,msg", [
     ("a.tsv", "sentence\tlabel\nfine\t1\n\t0\n", "a.tsv:3: empty text"),
     ("a.tsv", "sentence\tlbl\nfine\t1\n", "missing column 'label'"),
+    ("a.tsv", "review\tlabel\nfine\t1\n", "a.tsv:1: missing column 'sentence' or 'text' (found: review, label)"),
+    ("a.jsonl", '{"review": "a", "label": 1}\n', "a.jsonl:1: missing column 'sentence' or 'text'"),
     ("a.tsv", "sentence\tlabel\nfine\t1\nbad\t0\textra\n", "a.tsv:3: not a table"),
     ("a.jsonl", '{"text": "a", "label": 1}\nnot json\n', "a.jsonl:2: invalid JSON"),
     ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "a.jsonl:2: missing column 'label'"),

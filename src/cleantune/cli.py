@@ -43,6 +43,9 @@ def _option(s: str) -> tuple[str, object]:
         raise UserError(f"--option {s}: cannot parse the value ({str(e).splitlines()[0]})") from None
 
 
+STORE_HELP = "results store, a SQLite file (default: $XDG_DATA_HOME/cleantune/results.sqlite)"
+
+
 def _add_run_options(p: argparse.ArgumentParser, lists: bool, store: bool = True) -> None:
     S = argparse.SUPPRESS
     many = " (comma list: each value runs)" if lists else ""
@@ -51,11 +54,8 @@ def _add_run_options(p: argparse.ArgumentParser, lists: bool, store: bool = True
     p.add_argument("--attack", default=S, help="badnets, addsent, syntactic, style" + many)
     p.add_argument("--defense", default=S, help="defense name" + many)
     p.add_argument("--seed", default=S, help="random seed" + many)
-    p.add_argument("--model", default=S, help="backbone: 'minilm', a local HF directory or a hub id")
-    p.add_argument("--epochs", type=int, default=S)
-    p.add_argument("--lr", type=float, default=S)
-    p.add_argument("--batch-size", type=int, default=S)
-    p.add_argument("--max-length", type=int, default=S)
+    p.add_argument("--model", default=S, help="backbone: 'minilm' (default), a local HF directory or a hub id")
+    _add_training_options(p, S)
     p.add_argument("--train-size", type=int, default=S, help="seeded label-stratified subsample of train")
     p.add_argument("--rate", type=float, default=S, help="poison rate (default 0.1)")
     p.add_argument("--mode", default=S, help="dirty, clean or mix (default dirty)")
@@ -65,7 +65,16 @@ def _add_run_options(p: argparse.ArgumentParser, lists: bool, store: bool = True
     p.add_argument("--sentence", default=S, help="AddSent trigger sentence")
     p.add_argument("--option", action="append", default=S, metavar="KEY=VALUE", help="a defense-specific setting")
     if store:
-        p.add_argument("--store", default=S, help="results store (SQLite file)")
+        p.add_argument("--store", default=S, help=STORE_HELP)
+
+
+def _add_training_options(p: argparse.ArgumentParser, default=None) -> None:
+    unset = " (default: the defense's; finetune: {})"
+    p.add_argument("--epochs", type=int, default=default, help="training epochs" + unset.format(3))
+    p.add_argument("--lr", type=float, default=default, help="peak learning rate" + unset.format("1.5e-4"))
+    p.add_argument("--batch-size", type=int, default=default, help="samples per optimizer step" + unset.format(32))
+    p.add_argument("--max-length", type=int, default=default, help="tokens per sample, longer ones truncated"
+                   + unset.format(128))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,14 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", help="default: sentence or text")
     p.add_argument("--label-column", help="default: label")
     p.add_argument("--defense", help="default: finetune")
-    p.add_argument("--model")
+    p.add_argument("--model", help="backbone: 'minilm' (default), a local HF directory or a hub id")
     p.add_argument("--seed", type=int, help="default: 0")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true")
+    _add_training_options(p)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a defense-specific setting")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training from its last checkpoint")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("eval", help="accuracy of a model on data, or its attack success rate with a trigger")
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a grid file's cross product in parallel, resumably, into the store")
     p.add_argument("grid", help="grid file (.yaml/.toml): run options, lists are axes (see docs/sweep.md)")
-    p.add_argument("--store", help="results store (SQLite file)")
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--workers", type=int, default=1, help="runs at once (local backend: worker processes)")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", help="Ray cluster address (--backend ray; default: start a local Ray)")
@@ -126,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("report", help="HTML and Markdown report (tables, plots, protocol) from the store")
-    p.add_argument("--store", help="results store (SQLite file)")
-    p.add_argument("--out", default="report", help="output folder for report.html and report.md")
+    p.add_argument("--store", help=STORE_HELP)
+    p.add_argument("--out", default="report", help="output folder for report.html and report.md (default: ./report)")
     p.add_argument("--frequency", action="append", default=[], metavar="CURVES_JSON",
                    help="also plot these curves.json files of `cleantune analyze frequency`")
 
@@ -172,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("results", help="the stored runs")
-    p.add_argument("--store")
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     return parser
 
@@ -324,6 +330,10 @@ def cmd_run(ns) -> int:
         print(json.dumps([{k: r[k] for k in ("id", "config", "metrics", "timings")} for r in results], indent=1))
     else:
         print(format_table(results))
+        reused = sum(bool(r.get("reused")) for r in results)
+        if reused:  # a stored result comes back in a second: say that nothing trained
+            print(f"{reused} of {len(results)} run(s) taken from the store, "
+                  "not trained again (--force re-runs)")
         print(f"store: {store.path}")
     return 0
 
@@ -398,6 +408,8 @@ def cmd_train(ns) -> int:
         kept = f"epoch kept: {finished[-1]}, {'no --dev: ' if dev is None else ''}last finished epoch"
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
           f"{defense.report_.processes} process(es), {kept})")
+    if defense.findings():
+        print(f"{ns.defense}: {defense.findings()}")
     return 0
 
 
@@ -545,11 +557,14 @@ def format_table(runs: list[dict]) -> str:
         return "(no runs)"
     cols = [c for c in RESULT_COLUMNS if any(row.get(c) is not None for row in rows)]
 
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) and not isinstance(v, bool) and abs(v) < 10 else (
-            f"{v:.1f}" if isinstance(v, float) else ("-" if v is None else str(v)))
+    def cell(c, v):  # one format per column, so a column's numbers line up
+        if v is None:
+            return "-"
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.1f}" if c in ("wall_s", "samples_per_s") else f"{v:g}" if c == "rate" else f"{v:.4f}"
 
-    table = [[c.upper() if c in ("cacc", "asr") else c for c in cols]] + [[cell(r.get(c)) for c in cols] for r in rows]
+    table = [[c.upper() if c in ("cacc", "asr") else c for c in cols]] + [[cell(c, r.get(c)) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
@@ -666,11 +681,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
         _default(message, category, filename, lineno, file, line)
 
 
+# what an interrupted command keeps, said where the user would otherwise start over
+RESUME_HINT = {
+    "run": " (the same command with --resume continues from the last finished epoch's checkpoint, if any)",
+    "train": " (the same command with --resume continues from the last finished epoch's checkpoint, if any)",
+    "sweep": " (the same command skips the stored cells and resumes the started ones)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     # PEFT 0.21 calls an attribute transformers 5 deprecates, once per LoRA model: a notice for PEFT's
     # developers that every LoRA run would otherwise print
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    ns = None
     try:
         ns = build_parser().parse_args(argv)
         if ns.command not in ("results", "report"):  # those two only read the store: no torch import
@@ -684,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleantune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cleantune: interrupted", file=sys.stderr)
+        print(f"cleantune: interrupted{RESUME_HINT.get(getattr(ns, 'command', None), '')}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         if not _stdout_gone():  # another pipe (a worker's) broke: a real failure

@@ -182,13 +182,17 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
     if not records:
         raise UserError(f"{path}: no samples")
     first_line, first = records[0]
-    if text_column == "auto":
+    if path.suffix.lower() != ".jsonl":  # a table's columns are its header's
+        first_line = 1
+    auto = text_column == "auto"
+    if auto:
         text_column = next((c for c in ("sentence", "text") if c in first), "sentence")
     if text_column == label_column:
         raise UserError(f"{path}: the text and label columns are both '{text_column}'")
     for col in (text_column, label_column):
         if col not in first:
-            raise UserError(f"{path}:{first_line}: missing column '{col}' (found: {', '.join(map(str, first))})")
+            name = "'sentence' or 'text'" if auto and col == text_column else f"'{col}'"
+            raise UserError(f"{path}:{first_line}: missing column {name} (found: {', '.join(map(str, first))})")
     texts, raw_labels = [], []
     for n, rec in records:
         if text_column not in rec or label_column not in rec:

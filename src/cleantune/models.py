@@ -49,7 +49,9 @@ def resolve_model(name: str, label: str | None = None) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"{label}: directory has no config.json (not a Hugging Face model)")
+            hint = ("; this is a PEFT adapter: give the model folder above it"
+                    if (path / "adapter_config.json").is_file() and (path.parent / "config.json").is_file() else "")
+            raise UserError(f"{label}: directory has no config.json (not a Hugging Face model){hint}")
         return str(path.resolve())
     if name.count("/") > 1 or name.startswith((".", "/", "~")):
         raise UserError(f"{label}: no such directory")

@@ -100,3 +100,6 @@ class ABL(Defense):
         self.report_.history = history
         self.extra_metrics_ = {"n_isolated": len(isolated), "isolation_history": iso_report.history}
         return Classifier(model, tok, train_data.label_names, self.max_length)
+
+    def findings(self) -> str:
+        return f"isolated {self.extra_metrics_['n_isolated']} sample(s) as suspected poison and unlearned them"

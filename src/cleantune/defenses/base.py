@@ -61,6 +61,11 @@ class Defense:
     def settings(self) -> dict:
         return asdict(self)
 
+    def findings(self) -> str:
+        """After fit: what the defense found in the training data, in one line (`train` prints it); '' if
+        it looks for nothing. The full record is `extra_metrics_`, which `run` stores."""
+        return ""
+
     def identity(self) -> dict:
         """What a checkpoint of this defense must match to be resumed (with the data and stage)."""
         return {"defense": self.name, **self.settings()}
@@ -108,7 +113,11 @@ def make_defense(cls: type[Defense], options: dict) -> Defense:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise UserError(f"defense '{cls.name}' has no option '{unknown[0]}' (options: {', '.join(sorted(known))})")
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"defense '{cls.name}' has no option '{unknown[0]}' ({hint}options: {', '.join(sorted(known))})")
     from ..models import model_name
 
     # a relative folder would make run ids, store keys and an adapter's base model depend on the working folder

@@ -106,3 +106,7 @@ class BKI(Defense):
                              extra_hooks=extra_hooks)
         self.extra_metrics_ = {"bki_keywords": [[w, s] for w, s in self.keywords_], "n_removed": sum(self.flagged_)}
         return victim
+
+    def findings(self) -> str:
+        return (f"removed {sum(self.flagged_)} sample(s) holding the suspected keywords "
+                f"{', '.join(w for w, _ in self.keywords_)}")

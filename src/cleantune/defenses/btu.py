@@ -555,6 +555,14 @@ class BTU(Defense):
         }
         return clf
 
+    def findings(self) -> str:
+        spared = set(self.spared_)
+        cut = self._tokenizer.convert_ids_to_tokens([t for t in self.suspicious_ if t not in spared])
+        line = f"unlearned {len(cut)} suspicious token(s): {', '.join(cut)}"
+        if spared:
+            line += f"; spared by the collateral guard: {', '.join(self._tokenizer.convert_ids_to_tokens(sorted(spared)))}"
+        return line
+
     def _stage(self, clf: Classifier) -> dict | None:
         if self.stage_eval is None:
             return None

@@ -98,3 +98,7 @@ class CUBE(Defense):
                              extra_hooks=extra_hooks)
         self.extra_metrics_ = {"n_removed": sum(self.flagged_), "n_clusters": int(len(set(self.clusters_.tolist())))}
         return victim
+
+    def findings(self) -> str:
+        return (f"removed {sum(self.flagged_)} sample(s) in minority clusters "
+                f"({self.extra_metrics_['n_clusters']} clusters found)")
