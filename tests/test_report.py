@@ -13,10 +13,10 @@ from cleantune.store import ResultStore, config_hash
 
 
 def put_run(store: ResultStore, cacc: float, asr: float, wall: float, status: str = "ok", metrics: dict | None = None,
-            **config) -> None:
+            timings: dict | None = None, **config) -> None:
     resolved = RunConfig(**config).resolve()  # a real stored config: every key the report reads
     m = {"cacc": cacc, "asr": asr, **(metrics or {})} if status == "ok" else {}
-    store.put(config_hash(resolved), resolved, m, {"wall_s": wall}, {"device": "cpu", "cpu_threads": 2},
+    store.put(config_hash(resolved), resolved, m, {"wall_s": wall, **(timings or {})}, {"device": "cpu", "cpu_threads": 2},
               status=status, error=None if status == "ok" else "RuntimeError: out of memory\nTraceback ...")
 
 
@@ -295,3 +295,13 @@ def test_a_cell_setting_that_differs_in_a_table_labels_every_row(tmp_path):
     assert md_rows(sst2, "finetune")["finetune (train_size=200)"][1] == "0.800"
     assert md_rows(sst2, "finetune")["finetune (train_size=200)"][6] == "0.850"
     assert list(md_rows(md.split("## hsol")[1].split("## sst2")[0], "lora")) == ["lora"]  # hsol: one train size, no label
+
+
+def test_time_ratio_leaves_out_btus_reporting_only_stage_evaluations(tmp_path):
+    from cleantune.report import summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.90, 1.00, 100.0, dataset="sst2", attack="badnets", defense="finetune")
+    put_run(s, 0.89, 0.12, 190.0, dataset="sst2", attack="badnets", defense="btu", timings={"stage_eval_s": 40.0})
+    cell = summarize(s.runs())["sst2"]["cells"][("btu", "badnets")]
+    assert cell["time_rel"] == pytest.approx(1.5)  # (190 - 40) / 100

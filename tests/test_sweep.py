@@ -295,3 +295,13 @@ def test_sweep_retries_failed_cells_skips_ok_ones_and_splits_the_cores(tiny_mode
     assert (summary.skipped, summary.ran) == (1, 1)  # of this grid's cells, not every row in the store
     sweep([a, b], store.path, workers=2, cpus_per_run=3, progress=False)
     assert calls[-1] == ([a.id], 2, 3)
+
+
+def test_dry_run_lines_name_the_settings_that_tell_alike_cells_apart(tiny_model, tmp_path, capsys):
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=["finetune", "lora"], lr=[1e-4, 2e-3])
+    assert main(["sweep", str(grid), "--store", str(tmp_path / "s.sqlite"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    assert len(lines) == 4 and len({line.split(None, 3)[3] for line in lines}) == 4  # no two read alike
+    assert sorted(line.split("  ", 1)[1].split(None, 1)[1] for line in lines) == [
+        "sst2 badnets finetune seed=0 lr=0.0001", "sst2 badnets finetune seed=0 lr=0.002",
+        "sst2 badnets lora seed=0 lr=0.0001", "sst2 badnets lora seed=0 lr=0.002"]

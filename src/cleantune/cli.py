@@ -586,9 +586,18 @@ def cmd_sweep(ns) -> int:
             check_creatable(path, f"--store {path}")
         stored = ({r["id"] for r in ResultStore(path, readonly=True).runs() if r["status"] == "ok"}
                   if path.exists() else set())
+        shown = ("dataset", "attack", "defense", "seed")
+        alike: dict[tuple, list] = {}
         for c in cells:
+            alike.setdefault(tuple(getattr(c.config, k) for k in shown), []).append(c)
+        for c in cells:
+            # the settings that tell this cell from others with the same four (an lr axis, a defense option's)
+            group = alike[tuple(getattr(c.config, k) for k in shown)]
+            varying = sorted(k for k in c.resolved if k not in shown
+                             and len({json.dumps(g.resolved.get(k), sort_keys=True) for g in group}) > 1)
+            extra = "".join(f" {k}={c.resolved[k]}" for k in varying)
             print(f"{'stored' if c.id in stored else 'to run':7} {c.id[:12]}  {c.config.dataset} {c.config.attack} "
-                  f"{c.config.defense} seed={c.config.seed}")
+                  f"{c.config.defense} seed={c.config.seed}{extra}")
         print(f"{len(cells)} cells, {sum(c.id in stored for c in cells)} stored")
         return 0
     s = sweep(cells, ns.store, workers=ns.workers, backend=ns.backend, address=ns.address,

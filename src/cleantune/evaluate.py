@@ -38,26 +38,30 @@ def _share_correct(preds: list[int], labels: list[int]) -> float:
     return sum(p == y for p, y in zip(preds, labels)) / len(labels) if labels else float("nan")
 
 
-def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDataset | None = None) -> dict:
+def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDataset | None = None,
+             progress: str | None = None) -> dict:
     """CACC on the clean test split; ASR = share of triggered non-target samples predicted as the target
     (the triggered set's labels are the target). `asr_floor` is the share of clean non-target test samples
     predicted as the target with no trigger at all: the ASR a model that ignores the trigger still shows,
     the level a defense can at best bring ASR down to.
     Both sets are first renumbered to the model's label ids by class name (`align_labels`), so the target is
-    the class the triggered set's labels name in the data's own numbering."""
+    the class the triggered set's labels name in the data's own numbering. `progress`: a description for
+    progress bars (none without; a bare predictor's `predict` need not take it then)."""
     names = getattr(model, "label_names", None)  # a bare predictor has none: ids as they are
     if names is not None:
         clean_test = align_labels(clean_test, names)
         if triggered_test is not None:
             triggered_test = align_labels(triggered_test, names)
 
-    def predict(data: TextDataset) -> list[int]:
-        return model.predict(data.texts) if len(data) else []
+    def predict(data: TextDataset, what: str) -> list[int]:
+        if not len(data):
+            return []
+        return model.predict(data.texts, progress=f"{progress} ({what})") if progress else model.predict(data.texts)
 
-    preds = predict(clean_test)  # once, for CACC and the floor
+    preds = predict(clean_test, "clean test")  # once, for CACC and the floor
     out = {"cacc": _share_correct(preds, clean_test.labels)}
     if triggered_test is not None:
-        out["asr"] = _share_correct(predict(triggered_test), triggered_test.labels)
+        out["asr"] = _share_correct(predict(triggered_test, "triggered test"), triggered_test.labels)
         if len(triggered_test):
             target = triggered_test.labels[0]
             others = [p for p, y in zip(preds, clean_test.labels) if y != target]

@@ -216,9 +216,12 @@ class Classifier:
         self.max_length = max_length
 
     @torch.no_grad()
-    def predict_logits(self, texts: list[str] | str, batch_size: int = 128) -> torch.Tensor:
-        """Logits, one row per text (a single string is one text: a (1, C) tensor)."""
-        from .training import encode, make_batch
+    def predict_logits(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> torch.Tensor:
+        """Logits, one row per text (a single string is one text: a (1, C) tensor). `progress`: a progress
+        bar's description (none without)."""
+        from tqdm.auto import tqdm
+
+        from .training import encode, is_main_process, make_batch
 
         texts = as_texts(texts)
         if not len(texts):  # the tokenizer fails on an empty batch
@@ -230,18 +233,22 @@ class Classifier:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths: little padding
         out = torch.empty(len(ids), len(self.label_names))
         device = next(model.parameters()).device
+        bar = tqdm(total=len(order), desc=progress, unit="text", leave=False, dynamic_ncols=True,
+                   disable=progress is None or not is_main_process())
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
+            bar.update(len(idx))
             batch = make_batch([ids[i] for i in idx], self.tokenizer.pad_token_id)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             out[idx] = logits.float().cpu()
+        bar.close()
         model.train(was_training)
         return out
 
-    def predict(self, texts: list[str] | str, batch_size: int = 128) -> list[int]:
+    def predict(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> list[int]:
         """Class ids, one per text. A single string is one text and gives a list of one, as a Hugging Face
         pipeline does; no texts give an empty list."""
-        return self.predict_logits(as_texts(texts), batch_size).argmax(-1).tolist()
+        return self.predict_logits(as_texts(texts), batch_size, progress).argmax(-1).tolist()
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the model to `out_dir` whole or not at all (via a `.partial` folder). An existing saved model

@@ -117,6 +117,12 @@ def _forms(values: list) -> dict[str, str]:
     return {j: j for j in distinct}
 
 
+def _cost_s(run: dict) -> float | None:
+    """A run's wall time less what it spent only on reporting (BTU's evaluation after each stage)."""
+    wall = run["timings"].get("wall_s")
+    return None if wall is None else wall - run["timings"].get("stage_eval_s", 0.0)
+
+
 def summarize(runs: list[dict]) -> dict:
     """{dataset: {"attacks": [...], "rows": [...], "cells": {(row, attack): {...}}}} over the ok runs. A cell's
     "asr_floor" is nan unless every run of it recorded one (runs stored before the floor was)."""
@@ -136,7 +142,7 @@ def summarize(runs: list[dict]) -> dict:
         asr = _mean_std([r["metrics"].get("asr") for r in rs])
         floors = [r["metrics"].get("asr_floor") for r in rs]  # a run stored before the floor was recorded: None
         floor = _mean_std(floors) if None not in floors else (float("nan"), float("nan"))  # not over some seeds
-        wall = _mean_std([r["timings"].get("wall_s") for r in rs])
+        wall = _mean_std([_cost_s(r) for r in rs])
         d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "cell": cell_key(rs[0]["config"]),
                                      "seeds": frozenset(_json(r["config"].get("seed")) for r in rs),
                                      "cacc": cacc, "asr": asr, "asr_floor": floor,
@@ -425,7 +431,8 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
                   "the share of the same clean non-target test samples classified as the target without a trigger."))
     items.append(("statistics", "mean ± sample standard deviation over seeds (the seed drives poisoning, subsampling "
                   "and training); ΔCACC = plain fine-tuning's CACC minus the defense's, in points (positive: "
-                  "accuracy lost); time× = the defense's wall time over plain fine-tuning's for the same cell."))
+                  "accuracy lost); time× = the defense's wall time over plain fine-tuning's for the same cell (less the "
+                  "evaluations BTU makes after each stage for this report, which a user of the defense does not run)."))
     caveats = ["syntactic and style paraphrases are the original authors' (SCPN, STRAP), not generated here"]
     if any(r["config"]["dataset"] == "hsol" for r in ok):
         caveats.insert(0, "hsol: dev and test hold the same 2,485 samples (as in the MuScleLoRA and BTU releases), "

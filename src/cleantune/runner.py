@@ -195,10 +195,11 @@ def _run(config: RunConfig, resolved: dict, run_id: str, work: Path, store: Resu
     poisoned = config.build_attack().apply(config.benchmark())
     defense = config.build_defense()
     if hasattr(defense, "stage_eval"):  # multi-stage defenses (BTU) report CACC/ASR after each stage
-        defense.stage_eval = lambda clf: evaluate(clf, poisoned.clean_test, poisoned.triggered_test)
+        defense.stage_eval = lambda clf: evaluate(clf, poisoned.clean_test, poisoned.triggered_test,
+                                                  "stage evaluation" if progress else None)
     model = defense.fit(poisoned.train, poisoned.dev, out_dir=work, resume=resume, progress=progress)
     t_eval = time.perf_counter()
-    metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
+    metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test, "evaluate" if progress else None)
     report = defense.report_
     metrics.update({"best_epoch": report.best_epoch, "history": report.history,
                     "n_train": len(poisoned.train), "n_poisoned": sum(poisoned.train.poisoned),
@@ -212,6 +213,8 @@ def _run(config: RunConfig, resolved: dict, run_id: str, work: Path, store: Resu
                "eval_s": time.perf_counter() - t_eval, "samples_per_s": report.samples_per_s,
                "tokens_per_s": report.tokens_per_s, "peak_memory_mb": peak_memory_mb(),
                "processes": report.processes,
+               # BTU's evaluations after each stage: reporting only, so comparisons of cost leave them out
+               **({"stage_eval_s": metrics["btu_seconds"]["stage_eval"]} if "btu_seconds" in metrics else {}),
                **({"resumed_train_s": report.resumed_train_seconds} if report.resumed_train_seconds else {})}
     result = {"id": run_id, "config": resolved, "status": "ok", "metrics": metrics, "timings": timings,
               "env": environment(), "error": None, "reused": False}

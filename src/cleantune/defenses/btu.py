@@ -318,14 +318,19 @@ def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list
 
 
 def guard_costs(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token_ids: list[int],
-                dev: TextDataset, threshold: float | None = None) -> dict[int, float]:
+                dev: TextDataset, threshold: float | None = None, progress: bool = False) -> dict[int, float]:
     """For each suspicious token that occurs in clean dev: the clean dev accuracy lost by unlearning it
     alone. Only the dev samples that contain the token can change, so only those are re-scored."""
+    from tqdm.auto import tqdm
+
+    from ..training import is_main_process
+
     weight = clf.model.get_input_embeddings().weight
     ids = view.ids(dev.texts, clf.max_length)
     before = torch.tensor(clf.predict(dev.texts)) == torch.tensor(dev.labels)
     costs = {}
-    for t in token_ids:
+    for t in tqdm(token_ids, desc="btu guard", unit="token", leave=False, dynamic_ncols=True,
+                  disable=not (progress and is_main_process())):
         rows = [i for i, seq in enumerate(ids) if t in seq]
         if not rows:
             continue
@@ -338,19 +343,20 @@ def guard_costs(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int,
 
 
 def guarded_unlearn(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token_ids: list[int],
-                    dev: TextDataset, tolerance: float, recompute: bool) -> tuple[dict, list[int], list[dict]]:
+                    dev: TextDataset, tolerance: float, recompute: bool,
+                    progress: bool = False) -> tuple[dict, list[int], list[dict]]:
     """Unlearn the suspicious tokens the collateral guard does not spare; returns (the cut, the spared
     tokens, the guard's costs per round). A spared token's cost is measured again once the others are
     cut, until no more are freed: on the victim a common word can flip a dev sample that cut tokens also
     decided (AddSent's "movie" and "watch" on full SST-2 cost one sample each before the cut, none after)."""
     weight = clf.model.get_input_embeddings().weight
-    costs = guard_costs(clf, view, E0, pad_id, token_ids, dev)
+    costs = guard_costs(clf, view, E0, pad_id, token_ids, dev, progress=progress)
     spared = [t for t, cost in costs.items() if cost > tolerance]
     cut = unlearn(weight, E0, pad_id, [t for t in token_ids if t not in spared], recompute=recompute)
     c = None if recompute else cut["threshold"]  # the later cuts keep the first cut's threshold
     rounds = [costs]
     while spared:
-        again = guard_costs(clf, view, E0, pad_id, spared, dev, threshold=c)
+        again = guard_costs(clf, view, E0, pad_id, spared, dev, threshold=c, progress=progress)
         rounds.append(again)
         freed = [t for t in spared if again[t] <= tolerance]
         if not freed:
@@ -504,7 +510,7 @@ class BTU(Defense):
         # 3. Unlearning, toward the pretrained padding row, of the suspicious tokens the guard does not spare.
         if self.guard and select:
             cut, spared, guard_rounds = guarded_unlearn(clf, view, E0, tokenizer.pad_token_id, suspicious, select,
-                                                        self.guard_tolerance, recompute=self.faithful)
+                                                        self.guard_tolerance, recompute=self.faithful, progress=progress)
         else:
             cut, spared, guard_rounds = unlearn(victim.get_input_embeddings().weight, E0, tokenizer.pad_token_id,
                                                 suspicious, recompute=self.faithful), [], []

@@ -116,9 +116,9 @@ class FlaggingClassifier(Classifier):
             self._flags.update(zip(todo, self.detect(todo)))
         return [self._flags[t] for t in texts]
 
-    def predict(self, texts: list[str] | str, batch_size: int = 128) -> list[int]:
+    def predict(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> list[int]:
         texts = as_texts(texts)
-        preds = super().predict(texts, batch_size)
+        preds = super().predict(texts, batch_size, progress)
         flags = self.flag(texts)
         if self.on_flag == "flip":
             return [1 - p if f else p for p, f in zip(preds, flags)]

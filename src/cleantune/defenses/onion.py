@@ -129,8 +129,8 @@ class OnionClassifier(Classifier):
             self._corrected.update(zip(todo, onion_correct(todo, self.perplexity, self.threshold)))
         return [self._corrected[t] for t in texts]
 
-    def predict_logits(self, texts: list[str] | str, batch_size: int = 128) -> torch.Tensor:
-        return super().predict_logits(self.correct(as_texts(texts)), batch_size)
+    def predict_logits(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> torch.Tensor:
+        return super().predict_logits(self.correct(as_texts(texts)), batch_size, progress)
 
 
 @dataclass
