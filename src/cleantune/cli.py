@@ -691,11 +691,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 
 
 # what an interrupted command keeps, said where the user would otherwise start over
-RESUME_HINT = {
-    "run": " (the same command with --resume continues from the last finished epoch's checkpoint, if any)",
-    "train": " (the same command with --resume continues from the last finished epoch's checkpoint, if any)",
-    "sweep": " (the same command skips the stored cells and resumes the started ones)",
-}
+_WITH_RESUME = " (the same command with --resume continues from the last finished epoch's checkpoint, if any)"
+RESUME_HINT = {"run": _WITH_RESUME, "train": _WITH_RESUME,
+               "sweep": " (the same command skips the stored cells and resumes the started ones)"}
 
 
 def main(argv: list[str] | None = None) -> int:
