@@ -27,6 +27,7 @@ def test_saved_model_loads_with_transformers(tiny_model, named_data, tmp_path):
     assert hf.config.id2label == {0: "neg", 1: "pos"}
     again = Classifier.from_pretrained(tmp_path / "m")
     assert again.label_names == ["neg", "pos"]
+    assert repr(again) == f"Classifier(BertForSequenceClassification, labels=['neg', 'pos'], max_length={again.max_length})"
     assert torch.allclose(again.predict_logits(dev.texts), before, atol=1e-5)
     assert torch.allclose(Classifier(hf, again.tokenizer, ["neg", "pos"]).predict_logits(dev.texts), before, atol=1e-5)
 

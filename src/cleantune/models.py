@@ -215,6 +215,10 @@ class Classifier:
         self.label_names = list(label_names)
         self.max_length = max_length
 
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({type(self.model).__name__}, labels={self.label_names}, "
+                f"max_length={self.max_length})")
+
     @torch.no_grad()
     def predict_logits(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> torch.Tensor:
         """Logits, one row per text (a single string is one text: a (1, C) tensor). `progress`: a progress
