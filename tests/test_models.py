@@ -41,6 +41,9 @@ def test_lora_saves_adapter_and_merged_model(tiny_model, named_data, tmp_path):
     clf.save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    card = (tmp_path / "m" / "adapter" / "README.md").read_text()  # ours, not PEFT's empty template
+    assert "More Information Needed" not in card and f"base model: `{cfg['base_model_name_or_path']}`" in card
+    assert "labels: `neg`, `pos` (ids 0..1)" in card
     merged = Classifier.from_pretrained(tmp_path / "m")
     assert torch.allclose(merged.predict_logits(dev.texts), before, atol=1e-5)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)

@@ -201,6 +201,20 @@ def as_texts(texts: list[str] | str) -> list[str]:
     return [texts] if isinstance(texts, str) else texts
 
 
+def _write_adapter_card(folder: Path, model, label_names: list[str], max_length: int) -> None:
+    """Replace PEFT's empty model-card template with what the adapter is and how it loads."""
+    base = next(iter(model.peft_config.values())).base_model_name_or_path
+    (folder / "README.md").write_text(
+        "# LoRA adapter saved by cleantune\n\n"
+        "The PEFT adapter (LoRA weights, and the classification head where PEFT saves it: `modules_to_save`) of the\n"
+        "merged model in the folder above, which loads on its own with\n"
+        "`AutoModelForSequenceClassification.from_pretrained`.\n\n"
+        f"- base model: `{base}`\n- labels: {', '.join(f'`{n}`' for n in label_names)} (ids 0..{len(label_names) - 1})\n"
+        f"- training max_length: {max_length}\n\n"
+        "Loading the adapter alone needs the head size passed to the base model (it loads with a 2-class head\n"
+        "otherwise): see cleantune's README, \"Loading the LoRA adapter alone\", and `cleantune_labels.json` here.\n")
+
+
 class Classifier:
     """A trained sequence classifier: the model, its tokenizer and its label names.
 
@@ -283,6 +297,7 @@ class Classifier:
                 # the adapter holds the head (modules_to_save) but a base model loads with a 2-class head and
                 # LABEL_i names: loading it alone takes the label names (README, "Loading the LoRA adapter alone")
                 (tmp / "adapter" / LABELS_FILE).write_text(meta)
+                _write_adapter_card(tmp / "adapter", model, self.label_names, self.max_length)
                 model = model.merge_and_unload()
             if hasattr(model, "cleantune_export"):  # adapters of our own merge themselves for export
                 model = model.cleantune_export(tmp)
