@@ -238,7 +238,8 @@ def plot_scatter(summary: dict) -> bytes | None:
 
         handles.append(Line2D([], [], marker="v", ms=7, mfc="none", ls="none", color="0.3"))
         labels.append("ASR floor (no trigger; in the point's colour)")
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.04 * math.ceil(len(labels) / 4)))
+    fig.tight_layout()  # the axis labels get their room first; the legend hangs below them (savefig keeps it)
+    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle("Lower right is better: high clean accuracy, low attack success", y=1.04)
     return _png(fig)
 
