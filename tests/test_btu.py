@@ -4,6 +4,7 @@ three stage points and the token audit."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from cleantune.defenses import btu
 from cleantune.defenses.btu import BTU, TokenView, _CarryOptimizer, substring_removed, unlearn
 from cleantune.errors import UserError
 from cleantune.models import load_model, load_tokenizer
-from cleantune.training import StepHook, TrainSettings, train
+from cleantune.training import StepHook, TrainSettings, seed_everything, train
 from conftest import make_tiny_model
 
 
@@ -454,3 +455,39 @@ def test_audit_scores_the_suspicious_set_against_the_trigger(tiny_model):
     assert d.audit(["cf"])["btu_spared_triggers"] == ["cf"]
     none = d.audit([])
     assert none["btu_token_precision"] is None and none["btu_token_recall"] is None and "btu_note" in none
+
+
+def test_a_resumed_faithful_tuning_keeps_its_checkpoints_optimizer_state(tiny_model, tmp_path):
+    """The carried victim state starts the tuning; a resumed tuning continues from its own checkpoint."""
+    import copy
+
+    class Stop(Exception):
+        pass
+
+    class StopInSecondEpoch(StepHook):  # hooks end an epoch before its checkpoint: epoch 0's is written
+        def on_epoch_end(self, ctx):
+            if ctx.epoch == 1:
+                raise Stop
+
+    tok = load_tokenizer(tiny_model)
+    data = TextDataset(["good film"] * 8 + ["bad film"] * 8, [1] * 8 + [0] * 8, ["a", "b"])
+    s = TrainSettings(epochs=1, batch_size=4, lr=1e-3, warmup_ratio=0.0, max_grad_norm=0.0, lr_schedule="constant")
+    victim, carry = load_model(tiny_model, ["a", "b"]), _CarryOptimizer()
+    train(victim, tok, data, None, s, (carry,), progress=False)
+    carry.loading = True
+    tune = replace(s, epochs=3)
+
+    def tuned(out, hooks, resume=False):
+        seed_everything(0)
+        model, spy = copy.deepcopy(victim), _Spy()
+        train(model, tok, data, None, tune, (copy.deepcopy(carry), spy, *hooks), out, resume, progress=False)
+        return model, spy
+
+    whole, spy = tuned(tmp_path / "a", ())
+    assert spy.step == 16  # the victim's 4 steps, then 3 x 4
+    with pytest.raises(Stop):
+        tuned(tmp_path / "b", (StopInSecondEpoch(),))
+    resumed, spy = tuned(tmp_path / "b", (), resume=True)
+    assert spy.step == 16
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)

@@ -54,3 +54,14 @@ def test_store_lists_runs_in_the_order_they_were_stored(tmp_path):
         s.put(run_id, {"seed": run_id}, {}, {}, {})
     assert [r["id"] for r in s.runs()] == ["b", "a", "c"]
     assert [r["id"] for r in ResultStore(tmp_path / "r.sqlite", readonly=True).runs()] == ["b", "a", "c"]
+
+
+def test_data_dir_follows_xdg(tmp_path, monkeypatch):
+    from cleantune.store import data_dir, default_store_path
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "d"))
+    assert default_store_path() == tmp_path / "d" / "cleantune" / "results.sqlite"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for relative_or_empty in ("", "rel/data"):  # the XDG spec ignores these: else the store follows the cwd
+        monkeypatch.setenv("XDG_DATA_HOME", relative_or_empty)
+        assert data_dir() == tmp_path / "home" / ".local" / "share" / "cleantune"

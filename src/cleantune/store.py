@@ -29,7 +29,10 @@ COLUMNS = ["id", "config", "status", "metrics", "timings", "env", "error", "crea
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "cleantune"
+    # the XDG spec, as data.cache_dir: an unset, empty or relative XDG_DATA_HOME means ~/.local/share (a
+    # relative one would put the store and run folders wherever the command happens to run)
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share") / "cleantune"
 
 
 def default_store_path() -> Path:

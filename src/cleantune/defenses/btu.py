@@ -379,7 +379,7 @@ class _CarryOptimizer(StepHook):
     def on_train_begin(self, ctx):
         if not self.loading:  # a resumed run that has no epoch left still hands on its checkpoint's state
             self.state = ctx.optimizer.state_dict()
-        elif self.state is not None:
+        elif self.state is not None and ctx.step == 0:  # a resumed tuning has its own state, from its checkpoint
             keep = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay") if k in g} for g in ctx.optimizer.param_groups]
             ctx.optimizer.load_state_dict(self.state)
             for g, kept in zip(ctx.optimizer.param_groups, keep):  # this stage's own schedule still applies
