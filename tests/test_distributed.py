@@ -77,3 +77,75 @@ def test_a_launch_waits_for_another_process_on_its_run_folder(tmp_path):
     assert lines.count("busy") == 2 and "unlocked" not in lines  # without waiting, both processes give up
     got = [float(t) for k, t in zip(lines, lines[1:]) if k == "got"]
     assert len(got) == 2 and min(got) >= released
+
+
+REPLICAS = """
+import sys, torch
+from pathlib import Path
+from accelerate import PartialState
+from cleantune.data import TextDataset
+from cleantune.defenses.abl import LocalGradientAscent
+from cleantune.defenses.muscle import GradientAlignment
+from cleantune.models import load_model, load_tokenizer
+from cleantune.training import StepHook, TrainSettings, seed_everything, train
+
+model_dir, out = sys.argv[1], Path(sys.argv[2])
+state = PartialState(cpu=True)
+words = "good bad movie film great awful plot actor story fun boring nice".split()
+# lengths vary, so the processes' batches have other shapes, draw other dropout masks, and their random
+# states part from the first step
+data = TextDataset([" ".join(words[(i * k) % 12] for k in range(1, 2 + i % 7)) for i in range(64)],
+                   [i % 2 for i in range(64)], ["neg", "pos"])
+refs = TextDataset(data.texts[:16], data.labels[:16], ["neg", "pos"])
+tok = load_tokenizer(model_dir)
+
+
+class Stop(Exception):
+    pass
+
+
+class StopInSecondEpoch(StepHook):
+    def on_epoch_end(self, ctx):
+        if ctx.epoch == 1:
+            raise Stop
+
+
+def run(hooks, epochs=1, folder=None, resume=False):
+    seed_everything(0)
+    model = load_model(model_dir, ["neg", "pos"])
+    train(model, tok, data, None, TrainSettings(epochs=epochs, batch_size=8, lr=1e-3), hooks, folder, resume,
+          progress=False)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def report(check, w, reference=None):
+    every = [torch.zeros_like(w) for _ in range(state.num_processes)]
+    torch.distributed.all_gather(every, w)
+    same = all(torch.equal(every[0], x) for x in every[1:]) and (reference is None or torch.equal(reference, w))
+    if state.is_main_process:
+        print(check, same, flush=True)
+
+
+# each process draws its own dropout: hooks that decide on the step's loss or a reference gradient must
+# decide alike everywhere, or the replicas drift apart
+ga = GradientAlignment(tok, refs, batch_size=8, max_length=32, seed=0, min_ref_loss=0.4, min_ref_grad_norm=5e-7,
+                       ga_epoch=0, max_raw_grad_ratio=0.1)
+report("ga", run((ga,)))
+report("lga", run((LocalGradientAscent(0.6931),)))
+whole = run((), epochs=3, folder=out / "a")
+try:
+    run((StopInSecondEpoch(),), epochs=3, folder=out / "b")
+except Stop:
+    pass
+resumed = run((), epochs=3, folder=out / "b", resume=True)
+report("resume", resumed, whole)  # the main process's comparison stands for both: the replicas are equal
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_replicas_stay_identical_under_hooks_and_resume(tiny_model, tmp_path):
+    script = tmp_path / "replicas.py"
+    script.write_text(REPLICAS)
+    p = subprocess.run(LAUNCH + [str(script), tiny_model, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split("\n")[:3] == ["ga True", "lga True", "resume True"], p.stdout

@@ -85,6 +85,36 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_model, small, tmp_
     assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
 
 
+@pytest.mark.parametrize("left", ["new", "old"])
+def test_resume_after_a_kill_between_the_checkpoint_renames(left, tiny_model, small, tmp_path, monkeypatch):
+    """The epoch-1 save moved epoch 0's checkpoint aside and was killed before putting its own in place."""
+    import os
+
+    from cleantune import training
+
+    train_data, dev = small
+    model_a, tok, rep_a = _run(tiny_model, train_data, tmp_path / "a")
+    real = os.replace
+
+    def killed_at_the_swap(src, dst):
+        if str(src).endswith("checkpoints.partial") and os.path.exists(str(dst) + ".old"):
+            raise _Stop
+        return real(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", killed_at_the_swap)
+    with pytest.raises(_Stop):
+        _run(tiny_model, train_data, tmp_path / "b")
+    monkeypatch.undo()
+    if left == "old":  # killed before the new one was finished: only the old one is complete
+        (tmp_path / "b" / "checkpoints.partial" / "state.json").unlink()
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    model_b, _, rep_b = _run(tiny_model, train_data, tmp_path / "b", resume=True)
+    assert rep_b.resumed_train_seconds > 0  # not started over
+    assert [h["loss"] for h in rep_b.history] == [h["loss"] for h in rep_a.history]
+    s = TrainSettings()
+    assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
+
+
 def test_resume_refuses_other_settings(tiny_model, small, tmp_path):
     from cleantune.errors import UserError
 

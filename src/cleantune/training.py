@@ -81,7 +81,7 @@ class StepContext:
     steps_per_epoch: int
     settings: TrainSettings
     logs: dict = field(default_factory=dict)
-    loss: torch.Tensor | None = None  # the current batch's mean loss (detached), for after_backward
+    loss: torch.Tensor | None = None  # the step's mean loss over all processes (detached), for after_backward
     optimizer: object = None  # the (prepared) AdamW, for defenses that carry its state across stages (BTU)
 
 
@@ -298,25 +298,27 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     # aside (the live ones are mid-epoch by then)
     last_epoch, last_state = None, None
     start_epoch, done = 0, {}
-    if resume and ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
-        state = json.loads((ckpt_dir / "state.json").read_text())
+    saved = _saved_checkpoint(ckpt_dir) if resume and ckpt_dir is not None else None
+    if saved is not None:
+        state = json.loads((saved / "state.json").read_text())
         if state["fingerprint"] != fingerprint:
-            raise UserError(f"--resume: the checkpoint in {ckpt_dir} was made with other settings or data")
-        weights = load_file(ckpt_dir / "trainable.safetensors")
+            raise UserError(f"--resume: the checkpoint in {saved} was made with other settings or data")
+        weights = load_file(saved / "trainable.safetensors")
         for n, p in params.items():
             p.data.copy_(weights[n])
-        opt_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
+        opt_state = torch.load(saved / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
         if accelerator.scaler is not None and "scaler" in opt_state:  # fp16: the loss scale goes on
             accelerator.scaler.load_state_dict(opt_state["scaler"])
-        rng = load_file(ckpt_dir / "rng.safetensors")
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and accelerator.device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
-            torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
+        rng = load_file(saved / "rng.safetensors")
+        mine = "" if rank == 0 else f"_{rank}"  # this process's own state (_rng_states)
+        torch.set_rng_state(rng[f"torch{mine}"])
+        if f"cuda{mine}" in rng and accelerator.device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
+            torch.cuda.set_rng_state(rng[f"cuda{mine}"], accelerator.device)
         history, best_epoch, best_score = state["history"], state["best_epoch"], state["best_score"]
-        if (ckpt_dir / "best.safetensors").is_file():
-            best_state = load_file(ckpt_dir / "best.safetensors")
+        if (saved / "best.safetensors").is_file():
+            best_state = load_file(saved / "best.safetensors")
         start_epoch = state["epoch"] + 1
         if not selecting:  # the checkpoint's weights are the last finished epoch's
             last_epoch, last_state = state["epoch"], {n: weights[n].clone() for n in params}
@@ -346,7 +348,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             y = torch.tensor([labels[i] for i in b], device=accelerator.device)
             loss = torch.nn.functional.cross_entropy(wrapped(**batch).logits.float(), y)
             accelerator.backward(loss)
-            ctx.loss = loss.detach()
+            # the mean over processes, as the gradient is: a hook deciding on it decides alike in every process
+            ctx.loss = accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach()
             for h in hooks:
                 h.after_backward(ctx)
             # the norm is taken after the all-reduce, so every process sees the same value and stops together.
@@ -386,12 +389,12 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             h.on_epoch_end(ctx)
         if not selecting and epoch < settings.epochs - 1:  # after the last epoch nothing can diverge
             last_epoch, last_state = epoch, {n: p.detach().cpu().clone() for n, p in params.items()}
+        rng = _rng_states(accelerator) if ckpt_dir is not None else None
         if ckpt_dir is not None and accelerator.is_main_process:
-            _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state,
+            _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state, rng,
                              {"epoch": epoch, "history": history, "best_epoch": best_epoch,
                               "best_score": best_score, "fingerprint": fingerprint,
                               "done": {"samples": n_samples, "tokens": n_tokens, "train_seconds": t_train}},
-                             accelerator.device,
                              accelerator.scaler)
         accelerator.wait_for_everyone()
     bar.close()
@@ -479,8 +482,32 @@ def _flock(path: Path, wait: bool) -> int | None:
         os.close(fd)
 
 
-def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, state: dict,
-                     device: torch.device, scaler=None) -> None:
+def _saved_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The complete checkpoint to resume from: `ckpt_dir`, or, after a kill between _save_checkpoint's two
+    renames (the old one moved aside, the new one not yet in place), the finished new one (its state.json is
+    written last) or else the old one. The next save replaces whichever was read."""
+    for folder in (ckpt_dir, ckpt_dir.with_name(ckpt_dir.name + ".partial"), ckpt_dir.with_name(ckpt_dir.name + ".old")):
+        if (folder / "state.json").is_file():
+            return folder
+    return None
+
+
+def _rng_states(accelerator) -> dict[str, torch.Tensor]:
+    """Every process's random state, for the checkpoint: each draws its own dropout, so each resumes with its
+    own ("torch", "cuda" for the main process; "torch_1", "cuda_1", ... for the others). A collective call."""
+    rng = {"torch": torch.get_rng_state()}
+    if accelerator.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(accelerator.device)
+    if accelerator.num_processes == 1:
+        return rng
+    from accelerate.utils import gather_object
+
+    return {k if r == 0 else f"{k}_{r}": v.cpu() for r, state in enumerate(gather_object([rng]))
+            for k, v in state.items()}
+
+
+def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, rng: dict[str, torch.Tensor],
+                     state: dict, scaler=None) -> None:
     """Write the whole checkpoint into a fresh folder, then swap it in: a kill leaves the old one intact."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -490,11 +517,9 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, s
         save_file({n: t.contiguous() for n, t in best_state.items()}, tmp / "best.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
     save_file(rng, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "state.json.tmp").write_text(json.dumps(state))
+    os.replace(tmp / "state.json.tmp", tmp / "state.json")  # whole or absent: it marks the folder complete
     old = ckpt_dir.with_name(ckpt_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if ckpt_dir.exists():

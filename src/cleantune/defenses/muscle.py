@@ -157,6 +157,23 @@ def split_refs(clean_dev: TextDataset, n: int, seed: int) -> tuple[TextDataset, 
             clean_dev.subset(i for i in range(len(clean_dev)) if i not in chosen))
 
 
+def _mean_over_processes(accelerator, loss: float, grads: list[torch.Tensor | None]):
+    """The reference loss and gradients averaged over processes, in one all-reduce. Every process draws the
+    same reference batch, but its forward runs in train mode with its own dropout: unaveraged, each process
+    would gate and project the (already averaged) training gradient differently and the replicas drift apart."""
+    present = [g.reshape(-1).float() for g in grads if g is not None]
+    device = present[0].device if present else accelerator.device
+    flat = accelerator.reduce(torch.cat(present + [torch.tensor([loss], device=device)]), "mean")
+    out, at = [], 0
+    for g in grads:
+        if g is not None:
+            out.append(flat[at: at + g.numel()].view_as(g).to(g.dtype))
+            at += g.numel()
+        else:
+            out.append(None)
+    return float(flat[-1]), out
+
+
 class GradientAlignment(StepHook):
     """Spec 3.2. One reference batch (the first `batch_size` of a fresh seeded shuffle of the references)
     per optimizer step, forward in train mode as the official code; batch-mean gradients only."""
@@ -190,6 +207,8 @@ class GradientAlignment(StepHook):
         model = ctx.model
         params = [p for p in model.parameters() if p.requires_grad]
         ref_loss, refs = self.reference_gradients(model, params, ctx.step, params[0].device)
+        if ctx.accelerator is not None and ctx.accelerator.num_processes > 1:
+            ref_loss, refs = _mean_over_processes(ctx.accelerator, ref_loss, refs)
         groups = ref_groups(refs)
         norms = torch.cat([R.norm(dim=1) for _, R in groups]).double().tolist() if groups else []  # one host sync
         norms = [n for n in norms if n > 0]
