@@ -305,3 +305,52 @@ def test_dry_run_lines_name_the_settings_that_tell_alike_cells_apart(tiny_model,
     assert sorted(line.split("  ", 1)[1].split(None, 1)[1] for line in lines) == [
         "sst2 badnets finetune seed=0 lr=0.0001", "sst2 badnets finetune seed=0 lr=0.002",
         "sst2 badnets lora seed=0 lr=0.0001", "sst2 badnets lora seed=0 lr=0.002"]
+
+
+INTERRUPTED = """
+import os, sys, time
+import cleantune.sweep as S
+from cleantune.runner import RunConfig
+
+LOG = sys.argv[1]
+
+
+def slow_run(config, store, resume=False, progress=False):  # a cell that trains for a long time
+    with open(LOG, "a") as f:
+        f.write(f"start {config.seed}\\n")
+    time.sleep(60)
+
+
+S.run = slow_run  # the spawned workers import this file again as __mp_main__, patched alike
+if __name__ == "__main__":
+    cells = [S.Cell(RunConfig(seed=i), f"id{i}", {}) for i in range(6)]
+    try:
+        S.sweep(cells, sys.argv[2], workers=2, progress=False)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "interrupted.py").write_text(INTERRUPTED)
+    log = tmp_path / "log"
+    log.touch()
+    p = subprocess.Popen([sys.executable, str(tmp_path / "interrupted.py"), str(log), str(tmp_path / "s.sqlite")],
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while log.read_text().count("start") < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().count("start") == 2
+    t0 = time.time()
+    os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C: the whole foreground group
+    out, _ = p.communicate(timeout=120)
+    # the pool had handed a third cell to a worker ahead of time; it must not start and be waited for
+    assert "interrupted" in out and time.time() - t0 < 30
+    time.sleep(1)
+    assert log.read_text().count("start") == 2

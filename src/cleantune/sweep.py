@@ -216,17 +216,29 @@ def _local(cells: list[Cell], store_path: str, workers: int, threads: int) -> It
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(run_cell, c, store_path, threads) for c in cells]
-        try:
-            for f in as_completed(futures):
-                yield f.result()
-        except BrokenProcessPool:
-            raise UserError("a sweep worker process died (out of memory?); finished runs are stored: "
-                            "run the same sweep again to continue") from None
-        finally:
-            for f in futures:
-                f.cancel()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    futures = [pool.submit(run_cell, c, store_path, threads) for c in cells]
+    finished = False
+    try:
+        for f in as_completed(futures):
+            yield f.result()
+        finished = True
+    except BrokenProcessPool:
+        raise UserError("a sweep worker process died (out of memory?); finished runs are stored: "
+                        "run the same sweep again to continue") from None
+    finally:
+        if finished:
+            pool.shutdown(wait=True)
+        else:
+            # Ctrl-C or an error: the pool has already handed a queued cell to a worker, which cancel()
+            # cannot take back, and a plain shutdown would wait for it to train in full. The workers stop
+            # now instead; a cell cut short resumes from its last checkpoint in the next sweep.
+            workers_now = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in workers_now:
+                p.terminate()
+            for p in workers_now:
+                p.join(timeout=30)
 
 
 def _ray(cells: list[Cell], store: ResultStore, address: str | None, cpus: int, gpus: float) -> Iterator[dict]:
