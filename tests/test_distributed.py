@@ -113,8 +113,9 @@ class StopInSecondEpoch(StepHook):
 def run(hooks, epochs=1, folder=None, resume=False):
     seed_everything(0)
     model = load_model(model_dir, ["neg", "pos"])
-    train(model, tok, data, None, TrainSettings(epochs=epochs, batch_size=8, lr=1e-3), hooks, folder, resume,
-          progress=False)
+    global history
+    history = train(model, tok, data, None, TrainSettings(epochs=epochs, batch_size=8, lr=1e-3), hooks, folder,
+                    resume, progress=False).history
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -132,6 +133,7 @@ ga = GradientAlignment(tok, refs, batch_size=8, max_length=32, seed=0, min_ref_l
                        ga_epoch=0, max_raw_grad_ratio=0.1)
 report("ga", run((ga,)))
 report("lga", run((LocalGradientAscent(0.6931),)))
+report("loss", torch.tensor([h["loss"] for h in history], dtype=torch.float64))  # the mean over processes
 whole = run((), epochs=3, folder=out / "a")
 try:
     run((StopInSecondEpoch(),), epochs=3, folder=out / "b")
@@ -148,4 +150,4 @@ def test_replicas_stay_identical_under_hooks_and_resume(tiny_model, tmp_path):
     script.write_text(REPLICAS)
     p = subprocess.run(LAUNCH + [str(script), tiny_model, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.split("\n")[:3] == ["ga True", "lga True", "resume True"], p.stdout
+    assert p.stdout.split("\n")[:4] == ["ga True", "lga True", "loss True", "resume True"], p.stdout

@@ -61,7 +61,7 @@ def test_frequency_hook_records_finite_curves_and_plots(tiny_model, tmp_path):
     d = get_defense("finetune", model=tiny_model, epochs=1, batch_size=8, lr=1e-3)
     d.fit(train, b.dev.subset(range(30)), progress=False, extra_hooks=(hook,))
     res = hook.result()
-    assert [r["step"] for r in res["records"]] == [0, 2, 4]
+    assert [r["step"] for r in res["records"]] == [0, 2, 4, 5]  # 5 steps: every 2nd, and the trained model
     for rec in res["records"]:
         for name in ("clean", "poison"):
             for key in ("e_low", "e_high", "lfr", "hfr"):
@@ -111,7 +111,10 @@ def test_analyze_bki_records_its_final_training(tiny_model, tmp_path, capsys):
     code = main(["analyze", "frequency", "--dataset", "sst2", "--attack", "badnets", "--defense", "bki",
                  "--model", tiny_model, "--train-size", "40", "--epochs", "1", "--batch-size", "8", "--samples", "8",
                  "--every", "1", "--option", "bki_epochs=2", "--out", str(out), "--no-progress"])
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    ends = [line.split("first below 0.5 at step ")[1] for line in printed.out.splitlines() if "first below" in line]
+    assert len(ends) == 2 and all(e.isdigit() or e == "never (not in the recorded steps)" for e in ends), printed.out
     res = json.loads((out / "curves.json").read_text())
     steps = [r["step"] for r in res["records"]]
     assert steps == list(range(len(steps))) and 2 <= len(steps) <= 6

@@ -645,6 +645,10 @@ def cmd_results(ns) -> int:
     return 0
 
 
+def _step_or_never(step: int | None) -> str:
+    return "never (not in the recorded steps)" if step is None else str(step)
+
+
 def cmd_analyze(ns) -> int:
     from . import frequency
     from .runner import RunConfig
@@ -671,7 +675,7 @@ def cmd_analyze(ns) -> int:
     print(f"{config.dataset} {config.attack} {config.defense}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f}")
     for name, meta in r["sets"].items():
         print(f"{name}: {meta['n']} samples, median input distance {meta['median_distance']:.1f}, "
-              f"e_low (delta {r['deltas'][0]:g}) first below 0.5 at step {r['first_step_e_low_below_0.5'][name]}")
+              f"e_low (delta {r['deltas'][0]:g}) first below 0.5 at step {_step_or_never(r['first_step_e_low_below_0.5'][name])}")
     print(f"curves: {Path(ns.out) / 'curves.json'}")
     for path in r["plots"]:
         print(f"plot: {path}")

@@ -100,7 +100,7 @@ def embedding_inputs(model, tokenizer, texts: list[str], max_length: int, batch_
 
 
 class FrequencyHook(StepHook):
-    """Records the curves every `every` optimizer steps (and at step 0) into `self.records`."""
+    """Records the curves every `every` optimizer steps (and at step 0 and after the last) into `self.records`."""
 
     def __init__(self, tokenizer, sets: dict[str, TextDataset | Callable[[], TextDataset]], every: int = 5,
                  deltas: list[float] | None = None, distance: str = "raw", samples: int | None = None,
@@ -130,6 +130,11 @@ class FrequencyHook(StepHook):
 
     def after_backward(self, ctx: StepContext) -> None:
         if ctx.step > 0 and ctx.step % self.every == 0:  # the model after ctx.step updates
+            self.record(ctx)
+
+    def on_epoch_end(self, ctx: StepContext) -> None:
+        # the trained model too: after_backward sees each step before its update, so never the last one's
+        if ctx.epoch == ctx.settings.epochs - 1 and self.records[-1]["step"] != ctx.step:
             self.record(ctx)
 
     def record(self, ctx: StepContext) -> None:

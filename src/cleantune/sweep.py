@@ -339,5 +339,8 @@ def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int 
             bar.set_postfix_str(f"last: {c['dataset']}/{c['attack']}/{c['defense']}/s{c['seed']}"
                                 + (f", failed {len(failed)}" if failed else ""))
     finally:
+        # now, not when the generator is collected: an interrupt raised here, outside it, keeps it alive in the
+        # traceback, and its workers would run on (and the pool's exit handler wait for them)
+        records.close()
         bar.close()
     return SweepSummary(cells, len(cells) - len(pending), len(pending), failed, time.perf_counter() - t0)

@@ -364,7 +364,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ctx.step += 1
-            loss_value = loss.item()  # one device sync per step, shared by the sum and the progress bar
+            # one device sync per step, shared by the sum and the progress bar; over all processes' batches
+            loss_value = ctx.loss.item()
             loss_sum += loss_value
             n_samples += len(b) * world
             n_tokens += int(batch["attention_mask"].sum()) * world
