@@ -288,7 +288,7 @@ def test_runner_stores_stage_points_and_audit(tiny_model, monkeypatch):
     stored = store.get(r["id"])["metrics"]
     assert store.get(r["id"])["timings"]["stage_eval_s"] == stored["btu_seconds"]["stage_eval"] > 0
     assert set(stored["btu_stages"]) == {"no_defense", "unlearned"}
-    assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr", "asr_floor"}
+    assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr", "asr_floor", "predicted_classes"}
     assert set(stored["btu_trigger_ranks"]["cf"]) == {"A", "B", "C"}
     assert stored["btu_mode"] == "default" and stored["btu_clean_tuning"] == "none"
     assert r["config"]["clean_tuning"] == "none" and r["config"]["mode"] == "mix"  # the attack's mode survives

@@ -248,8 +248,17 @@ def test_run_stores_reuses_and_exports(tiny_model, tmp_path, capsys):
     assert main(base + ["--attack", "badnets", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["id"] in {r["id"] for r in runs}
     assert main(["results", "--store", str(store), "--format", "csv"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
     assert lines[0].startswith("id,dataset,attack") and len(lines) == 3
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(out)))
+    by_id = {r["id"]: r for r in runs}
+    for row in rows:  # the settings a paper table needs, and the whole config to recover the rest
+        assert float(row["lr"]) == 0.001 and json.loads(row["config"]) == by_id[row["id"]]["config"]
+        assert float(row["train_s"]) > 0 and int(row["best_epoch"]) == 0 and row["created"]
 
 
 def test_a_cell_another_process_runs_is_waited_for_then_reused(tiny_model, tmp_path):
@@ -565,3 +574,13 @@ def test_results_table_formats_each_column_one_way():
     rows = [dict(zip(head, line.split())) for line in lines[2:]]
     assert [r["samples_per_s"] for r in rows] == ["61.3", "5.5"] and [r["wall_s"] for r in rows] == ["7.3", "12.0"]
     assert [r["CACC"] for r in rows] == ["0.8000", "0.8123"] and rows[0]["rate"] == "0.1"
+
+
+def test_run_notes_a_model_that_predicts_one_class(tiny_model, tmp_path, capsys, monkeypatch):
+    from cleantune import runner
+
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: {**real(*a, **k), "predicted_classes": 1})
+    assert main(["run", "--model", tiny_model, "--train-size", "64", "--epochs", "1", "--no-progress",
+                 "--store", str(tmp_path / "s.sqlite")]) == 0
+    assert "note: sst2 badnets finetune seed=0 predicts one class for every clean test sample" in capsys.readouterr().err

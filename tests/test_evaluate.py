@@ -17,6 +17,19 @@ def test_cacc_asr_and_the_no_trigger_floor():
     assert m["asr"] == 3 / 4
     # of the four clean non-target samples only "good but bad" is already predicted as the target
     assert m["asr_floor"] == 1 / 4
+    assert m["predicted_classes"] == 2
+
+
+class ConstantModel:
+    def predict(self, texts):
+        return [1] * len(texts)
+
+
+def test_a_model_predicting_one_class_is_marked():
+    clean = TextDataset(["good", "bad", "dull"], [1, 0, 0], ["neg", "pos"])
+    triggered = TextDataset(["cf bad", "cf dull"], [1, 1], ["neg", "pos"])
+    m = evaluate(ConstantModel(), clean, triggered)
+    assert m["predicted_classes"] == 1 and m["asr"] == m["asr_floor"] == 1.0
 
 
 def test_detection_metrics_counts():

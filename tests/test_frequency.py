@@ -118,6 +118,7 @@ def test_analyze_bki_records_its_final_training(tiny_model, tmp_path, capsys):
     res = json.loads((out / "curves.json").read_text())
     steps = [r["step"] for r in res["records"]]
     assert steps == list(range(len(steps))) and 2 <= len(steps) <= 6
+    assert res["config"]["lr"] == 1.5e-4 and res["config"]["epochs"] == 1  # resolved, as `run` stores it
 
 
 def test_report_refuses_a_curves_file_without_records(tmp_path, capsys):

@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification
 from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import FineTune, LoRA
 from cleantune.errors import UserError
-from cleantune.models import Classifier, resolve_model
+from cleantune.models import Classifier, load_model, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,6 @@ def test_model_names_resolve(tmp_path):
 
 
 def test_minilm_is_the_default_backbone():
-    from cleantune.models import load_model
-
     m = load_model("minilm", ["a", "b"])
     assert m.config.hidden_size == 384 and m.config.num_hidden_layers == 6
     assert 22e6 < sum(p.numel() for p in m.parameters()) < 23e6
@@ -289,3 +287,14 @@ def test_lora_target_modules_as_names_or_regex(tiny_model, given, wanted):
     assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if ".lora_A." in n} == wanted
     with pytest.raises(UserError, match="option target_modules=\\['nope'\\]: No modules were targeted"):
         apply_lora(load_model(tiny_model, ["a", "b"]), 2, 4, 0.0, "nope")
+
+
+def test_lora_adds_no_deprecation_notice_of_peft_internals(tiny_model):
+    import warnings
+
+    from cleantune.defenses.lora import apply_lora
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # as a sweep worker, which has none of the CLI's filters
+        apply_lora(load_model(tiny_model, ["neg", "pos"]), r=2, alpha=4)
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]

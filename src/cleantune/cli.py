@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "them (a benchmark's own ids, as in `run`; a file's labels: the model's) (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("sweep", help="run a grid file's cross product in parallel, resumably, into the store")
     p.add_argument("grid", help="grid file (.yaml/.toml): run options, lists are axes (see docs/sweep.md)")
@@ -313,6 +314,10 @@ def cmd_run(ns) -> int:
         for config in configs:
             r = run(config, store, force=ns.force, resume=ns.resume, progress=not ns.no_progress)
             results.append(r)
+            if main and r["metrics"].get("predicted_classes") == 1:
+                print(f"note: {config.dataset} {config.attack} {config.defense} seed={config.seed} predicts one class "
+                      "for every clean test sample, so its CACC, ASR and floor say nothing of the defense (too few "
+                      "samples or epochs, or too high an lr)", file=sys.stderr)
             if main and ns.format == "table" and len(configs) > 1:
                 m = r["metrics"]
                 print(f"[{len(results)}/{len(configs)}] {config.dataset} {config.attack} {config.defense} "
@@ -459,7 +464,7 @@ def cmd_eval(ns) -> int:
         elif ns.attack in ("syntactic", "style"):
             raise UserError(f"--attack {ns.attack} needs a benchmark name as DATA (its paraphrase tables)")
         triggered = attack.triggered_set(data, random.Random(f"eval-{ns.seed}"), "test")
-    m = evaluate(model, data, triggered)
+    m = evaluate(model, data, triggered, None if ns.no_progress else "eval")
     out = {"n": len(data), "accuracy": m["cacc"]}
     if triggered is not None:
         out.update({"target": data.label_names[target], "n_triggered": len(triggered), "asr": m["asr"],
@@ -538,6 +543,21 @@ def cmd_scan(ns) -> int:
 RESULT_COLUMNS = ("id", "dataset", "attack", "defense", "model", "seed", "train_size", "epochs", "rate", "mode",
                   "mixed_precision", "cacc", "asr", "asr_floor", "det_precision", "det_recall", "wall_s",
                   "samples_per_s", "status")
+
+
+# `results --format csv` adds these after the table's columns (so scripts reading the table's by position still
+# work): the settings and measurements a paper table needs, and the whole resolved config as JSON
+CSV_EXTRA = ("lr", "batch_size", "max_length", "target", "best_epoch", "n_train", "n_poisoned", "train_s", "eval_s",
+             "tokens_per_s", "peak_memory_mb", "created", "config", "error")
+
+
+def _csv_row(r: dict) -> dict:
+    c, m, t = r["config"], r.get("metrics") or {}, r.get("timings") or {}
+    return _flat(r) | {"id": r["id"], "lr": c.get("lr"), "batch_size": c.get("batch_size"),
+                       "max_length": c.get("max_length"), "target": c.get("target"),
+                       **{k: m.get(k) for k in ("best_epoch", "n_train", "n_poisoned")},
+                       **{k: t.get(k) for k in ("train_s", "eval_s", "tokens_per_s", "peak_memory_mb")},
+                       "created": r.get("created"), "config": json.dumps(c, sort_keys=True), "error": r.get("error")}
 
 
 def _flat(r: dict) -> dict:
@@ -635,10 +655,10 @@ def cmd_results(ns) -> int:
         print(json.dumps(runs, indent=1))
     elif ns.format == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS))
+        w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS) + list(CSV_EXTRA))
         w.writeheader()
         for r in runs:
-            w.writerow(_flat(r) | {"id": r["id"]})
+            w.writerow(_csv_row(r))
         print(buf.getvalue(), end="")
     else:
         print(format_table(runs))
@@ -702,9 +722,6 @@ RESUME_HINT = {"run": _WITH_RESUME, "train": _WITH_RESUME,
 
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
-    # PEFT 0.21 calls an attribute transformers 5 deprecates, once per LoRA model: a notice for PEFT's
-    # developers that every LoRA run would otherwise print
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     ns = None
     try:
         ns = build_parser().parse_args(argv)

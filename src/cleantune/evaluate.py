@@ -43,7 +43,8 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     """CACC on the clean test split; ASR = share of triggered non-target samples predicted as the target
     (the triggered set's labels are the target). `asr_floor` is the share of clean non-target test samples
     predicted as the target with no trigger at all: the ASR a model that ignores the trigger still shows,
-    the level a defense can at best bring ASR down to.
+    the level a defense can at best bring ASR down to. `predicted_classes` counts the classes predicted on
+    the clean test split: 1 marks a model that predicts one class whatever the input.
     Both sets are first renumbered to the model's label ids by class name (`align_labels`), so the target is
     the class the triggered set's labels name in the data's own numbering. `progress`: a description for
     progress bars (none without; a bare predictor's `predict` need not take it then)."""
@@ -59,7 +60,8 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
         return model.predict(data.texts, progress=f"{progress} ({what})") if progress else model.predict(data.texts)
 
     preds = predict(clean_test, "clean test")  # once, for CACC and the floor
-    out = {"cacc": _share_correct(preds, clean_test.labels)}
+    # 1: a degenerate model (one class for every input), whose CACC, ASR and floor say nothing of a defense
+    out = {"cacc": _share_correct(preds, clean_test.labels), "predicted_classes": len(set(preds))}
     if triggered_test is not None:
         out["asr"] = _share_correct(predict(triggered_test, "triggered test"), triggered_test.labels)
         if len(triggered_test):

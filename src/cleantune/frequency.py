@@ -223,8 +223,11 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
                          every=every, distance=distance, samples=samples, seed=config.seed)
     model = defense.fit(poisoned.train, poisoned.dev, progress=progress, extra_hooks=(hook,))
     result = hook.result()
-    result["config"] = {k: v for k, v in vars(config).items()}
+    result["config"] = config.resolve()  # as `run` stores it: every default filled in
     result["metrics"] = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
+    resolved = getattr(defense, "extra_metrics_", {}).get("resolved_settings")
+    if resolved:  # settings the defense resolves only on the model (MuScleLoRA's per-backbone lr)
+        result["metrics"]["resolved_settings"] = resolved
     result["first_step_e_low_below_0.5"] = {n: first_step_below(result, n) for n in result["sets"]}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "curves.json").write_text(json.dumps(result, indent=1))

@@ -239,7 +239,9 @@ def plot_scatter(summary: dict) -> bytes | None:
         handles.append(Line2D([], [], marker="v", ms=7, mfc="none", ls="none", color="0.3"))
         labels.append("ASR floor (no trigger; in the point's colour)")
     fig.tight_layout()  # the axis labels get their room first; the legend hangs below them (savefig keeps it)
-    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    # columns by label length: long row labels in four columns made a very wide figure around a small panel
+    ncol = max(1, min(4, len(labels), 120 // max(len(lab) for lab in labels)))
+    fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=8, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle("Lower right is better: high clean accuracy, low attack success", y=1.04)
     return _png(fig)
 
@@ -279,7 +281,7 @@ def plot_bars(dataset: str, d: dict) -> bytes:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle(dataset)
+    fig.suptitle(dataset, y=1.02)  # above the panels' own titles (savefig's tight box keeps it)
     return _png(fig)
 
 
