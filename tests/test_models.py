@@ -298,3 +298,32 @@ def test_lora_adds_no_deprecation_notice_of_peft_internals(tiny_model):
         warnings.simplefilter("always")  # as a sweep worker, which has none of the CLI's filters
         apply_lora(load_model(tiny_model, ["neg", "pos"]), r=2, alpha=4)
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_a_kill_while_replacing_a_saved_model_keeps_the_earlier_one(tiny_model, named_data, tmp_path, monkeypatch):
+    import os
+
+    from cleantune import models
+
+    data, dev = named_data
+    clf = FineTune(model=tiny_model, epochs=1, lr=1e-3).fit(data, None, progress=False)
+    clf.save_pretrained(tmp_path / "m")
+    real = os.replace
+
+    class Killed(BaseException):
+        pass
+
+    def killed_before_the_new_one_is_in_place(src, dst):
+        if str(src).endswith("m.partial"):
+            raise Killed
+        return real(src, dst)
+
+    monkeypatch.setattr(models.os, "replace", killed_before_the_new_one_is_in_place)
+    with pytest.raises(Killed):
+        clf.save_pretrained(tmp_path / "m")
+    monkeypatch.undo()
+    earlier = Classifier.from_pretrained(tmp_path / "m.old")  # whole, beside the finished new one
+    assert torch.allclose(earlier.predict_logits(dev.texts), clf.predict_logits(dev.texts), atol=1e-5)
+    assert (tmp_path / "m.partial" / "model.safetensors").is_file()
+    clf.save_pretrained(tmp_path / "m")  # the next save clears both
+    assert not (tmp_path / "m.old").exists() and not (tmp_path / "m.partial").exists()

@@ -313,9 +313,14 @@ class Classifier:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # the earlier model is moved aside, not deleted, until the new one is in place: a kill in between leaves
+        # it whole in `<out>.old` beside the finished `<out>.partial`
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
         return out
 
     @classmethod
