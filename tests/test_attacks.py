@@ -166,6 +166,9 @@ def test_check_raises_what_apply_would_without_poisoning(sst2):
              (BadNets(rate=0.9), small, "pool of sst2 holds"),
              (Syntactic(rate=0.9), sst2, "pool of sst2 holds"),
              (Syntactic(target=0), sst2, "yields no triggered test sample for target 0")]
+    hsol = load_benchmark("hsol")  # its tables cover 1 of the 1,243 label-1 test samples: an ASR of 0 or 1
+    cases += [(attack(target=0), hsol, "can trigger only 1 of the 1243 non-target test samples of hsol for target 0")
+              for attack in (Syntactic, Style)]
     for attack, bench, msg in cases:
         for call in (attack.check, attack.apply):
             with pytest.raises(UserError, match=msg):

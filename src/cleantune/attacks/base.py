@@ -27,6 +27,9 @@ class PoisonedBenchmark:
     trigger_words: list[str]     # the inserted words, for token-level audits; empty for syntax/style
 
 
+MIN_TRIGGERED_SHARE = 0.9  # of the non-target test and dev samples an attack must be able to trigger
+
+
 @dataclass
 class Attack:
     """Poisoning settings shared by every attack.
@@ -96,8 +99,16 @@ class Attack:
             raise UserError(f"--rate {self.rate} asks for {n} poisoned samples but the {self.mode}-mode pool of "
                             f"{bench.name} holds {len(carriers)} that can carry the {self.name} trigger")
         for split, ds in (("test", bench.test), ("dev", bench.dev)):
-            if not any(y != self.target and self.carries(t, split) for t, y in zip(ds.texts, ds.labels)):
+            others = [t for t, y in zip(ds.texts, ds.labels) if y != self.target]
+            carry = sum(self.carries(t, split) for t in others)
+            if not carry:
                 raise self._none_triggered(split)
+            # an ASR over the few samples a paraphrase table happens to cover would be a number, not a measure
+            # (hsol with --target 0: 1 of 1,243); the shipped tables cover 98-100 % of the samples they are for
+            if carry < MIN_TRIGGERED_SHARE * len(others):
+                raise UserError(f"the {self.name} attack can trigger only {carry} of the {len(others)} non-target "
+                                f"{split} samples of {bench.name} for target {self.target} (its stored paraphrases "
+                                "cover other classes): choose another target")
         return carriers, n
 
     def check(self, bench: Benchmark) -> None:
