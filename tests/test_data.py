@@ -27,6 +27,13 @@ def test_reads_tsv_csv_jsonl_with_string_labels(tmp_path):
     assert b.texts[0] == "good, really" and b.labels == [1, 0]
     c = read_dataset(jl, label_names=["neg", "pos"])
     assert c.texts == ["good", "bad"] and c.labels == [1, 0]
+    # JSON strings may hold U+2028/U+2029/U+0085 raw (json.dumps with ensure_ascii=False); CRLF line ends
+    import json
+
+    rows = [{"text": "a\u2028b\u0085c", "label": "pos"}, {"text": "d\u2029e", "label": "neg"}]
+    raw = write(tmp_path, "raw.jsonl", "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n")
+    d = read_dataset(raw)
+    assert d.texts == ["a\u2028b\u0085c", "d\u2029e"] and d.labels == [1, 0]
 
 
 def test_trailing_empty_csv_columns_are_read(tmp_path):

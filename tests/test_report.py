@@ -305,3 +305,31 @@ def test_time_ratio_leaves_out_btus_reporting_only_stage_evaluations(tmp_path):
     put_run(s, 0.89, 0.12, 190.0, dataset="sst2", attack="badnets", defense="btu", timings={"stage_eval_s": 40.0})
     cell = summarize(s.runs())["sst2"]["cells"][("btu", "badnets")]
     assert cell["time_rel"] == pytest.approx(1.5)  # (190 - 40) / 100
+
+
+def test_a_seed_stored_again_under_other_versions_counts_once_the_newest(tmp_path):
+    from cleantune.report import summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+
+    def put(cacc, seed, transformers=None):
+        resolved = RunConfig(dataset="sst2", defense="finetune", seed=seed).resolve()
+        if transformers:  # an upgrade changes every run id: the sweep stores each cell again
+            resolved["versions"] = {**resolved["versions"], "transformers": transformers}
+        s.put(config_hash(resolved), resolved, {"cacc": cacc, "asr": 1.0}, {"wall_s": 10.0}, {"device": "cpu"})
+
+    put(0.90, 0)
+    put(0.92, 1)
+    put(0.80, 0, transformers="9.9.9")
+    cell = summarize(s.runs())["sst2"]["cells"][("finetune", "badnets")]
+    assert cell["n"] == 2 and cell["cacc"][0] == pytest.approx((0.80 + 0.92) / 2)
+
+
+def test_a_dollar_in_a_user_setting_prints_as_itself_in_the_plots(tmp_path):
+    from cleantune.report import build
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    for sentence in ("I paid $10 for this, 100% worth the $", "plain"):  # two values: the rows are labelled by it
+        put_run(s, 0.9, 0.5, 10.0, dataset="sst2", attack="addsent", defense="finetune", sentence=sentence)
+    page, md, images = build(s.runs())  # mathtext could not parse this label and raised
+    assert "I paid $10" in md and images["bars_sst2.png"][:4] == b"\x89PNG"

@@ -127,7 +127,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         raise UserError(f"{path}:{text[:text.index(chr(0))].count(chr(10)) + 1}: not a table (binary content)")
     if suffix == ".jsonl":
         out = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # "\n" only: splitlines() also breaks at U+2028/U+2029/U+0085, which JSON strings may hold raw
+        # (json.dumps(..., ensure_ascii=False) writes them so); a "\r" left by CRLF is JSON whitespace
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -124,8 +124,8 @@ def _cost_s(run: dict) -> float | None:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """{dataset: {"attacks": [...], "rows": [...], "cells": {(row, attack): {...}}}} over the ok runs. A cell's
-    "asr_floor" is nan unless every run of it recorded one (runs stored before the floor was)."""
+    """{dataset: {"attacks": [...], "rows": [...], "cells": {(row, attack): {...}}}} over the ok runs, the newest
+    of each seed. A cell's "asr_floor" is nan unless every run of it recorded one (runs stored before the floor was)."""
     ok = [r for r in runs if r["status"] == "ok"]
     variants = _variant_rows(ok)
     out: dict = {}
@@ -134,6 +134,12 @@ def summarize(runs: list[dict]) -> dict:
         c = r["config"]
         by_cell[(c["dataset"], c["attack"], variants[r["id"]][0])].append(r)
     for (dataset, attack, _), rs in by_cell.items():
+        # one run per seed, the newest: the same seed stored again under other package versions (a new run id)
+        # is a rerun, not another seed
+        newest = {}
+        for r in sorted(rs, key=lambda r: r.get("created") or 0):
+            newest[_json(r["config"].get("seed"))] = r
+        rs = list(newest.values())
         row = variants[rs[0]["id"]][1]
         d = out.setdefault(dataset, {"attacks": [], "rows": [], "cells": {}})
         d["attacks"].append(attack) if attack not in d["attacks"] else None
@@ -192,6 +198,21 @@ def _colors(names: list[str]) -> dict[str, str]:
     return {n: matplotlib.colors.to_hex(cmap(i % 10)) for i, n in enumerate(names)}
 
 
+def _plain_text(plot):
+    """Labels are user text (an AddSent sentence, a file name): a '$' must print as itself, not start
+    matplotlib's math mode (which garbles the label, or raises on one it cannot parse)."""
+    import functools
+
+    @functools.wraps(plot)
+    def wrapped(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+    return wrapped
+
+
+@_plain_text
 def plot_scatter(summary: dict) -> bytes | None:
     """ASR against CACC, one panel per attack, a point per dataset x defense (error bars: std over seeds); the
     ASR floor of each point, where recorded, as a hollow triangle of its colour, joined to it by a dotted line."""
@@ -246,6 +267,7 @@ def plot_scatter(summary: dict) -> bytes | None:
     return _png(fig)
 
 
+@_plain_text
 def plot_bars(dataset: str, d: dict) -> bytes:
     """Per dataset: CACC and ASR bars, attacks on the x axis, a bar per defense; on each ASR bar a dashed black
     line at its ASR floor, where recorded."""
@@ -345,6 +367,7 @@ def parse_frequency(freq) -> dict | None:
     return {"steps": steps if isinstance(steps, list) else None, "curves": curves}
 
 
+@_plain_text
 def plot_frequency(title: str, freq: dict) -> bytes:
     import matplotlib
 
@@ -431,7 +454,7 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
     items.append(("selection rule", "every defense keeps the epoch with the best accuracy on the clean dev split; "
                   "nothing is selected on poisoned data or on the test split. CACC is accuracy on the clean test "
                   "split; ASR is the share of triggered non-target test samples classified as the target; the ASR floor is "
-                  "the share of the same clean non-target test samples classified as the target without a trigger."))
+                  "the share of the clean non-target test samples classified as the target without a trigger."))
     items.append(("statistics", "mean ± sample standard deviation over seeds (the seed drives poisoning, subsampling "
                   "and training); ΔCACC = plain fine-tuning's CACC minus the defense's, in points (positive: "
                   "accuracy lost); time× = the defense's wall time over plain fine-tuning's for the same cell (less the "
