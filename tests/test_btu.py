@@ -491,3 +491,20 @@ def test_a_resumed_faithful_tuning_keeps_its_checkpoints_optimizer_state(tiny_mo
     assert spy.step == 16
     for p, q in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_modes_length_is_capped_at_the_backbones_but_a_given_one_is_checked(tiny_model):
+    data, dev = synthetic(48), synthetic(16, seed=1)
+    clf = BTU(model=tiny_model, btu_mode="faithful", k=2, epochs=1, batch_size=16).fit(data, dev, progress=False)
+    assert clf.max_length == 130  # faithful mode's 512, as far as the tiny backbone's 130 positions reach
+    with pytest.raises(UserError, match="--max-length 512 exceeds the 130 tokens"):
+        BTU(model=tiny_model, btu_mode="faithful", max_length=512, k=2, epochs=1).fit(data, dev, progress=False)
+
+
+def test_faithful_exposure_leaves_the_padding_row_untrained(tiny_model):
+    """Faithful mode pools over [PAD] positions; the backbone's padding_idx keeps its row from learning."""
+    tok = load_tokenizer(tiny_model)
+    assert load_model(tiny_model, ["neg", "pos"]).get_input_embeddings().padding_idx == tok.pad_token_id
+    exp = btu.expose(tiny_model, tok, synthetic(64), faithful=True, k=5, passes="A", lr=1e-2, batch_size=8)
+    scores = exp.scores["A"]
+    assert scores[tok.pad_token_id] < 1e-3 * scores.max()  # weight decay alone: lr x 0.01 x its norm per step

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,3 +328,15 @@ def test_a_kill_while_replacing_a_saved_model_keeps_the_earlier_one(tiny_model, 
     assert (tmp_path / "m.partial" / "model.safetensors").is_file()
     clf.save_pretrained(tmp_path / "m")  # the next save clears both
     assert not (tmp_path / "m.old").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_a_half_precision_checkpoint_loads_in_float32(tiny_model, tmp_path):
+    """transformers 5 keeps a checkpoint's dtype; AdamW on bf16 weights would round most updates away."""
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(tiny_model) / f).is_file():
+            (tmp_path / "bf16" / f).write_bytes((Path(tiny_model) / f).read_bytes())
+    model = load_model(str(tmp_path / "bf16"), ["neg", "pos"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -138,8 +138,8 @@ def load_tokenizer(name_or_path: str, label: str | None = None):
 
 
 def load_model(name_or_path: str, label_names: list[str], label: str | None = None):
-    """An AutoModelForSequenceClassification with a head for `label_names`, weights from safetensors only.
-    `label`: how errors name the model (as in `resolve_model`)."""
+    """An AutoModelForSequenceClassification with a head for `label_names`, weights from safetensors only, in
+    float32 whatever the checkpoint stores. `label`: how errors name the model (as in `resolve_model`)."""
     from transformers import AutoModelForSequenceClassification
 
     label = label or f"--model {name_or_path}"
@@ -147,7 +147,11 @@ def load_model(name_or_path: str, label_names: list[str], label: str | None = No
     model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, resolve_model(name_or_path, label),
                              label, "cannot load", num_labels=len(label_names), id2label=id2label,
                              label2id={v: k for k, v in id2label.items()}, use_safetensors=True,
-                             ignore_mismatched_sizes=True, adapter_kwargs={})
+                             ignore_mismatched_sizes=True, adapter_kwargs={},
+                             # transformers 5 keeps a checkpoint's dtype: AdamW on bf16/fp16 weights rounds most
+                             # updates away (a Llama stored in fp16, a bf16 hub model). Mixed precision is
+                             # Accelerate's autocast over float32 weights.
+                             dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model

@@ -135,7 +135,10 @@ class ShallowClassifier(nn.Module):
         lut = torch.full((word.weight.shape[0],), int((rows == pad_id).nonzero()[0, 0]), dtype=torch.long)
         lut[rows] = torch.arange(len(rows))
         self.register_buffer("lut", lut, persistent=False)
-        self.word = nn.Embedding.from_pretrained(word.weight.detach()[rows].clone(), freeze=False)
+        # the backbone's padding row takes no gradient, as in the official model's embedding (padding_idx): else
+        # faithful mode, which pools over [PAD] positions, trains it and ranks it among the suspicious tokens
+        pad_row = int(lut[word.padding_idx]) if word.padding_idx is not None else None
+        self.word = nn.Embedding.from_pretrained(word.weight.detach()[rows].clone(), freeze=False, padding_idx=pad_row)
         if self.embeddings is not None:
             self.embeddings.word_embeddings = None  # the compact matrix stands in for it
         self.base_weight = word.weight.detach()
@@ -427,6 +430,7 @@ class BTU(Defense):
     def __post_init__(self):
         if self.btu_mode not in MODES:
             raise UserError(f"btu_mode must be one of {', '.join(MODES)}, got '{self.btu_mode}'")
+        self._length_given = self.max_length is not None  # else the mode's, capped at the backbone's (fit)
         for key, value in (FAITHFUL if self.btu_mode == "faithful" else DEFAULT).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -475,7 +479,7 @@ class BTU(Defense):
         pretrained = load_model(self.model, train_data.label_names)
         E0 = pretrained.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
         settings = self.train_settings()
-        if self.max_length is not None:
+        if self._length_given:
             check_max_length(pretrained, self.max_length, self.model)
         else:  # the mode's length (faithful: the official 512) as far as the backbone reaches
             limit = max_positions(pretrained)
