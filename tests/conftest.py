@@ -26,6 +26,12 @@ def make_tiny_model(path: Path, kind: str = "bert") -> Path:
                   max_position_embeddings=130, num_labels=2)
     if kind == "bert":
         model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, **common))
+    elif kind == "distilbert":
+        from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+        model = DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=130,
+            num_labels=2))
     else:
         model = RobertaForSequenceClassification(RobertaConfig(vocab_size=tok.vocab_size, pad_token_id=0, **common))
     model.save_pretrained(path, safe_serialization=True)

@@ -227,7 +227,8 @@ def test_faithful_tuning_carries_adam_state_past_a_finished_resume(tiny_model, t
     assert spy.step == 8
 
 
-@pytest.mark.parametrize("kind,mode,tuning", [("roberta", "default", "none"), ("bert", "faithful", 8)])
+@pytest.mark.parametrize("kind,mode,tuning", [("roberta", "default", "none"), ("bert", "faithful", 8),
+                                               ("distilbert", "default", 8)])
 def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     path = str(make_tiny_model(tmp_path / kind, kind))
     data, dev = synthetic(160), synthetic(24, seed=1)
@@ -508,3 +509,11 @@ def test_faithful_exposure_leaves_the_padding_row_untrained(tiny_model):
     exp = btu.expose(tiny_model, tok, synthetic(64), faithful=True, k=5, passes="A", lr=1e-2, batch_size=8)
     scores = exp.scores["A"]
     assert scores[tok.pad_token_id] < 1e-3 * scores.max()  # weight decay alone: lr x 0.01 x its norm per step
+
+
+def test_exposure_runs_on_a_backbone_whose_embeddings_take_ids_only(tmp_path):
+    """DistilBERT's embedding module looks the ids up itself (no inputs_embeds)."""
+    path = str(make_tiny_model(tmp_path / "distil", "distilbert"))
+    tok = load_tokenizer(path)
+    exp = btu.expose(path, tok, synthetic(64), faithful=False, k=3, passes="AB", lr=1e-2, batch_size=8)
+    assert len(exp.top["A"]) == len(exp.top["B"]) == 3 and not set(exp.top["A"]) & set(exp.top["B"])

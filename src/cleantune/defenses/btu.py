@@ -113,6 +113,18 @@ def doc_stats(ids: list[list[int]], labels: list[int], vocab: int, num_labels: i
 # ---------------------------------------------------------------- exposure
 
 
+class _CompactLookup(nn.Module):
+    """Vocabulary ids -> rows of the compact trainable matrix (ShallowClassifier)."""
+
+    def __init__(self, word: nn.Embedding, lut: torch.Tensor):
+        super().__init__()
+        self.word = word
+        self.register_buffer("lut", lut, persistent=False)
+
+    def forward(self, input_ids):
+        return self.word(self.lut[input_ids])
+
+
 class ShallowClassifier(nn.Module):
     """Pass A/B model: the backbone's embedding module (word + position (+ type) embeddings, LayerNorm,
     dropout), mean-pooled, then a fresh linear head. `pool_padding` mirrors the official code, which pads
@@ -140,7 +152,9 @@ class ShallowClassifier(nn.Module):
         pad_row = int(lut[word.padding_idx]) if word.padding_idx is not None else None
         self.word = nn.Embedding.from_pretrained(word.weight.detach()[rows].clone(), freeze=False, padding_idx=pad_row)
         if self.embeddings is not None:
-            self.embeddings.word_embeddings = None  # the compact matrix stands in for it
+            # the compact matrix stands in for the word embeddings, behind the same call: some embedding
+            # modules (DistilBERT's) always look the ids up themselves and take no inputs_embeds
+            self.embeddings.word_embeddings = _CompactLookup(self.word, lut)
         self.base_weight = word.weight.detach()
         hidden = word.weight.shape[1]
         self.head = nn.Linear(hidden, num_labels)
@@ -156,9 +170,10 @@ class ShallowClassifier(nn.Module):
             if extra > 0:
                 input_ids = nn.functional.pad(input_ids, (0, extra), value=self.pad_id)
             attention_mask = torch.ones_like(input_ids)
-        x = self.word(self.lut[input_ids])
-        if self.embeddings is not None:  # input_ids too: RoBERTa derives padding-aware positions from them
-            x = self.embeddings(input_ids=input_ids, inputs_embeds=x)
+        if self.embeddings is not None:  # by input_ids: RoBERTa derives padding-aware positions from them
+            x = self.embeddings(input_ids=input_ids)
+        else:
+            x = self.word(self.lut[input_ids])
         m = attention_mask.unsqueeze(-1).to(x.dtype)
         pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)
         return SequenceClassifierOutput(logits=self.head(pooled))
