@@ -399,3 +399,22 @@ def test_model_folders_are_recorded_absolute(tiny_model, monkeypatch):
     defense = get_defense("strip", model=Path(tiny_model).name, victim=Path(tiny_model).name)
     assert defense.model == tiny_model and defense.victim == tiny_model
     assert get_defense("finetune").model == "minilm"  # short names stay as they are
+
+
+def test_bki_and_cube_read_the_last_real_token_of_a_causal_lm():
+    """A causal LM's first token sees only itself: its state would make every deletion look harmless."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from cleantune.defenses.bki import influential_words
+    from cleantune.defenses.common import sentence_states
+    from cleantune.models import resolve_model
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                                     n_positions=64, num_labels=2, pad_token_id=tok.pad_token_id))
+    scores = influential_words(model, tok, ["good plot bad actor"], 32, top=4)[0]
+    assert len(scores) == 4 and min(d for _, d in scores) > 0  # every word's deletion changes the state
+    short, padded = sentence_states(model, tok, ["good plot", "good plot bad actor fun"], 32)
+    alone = sentence_states(model, tok, ["good plot"], 32)[0]
+    assert torch.allclose(short, alone, atol=1e-5)  # padding after the last real token does not enter

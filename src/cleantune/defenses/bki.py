@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..models import Classifier
 from ..training import encode, make_batch
 from .base import Defense
-from .common import side_dir, train_side_model
+from .common import sentence_state, side_dir, train_side_model
 
 
 def influential_words(model, tokenizer, texts: list[str], max_length: int, top: int = 5,
@@ -46,7 +46,7 @@ def influential_words(model, tokenizer, texts: list[str], max_length: int, top: 
         for s in tqdm(range(0, len(order), batch_size), desc="bki scan", disable=not progress, leave=False):
             idx = order[s: s + batch_size]
             batch = make_batch([ids[j] for j in idx], tokenizer.pad_token_id)
-            h = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True).hidden_states[-1][:, 0]
+            h = sentence_state(model, {k: v.to(device) for k, v in batch.items()})
             if reps is None:
                 reps = torch.empty(len(flat), h.shape[-1])
             reps[idx] = h.float().cpu()

@@ -37,9 +37,21 @@ def side_dir(out_dir, name: str) -> Path | None:
     return Path(out_dir) / name if out_dir is not None else None
 
 
+def sentence_state(model, batch: dict) -> torch.Tensor:
+    """The final-layer hidden state that stands for each sentence of a (right-padded) batch: the first
+    token's in an encoder ([CLS], as OpenBackdoor's get_repr_embeddings); in a causal LM, whose first token
+    sees only itself, the last real token's, the one its classification head reads."""
+    from ..adapters.mslr import backbone_family
+
+    h = model(**batch, output_hidden_states=True).hidden_states[-1]
+    if backbone_family(model) == "causal":
+        return h[torch.arange(h.shape[0], device=h.device), batch["attention_mask"].sum(1) - 1]
+    return h[:, 0]
+
+
 @torch.no_grad()
-def first_token_states(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 128) -> torch.Tensor:
-    """Final-layer hidden state of the first token ([CLS] for BERT), as OpenBackdoor's get_repr_embeddings."""
+def sentence_states(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 128) -> torch.Tensor:
+    """sentence_state of every text."""
     was_training = model.training
     model.eval()
     ids = encode(tokenizer, texts, max_length)
@@ -49,7 +61,7 @@ def first_token_states(model, tokenizer, texts: list[str], max_length: int, batc
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
         batch = make_batch([ids[i] for i in idx], tokenizer.pad_token_id)
-        h = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True).hidden_states[-1][:, 0]
+        h = sentence_state(model, {k: v.to(device) for k, v in batch.items()})
         if out is None:
             out = torch.empty(len(ids), h.shape[-1])
         out[idx] = h.float().cpu()

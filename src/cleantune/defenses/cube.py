@@ -22,7 +22,7 @@ from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier
 from .base import Defense
-from .common import first_token_states, side_dir, train_side_model
+from .common import sentence_states, side_dir, train_side_model
 
 
 def _require_extras():
@@ -89,7 +89,7 @@ class CUBE(Defense):
         train_data = train_data.without_flags()
         encoder, tokenizer, _ = train_side_model(self, train_data, self.encoder_epochs, None,
                                                  side_dir(out_dir, "cube-encoder"), resume, progress, desc="cube encoder")
-        reps = first_token_states(encoder, tokenizer, train_data.texts, self.max_length).numpy()
+        reps = sentence_states(encoder, tokenizer, train_data.texts, self.max_length).numpy()
         del encoder
         self.clusters_ = cluster(reps, self.seed, self.pca_dims, self.umap_dims, self.n_neighbors, self.min_samples)
         self.flagged_ = minority_clusters(train_data.labels, self.clusters_)
