@@ -418,3 +418,17 @@ def test_bki_and_cube_read_the_last_real_token_of_a_causal_lm():
     short, padded = sentence_states(model, tok, ["good plot", "good plot bad actor fun"], 32)
     alone = sentence_states(model, tok, ["good plot"], 32)[0]
     assert torch.allclose(short, alone, atol=1e-5)  # padding after the last real token does not enter
+
+
+def test_rap_probes_a_causal_lm_at_each_samples_last_real_token(tmp_path):
+    from test_muscle import _tiny_causal
+
+    from cleantune.models import load_model, load_tokenizer
+
+    path = tmp_path / "gpt2"
+    _tiny_causal("gpt2", path)
+    clf = Classifier(load_model(str(path), ["a", "b"]), load_tokenizer(str(path)), ["a", "b"], 64)
+    texts = ["good", "a much longer sentence about a film that was quite bad"]  # the first is padded
+    rap = RapClassifier(clf, "jj", 1, "flip")
+    with torch.no_grad():
+        assert torch.allclose(rap.probs(texts), torch.softmax(clf.predict_logits(texts), -1), atol=1e-5)

@@ -61,10 +61,19 @@ class RapClassifier(FlaggingClassifier):
         device = next(model.parameters()).device
         batch = make_batch(encode(self.tokenizer, texts, self.max_length), self.tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        embeds = model.get_input_embeddings()(batch["input_ids"])
+        # the row is swapped in at the embedding's output, and the model still gets input_ids: a causal LM's head
+        # finds each sample's last real token from them (from inputs_embeds alone it reads the last position,
+        # padding for all but the longest sample)
+        hook = None
         if vector is not None:
-            embeds = torch.where((batch["input_ids"] == self.word_id)[..., None], vector.to(embeds.dtype), embeds)
-        logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits.float()
+            at = (batch["input_ids"] == self.word_id)[..., None]
+            hook = model.get_input_embeddings().register_forward_hook(
+                lambda module, args, out: torch.where(at, vector.to(out.dtype), out))
+        try:
+            logits = model(**batch).logits.float()
+        finally:
+            if hook is not None:
+                hook.remove()
         return torch.softmax(logits, -1)
 
     def prepend(self, texts: list[str]) -> list[str]:
