@@ -333,3 +333,15 @@ def test_a_dollar_in_a_user_setting_prints_as_itself_in_the_plots(tmp_path):
         put_run(s, 0.9, 0.5, 10.0, dataset="sst2", attack="addsent", defense="finetune", sentence=sentence)
     page, md, images = build(s.runs())  # mathtext could not parse this label and raised
     assert "I paid $10" in md and images["bars_sst2.png"][:4] == b"\x89PNG"
+
+
+def test_seed_counts_of_a_row_are_listed_in_numeric_order():
+    from cleantune.report import table_rows
+
+    def cell(n):
+        return {"n": n, "cacc": (0.5, 0.0), "asr": (0.5, 0.0), "asr_floor": (0.1, 0.0), "cacc_drop": None,
+                "time_rel": None}
+
+    d = {"attacks": ["badnets", "addsent"], "rows": ["finetune"],
+         "cells": {("finetune", "badnets"): cell(10), ("finetune", "addsent"): cell(2)}}
+    assert table_rows(d)[1][0][:2] == ["finetune", "2/10"]

@@ -403,7 +403,7 @@ def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for row in d["rows"]:
         cells = [d["cells"].get((row, a)) for a in d["attacks"]]
-        line = [row, "/".join(sorted({str(c["n"]) for c in cells if c}))]
+        line = [row, "/".join(map(str, sorted({c["n"] for c in cells if c})))]  # 2/10, not 10/2
         for c in cells:
             if c is None:
                 line += ["–"] * 5
