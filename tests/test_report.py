@@ -345,3 +345,13 @@ def test_seed_counts_of_a_row_are_listed_in_numeric_order():
     d = {"attacks": ["badnets", "addsent"], "rows": ["finetune"],
          "cells": {("finetune", "badnets"): cell(10), ("finetune", "addsent"): cell(2)}}
     assert table_rows(d)[1][0][:2] == ["finetune", "2/10"]
+
+
+def test_user_text_in_the_markdown_stays_text(tmp_path):
+    from cleantune.report import build
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    sentence = "<img src=x onerror=alert(1)> a | b"
+    put_run(s, 0.9, 0.5, 10.0, dataset="sst2", attack="addsent", defense="finetune", sentence=sentence)
+    _, md, _ = build(s.runs())
+    assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt; a \\| b" in md

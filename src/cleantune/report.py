@@ -488,8 +488,9 @@ dl dt{font-weight:600;margin-top:6px}dl dd{margin-left:18px}
 
 
 def _md(cell: str) -> str:
-    """A Markdown table cell: a | in it (an AddSent sentence, an error) would start a new column."""
-    return cell.replace("|", "\\|").replace("\n", " ")
+    """User text (an AddSent sentence, an error) as Markdown text: its HTML escaped (Markdown renders raw
+    HTML), and no '|' or newline to start a new table column or end a list item."""
+    return html.escape(cell, quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_row(cells: list[str]) -> str:
@@ -578,7 +579,7 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
         m.extend(["## Protocol", ""])
         for topic, text in items:
             h.append(f"<dt>{html.escape(topic)}</dt><dd>{html.escape(text)}</dd>")
-            m.append(f"- **{topic}**: {text}")
+            m.append(f"- **{_md(topic)}**: {_md(text)}")
         h.append("</dl>")
         m.append("")
     if failed:
