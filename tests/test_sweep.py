@@ -354,3 +354,14 @@ def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
     assert "interrupted" in out and time.time() - t0 < 30
     time.sleep(1)
     assert log.read_text().count("start") == 2
+
+
+def test_a_damaged_row_of_another_run_does_not_stop_a_sweep(tiny_model, tmp_path, capsys):
+    grid = write_grid(tmp_path / "g.yaml", tiny_model)
+    store = ResultStore(tmp_path / "s.sqlite")
+    store.put("other", {"dataset": "sst2"}, {"cacc": 0.5}, {}, {})
+    store.conn.execute("UPDATE runs SET config = '{bad' WHERE id = 'other'")
+    store.conn.commit()
+    assert main(["sweep", str(grid), "--store", str(store.path), "--dry-run"]) == 0
+    assert "2 cells, 0 stored" in capsys.readouterr().out
+    assert store.stored_ids() == {"other"}  # what a sweep skips, read without the damaged columns

@@ -604,8 +604,7 @@ def cmd_sweep(ns) -> int:
         # a store that does not exist yet holds nothing; one the sweep could not create is refused here too
         if not path.exists():
             check_creatable(path, f"--store {path}")
-        stored = ({r["id"] for r in ResultStore(path, readonly=True).runs() if r["status"] == "ok"}
-                  if path.exists() else set())
+        stored = ResultStore(path, readonly=True).stored_ids() if path.exists() else set()
         shown = ("dataset", "attack", "defense", "seed")
         alike: dict[tuple, list] = {}
         for c in cells:

@@ -317,7 +317,7 @@ def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int 
     if backend == "ray":
         _require_ray()
     store = ResultStore(store_path)
-    stored = {r["id"] for r in store.runs() if r["status"] == "ok"}
+    stored = store.stored_ids()
     pending = [c for c in cells if c.id not in stored]
     t0 = time.perf_counter()
     failed: list[dict] = []
