@@ -413,8 +413,9 @@ def cmd_train(ns) -> int:
         kept = f"epoch kept: {finished[-1]}, {'no --dev: ' if dev is None else ''}last finished epoch"
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
           f"{defense.report_.processes} process(es), {kept})")
-    if defense.findings():
-        print(f"{ns.defense}: {defense.findings()}")
+    found = defense.findings()
+    if found:
+        print(f"{ns.defense}: {found}")
     return 0
 
 
@@ -606,12 +607,16 @@ def cmd_sweep(ns) -> int:
             check_creatable(path, f"--store {path}")
         stored = ResultStore(path, readonly=True).stored_ids() if path.exists() else set()
         shown = ("dataset", "attack", "defense", "seed")
+
+        def four(c):
+            return tuple(getattr(c.config, k) for k in shown)
+
         alike: dict[tuple, list] = {}
         for c in cells:
-            alike.setdefault(tuple(getattr(c.config, k) for k in shown), []).append(c)
+            alike.setdefault(four(c), []).append(c)
         for c in cells:
             # the settings that tell this cell from others with the same four (an lr axis, a defense option's)
-            group = alike[tuple(getattr(c.config, k) for k in shown)]
+            group = alike[four(c)]
             varying = sorted(k for k in c.resolved if k not in shown
                              and len({json.dumps(g.resolved.get(k), sort_keys=True) for g in group}) > 1)
             extra = "".join(f" {k}={c.resolved[k]}" for k in varying)

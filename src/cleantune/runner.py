@@ -167,15 +167,13 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
         progress: bool = True) -> dict:
     """Run one benchmark cell, or return the stored result of an identical config (unless `force`). A
     second process asking for a cell that one is running waits for it, then takes its stored result."""
-    from accelerate import PartialState
-
     resolved = config.resolve()
     run_id = config_hash(resolved)
     stored = _stored(store, run_id, force)
     # The processes of one launch must take the same branch, and another launch may store the cell between
     # their reads here: with several, only the check under the lock (which they reach together, and which
     # no other launch can store this cell during) decides.
-    if stored is not None and PartialState(cpu=not torch.cuda.is_available()).num_processes == 1:
+    if stored is not None and num_processes() == 1:
         return stored
     work = data_dir() / "runs" / run_id[:16]
     with work_lock(work, wait=True):

@@ -162,8 +162,7 @@ def _mean_over_processes(accelerator, loss: float, grads: list[torch.Tensor | No
     same reference batch, but its forward runs in train mode with its own dropout: unaveraged, each process
     would gate and project the (already averaged) training gradient differently and the replicas drift apart."""
     present = [g.reshape(-1).float() for g in grads if g is not None]
-    device = present[0].device if present else accelerator.device
-    flat = accelerator.reduce(torch.cat(present + [torch.tensor([loss], device=device)]), "mean")
+    flat = accelerator.reduce(torch.cat(present + [torch.tensor([loss], device=accelerator.device)]), "mean")
     out, at = [], 0
     for g in grads:
         if g is not None:
