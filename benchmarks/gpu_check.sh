@@ -37,9 +37,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformer
     >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
-# test_distributed launches two processes over gloo on CPU; on a one-GPU machine that is the CPU test again
-TAIL=25 stage tests "${TESTS_S:-150}" $py -m pytest -p no:cacheprovider -p no:warnings -q ${TESTS:-tests} \
-    --deselect tests/test_distributed.py::test_two_process_launch_trains_and_evaluates
+TAIL=25 stage tests "${TESTS_S:-150}" $py -m pytest -p no:cacheprovider -p no:warnings -q -rf ${TESTS:-tests}
 stage step_cost "${STEP_S:-60}" $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --with-ga
 stage quality "${QUALITY_S:-190}" $py benchmarks/muscle_quality.py --datasets sst2 --attacks badnets \
     --defenses finetune,muscle-lora --store "$stores/quality.sqlite" --no-progress

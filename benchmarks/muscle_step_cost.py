@@ -11,6 +11,9 @@ plus the gradient-alignment reference forward/backward (no base-weight gradients
 MiniLM at batch 32 waits on Python and kernel launches, so this count predicts the GPU ratio on a CPU
 (an H100 measured 2.10x where the count gave 2.13x). AdamW runs its multi-tensor (foreach) version there,
 as it does by default on CUDA; model loading and dev evaluation cancel out of a 2N - N steps difference.
+
+`--profile` runs each defense once under torch.profiler and prints, per step, the kernel launches, the host
+syncs and the operators that take the most host time: where a launch-bound step goes.
 """
 
 from __future__ import annotations
@@ -56,6 +59,26 @@ def ops_per_step(defense_name: str, bench, dev, steps: int, batch_size: int, mod
     return (counts[1] - counts[0]) / steps
 
 
+def profile(defense_name: str, train, dev, batch_size: int, model: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    steps = math.ceil(len(train) / batch_size)
+    d = get_defense(defense_name, model=model, epochs=1, batch_size=batch_size, seed=0, lr=2e-5)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=acts) as prof:
+        d.fit(train, dev, progress=False)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    syncs = [e for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+                                            "aten::_local_scalar_dense")]
+    print(f"-- {defense_name}: {1000 * d.report_.train_seconds / steps:.1f} ms/step under the profiler, "
+          f"{launches / steps:.0f} kernel launches/step, "
+          + ", ".join(f"{e.key} {e.count / steps:.1f}/step {e.self_cpu_time_total / 1000 / steps:.2f} ms/step"
+                      for e in syncs))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm")
@@ -64,6 +87,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs; the fastest of each is kept")
     ap.add_argument("--with-ga", action="store_true", help="also time 'ga' (full fine-tuning + GA)")
     ap.add_argument("--count-ops", action="store_true", help="count backend operations per step (a GPU proxy)")
+    ap.add_argument("--profile", action="store_true", help="profile one run of each: launches, syncs, top operators")
     args = ap.parse_args()
     bench = load_benchmark("sst2")
     train = bench.train.stratified_sample(args.steps * args.batch_size, 0)
@@ -75,6 +99,10 @@ def main():
         for n in names:
             print(f"{n:12s} {ops[n]:8.0f} ops/step")
         print(f"muscle-lora / finetune = {ops['muscle-lora'] / ops['finetune']:.2f}x in operations")
+        return
+    if args.profile:
+        for n in names:
+            profile(n, train, dev, args.batch_size, args.model)
         return
     times = {n: [] for n in names}
     for _ in range(args.repeats):

@@ -261,7 +261,7 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     replaced = (after[S] == E0[tok.pad_token_id]).sum().item()
     assert replaced >= sum(defense.extra_metrics_["btu_unlearn"]["dims_replaced"]) > 0
     if tuning == "none":
-        assert torch.equal(clf.model.get_input_embeddings().weight, after)
+        assert torch.equal(clf.model.get_input_embeddings().weight.cpu(), after)
     audit = defense.audit(["cf"])
     ranks = audit["btu_trigger_ranks"]["cf"]
     assert set(ranks) == {"A", "B", "C"} and all(r >= 1 for r in ranks.values())

@@ -1,9 +1,10 @@
-"""`accelerate launch` with two CPU processes runs the same training loop (DDP over gloo).
+"""`accelerate launch` with two CPU processes runs the same training loop (DDP over gloo), on a GPU machine too.
 
 On a machine without CUDA, `--multi_gpu --num_processes N` starts N processes (torchrun) and the loop's
 Accelerator(cpu=True) joins them over gloo; `--cpu` alone would start a single process."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,13 +14,15 @@ import time
 # once (another test run, a user's job) could both find it free and one would fail its rendezvous.
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# two CPU processes on any machine: on one with a single GPU, the second process would ask for cuda:1
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def test_two_process_launch_trains_and_evaluates(tiny_model, tmp_path):
     store = tmp_path / "s.sqlite"
     cmd = LAUNCH + ["-m", "cleantune", "run", "--model", tiny_model, "--train-size", "128", "--epochs", "1",
                     "--store", str(store), "--no-progress", "--format", "json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=CPU_ONLY)
     assert p.returncode == 0, p.stderr[-2000:]
     printed = json.loads(p.stdout)  # one process prints: two would make this two arrays
     assert len(printed) == 1 and printed[0]["config"]["processes"] == 2  # another effective batch, another run
@@ -64,7 +67,7 @@ def test_a_launch_waits_for_another_process_on_its_run_folder(tmp_path):
     work = tmp_path / "w"
     with work_lock(work, wait=False):
         p = subprocess.Popen(LAUNCH + [str(script), str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, env=CPU_ONLY)
         deadline = time.time() + 120
         while not (tmp_path / "ready").exists() and p.poll() is None and time.time() < deadline:
             time.sleep(0.2)
@@ -148,6 +151,7 @@ torch.distributed.destroy_process_group()
 def test_replicas_stay_identical_under_hooks_and_resume(tiny_model, tmp_path):
     script = tmp_path / "replicas.py"
     script.write_text(REPLICAS)
-    p = subprocess.run(LAUNCH + [str(script), tiny_model, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(LAUNCH + [str(script), tiny_model, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env=CPU_ONLY)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split("\n")[:4] == ["ga True", "lga True", "loss True", "resume True"], p.stdout
