@@ -230,6 +230,55 @@ def test_a_pickle_checkpoint_is_refused(tiny_model, tmp_path):
         load_model(str(folder), ["a", "b"])
 
 
+def test_a_checkpoint_that_ships_code_is_refused_without_running_it(tiny_model, tmp_path, monkeypatch):
+    """A config.json whose auto_map points at the folder's own .py files: transformers would ask on a terminal
+    and run the code on "y". Loading refuses in one line, whatever stdin says, and the code never runs."""
+    import io
+    import shutil
+
+    from cleantune.cli import main
+    from cleantune.models import load_tokenizer
+
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_model, folder)
+    marker = tmp_path / "ran"
+    code = (f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import BertConfig\n"
+            "class MyCfg(BertConfig):\n    model_type = 'mything'\n")
+    (folder / "cfg.py").write_text(code)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="mything", auto_map={"AutoConfig": "cfg.MyCfg",
+                                               "AutoModelForSequenceClassification": "cfg.MyCfg"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))
+    for load in (lambda: load_model(str(folder), ["a", "b"]), lambda: Classifier.from_pretrained(folder)):
+        with pytest.raises(UserError, match="custom code"):
+            load()
+    load_tokenizer(str(folder))  # the tokenizer files name a built-in class: nothing to run
+    (tmp_path / "d.tsv").write_text("text\tlabel\ngood\t1\nbad\t0\n")
+    assert main(["eval", str(folder), str(tmp_path / "d.tsv")]) == 2
+    assert not marker.exists()
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path):
+    """transformers builds a 5-token tokenizer from config.json alone: every word would be [UNK], and training
+    and eval would run on nothing. A file given as the model is named as such."""
+    import shutil
+
+    from cleantune.cli import main
+    from cleantune.models import load_tokenizer
+
+    folder = tmp_path / "notok"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model) / name, folder / name)
+    with pytest.raises(UserError, match="cannot load its tokenizer .the folder has no tokenizer.json"):
+        load_tokenizer(str(folder))
+    (tmp_path / "d.tsv").write_text("text\tlabel\ngood\t1\nbad\t0\n")
+    assert main(["eval", str(folder), str(tmp_path / "d.tsv")]) == 2
+    with pytest.raises(UserError, match="a file, not a model folder"):
+        resolve_model(str(tmp_path / "d.tsv"))
+
+
 def test_causal_lm_without_a_pad_token_pads_with_eos(tmp_path):
     """GPT-2 and Llama ship no pad token: without one, HF's classifier refuses any batch of two or more."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification

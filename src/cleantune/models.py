@@ -48,6 +48,8 @@ def resolve_model(name: str, label: str | None = None) -> str:
         return str(pkg.get_model_path())
     path = Path(name).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{label}: a file, not a model folder")
         if not (path / "config.json").is_file():
             hint = ("; this is a PEFT adapter: give the model folder above it"
                     if (path / "adapter_config.json").is_file() and (path.parent / "config.json").is_file() else "")
@@ -116,7 +118,8 @@ def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
             if "adapter_kwargs" in kwargs:  # the Auto classes look for a PEFT adapter without local_files_only
                 kwargs["adapter_kwargs"] = {**kwargs["adapter_kwargs"], "local_files_only": True}
         try:
-            return load(path, **kwargs)
+            # never run a checkpoint's own code: without this, transformers asks on a terminal and runs it on "y"
+            return load(path, trust_remote_code=False, **kwargs)
         # ValueError: a config.json transformers cannot read; SafetensorError: a corrupt weights file
         except (OSError, ValueError, SafetensorError) as e:
             if unreachable:
@@ -125,13 +128,20 @@ def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
             raise UserError(f"{label}: {failed} ({str(e).splitlines()[0]})") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.*", "*.model")  # fast tokenizer, WordPiece/BPE vocab, sentencepiece
+
+
 def load_tokenizer(name_or_path: str, label: str | None = None):
     from transformers import AutoTokenizer
 
     label = label or f"--model {name_or_path}"
-    # an unknown hub id, a folder without tokenizer files
-    tok = _from_pretrained(AutoTokenizer.from_pretrained, resolve_model(name_or_path, label), label,
-                           "cannot load its tokenizer", use_fast=True)
+    where = resolve_model(name_or_path, label)
+    folder = Path(where)
+    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        # transformers would build a tokenizer with an empty vocabulary from config.json: every word [UNK]
+        raise UserError(f"{label}: cannot load its tokenizer (the folder has no tokenizer.json, vocab or "
+                        "sentencepiece file)")
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, where, label, "cannot load its tokenizer", use_fast=True)
     if tok.pad_token is None:  # causal LMs (GPT-2, Llama) ship no pad token: pad with EOS as HF does
         tok.pad_token = tok.eos_token
     return tok

