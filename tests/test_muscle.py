@@ -413,3 +413,110 @@ def test_an_adapter_that_does_not_fit_is_refused(tiny_model, tmp_path):
     roberta = load_model(str(make_tiny_model(tmp_path / "roberta", "roberta")), ["a", "b"])
     with pytest.raises(UserError, match="adapter tensor 'classifier.bias' does not fit RobertaForSequenceClassification"):
         apply_adapter(roberta, tmp_path / "adapter")
+    with pytest.raises(UserError, match=r"adapter tensor 'classifier.bias' has shape \(2,\), the model's has \(3,\)"):
+        apply_adapter(load_model(tiny_model, ["a", "b", "c"]), tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_config.json").rename(tmp_path / "cleantune_adapter.json")
+    (tmp_path / "cleantune_adapter").mkdir()
+    (tmp_path / "cleantune_adapter.json").rename(tmp_path / "cleantune_adapter" / "adapter_config.json")
+    with pytest.raises(UserError, match="no cleantune_labels.json"):
+        load_classifier(tmp_path)
+
+
+def _save_and_reload(model, tok, tmp_path, texts=("a fine film", "dull , long and loud movie", "ok")):
+    """(in-memory logits, merged model's, the saved folder): the model saved as `cleantune train` saves it."""
+    clf = Classifier(model, tok, ["a", "b"], 32)
+    before = clf.predict_logits(list(texts))
+    clf.save_pretrained(tmp_path / "out")
+    return before, Classifier.from_pretrained(tmp_path / "out").predict_logits(list(texts)), tmp_path / "out"
+
+
+def _as_if_trained(model):
+    """Every trainable tensor moved: what a real step would change, without one."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", ["roberta", "gpt2"])
+def test_train_head_leaves_the_mslr_base_frozen(kind, tmp_path):
+    """Where MSLR wraps a layer of the head (RoBERTa's classifier.dense, the causal head's dense), train_head
+    trains the rest of the head and MSLR's factors, never W0 (spec 2.6, 16.4): W0 is the frozen base."""
+    from conftest import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path / kind, kind)) if kind == "roberta" else _tiny_causal(kind, tmp_path / kind)
+    model = get_defense("muscle-lora", model=path, train_head=True).prepare_model(
+        load_model(path, ["a", "b"]), load_tokenizer(path), None)
+    head = "classifier" if kind == "roberta" else "score"
+    names = [n.split(f".{head}.", 1)[1] for n in _trainable(model) if f".{head}." in n]
+    assert sorted(names) == sorted(["dense.mslr_L", "dense.mslr_R", "out_proj.weight"]
+                                   + (["out_proj.bias"] if kind == "roberta" else []))
+
+
+def test_mslr_on_the_causal_heads_output_layer_saves_and_reloads(tmp_path):
+    """mslr_target=score.out_proj: the head collapses with MSLR merged into either of its layers."""
+    path = _tiny_causal("gpt2", tmp_path / "gpt2")
+    tok = load_tokenizer(path)
+    model = get_defense("lora-mslr", model=path, mslr_target="score.out_proj").prepare_model(
+        load_model(path, ["a", "b"]), tok, None)
+    assert isinstance(model.get_base_model().score.out_proj, MSLRLinear)
+    _as_if_trained(model)
+    before, merged, out = _save_and_reload(model, tok, tmp_path)
+    assert torch.allclose(before, merged, atol=1e-5)
+    assert torch.allclose(before, load_classifier(out).predict_logits(["a fine film", "dull , long and loud movie",
+                                                                      "ok"]), atol=1e-5)
+
+
+def test_ga_on_a_causal_lm_saves_no_adapter(tmp_path):
+    """`ga` fine-tunes every weight: the head alone on the base checkpoint would be another model, so no
+    cleantune_adapter/ is written and load_classifier refuses, as for an encoder."""
+    path = _tiny_causal("gpt2", tmp_path / "gpt2")
+    tok = load_tokenizer(path)
+    model = get_defense("ga", model=path).prepare_model(load_model(path, ["a", "b"]), tok, None)
+    _as_if_trained(model)
+    before, merged, out = _save_and_reload(model, tok, tmp_path)
+    assert torch.allclose(before, merged, atol=1e-5)
+    assert not (out / "cleantune_adapter").exists()
+    with pytest.raises(UserError, match="saved without a cleantune adapter"):
+        load_classifier(out)
+
+
+def test_layers_the_base_checkpoint_lacks_travel_with_the_adapter(tmp_path):
+    """A DistilBERT base without a head: pre_classifier starts random like the head, so load_classifier must
+    bring it back too, or it predicts with another random layer."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from cleantune.models import resolve_model
+
+    tok = load_tokenizer(resolve_model("minilm"))
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=64)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    path = str(tmp_path / "base")
+    model = get_defense("ga-lora", model=path, target_modules=["q_lin", "v_lin"]).prepare_model(
+        load_model(path, ["a", "b"]), tok, None)
+    _as_if_trained(model)
+    before, merged, out = _save_and_reload(model, tok, tmp_path)
+    assert torch.allclose(before, merged, atol=1e-5)
+    torch.manual_seed(123)  # another draw for whatever load_classifier initialises at random
+    assert torch.allclose(before, load_classifier(out).predict_logits(["a fine film", "dull , long and loud movie",
+                                                                      "ok"]), atol=1e-5)
+
+
+def test_the_adapter_records_a_relative_base_path_as_absolute(tiny_model, tmp_path, monkeypatch):
+    """MuScleLoRA(model="models/x") through the Python API: load_classifier must work from another folder."""
+    import os
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "models" / "bert")
+    monkeypatch.chdir(tmp_path)
+    model = get_defense("muscle-lora", model="models/bert").prepare_model(
+        load_model("models/bert", ["a", "b"]), load_tokenizer("models/bert"), None)
+    _, _, out = _save_and_reload(model, load_tokenizer("models/bert"), tmp_path)
+    monkeypatch.chdir(out)
+    assert os.path.isabs(model._cleantune_adapter["base_model"])
+    load_classifier(out)
+    card = (out / "adapter" / "README.md").read_text()
+    assert "not the trained model" in card and "load_classifier" in card  # the recipe alone would be wrong

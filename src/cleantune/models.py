@@ -161,7 +161,10 @@ def load_model(name_or_path: str, label_names: list[str], label: str | None = No
                              # transformers 5 keeps a checkpoint's dtype: AdamW on bf16/fp16 weights rounds most
                              # updates away (a Llama stored in fp16, a bf16 hub model). Mixed precision is
                              # Accelerate's autocast over float32 weights.
-                             dtype=torch.float32)
+                             dtype=torch.float32, output_loading_info=True)
+    model, info = model
+    # layers the checkpoint lacks (the head, DistilBERT's pre_classifier) start random: a saved adapter keeps them
+    model.cleantune_new_keys = tuple(info["missing_keys"])
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -218,6 +221,8 @@ def as_texts(texts: list[str] | str) -> list[str]:
 def _write_adapter_card(folder: Path, model, label_names: list[str], max_length: int) -> None:
     """Replace PEFT's empty model-card template with what the adapter is and how it loads."""
     base = next(iter(model.peft_config.values())).base_model_name_or_path
+    # the head and MSLR saved beside PEFT's adapter by adapters.mslr (ga-lora, lora-mslr, muscle-lora)
+    ours = hasattr(model, "cleantune_export") and not model._cleantune_adapter.get("full_finetune")
     (folder / "README.md").write_text(
         "# LoRA adapter saved by cleantune\n\n"
         "The PEFT adapter (LoRA weights, and the classification head where PEFT saves it: `modules_to_save`) of the\n"
@@ -225,8 +230,12 @@ def _write_adapter_card(folder: Path, model, label_names: list[str], max_length:
         "`AutoModelForSequenceClassification.from_pretrained`.\n\n"
         f"- base model: `{base}`\n- labels: {', '.join(f'`{n}`' for n in label_names)} (ids 0..{len(label_names) - 1})\n"
         f"- training max_length: {max_length}\n\n"
-        "Loading the adapter alone needs the head size passed to the base model (it loads with a 2-class head\n"
-        "otherwise): see cleantune's README, \"Loading the LoRA adapter alone\", and `cleantune_labels.json` here.\n")
+        + ("**This adapter alone is not the trained model.** The classification head (frozen at its random\n"
+           "initialisation) and, where trained, the MSLR adapter are in `../cleantune_adapter/`. Load both with\n"
+           "`cleantune.adapters.load_classifier(\"<the folder above>\")`, or use the merged model above.\n"
+           if ours else
+           "Loading the adapter alone needs the head size passed to the base model (it loads with a 2-class head\n"
+           "otherwise): see cleantune's README, \"Loading the LoRA adapter alone\", and `cleantune_labels.json` here.\n"))
 
 
 class Classifier:

@@ -141,8 +141,8 @@ class CausalLMHead(nn.Module):
 
     def collapsed(self) -> nn.Linear:
         """The head as one d -> C linear layer (exact in eval mode: no nonlinearity, no bias)."""
-        dense = self.dense.merged() if isinstance(self.dense, MSLRLinear) else self.dense
-        w = self.out_proj.weight @ dense.weight
+        dense, out_proj = (m.merged() if isinstance(m, MSLRLinear) else m for m in (self.dense, self.out_proj))
+        w = out_proj.weight @ dense.weight
         out = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, device=w.device)
         with torch.no_grad():
             out.weight.copy_(w)
@@ -197,8 +197,9 @@ def merge_mslr(model) -> None:
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """What the adapter adds to its base checkpoint: the MSLR factors and the head. The head is frozen at a
-    random init (or newly built for causal LMs), so like PEFT's modules_to_save it travels with the adapter."""
+    """What the adapter adds to its base checkpoint: the MSLR factors, the head, and any other layer the base
+    checkpoint lacks (DistilBERT's pre_classifier when the base has no head). The head is frozen at a random
+    init (or newly built for causal LMs), so like PEFT's modules_to_save it travels with the adapter."""
     state = {}
     for name, layer in mslr_layers(model).items():
         state[f"{name}.mslr_L"], state[f"{name}.mslr_R"] = layer.mslr_L, layer.mslr_R
@@ -207,6 +208,12 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
         for n, t in getattr(model, head).state_dict().items():
             if "mslr_" not in n:
                 state[f"{head}.{n}"] = t
+    tensors = dict(model.state_dict())
+    for key in getattr(model, "cleantune_new_keys", ()):  # set by models.load_model
+        parent, _, leaf = key.rpartition(".")
+        for name in (key, f"{parent}.base_linear.{leaf}"):  # the layer MSLR wraps is renamed
+            if name in tensors and name not in state:
+                state[name] = tensors[name]
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -239,6 +246,10 @@ def apply_adapter(model, adapter_dir: str | Path) -> None:
     missing = sorted(set(state) - set(params))
     if missing:
         raise UserError(f"{adapter_dir}: adapter tensor '{missing[0]}' does not fit {type(model).__name__}")
+    wrong = next((n for n, t in state.items() if t.shape != params[n].shape), None)
+    if wrong is not None:
+        raise UserError(f"{adapter_dir}: adapter tensor '{wrong}' has shape {tuple(state[wrong].shape)}, the model's "
+                        f"has {tuple(params[wrong].shape)} (another base model?)")
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
@@ -254,6 +265,8 @@ def load_classifier(path: str | Path, base_model: str | None = None):
     meta_file = path / ADAPTER_DIR / CONFIG_FILE
     if not meta_file.is_file():
         raise UserError(f"{path}: no {ADAPTER_DIR}/{CONFIG_FILE} (saved without a cleantune adapter)")
+    if not (path / LABELS_FILE).is_file():
+        raise UserError(f"{path}: no {LABELS_FILE} (not a model folder saved by cleantune)")
     labels = json.loads((path / LABELS_FILE).read_text())
     base = base_model or json.loads(meta_file.read_text())["base_model"]
     model = load_model(base, labels["label_names"])
@@ -267,14 +280,17 @@ def load_classifier(path: str | Path, base_model: str | None = None):
 
 
 def _export(model, out_dir: str | Path):
-    """Classifier.save_pretrained's hook: write the adapter to out_dir, then merge it (in place)."""
-    save_adapter(model, Path(out_dir) / ADAPTER_DIR)
+    """Classifier.save_pretrained's hook: write the adapter to out_dir, then merge it (in place). A fully
+    fine-tuned model (`ga` on a causal LM, registered with full_finetune) writes none: its base weights
+    changed, so the head alone on the base checkpoint would be another model."""
+    if not model._cleantune_adapter.get("full_finetune"):
+        save_adapter(model, Path(out_dir) / ADAPTER_DIR)
     merge_mslr(model)
     return model
 
 
 def register(model, **entries) -> None:
-    """Record adapter settings on the model (`base_model`, `mslr`, `causal_head`) and hook it into
+    """Record adapter settings on the model (`base_model`, `mslr`, `causal_head`, `full_finetune`) and hook it into
     Classifier.save_pretrained, which then saves the adapter (and the frozen head) and merges it for export."""
     model._cleantune_adapter = {**getattr(model, "_cleantune_adapter", {}), **entries}
     model.cleantune_export = types.MethodType(_export, model)

@@ -24,6 +24,7 @@ import torch
 from ..adapters import mslr as A
 from ..data import TextDataset
 from ..errors import UserError
+from ..models import model_name
 from ..training import StepContext, StepHook, encode, make_batch
 from .base import Defense
 from .lora import apply_lora
@@ -315,15 +316,20 @@ class MuScleLoRA(Defense):
         if A.backbone_family(model) == "causal":
             A.attach_causal_head(model, self.head_inner)
         if "lora" not in self.components:
+            if hasattr(model, "cleantune_export"):  # the causal head: collapsed at export, no adapter written
+                A.register(model, full_finetune=True)
             return model  # full fine-tuning ("OnlyGA"): every parameter trains, the head included
         head = getattr(model, "classifier", None) or getattr(model, "score")
         for p in head.parameters():
             p.requires_grad = False  # the official code freezes the head at its random init
-        trainable = list(head.parameters()) if r["train_head"] else []
-        A.register(model, base_model=self.model)  # the frozen head travels with the saved adapter
+        # the frozen head travels with the saved adapter; a local folder is recorded by its absolute path
+        A.register(model, base_model=model_name(self.model))
+        trainable = []
         if "mslr" in self.components:
             layer = A.inject_mslr(model, A.MSLRConfig(r["scales"], r["inner_rank"], r["mslr_alpha"], r["mslr_target"]))
             trainable += [layer.mslr_L, layer.mslr_R]
+        if r["train_head"]:  # after the injection: where MSLR wraps a head layer (RoBERTa, causal LMs), its W0 stays frozen
+            trainable += [p for n, p in head.named_parameters() if ".base_linear." not in f".{n}" and "mslr_" not in n]
         model = apply_lora(model, r["lora_r"], r["lora_alpha"], 0.0, r["target_modules"], modules_to_save=False)
         for p in trainable:  # PEFT froze every non-LoRA parameter
             p.requires_grad = True
