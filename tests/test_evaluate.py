@@ -31,6 +31,12 @@ def test_a_model_predicting_one_class_is_marked():
     m = evaluate(ConstantModel(), clean, triggered)
     assert m["predicted_classes"] == 1 and m["asr"] == m["asr_floor"] == 1.0
 
+    class AbstainingConstant:  # a filter's victim (on_flag=abstain): flagged inputs get -1, which is no class
+        def predict(self, texts):
+            return [-1 if "dull" in t else 1 for t in texts]
+
+    assert evaluate(AbstainingConstant(), clean, triggered)["predicted_classes"] == 1
+
 
 def test_detection_metrics_counts():
     m = detection_metrics([True, True, False, False, True], [True, False, True, False, True])

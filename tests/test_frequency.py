@@ -19,20 +19,21 @@ def test_published_delta_grid_and_kernel_rows():
     assert len(DELTAS) == 25 and DELTAS[0] == 2 and DELTAS[-1] == 8 and DELTAS[12] == 5
     X = torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0]])
     G, median = kernels(X, [2.0, 8.0])
-    assert torch.allclose(G.sum(-1), torch.ones(2, 3))
+    assert G.dtype == torch.float64 and torch.allclose(G.sum(-1), torch.ones(2, 3, dtype=torch.float64))
     # row 0: distances 0, 5, 5 -> weights 1, e^{-5/4}, e^{-5/4} (Laplacian, unsquared distance)
     w = math.exp(-5 / 4)
-    assert torch.allclose(G[0, 0], torch.tensor([1, w, w]) / (1 + 2 * w))
+    assert torch.allclose(G[0, 0], torch.tensor([1, w, w], dtype=torch.float64) / (1 + 2 * w))
     assert median == 5.0
-    assert torch.allclose(kernels(X, [2.0], "median")[0][0, 0], torch.tensor([1, math.exp(-1 / 4), math.exp(-1 / 4)]) / (1 + 2 * math.exp(-1 / 4)))
+    assert torch.allclose(kernels(X, [2.0], "median")[0][0, 0],
+                          torch.tensor([1, math.exp(-1 / 4), math.exp(-1 / 4)], dtype=torch.float64) / (1 + 2 * math.exp(-1 / 4)))
 
 
 def test_relative_errors_and_the_constant_target_fix():
     torch.manual_seed(0)
     X = torch.randn(6, 3)
     G, _ = kernels(X, [0.5, 2.0])
-    P = torch.softmax(torch.randn(6, 2), -1)
-    Y = torch.eye(2)[torch.tensor([0, 1, 0, 1, 1, 0])]
+    P = torch.softmax(torch.randn(6, 2), -1).double()
+    Y = torch.eye(2, dtype=torch.float64)[torch.tensor([0, 1, 0, 1, 1, 0])]
     out = relative_errors(G, Y, P)
     k = 1
     GY, GP = G[k] @ Y, G[k] @ P
@@ -41,7 +42,7 @@ def test_relative_errors_and_the_constant_target_fix():
     assert math.isclose(out["e_high"][k], float(num / (Y - GY).norm(dim=1).mean()), rel_tol=1e-5)
     assert out["e_high_denominator"] == "high part of target"
     # backdoor set: every target equal, so Y - GY = 0 and the published ratio is 0/0
-    Yc = torch.eye(2)[torch.ones(6, dtype=torch.long)]
+    Yc = torch.eye(2, dtype=torch.float64)[torch.ones(6, dtype=torch.long)]
     out = relative_errors(G, Yc, P)
     assert all(math.isfinite(v) for key in ("e_low", "e_high", "lfr", "hfr") for v in out[key])
     assert out["e_high_denominator"] == "target"
@@ -104,6 +105,28 @@ def test_analyze_help_lists_the_supported_defenses(capsys):
         assert name in text
 
 
+def test_the_returned_model_is_a_recorded_point(tiny_model, tmp_path):
+    """Clean-dev selection returns the best epoch's weights (here epoch 0 of 3): the curves hold every
+    epoch's end, and `returned_step` is the point whose curves are the returned model's (not the last
+    epoch's)."""
+    from cleantune.training import StepContext
+
+    b = load_benchmark("sst2")
+    tok = load_tokenizer(tiny_model)
+    hook = FrequencyHook(tok, {"clean": b.dev.subset(range(40, 70)), "poison": b.dev.subset(range(20))}, every=7)
+    d = get_defense("finetune", model=tiny_model, epochs=3, batch_size=16, lr=3e-3)
+    clf = d.fit(b.train.stratified_sample(80, 0), b.dev.subset(range(40)), progress=False, extra_hooks=(hook,))
+    res = hook.result(d.report_.best_epoch)
+    assert {5, 10, 15} <= {r["step"] for r in res["records"]}  # 5 steps per epoch; every 7th and each end
+    assert res["returned_step"] == 5 * (d.report_.best_epoch + 1) and res["best_epoch"] == d.report_.best_epoch
+    assert hook.result(None)["returned_step"] == 15  # no selection: the last epoch's model
+    kept = next(r for r in res["records"] if r["step"] == res["returned_step"])
+    hook.record(StepContext(clf.model, None, epoch=-1, step=-1, steps_per_epoch=5, settings=d.train_settings()))
+    again = hook.records[-1]
+    for name in ("clean", "poison"):
+        assert again[name]["e_low"] == pytest.approx(kept[name]["e_low"], rel=1e-9)
+
+
 def test_analyze_bki_records_its_final_training(tiny_model, tmp_path, capsys):
     """BKI trains a side model first (2 epochs: 10 steps); the curves follow only the training of the
     model it returns (1 epoch over at most 40 samples: at most 5 steps)."""
@@ -137,8 +160,8 @@ def test_report_refuses_a_curves_file_without_records(tmp_path, capsys):
 def test_low_and_high_frequency_ratios_are_shares_of_the_prediction():
     torch.manual_seed(1)
     G, _ = kernels(torch.randn(5, 3), [1.0])
-    P = torch.softmax(torch.randn(5, 2), -1)
-    Y = torch.eye(2)[torch.tensor([0, 1, 1, 0, 1])]
+    P = torch.softmax(torch.randn(5, 2), -1).double()
+    Y = torch.eye(2, dtype=torch.float64)[torch.tensor([0, 1, 1, 0, 1])]
     out = relative_errors(G, Y, P)
     GP, p_norm = G[0] @ P, P.norm(dim=1).mean()
     # of the prediction's size, not the target's: LFR and HFR say how P itself splits
@@ -186,11 +209,15 @@ def test_frequency_hook_subsamples_each_set_reproducibly(tiny_model):
     assert h.data["clean"].texts == fitted(0).data["clean"].texts
 
 
-def test_the_target_denominator_is_marked_only_when_every_delta_needed_it():
-    # far-apart samples: at a narrow kernel G is the identity and Y - GY vanishes even for mixed labels,
-    # at a wide one it does not; the curves file must not claim the fallback for every delta
-    G, _ = kernels(torch.tensor([[0.0], [40.0], [80.0]]), [0.5, 100.0])
-    Y = torch.eye(2)[torch.tensor([0, 1, 0])]
-    out = relative_errors(G, Y, torch.full((3, 2), 0.5))
+def test_e_high_is_undefined_where_the_kernel_is_the_identity_and_exact_elsewhere():
+    """Far-apart inputs with several targets: at a narrow kernel G is the identity to float64 precision and
+    Y - GY vanishes, so e_high is NaN there, never a fallback value that a plot would show as ~0 (only a set
+    with one target divides by ||Y||). Where the kernel is not the identity, P = Y/2 + 1/4 gives e_high = 1/2
+    exactly (G's rows sum to 1), which float32 filtering lost (~1e-8 at delta 4 here)."""
+    X = torch.tensor([[0.0], [150.0], [300.0], [450.0]])
+    Y = torch.eye(2, dtype=torch.float64)[torch.tensor([0, 1, 0, 1])]
+    out = relative_errors(kernels(X, [1.0, 4.0, 8.0, 100.0])[0], Y, 0.5 * Y + 0.25)
     assert out["e_high_denominator"] == "high part of target"
-    assert all(math.isfinite(v) for v in out["e_high"])
+    assert math.isnan(out["e_high"][0])
+    assert out["e_high"][1:] == pytest.approx([0.5] * 3, rel=1e-6)
+    assert all(math.isfinite(v) for key in ("e_low", "lfr", "hfr") for v in out[key])

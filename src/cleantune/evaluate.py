@@ -60,8 +60,9 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
         return model.predict(data.texts, progress=f"{progress} ({what})") if progress else model.predict(data.texts)
 
     preds = predict(clean_test, "clean test")  # once, for CACC and the floor
-    # 1: a degenerate model (one class for every input), whose CACC, ASR and floor say nothing of a defense
-    out = {"cacc": _share_correct(preds, clean_test.labels), "predicted_classes": len(set(preds))}
+    # 1: a degenerate model (one class for every input), whose CACC, ASR and floor say nothing of a defense;
+    # a filter's abstentions (-1, defenses.common.ABSTAIN) are no class
+    out = {"cacc": _share_correct(preds, clean_test.labels), "predicted_classes": len({p for p in preds if p >= 0})}
     if triggered_test is not None:
         out["asr"] = _share_correct(predict(triggered_test, "triggered test"), triggered_test.labels)
         if len(triggered_test):

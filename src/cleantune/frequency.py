@@ -20,9 +20,14 @@ Deliberate deviations from the official code (each fixes a bug of spec section 1
 - Pad positions are zero vectors (the official code pads with pad-token embeddings per batch, then zeros
   to the longest sequence, so distances depend on how samples were batched).
 - The backdoor set has one target for every sample, so Y - GY = 0 and e_high is 0/0 in the official
-  code. Where mean ||Y - GY|| is below 1e-6 * mean ||Y|| we divide by mean ||Y|| instead: e_high is then
-  the high-frequency content of the prediction error relative to the target's size. The JSON marks
-  those curves with "e_high_denominator": "target".
+  code. For a set with one target we divide by mean ||Y|| instead: e_high is then the high-frequency
+  content of the prediction error relative to the target's size. The JSON marks those curves with
+  "e_high_denominator": "target". A set with several targets keeps the published ratio; where its kernel
+  is the identity to working precision (far-apart inputs, a narrow delta), Y - GY vanishes too and e_high
+  is NaN there (a gap in the plot), not a number made of rounding.
+- Distances, kernels and the filtering are float64 (the official code: float32, where Y - GY loses most
+  of its digits once the kernel is close to the identity), and a kernel is built for one delta at a time
+  from the stored distances, so memory is the distance matrix and one kernel, not one kernel per delta.
 The distance is the plain (not squared) Euclidean one, as published: a Laplacian kernel. The distances
 between flattened embeddings of different sentences are large (hundreds for BERT-sized models), so with
 2 delta in [4, 16] the kernel is close to the identity; `distance="median"` divides the distances by their
@@ -44,37 +49,59 @@ from .errors import UserError
 from .training import StepContext, StepHook, encode, make_batch, predict_logits
 
 DELTAS = [2 + 6 * i / 24 for i in range(25)]  # linspace(2, 8, 25), the published grid
-EPS = 1e-6
+# A set with several targets whose mean ||Y - GY|| is below this share of mean ||Y||: the kernel is the identity
+# to float64 precision and e_high is undefined there
+UNDEFINED = 1e-9
 
 
-def relative_errors(G: torch.Tensor, Y: torch.Tensor, P: torch.Tensor) -> dict[str, list[float]]:
-    """Spec 6.1 step 5 for a stack of kernels G (K x N x N), targets Y and predictions P (N x C)."""
-    GY, GP = G @ Y, G @ P  # K x N x C
+def relative_errors(G, Y: torch.Tensor, P: torch.Tensor) -> dict[str, list[float]]:
+    """Spec 6.1 step 5 for kernels G (a K x N x N stack, or any iterable of N x N kernels), targets Y and
+    predictions P (N x C)."""
+    Y, P = Y.double(), P.double()
 
     def mean_norm(t):
-        return t.norm(dim=-1).mean(dim=-1)
+        return float(t.norm(dim=-1).mean())
 
-    low = mean_norm(GP - GY) / mean_norm(GY)
-    high_num = mean_norm((P - GP) - (Y - GY))
-    high_den = mean_norm(Y - GY)
-    degenerate = high_den < EPS * mean_norm(Y)  # constant targets: Y - GY = 0 (the published 0/0)
-    high = torch.where(degenerate, high_num / mean_norm(Y), high_num / high_den.clamp_min(1e-30))
-    p_norm = mean_norm(P)
-    return {"e_low": low.tolist(), "e_high": high.tolist(), "lfr": (mean_norm(GP) / p_norm).tolist(),
-            "hfr": (mean_norm(P - GP) / p_norm).tolist(),
-            "e_high_denominator": "target" if bool(degenerate.all()) else "high part of target"}
+    one_target = bool((Y == Y[0]).all())  # the backdoor set: Y - GY = 0 at every delta (the published 0/0)
+    out = {"e_low": [], "e_high": [], "lfr": [], "hfr": []}
+    p_norm, y_norm = mean_norm(P), mean_norm(Y)
+    for g in G:
+        g = g.double()
+        GY, GP = g @ Y, g @ P
+        out["e_low"].append(mean_norm(GP - GY) / mean_norm(GY))
+        high_num, high_den = mean_norm((P - GP) - (Y - GY)), mean_norm(Y - GY)
+        if one_target:
+            out["e_high"].append(high_num / y_norm)
+        else:
+            out["e_high"].append(high_num / high_den if high_den >= UNDEFINED * y_norm else float("nan"))
+        out["lfr"].append(mean_norm(GP) / p_norm)
+        out["hfr"].append(mean_norm(P - GP) / p_norm)
+    out["e_high_denominator"] = "target" if one_target else "high part of target"
+    return out
 
 
-def kernels(X: torch.Tensor, deltas: list[float], distance: str = "raw") -> tuple[torch.Tensor, float]:
-    """Row-normalised exp(-D / (2 delta)) for each delta, and the median pairwise distance."""
-    D = torch.cdist(X, X)
+def distances(X: torch.Tensor, distance: str = "raw") -> tuple[torch.Tensor, float]:
+    """Pairwise Euclidean distances (float64, the diagonal exactly 0) and their median, off the diagonal;
+    `distance="median"` divides them by that median."""
+    D = torch.cdist(X, X).double()  # matrix-product distances: fast, but the diagonal comes out ~1e-2, not 0
+    D.fill_diagonal_(0.0)
     off = D[~torch.eye(len(X), dtype=torch.bool)]
     median = float(off.median()) if len(off) else 0.0
     if distance == "median" and median > 0:
         D = D / median
-    d = torch.tensor(deltas, dtype=X.dtype).view(-1, 1, 1)
-    G = torch.exp(-D.unsqueeze(0) / (2 * d))  # the diagonal is exp(0) = 1, so no row sums to 0
-    return G / G.sum(dim=-1, keepdim=True), median
+    return D, median
+
+
+def kernel(D: torch.Tensor, delta: float) -> torch.Tensor:
+    """Row-normalised exp(-D / (2 delta)): the diagonal is exp(0) = 1, so no row sums to 0."""
+    G = torch.exp(-D / (2 * delta))
+    return G / G.sum(dim=-1, keepdim=True)
+
+
+def kernels(X: torch.Tensor, deltas: list[float], distance: str = "raw") -> tuple[torch.Tensor, float]:
+    """The kernel for each delta as one K x N x N stack, and the median pairwise distance."""
+    D, median = distances(X, distance)
+    return torch.stack([kernel(D, d) for d in deltas]), median
 
 
 def embedding_inputs(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
@@ -100,7 +127,8 @@ def embedding_inputs(model, tokenizer, texts: list[str], max_length: int, batch_
 
 
 class FrequencyHook(StepHook):
-    """Records the curves every `every` optimizer steps (and at step 0 and after the last) into `self.records`."""
+    """Records the curves every `every` optimizer steps, at step 0 and at the end of every epoch into
+    `self.records`."""
 
     def __init__(self, tokenizer, sets: dict[str, TextDataset | Callable[[], TextDataset]], every: int = 5,
                  deltas: list[float] | None = None, distance: str = "raw", samples: int | None = None,
@@ -116,37 +144,42 @@ class FrequencyHook(StepHook):
         self.meta: dict = {}
 
     def on_train_begin(self, ctx: StepContext) -> None:
-        self.data, self.G, self.Y = {}, {}, {}
+        self.data, self.D, self.Y = {}, {}, {}
         for name, ds in self.sets.items():
             ds = ds() if callable(ds) else ds
             if self.samples is not None and len(ds) > self.samples:
                 ds = ds.subset(sorted(random.Random(f"freq-{self.seed}-{name}").sample(range(len(ds)), self.samples)))
             X = embedding_inputs(ctx.model, self.tokenizer, ds.texts, ctx.settings.max_length)
-            self.G[name], median = kernels(X, self.deltas, self.distance)
+            self.D[name], median = distances(X, self.distance)
             self.Y[name] = torch.eye(ds.num_labels)[torch.tensor(ds.labels)]
             self.data[name] = ds
             self.meta[name] = {"n": len(ds), "median_distance": median}
         self.record(ctx)
 
     def after_backward(self, ctx: StepContext) -> None:
-        if ctx.step > 0 and ctx.step % self.every == 0:  # the model after ctx.step updates
+        # the model after ctx.step updates, unless the last epoch's end recorded it
+        if ctx.step > 0 and ctx.step % self.every == 0 and self.records[-1]["step"] != ctx.step:
             self.record(ctx)
 
     def on_epoch_end(self, ctx: StepContext) -> None:
-        # the trained model too: after_backward sees each step before its update, so never the last one's
-        if ctx.epoch == ctx.settings.epochs - 1 and self.records[-1]["step"] != ctx.step:
+        # every epoch's model: after_backward sees each step before its update, so never an epoch's last one;
+        # clean-dev selection returns one of these
+        if self.records[-1]["step"] != ctx.step:
             self.record(ctx)
 
     def record(self, ctx: StepContext) -> None:
         rec = {"step": ctx.step, "epoch": ctx.epoch}
         for name, ds in self.data.items():
             P = predict_logits(ctx.model, self.tokenizer, ds.texts, ctx.settings).softmax(-1)
-            rec[name] = relative_errors(self.G[name], self.Y[name], P)
+            rec[name] = relative_errors((kernel(self.D[name], d) for d in self.deltas), self.Y[name], P)
         self.records.append(rec)
 
-    def result(self) -> dict:
+    def result(self, best_epoch: int | None = None) -> dict:
+        """The curves. `best_epoch`: the epoch clean-dev selection returned (TrainReport.best_epoch; None: the
+        last), whose end is `returned_step`, the model that is scored and saved."""
+        returned = [r["step"] for r in self.records if r["epoch"] == best_epoch] or [self.records[-1]["step"]]
         return {"deltas": self.deltas, "distance": self.distance, "every": self.every, "sets": self.meta,
-                "records": self.records}
+                "records": self.records, "best_epoch": best_epoch, "returned_step": returned[-1]}
 
 
 def first_step_below(result: dict, name: str, key: str = "e_low", delta_index: int = 0,
@@ -175,8 +208,13 @@ def plot(result: dict, out_dir: str | Path, delta_indices: tuple[int, ...] = (0,
         for ax, key, title in ((axes[0], "e_low", "low frequency"), (axes[1], "e_high", "high frequency")):
             for name, style in (("clean", "-"), ("poison", "--")):
                 if name in result["sets"]:
-                    ax.plot(steps, [r[name][key][k] for r in result["records"]], style,
-                            label={"clean": "clean mapping (clean dev)", "poison": "backdoor mapping (triggered dev)"}[name])
+                    label = {"clean": "clean mapping (clean dev)", "poison": "backdoor mapping (triggered dev)"}[name]
+                    if key == "e_high" and result["records"][0][name].get("e_high_denominator") == "target":
+                        label += ", / mean ||Y||"  # one target: the published denominator is 0
+                    ax.plot(steps, [r[name][key][k] for r in result["records"]], style, label=label)
+            returned = result.get("returned_step")
+            if returned is not None and returned != steps[-1]:
+                ax.axvline(returned, color="grey", linestyle=":", label=f"returned model (epoch {result['best_epoch']})")
             ax.set_title(f"relative error, {title}")
             ax.set_xlabel("optimizer step")
             ax.set_ylim(bottom=0)
@@ -222,7 +260,7 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
                          {"clean": lambda: defense.selection_data(poisoned.dev), "poison": poisoned.triggered_dev},
                          every=every, distance=distance, samples=samples, seed=config.seed)
     model = defense.fit(poisoned.train, poisoned.dev, progress=progress, extra_hooks=(hook,))
-    result = hook.result()
+    result = hook.result(defense.report_.best_epoch)
     result["config"] = config.resolve()  # as `run` stores it: every default filled in
     result["metrics"] = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
     resolved = getattr(defense, "extra_metrics_", {}).get("resolved_settings")
