@@ -58,8 +58,9 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--option", "lora_r=[1", "--defense", "lora"], "--option lora_r=[1: cannot parse the value"),
     (["run", "--option", "lora_r=1.7", "--defense", "lora"], "'lora_r' expects an integer"),
     (["run", "--option", "word= ", "--defense", "rap"], "--option word= : no value (write word=null for none)"),
-    (["run", "--epochs", "1", "--option", "epochs=2"], "option 'epochs' is given twice"),
-    (["run", "--option", "seed=3"], "option 'seed' is given twice"),
+    (["run", "--epochs", "1", "--option", "epochs=2"], "option 'epochs' has a setting of its own: give --epochs"),
+    (["run", "--option", "seed=3"], "option 'seed' has a setting of its own: give --seed"),
+    (["run", "--option", "model=minilm"], "option 'model' has a setting of its own: give --model"),
     (["run", "--train-size", "0"], "--train-size must be positive"),
     (["run", "--dataset", "agnews", "--defense", "strip", "--option", "on_flag=flip"], "on_flag=flip needs a binary task"),
     (["scan", "sst2", "--rate", "0.5"], "--rate needs --attack"),
@@ -82,6 +83,8 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["report", "--out", ""], "--out: empty path"),
     (["scan", "sst2", "--seed", "99999999999999999999"], "--seed must fit in 64 bits"),
     (["frobnicate"], "invalid choice"),
+    (["run", "--defense", "lora", "--option", "lora_r=99999999999999999999"], "option lora_r must be at most 2147483647"),
+    (["run", "--num-triggers", "1000000000"], "--num-triggers must be at most 100"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, capsys):
     assert main(args + (["--train-size", "50"] if args[0] == "run" and "--train-size" not in args else [])) == 2
@@ -93,7 +96,8 @@ def test_train_refuses_impossible_settings_before_writing(tiny_model, tmp_path, 
     (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\nawful\t0\n")
     base = ["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--out", str(tmp_path / "out")]
     for extra, fragment in [(["--max-length", "200"], "--max-length 200 exceeds the 130 tokens"),
-                            (["--option", "seed=3"], "option 'seed' is given twice")]:
+                            (["--option", "seed=3"], "option 'seed' has a setting of its own"),
+                            (["--option", "max_length=64"], "option 'max_length' has a setting of its own: give --max-length")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
@@ -158,7 +162,8 @@ def test_corrupt_store_rows_are_one_line_errors(tmp_path, capsys):
                         ("metrics = 'null'", "run abc has a corrupt 'metrics' column"),
                         ("metrics = '{\"cacc\": \"high\"}'", "run abc has a corrupt 'cacc' metric ('high')")):
         con = sqlite3.connect(path)
-        con.execute(f"UPDATE runs SET config = '{{}}', metrics = '{{}}'")
+        cell = json.dumps({"dataset": "sst2", "attack": "badnets", "defense": "finetune"})
+        con.execute(f"UPDATE runs SET config = '{cell}', metrics = '{{}}'")
         con.execute(f"UPDATE runs SET {update}")
         con.commit()
         con.close()
@@ -166,6 +171,14 @@ def test_corrupt_store_rows_are_one_line_errors(tmp_path, capsys):
             assert main(args + ["--store", str(path)]) == 2
             err = capsys.readouterr().err
             assert len(err.strip().splitlines()) == 1 and msg in err, (update, args, err)
+    con = sqlite3.connect(path)
+    con.execute("UPDATE runs SET config = '{}', metrics = '{}'")  # valid JSON, but no cell to make a table row of
+    con.commit()
+    con.close()
+    assert main(["report", "--out", str(tmp_path / "rep"), "--store", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "run abc has a corrupt 'config' column (no 'dataset')" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rep").exists()
 
 
 def test_stores_are_checked_and_never_changed_by_reading(tmp_path, capsys):
@@ -203,6 +216,83 @@ def test_a_run_that_fails_before_storing_anything_leaves_no_store(tiny_model, tm
     assert main(args) == 2  # found only when the model loads, after the store was opened
     assert "--max-length 200 exceeds the 130 tokens" in capsys.readouterr().err
     assert not list(tmp_path.glob("new.sqlite*")) and not list((data_dir() / "runs").glob("*"))
+
+
+def test_a_store_this_process_cannot_write_is_refused_before_training(tiny_model, tmp_path):
+    """SQLite opens a read-only file read-only without a word: the run trained in full, then failed to store
+    with a traceback, leaving its checkpoints. Root ignores file modes, so root drops that capability."""
+    import os
+    import shutil
+
+    from cleantune.store import ResultStore, data_dir
+
+    store = tmp_path / "ro.sqlite"
+    ResultStore(store).conn.close()
+    store.chmod(0o444)
+    prefix = []
+    if os.geteuid() == 0:
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+        if not shutil.which("setpriv") or subprocess.run(prefix + ["true"]).returncode != 0:
+            pytest.skip("running as root, and setpriv cannot drop the capability to ignore file modes")
+    p = subprocess.run(prefix + [sys.executable, "-m", "cleantune", "run", "--model", tiny_model, "--train-size",
+                                 "40", "--epochs", "1", "--store", str(store), "--no-progress"],
+                       capture_output=True, text=True)
+    assert_one_line_error(p.returncode, p.stdout, p.stderr, "cannot write to it (attempt to write a readonly database)")
+    assert not list((data_dir() / "runs").glob("*"))  # refused before training: no checkpoint
+
+
+def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tmp_path, capsys, monkeypatch):
+    """A file where train writes a folder beside --out (<out>.partial, .old, .work) failed with a traceback
+    after the training; `--out .` failed on the empty name. Both are refused before anything runs."""
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\nawful\t0\n")
+    base = ["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--epochs", "1", "--no-progress", "--out"]
+    for side in (".partial", ".old", ".work"):
+        (tmp_path / f"m{side}").write_text("x")
+        assert main(base + [str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert f"m{side} is a file; cleantune writes a folder there" in err and len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", f"m{side}"]  # nothing else written
+        (tmp_path / f"m{side}").unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(base + ["."]) == 2
+    assert "--out .: name the folder (not . or ..)" in capsys.readouterr().err and not any(empty.iterdir())
+    assert main(["report", "--store", str(tmp_path / "none.sqlite"), "--out", "."]) == 2  # a report may go there
+    assert "name the folder" not in capsys.readouterr().err
+
+
+def test_a_label_file_with_an_impossible_max_length_is_one_line(tiny_model, tmp_path, capsys):
+    import shutil
+
+    from cleantune.models import LABELS_FILE
+
+    shutil.copytree(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / LABELS_FILE).write_text(json.dumps({"label_names": ["neg", "pos"], "max_length": -5}))
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid label file (ValueError: max_length -5 is not positive)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    """lora_r=1e9 passes every check and asks torch for 1.5 TB: one line naming what to lower, not a traceback."""
+    from cleantune import cli
+
+    def alloc(ns):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1536000000000 bytes.\nmore")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", alloc)
+    assert main(["eval", "m", "d"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cleantune: error: out of memory (") and "lower --batch-size" in err and err.count("\n") == 1
+    def bug(ns):
+        raise RuntimeError("bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", bug)
+    with pytest.raises(RuntimeError, match="bug"):  # any other error keeps its traceback: a bug to report
+        main(["eval", "m", "d"])
 
 
 def test_subprocess_error_has_no_traceback():

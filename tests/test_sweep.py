@@ -125,6 +125,8 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
     cases = [(["--cpus-per-run", "-1"], "--cpus-per-run must be a positive integer, got -1"),
              (["--cpus-per-run", "0"], "--cpus-per-run must be a positive integer, got 0"),
              (["--workers", "0"], "--workers must be a positive integer, got 0"),
+             (["--workers", "99999999999999999999"], "--workers must be at most 2147483647"),
+             (["--cpus-per-run", "99999999999999999999"], "--cpus-per-run must be at most 2147483647"),
              (["--backend", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be a number of GPUs, 0 or more, got -1"),
              (["--address", "foo"], "--address applies to --backend ray only"),
              (["--gpus-per-run", "1"], "--gpus-per-run applies to --backend ray only"),
@@ -142,6 +144,13 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
         assert msg in capsys.readouterr().err
     assert main(["sweep", grid, "--store", str(tmp_path / "new" / "s.sqlite"), "--dry-run"]) == 0
     assert "1 cells, 0 stored" in capsys.readouterr().out and not (tmp_path / "new").exists()
+    # a model that cannot load is refused with the grid, not stored as a failed cell after the others trained
+    (tmp_path / "m.yaml").write_text(f"model: [{tiny_model}, nosuchmodel]\nepochs: 1\ntrain_size: 40\n")
+    for dry in ([], ["--dry-run"]):
+        assert main(["sweep", str(tmp_path / "m.yaml"), "--store", str(tmp_path / "s.sqlite"), *dry]) == 2
+        err = capsys.readouterr().err
+        assert "--model nosuchmodel: cannot load" in err and err.count("\n") == 1, err
+        assert not list(tmp_path.glob("s.sqlite*"))
 
 
 def test_ray_backend_without_ray_writes_nothing(tiny_model, tmp_path, capsys):

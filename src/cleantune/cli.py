@@ -380,18 +380,17 @@ def cmd_train(ns) -> int:
         raise UserError(f"{ns.data}: every sample has label '{train_data.label_names[train_data.labels[0]]}'; "
                         f"a classifier needs at least two classes")
     dev = read_dataset(ns.dev, ns.text_column, ns.label_column, train_data.label_names) if ns.dev else None
+    from .runner import OWN_SETTINGS, own_setting
+
     opts = dict(_option(s) for s in ns.option)
-    for k in ("seed", "model", "epochs", "lr", "batch_size", "max_length"):
-        if getattr(ns, k) is not None:  # the seed always is (default 0)
-            if k in opts:
-                raise UserError(f"option '{k}' is given twice (as --{k.replace('_', '-')} and in --option)")
-            opts[k] = getattr(ns, k)
+    own_setting(opts)
+    opts.update({k: getattr(ns, k) for k in OWN_SETTINGS if getattr(ns, k) is not None})
     defense = get_defense(ns.defense, **opts)
     from .models import check_out_dir
     from .training import is_main_process, work_lock
 
     out = Path(ns.out)
-    check_out_dir(out)
+    check_out_dir(out, siblings=(".partial", ".old", ".work"))
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
     with work_lock(work, wait=False):  # one `train` per --out at a time
         model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
@@ -641,7 +640,7 @@ def cmd_report(ns) -> int:
     from .report import write_report
     from .store import ResultStore
 
-    check_out_dir(ns.out, "report.md", "cleantune report")
+    check_out_dir(ns.out, "report.md", "cleantune report", siblings=())
     store = ResultStore(ns.store, readonly=True)
     for f in ns.frequency:
         if not Path(f).is_file():
@@ -692,7 +691,7 @@ def cmd_analyze(ns) -> int:
 
     frequency.check_defense(config.defense)  # before resolve() loads the benchmark
     config.resolve()
-    check_out_dir(ns.out, "curves.json", "frequency analysis")
+    check_out_dir(ns.out, "curves.json", "frequency analysis", siblings=())
     r = frequency.analyze(config, ns.out, every=ns.every, samples=ns.samples, distance=ns.distance,
                           progress=not ns.no_progress)
     m = r["metrics"]
@@ -742,6 +741,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cleantune: interrupted{RESUME_HINT.get(getattr(ns, 'command', None), '')}", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError subclasses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, MemoryError) and not ("out of memory" in first or "can't allocate memory" in first):
+            raise
+        print(f"cleantune: error: out of memory ({first[:200]}); lower --batch-size or --max-length, or the "
+              f"defense's sizes", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         if not _stdout_gone():  # another pipe (a worker's) broke: a real failure
             raise

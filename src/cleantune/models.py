@@ -128,6 +128,16 @@ def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
             raise UserError(f"{label}: {failed} ({str(e).splitlines()[0]})") from None
 
 
+@functools.cache  # a sweep checks each of its cells
+def check_model(name: str, label: str | None = None) -> None:
+    """Fail now, in one line, on a model that cannot load: a missing folder, a folder transformers cannot
+    read, a hub id that is neither cached nor reachable. Reads the config alone."""
+    from transformers import AutoConfig
+
+    label = label or f"--model {name}"
+    _from_pretrained(AutoConfig.from_pretrained, resolve_model(name, label), label, "cannot load")
+
+
 TOKENIZER_FILES = ("tokenizer.json", "vocab.*", "*.model")  # fast tokenizer, WordPiece/BPE vocab, sentencepiece
 
 
@@ -189,14 +199,22 @@ def check_max_length(model, max_length: int, name: str) -> None:
         raise UserError(f"--max-length {max_length} exceeds the {limit} tokens --model {name} takes")
 
 
-def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved cleantune model") -> None:
+def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved cleantune model",
+                  siblings: tuple[str, ...] = (".partial", ".old")) -> None:
     """Refuse, before any work, an output folder that could not be written, or one with other content than
-    an earlier output of the same command (which holds `marker`): writing there would mix the two."""
+    an earlier output of the same command (which holds `marker`): writing there would mix the two.
+    `siblings`: the folders written beside it (`<out>.partial`, `<out>.old` while a model is saved)."""
     if not str(out).strip():  # Path("") is the current folder
         raise UserError("--out: empty path")
     out = Path(out)
+    if siblings and out.name in ("", ".", ".."):  # written beside itself (<out>.partial), then moved in place
+        raise UserError(f"--out {out}: name the folder (not . or ..)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
+    for side in siblings:  # folders written beside it: a file there would fail after all the work
+        path = out.with_name(out.name + side)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {out}: {path} is a file; cleantune writes a folder there")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"--out {out}: a non-empty folder that is not a {what}; not writing into it")
     check_creatable(out, f"--out {out}")
@@ -360,6 +378,8 @@ class Classifier:
                 labels, max_length = meta["label_names"], int(meta.get("max_length", 128))
                 if not isinstance(labels, list) or len(labels) < 2:
                     raise TypeError("label_names is not a list of two or more names")
+                if max_length < 1:
+                    raise ValueError(f"max_length {max_length} is not positive")
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{meta_file}: not a valid label file ({type(e).__name__}: {e})") from None
             if len(labels) != cfg.num_labels:  # loading would quietly give the model a new, random head

@@ -15,6 +15,8 @@ from types import NoneType, UnionType
 
 from .errors import UserError
 
+C_INT_MAX = 2**31 - 1  # sizes and counts that torch, PEFT and multiprocessing take as C ints
+
 
 def _describe(hint) -> str:
     if typing.get_origin(hint) in (typing.Union, UnionType):

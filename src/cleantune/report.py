@@ -19,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .attacks import ATTACKS
+from .errors import UserError
 from .store import ResultStore, data_dir
 
 REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
@@ -523,8 +524,6 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
         data = _read_json(path)
         f = parse_frequency(data)
         if f is None:
-            from .errors import UserError
-
             empty = isinstance(data, dict) and data.get("records") == []
             raise UserError(f"--frequency {path}: no frequency curves in this file"
                             + (" (its records list is empty: the analysis recorded no step)" if empty else ""))
@@ -597,7 +596,12 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
 
 
 def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple = ()) -> tuple[Path, Path]:
-    page, md, images = build(store.runs(), tuple(frequency_files))  # everything checked before writing
+    runs = store.runs()
+    for r in runs:  # every table row is keyed by these: a row edited outside cleantune may lack them
+        missing = next((k for k in ("dataset", "attack", "defense") if not isinstance(r["config"].get(k), str)), None)
+        if missing:
+            raise UserError(f"--store {store.path}: run {r['id']} has a corrupt 'config' column (no '{missing}')")
+    page, md, images = build(runs, tuple(frequency_files))  # everything checked before writing
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     for name, data in images.items():

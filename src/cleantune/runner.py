@@ -19,7 +19,7 @@ from .data import BENCHMARKS, check_paraphrases, load_benchmark, split_sizes
 from .defenses import DEFENSES, get_defense
 from .errors import UserError
 from .evaluate import detection_metrics, evaluate
-from .models import resolve_model
+from .models import check_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
 from .training import is_main_process, mixed_precision, num_processes, work_lock
@@ -31,6 +31,18 @@ def check_attack_option(opt: str, attacks: list[str]) -> None:
     """An attack-specific option must fit at least one of the attacks it is given with."""
     if not set(ATTACK_OPTIONS[opt]) & set(attacks):
         raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(ATTACK_OPTIONS[opt])} only")
+
+
+# defense settings with a flag (and a grid/config key) of their own: as an --option they would have two names
+OWN_SETTINGS = ("seed", "model", "epochs", "lr", "batch_size", "max_length")
+
+
+def own_setting(options: dict) -> None:
+    clash = sorted(set(OWN_SETTINGS) & set(options))
+    if clash:
+        k = clash[0]
+        raise UserError(f"option '{k}' has a setting of its own: give --{k.replace('_', '-')} (in a grid or config "
+                        f"file, the '{k}' key), not --option {k}=")
 
 
 @dataclass
@@ -82,7 +94,7 @@ class RunConfig:
         if self.train_size is not None and self.train_size > n_train:
             raise UserError(f"--train-size {self.train_size} exceeds the {n_train} samples of {self.dataset}'s train split")
         if self.model is not None:
-            resolve_model(self.model)  # a missing local folder fails here; a hub id is checked when loaded
+            check_model(self.model)  # a sweep's cells are checked before any runs
         # the attack on this cell's data poisons some sample, fits its pool and leaves a triggered test set:
         # counted by the attack's own apply() logic, drawing nothing (the files are parsed once per process)
         self.build_attack().check(self.benchmark())
@@ -101,9 +113,7 @@ class RunConfig:
     def build_defense(self):
         common = {k: getattr(self, k) for k in ("model", "epochs", "lr", "batch_size", "max_length")
                   if getattr(self, k) is not None}
-        clash = sorted((set(common) | {"seed"}) & set(self.options))  # the seed is always given
-        if clash:
-            raise UserError(f"option '{clash[0]}' is given twice (as --{clash[0].replace('_', '-')} and in options)")
+        own_setting(self.options)
         return get_defense(self.defense, seed=self.seed, **common, **self.options)
 
     def resolve(self) -> dict:

@@ -86,6 +86,7 @@ class ResultStore:
             if not readonly:
                 _retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
                 _retry(lambda: self.conn.execute(SCHEMA))
+                _retry(self._probe_write)
         except (sqlite3.DatabaseError, OSError, UserError) as e:
             if hasattr(self, "conn"):
                 self.conn.close()
@@ -94,7 +95,19 @@ class ResultStore:
                     c.unlink(missing_ok=True)
             if isinstance(e, UserError):
                 raise
+            if "readonly" in str(e):  # "attempt to write a readonly database"
+                raise UserError(f"{label}: cannot write to it ({e})") from None
             raise UserError(f"{label}: cannot open it as a cleantune results store ({e})") from None
+
+    def _probe_write(self) -> None:
+        """A write that is rolled back. SQLite opens a file this process may not write read-only without a
+        word, and a run would train for hours, then fail to store its result."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            self.conn.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            self.conn.execute("ROLLBACK")
 
     def get(self, run_id: str) -> dict | None:
         row = _retry(lambda: self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import UserError
+from .options import C_INT_MAX
 from .runner import ATTACK_OPTIONS, RunConfig, environment, run
 from .store import ResultStore, config_hash, data_dir
 
@@ -290,11 +291,11 @@ def check_options(workers: int = 1, backend: str = "local", address: str | None 
     """The sweep's own options; an option the backend would ignore is an error, not a silent no-op."""
     if backend not in ("local", "ray"):
         raise UserError(f"--backend must be local or ray, got '{backend}'")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UserError(f"--workers must be a positive integer, got {workers}")
-    if cpus_per_run is not None and (isinstance(cpus_per_run, bool) or not isinstance(cpus_per_run, int)
-                                     or cpus_per_run < 1):
-        raise UserError(f"--cpus-per-run must be a positive integer, got {cpus_per_run}")
+    for name, value in (("--workers", workers), ("--cpus-per-run", cpus_per_run)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{name} must be a positive integer, got {value}")
+        if value is not None and value > C_INT_MAX:  # a process count and a thread count: C ints underneath
+            raise UserError(f"{name} must be at most {C_INT_MAX}, got {value}")
     if isinstance(gpus_per_run, bool) or not isinstance(gpus_per_run, (int, float)) \
             or not math.isfinite(gpus_per_run) or gpus_per_run < 0:
         raise UserError(f"--gpus-per-run must be a number of GPUs, 0 or more, got {gpus_per_run}")

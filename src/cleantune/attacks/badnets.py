@@ -15,6 +15,9 @@ def insert_words(text: str, words: list[str], rng: random.Random) -> str:
     return " ".join(tokens)
 
 
+MAX_TRIGGERS = 100  # words inserted per sample: published settings insert 1 to 4; a billion built for minutes
+
+
 @dataclass
 class BadNets(Attack):
     """Rare-word triggers (Gu et al. 2017; Kurita et al. 2020): `num_triggers` words drawn with
@@ -33,6 +36,9 @@ class BadNets(Attack):
             raise UserError("--triggers must be a comma-separated list of single words")
         if self.num_triggers < 1:
             raise UserError(f"--num-triggers must be at least 1, got {self.num_triggers}")
+        if self.num_triggers > MAX_TRIGGERS:
+            raise UserError(f"--num-triggers must be at most {MAX_TRIGGERS} (words inserted per sample), got "
+                            f"{self.num_triggers}")
 
     def trigger(self, text, rng, split):
         return insert_words(text, [rng.choice(self.triggers) for _ in range(self.num_triggers)], rng)

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..options import check_values
+from ..options import C_INT_MAX, check_values
 from ..models import DEFAULT_MODEL, Classifier, check_max_length, load_model, load_tokenizer
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 
@@ -52,8 +52,12 @@ class Defense:
     def __post_init__(self):
         for name in self.positive:
             value = getattr(self, name)
-            if value is not None and not all(v > 0 for v in (value if isinstance(value, (list, tuple)) else [value])):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(v > 0 for v in values):
                 raise UserError(f"defense '{self.name}': option {name} must be positive, got {value}")
+            if value is not None and any(isinstance(v, int) and v > C_INT_MAX for v in values):
+                # torch and PEFT take sizes as C ints: larger ones end in an overflow deep inside them
+                raise UserError(f"defense '{self.name}': option {name} must be at most {C_INT_MAX}, got {value}")
         # the loop's settings as far as the defense fixes them (None: chosen at fit, e.g. per backbone)
         TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)
                          if getattr(self, f.name, None) is not None})
