@@ -285,7 +285,7 @@ def test_runner_stores_stage_points_and_audit(tiny_model, monkeypatch):
     monkeypatch.setattr(runner, "load_benchmark", small)
     store = ResultStore()
     r = run(RunConfig(dataset="sst2", defense="btu", model=tiny_model, train_size=100, epochs=1, mode="mix",
-                      triggers=["cf"], options={"k": 2, "max_length": 64}), store, progress=False)
+                      triggers=["cf"], max_length=64, options={"k": 2}), store, progress=False)
     stored = store.get(r["id"])["metrics"]
     assert store.get(r["id"])["timings"]["stage_eval_s"] == stored["btu_seconds"]["stage_eval"] > 0
     assert set(stored["btu_stages"]) == {"no_defense", "unlearned"}
