@@ -380,10 +380,10 @@ def cmd_train(ns) -> int:
         raise UserError(f"{ns.data}: every sample has label '{train_data.label_names[train_data.labels[0]]}'; "
                         f"a classifier needs at least two classes")
     dev = read_dataset(ns.dev, ns.text_column, ns.label_column, train_data.label_names) if ns.dev else None
-    from .runner import OWN_SETTINGS, own_setting
+    from .runner import OWN_SETTINGS, refuse_own_settings
 
     opts = dict(_option(s) for s in ns.option)
-    own_setting(opts)
+    refuse_own_settings(opts)
     opts.update({k: getattr(ns, k) for k in OWN_SETTINGS if getattr(ns, k) is not None})
     defense = get_defense(ns.defense, **opts)
     from .models import check_out_dir

@@ -37,7 +37,7 @@ def check_attack_option(opt: str, attacks: list[str]) -> None:
 OWN_SETTINGS = ("seed", "model", "epochs", "lr", "batch_size", "max_length")
 
 
-def own_setting(options: dict) -> None:
+def refuse_own_settings(options: dict) -> None:
     clash = sorted(set(OWN_SETTINGS) & set(options))
     if clash:
         k = clash[0]
@@ -113,7 +113,7 @@ class RunConfig:
     def build_defense(self):
         common = {k: getattr(self, k) for k in ("model", "epochs", "lr", "batch_size", "max_length")
                   if getattr(self, k) is not None}
-        own_setting(self.options)
+        refuse_own_settings(self.options)
         return get_defense(self.defense, seed=self.seed, **common, **self.options)
 
     def resolve(self) -> dict:
