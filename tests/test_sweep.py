@@ -363,6 +363,7 @@ def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
     assert "interrupted" in out and time.time() - t0 < 30
     time.sleep(1)
     assert log.read_text().count("start") == 2
+    assert not list(tmp_path.glob("s.sqlite*"))  # the sweep created the store and stored nothing: none is left
 
 
 def test_a_damaged_row_of_another_run_does_not_stop_a_sweep(tiny_model, tmp_path, capsys):

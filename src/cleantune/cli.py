@@ -324,10 +324,8 @@ def cmd_run(ns) -> int:
                       f"seed={config.seed}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f}"
                       f"{' (stored)' if r.get('reused') else ''}", file=sys.stderr)
     except BaseException:  # an error the checks could not foresee (a hub id offline): no empty store left
-        if main and new_store and not store.runs():
-            store.conn.close()
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(store.path) + suffix).unlink(missing_ok=True)
+        if main and new_store:
+            store.discard_if_empty()
         raise
     if not main:
         return 0

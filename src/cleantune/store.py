@@ -99,6 +99,15 @@ class ResultStore:
                 raise UserError(f"{label}: cannot write to it ({e})") from None
             raise UserError(f"{label}: cannot open it as a cleantune results store ({e})") from None
 
+    def discard_if_empty(self) -> None:
+        """Close, and delete the file with its WAL companions if it holds no run: for a store the command
+        created, when it ends before storing anything (an interrupt, an error no check foresaw)."""
+        if self.runs():
+            return
+        self.conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
     def _probe_write(self) -> None:
         """A write that is rolled back. SQLite opens a file this process may not write read-only without a
         word, and a run would train for hours, then fail to store its result."""

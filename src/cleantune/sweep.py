@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import UserError
 from .options import C_INT_MAX
 from .runner import ATTACK_OPTIONS, RunConfig, environment, run
-from .store import ResultStore, config_hash, data_dir
+from .store import ResultStore, config_hash, data_dir, default_store_path
 
 NAMED_AXES = ("dataset", "attack", "defense")
 
@@ -317,6 +317,7 @@ def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int 
     check_options(workers, backend, address, cpus_per_run, gpus_per_run)
     if backend == "ray":
         _require_ray()
+    new_store = not Path(store_path or default_store_path()).exists()
     store = ResultStore(store_path)
     stored = store.stored_ids()
     pending = [c for c in cells if c.id not in stored]
@@ -329,6 +330,16 @@ def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int 
         records = _local(pending, str(store.path), workers, threads)
     else:
         records = _ray(pending, store, address, cpus_per_run or 1, gpus_per_run)
+    try:
+        _collect(records, bar, failed)
+    except BaseException:  # Ctrl-C before any cell finished: no empty store left, as `run` leaves none
+        if new_store:
+            store.discard_if_empty()
+        raise
+    return SweepSummary(cells, len(cells) - len(pending), len(pending), failed, time.perf_counter() - t0)
+
+
+def _collect(records: Iterator[dict], bar, failed: list[dict]) -> None:
     try:
         for r in records:
             c = r["config"]
@@ -344,4 +355,3 @@ def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int 
         # traceback, and its workers would run on (and the pool's exit handler wait for them)
         records.close()
         bar.close()
-    return SweepSummary(cells, len(cells) - len(pending), len(pending), failed, time.perf_counter() - t0)
