@@ -127,6 +127,38 @@ def test_the_returned_model_is_a_recorded_point(tiny_model, tmp_path):
         assert again[name]["e_low"] == pytest.approx(kept[name]["e_low"], rel=1e-9)
 
 
+def test_kernels_rebuilt_per_record_give_the_kept_kernels_curves(tiny_model, monkeypatch):
+    """A set too large to keep every delta's kernel builds one at a time at each record: the same numbers."""
+    import cleantune.frequency as F
+
+    b = load_benchmark("sst2")
+
+    def curves():
+        hook = FrequencyHook(load_tokenizer(tiny_model), {"clean": b.dev.subset(range(40)),
+                                                          "poison": b.dev.subset(range(20))}, every=2)
+        get_defense("finetune", model=tiny_model, epochs=1, batch_size=8, lr=1e-3).fit(
+            b.train.stratified_sample(24, 0), b.dev.subset(range(40, 60)), progress=False, extra_hooks=(hook,))
+        return hook, hook.result()["records"]
+
+    kept_hook, kept = curves()
+    assert all(g is not None for g in kept_hook.G.values())
+    monkeypatch.setattr(F, "KERNEL_BYTES", 0)
+    rebuilt_hook, rebuilt = curves()
+    assert all(g is None for g in rebuilt_hook.G.values())
+    assert rebuilt == kept
+
+
+def test_curves_files_write_undefined_values_as_null_and_the_report_reads_them(tmp_path):
+    from cleantune.frequency import _nan_to_none
+    from cleantune.report import parse_frequency
+
+    result = {"deltas": [2.0], "records": [{"step": 0, "clean": {"e_low": [0.5], "e_high": [float("nan")]}}]}
+    text = json.dumps(_nan_to_none(result))
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a curves file"))  # strict JSON
+    curves = parse_frequency(json.loads(text))["curves"]
+    assert curves["clean e_low (δ=2)"] == [0.5] and math.isnan(curves["clean e_high (δ=2)"][0])
+
+
 def test_analyze_bki_records_its_final_training(tiny_model, tmp_path, capsys):
     """BKI trains a side model first (2 epochs: 10 steps); the curves follow only the training of the
     model it returns (1 epoch over at most 40 samples: at most 5 steps)."""

@@ -277,6 +277,13 @@ def test_a_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path):
     assert main(["eval", str(folder), str(tmp_path / "d.tsv")]) == 2
     with pytest.raises(UserError, match="a file, not a model folder"):
         resolve_model(str(tmp_path / "d.tsv"))
+    # a character-level tokenizer (CANINE, ByT5) saves its settings alone: no vocabulary to miss
+    from transformers import CanineConfig, CanineTokenizer
+
+    chars = tmp_path / "canine"
+    CanineTokenizer().save_pretrained(chars)
+    CanineConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(chars)
+    assert load_tokenizer(str(chars))("ab")["input_ids"][1:3] == [ord("a"), ord("b")]
 
 
 def test_causal_lm_without_a_pad_token_pads_with_eos(tmp_path):

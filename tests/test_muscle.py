@@ -482,9 +482,11 @@ def test_ga_on_a_causal_lm_saves_no_adapter(tmp_path):
         load_classifier(out)
 
 
-def test_layers_the_base_checkpoint_lacks_travel_with_the_adapter(tmp_path):
+@pytest.mark.parametrize("targets", [["q_lin", "v_lin"], ["q_lin", "v_lin", "pre_classifier"]])
+def test_layers_the_base_checkpoint_lacks_travel_with_the_adapter(targets, tmp_path):
     """A DistilBERT base without a head: pre_classifier starts random like the head, so load_classifier must
-    bring it back too, or it predicts with another random layer."""
+    bring it back too, or it predicts with another random layer; where LoRA adapts it, without LoRA's delta
+    (which load_classifier adds once more)."""
     from transformers import DistilBertConfig, DistilBertModel
 
     from cleantune.models import resolve_model
@@ -495,7 +497,7 @@ def test_layers_the_base_checkpoint_lacks_travel_with_the_adapter(tmp_path):
                                      max_position_embeddings=64)).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     path = str(tmp_path / "base")
-    model = get_defense("ga-lora", model=path, target_modules=["q_lin", "v_lin"]).prepare_model(
+    model = get_defense("ga-lora", model=path, target_modules=targets).prepare_model(
         load_model(path, ["a", "b"]), tok, None)
     _as_if_trained(model)
     before, merged, out = _save_and_reload(model, tok, tmp_path)

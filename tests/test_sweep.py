@@ -142,6 +142,10 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
                        (tmp_path / "file" / "s.sqlite", f"cannot create it ({tmp_path / 'file'} is not a folder)")):
         assert main(["sweep", grid, "--store", str(store), "--dry-run"]) == 2
         assert msg in capsys.readouterr().err
+    from cleantune.sweep import check_options
+
+    with pytest.raises(UserError, match="--workers must be a positive integer, got None"):  # the Python API
+        check_options(workers=None)
     assert main(["sweep", grid, "--store", str(tmp_path / "new" / "s.sqlite"), "--dry-run"]) == 0
     assert "1 cells, 0 stored" in capsys.readouterr().out and not (tmp_path / "new").exists()
     # a model that cannot load is refused with the grid, not stored as a failed cell after the others trained

@@ -26,8 +26,9 @@ Deliberate deviations from the official code (each fixes a bug of spec section 1
   is the identity to working precision (far-apart inputs, a narrow delta), Y - GY vanishes too and e_high
   is NaN there (a gap in the plot), not a number made of rounding.
 - Distances, kernels and the filtering are float64 (the official code: float32, where Y - GY loses most
-  of its digits once the kernel is close to the identity), and a kernel is built for one delta at a time
-  from the stored distances, so memory is the distance matrix and one kernel, not one kernel per delta.
+  of its digits once the kernel is close to the identity). The kernels of every delta are kept while they
+  fit in KERNEL_BYTES (about 2,300 samples for 25 deltas); a larger set keeps its distances only and builds
+  one kernel at a time at each record (slower, where the official code would need tens of GB).
 The distance is the plain (not squared) Euclidean one, as published: a Laplacian kernel. The distances
 between flattened embeddings of different sentences are large (hundreds for BERT-sized models), so with
 2 delta in [4, 16] the kernel is close to the identity; `distance="median"` divides the distances by their
@@ -38,6 +39,7 @@ stored with the curves so a reader can judge the scale.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Callable
@@ -52,6 +54,7 @@ DELTAS = [2 + 6 * i / 24 for i in range(25)]  # linspace(2, 8, 25), the publishe
 # A set with several targets whose mean ||Y - GY|| is below this share of mean ||Y||: the kernel is the identity
 # to float64 precision and e_high is undefined there
 UNDEFINED = 1e-9
+KERNEL_BYTES = 2**30  # a set's float64 kernels for every delta are kept in memory up to this size
 
 
 def relative_errors(G, Y: torch.Tensor, P: torch.Tensor) -> dict[str, list[float]]:
@@ -144,13 +147,15 @@ class FrequencyHook(StepHook):
         self.meta: dict = {}
 
     def on_train_begin(self, ctx: StepContext) -> None:
-        self.data, self.D, self.Y = {}, {}, {}
+        self.data, self.D, self.G, self.Y, self.epoch_ends = {}, {}, {}, {}, {}
         for name, ds in self.sets.items():
             ds = ds() if callable(ds) else ds
             if self.samples is not None and len(ds) > self.samples:
                 ds = ds.subset(sorted(random.Random(f"freq-{self.seed}-{name}").sample(range(len(ds)), self.samples)))
             X = embedding_inputs(ctx.model, self.tokenizer, ds.texts, ctx.settings.max_length)
             self.D[name], median = distances(X, self.distance)
+            fits = len(self.deltas) * self.D[name].numel() * 8 <= KERNEL_BYTES
+            self.G[name] = torch.stack([kernel(self.D[name], d) for d in self.deltas]) if fits else None
             self.Y[name] = torch.eye(ds.num_labels)[torch.tensor(ds.labels)]
             self.data[name] = ds
             self.meta[name] = {"n": len(ds), "median_distance": median}
@@ -164,6 +169,7 @@ class FrequencyHook(StepHook):
     def on_epoch_end(self, ctx: StepContext) -> None:
         # every epoch's model: after_backward sees each step before its update, so never an epoch's last one;
         # clean-dev selection returns one of these
+        self.epoch_ends[ctx.epoch] = ctx.step
         if self.records[-1]["step"] != ctx.step:
             self.record(ctx)
 
@@ -171,15 +177,27 @@ class FrequencyHook(StepHook):
         rec = {"step": ctx.step, "epoch": ctx.epoch}
         for name, ds in self.data.items():
             P = predict_logits(ctx.model, self.tokenizer, ds.texts, ctx.settings).softmax(-1)
-            rec[name] = relative_errors((kernel(self.D[name], d) for d in self.deltas), self.Y[name], P)
+            G = self.G[name] if self.G[name] is not None else (kernel(self.D[name], d) for d in self.deltas)
+            rec[name] = relative_errors(G, self.Y[name], P)
         self.records.append(rec)
 
     def result(self, best_epoch: int | None = None) -> dict:
-        """The curves. `best_epoch`: the epoch clean-dev selection returned (TrainReport.best_epoch; None: the
-        last), whose end is `returned_step`, the model that is scored and saved."""
-        returned = [r["step"] for r in self.records if r["epoch"] == best_epoch] or [self.records[-1]["step"]]
+        """The curves. `best_epoch`: the epoch clean-dev selection returned (TrainReport.best_epoch; None: no
+        selection, so the last finished epoch), whose end is `returned_step`, the model scored and saved."""
+        ends = getattr(self, "epoch_ends", {})
+        returned = ends.get(best_epoch if best_epoch is not None else max(ends, default=None))
         return {"deltas": self.deltas, "distance": self.distance, "every": self.every, "sets": self.meta,
-                "records": self.records, "best_epoch": best_epoch, "returned_step": returned[-1]}
+                "records": self.records, "best_epoch": best_epoch, "returned_step": returned}
+
+
+def _nan_to_none(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
 
 
 def first_step_below(result: dict, name: str, key: str = "e_low", delta_index: int = 0,
@@ -268,6 +286,7 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
         result["metrics"]["resolved_settings"] = resolved
     result["first_step_e_low_below_0.5"] = {n: first_step_below(result, n) for n in result["sets"]}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "curves.json").write_text(json.dumps(result, indent=1))
+    # NaN (e_high where undefined) as null: strict JSON readers (JavaScript's) refuse a bare NaN
+    (out_dir / "curves.json").write_text(json.dumps(_nan_to_none(result), indent=1))
     result["plots"] = [str(p) for p in plot(result, out_dir)]
     return result

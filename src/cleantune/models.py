@@ -128,17 +128,23 @@ def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
             raise UserError(f"{label}: {failed} ({str(e).splitlines()[0]})") from None
 
 
-@functools.cache  # a sweep checks each of its cells
 def check_model(name: str, label: str | None = None) -> None:
     """Fail now, in one line, on a model that cannot load: a missing folder, a folder transformers cannot
     read, a hub id that is neither cached nor reachable. Reads the config alone."""
+    label = label or f"--model {name}"
+    _check_config(resolve_model(name, label), label)
+
+
+@functools.cache  # a sweep checks each of its cells; keyed by the resolved (absolute) path
+def _check_config(where: str, label: str) -> None:
     from transformers import AutoConfig
 
-    label = label or f"--model {name}"
-    _from_pretrained(AutoConfig.from_pretrained, resolve_model(name, label), label, "cannot load")
+    _from_pretrained(AutoConfig.from_pretrained, where, label, "cannot load")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.*", "*.model")  # fast tokenizer, WordPiece/BPE vocab, sentencepiece
+# fast tokenizer, the slow tokenizers' settings (character- and byte-level ones, CANINE and ByT5, have nothing
+# else), WordPiece/BPE vocabularies, sentencepiece models
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "*.model")
 
 
 def load_tokenizer(name_or_path: str, label: str | None = None):
@@ -149,8 +155,8 @@ def load_tokenizer(name_or_path: str, label: str | None = None):
     folder = Path(where)
     if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
         # transformers would build a tokenizer with an empty vocabulary from config.json: every word [UNK]
-        raise UserError(f"{label}: cannot load its tokenizer (the folder has no tokenizer.json, vocab or "
-                        "sentencepiece file)")
+        raise UserError(f"{label}: cannot load its tokenizer (the folder has no tokenizer.json, "
+                        "tokenizer_config.json, vocab or sentencepiece file)")
     tok = _from_pretrained(AutoTokenizer.from_pretrained, where, label, "cannot load its tokenizer", use_fast=True)
     if tok.pad_token is None:  # causal LMs (GPT-2, Llama) ship no pad token: pad with EOS as HF does
         tok.pad_token = tok.eos_token
@@ -339,9 +345,12 @@ class Classifier:
                 # LABEL_i names: loading it alone takes the label names (README, "Loading the LoRA adapter alone")
                 (tmp / "adapter" / LABELS_FILE).write_text(meta)
                 _write_adapter_card(tmp / "adapter", model, self.label_names, self.max_length)
+            if hasattr(model, "cleantune_export"):
+                # adapters of our own save themselves and merge in place; before LoRA's merge, so that a layer the
+                # base checkpoint lacks is saved as initialised, not with LoRA's delta folded in
+                model.cleantune_export(tmp)
+            if hasattr(model, "peft_config"):
                 model = model.merge_and_unload()
-            if hasattr(model, "cleantune_export"):  # adapters of our own merge themselves for export
-                model = model.cleantune_export(tmp)
             model.save_pretrained(tmp, safe_serialization=True)
             # the saved tokenizer truncates where training did, for whoever loads the folder with transformers
             limit = self.tokenizer.model_max_length

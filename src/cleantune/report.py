@@ -348,7 +348,8 @@ def parse_frequency(freq) -> dict | None:
                         vals = [r[name][key] for r in records]
                         vals = [v[k] if isinstance(v, list) else v for v in vals]
                         label = f"{name} {key}" + (f" (δ={deltas[k]:g})" if deltas else "")
-                        curves[label] = [float(v) for v in vals]
+                        # null: e_high undefined at that delta (curves.json writes NaN as null)
+                        curves[label] = [math.nan if v is None else float(v) for v in vals]
         except (KeyError, IndexError, TypeError, ValueError):
             return None
         return {"steps": [r.get("step", i) for i, r in enumerate(records)], "curves": curves} if curves else None

@@ -292,9 +292,11 @@ def check_options(workers: int = 1, backend: str = "local", address: str | None 
     if backend not in ("local", "ray"):
         raise UserError(f"--backend must be local or ray, got '{backend}'")
     for name, value in (("--workers", workers), ("--cpus-per-run", cpus_per_run)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is None and name == "--cpus-per-run":  # unset: cores // workers
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value}")
-        if value is not None and value > C_INT_MAX:  # a process count and a thread count: C ints underneath
+        if value > C_INT_MAX:  # a process count and a thread count: C ints underneath
             raise UserError(f"{name} must be at most {C_INT_MAX}, got {value}")
     if isinstance(gpus_per_run, bool) or not isinstance(gpus_per_run, (int, float)) \
             or not math.isfinite(gpus_per_run) or gpus_per_run < 0:

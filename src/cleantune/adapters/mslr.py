@@ -211,9 +211,12 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     tensors = dict(model.state_dict())
     for key in getattr(model, "cleantune_new_keys", ()):  # set by models.load_model
         parent, _, leaf = key.rpartition(".")
-        for name in (key, f"{parent}.base_linear.{leaf}"):  # the layer MSLR wraps is renamed
-            if name in tensors and name not in state:
-                state[name] = tensors[name]
+        # the layer alone, inside MSLR (which apply_adapter rebuilds first), or inside a LoRA layer (saved before
+        # LoRA's merge, so its W0, under the plain name: apply_adapter runs before PEFT wraps it again)
+        mslr = f"{parent}.base_linear.{leaf}"
+        for name, saved_as in ((key, key), (mslr, mslr), (f"{parent}.base_layer.{leaf}", key)):
+            if name in tensors and saved_as not in state:
+                state[saved_as] = tensors[name]
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -279,14 +282,13 @@ def load_classifier(path: str | Path, base_model: str | None = None):
     return Classifier(model, load_tokenizer(str(path)), labels["label_names"], labels.get("max_length", 128))
 
 
-def _export(model, out_dir: str | Path):
+def _export(model, out_dir: str | Path) -> None:
     """Classifier.save_pretrained's hook: write the adapter to out_dir, then merge it (in place). A fully
     fine-tuned model (`ga` on a causal LM, registered with full_finetune) writes none: its base weights
     changed, so the head alone on the base checkpoint would be another model."""
     if not model._cleantune_adapter.get("full_finetune"):
         save_adapter(model, Path(out_dir) / ADAPTER_DIR)
     merge_mslr(model)
-    return model
 
 
 def register(model, **entries) -> None:
