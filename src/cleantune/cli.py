@@ -486,8 +486,6 @@ def cmd_scan(ns) -> int:
         raise UserError(f"--passes must be letters from A, B, C without repeats, got '{ns.passes}'")
     if ns.top is not None and ns.top < 1:
         raise UserError(f"--top must be at least 1, got {ns.top}")
-    if ns.batch_size is not None and ns.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {ns.batch_size}")
     if ns.show_samples < 0:
         raise UserError(f"--show-samples must be at least 0, got {ns.show_samples}")
     extra = _attack_options(ns)
@@ -505,7 +503,7 @@ def cmd_scan(ns) -> int:
         data = read_dataset(ns.data, ns.text_column, ns.label_column)
     if data.num_labels < 2:
         raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")
-    batch_size = ns.batch_size or scan_batch_size(len(data))
+    batch_size = ns.batch_size if ns.batch_size is not None else scan_batch_size(len(data))  # scan() checks it
     rows = scan(data, ns.model, k=ns.top, passes=ns.passes, faithful=ns.faithful, seed=ns.seed,
                 samples=ns.show_samples, progress=not ns.no_progress, batch_size=batch_size)
     if ns.format == "json":

@@ -306,9 +306,9 @@ def _project_data_dir() -> Path | None:
 
 
 def cache_dir() -> Path:
-    # the XDG spec: an unset, empty or relative XDG_CACHE_HOME means ~/.cache
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "cleantune"
+    from .store import xdg_dir
+
+    return xdg_dir("XDG_CACHE_HOME", ".cache")
 
 
 def _sources() -> list[Path]:

@@ -145,9 +145,10 @@ class FrequencyHook(StepHook):
         self.distance, self.samples, self.seed = distance, samples, seed
         self.records: list[dict] = []
         self.meta: dict = {}
+        self.epoch_ends: dict[int, int] = {}  # epoch -> the step at its end
 
     def on_train_begin(self, ctx: StepContext) -> None:
-        self.data, self.D, self.G, self.Y, self.epoch_ends = {}, {}, {}, {}, {}
+        self.data, self.D, self.G, self.Y, self.epoch_ends = {}, {}, {}, {}, {}  # a hook fitted again starts over
         for name, ds in self.sets.items():
             ds = ds() if callable(ds) else ds
             if self.samples is not None and len(ds) > self.samples:
@@ -184,7 +185,7 @@ class FrequencyHook(StepHook):
     def result(self, best_epoch: int | None = None) -> dict:
         """The curves. `best_epoch`: the epoch clean-dev selection returned (TrainReport.best_epoch; None: no
         selection, so the last finished epoch), whose end is `returned_step`, the model scored and saved."""
-        ends = getattr(self, "epoch_ends", {})
+        ends = self.epoch_ends
         returned = ends.get(best_epoch if best_epoch is not None else max(ends, default=None))
         return {"deltas": self.deltas, "distance": self.distance, "every": self.every, "sets": self.meta,
                 "records": self.records, "best_epoch": best_epoch, "returned_step": returned}

@@ -170,15 +170,13 @@ def load_model(name_or_path: str, label_names: list[str], label: str | None = No
 
     label = label or f"--model {name_or_path}"
     id2label = dict(enumerate(label_names))
-    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, resolve_model(name_or_path, label),
-                             label, "cannot load", num_labels=len(label_names), id2label=id2label,
-                             label2id={v: k for k, v in id2label.items()}, use_safetensors=True,
-                             ignore_mismatched_sizes=True, adapter_kwargs={},
-                             # transformers 5 keeps a checkpoint's dtype: AdamW on bf16/fp16 weights rounds most
-                             # updates away (a Llama stored in fp16, a bf16 hub model). Mixed precision is
-                             # Accelerate's autocast over float32 weights.
-                             dtype=torch.float32, output_loading_info=True)
-    model, info = model
+    model, info = _from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained, resolve_model(name_or_path, label), label, "cannot load",
+        num_labels=len(label_names), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        use_safetensors=True, ignore_mismatched_sizes=True, adapter_kwargs={},
+        # transformers 5 keeps a checkpoint's dtype: AdamW on bf16/fp16 weights rounds most updates away (a Llama
+        # stored in fp16, a bf16 hub model). Mixed precision is Accelerate's autocast over float32 weights.
+        dtype=torch.float32, output_loading_info=True)
     # layers the checkpoint lacks (the head, DistilBERT's pre_classifier) start random: a saved adapter keeps them
     model.cleantune_new_keys = tuple(info["missing_keys"])
     if model.config.pad_token_id is None:

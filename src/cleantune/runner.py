@@ -111,10 +111,9 @@ class RunConfig:
         return get_attack(self.attack, rate=self.rate, mode=self.mode, target=self.target, seed=self.seed, **extra)
 
     def build_defense(self):
-        common = {k: getattr(self, k) for k in ("model", "epochs", "lr", "batch_size", "max_length")
-                  if getattr(self, k) is not None}
         refuse_own_settings(self.options)
-        return get_defense(self.defense, seed=self.seed, **common, **self.options)
+        own = {k: getattr(self, k) for k in OWN_SETTINGS if getattr(self, k) is not None}
+        return get_defense(self.defense, **own, **self.options)
 
     def resolve(self) -> dict:
         """The full config with every default filled in: what the run's id hashes."""

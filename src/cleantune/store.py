@@ -28,11 +28,16 @@ CREATE TABLE IF NOT EXISTS runs (
 COLUMNS = ["id", "config", "status", "metrics", "timings", "env", "error", "created"]
 
 
+def xdg_dir(variable: str, default: str) -> Path:
+    """cleantune's folder under an XDG base directory. The spec: an unset, empty or relative variable means
+    the default under the home folder (a relative one would put stores, runs and caches wherever the command
+    happens to run)."""
+    xdg = os.environ.get(variable, "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / default) / "cleantune"
+
+
 def data_dir() -> Path:
-    # the XDG spec, as data.cache_dir: an unset, empty or relative XDG_DATA_HOME means ~/.local/share (a
-    # relative one would put the store and run folders wherever the command happens to run)
-    xdg = os.environ.get("XDG_DATA_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share") / "cleantune"
+    return xdg_dir("XDG_DATA_HOME", ".local/share")
 
 
 def default_store_path() -> Path:
