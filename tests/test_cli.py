@@ -135,7 +135,7 @@ def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
     assert "not UTF-8" in capsys.readouterr().err
     for bad, msg in (("triggers: 5", "'triggers' expects a list of strings"), ("model: 5", "'model' expects a string"),
-                     ("seed: 1.5", "--seed: expected an integer, got '1.5'"), ("options: [1, 2]", "'options' expects a mapping")):
+                     ("seed: 1.5", "'seed': expected an integer, got '1.5'"), ("options: [1, 2]", "'options' expects a mapping")):
         (tmp_path / "c.yaml").write_text(f"train_size: 50\n{bad}\n")
         assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
         assert msg in capsys.readouterr().err, bad
@@ -145,6 +145,20 @@ def test_config_files_name_themselves_in_type_errors_and_refuse_odd_keys(tmp_pat
     (tmp_path / "c.yaml").write_text("train_size: 50\nepochs: [1, 2]\n")
     assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
     assert f"--config {tmp_path / 'c.yaml'}: 'epochs' expects an integer" in capsys.readouterr().err
+    # a value the file set is named by its file and key where the check (in the config, the attack or the
+    # training settings) names a flag; the same value given as the flag is named as the flag
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    for key, value, flag, msg in (("rate", ".nan", "0", "must be in (0, 1]"), ("train_size", "0", "0", "must be positive"),
+                                  ("epochs", "0", "-1", "must be at least 1")):
+        (tmp_path / "v.yaml").write_text(f"dataset: sst2\nattack: badnets\n{key}: {value}\n")
+        assert main(["run", "--config", str(tmp_path / "v.yaml")]) == 2
+        assert capsys.readouterr().err == f"cleantune: error: --config {tmp_path / 'v.yaml'}: '{key}' {msg}, got {value.replace('.', '')}\n"
+        assert main(["run", "--config", str(tmp_path / "v.yaml"), f"--{key.replace('_', '-')}", flag]) == 2
+        assert capsys.readouterr().err.startswith(f"cleantune: error: --{key.replace('_', '-')} {msg}")
+    (tmp_path / "t.yaml").write_text("epochs: 0\n")
+    assert main(["train", str(tmp_path / "a.tsv"), "--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "m")]) == 2
+    assert f"--config {tmp_path / 't.yaml'}: 'epochs' must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
     (tmp_path / "k.yaml").write_text("1: 2\n")  # YAML reads an int key
     for args in (["run"], ["train", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "m")]):
         assert main(args + ["--config", str(tmp_path / "k.yaml")]) == 2

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -234,6 +235,7 @@ def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
         # a wrong type is named with the file it came from (the axes may be lists: checked per cell)
         check_values(RunConfig, {k: v for k, v in opts.items() if k not in LIST_AXES}, f"--config {ns.config}")
     cli = {k: v for k, v in vars(ns).items() if k in known or k == "option"}
+    ns.config_keys = set(opts) - set(cli)
     if "option" in cli:
         opts.setdefault("options", {}).update(dict(_option(s) for s in cli.pop("option")))
     opts.update(cli)
@@ -351,6 +353,7 @@ def _train_config(ns) -> None:
     from .options import coerce
 
     given = load_config_file(ns.config) if ns.config else {}
+    ns.config_keys = set()
     for k, v in given.items():
         key = k.replace("-", "_")
         if key not in TRAIN_CONFIG:
@@ -363,6 +366,7 @@ def _train_config(ns) -> None:
             ns.option = [f"{o}={json.dumps(x)}" for o, x in v.items()] + ns.option  # --option wins
         elif getattr(ns, key) is None:
             setattr(ns, key, v)
+            ns.config_keys.add(key)
     for k, v in TRAIN_DEFAULTS.items():
         if getattr(ns, k) is None:
             setattr(ns, k, v)
@@ -732,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, so a reader that left shows up as the BrokenPipeError below
         return code
     except UserError as e:
-        print(f"cleantune: error: {e}", file=sys.stderr)
+        print(f"cleantune: error: {_name_config_file(ns, str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cleantune: interrupted{RESUME_HINT.get(getattr(ns, 'command', None), '')}", file=sys.stderr)
@@ -759,6 +763,15 @@ def main(argv: list[str] | None = None) -> int:
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _name_config_file(ns, message: str) -> str:
+    """A check names the setting by its flag; where --config set it, the message names the file and key
+    instead (`--rate must be ...` becomes `--config c.yaml: 'rate' must be ...`)."""
+    m = re.match(r"--([a-z][a-z0-9-]*)\b", message)
+    if m and m.group(1).replace("-", "_") in getattr(ns, "config_keys", ()):
+        return f"--config {ns.config}: '{m.group(1).replace('-', '_')}'{message[m.end():]}"
+    return message
 
 
 def _stdout_gone() -> bool:
