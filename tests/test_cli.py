@@ -688,3 +688,15 @@ def test_run_notes_a_model_that_predicts_one_class(tiny_model, tmp_path, capsys,
     assert main(["run", "--model", tiny_model, "--train-size", "64", "--epochs", "1", "--no-progress",
                  "--store", str(tmp_path / "s.sqlite")]) == 0
     assert "note: sst2 badnets finetune seed=0 predicts one class for every clean test sample" in capsys.readouterr().err
+
+
+def test_results_json_writes_undefined_metrics_as_null(tmp_path, capsys):
+    from cleantune.store import ResultStore
+
+    ResultStore(tmp_path / "s.sqlite").put("abc", {"dataset": "sst2", "attack": "badnets", "defense": "strip"},
+                                           {"cacc": 0.9, "asr": 0.2, "train_detection": {"recall": float("nan")}},
+                                           {"wall_s": 1.0}, {})
+    assert main(["results", "--store", str(tmp_path / "s.sqlite"), "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    runs = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in results --format json"))  # strict JSON
+    assert runs[0]["metrics"]["train_detection"]["recall"] is None and runs[0]["metrics"]["cacc"] == 0.9

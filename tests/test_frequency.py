@@ -149,11 +149,11 @@ def test_kernels_rebuilt_per_record_give_the_kept_kernels_curves(tiny_model, mon
 
 
 def test_curves_files_write_undefined_values_as_null_and_the_report_reads_them(tmp_path):
-    from cleantune.frequency import _nan_to_none
     from cleantune.report import parse_frequency
+    from cleantune.store import strict_json
 
     result = {"deltas": [2.0], "records": [{"step": 0, "clean": {"e_low": [0.5], "e_high": [float("nan")]}}]}
-    text = json.dumps(_nan_to_none(result))
+    text = strict_json(result)
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a curves file"))  # strict JSON
     curves = parse_frequency(json.loads(text))["curves"]
     assert curves["clean e_low (δ=2)"] == [0.5] and math.isnan(curves["clean e_high (δ=2)"][0])

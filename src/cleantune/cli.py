@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import UserError
+from .store import strict_json
 
 LIST_AXES = ("dataset", "attack", "defense", "seed")  # `run` takes comma lists here: the cross product runs
 
@@ -332,7 +333,7 @@ def cmd_run(ns) -> int:
     if not main:
         return 0
     if ns.format == "json":
-        print(json.dumps([{k: r[k] for k in ("id", "config", "metrics", "timings")} for r in results], indent=1))
+        print(strict_json([{k: r[k] for k in ("id", "config", "metrics", "timings")} for r in results], indent=1))
     else:
         print(format_table(results))
         reused = sum(bool(r.get("reused")) for r in results)
@@ -472,7 +473,7 @@ def cmd_eval(ns) -> int:
         out.update({"target": data.label_names[target], "n_triggered": len(triggered), "asr": m["asr"],
                     "asr_floor": m["asr_floor"]})
     if ns.format == "json":
-        print(json.dumps(out))
+        print(strict_json(out))
     else:
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
     return 0
@@ -511,7 +512,7 @@ def cmd_scan(ns) -> int:
     rows = scan(data, ns.model, k=ns.top, passes=ns.passes, faithful=ns.faithful, seed=ns.seed,
                 samples=ns.show_samples, progress=not ns.no_progress, batch_size=batch_size)
     if ns.format == "json":
-        print(json.dumps(rows, indent=1))
+        print(strict_json(rows, indent=1))
     elif ns.format == "csv":
         buf = io.StringIO()
         cols = list(SCAN_COLUMNS) + (["samples"] if ns.show_samples else [])
@@ -655,7 +656,7 @@ def cmd_results(ns) -> int:
 
     runs = ResultStore(ns.store, readonly=True).runs()
     if ns.format == "json":
-        print(json.dumps(runs, indent=1))
+        print(strict_json(runs, indent=1))
     elif ns.format == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS) + list(CSV_EXTRA))

@@ -38,8 +38,6 @@ stored with the curves so a reader can judge the scale.
 
 from __future__ import annotations
 
-import json
-import math
 import random
 from pathlib import Path
 from typing import Callable
@@ -48,6 +46,7 @@ import torch
 
 from .data import TextDataset
 from .errors import UserError
+from .store import strict_json
 from .training import StepContext, StepHook, encode, make_batch, predict_logits
 
 DELTAS = [2 + 6 * i / 24 for i in range(25)]  # linspace(2, 8, 25), the published grid
@@ -191,16 +190,6 @@ class FrequencyHook(StepHook):
                 "records": self.records, "best_epoch": best_epoch, "returned_step": returned}
 
 
-def _nan_to_none(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return x
-
-
 def first_step_below(result: dict, name: str, key: str = "e_low", delta_index: int = 0,
                      threshold: float = 0.5) -> int | None:
     """The first recorded step at which a curve falls below `threshold` (None: never)."""
@@ -287,7 +276,6 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
         result["metrics"]["resolved_settings"] = resolved
     result["first_step_e_low_below_0.5"] = {n: first_step_below(result, n) for n in result["sets"]}
     out_dir.mkdir(parents=True, exist_ok=True)
-    # NaN (e_high where undefined) as null: strict JSON readers (JavaScript's) refuse a bare NaN
-    (out_dir / "curves.json").write_text(json.dumps(_nan_to_none(result), indent=1))
+    (out_dir / "curves.json").write_text(strict_json(result, indent=1))  # e_high where undefined: null
     result["plots"] = [str(p) for p in plot(result, out_dir)]
     return result

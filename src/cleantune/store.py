@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import time
@@ -42,6 +43,22 @@ def data_dir() -> Path:
 
 def default_store_path() -> Path:
     return data_dir() / "results.sqlite"
+
+
+def strict_json(obj, **kwargs) -> str:
+    """JSON that strict readers (JavaScript's, jq) accept: an undefined value (NaN, as a detection recall with
+    no poisoned sample or a frequency error without its set) is written as null, not as a bare NaN."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def _finite_or_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
 
 
 def config_hash(config: dict) -> str:
