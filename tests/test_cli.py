@@ -386,6 +386,17 @@ def test_a_cell_another_process_runs_is_waited_for_then_reused(tiny_model, tmp_p
     assert out["r"]["reused"] and out["r"]["metrics"] == {"cacc": 0.5, "asr": 0.25}
 
 
+def test_the_python_api_without_a_store_returns_the_cell_and_leaves_no_checkpoints(tiny_model, tmp_path):
+    from cleantune.runner import RunConfig, run
+    from cleantune.store import data_dir
+
+    r = run(RunConfig(model=tiny_model, train_size=64, epochs=1), progress=False)
+    assert not r["reused"] and 0 <= r["metrics"]["cacc"] <= 1 and r["timings"]["wall_s"] > 0
+    runs = data_dir() / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []  # no store, so nothing to --resume into
+    assert not data_dir().joinpath("results.sqlite").exists()
+
+
 def test_same_seed_same_metrics_through_the_cli(tiny_model, tmp_path, capsys):
     args = ["run", "--model", tiny_model, "--train-size", "100", "--epochs", "1", "--format", "json", "--no-progress"]
     out = []

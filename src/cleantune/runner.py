@@ -230,8 +230,9 @@ def _run(config: RunConfig, resolved: dict, run_id: str, work: Path, store: Resu
                **({"resumed_train_s": report.resumed_train_seconds} if report.resumed_train_seconds else {})}
     result = {"id": run_id, "config": resolved, "status": "ok", "metrics": metrics, "timings": timings,
               "env": environment(), "error": None, "reused": False}
-    if store is not None and is_main_process():
-        store.put(run_id, resolved, metrics, timings, result["env"])
+    if is_main_process():
+        if store is not None:
+            store.put(run_id, resolved, metrics, timings, result["env"])
         shutil.rmtree(work, ignore_errors=True)  # checkpoints only serve --resume of an unfinished run
     return result
 
