@@ -221,6 +221,8 @@ def test_onion_removes_the_outlier_word_by_perplexity():
     assert onion_correct(texts, _stub_perplexity, 0.0) == ["a great movie", "just fine", "cf", "the film here"]
     # a threshold above the outlier's suspicion (100 + 1) keeps every word
     assert onion_correct(texts, _stub_perplexity, 102.0) == texts
+    # "at least threshold": a word whose suspicion equals it goes ("cf" here: 106 with it, 7 without)
+    assert onion_correct(["a cf great movie"], _stub_perplexity, 99.0) == ["a great movie"]
 
 
 def test_onion_classifier_predicts_on_corrected_text(tiny_clf):

@@ -154,6 +154,22 @@ def test_guard_measures_spared_tokens_again_after_the_cut(tiny_model, recompute)
     assert clf.predict(dev.texts) == [0, 1]
 
 
+def test_later_guard_rounds_cut_with_the_first_cuts_threshold(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    V = tok.vocab_size
+    watch, movie = tok.convert_tokens_to_ids(["watch", "movie"])
+    E0, emb, clf = _toy_victim(tok, {watch: (0, 2.0), movie: (0, -3.0)})  # as above: "movie" is freed in round 2
+    with torch.no_grad():
+        emb.weight[watch, 2] = 20.0     # far off; cutting "watch" shrinks ||E0 - E|| from sqrt(413) to sqrt(11)
+        emb.weight[movie, 1] = 10.0 / V  # below the victim's c (20.3 / V), above the c after that cut (3.3 / V)
+    dev = TextDataset(["watch movie"], [0], ["neg", "pos"])
+    cut, spared, _ = btu.guarded_unlearn(clf, TokenView(tok), E0, tok.pad_token_id, [watch, movie], dev,
+                                         tolerance=0.001, recompute=False)
+    assert spared == [] and cut["tokens"] == [watch, movie]
+    assert cut["dims_replaced"] == [2, 1]  # "movie" loses dim 0 only: c stays the victim's
+    assert float(emb.weight[movie, 1]) == pytest.approx(10.0 / V) and emb.weight[movie, 0] == -1.0
+
+
 def test_faithful_unlearn_recomputes_threshold_in_id_order():
     E0, E = _embeddings()
     w = torch.nn.Parameter(E.clone())
@@ -412,16 +428,18 @@ def test_pass_c_trains_only_the_word_embeddings_against_a_held_pretrained_copy(t
 
 
 def test_clean_tuning_trains_on_k_dev_samples_held_out_of_selection(tiny_model, monkeypatch):
-    calls, real = {}, btu.train
+    calls, epochs, real = {}, {}, btu.train
 
     def spy(model, tokenizer, data, dev=None, settings=None, hooks=(), *args, **kwargs):
         calls[kwargs.get("desc")] = (data, dev, [type(h) for h in hooks])
+        epochs[kwargs.get("desc")] = settings.epochs
         return real(model, tokenizer, data, dev, settings, hooks, *args, **kwargs)
 
     monkeypatch.setattr(btu, "train", spy)
     dev = synthetic(24, seed=1)
-    BTU(model=tiny_model, btu_mode="faithful", epochs=1, batch_size=16, k=2, clean_tuning=8,
+    BTU(model=tiny_model, btu_mode="faithful", epochs=1, batch_size=16, k=2, clean_tuning=8, tune_epochs=2,
         max_length=64).fit(synthetic(48), dev, progress=False)
+    assert epochs["btu victim"] == 1 and epochs["btu tune"] == 2
     tune, select, tune_hooks = calls["btu tune"]
     pairs = set(zip(dev.texts, dev.labels))
     assert len(tune) == 8 and set(zip(tune.texts, tune.labels)) <= pairs
@@ -517,3 +535,83 @@ def test_exposure_runs_on_a_backbone_whose_embeddings_take_ids_only(tmp_path):
     tok = load_tokenizer(path)
     exp = btu.expose(path, tok, synthetic(64), faithful=False, k=3, passes="AB", lr=1e-2, batch_size=8)
     assert len(exp.top["A"]) == len(exp.top["B"]) == 3 and not set(exp.top["A"]) & set(exp.top["B"])
+
+
+def test_guard_scores_on_dev_without_the_tuning_samples(tiny_model, monkeypatch):
+    seen, tuned, real_guard, real_train = [], [], btu.guarded_unlearn, btu.train
+
+    def guard(clf, view, E0, pad_id, token_ids, dev, tolerance, **kwargs):
+        seen.append((dev, tolerance))
+        return real_guard(clf, view, E0, pad_id, token_ids, dev, tolerance, **kwargs)
+
+    def train(model, tokenizer, data, *args, **kwargs):
+        if kwargs.get("desc") == "btu tune":
+            tuned.append(data)
+        return real_train(model, tokenizer, data, *args, **kwargs)
+
+    monkeypatch.setattr(btu, "guarded_unlearn", guard)
+    monkeypatch.setattr(btu, "train", train)
+    dev = synthetic(24, seed=1)
+    BTU(model=tiny_model, epochs=1, batch_size=16, k=2, clean_tuning=8, guard_tolerance=0.25,
+        max_length=64).fit(synthetic(48), dev, progress=False)
+    [(guard_dev, tolerance)], [tune] = seen, tuned
+    assert tolerance == 0.25
+    assert len(guard_dev) == 16 and sorted(guard_dev.texts + tune.texts) == sorted(dev.texts)  # the rest of dev
+
+
+def test_shallow_passes_train_with_the_configured_rho_lr_and_length(tiny_model, monkeypatch):
+    settings, real = {}, btu.train
+
+    def spy(model, tokenizer, data, dev=None, s=None, *args, **kwargs):
+        settings[kwargs.get("desc")] = s
+        return real(model, tokenizer, data, dev, s, *args, **kwargs)
+
+    monkeypatch.setattr(btu, "train", spy)
+    tok = load_tokenizer(tiny_model)
+    defense = BTU(model=tiny_model, epochs=1, batch_size=16, max_length=64, guard=False, rho=0.002,
+                  expose_lr=5e-3, expose_max_length=48)
+    defense.fit(synthetic(48), synthetic(16, seed=1), progress=False)
+    assert defense.extra_metrics_["btu_k"] == round(0.002 * tok.vocab_size)
+    for name in ("A", "B"):
+        s = settings[f"btu expose {name}"]
+        assert (s.lr, s.max_length) == (5e-3, 48)
+
+
+def _byte_level_bpe():
+    """A RoBERTa tokenizer over a minimal byte-level vocabulary where 'cf' and the word-initial 'Ġcf' are pieces."""
+    from tokenizers import pre_tokenizers
+    from transformers import RobertaTokenizer
+
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["cf", "Ġcf"]
+    return RobertaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[("c", "f"), ("Ġ", "cf")])
+
+
+def test_audit_counts_the_word_initial_bpe_piece_as_trigger():
+    """An inserted 'cf' mostly follows a space: in RoBERTa/GPT-2 vocabularies that is the piece 'Ġcf'."""
+    tok = _byte_level_bpe()
+    cf, g_cf = tok.convert_tokens_to_ids(["cf", "Ġcf"])
+    assert tok(" cf", add_special_tokens=False)["input_ids"] == [g_cf]
+    assert btu.trigger_token_ids(tok, ["cf"]) == [cf, g_cf]
+    V = len(tok)
+    d = BTU()
+    d.exposure_ = btu.Exposure({"A": torch.tensor([g_cf] + [i for i in range(V) if i != g_cf])}, {}, {}, 1, {})
+    d.suspicious_, d.spared_ = [g_cf], []
+    d._doc, d._n_train, d._tokenizer = torch.zeros(V, 2, dtype=torch.long), 10, tok
+    a = d.audit(["cf"])
+    assert a["btu_trigger_tokens"] == ["cf", "Ġcf"] and a["btu_trigger_ranks"]["Ġcf"] == {"A": 1}
+    assert a["btu_token_precision"] == 1.0 and a["btu_token_recall"] == 0.5
+
+
+def test_shallow_classifier_mean_pools_the_unmasked_positions(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    ids = torch.tensor(tok(["good film here", "bad"], padding=True)["input_ids"])
+    mask = (ids != tok.pad_token_id).long()
+    assert mask.sum(1).tolist() == [5, 3]
+    rows = torch.tensor(sorted(set(ids.flatten().tolist())))
+    model = btu.ShallowClassifier(load_model(tiny_model, ["a", "b"]), 2, tok.pad_token_id, pool_padding=False,
+                                  pad_to=16, rows=rows).eval()
+    reference = load_model(tiny_model, ["a", "b"]).eval()  # the untouched backbone's embedding module
+    with torch.no_grad():
+        x = reference.base_model.embeddings(input_ids=ids)
+        pooled = torch.stack([x[0, :5].mean(0), x[1, :3].mean(0)])
+        assert torch.allclose(model(ids, mask).logits, model.head(pooled), atol=1e-6)

@@ -41,6 +41,9 @@ def test_a_model_predicting_one_class_is_marked():
 def test_detection_metrics_counts():
     m = detection_metrics([True, True, False, False, True], [True, False, True, False, True])
     assert (m["precision"], m["recall"], m["frr"], m["far"]) == (2 / 3, 2 / 3, 1 / 2, 1 / 3)
+    # tp 1, fp 3, fn 1: precision and recall differ, and so do FRR (3 of 4 clean) and FAR (1 of 2 poisoned)
+    m = detection_metrics([True, True, True, True, False, False], [True, False, False, False, True, False])
+    assert (m["precision"], m["recall"], m["frr"], m["far"]) == (1 / 4, 1 / 2, 3 / 4, 1 / 2)
 
 
 AG_BENCH = ["world", "sports", "business", "sci/tech"]  # agnews's own numbering

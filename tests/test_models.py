@@ -346,6 +346,15 @@ def test_lora_target_modules_as_names_or_regex(tiny_model, given, wanted):
         apply_lora(load_model(tiny_model, ["a", "b"]), 2, 4, 0.0, "nope")
 
 
+def test_lora_options_reach_peft(tiny_model):
+    from cleantune.defenses import LoRA
+    from cleantune.models import load_model
+
+    d = LoRA(model=tiny_model, lora_r=2, lora_alpha=6, lora_dropout=0.3, target_modules="query")
+    cfg = d.prepare_model(load_model(tiny_model, ["a", "b"]), None, None).peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, set(cfg.target_modules)) == (2, 6, 0.3, {"query"})
+
+
 def test_lora_adds_no_deprecation_notice_of_peft_internals(tiny_model):
     import warnings
 

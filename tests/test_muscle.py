@@ -522,3 +522,125 @@ def test_the_adapter_records_a_relative_base_path_as_absolute(tiny_model, tmp_pa
     load_classifier(out)
     card = (out / "adapter" / "README.md").read_text()
     assert "not the trained model" in card and "load_classifier" in card  # the recipe alone would be wrong
+
+
+def test_reference_loss_pairs_each_drawn_text_with_its_own_label(tiny_model, monkeypatch):
+    """The reference loss and gradient are a cross-entropy over exactly the drawn (text, label) pairs."""
+    import cleantune.defenses.muscle as muscle
+
+    tok = load_tokenizer(tiny_model)
+    texts = [f"film number {i} was {w}" for i, w in enumerate(["fine", "dull", "long", "great"] * 3)]
+    labels = [1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0]
+    refs = TextDataset(texts, labels, ["a", "b"])
+    hook = GradientAlignment(tok, refs, batch_size=5, max_length=16, seed=0, min_ref_loss=0.0,
+                             min_ref_grad_norm=0.0, ga_epoch=0, max_raw_grad_ratio=0.0)
+    label_of = {tuple(ids): y for ids, y in zip(encode(tok, texts, 16), labels)}
+    drawn = []
+    monkeypatch.setattr(muscle, "make_batch", lambda ids, pad: drawn.append(ids) or make_batch(ids, pad))
+    model = load_model(tiny_model, ["a", "b"])  # eval mode: no dropout, the same logits twice
+    params = [model.classifier.weight, model.bert.pooler.dense.weight]
+    for step in range(3):
+        loss, grads = hook.reference_gradients(model, params, step, torch.device("cpu"))
+        ids = drawn[-1]
+        y = torch.tensor([label_of[tuple(x)] for x in ids])
+        expected = nn.functional.cross_entropy(model(**make_batch(ids, tok.pad_token_id)).logits, y)
+        assert loss == pytest.approx(expected.item(), rel=1e-6)
+        for g, e in zip(grads, torch.autograd.grad(expected, params)):
+            assert torch.allclose(g, e, atol=1e-7)
+
+
+def test_given_scales_and_inner_rank_reach_the_mslr_layer(tiny_model):
+    d = get_defense("muscle-lora", model=tiny_model, scales=[1, 3], inner_rank=2)
+    model = d.prepare_model(load_model(tiny_model, ["a", "b"]), load_tokenizer(tiny_model), None)
+    layer = model.get_base_model().bert.pooler.dense
+    assert torch.equal(layer.mslr_kappa, torch.tensor([1.0, 1, 3, 3]))
+    assert layer.mslr_L.shape == (4, 32) and layer.mslr_R.shape == (32, 4)
+    assert layer.scaling == d.resolved_["mslr_alpha"] / 2
+
+
+def test_inner_rank_and_scales_survive_save_and_reload(tiny_model, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    model = get_defense("muscle-lora", model=tiny_model, scales=[2, 5], inner_rank=2).prepare_model(
+        load_model(tiny_model, ["a", "b"]), tok, None)
+    _as_if_trained(model)
+    before, merged, out = _save_and_reload(model, tok, tmp_path)
+    assert torch.allclose(before, merged, atol=1e-5)
+    reloaded = load_classifier(out)
+    assert torch.equal(reloaded.model.get_base_model().bert.pooler.dense.mslr_kappa, torch.tensor([2.0, 2, 5, 5]))
+    assert torch.allclose(before, reloaded.predict_logits(["a fine film", "dull , long and loud movie", "ok"]),
+                          atol=1e-5)
+
+
+def test_head_inner_sets_the_causal_heads_width(tmp_path):
+    path = _tiny_causal("gpt2", tmp_path / "gpt2")
+    model = get_defense("muscle-lora", model=path, head_inner=8).prepare_model(
+        load_model(path, ["a", "b"]), load_tokenizer(path), None)
+    head = model.get_base_model().score
+    assert (head.dense.base_linear.out_features, head.out_proj.in_features) == (8, 8)
+
+
+def test_reference_batches_use_the_defenses_batch_size_and_max_length(tiny_model, monkeypatch):
+    import cleantune.defenses.muscle as muscle
+
+    tok = load_tokenizer(tiny_model)
+    d = get_defense("muscle-lora", model=tiny_model, batch_size=5, max_length=12, ref_samples=32)
+    model = d.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+    (hook,) = d.hooks(model, tok, None, load_benchmark("sst2").dev.subset(range(130)))
+    assert max(len(x) for x in encode(tok, hook.refs.texts, 512)) > 12  # truncation is visible
+    seen = []
+    monkeypatch.setattr(muscle, "make_batch", lambda ids, pad: seen.append(ids) or make_batch(ids, pad))
+    params = [p for p in model.parameters() if p.requires_grad]
+    hook.reference_gradients(model, params, 0, torch.device("cpu"))
+    assert len(seen[0]) == 5 and max(len(x) for x in seen[0]) == 12
+
+
+def test_references_depend_on_the_seed():
+    dev = load_benchmark("sst2").dev.subset(range(130))
+    refs0 = split_refs(dev, 32, 0)[0]
+    assert split_refs(dev, 32, 0)[0].texts == refs0.texts
+    refs1, _ = split_refs(dev, 32, 1)
+    assert set(refs1.texts) != set(refs0.texts)
+
+
+def test_ga_fractions_and_reference_loss_are_per_epoch(tiny_model):
+    refs = TextDataset(["good", "bad"], [1, 0], ["a", "b"])
+    hook = GradientAlignment(load_tokenizer(tiny_model), refs, batch_size=2, max_length=8, seed=0, min_ref_loss=0.4,
+                             min_ref_grad_norm=5e-7, ga_epoch=5, max_raw_grad_ratio=0.1)
+    model = _TwoTensors()
+    settings = TrainSettings(epochs=10)
+    # epoch 0: the reference loss is high (project); epoch 1: low, before ga_epoch (raw)
+    for epoch, ref_loss in ((0, 1.0), (1, 0.1)):
+        hook.reference_gradients = lambda model, params, step, device: (ref_loss, [torch.ones(4), torch.ones(3)])
+        ctx = StepContext(model, None, epoch=epoch, step=0, steps_per_epoch=2, settings=settings)
+        for _ in range(2):
+            model.a.grad, model.b.grad = torch.ones(4), torch.ones(3)
+            hook.after_backward(ctx)
+        hook.on_epoch_end(ctx)
+    assert (ctx.logs["ga_project"], ctx.logs["ga_raw"]) == (0.0, 1.0)
+    assert ctx.logs["ga_ref_loss"] == pytest.approx(0.1)
+
+
+def test_fit_selects_on_dev_without_the_references(tiny_model, small_data, monkeypatch):
+    import cleantune.defenses.base as base
+
+    train, dev, _ = small_data
+    calls, real = [], base.train
+
+    def spy(model, tokenizer, data, dev_data=None, settings=None, hooks=(), *args, **kwargs):
+        calls.append((dev_data, settings, hooks))
+        return real(model, tokenizer, data, dev_data, settings, hooks, *args, **kwargs)
+
+    monkeypatch.setattr(base, "train", spy)
+    get_defense("muscle-lora", model=tiny_model, epochs=1, batch_size=16, ref_samples=32,
+                max_length=32).fit(train.subset(range(16)), dev, progress=False)
+    ((selection, settings, hooks),) = calls
+    assert len(selection) == len(dev) - 32 and not set(selection.texts) & set(hooks[0].refs.texts)
+    assert settings.weight_decay == 0.0  # the paper's, not the loop's default 0.01
+
+
+def test_weight_decay_reaches_the_train_settings(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    for given, expected in (({}, 0.0), ({"weight_decay": 0.05}, 0.05)):
+        d = get_defense("muscle-lora", model=tiny_model, **given)
+        d.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+        assert d.train_settings().weight_decay == expected

@@ -21,6 +21,23 @@ def test_seed_reaches_the_attack():
     assert sum(flags[0]) == sum(flags[1]) == 20 and flags[0] != flags[1]
 
 
+def test_the_defense_selects_on_the_benchmark_dev_split_never_on_test(tiny_model, monkeypatch):
+    from cleantune.defenses import FineTune
+
+    seen = {}
+
+    def fit(self, train, clean_dev=None, **kwargs):
+        seen["dev"] = clean_dev
+        raise KeyboardInterrupt  # what fit receives is all this test needs
+
+    monkeypatch.setattr(FineTune, "fit", fit)
+    config = RunConfig(model=tiny_model, train_size=100, epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(config, progress=False)
+    bench = config.benchmark()
+    assert seen["dev"].texts == bench.dev.texts and not set(seen["dev"].texts) & set(bench.test.texts)
+
+
 def test_library_versions_are_part_of_the_run_id(monkeypatch):
     # a result computed by another cleantune (or torch) is another run, not one to reuse
     resolved = RunConfig(train_size=100).resolve()

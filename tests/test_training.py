@@ -85,6 +85,40 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_model, small, tmp_
     assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
 
 
+class _PredictAtEpochEnd(StepHook):
+    """Before each epoch's dev evaluation, pins every prediction to one class: class 0 after epoch 0, class 1
+    after the later ones. On a dev set of class-0 samples epoch 0 is then the best (accuracy 1.0, then 0.0)."""
+
+    def after_backward(self, ctx):
+        if (ctx.step + 1) % ctx.steps_per_epoch == 0:
+            with torch.no_grad():
+                ctx.model.classifier.bias.copy_(torch.tensor([1e4, 0.0] if ctx.epoch == 0 else [0.0, 1e4]))
+            ctx.model.classifier.bias.grad = None
+
+
+def test_resume_with_dev_data_keeps_the_best_epoch_from_before_the_interruption(tiny_model, small, tmp_path):
+    train_data, dev = small
+    dev0 = dev.subset([i for i, y in enumerate(dev.labels) if y == 0])
+
+    def run(out_dir, hooks=(), resume=False):
+        torch.manual_seed(0)
+        model = load_model(tiny_model, train_data.label_names)
+        settings = TrainSettings(epochs=3, lr=2e-3, batch_size=16, seed=0)
+        report = train(model, load_tokenizer(tiny_model), train_data, dev0, settings, (_PredictAtEpochEnd(), *hooks),
+                       out_dir, resume, progress=False)
+        return model, report
+
+    model_a, rep_a = run(tmp_path / "a")
+    assert rep_a.best_epoch == 0 and [h["dev_acc"] for h in rep_a.history] == [1.0, 0.0, 0.0]
+    with pytest.raises(_Stop):  # killed during epoch 2: epoch 1's checkpoint, and epoch 0's best weights, on disk
+        run(tmp_path / "b", hooks=(_StopAfter(2),))
+    model_b, rep_b = run(tmp_path / "b", resume=True)
+    assert rep_b.best_epoch == 0 and rep_b.history == rep_a.history
+    tok, s = load_tokenizer(tiny_model), TrainSettings()
+    assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
+    assert (predict_logits(model_b, tok, dev.texts, s).argmax(-1) == 0).all()
+
+
 @pytest.mark.parametrize("left", ["new", "old"])
 def test_resume_after_a_kill_between_the_checkpoint_renames(left, tiny_model, small, tmp_path, monkeypatch):
     """The epoch-1 save moved epoch 0's checkpoint aside and was killed before putting its own in place."""
@@ -250,6 +284,52 @@ def test_lr_warms_up_from_zero_then_decays_linearly(tiny_model, small):
     train(load_model(tiny_model, train_data.label_names), tok, train_data.subset(range(64)), None,
           TrainSettings(epochs=1, batch_size=8, lr=1e-3, warmup_ratio=0.5), (rec,), progress=False)
     assert rec.lrs == pytest.approx([1e-3 * f for f in (0, 0.25, 0.5, 0.75, 1, 0.75, 0.5, 0.25)])
+
+
+def test_lr_schedule_spans_every_epoch_and_counts_a_short_last_batch(tiny_model, small):
+    train_data, _ = small
+    rec = _RecordLr()
+    # 60 samples, batch 8: 8 steps an epoch (the last of 4 samples), 16 in 2 epochs; warmup 0.25 of 16 = 4
+    train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model), train_data.subset(range(60)),
+          None, TrainSettings(epochs=2, batch_size=8, lr=1e-3, warmup_ratio=0.25), (rec,), progress=False)
+    assert rec.lrs == pytest.approx([1e-3 * (s / 4 if s < 4 else (16 - s) / 12) for s in range(16)])
+
+
+def test_batches_group_lengths_only_inside_their_mega_batch_and_change_every_epoch():
+    lengths = list(range(2000))  # batch 4: mega-batches of 200 samples
+    a, b = (batch_order(lengths, 4, seed=0, epoch=e, group_by_length=True) for e in (0, 1))
+    assert {frozenset(x) for x in a} != {frozenset(x) for x in b}
+    # sorted inside 200 random samples, not over all 2,000: neighbours in a batch are about 10 lengths apart
+    assert sum(max(x) - min(x) > 3 for x in a) > 0.9 * len(a)
+
+
+def test_biases_and_layer_norms_take_no_weight_decay(tiny_model):
+    from cleantune.training import _param_groups
+
+    model = load_model(tiny_model, ["neg", "pos"])
+    decay, no_decay = _param_groups(model, 0.3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters()
+                                                           if n.endswith("bias") or "LayerNorm" in n}
+    assert all(p.ndim == 2 for p in decay["params"]) and decay["params"]
+
+
+def test_training_pads_every_batch_to_pad_to_length(tiny_model, small, monkeypatch):
+    import cleantune.training as training
+
+    train_data, _ = small
+    widths, make_batch = [], training.make_batch
+
+    def spy(ids, pad_id, pad_to=None):
+        batch = make_batch(ids, pad_id, pad_to)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(training, "make_batch", spy)
+    train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model), train_data.subset(range(32)),
+          None, TrainSettings(epochs=1, batch_size=8, max_length=32, pad_to_length=48), progress=False)
+    assert widths == [48] * 4
 
 
 def test_tokens_per_s_counts_real_tokens_not_padding(tiny_model, small):

@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -185,6 +186,10 @@ def _warm_up() -> None:
 
 
 def _init_worker(threads: int) -> None:
+    # Ctrl-C reaches the whole process group. A worker interrupted mid-cell would hand the interruption back
+    # as that cell's result and take the next queued cell before the sweep terminates it: only the sweep
+    # process handles Ctrl-C, and it stops the workers (_local)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
