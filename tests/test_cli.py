@@ -623,6 +623,37 @@ def test_run_that_diverges_for_good_leaves_no_checkpoints(tiny_model, tmp_path, 
     assert not runs.exists() or list(runs.iterdir()) == []
 
 
+def test_resume_says_when_it_has_nothing_to_resume(tiny_model, tmp_path, capsys, monkeypatch):
+    from cleantune.defenses import FineTune
+    from cleantune.training import StepHook
+
+    class CtrlCAfter(StepHook):
+        def on_epoch_end(self, ctx):
+            if ctx.epoch == 1:  # epoch 0's checkpoint is on disk
+                raise KeyboardInterrupt
+
+    args = ["run", "--model", tiny_model, "--train-size", "64", "--epochs", "3", "--no-progress", "--format", "json",
+            "--store", str(tmp_path / "s.sqlite")]
+    with monkeypatch.context() as m:
+        m.setattr(FineTune, "hooks", lambda self, *a: [CtrlCAfter()])
+        assert main(args) == 130
+    capsys.readouterr()
+    # other settings are another run, with no checkpoint: said, then trained from the start
+    assert main(args[:6] + ["2"] + args[7:] + ["--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: --resume: no checkpoint of sst2 badnets finetune seed=0 with these settings" in err
+    assert "resumed_train_s" not in json.loads(out)[0]["timings"]
+    assert main(args + ["--resume"]) == 0  # the interrupted run goes on, without the note
+    out, err = capsys.readouterr()
+    assert "note: --resume" not in err and json.loads(out)[0]["timings"]["resumed_train_s"] > 0
+    assert main(args + ["--resume"]) == 0  # stored now: taken from the store, nothing to say about resuming
+    assert "note: --resume" not in capsys.readouterr().err
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 4)
+    assert main(["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--out", str(tmp_path / "m"), "--epochs", "1",
+                 "--no-progress", "--resume"]) == 0
+    assert f"note: --resume: no checkpoint in {tmp_path / 'm.work'}; training from the start" in capsys.readouterr().err
+
+
 def test_a_stored_run_says_it_was_not_trained_again(tiny_model, tmp_path, capsys):
     args = ["run", "--model", tiny_model, "--train-size", "64", "--epochs", "1", "--no-progress",
             "--store", str(tmp_path / "s.sqlite")]

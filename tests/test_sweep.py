@@ -330,7 +330,7 @@ LOG = sys.argv[1]
 
 def slow_run(config, store, resume=False, progress=False):  # a cell that trains for a long time
     with open(LOG, "a") as f:
-        f.write(f"start {config.seed}, SIGINT {'ignored' if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else 'taken'}\\n")
+        f.write(f"start {config.seed}, pid {os.getpid()}, SIGINT {'ignored' if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else 'taken'}\\n")
     try:
         time.sleep(60)
     except KeyboardInterrupt:
@@ -376,6 +376,44 @@ def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
     text = log.read_text()
     assert text.count("start") == text.count("SIGINT ignored") == 2 and "worker interrupted" not in text
     assert not list(tmp_path.glob("s.sqlite*"))  # the sweep created the store and stored nothing: none is left
+
+
+def test_workers_stop_when_their_sweep_is_killed(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    (tmp_path / "interrupted.py").write_text(INTERRUPTED)
+    log = tmp_path / "log"
+    log.touch()
+    p = subprocess.Popen([sys.executable, str(tmp_path / "interrupted.py"), str(log), str(tmp_path / "s.sqlite")],
+                         stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while log.read_text().count("start") < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    pids = [int(x) for x in re.findall(r"pid (\d+)", log.read_text())]
+    assert len(pids) == 2
+    p.kill()  # SIGKILL: the sweep cannot stop them itself
+    p.wait()
+
+    def alive(pid):  # a zombie has stopped; whoever adopted it may not have reaped it yet
+        status = Path(f"/proc/{pid}/status")
+        try:
+            return "zombie" not in status.read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 20
+    while any(map(alive, pids)) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in pids if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left  # their cells would otherwise train on, 60 s here, and the workers then wait for good
 
 
 def test_a_damaged_row_of_another_run_does_not_stop_a_sweep(tiny_model, tmp_path, capsys):

@@ -282,7 +282,7 @@ def _attack_options(ns) -> dict:
 def cmd_run(ns) -> int:
     import itertools
 
-    from .runner import ATTACK_OPTIONS, RunConfig, check_attack_option, run
+    from .runner import ATTACK_OPTIONS, RunConfig, check_attack_option, resumable, run
     from .store import ResultStore
 
     opts = _run_options(ns)
@@ -315,6 +315,10 @@ def cmd_run(ns) -> int:
     results = []
     try:
         for config in configs:
+            if ns.resume and main and not resumable(config, store, ns.force):
+                # a run with other settings or data has another id, so its checkpoints are not this one's
+                print(f"note: --resume: no checkpoint of {config.dataset} {config.attack} {config.defense} "
+                      f"seed={config.seed} with these settings; training it from the start", file=sys.stderr)
             r = run(config, store, force=ns.force, resume=ns.resume, progress=not ns.no_progress)
             results.append(r)
             if main and r["metrics"].get("predicted_classes") == 1:
@@ -390,11 +394,13 @@ def cmd_train(ns) -> int:
     opts.update({k: getattr(ns, k) for k in OWN_SETTINGS if getattr(ns, k) is not None})
     defense = get_defense(ns.defense, **opts)
     from .models import check_out_dir
-    from .training import is_main_process, work_lock
+    from .training import has_checkpoint, is_main_process, work_lock
 
     out = Path(ns.out)
     check_out_dir(out, siblings=(".partial", ".old", ".work"))
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
+    if ns.resume and is_main_process() and not has_checkpoint(work):
+        print(f"note: --resume: no checkpoint in {work}; training from the start", file=sys.stderr)
     with work_lock(work, wait=False):  # one `train` per --out at a time
         model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
         if not is_main_process():

@@ -22,7 +22,7 @@ from .evaluate import detection_metrics, evaluate
 from .models import check_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
-from .training import is_main_process, mixed_precision, num_processes, work_lock
+from .training import has_checkpoint, is_main_process, mixed_precision, num_processes, work_lock
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -190,6 +190,13 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
         if stored is not None:
             return stored
         return _run(config, resolved, run_id, work, store, resume, progress)
+
+
+def resumable(config: RunConfig, store: ResultStore | None, force: bool = False) -> bool:
+    """Whether `run(config, store, force, resume=True)` would take a stored result or resume a checkpoint,
+    rather than train from the start."""
+    run_id = config_hash(config.resolve())
+    return _stored(store, run_id, force) is not None or has_checkpoint(data_dir() / "runs" / run_id[:16])
 
 
 def _stored(store: ResultStore | None, run_id: str, force: bool) -> dict | None:

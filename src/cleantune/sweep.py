@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -190,6 +191,9 @@ def _init_worker(threads: int) -> None:
     # as that cell's result and take the next queued cell before the sweep terminates it: only the sweep
     # process handles Ctrl-C, and it stops the workers (_local)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A sweep killed outright (SIGKILL, the out-of-memory killer) cannot stop its workers: each would train its
+    # cell to the end and then wait on the dead pool for good. They stop when their sweep is gone instead.
+    threading.Thread(target=_exit_without, args=(os.getppid(),), daemon=True).start()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -199,6 +203,12 @@ def _init_worker(threads: int) -> None:
     flush_subnormals()  # before the first parallel op, so every intra-op thread inherits it
     torch.set_num_threads(threads)
     _warm_up()
+
+
+def _exit_without(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)  # a cell cut short resumes from its last checkpoint in the next sweep
 
 
 def cpu_count() -> int:

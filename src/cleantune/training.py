@@ -483,6 +483,11 @@ def _flock(path: Path, wait: bool) -> int | None:
         os.close(fd)
 
 
+def has_checkpoint(work: Path) -> bool:
+    """Whether a run's work folder holds a checkpoint to resume (any stage's, finished or mid-rename)."""
+    return work.is_dir() and any(work.rglob("state.json"))
+
+
 def _saved_checkpoint(ckpt_dir: Path) -> Path | None:
     """The complete checkpoint to resume from: `ckpt_dir`, or, after a kill between _save_checkpoint's two
     renames (the old one moved aside, the new one not yet in place), the finished new one (its state.json is
