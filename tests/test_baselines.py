@@ -170,6 +170,11 @@ def test_rap_learns_a_fixed_norm_word_and_flags_only_target_predictions(tiny_mod
     flags = np.array(rap.flag(dev.texts))
     assert not flags[~is_target].any()
     assert flags[is_target].sum() == int(is_target.sum() * 0.1)
+    # this random model predicts the target everywhere; with drops given, an input predicted otherwise is
+    # never flagged, whatever its drop
+    rap.drops = lambda texts: (np.array([-0.5, -0.5, 0.2, 0.2]), np.array([True, False, True, False]))
+    rap.threshold = 0.0
+    assert rap.detect(["a", "b", "c", "d"]) == [True, False, False, False]
     with pytest.raises(UserError, match="tokens"):
         RapClassifier(clf, "zqxv", target, "auto")
 
@@ -344,12 +349,26 @@ def test_lga_negates_the_gradient_below_gamma(tiny_clf):
     p.grad = None
 
 
-def test_abl_isolates_the_lowest_loss_samples(tiny_model):
+def test_abl_isolates_the_lowest_loss_samples(tiny_model, monkeypatch):
+    import cleantune.defenses.abl as abl_module
+
     assert lowest_loss(np.array([0.5, 0.1, 0.9, 0.1, 0.3]), 0.4) == [False, True, False, True, False]
     data = _planted(48, "cf")
+    stages, real = {}, abl_module.train_side_model
+
+    def spy(defense, stage_data, *args, **kwargs):
+        stages[kwargs["desc"]] = (stage_data, kwargs.get("lr"))
+        return real(defense, stage_data, *args, **kwargs)
+
+    monkeypatch.setattr(abl_module, "train_side_model", spy)
     abl = get_defense("abl", model=tiny_model, epochs=1, isolation_epochs=1, isolation_ratio=0.1,
-                      unlearning_epochs=1, batch_size=16, lr=1e-3, max_length=32)
+                      unlearning_epochs=1, unlearning_lr=3e-4, batch_size=16, lr=1e-3, max_length=32)
     clf = abl.fit(data, data.subset(range(8)).without_flags(), progress=False)
+    # the main stage trains without the isolated samples; the unlearning stage on them alone, at its own lr
+    kept = [t for t, f in zip(data.texts, abl.flagged_) if not f]
+    assert stages["abl"][0].texts == kept and len(kept) == len(data) - sum(abl.flagged_)
+    assert stages["abl unlearning"][0].texts == [t for t, f in zip(data.texts, abl.flagged_) if f]
+    assert stages["abl unlearning"][1] == 3e-4
     k = round(0.1 * len(data))
     assert sum(abl.flagged_) == k
     # the isolated samples are the k lowest losses of the isolation model
