@@ -78,6 +78,15 @@ def test_frequency_hook_records_finite_curves_and_plots(tiny_model, tmp_path):
     assert img.ndim == 3 and img.shape[0] > 100
 
 
+def test_a_step_both_every_and_an_epoch_end_is_recorded_once(tiny_model):
+    b = load_benchmark("sst2")
+    hook = FrequencyHook(load_tokenizer(tiny_model), {"clean": b.dev.subset(range(10))}, every=5, seed=0)
+    d = get_defense("finetune", model=tiny_model, epochs=2, batch_size=8, lr=1e-3)
+    d.fit(b.train.stratified_sample(40, 0), None, progress=False, extra_hooks=(hook,))
+    # 5 steps an epoch: step 5 ends epoch 0 and is the next epoch's first multiple of every
+    assert [r["step"] for r in hook.result()["records"]] == [0, 5, 10]
+
+
 @pytest.mark.parametrize("defense", ["strip", "rap", "onion", "btu", "abl"])
 def test_analyze_refuses_defenses_not_trained_in_one_run(defense, tiny_model, tmp_path, capsys):
     out = tmp_path / "freq"
