@@ -297,6 +297,20 @@ def test_a_cell_setting_that_differs_in_a_table_labels_every_row(tmp_path):
     assert list(md_rows(md.split("## hsol")[1].split("## sst2")[0], "lora")) == ["lora"]  # hsol: one train size, no label
 
 
+def test_each_variant_is_compared_with_fine_tuning_at_the_same_setting(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    for lr, ft, lora, ft_wall in ((1e-4, 0.90, 0.85, 10.0), (5e-4, 0.80, 0.78, 20.0)):  # an lr axis for both
+        put_run(s, ft, 1.0, ft_wall, dataset="sst2", attack="badnets", defense="finetune", lr=lr)
+        put_run(s, lora, 0.2, 5.0, dataset="sst2", attack="badnets", defense="lora", lr=lr)
+    put_run(s, 0.9, 1.0, 0.0, dataset="hsol", attack="badnets", defense="finetune")  # a wall time of 0: no ratio
+    put_run(s, 0.8, 0.2, 5.0, dataset="hsol", attack="badnets", defense="lora")
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    rows = md_rows(md.split("## sst2")[1].split("## ASR")[0], "lora")
+    assert rows["lora (lr=0.0001)"][4:6] == ["+5.0 pt", "0.50×"] and rows["lora (lr=0.0005)"][4:6] == ["+2.0 pt", "0.25×"]
+    assert md_rows(md.split("## hsol")[1].split("## sst2")[0], "lora")["lora"][4:6] == ["+10.0 pt", "–"]
+
+
 def test_time_ratio_leaves_out_btus_reporting_only_stage_evaluations(tmp_path):
     from cleantune.report import summarize
 
