@@ -776,8 +776,9 @@ def _name_config_file(ns, message: str) -> str:
     """A check names the setting by its flag; where --config set it, the message names the file and key
     instead (`--rate must be ...` becomes `--config c.yaml: 'rate' must be ...`)."""
     m = re.match(r"--([a-z][a-z0-9-]*)\b", message)
-    if m and m.group(1).replace("-", "_") in getattr(ns, "config_keys", ()):
-        return f"--config {ns.config}: '{m.group(1).replace('-', '_')}'{message[m.end():]}"
+    key = m.group(1).replace("-", "_") if m else None
+    if key in getattr(ns, "config_keys", ()):
+        return f"--config {ns.config}: '{key}'{message[m.end():]}"
     return message
 
 

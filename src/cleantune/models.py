@@ -244,7 +244,9 @@ def _write_adapter_card(folder: Path, model, label_names: list[str], max_length:
     """Replace PEFT's empty model-card template with what the adapter is and how it loads."""
     base = next(iter(model.peft_config.values())).base_model_name_or_path
     # the head and MSLR saved beside PEFT's adapter by adapters.mslr (ga-lora, lora-mslr, muscle-lora)
-    ours = hasattr(model, "cleantune_export") and not model._cleantune_adapter.get("full_finetune")
+    from .adapters.mslr import writes_adapter
+
+    ours = writes_adapter(model)
     (folder / "README.md").write_text(
         "# LoRA adapter saved by cleantune\n\n"
         "The PEFT adapter (LoRA weights, and the classification head where PEFT saves it: `modules_to_save`) of the\n"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ from pathlib import Path
 from .errors import UserError
 from .options import C_INT_MAX
 from .runner import ATTACK_OPTIONS, RunConfig, environment, run
-from .store import ResultStore, config_hash, data_dir, default_store_path
+from .store import ResultStore, config_hash, default_store_path
 
 NAMED_AXES = ("dataset", "attack", "defense")
 
@@ -158,12 +157,8 @@ def run_cell(cell: Cell, store_path: str | None, threads: int | None = None) -> 
     store = ResultStore(store_path) if store_path is not None else None
     t0 = time.perf_counter()
     try:
-        r = run(cell.config, store, resume=True, progress=False)
-        record = {k: r[k] for k in ("id", "config", "status", "metrics", "timings", "env", "error")}
-        # checkpoints exist only to resume this run; once it is stored they are dead weight (a full model each)
-        for ckpt in sorted((data_dir() / "runs" / r["id"][:16]).rglob("checkpoints*"), reverse=True):
-            shutil.rmtree(ckpt, ignore_errors=True)
-        return record
+        r = run(cell.config, store, resume=True, progress=False)  # a finished run removes its checkpoints
+        return {k: r[k] for k in ("id", "config", "status", "metrics", "timings", "env", "error")}
     except Exception as e:  # one cell's failure is recorded and the sweep goes on
         # the id planned when the grid was checked: resolving again reads the data, which may be what failed
         record = {"id": cell.id, "config": cell.resolved, "status": "failed", "metrics": {},

@@ -286,9 +286,14 @@ def _export(model, out_dir: str | Path) -> None:
     """Classifier.save_pretrained's hook: write the adapter to out_dir, then merge it (in place). A fully
     fine-tuned model (`ga` on a causal LM, registered with full_finetune) writes none: its base weights
     changed, so the head alone on the base checkpoint would be another model."""
-    if not model._cleantune_adapter.get("full_finetune"):
+    if writes_adapter(model):
         save_adapter(model, Path(out_dir) / ADAPTER_DIR)
     merge_mslr(model)
+
+
+def writes_adapter(model) -> bool:
+    """Whether saving `model` writes a cleantune adapter (the head, MSLR) beside PEFT's."""
+    return hasattr(model, "cleantune_export") and not model._cleantune_adapter.get("full_finetune")
 
 
 def register(model, **entries) -> None:
