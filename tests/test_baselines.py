@@ -130,6 +130,22 @@ def test_strip_target_variant_perturbs_with_non_target_words_and_flags_only_targ
     assert flags[is_target].sum() == int(is_target.sum() * 0.1)  # the requested FRR on target-predicted clean dev
 
 
+
+def test_strip_ranks_words_as_scikit_learns_tfidf_does(sst2):
+    """Smoothed idf with its +1: a word in every text still counts, by its term frequency."""
+    sklearn_text = pytest.importorskip("sklearn.feature_extraction.text")
+    texts = sst2.dev.texts[:200] + ["the the the film"]
+    vec = sklearn_text.TfidfVectorizer()
+    m = vec.fit_transform(texts).tocsr()
+    vocab = vec.get_feature_names_out()
+    ours = tfidf_ranked_words(texts)
+    for i, row in enumerate(m):
+        theirs = sorted(zip(row.indices, row.data), key=lambda x: (-round(x[1], 9), vocab[x[0]]))
+        assert ours[i] == [vocab[j] for j, _ in theirs], texts[i]
+    # with df = n the unsmoothed idf would be 0 and "the" last: here its count of three puts it first
+    assert tfidf_ranked_words(["the the the film", "the plot"])[0] == ["the", "film"]
+
+
 def test_flag_conventions(tiny_clf, tiny_model):
     class FlagAll(FlaggingClassifier):
         def detect(self, texts):
@@ -306,6 +322,43 @@ def test_bki_finds_a_planted_keyword_and_drops_its_samples(tiny_model):
     flagged = np.array(bki.flagged_)
     poisoned = np.array(data.poisoned)
     assert flagged[poisoned].all() and not flagged[~poisoned].any()
+
+
+
+def test_bki_scores_a_deletion_by_its_largest_coordinate_change(tiny_model, monkeypatch):
+    """L-infinity, as OpenBackdoor: a word moving one coordinate far outranks one nudging all of them."""
+    from cleantune.defenses import bki as bki_module
+
+    tok = load_tokenizer(tiny_model)
+    spike, spread = tok.convert_tokens_to_ids(["cf", "good"])
+    table = torch.zeros(tok.vocab_size, 8)
+    table[spike, 0] = 10.0  # L-inf 10, mean 1.25
+    table[spread] = 2.0  # L-inf 2, mean 2
+    monkeypatch.setattr(bki_module, "sentence_state",
+                        lambda model, batch: (table[batch["input_ids"]] * batch["attention_mask"][..., None]).sum(1))
+    words = bki_module.influential_words(torch.nn.Linear(1, 1), tok, ["cf good film"], 32, top=3)[0]
+    assert [w for w, _ in words] == ["cf", "good", "film"]
+    assert [d for _, d in words] == pytest.approx([10.0, 2.0, 0.0])
+
+
+def test_bki_removes_as_many_keywords_as_asked(tiny_model, monkeypatch):
+    from cleantune.defenses import bki as bki_module
+
+    data = _planted(16, "cf")
+    # the side model's verdict, fixed: "cf" scores highest, "mn" second, the rest nothing
+    ranked = {"cf": 3.0, "mn": 2.0}
+    texts = [t if i % 4 != 1 else t + " mn" for i, t in enumerate(data.texts)]
+    data = TextDataset(texts, data.labels, LABELS, data.poisoned)
+    monkeypatch.setattr(bki_module, "train_side_model", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(bki_module, "influential_words",
+                        lambda model, tok, texts, *a, **k: [[(w, ranked.get(w, 0.1)) for w in t.split()]
+                                                            for t in texts])
+    has = {w: np.array([w in t.split() for t in texts]) for w in ranked}
+    for keywords, removed in [(1, has["cf"]), (2, has["cf"] | has["mn"])]:
+        bki = BKI(model=tiny_model, keywords=keywords, epochs=1, batch_size=16, max_length=32)
+        bki.fit(data, None, progress=False)
+        assert [w for w, _ in bki.keywords_] == ["cf", "mn"][:keywords]
+        assert (np.array(bki.flagged_) == removed).all() and bki.extra_metrics_["n_removed"] == removed.sum()
 
 
 # ---------------------------------------------------------------- CUBE
