@@ -203,3 +203,76 @@ def test_impossible_cells_are_refused_before_any_cell_trains(tiny_model, tmp_pat
     grid.write_text(f"model: {tiny_model}\nattack: [badnets]\nrate: [0.1, 0.001]\ntrain_size: 64\n")
     assert main(["sweep", str(grid), "--dry-run", "--store", str(store)]) == 2
     assert "g.yaml: --rate 0.001 poisons no sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: BadNets(rate=0), "--rate must be in (0, 1], got 0"),
+    (lambda: BadNets(mode="dirt"), "--mode must be one of dirty, clean, mix, got 'dirt'"),
+    (lambda: BadNets(num_triggers=101), "--num-triggers must be at most 100"),
+    # a YAML `true` is no rate, target or count
+    (lambda: BadNets(rate=True), "'rate' expects a number, got True"),
+    (lambda: BadNets(num_triggers=True), "'num_triggers' expects an integer, got True"),
+], ids=["rate-0", "mode", "num-triggers-101", "rate-bool", "num-triggers-bool"])
+def test_out_of_range_settings_are_refused(make, msg):
+    with pytest.raises(UserError, match=re.escape(msg)):
+        make()
+
+
+def test_string_settings_with_a_sign_or_spaces_are_integers():
+    a = BadNets(target="-1", num_triggers=" 2 ")  # as a config or grid file may write them
+    assert (a.target, a.num_triggers) == (-1, 2)
+    assert BadNets(num_triggers=100).num_triggers == 100  # the limit itself is allowed
+
+
+def test_target_one_past_the_last_class_is_refused(sst2):
+    for call in (BadNets(target=2).check, BadNets(target=2).apply):
+        with pytest.raises(UserError, match=re.escape("--target 2 is not a class of sst2 (0..1)")):
+            call(sst2)
+
+
+def test_a_pool_exactly_the_size_of_the_poison_count_is_used_whole(sst2):
+    pool = [i for i, y in enumerate(sst2.train.labels) if y == 1]
+    p = BadNets(rate=len(pool) / len(sst2.train), mode="clean", seed=0).apply(sst2)
+    assert [i for i, f in enumerate(p.train.poisoned) if f] == pool
+
+
+def test_trigger_words_are_drawn_with_replacement(sst2):
+    # more words than the list holds: each draw may repeat a word
+    p = BadNets(triggers=["cf"], num_triggers=3, seed=0).apply(sst2)
+    for i in (i for i, f in enumerate(p.train.poisoned) if f):
+        assert p.train.texts[i].split().count("cf") - sst2.train.texts[i].split().count("cf") == 3
+
+
+def test_triggered_sets_are_flagged_poisoned(sst2):
+    p = BadNets(seed=0).apply(sst2)
+    assert all(p.triggered_test.poisoned) and all(p.triggered_dev.poisoned)
+
+
+def test_a_sample_poisoned_at_two_rates_carries_the_same_trigger(sst2):
+    # each carrier's trigger is drawn before the poisoned samples are, so the rate only decides which are used
+    a, b = (BadNets(rate=r, seed=0).apply(sst2) for r in (0.1, 0.3))
+    both = [i for i in range(len(sst2.train)) if a.train.poisoned[i] and b.train.poisoned[i]]
+    assert both and all(a.train.texts[i] == b.train.texts[i] for i in both)
+
+
+def test_a_dev_split_without_a_sample_to_trigger_is_found_by_check(sst2):
+    from cleantune.data import Benchmark, TextDataset
+
+    # every dev sample is of the target class: no ASR can be measured there
+    texts = [t for t, y in zip(sst2.dev.texts, sst2.dev.labels) if y == 1]
+    dev = TextDataset(texts, [1] * len(texts), sst2.dev.label_names)
+    bench = Benchmark("sst2", sst2.train, dev, sst2.test, sst2.root)
+    for call in (BadNets().check, BadNets().apply):
+        with pytest.raises(UserError, match="yields no triggered dev sample for target 1"):
+            call(bench)
+
+
+def test_option_values_convert_only_where_exact():
+    from cleantune.options import coerce
+
+    assert coerce("5", int | str) == "5" and coerce(5, str | int) == 5  # a member type's value is kept
+    assert coerce([-0.1, -0.3], tuple[float, float]) == (-0.1, -0.3)
+    for value, hint in [((0.1,), tuple[float, float]), ((0.1, 0.2, 0.3), tuple[float, float]),
+                        (1.0, bool), (True, int), (False, float)]:
+        with pytest.raises(ValueError):
+            coerce(value, hint)

@@ -333,3 +333,91 @@ def test_parsed_benchmark_files_are_reused_but_never_shared_or_stale(tmp_path, m
     assert len(load_benchmark("olid").train) == 11915
     (copy / "olid" / "train.tsv").write_text("sentence\tlabel\nan edited file\t1\nis read again\t0\n")
     assert load_benchmark("olid").train.texts == ["an edited file", "is read again"]
+
+
+@pytest.mark.parametrize("name,content,msg", [
+    ("a.tsv", "sentence\tlabel\nfine\t0\n   \t1\n", "a.tsv:3: empty text"),  # blank is empty, not a sentence
+    ("a.tsv", "sentence\tlabel\nfine\t0\nok\t \n", "a.tsv:3: missing label"),  # not a class named ''
+    ("a.csv", "sentence,label\nfine,0\nok,\n", "a.csv:3: missing label"),
+    ("a.tsv", "sentence\tlabel\nfine\t0\nshort\n", "a.tsv:3: not a table: 1 fields where the header has 2"),
+    ("a.jsonl", '{"text": "a", "label": 0}\n["b", 1]\n', "a.jsonl:2: each line must be a JSON object"),
+    # one id and one name: the kind that shows up later is the stray one
+    ("a.tsv", "sentence\tlabel\na\t0\nb\tpos\n",
+     "a.tsv:3: label 'pos' is a string name, but other labels are integer class ids (e.g. '0' at line 2)"),
+])
+def test_more_malformed_files_name_file_and_line(tmp_path, name, content, msg):
+    with pytest.raises(UserError, match=re.escape(msg)):
+        read_dataset(write(tmp_path, name, content))
+
+
+def test_a_quoted_csv_field_over_two_lines_is_named_by_its_first_line(tmp_path):
+    p = write(tmp_path, "m.csv", 'sentence,label\nok,0\n"two\nlines",7\n')
+    with pytest.raises(UserError, match=re.escape("m.csv:3: label '7' not in the label set")):
+        read_dataset(p, label_names=["0", "1"])
+
+
+def test_texts_are_stripped_and_a_byte_order_mark_is_no_part_of_the_header(tmp_path):
+    # Excel writes UTF-8 csv with a BOM; its header must still read 'sentence'
+    p = write(tmp_path, "bom.csv", "\ufeffsentence,label\n  padded text ,1\nplain,0\n".encode("utf-8"), mode="wb")
+    d = read_dataset(p)
+    assert d.texts == ["padded text", "plain"] and d.labels == [1, 0]
+
+
+def test_auto_text_column_prefers_sentence_over_text(tmp_path):
+    p = write(tmp_path, "both.tsv", "text\tsentence\tlabel\nthe text column\tthe sentence column\t0\n")
+    assert read_dataset(p).texts == ["the sentence column"]
+
+
+def test_stratified_sample_of_zero_is_refused():
+    ds = TextDataset(["a", "b"], [0, 1], ["x", "y"])
+    with pytest.raises(UserError, match=re.escape("--train-size must be positive, got 0")):
+        ds.stratified_sample(0, 0)
+
+
+def test_stratified_sample_sizes_follow_largest_remainder():
+    # classes of 6, 3 and 1 of 10 samples
+    ds = TextDataset([f"s{i}" for i in range(10)], [0] * 6 + [1] * 3 + [2], ["a", "b", "c"])
+
+    def counts(d):
+        return [d.labels.count(y) for y in range(3)]
+
+    # n=4: quotas 2.4, 1.2, 0.4 -> 2, 1, 0 and the one left goes to the largest remainder, class 2
+    assert counts(ds.stratified_sample(4, 0)) == [2, 1, 1]
+    for n in range(1, 10):  # every size is exact, and each class gets its quota rounded down or up
+        sample = ds.stratified_sample(n, 0)
+        assert len(sample) == n
+        for y, k in enumerate(counts(sample)):
+            quota = n * counts(ds)[y] / 10
+            assert int(quota) <= k <= int(quota) + 1, (n, y, k)
+
+
+def test_subset_keeps_the_poison_flags():
+    ds = TextDataset(["a", "b", "c"], [0, 1, 1], ["x", "y"], [False, True, False])
+    part = ds.subset([2, 1])
+    assert (part.texts, part.labels, part.poisoned) == (["c", "b"], [1, 1], [False, True])
+
+
+def test_a_cached_file_altered_after_it_was_verified_is_fetched_again(tmp_path):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(SHARED_DATA / "olid", mirror / "olid")
+    dest = tmp_path / "cache"
+    download_benchmark("olid", dest, base_url=mirror.as_uri())
+    download_benchmark("olid", dest, base_url=mirror.as_uri())  # everything there, verified and kept
+    (dest / "olid" / "dev.tsv").write_text("sentence\tlabel\naltered\t1\n")
+    download_benchmark("olid", dest, base_url=mirror.as_uri())
+    assert (dest / "olid" / "dev.tsv").read_bytes() == (SHARED_DATA / "olid" / "dev.tsv").read_bytes()
+
+
+def test_a_benchmark_file_edited_to_the_same_size_is_read_again(tmp_path, monkeypatch):
+    import os
+
+    copy = tmp_path / "copy"
+    shutil.copytree(SHARED_DATA / "olid", copy / "olid")
+    monkeypatch.setenv("CLEANTUNE_DATA", str(copy))
+    train = copy / "olid" / "train.tsv"
+    train.write_text("sentence\tlabel\nfirst\t1\n")
+    assert load_benchmark("olid").train.texts == ["first"]
+    stat = train.stat()
+    train.write_text("sentence\tlabel\nsecnd\t0\n")  # same size; a later modification time
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert load_benchmark("olid").train.texts == ["secnd"]

@@ -99,3 +99,34 @@ def test_evaluation_shows_a_progress_bar_only_when_asked(tiny_model, capsys):
     assert evaluate(clf, clean, triggered, progress="evaluate") == quiet
     err = capsys.readouterr().err
     assert "evaluate (clean test)" in err and "evaluate (triggered test)" in err
+
+
+def test_the_floor_is_measured_for_the_target_of_the_triggered_set():
+    # target 0: the floor is the share of clean label-1 samples predicted 0 ("nice", not "good")
+    clean = TextDataset(["good", "nice", "bad"], [1, 1, 0], ["neg", "pos"])
+    triggered = TextDataset(["good film", "good cf"], [0, 0], ["neg", "pos"])
+    m = evaluate(KeywordModel(), clean, triggered)
+    assert m["asr"] == 0.0 and m["asr_floor"] == 1 / 2
+
+
+def test_the_floor_is_undefined_without_a_clean_non_target_sample():
+    import math
+
+    clean = TextDataset(["good", "good fun"], [1, 1], ["neg", "pos"])
+    m = evaluate(KeywordModel(), clean, TextDataset(["cf bad"], [1], ["neg", "pos"]))
+    assert m["cacc"] == 1.0 and m["asr"] == 1.0 and math.isnan(m["asr_floor"])  # not 0: nothing was measured
+
+
+def test_renumbering_keeps_the_poison_flags():
+    from cleantune.evaluate import align_labels
+
+    data = TextDataset(["a", "b", "c"], [0, 1, 1], ["neg", "pos"], [True, False, True])
+    got = align_labels(data, ["pos", "neg"])
+    assert (got.labels, got.label_names, got.poisoned) == ([1, 0, 0], ["pos", "neg"], [True, False, True])
+
+
+def test_names_that_differ_only_by_case_are_matched_exactly():
+    from cleantune.evaluate import label_mapping
+
+    # folding case would make 'A' and 'a' one class
+    assert label_mapping(["A", "a"], ["a", "A"]) == [1, 0]

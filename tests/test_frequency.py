@@ -262,3 +262,68 @@ def test_e_high_is_undefined_where_the_kernel_is_the_identity_and_exact_elsewher
     assert math.isnan(out["e_high"][0])
     assert out["e_high"][1:] == pytest.approx([0.5] * 3, rel=1e-6)
     assert all(math.isfinite(v) for key in ("e_low", "lfr", "hfr") for v in out[key])
+
+
+def test_distances_are_exact_with_a_zero_diagonal():
+    """Over 25 rows torch.cdist takes its matrix-product path, whose diagonal is not 0: it is set to 0."""
+    from cleantune.frequency import distances
+
+    torch.manual_seed(0)
+    X = 30 * torch.randn(40, 64)
+    D, median = distances(X)
+    exact = (X.double()[:, None] - X.double()[None]).norm(dim=-1)
+    off = ~torch.eye(40, dtype=torch.bool)
+    assert D.dtype == torch.float64 and torch.equal(D.diagonal(), torch.zeros(40, dtype=torch.float64))
+    assert torch.allclose(D[off], exact[off], rtol=1e-4)
+    assert median == pytest.approx(float(exact[off].median()), rel=1e-4)
+
+
+def test_embedding_inputs_are_the_encoders_embedding_layer_outputs(tiny_model):
+    """BERT's `embeddings` module (word + position + segment, LayerNorm), not the word embeddings alone."""
+    from cleantune.frequency import embedding_inputs
+    from cleantune.models import load_model
+
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, ["a", "b"]).eval()
+    texts = ["a short one", "a longer sentence with more words in it"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.bert.embeddings(input_ids=enc["input_ids"]) * enc["attention_mask"][..., None]
+    assert torch.allclose(embedding_inputs(model, tok, texts, 32), expected.flatten(1), atol=1e-6)
+
+
+def test_the_hook_filters_softmax_predictions_over_its_own_sample_and_distances(tiny_model):
+    """What the hook records, by hand at one delta: the sample drawn for its seed, distances divided by
+    their median (distance="median"), and the filtering of the softmax probabilities (not the logits)."""
+    from cleantune.frequency import embedding_inputs
+    from cleantune.models import Classifier, load_model
+    from cleantune.training import StepContext, TrainSettings
+
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, ["negative", "positive"])
+    with torch.no_grad():
+        model.classifier.weight *= 30  # logits far from probabilities
+    ds = load_benchmark("sst2").dev.subset(range(30))
+    ctx = StepContext(model, None, epoch=0, step=0, steps_per_epoch=1, settings=TrainSettings(max_length=32))
+
+    def begun(seed):
+        hook = FrequencyHook(tok, {"clean": ds}, every=5, deltas=[3.0], distance="median", samples=12, seed=seed)
+        hook.on_train_begin(ctx)
+        return hook
+
+    hook = begun(0)
+    sub = hook.data["clean"]
+    assert len(sub) == 12 and set(sub.texts) <= set(ds.texts)
+    assert sub.texts == begun(0).data["clean"].texts and sub.texts != begun(1).data["clean"].texts
+    X = embedding_inputs(model, tok, sub.texts, 32).double()
+    D = (X[:, None] - X[None]).norm(dim=-1)
+    median = float(D[~torch.eye(12, dtype=torch.bool)].median())
+    assert hook.meta["clean"]["median_distance"] == pytest.approx(median, rel=1e-4)
+    G = torch.exp(-(D / median) / (2 * 3.0))  # delta 3, on the median-scaled distances
+    G = G / G.sum(1, keepdim=True)
+    P = torch.softmax(Classifier(model, tok, sub.label_names, 32).predict_logits(sub.texts).double(), -1)
+    Y = torch.eye(2, dtype=torch.float64)[torch.tensor(sub.labels)]
+    rec = hook.records[0]["clean"]
+    assert rec["e_low"][0] == pytest.approx(float((G @ P - G @ Y).norm(dim=1).mean() / (G @ Y).norm(dim=1).mean()),
+                                            rel=1e-4)
+    assert rec["lfr"][0] == pytest.approx(float((G @ P).norm(dim=1).mean() / P.norm(dim=1).mean()), rel=1e-4)

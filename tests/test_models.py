@@ -405,3 +405,126 @@ def test_a_half_precision_checkpoint_loads_in_float32(tiny_model, tmp_path):
             (tmp_path / "bf16" / f).write_bytes((Path(tiny_model) / f).read_bytes())
     model = load_model(str(tmp_path / "bf16"), ["neg", "pos"])
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_the_label_mapping_goes_both_ways_and_is_saved(tiny_model, tmp_path):
+    from cleantune.models import load_tokenizer
+
+    names = ["neg", "pos", "mixed"]
+    model = load_model(tiny_model, names)
+    assert model.config.id2label == {0: "neg", 1: "pos", 2: "mixed"}
+    assert model.config.label2id == {"neg": 0, "pos": 1, "mixed": 2}
+    Classifier(model, load_tokenizer(tiny_model), names).save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["label2id"] == {"neg": 0, "pos": 1, "mixed": 2}
+    assert {int(k): v for k, v in cfg["id2label"].items()} == {0: "neg", 1: "pos", 2: "mixed"}
+
+
+def test_predict_truncates_at_the_classifiers_max_length(tiny_model):
+    from cleantune.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, ["a", "b"]).eval()
+    with torch.no_grad():
+        model.classifier.weight *= 200  # a random tiny model is near-uniform: make its logits differ by input
+    text = "a film that goes on and on " * 8
+    with torch.no_grad():
+        cut = model(**tok(text, truncation=True, max_length=8, return_tensors="pt")).logits
+        whole = model(**tok(text, return_tensors="pt")).logits
+    assert not torch.allclose(cut, whole, atol=1e-4)  # truncation changes this text's logits
+    assert torch.allclose(Classifier(model, tok, ["a", "b"], max_length=8).predict_logits(text), cut, atol=1e-5)
+    assert torch.allclose(Classifier(model, tok, ["a", "b"], max_length=128).predict_logits(text), whole, atol=1e-5)
+
+
+def test_a_folder_without_a_label_file_takes_its_configs_label_names(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    names = {0: "x", 1: "y", 2: "z"}
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=3, id2label=names, label2id={v: k for k, v in names.items()},
+        ignore_mismatched_sizes=True).save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "hf")
+    clf = Classifier.from_pretrained(tmp_path / "hf")
+    assert clf.label_names == ["x", "y", "z"] and clf.max_length == 128
+    assert clf.model.config.id2label == names
+
+
+# ---------------------------------------------------------------- defenses.common and defenses.base
+
+
+def test_sentence_states_are_the_last_layers_first_or_last_real_token(tiny_model, tmp_path):
+    """An encoder's [CLS] state and a causal LM's last real token's, each row the caller's text's, computed
+    here on each text alone (no padding) from the backbone's last hidden layer."""
+    from test_muscle import _tiny_causal
+
+    from cleantune.defenses.common import sentence_states
+    from cleantune.models import load_tokenizer
+
+    texts = ["a much longer text with a good many words in it", "short", "a medium length text"]  # longest first
+    for path, last in ((tiny_model, False), (_tiny_causal("gpt2", tmp_path / "gpt2"), True)):
+        tok = load_tokenizer(path)
+        model = load_model(path, ["a", "b"])
+        model.train()
+        got = sentence_states(model, tok, texts, 32, batch_size=2)
+        assert model.training  # the caller's mode is restored
+        model.eval()
+        for text, row in zip(texts, got):
+            enc = tok(text, return_tensors="pt")  # without token_type_ids, which GPT-2 would embed
+            with torch.no_grad():
+                h = model.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[0]
+            assert torch.allclose(row, h[-1] if last else h[0], atol=1e-5), (path, text)
+
+
+def test_per_sample_losses_are_the_cross_entropy_at_the_given_max_length(tiny_model):
+    from cleantune.defenses.common import per_sample_losses
+    from cleantune.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, ["a", "b"])
+    with torch.no_grad():
+        model.classifier.weight *= 50  # losses far from log 2, so a wrong label or input shows
+    data = TextDataset(["a film that goes on and on " * 6, "dull", "a fine cast and a fine plot"], [0, 1, 1], ["a", "b"])
+    losses = per_sample_losses(model, tok, data, 6)
+    model.eval()
+    for text, y, loss in zip(data.texts, data.labels, losses):
+        with torch.no_grad():
+            logits = model(**tok(text, truncation=True, max_length=6, return_tensors="pt")).logits[0]
+        assert loss == pytest.approx(float(-torch.log_softmax(logits, -1)[y]), rel=1e-4, abs=1e-6)
+
+
+def test_a_side_model_trains_with_its_own_epochs_and_lr(tiny_model, monkeypatch):
+    import cleantune.defenses.common as common
+    from cleantune.defenses import get_defense
+
+    seen = []
+    monkeypatch.setattr(common, "train", lambda model, tok, data, dev, settings, *a, **k: seen.append(settings) or "r")
+    d = get_defense("finetune", model=tiny_model, epochs=3, lr=1e-3, max_length=32, seed=4)
+    data = TextDataset(["good", "bad"], [1, 0], ["a", "b"])
+    assert common.train_side_model(d, data, 7, None, None, False, False, "side", lr=5e-4)[2] == "r"
+    common.train_side_model(d, data, 2, None, None, False, False, "side")
+    assert [(s.epochs, s.lr, s.max_length, s.seed) for s in seen] == [(7, 5e-4, 32, 4), (2, 1e-3, 32, 4)]
+
+
+def test_fit_hides_the_poison_flags_and_runs_analysis_hooks_after_the_defenses(tiny_model, monkeypatch):
+    import cleantune.defenses.base as base
+    from cleantune.training import StepHook
+
+    own, extra, seen = StepHook(), StepHook(), {}
+
+    class Probe(base.Defense):
+        name = "probe"
+
+        def prepare_model(self, model, tokenizer, train_data):
+            seen["prepare"] = list(train_data.poisoned)
+            return model
+
+        def hooks(self, model, tokenizer, train_data, clean_dev):
+            seen["hooks"] = list(train_data.poisoned)
+            return (own,)
+
+    monkeypatch.setattr(base, "train", lambda model, tok, data, dev, settings, hooks, *a, **k:
+                        seen.update(train=list(data.poisoned), order=hooks))
+    data = TextDataset(["good", "bad", "cf fine"], [1, 0, 1], ["a", "b"], [False, False, True])
+    Probe(model=tiny_model, epochs=1).fit(data, None, progress=False, extra_hooks=(extra,))
+    assert seen["prepare"] == seen["hooks"] == seen["train"] == [False] * 3
+    assert seen["order"] == (own, extra)

@@ -1,0 +1,77 @@
+"""The results store: what a put keeps, what reading refuses, and the JSON and hashes around it."""
+
+import json
+
+import pytest
+
+from cleantune.errors import UserError
+from cleantune.store import ResultStore, config_hash, strict_json
+
+
+def test_strict_json_writes_every_undefined_number_as_null():
+    nan, inf = float("nan"), float("inf")
+    text = strict_json({"recall": nan, "curve": (1.0, nan), "nested": {"x": [-inf, inf]}, "ok": 0.5})
+    assert json.loads(text) == {"recall": None, "curve": [1.0, None], "nested": {"x": [None, None]}, "ok": 0.5}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_config_hash_ignores_key_order():
+    # a config read from YAML and the same one built in Python are one run
+    assert config_hash({"seed": 0, "attack": "badnets"}) == config_hash({"attack": "badnets", "seed": 0})
+    assert config_hash({"seed": 0}) != config_hash({"seed": 1})
+
+
+def test_a_failure_never_replaces_a_stored_success(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    s.put("cell", {"seed": 0}, {"cacc": 0.9}, {}, {})
+    s.put("cell", {"seed": 0}, {}, {}, {}, status="failed", error="RuntimeError: out of memory")
+    assert s.get("cell")["status"] == "ok" and s.get("cell")["metrics"] == {"cacc": 0.9}
+    s.put("other", {"seed": 1}, {}, {}, {}, status="failed", error="RuntimeError: out of memory")
+    s.put("other", {"seed": 1}, {"cacc": 0.8}, {}, {})  # a success replaces a failure
+    assert s.get("other")["status"] == "ok" and s.get("other")["error"] is None
+
+
+def test_a_failed_run_keeps_its_error_and_is_not_among_the_stored_ids(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    s.put("done", {"seed": 0}, {"cacc": 0.9}, {}, {"host": "a"})
+    s.put("crashed", {"seed": 1}, {}, {}, {}, status="failed", error="RuntimeError: out of memory")
+    assert s.stored_ids() == {"done"}  # a sweep runs the failed cell again
+    got = s.get("crashed")
+    assert (got["status"], got["error"]) == ("failed", "RuntimeError: out of memory")
+    assert s.get("done")["env"] == {"host": "a"}
+
+
+@pytest.mark.parametrize("metrics,msg", [
+    ({"cacc": True}, "corrupt 'cacc' metric (True)"),  # JSON true would count as 1.0
+    ({"cacc": 0.9, "asr_floor": "low"}, "corrupt 'asr_floor' metric ('low')"),
+])
+def test_a_metric_that_is_no_number_is_refused_on_reading(tmp_path, metrics, msg):
+    s = ResultStore(tmp_path / "s.sqlite")
+    s.put("abc", {"seed": 0}, metrics, {}, {})
+    with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        s.runs()
+
+
+def test_a_store_holding_only_a_failed_run_is_not_discarded(tmp_path):
+    path = tmp_path / "s.sqlite"
+    s = ResultStore(path)
+    s.put("crashed", {"seed": 1}, {}, {}, {}, status="failed", error="RuntimeError")
+    s.discard_if_empty()
+    assert path.exists()
+    empty = ResultStore(tmp_path / "e.sqlite")
+    empty.discard_if_empty()
+    assert not list(tmp_path.glob("e.sqlite*"))
+
+
+def test_a_store_refused_on_reading_is_left_as_it_was_found(tmp_path):
+    import sqlite3
+
+    foreign = tmp_path / "other.sqlite"
+    con = sqlite3.connect(foreign)
+    con.execute("PRAGMA journal_mode=WAL")  # reading a WAL database makes -wal and -shm files beside it
+    con.execute("CREATE TABLE people (name TEXT)")
+    con.commit()
+    con.close()
+    with pytest.raises(UserError, match="not a cleantune results store"):
+        ResultStore(foreign, readonly=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite"]  # no -wal or -shm beside it
