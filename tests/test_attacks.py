@@ -276,3 +276,12 @@ def test_option_values_convert_only_where_exact():
                         (1.0, bool), (True, int), (False, float)]:
         with pytest.raises(ValueError):
             coerce(value, hint)
+
+
+def test_trigger_words_given_as_a_list_are_stripped_as_the_comma_form_is():
+    b = load_benchmark("sst2")
+    b.train = b.train.stratified_sample(200, 0)
+    p = BadNets(triggers=[" cf "], seed=0).apply(b)
+    assert p.trigger_words == ["cf"]
+    assert all("cf" in t.split() and "  " not in t for t in p.triggered_test.texts)
+    assert BadNets(triggers=[" cf "]).triggers == BadNets(triggers=" cf ").triggers == ["cf"]
