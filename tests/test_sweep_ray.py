@@ -4,7 +4,6 @@ Marked `ray` and left out of the default test run (Ray start-up costs tens of se
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
