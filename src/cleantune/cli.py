@@ -543,7 +543,7 @@ def cmd_scan(ns) -> int:
         print(f"{len(data)} samples; passes {ns.passes}, batch {batch_size}, {steps} optimizer step(s) per pass"
               + (" (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else "")
               + "; drift = L2 distance of the token's embedding from the "
-              f"pretrained one; label_skew = share of samples containing the token that carry its most common label")
+              "pretrained one; label_skew = share of samples containing the token that carry its most common label")
     return 0
 
 
