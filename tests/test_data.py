@@ -78,6 +78,14 @@ def test_integer_labels_and_custom_columns(tmp_path):
      "a.jsonl:2: invalid text (character 4 is a lone surrogate)"),
     ("a.jsonl", '{"text": "a", "label": 0, "x": ' + "[" * 100000 + "]" * 100000 + "}\n",
      "a.jsonl:1: invalid JSON (nested too deeply)"),
+    ("a.tsv", "sentence\tlabel\nfine\t0\n   \t1\n", "a.tsv:3: empty text"),  # blank is empty, not a sentence
+    ("a.tsv", "sentence\tlabel\nfine\t0\nok\t \n", "a.tsv:3: missing label"),  # not a class named ''
+    ("a.csv", "sentence,label\nfine,0\nok,\n", "a.csv:3: missing label"),
+    ("a.tsv", "sentence\tlabel\nfine\t0\nshort\n", "a.tsv:3: not a table: 1 fields where the header has 2"),
+    ("a.jsonl", '{"text": "a", "label": 0}\n["b", 1]\n', "a.jsonl:2: each line must be a JSON object"),
+    # one id and one name: the kind that shows up later is the stray one
+    ("a.tsv", "sentence\tlabel\na\t0\nb\tpos\n",
+     "a.tsv:3: label 'pos' is a string name, but other labels are integer class ids (e.g. '0' at line 2)"),
 ])
 def test_malformed_files_name_file_and_line(tmp_path, name, content, msg):
     with pytest.raises(UserError, match=re.escape(msg)):
@@ -333,21 +341,6 @@ def test_parsed_benchmark_files_are_reused_but_never_shared_or_stale(tmp_path, m
     assert len(load_benchmark("olid").train) == 11915
     (copy / "olid" / "train.tsv").write_text("sentence\tlabel\nan edited file\t1\nis read again\t0\n")
     assert load_benchmark("olid").train.texts == ["an edited file", "is read again"]
-
-
-@pytest.mark.parametrize("name,content,msg", [
-    ("a.tsv", "sentence\tlabel\nfine\t0\n   \t1\n", "a.tsv:3: empty text"),  # blank is empty, not a sentence
-    ("a.tsv", "sentence\tlabel\nfine\t0\nok\t \n", "a.tsv:3: missing label"),  # not a class named ''
-    ("a.csv", "sentence,label\nfine,0\nok,\n", "a.csv:3: missing label"),
-    ("a.tsv", "sentence\tlabel\nfine\t0\nshort\n", "a.tsv:3: not a table: 1 fields where the header has 2"),
-    ("a.jsonl", '{"text": "a", "label": 0}\n["b", 1]\n', "a.jsonl:2: each line must be a JSON object"),
-    # one id and one name: the kind that shows up later is the stray one
-    ("a.tsv", "sentence\tlabel\na\t0\nb\tpos\n",
-     "a.tsv:3: label 'pos' is a string name, but other labels are integer class ids (e.g. '0' at line 2)"),
-])
-def test_more_malformed_files_name_file_and_line(tmp_path, name, content, msg):
-    with pytest.raises(UserError, match=re.escape(msg)):
-        read_dataset(write(tmp_path, name, content))
 
 
 def test_a_quoted_csv_field_over_two_lines_is_named_by_its_first_line(tmp_path):

@@ -184,7 +184,7 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
     # no other launch can store this cell during) decides.
     if stored is not None and num_processes() == 1:
         return stored
-    work = data_dir() / "runs" / run_id[:16]
+    work = _work_dir(run_id)
     with work_lock(work, wait=True):
         stored = _stored(store, run_id, force)
         if stored is not None:
@@ -196,7 +196,12 @@ def resumable(config: RunConfig, store: ResultStore | None, force: bool = False)
     """Whether `run(config, store, force, resume=True)` would take a stored result or resume a checkpoint,
     rather than train from the start."""
     run_id = config_hash(config.resolve())
-    return _stored(store, run_id, force) is not None or has_checkpoint(data_dir() / "runs" / run_id[:16])
+    return _stored(store, run_id, force) is not None or has_checkpoint(_work_dir(run_id))
+
+
+def _work_dir(run_id: str) -> Path:
+    """A run's checkpoints, for --resume until it is stored."""
+    return data_dir() / "runs" / run_id[:16]
 
 
 def _stored(store: ResultStore | None, run_id: str, force: bool) -> dict | None:

@@ -30,11 +30,11 @@ class BadNets(Attack):
 
     def __post_init__(self):
         if isinstance(self.triggers, str):  # as the CLI reads it; iterated, a str would give one-letter triggers
-            self.triggers = [w.strip() for w in self.triggers.split(",") if w.strip()]
+            self.triggers = [w for w in self.triggers.split(",") if w.strip()]
         super().__post_init__()
         # padded words would be inserted padded and never match a token of the text they were put in
         self.triggers = [w.strip() for w in self.triggers]
-        if not self.triggers or any(not w.strip() or len(w.split()) != 1 for w in self.triggers):
+        if not self.triggers or any(not w or len(w.split()) != 1 for w in self.triggers):
             raise UserError("--triggers must be a comma-separated list of single words")
         if self.num_triggers < 1:
             raise UserError(f"--num-triggers must be at least 1, got {self.num_triggers}")
