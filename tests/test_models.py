@@ -174,10 +174,13 @@ class _NoNetwork:
         self.requests = 0
 
     def _fail(self, method, url, **kwargs):
-        import httpx2
+        try:  # the pinned huggingface_hub's HTTP library; 1.x (a GPU machine's own stack) uses httpx
+            import httpx2 as httpx
+        except ImportError:
+            import httpx
 
         self.requests += 1
-        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
 
     request = stream = _fail
 
