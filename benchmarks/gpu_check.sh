@@ -2,7 +2,7 @@
 # The checks that need a CUDA GPU, in one script that fits a short lease: the test suite on CUDA, MuScleLoRA's
 # step cost, the paper-budget sst2 BadNets cell (finetune vs muscle-lora, seed 42), same seed -> same metrics
 # on the GPU, bf16/fp16 mixed precision through `accelerate launch`, and training throughput against the
-# GPU's fp32 roofline. Needs cleantune importable (installed, or PYTHONPATH=src) and the benchmark data
+# GPU's fp32 roofline, and the host cost of a cuBLAS call with and without CUBLAS_WORKSPACE_CONFIG. Needs cleantune importable (installed, or PYTHONPATH=src) and the benchmark data
 # (benchmarks/gpu_pack.sh packs both, with the MiniLM weights, for a machine without network).
 # Every stage has a time limit and writes its log to $OUT/<stage>.log (default ./gpu-check), so a run cut
 # short still says how far it got; result stores go to a temporary folder (the logs hold their tables). The
@@ -12,7 +12,7 @@
 #     STAGES="tests step_cost" TESTS="tests/test_btu.py" bash benchmarks/gpu_check.sh   # a subset
 set -u
 OUT=${OUT:-gpu-check}
-STAGES=${STAGES:-tests step_cost quality determinism amp throughput}
+STAGES=${STAGES:-tests step_cost cublas quality determinism amp throughput}
 mkdir -p "$OUT"
 stores=$(mktemp -d)
 trap 'rm -rf "$stores"' EXIT
@@ -40,6 +40,7 @@ cat "$OUT/env.log"
 
 TAIL=25 stage tests "${TESTS_S:-150}" $py -m pytest -p no:cacheprovider -p no:warnings -q -rf ${TESTS:-tests}
 stage step_cost "${STEP_S:-60}" $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --with-ga
+stage cublas "${CUBLAS_S:-60}" $py benchmarks/cublas_overhead.py
 stage quality "${QUALITY_S:-190}" $py benchmarks/muscle_quality.py --datasets sst2 --attacks badnets \
     --defenses finetune,muscle-lora --store "$stores/quality.sqlite" --no-progress
 cell="--dataset sst2 --attack badnets --defense muscle-lora --train-size 1000 --epochs 1 --no-progress"
