@@ -39,7 +39,8 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformer
 cat "$OUT/env.log"
 
 TAIL=25 stage tests "${TESTS_S:-150}" $py -m pytest -p no:cacheprovider -p no:warnings -q -rf ${TESTS:-tests}
-stage step_cost "${STEP_S:-60}" $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --with-ga
+stage step_cost "${STEP_S:-120}" bash -c "$py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --with-ga &&
+    $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --no-fill"
 stage cublas "${CUBLAS_S:-60}" $py benchmarks/cublas_overhead.py
 stage quality "${QUALITY_S:-190}" $py benchmarks/muscle_quality.py --datasets sst2 --attacks badnets \
     --defenses finetune,muscle-lora --store "$stores/quality.sqlite" --no-progress

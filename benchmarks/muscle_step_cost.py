@@ -12,6 +12,11 @@ MiniLM at batch 32 waits on Python and kernel launches, so this count predicts t
 (an H100 measured 2.10x where the count gave 2.13x). AdamW runs its multi-tensor (foreach) version there,
 as it does by default on CUDA; model loading and dev evaluation cancel out of a 2N - N steps difference.
 
+`--no-fill` turns off deterministic mode's filling of every new tensor (torch.utils.deterministic.
+fill_uninitialized_memory), which a seeded GPU run leaves on: 579 of finetune's 1,061 kernel launches per step
+on an H100. PyTorch's documentation says a program that reads no uninitialised memory stays deterministic
+without it; this flag measures what it would save before the training loop changes.
+
 `--profile` runs each defense once under torch.profiler and prints, per step, the kernel launches, the host
 syncs and the operators that take the most host time: where a launch-bound step goes.
 """
@@ -88,7 +93,10 @@ def main():
     ap.add_argument("--with-ga", action="store_true", help="also time 'ga' (full fine-tuning + GA)")
     ap.add_argument("--count-ops", action="store_true", help="count backend operations per step (a GPU proxy)")
     ap.add_argument("--profile", action="store_true", help="profile one run of each: launches, syncs, top operators")
+    ap.add_argument("--no-fill", action="store_true", help="do not fill new tensors in deterministic mode")
     args = ap.parse_args()
+    if args.no_fill:
+        torch.utils.deterministic.fill_uninitialized_memory = False
     bench = load_benchmark("sst2")
     train = bench.train.stratified_sample(args.steps * args.batch_size, 0)
     dev = bench.dev.subset(range(200))  # 96 GA references + 104 for selection
@@ -111,7 +119,7 @@ def main():
             times[n].append(ms_per_step(n, train, dev, args.batch_size, args.model, lr=2e-5))
     best = {n: min(t) for n, t in times.items()}
     print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps per run, {args.repeats} runs each, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}" + (", no fill" if args.no_fill else ""))
     for n in names:
         print(f"{n:12s} {best[n]:8.1f} ms/step   (runs: {', '.join(f'{t:.0f}' for t in times[n])})")
     ratio = best["muscle-lora"] / best["finetune"]
