@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one script that fits a short lease: the test suite on CUDA, MuScleLoRA's
-# step cost, the paper-budget sst2 BadNets cell (finetune vs muscle-lora, seed 42), same seed -> same metrics
-# on the GPU, bf16/fp16 mixed precision through `accelerate launch`, and training throughput against the
-# GPU's fp32 roofline, and the host cost of a cuBLAS call with and without CUBLAS_WORKSPACE_CONFIG. Needs cleantune importable (installed, or PYTHONPATH=src) and the benchmark data
-# (benchmarks/gpu_pack.sh packs both, with the MiniLM weights, for a machine without network).
+# step cost (also without deterministic mode's tensor fill), the host cost of a cuBLAS call with and without
+# CUBLAS_WORKSPACE_CONFIG, the paper-budget sst2 BadNets cell (finetune vs muscle-lora, seed 42), same seed ->
+# same metrics on the GPU, bf16/fp16 mixed precision through `accelerate launch`, and training throughput
+# against the GPU's fp32 roofline. Needs cleantune importable (installed, or PYTHONPATH=src) and the benchmark
+# data (benchmarks/gpu_pack.sh packs both, with the MiniLM weights, for a machine without network).
 # Every stage has a time limit and writes its log to $OUT/<stage>.log (default ./gpu-check), so a run cut
 # short still says how far it got; result stores go to a temporary folder (the logs hold their tables). The
 # exit status is 1 if any stage failed or ran out of time.
