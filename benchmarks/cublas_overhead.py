@@ -43,12 +43,9 @@ print(json.dumps({"torch": torch.__version__, **out}))
 
 
 def main():
-    try:
-        import torch
-        cuda = torch.cuda.is_available()
-    except ImportError:
-        cuda = False
-    if not cuda:
+    import torch
+
+    if not torch.cuda.is_available():
         print("cublas_overhead.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = []

@@ -12,6 +12,7 @@ from torch import nn
 from cleantune.adapters import MSLRConfig, MSLRLinear, inject_mslr, load_classifier
 from cleantune.adapters.mslr import CausalLMHead, apply_adapter, attach_causal_head, published_mslr, register, save_adapter
 from cleantune.models import Classifier, load_model, load_tokenizer
+from test_muscle import _tiny_causal
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -62,12 +63,6 @@ def test_roberta_variants_take_robertas_published_scales(model_type):
         assert published_mslr(model) == (scales, 6.0)
 
 
-def _tiny_causal(path):
-    from test_muscle import _tiny_causal as make
-
-    return make("gpt2", path)
-
-
 def _move(model, seed=1):
     """Every trainable tensor moved, as training would (the saved values must be the trained ones)."""
     torch.manual_seed(seed)
@@ -80,7 +75,7 @@ def _move(model, seed=1):
 def test_the_adapter_round_trip_keeps_every_saved_setting(tmp_path):
     """A causal head of width 8 with MSLR (scales [1, 3], inner rank 2, alpha 2) on its dense layer: the
     rebuilt head has the saved width, scales and s = alpha / inner_rank, and gives the same outputs."""
-    path = _tiny_causal(tmp_path / "gpt2")
+    path = _tiny_causal("gpt2", tmp_path / "gpt2")
     model = load_model(path, ["a", "b"])
     attach_causal_head(model, inner=8)
     register(model, base_model=path)
@@ -98,7 +93,8 @@ def test_the_adapter_round_trip_keeps_every_saved_setting(tmp_path):
     assert isinstance(layer, MSLRLinear) and layer.base_linear.out_features == 8 and fresh.score.out_proj.in_features == 8
     assert layer.scaling == 1.0 and torch.equal(layer.mslr_kappa, torch.tensor([1.0, 1, 3, 3]))
     h = torch.randn(4, 32)
-    model.eval(), fresh.eval()
+    model.eval()
+    fresh.eval()
     with torch.no_grad():
         assert torch.allclose(fresh.score(h), model.score(h), atol=1e-6)
 
@@ -119,7 +115,8 @@ def test_load_classifier_keeps_the_saved_max_length_and_predicts_as_saved(tiny_m
     register(model, base_model=tiny_model)
     model.requires_grad_(False)
     layer = inject_mslr(model, MSLRConfig(scales=[1, 4], alpha=0.5))
-    layer.mslr_L.requires_grad_(True), layer.mslr_R.requires_grad_(True)  # as a defense trains it: MSLR alone
+    for p in (layer.mslr_L, layer.mslr_R):  # as a defense trains it: MSLR alone
+        p.requires_grad_(True)
     _move(model)
     texts = ["a fine film with a long and winding plot that goes on", "dull", "ok"]
     clf = Classifier(model, tok, ["neg", "pos"], max_length=6)
