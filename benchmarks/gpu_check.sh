@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one script that fits a short lease: the test suite on CUDA, MuScleLoRA's
-# step cost (also without deterministic mode's tensor fill), the host cost of a cuBLAS call with and without
-# CUBLAS_WORKSPACE_CONFIG, the paper-budget sst2 BadNets cell (finetune vs muscle-lora, seed 42), same seed ->
-# same metrics on the GPU, bf16/fp16 mixed precision through `accelerate launch`, and training throughput
-# against the GPU's fp32 roofline. Needs cleantune importable (installed, or PYTHONPATH=src) and the benchmark
-# data (benchmarks/gpu_pack.sh packs both, with the MiniLM weights, for a machine without network).
+# step cost (also without deterministic mode's tensor fill, and without deterministic mode), the host cost of a
+# cuBLAS call with and without CUBLAS_WORKSPACE_CONFIG, the paper-budget sst2 BadNets cell (finetune vs
+# muscle-lora, seed 42), same seed -> same metrics on the GPU, bf16/fp16 mixed precision through `accelerate
+# launch`, and training throughput against the GPU's fp32 roofline. Needs cleantune importable (installed, or
+# PYTHONPATH=src) and the benchmark data (benchmarks/gpu_pack.sh packs both, with the MiniLM weights, for a
+# machine without network).
 # Every stage has a time limit and writes its log to $OUT/<stage>.log (default ./gpu-check), so a run cut
 # short still says how far it got; result stores go to a temporary folder (the logs hold their tables). The
 # exit status is 1 if any stage failed or ran out of time.
@@ -39,9 +40,10 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformer
     >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
-TAIL=25 stage tests "${TESTS_S:-150}" $py -m pytest -p no:cacheprovider -p no:warnings -q -rf ${TESTS:-tests}
-stage step_cost "${STEP_S:-120}" bash -c "$py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --with-ga &&
-    $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --no-fill"
+TAIL=25 stage tests "${TESTS_S:-240}" $py -m pytest -p no:cacheprovider -p no:warnings -q -rf ${TESTS:-tests}
+stage step_cost "${STEP_S:-180}" bash -c "$py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --with-ga &&
+    $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --no-fill &&
+    $py benchmarks/muscle_step_cost.py --steps 60 --repeats 2 --no-deterministic"
 stage cublas "${CUBLAS_S:-60}" $py benchmarks/cublas_overhead.py
 stage quality "${QUALITY_S:-190}" $py benchmarks/muscle_quality.py --datasets sst2 --attacks badnets \
     --defenses finetune,muscle-lora --store "$stores/quality.sqlite" --no-progress

@@ -17,6 +17,10 @@ fill_uninitialized_memory), which a seeded GPU run leaves on: 579 of finetune's 
 on an H100. PyTorch's documentation says a program that reads no uninitialised memory stays deterministic
 without it; this flag measures what it would save before the training loop changes.
 
+`--no-deterministic` turns deterministic mode off altogether and unsets CUBLAS_WORKSPACE_CONFIG after each
+seeding (see benchmarks/cublas_overhead.py): the step cost without them. It prints each run's mean training
+loss, so the repeats (same seed) show whether the runs still agree without deterministic mode.
+
 `--profile` runs each defense once under torch.profiler and prints, per step, the kernel launches, the host
 syncs and the operators that take the most host time: where a launch-bound step goes.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,10 +38,22 @@ from cleantune.data import load_benchmark
 from cleantune.defenses import get_defense
 
 
-def ms_per_step(defense_name: str, train, dev, batch_size: int, model: str, **options) -> float:
+def ms_per_step(defense_name: str, train, dev, batch_size: int, model: str, **options) -> tuple[float, float]:
+    """Milliseconds per step and the epoch's mean training loss."""
     d = get_defense(defense_name, model=model, epochs=1, batch_size=batch_size, seed=0, **options)
     d.fit(train, dev, progress=False)
-    return 1000 * d.report_.train_seconds / math.ceil(len(train) / batch_size)
+    return 1000 * d.report_.train_seconds / math.ceil(len(train) / batch_size), d.report_.history[-1]["loss"]
+
+
+def _nondeterministic() -> None:
+    """Every later seeding leaves deterministic mode off and CUBLAS_WORKSPACE_CONFIG unset."""
+    real = torch.use_deterministic_algorithms
+
+    def off(*args, **kwargs):
+        real(False)
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+    torch.use_deterministic_algorithms = off
 
 
 class _ForeachAdamW(torch.optim.AdamW):
@@ -94,7 +111,11 @@ def main():
     ap.add_argument("--count-ops", action="store_true", help="count backend operations per step (a GPU proxy)")
     ap.add_argument("--profile", action="store_true", help="profile one run of each: launches, syncs, top operators")
     ap.add_argument("--no-fill", action="store_true", help="do not fill new tensors in deterministic mode")
+    ap.add_argument("--no-deterministic", action="store_true",
+                    help="deterministic mode off and CUBLAS_WORKSPACE_CONFIG unset; prints each run's loss")
     args = ap.parse_args()
+    if args.no_deterministic:
+        _nondeterministic()
     if args.no_fill:
         torch.utils.deterministic.fill_uninitialized_memory = False
     bench = load_benchmark("sst2")
@@ -112,16 +133,20 @@ def main():
         for n in names:
             profile(n, train, dev, args.batch_size, args.model)
         return
-    times = {n: [] for n in names}
+    times, losses = {n: [] for n in names}, {n: [] for n in names}
     for _ in range(args.repeats):
         for n in names:
             # same optimiser settings for both, so only the step's work differs
-            times[n].append(ms_per_step(n, train, dev, args.batch_size, args.model, lr=2e-5))
+            ms, loss = ms_per_step(n, train, dev, args.batch_size, args.model, lr=2e-5)
+            times[n].append(ms)
+            losses[n].append(loss)
     best = {n: min(t) for n, t in times.items()}
     print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps per run, {args.repeats} runs each, "
-          f"torch threads {torch.get_num_threads()}" + (", no fill" if args.no_fill else ""))
+          f"torch threads {torch.get_num_threads()}" + (", no fill" if args.no_fill else "")
+          + (", not deterministic" if args.no_deterministic else ""))
     for n in names:
-        print(f"{n:12s} {best[n]:8.1f} ms/step   (runs: {', '.join(f'{t:.0f}' for t in times[n])})")
+        print(f"{n:12s} {best[n]:8.1f} ms/step   (runs: {', '.join(f'{t:.0f}' for t in times[n])})"
+              + (f"   losses: {', '.join(repr(x) for x in losses[n])}" if args.no_deterministic else ""))
     ratio = best["muscle-lora"] / best["finetune"]
     print(f"muscle-lora / finetune = {ratio:.2f}x  (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
 

@@ -1,10 +1,13 @@
+import os
+import warnings
+
 import pytest
 import torch
 
 from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import FineTune, LoRA
 from cleantune.models import load_model, load_tokenizer
-from cleantune.training import StepHook, TrainSettings, batch_order, encode, predict_logits, train
+from cleantune.training import StepHook, TrainSettings, batch_order, encode, predict_logits, seed_everything, train
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,31 @@ def test_same_seed_same_model(tiny_model, small):
     assert torch.equal(runs[0][1], runs[1][1])
     other = FineTune(model=tiny_model, epochs=2, lr=1e-3, seed=8).fit(train_data, dev, progress=False)
     assert not torch.equal(other.predict_logits(dev.texts), runs[0][1])
+
+
+@pytest.mark.parametrize("user_setting", [None, ":16:8"])
+def test_seeding_on_a_gpu_leaves_the_cublas_workspace_setting_to_the_user(user_setting, monkeypatch):
+    # PyTorch re-parses CUBLAS_WORKSPACE_CONFIG at every cuBLAS call; a seeded run keeps deterministic kernels
+    # without setting it, and quiets only PyTorch's warning about that variable
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append((a, k)))
+    for name in ("enable_flash_sdp", "enable_mem_efficient_sdp", "enable_cudnn_sdp"):
+        monkeypatch.setattr(torch.backends.cuda, name, lambda on: None)
+    if user_setting:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", user_setting)
+    else:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seed_everything(0)
+        warnings.warn("Deterministic behavior was enabled with either `torch.use_deterministic_algorithms(True)` "
+                      "or `at::Context::setDeterministicAlgorithms(true)`, but this operation is not deterministic "
+                      "because it uses CuBLAS and you have CUDA >= 10.2.", UserWarning)
+        warnings.warn("index_add_cuda_ does not have a deterministic implementation", UserWarning)
+    assert calls == [((True,), {"warn_only": True})]
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == user_setting
+    assert [str(w.message) for w in caught] == ["index_add_cuda_ does not have a deterministic implementation"]
 
 
 def test_selection_restores_best_clean_dev_epoch(tiny_model, small):

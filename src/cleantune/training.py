@@ -156,11 +156,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         # Same seed, same metrics on a GPU too: deterministic kernels (atomics-based ones such as the
-        # embedding backward otherwise reorder float sums run to run). cuBLAS reads its workspace setting
-        # when a process first uses it, so in a process that ran CUDA work before this call it may come late;
-        # warn_only: an op without a deterministic kernel warns instead of stopping the run.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # embedding backward otherwise reorder float sums run to run). warn_only: an op without a
+        # deterministic kernel warns instead of stopping the run.
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deliberately no CUBLAS_WORKSPACE_CONFIG=:4096:8, which PyTorch asks for here: cuBLAS gives the same
+        # bits run to run on one stream (NVIDIA's reproducibility note; the setting matters for several
+        # concurrent streams, and training uses one), while PyTorch 2.11 parses the variable with a std::regex
+        # at every cuBLAS call: 66 vs 24 us of host time per product, 171 vs 24 per linear with bias, on an
+        # H100 (benchmarks/cublas_overhead.py), which made a MiniLM step host-bound. A user who sets it keeps
+        # it; without it PyTorch's warning at every product says only that, so it is silenced.
+        warnings.filterwarnings("ignore", message=r"(?s)Deterministic behavior was enabled.*CuBLAS")
         # warn_only leaves the fused attention kernels' backward nondeterministic (they only warn): attention
         # runs as plain matmuls and softmax instead, cheap at classification lengths (<= 128 tokens by default)
         torch.backends.cuda.enable_flash_sdp(False)
