@@ -23,6 +23,7 @@ from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, load_tokenizer
 from cleantune.runner import detection
 from cleantune.training import StepContext, TrainSettings
+from helpers import tiny_causal
 
 LABELS = ["negative", "positive"]
 
@@ -495,12 +496,11 @@ def test_bki_and_cube_read_the_last_real_token_of_a_causal_lm():
 
 
 def test_rap_probes_a_causal_lm_at_each_samples_last_real_token(tmp_path):
-    from test_muscle import _tiny_causal
 
     from cleantune.models import load_model, load_tokenizer
 
     path = tmp_path / "gpt2"
-    _tiny_causal("gpt2", path)
+    tiny_causal("gpt2", path)
     clf = Classifier(load_model(str(path), ["a", "b"]), load_tokenizer(str(path)), ["a", "b"], 64)
     texts = ["good", "a much longer sentence about a film that was quite bad"]  # the first is padded
     rap = RapClassifier(clf, "jj", 1, "flip")

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from cleantune.cli import main
+from helpers import InfGradAt, InfWeightsAt
 
 
 def cli(*args, env=None):
@@ -515,9 +516,8 @@ def _film_rows(n=160):
 
 def test_cli_train_without_dev_keeps_the_last_finished_epoch_on_divergence(tiny_model, tmp_path, capsys, monkeypatch):
     from cleantune.defenses import FineTune
-    from test_training import _InfGradAt
 
-    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [_InfGradAt(12)])  # 5 steps an epoch: in epoch 2
+    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [InfGradAt(12)])  # 5 steps an epoch: in epoch 2
     (tmp_path / "t.tsv").write_text("\n".join(_film_rows()) + "\n")
     assert main(["train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "m"), "--model", tiny_model,
                  "--epochs", "3", "--no-progress"]) == 0
@@ -533,9 +533,8 @@ def test_cli_train_that_diverges_for_good_leaves_nothing(tiny_model, tmp_path, c
     """Epoch 0's weights went to inf, so nothing is kept: a one-line error, and its checkpoint, useless to
     --resume (the same run diverges again), is removed with the rest."""
     from cleantune.defenses import FineTune
-    from test_training import _InfWeightsAt
 
-    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [_InfWeightsAt(4)])
+    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [InfWeightsAt(4)])
     (tmp_path / "t.tsv").write_text("\n".join(_film_rows()) + "\n")
     assert main(["train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "m"), "--model", tiny_model,
                  "--epochs", "3", "--no-progress"]) == 2
@@ -613,9 +612,8 @@ def test_run_that_diverges_for_good_leaves_no_checkpoints(tiny_model, tmp_path, 
     """As for `train`: a diverged run's checkpoints would only diverge again on --resume."""
     from cleantune.defenses import FineTune
     from cleantune.store import data_dir
-    from test_training import _InfWeightsAt
 
-    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [_InfWeightsAt(1)])
+    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [InfWeightsAt(1)])
     assert main(["run", "--model", tiny_model, "--train-size", "64", "--epochs", "2", "--no-progress",
                  "--store", str(tmp_path / "s.sqlite")]) == 2
     assert "training diverged" in capsys.readouterr().err

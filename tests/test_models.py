@@ -9,6 +9,7 @@ from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import FineTune, LoRA
 from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, resolve_model
+from helpers import tiny_causal
 
 
 @pytest.fixture(scope="module")
@@ -458,13 +459,12 @@ def test_a_folder_without_a_label_file_takes_its_configs_label_names(tiny_model,
 def test_sentence_states_are_the_last_layers_first_or_last_real_token(tiny_model, tmp_path):
     """An encoder's [CLS] state and a causal LM's last real token's, each row the caller's text's, computed
     here on each text alone (no padding) from the backbone's last hidden layer."""
-    from test_muscle import _tiny_causal
 
     from cleantune.defenses.common import sentence_states
     from cleantune.models import load_tokenizer
 
     texts = ["a much longer text with a good many words in it", "short", "a medium length text"]  # longest first
-    for path, last in ((tiny_model, False), (_tiny_causal("gpt2", tmp_path / "gpt2"), True)):
+    for path, last in ((tiny_model, False), (tiny_causal("gpt2", tmp_path / "gpt2"), True)):
         tok = load_tokenizer(path)
         model = load_model(path, ["a", "b"])
         model.train()

@@ -12,7 +12,7 @@ from torch import nn
 from cleantune.adapters import MSLRConfig, MSLRLinear, inject_mslr, load_classifier
 from cleantune.adapters.mslr import CausalLMHead, apply_adapter, attach_causal_head, published_mslr, register, save_adapter
 from cleantune.models import Classifier, load_model, load_tokenizer
-from test_muscle import _tiny_causal
+from helpers import tiny_causal
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -75,7 +75,7 @@ def _move(model, seed=1):
 def test_the_adapter_round_trip_keeps_every_saved_setting(tmp_path):
     """A causal head of width 8 with MSLR (scales [1, 3], inner rank 2, alpha 2) on its dense layer: the
     rebuilt head has the saved width, scales and s = alpha / inner_rank, and gives the same outputs."""
-    path = _tiny_causal("gpt2", tmp_path / "gpt2")
+    path = tiny_causal("gpt2", tmp_path / "gpt2")
     model = load_model(path, ["a", "b"])
     attach_causal_head(model, inner=8)
     register(model, base_model=path)

@@ -4,7 +4,6 @@ reference/selection split, save/reload, causal-LM heads."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from cleantune.defenses.muscle import GradientAlignment, align, align_all, ga_mo
 from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, load_tokenizer
 from cleantune.training import StepContext, TrainSettings, make_batch, encode
+from helpers import tiny_causal
 
 
 def test_mslr_forward_is_the_per_scale_sum():
@@ -225,29 +225,9 @@ def test_save_and_reload_give_identical_predictions(tiny_model, small_data, tmp_
         assert torch.equal(before.argmax(-1), after.argmax(-1))
 
 
-def _tiny_causal(kind: str, path: Path) -> str:
-    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
-
-    from cleantune.models import resolve_model
-
-    tok = load_tokenizer(resolve_model("minilm"))
-    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        model = GPT2ForSequenceClassification(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2,
-                                                         n_positions=64, num_labels=2, **ids))
-    else:
-        model = LlamaForSequenceClassification(LlamaConfig(
-            vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=64, num_labels=2, **ids))
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_causal_lm_head_forward_backward_and_export(kind, tmp_path):
-    path = _tiny_causal(kind, tmp_path / kind)
+    path = tiny_causal(kind, tmp_path / kind)
     tok = load_tokenizer(path)
     d = get_defense("muscle-lora", model=path)
     model = d.prepare_model(load_model(path, ["a", "b"]), tok, None)
@@ -445,7 +425,7 @@ def test_train_head_leaves_the_mslr_base_frozen(kind, tmp_path):
     trains the rest of the head and MSLR's factors, never W0 (spec 2.6, 16.4): W0 is the frozen base."""
     from conftest import make_tiny_model
 
-    path = str(make_tiny_model(tmp_path / kind, kind)) if kind == "roberta" else _tiny_causal(kind, tmp_path / kind)
+    path = str(make_tiny_model(tmp_path / kind, kind)) if kind == "roberta" else tiny_causal(kind, tmp_path / kind)
     model = get_defense("muscle-lora", model=path, train_head=True).prepare_model(
         load_model(path, ["a", "b"]), load_tokenizer(path), None)
     head = "classifier" if kind == "roberta" else "score"
@@ -456,7 +436,7 @@ def test_train_head_leaves_the_mslr_base_frozen(kind, tmp_path):
 
 def test_mslr_on_the_causal_heads_output_layer_saves_and_reloads(tmp_path):
     """mslr_target=score.out_proj: the head collapses with MSLR merged into either of its layers."""
-    path = _tiny_causal("gpt2", tmp_path / "gpt2")
+    path = tiny_causal("gpt2", tmp_path / "gpt2")
     tok = load_tokenizer(path)
     model = get_defense("lora-mslr", model=path, mslr_target="score.out_proj").prepare_model(
         load_model(path, ["a", "b"]), tok, None)
@@ -471,7 +451,7 @@ def test_mslr_on_the_causal_heads_output_layer_saves_and_reloads(tmp_path):
 def test_ga_on_a_causal_lm_saves_no_adapter(tmp_path):
     """`ga` fine-tunes every weight: the head alone on the base checkpoint would be another model, so no
     cleantune_adapter/ is written and load_classifier refuses, as for an encoder."""
-    path = _tiny_causal("gpt2", tmp_path / "gpt2")
+    path = tiny_causal("gpt2", tmp_path / "gpt2")
     tok = load_tokenizer(path)
     model = get_defense("ga", model=path).prepare_model(load_model(path, ["a", "b"]), tok, None)
     _as_if_trained(model)
@@ -572,7 +552,7 @@ def test_inner_rank_and_scales_survive_save_and_reload(tiny_model, tmp_path):
 
 
 def test_head_inner_sets_the_causal_heads_width(tmp_path):
-    path = _tiny_causal("gpt2", tmp_path / "gpt2")
+    path = tiny_causal("gpt2", tmp_path / "gpt2")
     model = get_defense("muscle-lora", model=path, head_inner=8).prepare_model(
         load_model(path, ["a", "b"]), load_tokenizer(path), None)
     head = model.get_base_model().score

@@ -10,34 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cleantune.cli import main
 from cleantune.errors import UserError
 from cleantune.report import build
 from cleantune.store import ResultStore
 from cleantune.sweep import expand_grid, load_grid, sweep
+from helpers import sweep_table, write_grid
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def write_grid(path: Path, model: str, **changes) -> Path:
-    grid = {"dataset": "sst2", "attack": "badnets", "defense": ["finetune", "lora"], "seed": [0],
-            "train_size": 100, "epochs": 1, "max_length": 32, "model": model, **changes}
-    path.write_text(yaml.safe_dump(grid))
-    return path
-
-
-def table(store: ResultStore, cells) -> list[tuple]:
-    """The sweep's table: what a user compares between an interrupted and an uninterrupted sweep."""
-    out = []
-    for c in cells:
-        r = store.get(c.id)
-        # with the tiny model CACC/ASR barely move, so the training losses stand in for "the same numbers"
-        out.append((c.config.attack, c.config.defense, c.config.seed, r["status"],
-                    round(r["metrics"]["cacc"], 4), round(r["metrics"]["asr"], 4),
-                    [round(h["loss"], 5) for h in r["metrics"]["history"]]))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +198,7 @@ def test_killed_sweep_resumes_to_the_same_table(reference, tiny_model, tmp_path)
     assert len(stored) == 1, "the sweep was to be killed after its first run"
     resumed = sweep(load_grid(grid), store_path, workers=2, cpus_per_run=1, progress=False)  # and through the worker pool
     assert (resumed.skipped, resumed.ran, resumed.failed) == (1, 1, [])
-    assert table(ResultStore(store_path), cells) == table(ref_store, cells)
+    assert sweep_table(ResultStore(store_path), cells) == sweep_table(ref_store, cells)
 
 
 WRITER = """

@@ -11,7 +11,7 @@ import pytest
 from cleantune.store import ResultStore
 from cleantune.sweep import load_grid, sweep
 
-from test_sweep import table, write_grid
+from helpers import sweep_table, write_grid
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
@@ -31,5 +31,5 @@ def test_ray_sweep_stores_what_the_local_backend_stores(tiny_model, tmp_path, mo
     assert (local.ran, remote.ran, remote.failed, again.ran, again.skipped) == (2, 2, [], 0, 2)
     ray_store, local_store = ResultStore(tmp_path / "ray.sqlite"), ResultStore(tmp_path / "local.sqlite")
     assert {r["id"] for r in ray_store.runs()} == {r["id"] for r in local_store.runs()}
-    assert table(ray_store, cells) == table(local_store, cells)
+    assert sweep_table(ray_store, cells) == sweep_table(local_store, cells)
     assert all(r["env"]["python"] and r["timings"]["wall_s"] > 0 for r in ray_store.runs())

@@ -8,6 +8,7 @@ from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import FineTune, LoRA
 from cleantune.models import load_model, load_tokenizer
 from cleantune.training import StepHook, TrainSettings, batch_order, encode, predict_logits, seed_everything, train
+from helpers import InfGradAt, InfWeightsAt
 
 
 @pytest.fixture(scope="module")
@@ -244,15 +245,6 @@ def test_hook_rewrites_gradients_before_the_step(tiny_model, small):
     assert all(torch.equal(before[n], p.cpu()) for n, p in model.named_parameters())  # trained on a GPU if any
 
 
-class _InfGradAt(StepHook):
-    def __init__(self, step):
-        self.step = step
-
-    def after_backward(self, ctx):
-        if ctx.step == self.step:
-            next(p for p in ctx.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
-
-
 def test_divergence_stops_and_keeps_the_best_finite_epoch(tiny_model, small):
     from cleantune.errors import UserError
 
@@ -261,18 +253,18 @@ def test_divergence_stops_and_keeps_the_best_finite_epoch(tiny_model, small):
     model = load_model(tiny_model, train_data.label_names)
     settings = TrainSettings(epochs=3, lr=1e-3, seed=0)
     with pytest.warns(RuntimeWarning, match="diverged at step 7 .epoch 1.*kept epoch 0"):
-        report = train(model, tok, train_data, dev, settings, (_InfGradAt(7),), progress=False)
+        report = train(model, tok, train_data, dev, settings, (InfGradAt(7),), progress=False)
     assert [h["epoch"] for h in report.history] == [0, 1] and report.history[1]["diverged_at_step"] == 7
     assert report.best_epoch == 0 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
     model = load_model(tiny_model, train_data.label_names)
     with pytest.raises(UserError, match="diverged at step 2 .epoch 0.*lower the learning rate"):
-        train(model, tok, train_data, None, settings, (_InfGradAt(2),), progress=False)
+        train(model, tok, train_data, None, settings, (InfGradAt(2),), progress=False)
 
 
 def test_cli_train_reports_a_divergence_and_saves_the_kept_epoch(tiny_model, tmp_path, capsys, monkeypatch):
     from cleantune.cli import main
 
-    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [_InfGradAt(7)])
+    monkeypatch.setattr(FineTune, "hooks", lambda self, *a: [InfGradAt(7)])
     rows = ["sentence\tlabel"] + [f"a {'great' if i % 2 else 'awful'} film {i}\t{i % 2}" for i in range(160)]
     (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
     (tmp_path / "d.tsv").write_text("\n".join(rows[:41]) + "\n")
@@ -424,7 +416,7 @@ def test_divergence_without_dev_keeps_the_last_finished_epoch(tiny_model, small)
     snap = _Snapshot(1)
     with pytest.warns(RuntimeWarning, match=r"diverged at step 12 \(epoch 2\).*kept epoch 1, the last finished one"):
         report = train(model, tok, train_data, None, TrainSettings(epochs=3, lr=1e-3, seed=0),
-                       (snap, _InfGradAt(12)), progress=False)
+                       (snap, InfGradAt(12)), progress=False)
     assert [h["epoch"] for h in report.history] == [0, 1, 2] and report.history[2]["diverged_at_step"] == 12
     assert all(torch.equal(p.detach().cpu(), snap.weights[n]) for n, p in model.named_parameters())
 
@@ -437,20 +429,8 @@ def test_divergence_after_resume_without_dev_keeps_the_checkpointed_epoch(tiny_m
         _run(tiny_model, train_data, tmp_path / "r", hooks=(_StopAfter(1),))
     saved = load_file(tmp_path / "r" / "checkpoints" / "trainable.safetensors")
     with pytest.warns(RuntimeWarning, match=r"diverged at step 12 \(epoch 1\).*kept epoch 0"):  # 10 steps an epoch
-        model, _, _ = _run(tiny_model, train_data, tmp_path / "r", hooks=(_InfGradAt(12),), resume=True)
+        model, _, _ = _run(tiny_model, train_data, tmp_path / "r", hooks=(InfGradAt(12),), resume=True)
     assert all(torch.equal(p.detach().cpu(), saved[n]) for n, p in model.named_parameters())
-
-
-class _InfWeightsAt(StepHook):
-    """Weights that a step with a finite gradient takes to inf (what an enormous lr does): the next gradient is NaN."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def after_backward(self, ctx):
-        if ctx.step == self.step:
-            with torch.no_grad():
-                next(p for p in ctx.model.parameters() if p.requires_grad).fill_(float("inf"))
 
 
 def test_an_epoch_with_infinite_weights_is_not_kept(tiny_model, small):
@@ -462,7 +442,7 @@ def test_an_epoch_with_infinite_weights_is_not_kept(tiny_model, small):
         model = load_model(tiny_model, train_data.label_names)
         with pytest.raises(Diverged, match=r"diverged at step 5 \(epoch 1\).*lower the learning rate"):
             # step 4 ends epoch 0 (5 steps an epoch), which is kept unless its weights are not finite
-            train(model, tok, train_data, dev_data, TrainSettings(epochs=3, lr=1e-3), (_InfWeightsAt(4),),
+            train(model, tok, train_data, dev_data, TrainSettings(epochs=3, lr=1e-3), (InfWeightsAt(4),),
                   progress=False)
 
 
