@@ -518,6 +518,8 @@ def test_the_modes_length_is_capped_at_the_backbones_but_a_given_one_is_checked(
     assert clf.max_length == 130  # faithful mode's 512, as far as the tiny backbone's 130 positions reach
     with pytest.raises(UserError, match="--max-length 512 exceeds the 130 tokens"):
         BTU(model=tiny_model, btu_mode="faithful", max_length=512, k=2, epochs=1).fit(data, dev, progress=False)
+    with pytest.raises(UserError, match="--option expose_max_length 512 exceeds the 130 tokens"):
+        BTU(model=tiny_model, expose_max_length=512, k=2, epochs=1).fit(data, dev, progress=False)
 
 
 def test_faithful_exposure_leaves_the_padding_row_untrained(tiny_model):

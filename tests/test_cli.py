@@ -97,6 +97,9 @@ def test_train_refuses_impossible_settings_before_writing(tiny_model, tmp_path, 
     (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\nawful\t0\n")
     base = ["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--out", str(tmp_path / "out")]
     for extra, fragment in [(["--max-length", "200"], "--max-length 200 exceeds the 130 tokens"),
+                            (["--max-length", "2"], "--max-length 2 leaves no token for the text"),
+                            (["--defense", "btu", "--dev", str(tmp_path / "a.tsv"), "--option", "expose_max_length=1"],
+                             "--option expose_max_length 1 leaves no token for the text"),
                             (["--option", "seed=3"], "option 'seed' has a setting of its own"),
                             (["--option", "max_length=64"], "option 'max_length' has a setting of its own: give --max-length")]:
         assert main(base + extra) == 2

@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import FineTune, LoRA
 from cleantune.errors import UserError
-from cleantune.models import Classifier, load_model, resolve_model
+from cleantune.models import Classifier, load_model, load_tokenizer, resolve_model
 from helpers import tiny_causal
 
 
@@ -310,18 +310,26 @@ def test_causal_lm_without_a_pad_token_pads_with_eos(tmp_path):
     assert torch.allclose(clf.predict_logits(texts), torch.cat([clf.predict_logits(t) for t in texts]), atol=1e-5)
 
 
-def test_max_length_is_checked_against_the_position_table():
-    """RoBERTa-style positions start after the padding index: roberta-base's 514 rows take 512 tokens."""
+def test_max_length_is_checked_against_the_position_table_and_the_special_tokens(tiny_model):
+    """RoBERTa-style positions start after the padding index: roberta-base's 514 rows take 512 tokens. At
+    the tokenizer's special-token count or below, a fast tokenizer would not truncate at all."""
     from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
     from cleantune.models import check_max_length
 
+    tok = load_tokenizer(tiny_model)  # [CLS] text [SEP]
+    assert len(tok(["a long text of many words"], truncation=True, max_length=2)["input_ids"][0]) == 2
     small = dict(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     for model in (BertForSequenceClassification(BertConfig(max_position_embeddings=64, **small)),
                   RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=66, pad_token_id=1, **small))):
-        check_max_length(model, 64, "m")
+        check_max_length(model, tok, 64, "m")
+        check_max_length(model, tok, 3, "m")
         with pytest.raises(UserError, match="--max-length 65 exceeds the 64 tokens --model m takes"):
-            check_max_length(model, 65, "m")
+            check_max_length(model, tok, 65, "m")
+        for n in (1, 2):
+            with pytest.raises(UserError, match=rf"--max-length {n} leaves no token for the text: --model m adds 2 "
+                                                r"special tokens to each sample \(give at least 3\)"):
+                check_max_length(model, tok, n, "m")
 
 
 def test_predict_keeps_the_input_order_and_the_train_mode(tiny_model):

@@ -197,10 +197,17 @@ def max_positions(model) -> int | None:
     return n
 
 
-def check_max_length(model, max_length: int, name: str) -> None:
+def check_max_length(model, tokenizer, max_length: int, name: str, option: str = "--max-length") -> None:
+    """Between the backbone's position table and one text token past the tokenizer's special tokens. Below
+    that a fast tokenizer cannot truncate: it logs an error and returns the whole text (at the special
+    tokens' count, a sample is only [CLS] [SEP]), so training would run on what the user did not ask for."""
+    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    if max_length <= specials:
+        raise UserError(f"{option} {max_length} leaves no token for the text: --model {name} adds {specials} "
+                        f"special tokens to each sample (give at least {specials + 1})")
     limit = max_positions(model)
     if limit is not None and max_length > limit:
-        raise UserError(f"--max-length {max_length} exceeds the {limit} tokens --model {name} takes")
+        raise UserError(f"{option} {max_length} exceeds the {limit} tokens --model {name} takes")
 
 
 def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved cleantune model",
