@@ -664,6 +664,33 @@ def test_a_stored_run_says_it_was_not_trained_again(tiny_model, tmp_path, capsys
     assert "1 of 1 run(s) taken from the store, not trained again (--force re-runs)" in capsys.readouterr().out
 
 
+def test_sigterm_stops_a_run_like_ctrl_c_and_resume_continues(tiny_model, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from cleantune.defenses import FineTune
+    from cleantune.store import data_dir
+    from cleantune.training import StepHook
+
+    class TermAfter(StepHook):  # what a scheduler's preemption or `timeout` sends
+        def on_epoch_end(self, ctx):
+            if ctx.epoch == 1:  # epoch 0's checkpoint is on disk
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["run", "--model", tiny_model, "--train-size", "64", "--epochs", "3", "--no-progress", "--format", "json",
+            "--store", str(tmp_path / "s.sqlite")]
+    with monkeypatch.context() as m:
+        m.setattr(FineTune, "hooks", lambda self, *a: [TermAfter()])
+        assert main(args) == 143
+    assert capsys.readouterr().err == ("cleantune: terminated (the same command with --resume continues from the last "
+                                       "finished epoch's checkpoint, if any)\n")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not list((data_dir() / "runs").glob("*.lock"))  # the work folder's lock went with the process
+    assert main(args + ["--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["timings"]["resumed_train_s"] > 0
+
+
 @pytest.mark.parametrize("command,hint", [("run", "with --resume continues"), ("sweep", "skips the stored cells"),
                                           ("results", None)])
 def test_an_interrupt_says_how_to_continue(command, hint, monkeypatch, capsys):

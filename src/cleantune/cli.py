@@ -11,7 +11,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -730,9 +732,24 @@ RESUME_HINT = {"run": _WITH_RESUME, "train": _WITH_RESUME,
                "sweep": " (the same command skips the stored cells and resumes the started ones)"}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `timeout`, `kill`) as an interruption: the clean-up that Ctrl-C
+    gets (locks released, half-written outputs removed, workers stopped) runs for it too."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     ns = None
+    # Only the main thread may set a handler. One that ignores SIGTERM (a caller's choice) stays, and the
+    # caller's handler comes back when main returns.
+    previous = signal.getsignal(signal.SIGTERM)
+    own = threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN
+    if own:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         ns = build_parser().parse_args(argv)
         if ns.command not in ("results", "report"):  # those two only read the store: no torch import
@@ -745,9 +762,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"cleantune: error: {_name_config_file(ns, str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cleantune: interrupted{RESUME_HINT.get(getattr(ns, 'command', None), '')}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)  # 128 + the signal
+        print(f"cleantune: {what}{RESUME_HINT.get(getattr(ns, 'command', None), '')}", file=sys.stderr)
+        return code
     except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError subclasses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, MemoryError) and not ("out of memory" in first or "can't allocate memory" in first):
@@ -764,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     finally:
+        if own:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         # Under `accelerate launch` the process group's gloo threads must stop before the interpreter exits: a
         # process leaving with them alive aborts ("terminate called without an active exception"), about one
         # exit in four on this machine, and the launcher reports the launch as failed
