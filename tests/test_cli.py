@@ -271,6 +271,18 @@ def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tm
         assert f"m{side} is a file; cleantune writes a folder there" in err and len(err.strip().splitlines()) == 1
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", f"m{side}"]  # nothing else written
         (tmp_path / f"m{side}").unlink()
+    for side in ("", ".partial"):  # a link to nothing: the folder could be neither made nor moved there
+        (tmp_path / f"m{side}").symlink_to(tmp_path / "gone")
+        assert main(base + [str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert f"m{side} is a link to {tmp_path / 'gone'}, which does not exist" in err if side else \
+            f"--out {tmp_path / 'm'}: a link to {tmp_path / 'gone'}, which does not exist" in err
+        assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", f"m{side}"]
+        (tmp_path / f"m{side}").unlink()
+    (tmp_path / "r").symlink_to(tmp_path / "gone")  # report and analyze check --out the same way
+    assert main(["report", "--store", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "r")]) == 2
+    assert "a link to" in capsys.readouterr().err
+    (tmp_path / "r").unlink()
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.chdir(empty)

@@ -220,10 +220,14 @@ def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved
     out = Path(out)
     if siblings and out.name in ("", ".", ".."):  # written beside itself (<out>.partial), then moved in place
         raise UserError(f"--out {out}: name the folder (not . or ..)")
+    if out.is_symlink() and not out.exists():  # the folder is made (or moved) there, and a link blocks both
+        raise UserError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     for side in siblings:  # folders written beside it: a file there would fail after all the work
         path = out.with_name(out.name + side)
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"--out {out}: {path} is a link to {os.readlink(path)}, which does not exist")
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {out}: {path} is a file; cleantune writes a folder there")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
