@@ -8,6 +8,7 @@ defenses override `fit` and call `training.train` for each stage.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -55,6 +56,8 @@ class Defense:
             values = value if isinstance(value, (list, tuple)) else [value]
             if value is not None and not all(v > 0 for v in values):
                 raise UserError(f"defense '{self.name}': option {name} must be positive, got {value}")
+            if value is not None and not all(math.isfinite(v) for v in values):  # inf trains to NaN, silently
+                raise UserError(f"defense '{self.name}': option {name} must be finite, got {value}")
             if value is not None and any(isinstance(v, int) and v > C_INT_MAX for v in values):
                 # torch and PEFT take sizes as C ints: larger ones end in an overflow deep inside them
                 raise UserError(f"defense '{self.name}': option {name} must be at most {C_INT_MAX}, got {value}")

@@ -455,6 +455,8 @@ class BTU(Defense):
             raise UserError(f"clean_tuning must be 'none' or a positive number of clean dev samples, got '{self.clean_tuning}'")
         if not 0 <= self.guard_tolerance < 1:
             raise UserError(f"guard_tolerance must be in [0, 1), got {self.guard_tolerance}")
+        if not self.rho <= 1:  # a share of the vocabulary (positive: checked with the others)
+            raise UserError(f"rho must be in (0, 1], a share of the vocabulary, got {self.rho}")
         super().__post_init__()
         # Not settings: the runner may set a callback that scores a Classifier on its test sets (reporting
         # only, never selection), so the three stage points can be stored.

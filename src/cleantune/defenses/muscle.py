@@ -15,6 +15,7 @@ tensor's gradient by its projection onto the reference gradient (spec 3.2), befo
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
@@ -278,6 +279,18 @@ class MuScleLoRA(Defense):
         "mslr": ("scales", "inner_rank", "mslr_alpha", "mslr_target"),
         "ga": ("ref_samples", "min_ref_loss", "min_ref_grad_norm", "ga_epoch", "max_raw_grad_ratio"),
     }
+
+    def __post_init__(self):
+        if self.scales is not None and len(self.scales) == 0:  # not a fallback to the published scales
+            raise UserError(f"defense '{self.name}': option scales must list at least one scale (unset: the "
+                            "published ones)")
+        for name in ("min_ref_loss", "min_ref_grad_norm", "max_raw_grad_ratio"):  # 0 is meaningful: always project
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < math.inf:
+                raise UserError(f"defense '{self.name}': option {name} must be a finite number >= 0, got {value}")
+        if self.ga_epoch is not None and self.ga_epoch < 0:
+            raise UserError(f"defense '{self.name}': option ga_epoch must be >= 0 (an epoch, from 0), got {self.ga_epoch}")
+        super().__post_init__()
 
     def settings(self) -> dict:
         """Only the settings of the components this variant uses."""

@@ -23,6 +23,7 @@ Fixed or changed here (see docs/baselines.md):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +147,8 @@ class RAP(Defense):
         check_detector_options(self.frr, self.on_flag)
         if not self.word.strip():
             raise UserError("RAP: option word must not be empty")
+        if len(self.prob_range) != 2 or not all(math.isfinite(v) for v in self.prob_range):
+            raise UserError(f"RAP: option prob_range must be two finite numbers, got {list(self.prob_range)}")
         super().__post_init__()
 
     def check_task(self, num_labels: int) -> None:
