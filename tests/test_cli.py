@@ -314,6 +314,64 @@ def test_a_label_file_with_an_impossible_max_length_is_one_line(tiny_model, tmp_
     assert "not a valid label file (ValueError: max_length -5 is not positive)" in err and len(err.strip().splitlines()) == 1
 
 
+NOT_VALID = "{file}: not a valid label file "
+DAMAGED_LABEL_FILES = [
+    ('{"label_names": [1, 2], "max_length": 32}',
+     NOT_VALID + "(TypeError: label_names holds 1, not a name (a non-empty string))"),
+    ('{"label_names": ["neg", null], "max_length": 32}',
+     NOT_VALID + "(TypeError: label_names holds null, not a name (a non-empty string))"),
+    ('{"label_names": ["neg", ""], "max_length": 32}', NOT_VALID + '(TypeError: label_names holds "",'),
+    ('{"label_names": ["a", "a"], "max_length": 32}', NOT_VALID + "(ValueError: label_names repeats 'a')"),
+    ('{"label_names": ["neg", "pos"], "max_length": 1e999}',
+     NOT_VALID + "(TypeError: max_length Infinity is not an integer)"),
+    ('{"label_names": ["neg", "pos"], "max_length": true}', NOT_VALID + "(TypeError: max_length true is not an integer)"),
+    ('{"label_names": ["neg", "pos"], "max_length": "32"}', NOT_VALID + '(TypeError: max_length "32" is not an integer)'),
+    ('{"label_names": ["neg", "pos"], "max_length": 2}',
+     "{file}: max_length 2 leaves no token for the text: {model} adds 2 special tokens to each sample "
+     "(give at least 3)"),
+    ('{"label_names": ["neg", "pos"], "max_length": 100000}',
+     "{file}: max_length 100000 exceeds the 130 tokens {model} takes"),
+]
+LABEL_FILE_DAMAGE = ["names-ints", "name-null", "name-empty", "names-repeated", "max-length-overflow",
+                     "max-length-bool", "max-length-text", "max-length-specials", "max-length-positions"]
+
+
+@pytest.mark.parametrize("meta,fragment", DAMAGED_LABEL_FILES, ids=LABEL_FILE_DAMAGE)
+def test_a_damaged_label_file_is_one_line(tiny_model, tmp_path, capsys, meta, fragment):
+    """eval's MODEL: a label file that is not what `train` writes, or a max_length the model cannot take (a long
+    text would fail mid-prediction), is refused when the model loads."""
+    import shutil
+
+    from cleantune.models import LABELS_FILE
+
+    m = shutil.copytree(tiny_model, tmp_path / "m")
+    (m / LABELS_FILE).write_text(meta)
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n" + "a long film " * 100 + "\tpos\n")
+    code = main(["eval", str(m), str(tmp_path / "d.tsv")])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, fragment.format(file=m / LABELS_FILE, model=m))
+    assert out == ""
+
+
+@pytest.mark.parametrize("meta,fragment", [DAMAGED_LABEL_FILES[3], DAMAGED_LABEL_FILES[-1]],
+                         ids=[LABEL_FILE_DAMAGE[3], LABEL_FILE_DAMAGE[-1]])
+def test_a_victim_with_a_damaged_label_file_is_one_line(tiny_model, tmp_path, capsys, meta, fragment):
+    """An inference-time defense's victim=FOLDER loads as eval's MODEL does: refused alike, before anything is
+    written."""
+    import shutil
+
+    from cleantune.models import LABELS_FILE
+
+    m = shutil.copytree(tiny_model, tmp_path / "m")
+    (m / LABELS_FILE).write_text(meta)
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\n" + "good film\tpos\nbad film\tneg\n" * 4)
+    code = main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "t.tsv"), "--model", tiny_model,
+                 "--defense", "strip", "--option", f"victim={m}", "--out", str(tmp_path / "o"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, fragment.format(file=m / LABELS_FILE, model=m))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "t.tsv"]
+
+
 def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
     """lora_r=1e9 passes every check and asks torch for 1.5 TB: one line naming what to lower, not a traceback."""
     from cleantune import cli
@@ -674,6 +732,74 @@ def test_resume_says_when_it_has_nothing_to_resume(tiny_model, tmp_path, capsys,
     assert main(["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--out", str(tmp_path / "m"), "--epochs", "1",
                  "--no-progress", "--resume"]) == 0
     assert f"note: --resume: no checkpoint in {tmp_path / 'm.work'}; training from the start" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def interrupted_train(tiny_model, tmp_path_factory):
+    """`train` args (data and dev in the folder, `--out OUT`) and the work folder that a Ctrl-C after epoch 1
+    left, with epoch 0's checkpoint (best.safetensors included: dev data)."""
+    from cleantune.defenses import FineTune
+    from cleantune.training import StepHook
+
+    class CtrlCAfter(StepHook):
+        def on_epoch_end(self, ctx):
+            if ctx.epoch == 1:  # epoch 0's checkpoint is on disk
+                raise KeyboardInterrupt
+
+    folder = tmp_path_factory.mktemp("interrupted")
+    (folder / "a.tsv").write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 4)
+    args = ["train", str(folder / "a.tsv"), "--dev", str(folder / "a.tsv"), "--model", tiny_model, "--epochs", "3",
+            "--batch-size", "4", "--no-progress", "--out"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(FineTune, "hooks", lambda self, *a: [CtrlCAfter()])
+        for var in ("XDG_DATA_HOME", "XDG_CACHE_HOME"):  # as _isolated_dirs does for each test
+            m.setenv(var, str(folder / var.lower()))
+        assert main(args + [str(folder / "m")]) == 130
+    assert (folder / "m.work" / "checkpoints" / "best.safetensors").is_file()
+    return args, folder / "m.work"
+
+
+def _edit_state(**changes):
+    def edit(ckpt):
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, **changes}))
+    return edit
+
+
+def _truncate(name, keep):
+    def cut(ckpt):
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(data[: int(len(data) * keep)])
+    return cut
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda c: (c / "state.json").write_text("{not json"), "state.json: Expecting property name"),
+    (_edit_state(epoch="x"), 'state.json: epoch "x" is not one of 0..2'),
+    (_edit_state(epoch=-1), "state.json: epoch -1 is not one of 0..2"),
+    (_edit_state(history="h"), "state.json: history, best_epoch, best_score or done is not what cleantune writes"),
+    (_truncate("optimizer.pt", 0.5), "optimizer.pt: PytorchStreamReader failed reading zip archive"),
+    (_truncate("optimizer.pt", 0), "optimizer.pt: EOFError()"),
+    (_truncate("trainable.safetensors", 0.5), "trainable.safetensors: Error while deserializing header"),
+    (lambda c: (c / "rng.safetensors").unlink(), "rng.safetensors: missing"),
+    (lambda c: (c / "best.safetensors").unlink(), "best.safetensors: missing"),
+], ids=["state-not-json", "state-epoch-text", "state-epoch-negative", "state-history", "optimizer-truncated",
+        "optimizer-empty", "trainable-truncated", "rng-deleted", "best-deleted"])
+def test_a_damaged_checkpoint_is_one_line_on_resume(interrupted_train, tmp_path, capsys, damage, fragment):
+    """--resume reads the whole checkpoint before training on: a damaged one is refused, left in place, and
+    starting over without --resume works."""
+    import shutil
+
+    args, work = interrupted_train
+    ckpt = shutil.copytree(work, tmp_path / "m.work") / "checkpoints"
+    damage(ckpt)
+    code = main(args + [str(tmp_path / "m"), "--resume"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, f"--resume: the checkpoint in {ckpt} is damaged ({fragment}")
+    assert err.endswith("); delete it, or run without --resume, to start over\n"), err
+    assert ckpt.is_dir() and not (tmp_path / "m").exists()
+    assert main(args + [str(tmp_path / "m")]) == 0
+    assert "saved" in capsys.readouterr().out and not (tmp_path / "m.work").exists()
 
 
 def test_a_stored_run_says_it_was_not_trained_again(tiny_model, tmp_path, capsys):

@@ -197,17 +197,20 @@ def max_positions(model) -> int | None:
     return n
 
 
-def check_max_length(model, tokenizer, max_length: int, name: str, option: str = "--max-length") -> None:
+def check_max_length(model, tokenizer, max_length: int, name: str, option: str = "--max-length",
+                     label: str | None = None) -> None:
     """Between the backbone's position table and one text token past the tokenizer's special tokens. Below
     that a fast tokenizer cannot truncate: it logs an error and returns the whole text (at the special
-    tokens' count, a sample is only [CLS] [SEP]), so training would run on what the user did not ask for."""
+    tokens' count, a sample is only [CLS] [SEP]), so training would run on what the user did not ask for.
+    `label`: how errors name the model (as in `resolve_model`)."""
+    label = label or f"--model {name}"
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     if max_length <= specials:
-        raise UserError(f"{option} {max_length} leaves no token for the text: --model {name} adds {specials} "
+        raise UserError(f"{option} {max_length} leaves no token for the text: {label} adds {specials} "
                         f"special tokens to each sample (give at least {specials + 1})")
     limit = max_positions(model)
     if limit is not None and max_length > limit:
-        raise UserError(f"{option} {max_length} exceeds the {limit} tokens --model {name} takes")
+        raise UserError(f"{option} {max_length} exceeds the {limit} tokens {label} takes")
 
 
 def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved cleantune model",
@@ -392,12 +395,20 @@ class Classifier:
         meta_file = path / LABELS_FILE
         cfg = _from_pretrained(AutoConfig.from_pretrained, resolve_model(str(path), str(path)), str(path),
                                "cannot read its config.json")
-        if meta_file.is_file():
+        named = meta_file.is_file()
+        if named:
             try:
                 meta = json.loads(meta_file.read_text())
-                labels, max_length = meta["label_names"], int(meta.get("max_length", 128))
+                labels, max_length = meta["label_names"], meta.get("max_length", 128)
                 if not isinstance(labels, list) or len(labels) < 2:
                     raise TypeError("label_names is not a list of two or more names")
+                for n in labels:  # matched by name to the data's labels, which are read as strings
+                    if not isinstance(n, str) or not n:
+                        raise TypeError(f"label_names holds {json.dumps(n)}, not a name (a non-empty string)")
+                if len(set(labels)) < len(labels):  # one name for two classes: a data label could not say which
+                    raise ValueError(f"label_names repeats '{next(n for n in labels if labels.count(n) > 1)}'")
+                if isinstance(max_length, bool) or not isinstance(max_length, int):
+                    raise TypeError(f"max_length {json.dumps(max_length)} is not an integer")
                 if max_length < 1:
                     raise ValueError(f"max_length {max_length} is not positive")
             except (ValueError, KeyError, TypeError) as e:
@@ -408,4 +419,8 @@ class Classifier:
         else:
             labels, max_length = [cfg.id2label[i] for i in range(cfg.num_labels)], 128
         # the caller named the model by its path (eval's MODEL, a victim= option), not by --model
-        return cls(load_model(str(path), labels, str(path)), load_tokenizer(str(path), str(path)), labels, max_length)
+        model, tokenizer = load_model(str(path), labels, str(path)), load_tokenizer(str(path), str(path))
+        if named:  # past the position table, prediction fails on the first long text
+            check_max_length(model, tokenizer, max_length, str(path), option=f"{meta_file}: max_length",
+                             label=str(path))
+        return cls(model, tokenizer, labels, max_length)

@@ -305,25 +305,18 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     start_epoch, done = 0, {}
     saved = _saved_checkpoint(ckpt_dir) if resume and ckpt_dir is not None else None
     if saved is not None:
-        state = json.loads((saved / "state.json").read_text())
-        if state["fingerprint"] != fingerprint:
-            raise UserError(f"--resume: the checkpoint in {saved} was made with other settings or data")
-        weights = load_file(saved / "trainable.safetensors")
+        state, weights, opt_state, rng, best = _read_checkpoint(saved, fingerprint, settings.epochs)
         for n, p in params.items():
             p.data.copy_(weights[n])
-        opt_state = torch.load(saved / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
         if accelerator.scaler is not None and "scaler" in opt_state:  # fp16: the loss scale goes on
             accelerator.scaler.load_state_dict(opt_state["scaler"])
-        rng = load_file(saved / "rng.safetensors")
         mine = "" if rank == 0 else f"_{rank}"  # this process's own state (_rng_states)
         torch.set_rng_state(rng[f"torch{mine}"])
         if f"cuda{mine}" in rng and accelerator.device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
             torch.cuda.set_rng_state(rng[f"cuda{mine}"], accelerator.device)
-        history, best_epoch, best_score = state["history"], state["best_epoch"], state["best_score"]
-        if (saved / "best.safetensors").is_file():
-            best_state = load_file(saved / "best.safetensors")
+        history, best_epoch, best_score, best_state = state["history"], state["best_epoch"], state["best_score"], best
         start_epoch = state["epoch"] + 1
         if not selecting:  # the checkpoint's weights are the last finished epoch's
             last_epoch, last_state = state["epoch"], {n: weights[n].clone() for n in params}
@@ -501,6 +494,50 @@ def _saved_checkpoint(ckpt_dir: Path) -> Path | None:
         if (folder / "state.json").is_file():
             return folder
     return None
+
+
+def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
+    """The checkpoint in `saved`, read whole before any of it is applied: its state, trainable weights, optimizer
+    and scheduler state, random states and the best epoch's weights (None without). One that cannot be read (a
+    disk that filled up mid-save, a file deleted or edited) is a UserError, not a traceback from json,
+    safetensors or torch."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    name = "state.json"
+    try:
+        state = json.loads((saved / name).read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        if state["fingerprint"] != fingerprint:
+            raise UserError(f"--resume: the checkpoint in {saved} was made with other settings or data")
+        # what _save_checkpoint writes: anything else fails mid-run, or (an epoch out of range) trains other epochs
+        epoch, history, done = state["epoch"], state["history"], state.get("done", {})
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < epochs:
+            raise ValueError(f"epoch {json.dumps(epoch)} is not one of 0..{epochs - 1}")
+        if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)
+                and (state["best_epoch"] is None or type(state["best_epoch"]) is int)
+                and type(state["best_score"]) in (int, float)
+                and isinstance(done, dict) and all(type(v) in (int, float) for v in done.values())):
+            raise ValueError("history, best_epoch, best_score or done is not what cleantune writes")
+        name = "trainable.safetensors"
+        weights = load_file(saved / name)
+        name = "optimizer.pt"
+        opt_state = torch.load(saved / name, weights_only=True)
+        name = "rng.safetensors"
+        rng = load_file(saved / name)
+        name = "best.safetensors"  # saved with every best epoch: without it the run would keep the last one
+        best = load_file(saved / name) if state["best_epoch"] is not None else None
+        return state, weights, opt_state, rng, best
+    except FileNotFoundError:
+        why = "missing"
+    # torch.load: RuntimeError (a truncated zip), EOFError (an empty file), UnpicklingError (other content)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        # the first sentence: torch's message goes on about how files get corrupted; a KeyError's is the key alone
+        why = str(e).splitlines()[0].split(". ")[0] if str(e) and not isinstance(e, KeyError) else repr(e)
+    raise UserError(f"--resume: the checkpoint in {saved} is damaged ({name}: {why}); delete it, or run without "
+                    "--resume, to start over")
 
 
 def _rng_states(accelerator) -> dict[str, torch.Tensor]:
