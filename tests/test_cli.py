@@ -154,6 +154,41 @@ def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
         assert msg in capsys.readouterr().err, bad
 
 
+@pytest.mark.parametrize("name,text,got", [
+    ("c.yaml", "options: {word: 2020-01-01}\n", "datetime.date(2020, 1, 1)"),
+    ("c.yaml", "options: {word: !!binary aGVsbG8=}\n", "b'hello'"),
+    ("c.yaml", "options: {word: !!set {a}}\n", "{'a'}"),
+    ("c.toml", "[options]\nword = 1979-05-27\n", "datetime.date(1979, 5, 27)"),
+])
+def test_config_option_values_no_option_takes_name_the_file_and_key(tmp_path, capsys, name, text, got):
+    """`train` passes its config's `options` on as JSON: a date, bytes or a set failed with a traceback there,
+    and `run` named the defense, not the file."""
+    (tmp_path / name).write_text(text)
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    for args in (["train", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "m")], ["run", "--defense", "rap"]):
+        assert main(args + ["--config", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err == (f"cleantune: error: --config {tmp_path / name}: 'word' in 'options' "
+                                           f"expects a string, number, true or false, list or mapping, got {got}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", name]
+
+
+def test_config_store_and_axis_values_of_the_wrong_type_name_the_file_and_key(tmp_path, capsys):
+    """`store` is no run setting, so its type went unchecked: `store: 5` failed with a traceback where the
+    path was used. A dataset, attack or defense was named 'run option', not by the file."""
+    for name, text, msg in (("s.yaml", "store: 5", "'store' expects a string or nothing, got 5"),
+                            ("s.yaml", "store: [a, b]", "'store' expects a string or nothing, got ['a', 'b']"),
+                            ("s.toml", "store = 2020-01-01", "'store' expects a string or nothing, got datetime.date"),
+                            ("s.yaml", "dataset: [sst2, 5]", "'dataset' expects a string, got 5"),
+                            ("s.yaml", "defense: {lora: 1}", "'defense' expects a string, got {'lora': 1}"),
+                            ("s.yaml", "options: {1: 2}", "unknown key 1 in 'options' (option names are words)")):
+        (tmp_path / name).write_text(f"{text}\n")
+        assert main(["run", "--config", str(tmp_path / name), "--train-size", "50"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"cleantune: error: --config {tmp_path / name}: {msg}") and err.count("\n") == 1, err
+        (tmp_path / name).unlink()
+    assert not list(tmp_path.iterdir())  # no store, the default one (under tmp_path) included
+
+
 def test_config_files_name_themselves_in_type_errors_and_refuse_odd_keys(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("train_size: 50\nepochs: [1, 2]\n")
     assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
@@ -245,27 +280,59 @@ def test_a_run_that_fails_before_storing_anything_leaves_no_store(tiny_model, tm
     assert not list(tmp_path.glob("new.sqlite*")) and not list((data_dir() / "runs").glob("*"))
 
 
-def test_a_store_this_process_cannot_write_is_refused_before_training(tiny_model, tmp_path):
-    """SQLite opens a read-only file read-only without a word: the run trained in full, then failed to store
-    with a traceback, leaving its checkpoints. Root ignores file modes, so root drops that capability."""
+def _file_modes_apply() -> list[str]:
+    """The command prefix under which file modes bind this process: root ignores them, so root drops that
+    capability (or the test is skipped)."""
     import os
     import shutil
 
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    if not shutil.which("setpriv") or subprocess.run(prefix + ["true"]).returncode != 0:
+        pytest.skip("running as root, and setpriv cannot drop the capability to ignore file modes")
+    return prefix
+
+
+def test_a_store_this_process_cannot_write_is_refused_before_training(tiny_model, tmp_path):
+    """SQLite opens a read-only file read-only without a word: the run trained in full, then failed to store
+    with a traceback, leaving its checkpoints."""
     from cleantune.store import ResultStore, data_dir
 
     store = tmp_path / "ro.sqlite"
     ResultStore(store).conn.close()
     store.chmod(0o444)
-    prefix = []
-    if os.geteuid() == 0:
-        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
-        if not shutil.which("setpriv") or subprocess.run(prefix + ["true"]).returncode != 0:
-            pytest.skip("running as root, and setpriv cannot drop the capability to ignore file modes")
+    prefix = _file_modes_apply()
     p = subprocess.run(prefix + [sys.executable, "-m", "cleantune", "run", "--model", tiny_model, "--train-size",
                                  "40", "--epochs", "1", "--store", str(store), "--no-progress"],
                        capture_output=True, text=True)
     assert_one_line_error(p.returncode, p.stdout, p.stderr, "cannot write to it (attempt to write a readonly database)")
     assert not list((data_dir() / "runs").glob("*"))  # refused before training: no checkpoint
+
+
+def test_results_and_report_read_a_store_in_a_read_only_folder(tmp_path):
+    """Both only read, yet refused such a store: 'cannot write to it (attempt to write a readonly database)'."""
+    from cleantune.store import ResultStore
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    cell = {"dataset": "sst2", "attack": "badnets", "defense": "finetune", "seed": 0}
+    store = ResultStore(folder / "s.sqlite")
+    store.put("abc", cell, {"cacc": 0.9, "asr": 0.1}, {"wall_s": 1.0}, {})
+    store.conn.close()  # the last connection closed: no -wal or -shm beside it
+    folder.chmod(0o555)
+    prefix = _file_modes_apply()
+    try:
+        outs = []
+        for args in (["results"], ["report", "--out", str(tmp_path / "rep")]):
+            p = subprocess.run(prefix + [sys.executable, "-m", "cleantune", *args, "--store", str(folder / "s.sqlite")],
+                               capture_output=True, text=True)
+            assert p.returncode == 0 and p.stderr == "", (args, p.stderr)
+            outs.append(p.stdout)
+        assert "abc" in outs[0] and "0.9000" in outs[0] and (tmp_path / "rep" / "report.md").is_file()
+        assert sorted(f.name for f in folder.iterdir()) == ["s.sqlite"]
+    finally:
+        folder.chmod(0o755)
 
 
 def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tmp_path, capsys, monkeypatch):

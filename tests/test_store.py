@@ -76,3 +76,24 @@ def test_a_store_refused_on_reading_is_left_as_it_was_found(tmp_path):
     with pytest.raises(UserError, match="not a cleantune results store"):
         ResultStore(foreign, readonly=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite"]  # no -wal or -shm beside it
+
+
+def test_reading_opens_the_store_read_only_and_leaves_nothing_beside_it(tmp_path):
+    """A read-only connection to a WAL database made a -wal and -shm it could not remove (nor create in a
+    read-only folder). A writer's runs still in its WAL are read all the same."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    writer = ResultStore(path)
+    writer.put("a", {"seed": 0}, {"cacc": 0.9}, {}, {})
+    writer.conn.close()
+    reader = ResultStore(path, readonly=True)
+    assert [r["id"] for r in reader.runs()] == ["a"]
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # read-only also where file modes do not bind
+        reader.conn.execute("PRAGMA user_version = 1")
+    reader.conn.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.sqlite"]
+    writer = ResultStore(path)  # open, with a run that is in its WAL only
+    writer.put("b", {"seed": 1}, {"cacc": 0.8}, {}, {})
+    assert (tmp_path / "s.sqlite-wal").stat().st_size > 0
+    assert [r["id"] for r in ResultStore(path, readonly=True).runs()] == ["a", "b"]

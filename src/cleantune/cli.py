@@ -220,7 +220,27 @@ def load_config_file(path: str, label: str | None = None) -> dict:
     odd = next((k for k in data if not isinstance(k, str)), None)  # YAML reads `1: 2` as an int key
     if odd is not None:
         raise UserError(f"{label}: unknown key {odd!r} (option names are words)")
+    for k, v in data.items():
+        _check_plain(v, k, None, label)
     return data
+
+
+def _check_plain(value, key: str, parent: str | None, label: str) -> None:
+    """YAML and TOML also read dates and times, and YAML `!!binary` and `!!set`: no option takes one, and
+    `train` passes its `options` on as JSON, which fails on them. A key's own value (or list of values) is
+    left to the command's check of its type, which says what the key takes."""
+    if isinstance(value, dict):
+        odd = next((k for k in value if not isinstance(k, str)), None)
+        if odd is not None:
+            raise UserError(f"{label}: unknown key {odd!r} in '{key}' (option names are words)")
+        for k, v in value.items():
+            _check_plain(v, k, key, label)
+    elif isinstance(value, list):
+        for v in value:
+            _check_plain(v, key, parent, label)
+    elif parent is not None and value is not None and not isinstance(value, (str, int, float)):  # bool is an int
+        raise UserError(f"{label}: '{key}' in '{parent}' expects a string, number, true or false, list or mapping, "
+                        f"got {value!r}")
 
 
 def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
@@ -235,8 +255,13 @@ def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
             if key not in known:
                 raise UserError(f"--config {ns.config}: unknown key '{k}'")
             opts[key] = v
-        # a wrong type is named with the file it came from (the axes may be lists: checked per cell)
-        check_values(RunConfig, {k: v for k, v in opts.items() if k not in LIST_AXES}, f"--config {ns.config}")
+        # a wrong type is named with the file it came from (an axis may be a list: checked per value, the
+        # seeds later by _int, as the command line's)
+        label = f"--config {ns.config}"
+        check_values(RunConfig, {k: v for k, v in opts.items() if k not in LIST_AXES}, label, {"store": str | None})
+        for axis in ("dataset", "attack", "defense"):
+            for v in _as_list(opts[axis]) if axis in opts else []:
+                check_values(RunConfig, {axis: v}, label)
     cli = {k: v for k, v in vars(ns).items() if k in known or k == "option"}
     ns.config_keys = set(opts) - set(cli)
     if "option" in cli:

@@ -76,11 +76,12 @@ def coerce(value, hint):
     return value
 
 
-def check_values(cls, values: dict, label: str) -> dict:
-    """`values` (field name -> value) converted to `cls`'s field types; a one-line UserError otherwise.
-    Names that are not fields pass through for the caller to report."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
+def check_values(cls, values: dict, label: str, extra: dict | None = None) -> dict:
+    """`values` (field name -> value) converted to `cls`'s field types, or to the types `extra` gives names that
+    are no field (a command's own keys, as `run`'s `store`); a one-line UserError otherwise. Other names pass
+    through for the caller to report."""
+    hints = typing.get_type_hints(cls) | (extra or {})
+    names = {f.name for f in fields(cls)} | set(extra or ())
     out = dict(values)
     for k, v in values.items():
         if k in names:

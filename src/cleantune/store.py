@@ -83,9 +83,9 @@ class ResultStore:
     can write to one file on one machine. (WAL needs shared memory: not for network filesystems.)"""
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False):
-        """`readonly` (results, report): the file must exist and its content is never changed (SQLite may add
-        the `-wal`/`-shm` companions a WAL database has while open). Otherwise it is created when missing.
-        Either way an SQLite file holding other tables is refused, not changed."""
+        """`readonly` (results, report): the file must exist and is opened read-only, so it is never changed; a
+        store no process has open can be read in a read-only folder, and nothing is left beside it. Otherwise it
+        is created when missing. Either way an SQLite file holding other tables is refused, not changed."""
         self.path = Path(path) if path is not None else default_store_path()
         label = f"--store {self.path}"
         if self.path.is_dir():
@@ -97,7 +97,16 @@ class ResultStore:
         try:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            uri = f"{self.path.absolute().as_uri()}?mode={'ro' if readonly else 'rwc'}"
+            mode = "rwc"
+            if readonly:
+                # Without a -wal no process has the store open (the last to close writes the WAL into the file
+                # and removes it), so the file holds every run and is read as immutable: SQLite then makes no
+                # -wal/-shm, which a read-only connection can neither create in a read-only folder nor remove.
+                # (A writer opening it meanwhile changes the file only when it checkpoints a stored run.) With a
+                # -wal a writer may hold runs there that immutable would not see: read-only WAL access reads
+                # them (it needs the -shm as well, or a folder to make it in).
+                mode = "ro" if companions[0].exists() else "ro&immutable=1"
+            uri = f"{self.path.absolute().as_uri()}?mode={mode}"
             self.conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
             tables = {r[0] for r in _retry(lambda: self.conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall())}
