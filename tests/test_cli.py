@@ -335,6 +335,18 @@ def test_results_and_report_read_a_store_in_a_read_only_folder(tmp_path):
         folder.chmod(0o755)
 
 
+def test_a_run_whose_checkpoint_folder_cannot_be_made_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")  # XDG_DATA_HOME, where runs keep their checkpoints, is a file
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "file"))
+    store = tmp_path / "s.sqlite"
+    assert main(["run", "--model", tiny_model, "--train-size", "40", "--epochs", "1", "--no-progress",
+                 "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cleantune: error: cannot write {tmp_path / 'file' / 'cleantune' / 'runs'} (")
+    assert err.endswith("): training keeps its checkpoints and lock there\n") and err.count("\n") == 1
+    assert not list(tmp_path.glob("s.sqlite*"))  # the store it opened holds no run: removed
+
+
 def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tmp_path, capsys, monkeypatch):
     """A file where train writes a folder beside --out (<out>.partial, .old, .work) failed with a traceback
     after the training; `--out .` failed on the empty name. Both are refused before anything runs."""
