@@ -432,6 +432,34 @@ def test_a_damaged_label_file_is_one_line(tiny_model, tmp_path, capsys, meta, fr
     assert out == ""
 
 
+@pytest.mark.parametrize("damage", ["other weights", "other vocabulary size", "tokenizer past the embeddings"])
+def test_a_model_folder_whose_weights_or_tokenizer_do_not_fit_is_one_line(tiny_model, tmp_path, capsys, damage):
+    """eval scored such folders at chance (layers quietly re-initialised) or failed mid-prediction."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    m = shutil.copytree(tiny_model, tmp_path / "m")
+    config = json.loads((m / "config.json").read_text())
+    if damage == "other weights":
+        save_file({"x": torch.zeros(2)}, m / "model.safetensors")
+        fragment = f"{m}: its weights lack "
+    elif damage == "other vocabulary size":
+        (m / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
+        fragment = "(e.g. bert.embeddings.word_embeddings.weight); not a whole trained classifier"
+    else:  # a model trained with its own small vocabulary, saved beside a larger tokenizer
+        small = {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+        BertForSequenceClassification(BertConfig(vocab_size=100, **small)).save_pretrained(m)
+        fragment = f"{m}: its tokenizer has "
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    code = main(["eval", str(m), str(tmp_path / "d.tsv")])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, fragment)
+
+
 @pytest.mark.parametrize("meta,fragment", [DAMAGED_LABEL_FILES[3], DAMAGED_LABEL_FILES[-1]],
                          ids=[LABEL_FILE_DAMAGE[3], LABEL_FILE_DAMAGE[-1]])
 def test_a_victim_with_a_damaged_label_file_is_one_line(tiny_model, tmp_path, capsys, meta, fragment):

@@ -177,8 +177,9 @@ def load_model(name_or_path: str, label_names: list[str], label: str | None = No
         # transformers 5 keeps a checkpoint's dtype: AdamW on bf16/fp16 weights rounds most updates away (a Llama
         # stored in fp16, a bf16 hub model). Mixed precision is Accelerate's autocast over float32 weights.
         dtype=torch.float32, output_loading_info=True)
-    # layers the checkpoint lacks (the head, DistilBERT's pre_classifier) start random: a saved adapter keeps them
-    model.cleantune_new_keys = tuple(info["missing_keys"])
+    # layers the checkpoint lacks (the head, DistilBERT's pre_classifier) or holds in another shape (a head for
+    # another number of classes) start random: a saved adapter keeps them
+    model.cleantune_new_keys = tuple(info["missing_keys"]) + tuple(k[0] for k in info["mismatched_keys"])
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -420,6 +421,13 @@ class Classifier:
             labels, max_length = [cfg.id2label[i] for i in range(cfg.num_labels)], 128
         # the caller named the model by its path (eval's MODEL, a victim= option), not by --model
         model, tokenizer = load_model(str(path), labels, str(path)), load_tokenizer(str(path), str(path))
+        if model.cleantune_new_keys:  # a trained classifier with random layers would score as chance, quietly
+            new = sorted(model.cleantune_new_keys)
+            raise UserError(f"{path}: its weights lack {len(new)} of the model's tensors or do not fit them (e.g. "
+                            f"{new[0]}); not a whole trained classifier")
+        rows = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:  # a token id past the embedding table fails on the first text that has it
+            raise UserError(f"{path}: its tokenizer has {len(tokenizer)} tokens, its model embeds {rows}")
         if named:  # past the position table, prediction fails on the first long text
             check_max_length(model, tokenizer, max_length, str(path), option=f"{meta_file}: max_length",
                              label=str(path))
