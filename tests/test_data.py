@@ -83,6 +83,11 @@ def test_integer_labels_and_custom_columns(tmp_path):
     ("a.csv", "sentence,label\nfine,0\nok,\n", "a.csv:3: missing label"),
     ("a.tsv", "sentence\tlabel\nfine\t0\nshort\n", "a.tsv:3: not a table: 1 fields where the header has 2"),
     ("a.jsonl", '{"text": "a", "label": 0}\n["b", 1]\n', "a.jsonl:2: each line must be a JSON object"),
+    # zero-width spaces and control characters: the tokenizer keeps nothing of them
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "\\u200b\\u200b", "label": 1}\n',
+     "a.jsonl:2: empty text (only invisible characters)"),
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": " \\u0000\\u200d ", "label": 1}\n',
+     "a.jsonl:2: empty text (only invisible characters)"),
     # one id and one name: the kind that shows up later is the stray one
     ("a.tsv", "sentence\tlabel\na\t0\nb\tpos\n",
      "a.tsv:3: label 'pos' is a string name, but other labels are integer class ids (e.g. '0' at line 2)"),

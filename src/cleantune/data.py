@@ -202,8 +202,8 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
         t, y = rec[text_column], rec[label_column]
         if not isinstance(t, str):
             raise UserError(f"{path}:{n}: text {json.dumps(t)[:40]} is not a string")
-        if not t.strip():
-            raise UserError(f"{path}:{n}: empty text")
+        if not any(c.isprintable() and not c.isspace() for c in t):  # a tokenizer drops formats and controls too
+            raise UserError(f"{path}:{n}: empty text" + (" (only invisible characters)" if t.strip() else ""))
         try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
             t.encode("utf-8")
         except UnicodeEncodeError as e:
