@@ -365,7 +365,8 @@ def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tm
         err = capsys.readouterr().err
         assert f"m{side} is a link to {tmp_path / 'gone'}, which does not exist" in err if side else \
             f"--out {tmp_path / 'm'}: a link to {tmp_path / 'gone'}, which does not exist" in err
-        assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", f"m{side}"]
+        assert len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", f"m{side}"]
         (tmp_path / f"m{side}").unlink()
     (tmp_path / "r").symlink_to(tmp_path / "gone")  # report and analyze check --out the same way
     assert main(["report", "--store", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "r")]) == 2

@@ -322,14 +322,14 @@ def test_max_length_is_checked_against_the_position_table_and_the_special_tokens
     small = dict(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     for model in (BertForSequenceClassification(BertConfig(max_position_embeddings=64, **small)),
                   RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=66, pad_token_id=1, **small))):
-        check_max_length(model, tok, 64, "m")
-        check_max_length(model, tok, 3, "m")
+        check_max_length(model, tok, 64, "--model m")
+        check_max_length(model, tok, 3, "--model m")
         with pytest.raises(UserError, match="--max-length 65 exceeds the 64 tokens --model m takes"):
-            check_max_length(model, tok, 65, "m")
+            check_max_length(model, tok, 65, "--model m")
         for n in (1, 2):
             with pytest.raises(UserError, match=rf"--max-length {n} leaves no token for the text: --model m adds 2 "
                                                 r"special tokens to each sample \(give at least 3\)"):
-                check_max_length(model, tok, n, "m")
+                check_max_length(model, tok, n, "--model m")
 
 
 def test_predict_keeps_the_input_order_and_the_train_mode(tiny_model):

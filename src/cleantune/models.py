@@ -198,13 +198,11 @@ def max_positions(model) -> int | None:
     return n
 
 
-def check_max_length(model, tokenizer, max_length: int, name: str, option: str = "--max-length",
-                     label: str | None = None) -> None:
+def check_max_length(model, tokenizer, max_length: int, label: str, option: str = "--max-length") -> None:
     """Between the backbone's position table and one text token past the tokenizer's special tokens. Below
     that a fast tokenizer cannot truncate: it logs an error and returns the whole text (at the special
     tokens' count, a sample is only [CLS] [SEP]), so training would run on what the user did not ask for.
-    `label`: how errors name the model (as in `resolve_model`)."""
-    label = label or f"--model {name}"
+    `label`: how errors name the model (`--model NAME`, or a saved model's path, as in `resolve_model`)."""
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     if max_length <= specials:
         raise UserError(f"{option} {max_length} leaves no token for the text: {label} adds {specials} "
@@ -429,6 +427,5 @@ class Classifier:
         if len(tokenizer) > rows:  # a token id past the embedding table fails on the first text that has it
             raise UserError(f"{path}: its tokenizer has {len(tokenizer)} tokens, its model embeds {rows}")
         if named:  # past the position table, prediction fails on the first long text
-            check_max_length(model, tokenizer, max_length, str(path), option=f"{meta_file}: max_length",
-                             label=str(path))
+            check_max_length(model, tokenizer, max_length, str(path), option=f"{meta_file}: max_length")
         return cls(model, tokenizer, labels, max_length)

@@ -106,7 +106,7 @@ class Defense:
         seed_everything(self.seed)
         tokenizer = load_tokenizer(self.model)
         model = load_model(self.model, train_data.label_names)
-        check_max_length(model, tokenizer, self.max_length, self.model)
+        check_max_length(model, tokenizer, self.max_length, f"--model {self.model}")
         model = self.prepare_model(model, tokenizer, train_data)
         hooks = tuple(self.hooks(model, tokenizer, train_data, clean_dev)) + tuple(extra_hooks)
         self.report_: TrainReport = train(model, tokenizer, train_data, self.selection_data(clean_dev),

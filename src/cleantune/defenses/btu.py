@@ -496,9 +496,10 @@ class BTU(Defense):
         pretrained = load_model(self.model, train_data.label_names)
         E0 = pretrained.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
         settings = self.train_settings()
-        check_max_length(pretrained, tokenizer, self.expose_max_length, self.model, "--option expose_max_length")
+        check_max_length(pretrained, tokenizer, self.expose_max_length, f"--model {self.model}",
+                         "--option expose_max_length")
         if self._length_given:
-            check_max_length(pretrained, tokenizer, self.max_length, self.model)
+            check_max_length(pretrained, tokenizer, self.max_length, f"--model {self.model}")
         else:  # the mode's length (faithful: the official 512) as far as the backbone reaches
             limit = max_positions(pretrained)
             if limit is not None:

@@ -289,7 +289,8 @@ class MuScleLoRA(Defense):
             if value is not None and not 0 <= value < math.inf:
                 raise UserError(f"defense '{self.name}': option {name} must be a finite number >= 0, got {value}")
         if self.ga_epoch is not None and self.ga_epoch < 0:
-            raise UserError(f"defense '{self.name}': option ga_epoch must be >= 0 (an epoch, from 0), got {self.ga_epoch}")
+            raise UserError(f"defense '{self.name}': option ga_epoch must be >= 0 (an epoch, from 0), "
+                            f"got {self.ga_epoch}")
         super().__post_init__()
 
     def settings(self) -> dict:
