@@ -623,6 +623,9 @@ def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
                       ([m, "sst2", "--attack", "badnets", "--target", "7"], "--target 7 is not a class of sst2")):
         assert main(["eval"] + args) == 2
         assert msg in capsys.readouterr().err, args
+    (tmp_path / "p.tsv").write_text("\n".join(rows[:1] + rows[2:22:2]) + "\n")  # all 'pos': none to trigger
+    assert main(["eval", m, str(tmp_path / "p.tsv"), "--attack", "badnets", "--target", "pos"]) == 2
+    assert "yields no triggered test sample for target pos" in capsys.readouterr().err  # the name given
     assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "s"),
                  "--model", tiny_model, "--epochs", "1", "--no-progress", "--defense", "strip"]) == 0
     assert "note: strip acts at inference time" in capsys.readouterr().err

@@ -138,8 +138,10 @@ class Attack:
         texts = [self.trigger(t, rng, split) for t, y in zip(ds.texts, ds.labels)
                  if y != self.target and self.carries(t, split)]
         if not texts:  # reached by `cleantune eval --attack` on a user's file, which no _plan() checked
-            raise self._none_triggered(split)
+            raise self._none_triggered(split, ds.label_names)
         return TextDataset(texts, [self.target] * len(texts), ds.label_names, [True] * len(texts))
 
-    def _none_triggered(self, split: str) -> UserError:
-        return UserError(f"the {self.name} attack yields no triggered {split} sample for target {self.target}")
+    def _none_triggered(self, split: str, label_names: list[str] | None = None) -> UserError:
+        # by the name the user gave (`--target pos`) where the data's labels have names
+        target = label_names[self.target] if label_names and 0 <= self.target < len(label_names) else self.target
+        return UserError(f"the {self.name} attack yields no triggered {split} sample for target {target}")
