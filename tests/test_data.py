@@ -83,6 +83,8 @@ def test_integer_labels_and_custom_columns(tmp_path):
     ("a.csv", "sentence,label\nfine,0\nok,\n", "a.csv:3: missing label"),
     ("a.tsv", "sentence\tlabel\nfine\t0\nshort\n", "a.tsv:3: not a table: 1 fields where the header has 2"),
     ("a.jsonl", '{"text": "a", "label": 0}\n["b", 1]\n', "a.jsonl:2: each line must be a JSON object"),
+    ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1, "text": "c"}\n',
+     "a.jsonl:2: key 'text' appears twice in one object"),
     # zero-width spaces and control characters: the tokenizer keeps nothing of them
     ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "\\u200b\\u200b", "label": 1}\n',
      "a.jsonl:2: empty text (only invisible characters)"),

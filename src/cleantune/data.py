@@ -104,6 +104,19 @@ class Benchmark:
 # ---------------------------------------------------------------- reading files
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _decode(path: Path) -> str:
     try:
         raw = path.read_bytes()
@@ -133,9 +146,11 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            except _DuplicateKey as e:  # json keeps the last one without a word: which text or label was meant?
+                raise UserError(f"{path}:{n}: key '{e}' appears twice in one object") from None
             except RecursionError:
                 raise UserError(f"{path}:{n}: invalid JSON (nested too deeply)") from None
             if not isinstance(rec, dict):
