@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -284,7 +285,6 @@ def _file_modes_apply() -> list[str]:
     """The command prefix under which file modes bind this process: root ignores them, so root drops that
     capability (or the test is skipped)."""
     import os
-    import shutil
 
     if os.geteuid() != 0:
         return []
@@ -382,8 +382,6 @@ def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tm
 
 
 def test_a_label_file_with_an_impossible_max_length_is_one_line(tiny_model, tmp_path, capsys):
-    import shutil
-
     from cleantune.models import LABELS_FILE
 
     shutil.copytree(tiny_model, tmp_path / "m")
@@ -420,8 +418,6 @@ LABEL_FILE_DAMAGE = ["names-ints", "name-null", "name-empty", "names-repeated", 
 def test_a_damaged_label_file_is_one_line(tiny_model, tmp_path, capsys, meta, fragment):
     """eval's MODEL: a label file that is not what `train` writes, or a max_length the model cannot take (a long
     text would fail mid-prediction), is refused when the model loads."""
-    import shutil
-
     from cleantune.models import LABELS_FILE
 
     m = shutil.copytree(tiny_model, tmp_path / "m")
@@ -436,9 +432,6 @@ def test_a_damaged_label_file_is_one_line(tiny_model, tmp_path, capsys, meta, fr
 @pytest.mark.parametrize("damage", ["other weights", "other vocabulary size", "tokenizer past the embeddings"])
 def test_a_model_folder_whose_weights_or_tokenizer_do_not_fit_is_one_line(tiny_model, tmp_path, capsys, damage):
     """eval scored such folders at chance (layers quietly re-initialised) or failed mid-prediction."""
-    import json
-    import shutil
-
     import torch
     from safetensors.torch import save_file
     from transformers import BertConfig, BertForSequenceClassification
@@ -466,8 +459,6 @@ def test_a_model_folder_whose_weights_or_tokenizer_do_not_fit_is_one_line(tiny_m
 def test_a_victim_with_a_damaged_label_file_is_one_line(tiny_model, tmp_path, capsys, meta, fragment):
     """An inference-time defense's victim=FOLDER loads as eval's MODEL does: refused alike, before anything is
     written."""
-    import shutil
-
     from cleantune.models import LABELS_FILE
 
     m = shutil.copytree(tiny_model, tmp_path / "m")
@@ -760,8 +751,6 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
 
 
 def test_damaged_model_folders_are_one_line_errors(tiny_model, tmp_path, capsys):
-    import shutil
-
     (tmp_path / "d.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
     corrupt = shutil.copytree(tiny_model, tmp_path / "corrupt")
     (corrupt / "model.safetensors").write_bytes(b"\xff" * 5000)
@@ -899,8 +888,6 @@ def _truncate(name, keep):
 def test_a_damaged_checkpoint_is_one_line_on_resume(interrupted_train, tmp_path, capsys, damage, fragment):
     """--resume reads the whole checkpoint before training on: a damaged one is refused, left in place, and
     starting over without --resume works."""
-    import shutil
-
     args, work = interrupted_train
     ckpt = shutil.copytree(work, tmp_path / "m.work") / "checkpoints"
     damage(ckpt)

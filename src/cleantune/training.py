@@ -467,12 +467,11 @@ def _flock(path: Path, wait: bool) -> int | None:
     """The open, locked lock file; None when another process holds it and `wait` is false."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # before any training: a folder (a run's under $XDG_DATA_HOME) that cannot be written
         raise UserError(f"cannot write {path.parent} ({e.strerror}): training keeps its checkpoints and lock "
                         "there") from None
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:  # only without `wait`
@@ -484,6 +483,7 @@ def _flock(path: Path, wait: bool) -> int | None:
         except FileNotFoundError:
             pass
         os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
 
 def has_checkpoint(work: Path) -> bool:
