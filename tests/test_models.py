@@ -281,6 +281,11 @@ def test_a_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path):
     assert main(["eval", str(folder), str(tmp_path / "d.tsv")]) == 2
     with pytest.raises(UserError, match="a file, not a model folder"):
         resolve_model(str(tmp_path / "d.tsv"))
+    # the settings file without the vocabulary (a copy that left tokenizer.json and vocab.txt behind)
+    shutil.copy(Path(tiny_model) / "tokenizer_config.json", folder / "tokenizer_config.json")
+    with pytest.raises(UserError, match="holds only its 5 special tokens .the vocabulary file"):
+        load_tokenizer(str(folder))
+    assert main(["eval", str(folder), str(tmp_path / "d.tsv")]) == 2
     # a character-level tokenizer (CANINE, ByT5) saves its settings alone: no vocabulary to miss
     from transformers import CanineConfig, CanineTokenizer
 

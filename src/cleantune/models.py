@@ -158,6 +158,11 @@ def load_tokenizer(name_or_path: str, label: str | None = None):
         raise UserError(f"{label}: cannot load its tokenizer (the folder has no tokenizer.json, "
                         "tokenizer_config.json, vocab or sentencepiece file)")
     tok = _from_pretrained(AutoTokenizer.from_pretrained, where, label, "cannot load its tokenizer", use_fast=True)
+    if len(tok) <= len(set(tok.all_special_ids)):
+        # tokenizer_config.json without its vocabulary (tokenizer.json, vocab.txt left behind in a copy): every
+        # word would be [UNK] and the special tokens take other ids than the model learned
+        raise UserError(f"{label}: its tokenizer holds only its {len(tok)} special tokens (the vocabulary file, "
+                        "tokenizer.json or vocab.*, is missing from the folder)")
     if tok.pad_token is None:  # causal LMs (GPT-2, Llama) ship no pad token: pad with EOS as HF does
         tok.pad_token = tok.eos_token
     return tok
