@@ -274,9 +274,12 @@ def test_onion_with_a_tiny_gpt2(tmp_path, tiny_model):
     assert set(out.split()) <= {"the", "cf", "movie", "was", "good"}
 
 
-def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch):
+def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch, tiny_model):
     with pytest.raises(UserError, match="lm="):
         load_causal_lm(str(tmp_path / "no-such-lm"))
+    # a classifier folder loads as a causal LM with a random head: perplexities would be noise
+    with pytest.raises(UserError, match="lm=.*its weights lack .* not a trained causal LM"):
+        load_causal_lm(tiny_model)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="config.json"):
         load_causal_lm(str(tmp_path / "empty"))

@@ -60,10 +60,15 @@ def load_causal_lm(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False,
                                                   **{k: v for k, v in kw.items() if k == "gguf_file"})
-        model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=False, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=False, output_loading_info=True,
+                                                           **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"ONION: option lm={name}: cannot load a causal LM ({str(e).splitlines()[0]}); "
                         f"the default lm=smollm2 installs with: {SMOLLM2_INSTALL}") from None
+    new = sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
+    if new:  # a classifier or encoder folder loads with a random LM head: its perplexities would be noise
+        raise UserError(f"ONION: option lm={name}: its weights lack {len(new)} of the causal LM's tensors (e.g. "
+                        f"{new[0]}); not a trained causal LM")
     model.eval()
     return model, tokenizer
 
