@@ -312,8 +312,8 @@ LOG = sys.argv[1]
 def slow_run(config, store, resume=False, progress=False):  # a cell that trains for a long time
     with open(LOG, "a") as f:
         f.write(f"start {config.seed}, pid {os.getpid()}, SIGINT {'ignored' if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else 'taken'}\\n")
-    try:
-        time.sleep(60)
+    try:  # long enough that the first cell is still running when a loaded machine starts the second worker
+        time.sleep(300)
     except KeyboardInterrupt:
         with open(LOG, "a") as f:
             f.write("worker interrupted\\n")
@@ -394,7 +394,7 @@ def test_workers_stop_when_their_sweep_is_killed(tmp_path):
     left = [pid for pid in pids if alive(pid)]
     for pid in left:
         os.kill(pid, signal.SIGKILL)
-    assert not left  # their cells would otherwise train on, 60 s here, and the workers then wait for good
+    assert not left  # their cells would otherwise train on, 300 s here, and the workers then wait for good
 
 
 def test_a_damaged_row_of_another_run_does_not_stop_a_sweep(tiny_model, tmp_path, capsys):
