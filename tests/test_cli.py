@@ -873,18 +873,41 @@ def _truncate(name, keep):
     return cut
 
 
+def _flip_byte(name):
+    def flip(ckpt):  # in the middle of the tensor data: the header still parses
+        data = bytearray((ckpt / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (ckpt / name).write_bytes(bytes(data))
+    return flip
+
+
+def _unsummed(damage):
+    def without_sums(ckpt):
+        state = json.loads((ckpt / "state.json").read_text())
+        del state["sha256"]
+        (ckpt / "state.json").write_text(json.dumps(state))
+        damage(ckpt)
+    return without_sums
+
+
 @pytest.mark.parametrize("damage,fragment", [
     (lambda c: (c / "state.json").write_text("{not json"), "state.json: Expecting property name"),
     (_edit_state(epoch="x"), 'state.json: epoch "x" is not one of 0..2'),
     (_edit_state(epoch=-1), "state.json: epoch -1 is not one of 0..2"),
     (_edit_state(history="h"), "state.json: history, best_epoch, best_score or done is not what cleantune writes"),
-    (_truncate("optimizer.pt", 0.5), "optimizer.pt: PytorchStreamReader failed reading zip archive"),
-    (_truncate("optimizer.pt", 0), "optimizer.pt: EOFError()"),
-    (_truncate("trainable.safetensors", 0.5), "trainable.safetensors: Error while deserializing header"),
+    (_edit_state(sha256={"../state.json": "0"}), "state.json: sha256 is not what cleantune writes"),
+    (_truncate("optimizer.pt", 0.5), "optimizer.pt: its contents changed after it was saved (sha256 differs)"),
+    (_flip_byte("trainable.safetensors"), "trainable.safetensors: its contents changed after it was saved"),
+    (_flip_byte("best.safetensors"), "best.safetensors: its contents changed after it was saved"),
+    # checkpoints written before the checksums: the files' own formats still catch a cut
+    (_unsummed(_truncate("optimizer.pt", 0.5)), "optimizer.pt: PytorchStreamReader failed reading zip archive"),
+    (_unsummed(_truncate("optimizer.pt", 0)), "optimizer.pt: EOFError()"),
+    (_unsummed(_truncate("trainable.safetensors", 0.5)), "trainable.safetensors: Error while deserializing header"),
     (lambda c: (c / "rng.safetensors").unlink(), "rng.safetensors: missing"),
     (lambda c: (c / "best.safetensors").unlink(), "best.safetensors: missing"),
-], ids=["state-not-json", "state-epoch-text", "state-epoch-negative", "state-history", "optimizer-truncated",
-        "optimizer-empty", "trainable-truncated", "rng-deleted", "best-deleted"])
+], ids=["state-not-json", "state-epoch-text", "state-epoch-negative", "state-history", "state-sha256",
+        "optimizer-cut", "trainable-byte", "best-byte", "old-optimizer-truncated", "old-optimizer-empty",
+        "old-trainable-truncated", "rng-deleted", "best-deleted"])
 def test_a_damaged_checkpoint_is_one_line_on_resume(interrupted_train, tmp_path, capsys, damage, fragment):
     """--resume reads the whole checkpoint before training on: a damaged one is refused, left in place, and
     starting over without --resume works."""

@@ -501,6 +501,9 @@ def _saved_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "best.safetensors", "optimizer.pt", "rng.safetensors")
+
+
 def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
     """The checkpoint in `saved`, read whole before any of it is applied: its state, trainable weights, optimizer
     and scheduler state, random states and the best epoch's weights (None without). One that cannot be read (a
@@ -526,6 +529,13 @@ def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
                 and type(state["best_score"]) in (int, float)
                 and isinstance(done, dict) and all(type(v) in (int, float) for v in done.values())):
             raise ValueError("history, best_epoch, best_score or done is not what cleantune writes")
+        sums = state.get("sha256", {})  # checkpoints written before the checksums carry none
+        if not (isinstance(sums, dict) and set(sums) <= set(CHECKPOINT_FILES)
+                and all(isinstance(v, str) for v in sums.values())):
+            raise ValueError("sha256 is not what cleantune writes")
+        for name, digest in sorted(sums.items()):  # a changed byte mid-file reads as valid weights or Adam moments
+            if _sha256(saved / name) != digest:
+                raise ValueError("its contents changed after it was saved (sha256 differs)")
         name = "trainable.safetensors"
         weights = load_file(saved / name)
         name = "optimizer.pt"
@@ -543,6 +553,11 @@ def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
         why = str(e).splitlines()[0].split(". ")[0] if str(e) and not isinstance(e, KeyError) else repr(e)
     raise UserError(f"--resume: the checkpoint in {saved} is damaged ({name}: {why}); delete it, or run without "
                     "--resume, to start over")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _rng_states(accelerator) -> dict[str, torch.Tensor]:
@@ -571,6 +586,7 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, r
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tmp / "optimizer.pt")
     save_file(rng, tmp / "rng.safetensors")
+    state = {**state, "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
     (tmp / "state.json.tmp").write_text(json.dumps(state))
     os.replace(tmp / "state.json.tmp", tmp / "state.json")  # whole or absent: it marks the folder complete
     old = ckpt_dir.with_name(ckpt_dir.name + ".old")
