@@ -339,7 +339,7 @@ def _hook_step(tiny_model, ref_a, ref_loss, epoch, **gating):
     """One after_backward on two tensors with given gradients, the reference gradients stubbed: (grads, logs)."""
     refs = TextDataset(["good", "bad"], [1, 0], ["a", "b"])
     hook = GradientAlignment(load_tokenizer(tiny_model), refs, batch_size=2, max_length=8, seed=0, **gating)
-    hook.reference_gradients = lambda model, params, step, device: (ref_loss, [ref_a, torch.zeros(3)])
+    hook.reference_gradients = lambda model, params, step, device, need_grads=None: (ref_loss, [ref_a, torch.zeros(3)])
     model = _TwoTensors()
     model.a.grad, model.b.grad = torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.ones(3)
     ctx = StepContext(model, None, epoch=epoch, step=0, steps_per_epoch=1, settings=TrainSettings(epochs=10))
@@ -590,7 +590,7 @@ def test_ga_fractions_and_reference_loss_are_per_epoch(tiny_model):
     settings = TrainSettings(epochs=10)
     # epoch 0: the reference loss is high (project); epoch 1: low, before ga_epoch (raw)
     for epoch, ref_loss in ((0, 1.0), (1, 0.1)):
-        hook.reference_gradients = lambda model, params, step, device: (ref_loss, [torch.ones(4), torch.ones(3)])
+        hook.reference_gradients = lambda model, params, step, device, need_grads=None: (ref_loss, [torch.ones(4), torch.ones(3)])
         ctx = StepContext(model, None, epoch=epoch, step=0, steps_per_epoch=2, settings=settings)
         for _ in range(2):
             model.a.grad, model.b.grad = torch.ones(4), torch.ones(3)
@@ -624,3 +624,28 @@ def test_weight_decay_reaches_the_train_settings(tiny_model):
         d = get_defense("muscle-lora", model=tiny_model, **given)
         d.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
         assert d.train_settings().weight_decay == expected
+
+
+def test_a_step_the_loss_makes_raw_skips_the_reference_backward_and_changes_nothing(tiny_model, small_data, monkeypatch):
+    """Below min_ref_loss (and with no mixing) the gating is raw whatever the norm: the reference backward is
+    skipped, and the run is the same to the bit as one that computes it."""
+    train, dev, texts = small_data
+    grads_taken = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads_taken.append(1) or real_grad(*a, **k))
+
+    def fit():
+        d = get_defense("muscle-lora", model=tiny_model, epochs=2, batch_size=16, ref_samples=32, lr=5e-3,
+                        min_ref_loss=50.0, max_raw_grad_ratio=0.0)
+        clf = d.fit(train, dev, progress=False)
+        return d.report_.history, clf.predict_logits(texts)
+
+    skipped_history, skipped_logits = fit()
+    assert grads_taken == [] and [h["ga_raw"] for h in skipped_history] == [1.0, 1.0]
+    always = GradientAlignment.reference_gradients
+    monkeypatch.setattr(GradientAlignment, "reference_gradients",
+                        lambda self, model, params, step, device, need_grads=None: always(self, model, params, step,
+                                                                                          device))
+    history, logits = fit()
+    assert len(grads_taken) == 6  # 48 samples / 16, two epochs
+    assert history == skipped_history and torch.equal(logits, skipped_logits)

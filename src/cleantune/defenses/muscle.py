@@ -15,6 +15,7 @@ tensor's gradient by its projection onto the reference gradient (spec 3.2), befo
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import asdict, dataclass, replace
@@ -193,13 +194,17 @@ class GradientAlignment(StepHook):
         self.counts = {"project": 0, "mix": 0, "raw": 0}
         self.ref_loss_sum = 0.0
 
-    def reference_gradients(self, model, params: list[torch.nn.Parameter], step: int,
-                            device) -> tuple[float, list[torch.Tensor | None]]:
+    def reference_gradients(self, model, params: list[torch.nn.Parameter], step: int, device,
+                            need_grads=None) -> tuple[float, list[torch.Tensor | None] | None]:
+        """(reference loss, one gradient per parameter); the gradients are None where `need_grads(loss)` says
+        the loss alone decides the step."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         idx = torch.randperm(len(self.ids), generator=g)[: self.batch_size].tolist()
         batch = {k: v.to(device) for k, v in make_batch([self.ids[i] for i in idx], self.pad_id).items()}
         y = torch.tensor([self.refs.labels[i] for i in idx], device=device)
         loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), y)
+        if need_grads is not None and not need_grads(loss.item()):
+            return loss.item(), None
         # one gradient per parameter, None where unused: pairing by parameter, not by position (the official
         # zip silently misaligns when a trainable tensor gets no gradient)
         return loss.item(), list(torch.autograd.grad(loss, params, allow_unused=True))
@@ -207,14 +212,23 @@ class GradientAlignment(StepHook):
     def after_backward(self, ctx: StepContext) -> None:
         model = ctx.model
         params = [p for p in model.parameters() if p.requires_grad]
-        ref_loss, refs = self.reference_gradients(model, params, ctx.step, params[0].device)
+        gate = functools.partial(ga_mode, epoch=ctx.epoch, epochs=ctx.settings.epochs, **self.gating)
         if ctx.accelerator is not None and ctx.accelerator.num_processes > 1:
+            # every process gates on the averaged loss: each computes its gradients for the one all-reduce
+            ref_loss, refs = self.reference_gradients(model, params, ctx.step, params[0].device)
             ref_loss, refs = _mean_over_processes(ctx.accelerator, ref_loss, refs)
-        groups = ref_groups(refs)
-        norms = torch.cat([R.norm(dim=1) for _, R in groups]).double().tolist() if groups else []  # one host sync
-        norms = [n for n in norms if n > 0]
-        mean_norm = sum(norms) / len(norms) if norms else 0.0
-        mode, mu = ga_mode(mean_norm, ref_loss, ctx.epoch, ctx.settings.epochs, **self.gating)
+        else:
+            # below min_ref_loss the norm cannot make the step project: a raw step leaves the reference backward
+            # unused (skipping it changes no number: a backward draws no random numbers)
+            ref_loss, refs = self.reference_gradients(model, params, ctx.step, params[0].device,
+                                                      need_grads=lambda loss: gate(math.inf, loss)[0] != "raw")
+        if refs is None:
+            mode, mu = "raw", 1.0
+        else:
+            groups = ref_groups(refs)
+            norms = torch.cat([R.norm(dim=1) for _, R in groups]).double().tolist() if groups else []  # one sync
+            norms = [n for n in norms if n > 0]
+            mode, mu = gate(sum(norms) / len(norms) if norms else 0.0, ref_loss)
         if mode != "raw":
             with torch.no_grad():  # refs[i] belongs to params[i] by construction
                 changed = [(p.grad, new) for p, new in zip(params, align_all([p.grad for p in params], refs, mode,
