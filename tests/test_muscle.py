@@ -12,7 +12,7 @@ from torch import nn
 from cleantune.adapters import MSLRConfig, MSLRLinear, inject_mslr, load_classifier
 from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import get_defense
-from cleantune.defenses.muscle import GradientAlignment, align, align_all, ga_mode, project, ref_groups, split_refs
+from cleantune.defenses.muscle import GradientAlignment, MuScleLoRA, align, align_all, ga_mode, project, ref_groups, split_refs
 from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, load_tokenizer
 from cleantune.training import StepContext, TrainSettings, make_batch, encode
@@ -649,3 +649,23 @@ def test_a_step_the_loss_makes_raw_skips_the_reference_backward_and_changes_noth
     history, logits = fit()
     assert len(grads_taken) == 6  # 48 samples / 16, two epochs
     assert history == skipped_history and torch.equal(logits, skipped_logits)
+
+
+def test_settings_the_backbone_cannot_take_are_refused_before_any_loading(tiny_model, monkeypatch):
+    """`run` resolves a cell before it reads data or weights: a module the backbone lacks is refused there, from a
+    skeleton; what the skeleton alone cannot do (it has no weights) is left to the run."""
+    from cleantune.models import model_skeleton
+    from cleantune.runner import RunConfig
+
+    def config(**options):
+        return RunConfig(defense="muscle-lora", model=tiny_model, train_size=40, options=options)
+
+    with pytest.raises(UserError, match="MSLR target module 'bert.nope' not found in BertForSequenceClassification"):
+        config(mslr_target="bert.nope").resolve()
+    with pytest.raises(UserError, match="option target_modules=.'nope'.: Target modules"):
+        config(target_modules="nope").resolve()
+    skeleton = model_skeleton(tiny_model, 2)
+    assert skeleton.bert.pooler.dense.weight.is_meta and skeleton.config.num_labels == 2
+    assert config().resolve()["defense"] == "muscle-lora"
+    monkeypatch.setattr(MuScleLoRA, "prepare_model", lambda self, model, *a: model.bert.pooler.dense.weight.item())
+    assert config(lora_r=4).resolve()["lora_r"] == 4  # .item() on a meta tensor: not the settings' fault

@@ -129,6 +129,16 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
         check_options(workers=None)
     assert main(["sweep", grid, "--store", str(tmp_path / "new" / "s.sqlite"), "--dry-run"]) == 0
     assert "1 cells, 0 stored" in capsys.readouterr().out and not (tmp_path / "new").exists()
+    # so are settings the backbone's architecture cannot take (checked on a skeleton without weights)
+    for options, msg in (({"target_modules": ["no_such_module"]}, "option target_modules=['no_such_module']: Target "
+                           "modules {'no_such_module'} not found in the base model"),
+                         ({"mslr_target": "bert.nope"}, "MSLR target module 'bert.nope' not found in Bert")):
+        write_grid(tmp_path / "b.yaml", tiny_model, defense=["finetune", {"muscle-lora": {"options": options}}])
+        for dry in ([], ["--dry-run"]):
+            assert main(["sweep", str(tmp_path / "b.yaml"), "--store", str(tmp_path / "s.sqlite"), *dry]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"cleantune: error: grid {tmp_path / 'b.yaml'}: {msg}") and err.count("\n") == 1, err
+            assert not list(tmp_path.glob("s.sqlite*"))
     # a model that cannot load is refused with the grid, not stored as a failed cell after the others trained
     (tmp_path / "m.yaml").write_text(f"model: [{tiny_model}, nosuchmodel]\nepochs: 1\ntrain_size: 40\n")
     for dry in ([], ["--dry-run"]):
@@ -164,16 +174,21 @@ def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys):
     assert "lora" in md and "finetune" in md and "bars_sst2.png" in images
 
 
-def test_failed_cell_is_recorded_and_the_others_run(tiny_model, tmp_path, capsys):
-    # the first cell fails inside training (PEFT finds no such module); the second must still run
-    grid = write_grid(tmp_path / "g.yaml", tiny_model,
-                      defense=[{"lora": {"options": {"target_modules": ["no_such_module"]}}}, "finetune"])
+def test_failed_cell_is_recorded_and_the_others_run(tiny_model, tmp_path, capsys, monkeypatch):
+    # the first cell fails inside training (in this process: one worker); the second must still run
+    from cleantune.defenses.lora import LoRA
+
+    def fail(self, *args):
+        raise RuntimeError("out of memory in training")
+
+    monkeypatch.setattr(LoRA, "hooks", fail)
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=[{"lora": {"options": {"lora_r": 4}}}, "finetune"])
     store = tmp_path / "s.sqlite"
     assert main(["sweep", str(grid), "--store", str(store), "--no-progress", "--cpus-per-run", "1"]) == 1
     runs = {r["config"]["defense"]: r for r in ResultStore(store).runs()}
-    assert runs["lora"]["status"] == "failed" and "UserError: option target_modules" in runs["lora"]["error"]
+    assert runs["lora"]["status"] == "failed" and "RuntimeError: out of memory in training" in runs["lora"]["error"]
     assert "Traceback" in runs["lora"]["error"]
-    assert runs["lora"]["config"]["target_modules"] == ["no_such_module"]
+    assert runs["lora"]["config"]["lora_r"] == 4
     assert runs["finetune"]["status"] == "ok" and "cacc" in runs["finetune"]["metrics"]
     assert "1 failed" in capsys.readouterr().out
 

@@ -168,6 +168,21 @@ def load_tokenizer(name_or_path: str, label: str | None = None):
     return tok
 
 
+def model_skeleton(name: str, num_labels: int, label: str | None = None):
+    """The classifier `name` builds, without weights (on PyTorch's meta device): its module names, layer types
+    and shapes, from config.json alone, in well under a second for any size."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    label = label or f"--model {name}"
+    cfg = _from_pretrained(AutoConfig.from_pretrained, resolve_model(name, label), label, "cannot load",
+                           num_labels=num_labels)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
 def load_model(name_or_path: str, label_names: list[str], label: str | None = None):
     """An AutoModelForSequenceClassification with a head for `label_names`, weights from safetensors only, in
     float32 whatever the checkpoint stores. `label`: how errors name the model (as in `resolve_model`)."""

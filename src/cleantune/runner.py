@@ -120,6 +120,7 @@ class RunConfig:
         self.check()
         attack, defense = self.build_attack(), self.build_defense()
         defense.check_task(BENCHMARKS[self.dataset][0])
+        defense.check_backbone(BENCHMARKS[self.dataset][0])
         attack_settings = {f.name: getattr(attack, f.name) for f in fields(attack)}
         defense_settings = defense.settings()
         clash = sorted((set(attack_settings) & set(defense_settings)) - {"seed"})

@@ -8,6 +8,8 @@ defenses override `fit` and call `training.train` for each stage.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import ClassVar
 from ..data import TextDataset
 from ..errors import UserError
 from ..options import C_INT_MAX, check_values
-from ..models import DEFAULT_MODEL, Classifier, check_max_length, load_model, load_tokenizer
+from ..models import DEFAULT_MODEL, Classifier, check_max_length, load_model, load_tokenizer, model_skeleton
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 
 
@@ -86,6 +88,15 @@ class Defense:
     def check_task(self, num_labels: int) -> None:
         """Refuse settings that cannot work for a `num_labels`-class task, before anything trains."""
 
+    def check_backbone(self, num_labels: int) -> None:
+        """Refuse settings that do not fit the backbone's architecture (a module name it lacks, a layer of another
+        kind), before anything loads or trains: `prepare_model` runs on a copy of this defense and a skeleton of
+        the model without weights (`models.model_skeleton`). Only its own refusals count here: anything else the
+        skeleton cannot do shows, if it is real, when the run loads the weights."""
+        if type(self).prepare_model is Defense.prepare_model:
+            return
+        _check_backbone(type(self), json.dumps(self.settings(), sort_keys=True, default=str), num_labels)
+
     def prepare_model(self, model, tokenizer, train_data: TextDataset):
         """Return the model to train, with requires_grad set on what should learn."""
         return model
@@ -113,6 +124,18 @@ class Defense:
                                           self.train_settings(), hooks, out_dir, resume, progress, desc=self.name,
                                           identity=self.identity())
         return Classifier(model, tokenizer, train_data.label_names, self.max_length)
+
+
+@functools.cache  # a sweep checks every cell: each distinct defense setting once
+def _check_backbone(cls: type[Defense], settings: str, num_labels: int) -> None:
+    defense = cls(**json.loads(settings))
+    skeleton = model_skeleton(defense.model, num_labels)
+    try:
+        defense.prepare_model(skeleton, None, None)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a skeleton has no weights: an operation that needs them is not the settings' fault
+        pass
 
 
 def make_defense(cls: type[Defense], options: dict) -> Defense:
