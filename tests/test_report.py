@@ -60,6 +60,34 @@ def test_report_tables_plots_and_protocol(store, tmp_path):
     assert "RuntimeError: out of memory" in page  # the failed run is listed with its error
 
 
+def test_results_and_report_select_runs_by_the_axes_of_run(store, tmp_path, capsys):
+    """--dataset/--attack/--defense/--model/--seed/--status (comma lists) pick runs; a value no stored run has is
+    refused by name, not printed as an empty table; filters that exclude each other do print one."""
+    import json
+
+    def ids(*args):
+        assert main(["results", "--store", str(store.path), "--format", "json", *args]) == 0
+        return sorted((r["config"]["dataset"], r["config"]["defense"], r["config"]["seed"], r["status"])
+                      for r in json.loads(capsys.readouterr().out))
+
+    assert ids("--dataset", "sst2", "--defense", "lora") == [("sst2", "lora", 0, "ok"), ("sst2", "lora", 1, "ok")]
+    assert ids("--seed", "1,7") == [("hsol", "lora", 7, "failed"), ("sst2", "finetune", 1, "ok"), ("sst2", "lora", 1, "ok")]
+    assert ids("--status", "failed") == [("hsol", "lora", 7, "failed")]
+    assert ids("--attack", "addsent", "--model", "minilm", "--status", "ok") == [("hsol", "finetune", 0, "ok"),
+                                                                                 ("hsol", "lora", 0, "ok")]
+    assert ids("--dataset", "sst2", "--seed", "7") == []
+    for args, msg in ((["--defense", "lora,musle-lora"], f"--defense musle-lora: no run in {store.path} has it "
+                        "(they have: finetune, lora)"),
+                      (["--seed", "one"], "--seed: expected an integer, got 'one'")):
+        for command in (["results"], ["report", "--out", str(tmp_path / "rep")]):
+            assert main([*command, "--store", str(store.path), *args]) == 2
+            assert capsys.readouterr().err == f"cleantune: error: {msg}\n"
+            assert not (tmp_path / "rep").exists()
+    assert main(["report", "--store", str(store.path), "--out", str(tmp_path / "rep"), "--dataset", "hsol"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| lora | 1 | 0.900 | 0.500 | – | +5.0 pt | 1.50× |" in md and "sst2" not in md
+
+
 def test_report_without_frequency_or_reference_degrades_gracefully(tmp_path):
     s = ResultStore(tmp_path / "s.sqlite")
     put_run(s, 0.8, 0.1, 5.0, dataset="sst2", attack="syntactic", defense="lora")

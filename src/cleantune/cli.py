@@ -19,7 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import UserError
-from .store import strict_json
+from .store import RUN_FILTERS, strict_json
 
 LIST_AXES = ("dataset", "attack", "defense", "seed")  # `run` takes comma lists here: the cross product runs
 
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output folder for report.html and report.md (default: ./report)")
     p.add_argument("--frequency", action="append", default=[], metavar="CURVES_JSON",
                    help="also plot these curves.json files of `cleantune analyze frequency`")
+    _add_run_filters(p)
 
     p = sub.add_parser("scan", help="rank the tokens BTU's exposure stage finds suspicious in labelled data")
     p.add_argument("data", help="a labelled .tsv/.csv/.jsonl file, or a benchmark name (its train split)")
@@ -185,7 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="the stored runs")
     p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _add_run_filters(p)
     return parser
+
+
+def _add_run_filters(p: argparse.ArgumentParser) -> None:
+    for key in RUN_FILTERS:
+        what = "ok or failed" if key == "status" else f"the {key} `run` was given"
+        p.add_argument(f"--{key}", help=f"only runs with this {key} ({what}; comma-separated: any of them)")
+
+
+def _run_filters(ns) -> dict[str, list[str]]:
+    where = {k: _split(getattr(ns, k)) for k in RUN_FILTERS if getattr(ns, k) is not None}
+    if "seed" in where:
+        where["seed"] = [str(_int("seed", v)) for v in where["seed"]]
+    if "model" in where:  # a local folder is stored by its absolute path, as `run` records it
+        where["model"] = [str(Path(v).expanduser().resolve()) if Path(v).expanduser().exists() else v
+                          for v in where["model"]]
+    return where
 
 
 # ---------------------------------------------------------------- config files
@@ -679,15 +697,16 @@ def cmd_report(ns) -> int:
     for f in ns.frequency:
         if not Path(f).is_file():
             raise UserError(f"--frequency {f}: no such file")
-    html, md = write_report(store, ns.out, ns.frequency)
+    html, md = write_report(store, ns.out, ns.frequency, _run_filters(ns))
     print(f"wrote {html} and {md}")
     return 0
 
 
 def cmd_results(ns) -> int:
-    from .store import ResultStore
+    from .store import ResultStore, select_runs
 
-    runs = ResultStore(ns.store, readonly=True).runs()
+    store = ResultStore(ns.store, readonly=True)
+    runs = select_runs(store.runs(), _run_filters(ns), store.path)
     if ns.format == "json":
         print(strict_json(runs, indent=1))
     elif ns.format == "csv":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .attacks import ATTACKS
 from .errors import UserError
-from .store import ResultStore, data_dir
+from .store import ResultStore, data_dir, select_runs
 
 REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
 ATTACK_ORDER = ("badnets", "addsent", "syntactic", "style")
@@ -596,8 +596,10 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
     return "\n".join(h), "\n".join(m) + "\n", images
 
 
-def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple = ()) -> tuple[Path, Path]:
-    runs = store.runs()
+def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple = (),
+                 where: dict[str, list[str]] | None = None) -> tuple[Path, Path]:
+    """`where`: only the runs it selects (`store.select_runs`), e.g. {"dataset": ["sst2"]}."""
+    runs = select_runs(store.runs(), where or {}, store.path)
     for r in runs:  # every table row is keyed by these: a row edited outside cleantune may lack them
         missing = next((k for k in ("dataset", "attack", "defense") if not isinstance(r["config"].get(k), str)), None)
         if missing:

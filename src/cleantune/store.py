@@ -29,6 +29,24 @@ CREATE TABLE IF NOT EXISTS runs (
 COLUMNS = ["id", "config", "status", "metrics", "timings", "env", "error", "created"]
 
 
+# what `results` and `report` select runs by: the axes of `run` (the same names) and the run's status
+RUN_FILTERS = ("dataset", "attack", "defense", "model", "seed", "status")
+
+
+def select_runs(runs: list[dict], where: dict[str, list[str]], store: str | Path) -> list[dict]:
+    """The runs that take one of the given values on every key of `where` (RUN_FILTERS; values as text). A value
+    that no run in the store takes is refused, naming what is there: a typo would otherwise read as no result."""
+    def value(r: dict, key: str) -> str:
+        return str(r["status"] if key == "status" else r["config"].get(key))
+
+    for key, wanted in where.items():
+        held = sorted({value(r, key) for r in runs})
+        missing = [v for v in wanted if v not in held]
+        if missing:
+            raise UserError(f"--{key} {missing[0]}: no run in {store} has it (they have: {', '.join(held) or 'none'})")
+    return [r for r in runs if all(value(r, k) in wanted for k, wanted in where.items())]
+
+
 def xdg_dir(variable: str, default: str) -> Path:
     """cleantune's folder under an XDG base directory. The spec: an unset, empty or relative variable means
     the default under the home folder (a relative one would put stores, runs and caches wherever the command
