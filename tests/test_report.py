@@ -163,13 +163,14 @@ def md_rows(md: str, defense: str) -> dict[str, list[str]]:
     return out
 
 
-def test_backbones_whose_folders_share_a_name_are_separate_rows(tmp_path):
+def test_backbones_whose_folders_share_a_name_are_separate_rows(tmp_path, tiny_model):
+    import shutil
+
     s = ResultStore(tmp_path / "s.sqlite")
     paths = []
     for parent, cacc in (("a", 0.9), ("b", 0.7)):
         path = tmp_path / parent / "model"
-        path.mkdir(parents=True)
-        (path / "config.json").write_text('{"model_type": "bert"}')  # a config transformers reads
+        shutil.copytree(tiny_model, path)  # a run's config is resolved against the backbone's config and tokenizer
         paths.append(str(path))
         put_run(s, cacc, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", model=str(path))
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0

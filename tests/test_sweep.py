@@ -130,10 +130,15 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
     assert main(["sweep", grid, "--store", str(tmp_path / "new" / "s.sqlite"), "--dry-run"]) == 0
     assert "1 cells, 0 stored" in capsys.readouterr().out and not (tmp_path / "new").exists()
     # so are settings the backbone's architecture cannot take (checked on a skeleton without weights)
-    for options, msg in (({"target_modules": ["no_such_module"]}, "option target_modules=['no_such_module']: Target "
-                           "modules {'no_such_module'} not found in the base model"),
-                         ({"mslr_target": "bert.nope"}, "MSLR target module 'bert.nope' not found in Bert")):
-        write_grid(tmp_path / "b.yaml", tiny_model, defense=["finetune", {"muscle-lora": {"options": options}}])
+    muscle = {"muscle-lora": {}}
+    for changes, msg in (({"max_length": [32, 2]}, f"--max-length 2 leaves no token for the text: --model {tiny_model} "
+                           "adds 2 special tokens"),
+                         ({"max_length": 4096}, f"--max-length 4096 exceeds the 130 tokens --model {tiny_model} takes"),
+                         ({"defense": ["finetune", {"muscle-lora": {"options": {"target_modules": ["no_such_module"]}}}]},
+                          "option target_modules=['no_such_module']: Target modules {'no_such_module'} not found"),
+                         ({"defense": ["finetune", {"muscle-lora": {"options": {"mslr_target": "bert.nope"}}}]},
+                          "MSLR target module 'bert.nope' not found in Bert")):
+        write_grid(tmp_path / "b.yaml", tiny_model, **{"defense": ["finetune", muscle], **changes})
         for dry in ([], ["--dry-run"]):
             assert main(["sweep", str(tmp_path / "b.yaml"), "--store", str(tmp_path / "s.sqlite"), *dry]) == 2
             err = capsys.readouterr().err

@@ -89,13 +89,12 @@ class Defense:
         """Refuse settings that cannot work for a `num_labels`-class task, before anything trains."""
 
     def check_backbone(self, num_labels: int) -> None:
-        """Refuse settings that do not fit the backbone's architecture (a module name it lacks, a layer of another
-        kind), before anything loads or trains: `prepare_model` runs on a copy of this defense and a skeleton of
-        the model without weights (`models.model_skeleton`). Only its own refusals count here: anything else the
-        skeleton cannot do shows, if it is real, when the run loads the weights."""
-        if type(self).prepare_model is Defense.prepare_model:
-            return
-        _check_backbone(type(self), json.dumps(self.settings(), sort_keys=True, default=str), num_labels)
+        """Refuse settings that do not fit the backbone (max_length against its position table and its tokenizer's
+        special tokens, a module name it lacks, a layer of another kind) before anything loads or trains, on a
+        skeleton of the model without weights (`models.model_skeleton`): `prepare_model` runs on it with a copy
+        of this defense. Only its own refusals count there: anything else the skeleton cannot do shows, if it is
+        real, when the run loads the weights."""
+        _check_backbone(type(self), json.dumps(self.settings(), sort_keys=True), num_labels)
 
     def prepare_model(self, model, tokenizer, train_data: TextDataset):
         """Return the model to train, with requires_grad set on what should learn."""
@@ -130,6 +129,9 @@ class Defense:
 def _check_backbone(cls: type[Defense], settings: str, num_labels: int) -> None:
     defense = cls(**json.loads(settings))
     skeleton = model_skeleton(defense.model, num_labels)
+    check_max_length(skeleton, load_tokenizer(defense.model), defense.max_length, f"--model {defense.model}")
+    if cls.prepare_model is Defense.prepare_model:
+        return
     try:
         defense.prepare_model(skeleton, None, None)
     except UserError:
