@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -133,7 +134,9 @@ def _check_backbone(cls: type[Defense], settings: str, num_labels: int) -> None:
     if cls.prepare_model is Defense.prepare_model:
         return
     try:
-        defense.prepare_model(skeleton, None, None)
+        with warnings.catch_warnings():  # PEFT's notes on the layers (GPT-2's Conv1D) come again when the run builds it
+            warnings.simplefilter("ignore")
+            defense.prepare_model(skeleton, None, None)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - a skeleton has no weights: an operation that needs them is not the settings' fault
