@@ -509,3 +509,11 @@ def test_rap_probes_a_causal_lm_at_each_samples_last_real_token(tmp_path):
     rap = RapClassifier(clf, "jj", 1, "flip")
     with torch.no_grad():
         assert torch.allclose(rap.probs(texts), torch.softmax(clf.predict_logits(texts), -1), atol=1e-5)
+
+
+def test_a_victim_for_another_number_of_classes_is_refused_with_the_cell(tiny_model):
+    from cleantune.runner import RunConfig
+
+    with pytest.raises(UserError, match=f"option victim: {tiny_model} classifies 2 classes, the data has 4"):
+        RunConfig(dataset="agnews", defense="onion", options={"victim": tiny_model}, train_size=40).resolve()
+    assert RunConfig(dataset="sst2", defense="onion", options={"victim": tiny_model}, train_size=40).resolve()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -137,7 +138,14 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
                          ({"defense": ["finetune", {"muscle-lora": {"options": {"target_modules": ["no_such_module"]}}}]},
                           "option target_modules=['no_such_module']: Target modules {'no_such_module'} not found"),
                          ({"defense": ["finetune", {"muscle-lora": {"options": {"mslr_target": "bert.nope"}}}]},
-                          "MSLR target module 'bert.nope' not found in Bert")):
+                          "MSLR target module 'bert.nope' not found in Bert"),
+                         # an inference-time defense's trained victim is loaded with the grid
+                         ({"defense": ["finetune", {"strip": {"options": {"victim": str(tmp_path / "none")}}}]},
+                          f"option victim: {tmp_path / 'none'}: no such directory"),
+                         ({"defense": ["finetune", {"rap": {"options": {"victim": str(tmp_path / "conf")}}}]},
+                          f"option victim: {tmp_path / 'conf'}: cannot load (Error no file named model.safetensors")):
+        (tmp_path / "conf").mkdir(exist_ok=True)
+        shutil.copy(Path(tiny_model) / "config.json", tmp_path / "conf")
         write_grid(tmp_path / "b.yaml", tiny_model, **{"defense": ["finetune", muscle], **changes})
         for dry in ([], ["--dry-run"]):
             assert main(["sweep", str(tmp_path / "b.yaml"), "--store", str(tmp_path / "s.sqlite"), *dry]) == 2

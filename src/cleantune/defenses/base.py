@@ -94,7 +94,9 @@ class Defense:
         special tokens, a module name it lacks, a layer of another kind) before anything loads or trains, on a
         skeleton of the model without weights (`models.model_skeleton`): `prepare_model` runs on it with a copy
         of this defense. Only its own refusals count there: anything else the skeleton cannot do shows, if it is
-        real, when the run loads the weights."""
+        real, when the run loads the weights. A `victim` option (an inference-time defense wrapping a trained
+        classifier) is loaded once, so a folder that is not a whole classifier of the task's classes is refused
+        here too."""
         _check_backbone(type(self), json.dumps(self.settings(), sort_keys=True), num_labels)
 
     def prepare_model(self, model, tokenizer, train_data: TextDataset):
@@ -129,6 +131,8 @@ class Defense:
 @functools.cache  # a sweep checks every cell: each distinct defense setting once
 def _check_backbone(cls: type[Defense], settings: str, num_labels: int) -> None:
     defense = cls(**json.loads(settings))
+    if getattr(defense, "victim", None) is not None:  # an inference-time defense wrapping a trained classifier
+        _check_victim(defense.victim, num_labels)
     skeleton = model_skeleton(defense.model, num_labels)
     check_max_length(skeleton, load_tokenizer(defense.model), defense.max_length, f"--model {defense.model}")
     if cls.prepare_model is Defense.prepare_model:
@@ -141,6 +145,15 @@ def _check_backbone(cls: type[Defense], settings: str, num_labels: int) -> None:
         raise
     except Exception:  # noqa: BLE001 - a skeleton has no weights: an operation that needs them is not the settings' fault
         pass
+
+
+@functools.cache
+def _check_victim(path: str, num_labels: int) -> None:
+    from .common import load_victim
+
+    classes = len(load_victim(path).label_names)
+    if classes != num_labels:
+        raise UserError(f"option victim: {path} classifies {classes} classes, the data has {num_labels}")
 
 
 def make_defense(cls: type[Defense], options: dict) -> Defense:

@@ -142,6 +142,13 @@ def softmax_probs(clf: Classifier, texts: list[str], batch_size: int = 128) -> t
 
 
 
+def load_victim(path: str) -> Classifier:
+    try:
+        return Classifier.from_pretrained(path)
+    except UserError as e:  # its message names the folder; this names the option that gave it
+        raise UserError(f"option victim: {e}") from None
+
+
 def victim_model(defense, train_data: TextDataset, clean_dev: TextDataset | None, out_dir, resume: bool,
                  progress: bool) -> Classifier:
     """The model an inference-time defense wraps: trained as plain fine-tuning, or, with the defense's
@@ -152,7 +159,7 @@ def victim_model(defense, train_data: TextDataset, clean_dev: TextDataset | None
         return Defense.fit(defense, train_data, clean_dev, out_dir=out_dir, resume=resume, progress=progress)
     from ..evaluate import label_mapping
 
-    clf = Classifier.from_pretrained(defense.victim)
+    clf = load_victim(defense.victim)
     # the defense reads targets and dev labels in the data's numbering: the victim must number classes alike
     mapping = label_mapping(train_data.label_names, clf.label_names, f"option victim={defense.victim}: the data")
     if mapping != list(range(len(mapping))):
