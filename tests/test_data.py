@@ -421,3 +421,11 @@ def test_a_benchmark_file_edited_to_the_same_size_is_read_again(tmp_path, monkey
     train.write_text("sentence\tlabel\nsecnd\t0\n")  # same size; a later modification time
     os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert load_benchmark("olid").train.texts == ["secnd"]
+
+
+def test_a_dataset_prints_as_its_size_and_classes_not_its_texts():
+    bench = load_benchmark("sst2")
+    assert repr(bench.test) == "TextDataset(1821 texts; negative: 912, positive: 909; 0 poisoned)"
+    assert len(repr(bench)) < 500  # every text of every split was over a megabyte
+    flagged = TextDataset(["a", "b", "c"], [0, 1, 1], ["x", "y"], [False, True, False])
+    assert repr(flagged) == "TextDataset(3 texts; x: 1, y: 2; 1 poisoned)"

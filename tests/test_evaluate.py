@@ -99,6 +99,13 @@ def test_evaluation_shows_a_progress_bar_only_when_asked(tiny_model, capsys):
     assert evaluate(clf, clean, triggered, progress="evaluate") == quiet
     err = capsys.readouterr().err
     assert "evaluate (clean test)" in err and "evaluate (triggered test)" in err
+    # progress=True, as Defense.fit and runner.run take it: a bar named by what it predicts, not "True"
+    assert evaluate(clf, clean, triggered, progress=True) == quiet
+    err = capsys.readouterr().err
+    assert "clean test" in err and "triggered test" in err and "True" not in err
+    assert clf.predict(["good film"], progress=True) == clf.predict(["good film"], progress=False)
+    err = capsys.readouterr().err
+    assert "predict" in err and "True" not in err and "False" not in err
 
 
 def test_the_floor_is_measured_for_the_target_of_the_triggered_set():

@@ -52,6 +52,12 @@ def test_lora_saves_adapter_and_merged_model(tiny_model, named_data, tmp_path):
     with_adapter = PeftModel.from_pretrained(base, tmp_path / "m" / "adapter")
     assert torch.allclose(Classifier(with_adapter, merged.tokenizer, ["neg", "pos"]).predict_logits(dev.texts),
                           before, atol=1e-5)
+    # the adapter carries the tokenizer, truncating as training did: PEFT's AutoPeftModel classes read it there
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m" / "adapter")
+    assert tok.model_max_length == merged.max_length and tok("a cf film")["input_ids"] == \
+        merged.tokenizer("a cf film")["input_ids"]
 
 
 def test_save_refuses_what_it_must_not_replace(tiny_model, named_data, tmp_path):
@@ -544,3 +550,18 @@ def test_fit_hides_the_poison_flags_and_runs_analysis_hooks_after_the_defenses(t
     Probe(model=tiny_model, epochs=1).fit(data, None, progress=False, extra_hooks=(extra,))
     assert seen["prepare"] == seen["hooks"] == seen["train"] == [False] * 3
     assert seen["order"] == (own, extra)
+
+
+def test_loading_leaves_the_callers_transformers_settings_as_they_were(tiny_model):
+    """A library call must not change transformers' global logging or progress bars for the rest of the caller's
+    session (the CLI silences them for its own process)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_info()
+    logging.enable_progress_bar()
+    try:
+        load_model(tiny_model, ["a", "b"])
+        load_tokenizer(tiny_model)
+        assert logging.get_verbosity() == logging.INFO and logging.is_progress_bar_enabled()
+    finally:
+        logging.set_verbosity_warning()

@@ -797,9 +797,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
         if ns.command not in ("results", "report"):  # those two only read the store: no torch import
+            from .models import silence_transformers
             from .training import flush_subnormals
 
             flush_subnormals()
+            silence_transformers()
         code = COMMANDS[ns.command](ns)
         sys.stdout.flush()  # here, not at exit, so a reader that left shows up as the BrokenPipeError below
         return code

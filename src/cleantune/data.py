@@ -51,6 +51,10 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def __repr__(self) -> str:  # the dataclass's would print every text (1 MB for SST-2's splits)
+        counts = ", ".join(f"{n}: {self.labels.count(i)}" for i, n in enumerate(self.label_names))
+        return f"TextDataset({len(self)} texts; {counts}; {sum(self.poisoned)} poisoned)"
+
     @property
     def num_labels(self) -> int:
         return len(self.label_names)

@@ -39,15 +39,15 @@ def _share_correct(preds: list[int], labels: list[int]) -> float:
 
 
 def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDataset | None = None,
-             progress: str | None = None) -> dict:
+             progress: bool | str | None = None) -> dict:
     """CACC on the clean test split; ASR = share of triggered non-target samples predicted as the target
     (the triggered set's labels are the target). `asr_floor` is the share of clean non-target test samples
     predicted as the target with no trigger at all: the ASR a model that ignores the trigger still shows,
     the level a defense can at best bring ASR down to. `predicted_classes` counts the classes predicted on
     the clean test split: 1 marks a model that predicts one class whatever the input.
     Both sets are first renumbered to the model's label ids by class name (`align_labels`), so the target is
-    the class the triggered set's labels name in the data's own numbering. `progress`: a description for
-    progress bars (none without; a bare predictor's `predict` need not take it then)."""
+    the class the triggered set's labels name in the data's own numbering. `progress`: True for progress
+    bars, or their description (none without; a bare predictor's `predict` need not take it then)."""
     names = getattr(model, "label_names", None)  # a bare predictor has none: ids as they are
     if names is not None:
         clean_test = align_labels(clean_test, names)
@@ -57,7 +57,9 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     def predict(data: TextDataset, what: str) -> list[int]:
         if not len(data):
             return []
-        return model.predict(data.texts, progress=f"{progress} ({what})") if progress else model.predict(data.texts)
+        if not progress:
+            return model.predict(data.texts)
+        return model.predict(data.texts, progress=what if progress is True else f"{progress} ({what})")
 
     preds = predict(clean_test, "clean test")  # once, for CACC and the floor
     # 1: a degenerate model (one class for every input), whose CACC, ASR and floor say nothing of a defense;

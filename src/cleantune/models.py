@@ -17,11 +17,29 @@ DEFAULT_MODEL = "minilm"
 LABELS_FILE = "cleantune_labels.json"
 
 
-def _quiet_transformers():
+def silence_transformers() -> None:
+    """transformers' notices and progress bars off for the whole process: the CLI's and its sweep workers' (their
+    output is cleantune's). Python callers keep their own settings: see `quiet_transformers`."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' notices and progress bars off while cleantune loads a model (its notes on new or unused
+    weights are cleantune's own checks, made in one line), then the caller's settings back."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    silence_transformers()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def model_name(name: str) -> str:
@@ -110,8 +128,7 @@ def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
     about 50 s and 20 lines of warnings before failing just the same."""
     from safetensors import SafetensorError
 
-    _quiet_transformers()
-    with _quiet_hub():
+    with quiet_transformers(), _quiet_hub():
         unreachable = None if Path(path).exists() else _hub_unreachable(path)
         if unreachable:
             kwargs["local_files_only"] = True
@@ -314,9 +331,10 @@ class Classifier:
                 f"max_length={self.max_length})")
 
     @torch.no_grad()
-    def predict_logits(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> torch.Tensor:
-        """Logits, one row per text (a single string is one text: a (1, C) tensor). `progress`: a progress
-        bar's description (none without)."""
+    def predict_logits(self, texts: list[str] | str, batch_size: int = 128,
+                       progress: bool | str | None = None) -> torch.Tensor:
+        """Logits, one row per text (a single string is one text: a (1, C) tensor). `progress`: True for a
+        progress bar, or its description (none without)."""
         from tqdm.auto import tqdm
 
         from .training import encode, is_main_process, make_batch
@@ -331,8 +349,8 @@ class Classifier:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths: little padding
         out = torch.empty(len(ids), len(self.label_names))
         device = next(model.parameters()).device
-        bar = tqdm(total=len(order), desc=progress, unit="text", leave=False, dynamic_ncols=True,
-                   disable=progress is None or not is_main_process())
+        bar = tqdm(total=len(order), desc="predict" if progress is True else progress or None, unit="text",
+                   leave=False, dynamic_ncols=True, disable=not progress or not is_main_process())
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
             bar.update(len(idx))
@@ -343,9 +361,9 @@ class Classifier:
         model.train(was_training)
         return out
 
-    def predict(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> list[int]:
+    def predict(self, texts: list[str] | str, batch_size: int = 128, progress: bool | str | None = None) -> list[int]:
         """Class ids, one per text. A single string is one text and gives a list of one, as a Hugging Face
-        pipeline does; no texts give an empty list."""
+        pipeline does; no texts give an empty list. `progress` as in `predict_logits`."""
         return self.predict_logits(as_texts(texts), batch_size, progress).argmax(-1).tolist()
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
@@ -385,11 +403,13 @@ class Classifier:
             if hasattr(model, "peft_config"):
                 model = model.merge_and_unload()
             model.save_pretrained(tmp, safe_serialization=True)
-            # the saved tokenizer truncates where training did, for whoever loads the folder with transformers
+            # the saved tokenizer truncates where training did, for whoever loads the folder with transformers; the
+            # adapter gets one too, where PEFT's AutoPeftModel classes look for it (else they ask the hub for it)
             limit = self.tokenizer.model_max_length
             self.tokenizer.model_max_length = self.max_length
             try:
-                self.tokenizer.save_pretrained(tmp)
+                for folder in (tmp, tmp / "adapter") if (tmp / "adapter").is_dir() else (tmp,):
+                    self.tokenizer.save_pretrained(folder)
             finally:
                 self.tokenizer.model_max_length = limit
             (tmp / LABELS_FILE).write_text(meta)

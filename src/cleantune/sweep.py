@@ -193,10 +193,12 @@ def _init_worker(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from .models import silence_transformers
     from .training import flush_subnormals
 
     flush_subnormals()  # before the first parallel op, so every intra-op thread inherits it
     torch.set_num_threads(threads)
+    silence_transformers()  # as the CLI that started the sweep: the workers print into its output
     _warm_up()
 
 

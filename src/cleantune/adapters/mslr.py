@@ -2,7 +2,8 @@
 
 - `MSLRConfig`: the settings (scales, inner rank, alpha, the target layer).
 - `MSLRLinear`: wraps a frozen base `nn.Linear` and adds s * R diag(kappa) L, every scale in one matmul.
-- `inject_mslr` / `merge_mslr`: model-level wiring; `save_adapter` / `load_adapter`: the adapter alone.
+- `inject_mslr` / `merge_mslr`: model-level wiring; `save_adapter` / `apply_adapter` (onto a loaded model, in
+  place) and `load_classifier` (a saved folder, base model and adapters): the adapter alone.
 
 Math (spec section 2.2): y = W0 x + b0 + s * R diag(kappa) L x, s = alpha / inner_rank, kappa holds each
 scale repeated inner_rank times (a buffer, never trained). Both L and R start kaiming_uniform(a=sqrt(5)),

@@ -128,7 +128,7 @@ class FlaggingClassifier(Classifier):
             self._flags.update(zip(todo, self.detect(todo)))
         return [self._flags[t] for t in texts]
 
-    def predict(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> list[int]:
+    def predict(self, texts: list[str] | str, batch_size: int = 128, progress: bool | str | None = None) -> list[int]:
         texts = as_texts(texts)
         preds = super().predict(texts, batch_size, progress)
         flags = self.flag(texts)

