@@ -32,6 +32,8 @@ def test_saved_model_loads_with_transformers(tiny_model, named_data, tmp_path):
     assert repr(again) == f"Classifier(BertForSequenceClassification, labels=['neg', 'pos'], max_length={again.max_length})"
     assert torch.allclose(again.predict_logits(dev.texts), before, atol=1e-5)
     assert torch.allclose(Classifier(hf, again.tokenizer, ["neg", "pos"]).predict_logits(dev.texts), before, atol=1e-5)
+    assert again.to("cpu") is again  # as a torch module's `to`: chained, e.g. Classifier.from_pretrained(p).to("cuda")
+    assert torch.allclose(again.predict_logits(dev.texts), before, atol=1e-5)
 
 
 def test_lora_saves_adapter_and_merged_model(tiny_model, named_data, tmp_path):

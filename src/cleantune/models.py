@@ -330,6 +330,12 @@ class Classifier:
         return (f"{type(self).__name__}({type(self.model).__name__}, labels={self.label_names}, "
                 f"max_length={self.max_length})")
 
+    def to(self, device: str | torch.device) -> Classifier:
+        """The model moved to `device` ("cuda", "cpu"); predictions run where the model is. Returns this
+        classifier, as a torch module's `to` returns the module."""
+        self.model.to(device)
+        return self
+
     @torch.no_grad()
     def predict_logits(self, texts: list[str] | str, batch_size: int = 128,
                        progress: bool | str | None = None) -> torch.Tensor:
