@@ -398,3 +398,47 @@ def test_user_text_in_the_markdown_stays_text(tmp_path):
     put_run(s, 0.9, 0.5, 10.0, dataset="sst2", attack="addsent", defense="finetune", sentence=sentence)
     _, md, _ = build(s.runs())
     assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt; a \\| b" in md
+
+
+def test_a_defense_filter_keeps_fine_tuning_as_the_baseline_and_an_empty_filter_is_refused(store, tmp_path, capsys):
+    """`--defense lora` alone left every ΔCACC and time× as –: fine-tuning's runs under the other filters come
+    along as the reference rows, and the report says so; `--defense ''` read as an empty store."""
+    assert main(["report", "--store", str(store.path), "--out", str(tmp_path / "rep"), "--defense", "lora",
+                 "--dataset", "sst2"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| lora | 2 | 0.870 ± 0.014 | 0.250 ± 0.071 | – | +4.0 pt | 0.50× |" in md
+    assert "4 selected runs: 4 ok, 0 failed" in md
+    assert "Selection: dataset sst2; defense lora (and finetune, the baseline of ΔCACC and time×)." in md
+    assert main(["report", "--store", str(store.path), "--out", str(tmp_path / "rep2"), "--defense", "lora",
+                 "--status", "failed"]) == 0  # failed runs only: no baseline to add
+    assert "finetune" not in (tmp_path / "rep2" / "report.md").read_text().split("## Failed runs")[0]
+    for command in (["results"], ["report", "--out", str(tmp_path / "rep3")]):
+        assert main([*command, "--store", str(store.path), "--defense", ","]) == 2
+        assert capsys.readouterr().err == "cleantune: error: --defense lists no value\n"
+
+
+def test_a_cell_with_fewer_seeds_or_a_one_class_model_is_marked(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed in (0, 1):
+        put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", seed=seed)
+        put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="addsent", defense="finetune", seed=seed)
+    put_run(s, 0.5, 1.0, 10.0, dataset="sst2", attack="addsent", defense="finetune", seed=2,
+            metrics={"predicted_classes": 1})
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| finetune | 2/3 | 0.900 ± 0.000 (n=2) | 1.000 ± 0.000 | – | +0.0 pt | 1.00× | 0.767 ± 0.231 (n=3) †" in md
+    assert "† a seed of this cell predicts one class for every clean test sample" in md
+    assert "5 stored runs: 5 ok, 0 failed" in md
+
+
+def test_the_scatter_shares_one_cacc_axis_at_least_ten_points_wide(tmp_path):
+    from cleantune.report import cacc_axis, summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.4981, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune")
+    put_run(s, 0.4992, 1.0, 10.0, dataset="sst2", attack="badnets", defense="lora")
+    lo, hi = cacc_axis(summarize(s.runs()))
+    assert hi - lo == pytest.approx(0.1) and lo < 0.4981 and hi > 0.4992  # not a 0.1-point-wide axis
+    put_run(s, 0.95, 0.1, 10.0, dataset="hsol", attack="addsent", defense="lora")  # another panel, same axis
+    lo, hi = cacc_axis(summarize(s.runs()))
+    assert lo == pytest.approx(0.4981 - 0.02) and hi == pytest.approx(0.95 + 0.02)

@@ -198,6 +198,9 @@ def _add_run_filters(p: argparse.ArgumentParser) -> None:
 
 def _run_filters(ns) -> dict[str, list[str]]:
     where = {k: _split(getattr(ns, k)) for k in RUN_FILTERS if getattr(ns, k) is not None}
+    empty = next((k for k, v in where.items() if not v), None)
+    if empty:  # `--defense ''` would select nothing and read as an empty store
+        raise UserError(f"--{empty} lists no value")
     if "seed" in where:
         where["seed"] = [str(_int("seed", v)) for v in where["seed"]]
     if "model" in where:  # a local folder is stored by its absolute path, as `run` records it

@@ -153,7 +153,10 @@ def summarize(runs: list[dict]) -> dict:
         d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "cell": cell_key(rs[0]["config"]),
                                      "seeds": frozenset(_json(r["config"].get("seed")) for r in rs),
                                      "cacc": cacc, "asr": asr, "asr_floor": floor,
-                                     "wall": wall, "n": len(rs), "runs": rs}
+                                     "wall": wall, "n": len(rs), "runs": rs,
+                                     # seeds whose model predicts one class on every clean test sample: its
+                                     # CACC, ASR and floor say nothing of the defense (`run` warns of it too)
+                                     "one_class": sum(r["metrics"].get("predicted_classes") == 1 for r in rs)}
     for d in out.values():
         d["attacks"].sort(key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
         d["rows"].sort(key=lambda r: (r.split(" ")[0] != REFERENCE, r))
@@ -213,6 +216,16 @@ def _plain_text(plot):
     return wrapped
 
 
+def cacc_axis(summary: dict) -> tuple[float, float]:
+    """The scatter's CACC axis, one for every panel and at least 10 points wide: autoscaled, a 0.1-point gap
+    filled a panel, and panels side by side had different ranges."""
+    ends = [x for d in summary.values() for c in d["cells"].values()
+            for x in (c["cacc"][0] - c["cacc"][1], c["cacc"][0] + c["cacc"][1]) if math.isfinite(x)]
+    lo, hi = (min(ends), max(ends)) if ends else (0.0, 1.0)
+    pad = max(0.02, (0.1 - (hi - lo)) / 2)
+    return lo - pad, hi + pad
+
+
 @_plain_text
 def plot_scatter(summary: dict) -> bytes | None:
     """ASR against CACC, one panel per attack, a point per dataset x defense (error bars: std over seeds); the
@@ -229,8 +242,10 @@ def plot_scatter(summary: dict) -> bytes | None:
     rows = sorted({r for d in summary.values() for r in d["rows"]})
     colors, markers = _colors(rows), dict(zip(sorted(summary), "osD^vP*X"))
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 4), squeeze=False)
+    xlim = cacc_axis(summary)
     floors = False
     for ax, attack in zip(axes[0], attacks):
+        ax.set_xlim(*xlim)
         for dataset, d in sorted(summary.items()):
             for row in d["rows"]:
                 c = d["cells"].get((row, attack))
@@ -398,6 +413,11 @@ def _fmt(ms: tuple[float, float], n: int) -> str:
     return f"{m:.3f} ± {s:.3f}" if n > 1 else f"{m:.3f}"
 
 
+ONE_CLASS_MARK = " †"
+ONE_CLASS_NOTE = ("† a seed of this cell predicts one class for every clean test sample (too few samples or epochs, "
+                  "or too high an lr): its CACC, ASR and floor say nothing of the defense.")
+
+
 def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
     header = ["defense", "seeds"]
     for a in d["attacks"]:
@@ -405,12 +425,15 @@ def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for row in d["rows"]:
         cells = [d["cells"].get((row, a)) for a in d["attacks"]]
-        line = [row, "/".join(map(str, sorted({c["n"] for c in cells if c})))]  # 2/10, not 10/2
+        counts = sorted({c["n"] for c in cells if c})
+        line = [row, "/".join(map(str, counts))]  # 2/10, not 10/2
         for c in cells:
             if c is None:
                 line += ["–"] * 5
                 continue
-            line += [_fmt(c["cacc"], c["n"]), _fmt(c["asr"], c["n"]), _fmt(c["asr_floor"], c["n"]),
+            # which cell of a "2/3" row has fewer seeds; † where a seed's model predicts a single class
+            mark = (f" (n={c['n']})" if len(counts) > 1 else "") + (ONE_CLASS_MARK if c.get("one_class") else "")
+            line += [_fmt(c["cacc"], c["n"]) + mark, _fmt(c["asr"], c["n"]), _fmt(c["asr_floor"], c["n"]),
                      "–" if c["cacc_drop"] is None else f"{100 * c['cacc_drop']:+.1f} pt",
                      "–" if c["time_rel"] is None else f"{c['time_rel']:.2f}×"]
         rows.append(line)
@@ -503,9 +526,12 @@ def _title(c: dict) -> str:
     return f"{c.get('dataset')} {c.get('attack')} {c.get('defense')} seed {c.get('seed')}"
 
 
-def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict[str, bytes]]:
+def build(runs: list[dict], frequency_files: tuple = (), where: dict[str, list[str]] | None = None,
+          reference_added: bool = False) -> tuple[str, str, dict[str, bytes]]:
     """HTML, Markdown and the PNG plots (name -> bytes). `frequency_files`: curves.json files written by
-    `cleantune analyze frequency`, plotted with the runs' own recorded curves."""
+    `cleantune analyze frequency`, plotted with the runs' own recorded curves. `where`: the selection the runs
+    were made by, stated in the report; `reference_added`: plain fine-tuning's runs were added to it as the
+    baseline (write_report)."""
     summary = summarize(runs)
     images: dict[str, bytes] = {}
     scatter = plot_scatter(summary)
@@ -534,15 +560,26 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
         freq_plots.append((title, name))
     failed = [r for r in runs if r["status"] != "ok"]
     n_ok = len(runs) - len(failed)
+    selection = "; ".join(f"{k} {', '.join(v)}" for k, v in (where or {}).items())
+    if selection and reference_added:
+        selection += f" (and {REFERENCE}, the baseline of ΔCACC and time×)"
+    source = "selected runs" if where else "stored runs"
     if n_ok:
-        intro = (f"{n_ok} stored runs ({len(failed)} failed) over {len(summary)} dataset(s). "
+        intro = (f"{len(runs)} {source}: {n_ok} ok, {len(failed)} failed; over {len(summary)} dataset(s). "
                  "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better, but "
                  "read it against the ASR floor: the share of clean non-target test samples predicted as the "
-                 "target without the trigger, where a model that ignores the trigger sits; – where not recorded).")
+                 "target without the trigger, where a model that ignores the trigger sits; – where not recorded). "
+                 f"ΔCACC and time× compare with plain fine-tuning ({REFERENCE}) on the same cell and the same seeds; "
+                 "– where there is none (fine-tuning not run there, or a seed of either failed or missing). "
+                 "seeds: runs per cell (a/b: the cells of the row differ, each marked n=).")
     elif failed:
-        intro = f"No successful runs in the store, {len(failed)} failed: nothing to compare."
+        intro = f"No successful runs among the {source}, {len(failed)} failed: nothing to compare."
+    elif where:
+        intro = "No stored run matches the selection: nothing to report."
     else:
         intro = "The store holds no runs: nothing to report."
+    if selection:
+        intro += f" Selection: {selection}."
 
     h = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cleantune report</title>",
          f"<style>{CSS}</style></head><body><h1>cleantune benchmark report</h1>",
@@ -563,6 +600,9 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
         m.extend([f"## {dataset}", "", _md_row(header), "|" + "---|" * len(header)])
         m.extend(_md_row(row) for row in rows)
         m.append("")
+        if any(c.get("one_class") for c in d["cells"].values()):
+            h.append(f"<p class='muted'>{html.escape(ONE_CLASS_NOTE)}</p>")
+            m.extend([ONE_CLASS_NOTE, ""])
         img(f"bars_{dataset}.png", f"CACC and ASR per attack on {dataset}")
     if scatter:
         h.append("<h2>ASR against CACC, per attack</h2>")
@@ -599,12 +639,25 @@ def build(runs: list[dict], frequency_files: tuple = ()) -> tuple[str, str, dict
 def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple = (),
                  where: dict[str, list[str]] | None = None) -> tuple[Path, Path]:
     """`where`: only the runs it selects (`store.select_runs`), e.g. {"dataset": ["sst2"]}."""
-    runs = select_runs(store.runs(), where or {}, store.path)
+    where = where or {}
+    stored = store.runs()
+    runs = select_runs(stored, where, store.path)
+    # --defense lora alone would leave ΔCACC and time× without their baseline: plain fine-tuning's ok runs under
+    # the other filters come along (said in the report), as the table's reference rows
+    reference_added = False
+    if "defense" in where and REFERENCE not in where["defense"] and "ok" in where.get("status", ["ok"]):
+        refs = [r for r in stored if r["status"] == "ok" and r["config"].get("defense") == REFERENCE]
+        try:
+            refs = select_runs(refs, {k: v for k, v in where.items() if k not in ("defense", "status")}, store.path)
+        except UserError:  # a value no fine-tuning run has: no baseline, nothing to add
+            refs = []
+        runs = sorted(runs + refs, key=lambda r: r["created"])
+        reference_added = bool(refs)
     for r in runs:  # every table row is keyed by these: a row edited outside cleantune may lack them
         missing = next((k for k in ("dataset", "attack", "defense") if not isinstance(r["config"].get(k), str)), None)
         if missing:
             raise UserError(f"--store {store.path}: run {r['id']} has a corrupt 'config' column (no '{missing}')")
-    page, md, images = build(runs, tuple(frequency_files))  # everything checked before writing
+    page, md, images = build(runs, tuple(frequency_files), where, reference_added)  # everything checked before writing
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     for name, data in images.items():
