@@ -38,10 +38,11 @@ def test_report_tables_plots_and_protocol(store, tmp_path):
     page = (tmp_path / "rep" / "report.html").read_text()
     md = (tmp_path / "rep" / "report.md").read_text()
     # sst2: mean ± sample std over the two seeds; lora loses 4 points of CACC and takes half the time
-    assert "| finetune | 2 | 0.910 ± 0.014 | 0.995 ± 0.007 | – | +0.0 pt | 1.00× |" in md
-    assert "| lora | 2 | 0.870 ± 0.014 | 0.250 ± 0.071 | – | +4.0 pt | 0.50× |" in md
+    assert "| finetune | 2 | 0.910 ± 0.014 | 0.995 ± 0.007 | – | +0.0 ± 0.0 pt | 1.00× |" in md
+    # ΔCACC paired by seed: 0.90 - 0.88 and 0.92 - 0.86, mean 4.0, sample std 2.8 points
+    assert "| lora | 2 | 0.870 ± 0.014 | 0.250 ± 0.071 | – | +4.0 ± 2.8 pt | 0.50× |" in md
     assert "| lora | 1 | 0.900 | 0.500 | – | +5.0 pt | 1.50× |" in md  # hsol, one seed: no ±
-    for text in ("0.870 ± 0.014", "+4.0 pt", "0.50×"):
+    for text in ("0.870 ± 0.014", "+4.0 ± 2.8 pt", "0.50×"):
         assert text in page
     # plots: a bar chart per dataset, the scatter, the recorded frequency curves; all embedded PNGs
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
@@ -196,7 +197,8 @@ def test_defense_is_compared_only_with_fine_tuning_on_the_same_cell(tmp_path):
     # sst2 mixes train sizes: every row carries its own, LoRA's too, though LoRA ran only one
     assert "| lora (train_size=200) | 1 | 0.800 | 0.200 | – | – | – |" in md
     assert "| finetune (train_size=300) | 1 | 0.900 | 1.000 | – | +0.0 pt | 1.00× |" in md
-    assert "| lora | 1 | 0.800 | 0.200 | – | – | – |" in md  # hsol: one train size, no label
+    # hsol: one train size, no label; compared on the one seed both ran
+    assert "| lora | 1 | 0.800 | 0.200 | – | +10.0 pt | 0.50× |" in md
     # fine-tuning on LoRA's 200 samples is its reference, though LoRA trains for its own number of epochs
     ft, lora, ft_wall, lora_wall = 0.85, 0.80, 8.0, 5.0
     put_run(s, ft, 1.0, ft_wall, dataset="sst2", attack="badnets", defense="finetune", train_size=200)
@@ -238,7 +240,7 @@ def test_fine_tuning_leads_the_table_and_the_protocol_is_per_defense(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     rows = [line.split(" | ")[0][2:] for line in md.splitlines() if line.startswith("| ") and "defense" not in line]
     assert rows == ["finetune", "abl", "lora"]  # the baseline first, whatever its name sorts as
-    assert "| finetune | 2 | 0.900 ± 0.000 | 1.000 ± 0.000 | – | +0.0 pt | 1.00× |" in md
+    assert "| finetune | 2 | 0.900 ± 0.000 | 1.000 ± 0.000 | – | +0.0 ± 0.0 pt | 1.00× |" in md
     # each defense's own training budget, not the union over the store
     protocol = {line.split("**")[1]: line for line in md.splitlines() if line.startswith("- **defense ")}
     assert "; epochs 2; " in protocol["defense finetune"] and "; epochs 5; " in protocol["defense lora"]
@@ -269,7 +271,7 @@ def test_asr_is_shown_with_its_floor_in_the_table_and_the_plots(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     page = (tmp_path / "rep" / "report.html").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| defense"))
-    assert "| badnets ASR | badnets ASR floor |" in header and "<th>badnets ASR floor</th>" in page
+    assert "| badnets ASR | badnets ASR floor |" in header and "<th colspan='5'>badnets</th>" in page and "<th>ASR</th><th>ASR floor</th>" in page
     assert md_rows(md, "muscle-lora")["muscle-lora"][1:4] == ["0.540 ± 0.000", "0.540 ± 0.000", "0.750 ± 0.071"]
     assert md_rows(md, "finetune")["finetune"][2:4] == ["1.000", "1.000"]
     assert md_rows(md, "lora")["lora"][2:4] == ["0.200", "–"]  # an old run still renders
@@ -406,7 +408,7 @@ def test_a_defense_filter_keeps_fine_tuning_as_the_baseline_and_an_empty_filter_
     assert main(["report", "--store", str(store.path), "--out", str(tmp_path / "rep"), "--defense", "lora",
                  "--dataset", "sst2"]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| lora | 2 | 0.870 ± 0.014 | 0.250 ± 0.071 | – | +4.0 pt | 0.50× |" in md
+    assert "| lora | 2 | 0.870 ± 0.014 | 0.250 ± 0.071 | – | +4.0 ± 2.8 pt | 0.50× |" in md
     assert "4 selected runs: 4 ok, 0 failed" in md
     assert "Selection: dataset sst2; defense lora (and finetune, the baseline of ΔCACC and time×)." in md
     assert main(["report", "--store", str(store.path), "--out", str(tmp_path / "rep2"), "--defense", "lora",
@@ -426,7 +428,7 @@ def test_a_cell_with_fewer_seeds_or_a_one_class_model_is_marked(tmp_path):
             metrics={"predicted_classes": 1})
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| finetune | 2/3 | 0.900 ± 0.000 (n=2) | 1.000 ± 0.000 | – | +0.0 pt | 1.00× | 0.767 ± 0.231 (n=3) †" in md
+    assert "| finetune | 2/3 | 0.900 ± 0.000 (n=2) | 1.000 ± 0.000 | – | +0.0 ± 0.0 pt | 1.00× | 0.767 ± 0.231 (n=3) †" in md
     assert "† a seed of this cell predicts one class for every clean test sample" in md
     assert "5 stored runs: 5 ok, 0 failed" in md
 
@@ -442,3 +444,24 @@ def test_the_scatter_shares_one_cacc_axis_at_least_ten_points_wide(tmp_path):
     put_run(s, 0.95, 0.1, 10.0, dataset="hsol", attack="addsent", defense="lora")  # another panel, same axis
     lo, hi = cacc_axis(summarize(s.runs()))
     assert lo == pytest.approx(0.4981 - 0.02) and hi == pytest.approx(0.95 + 0.02)
+
+
+def test_a_failed_seed_costs_that_seed_of_the_comparison_not_all_of_it(tmp_path):
+    """ΔCACC and time× pair runs by seed: a seed one side lacks is left out of the comparison (n= says how many
+    were compared), where a seed-set mismatch used to blank the whole comparison."""
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed, (ft, lora) in enumerate([(0.90, 0.85), (0.92, 0.84), (0.91, 0.80)]):
+        put_run(s, ft, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", seed=seed)
+        if seed < 2:  # seed 2 of fine-tuning ran; LoRA's seed 2 failed
+            put_run(s, lora, 0.2, 5.0, dataset="sst2", attack="badnets", defense="lora", seed=seed)
+    put_run(s, 0, 0, 1.0, status="failed", dataset="sst2", attack="badnets", defense="lora", seed=2)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    # LoRA's two seeds against fine-tuning's same two: differences 0.05 and 0.08
+    assert "| lora | 2 | 0.845 ± 0.007 | 0.200 ± 0.000 | – | +6.5 ± 2.1 pt | 0.50× |" in md
+    # fine-tuning against itself over its three seeds
+    assert "| finetune | 3 | 0.910 ± 0.010 | 1.000 ± 0.000 | – | +0.0 ± 0.0 pt | 1.00× |" in md
+    put_run(s, 0.70, 0.2, 5.0, dataset="sst2", attack="badnets", defense="lora", seed=3)  # fine-tuning has no seed 3
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| lora | 3 | 0.797 ± 0.084 | 0.200 ± 0.000 | – | +6.5 ± 2.1 pt (n=2) | 0.50× |" in md

@@ -28,8 +28,8 @@ IGNORED_KEYS = {"seed", "versions", "mixed_precision"}  # what may differ betwee
 # (a mixed-precision run is never a seed of a full-precision cell: its row carries the precision, _precision_tag)
 
 # What a cell is, for comparing a defense with plain fine-tuning: the data (dataset, train size), the attack
-# with every one of its settings, the backbone and the precision; and, checked in _reference, the same
-# seeds. The defense's own settings (epochs, lr, batch size, max length, its options) are not part of it:
+# with every one of its settings, the backbone and the precision; compared seed by seed over the seeds both
+# ran (_compared). The defense's own settings (epochs, lr, batch size, max length, its options) are not part of it:
 # each defense trains with its own budget (muscle-lora's 10 epochs against fine-tuning's 3), and ΔCACC
 # and time× are what that costs against fine-tuning on the same data.
 ATTACK_KEYS = tuple(sorted({f.name for a in ATTACKS.values() for f in fields(a)} - {"seed"}))
@@ -161,10 +161,30 @@ def summarize(runs: list[dict]) -> dict:
         d["attacks"].sort(key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
         d["rows"].sort(key=lambda r: (r.split(" ")[0] != REFERENCE, r))
         for (row, attack), cell in d["cells"].items():
-            ref = _reference(d, row, attack)
-            cell["cacc_drop"] = ref["cacc"][0] - cell["cacc"][0] if ref else None
-            cell["time_rel"] = cell["wall"][0] / ref["wall"][0] if ref and ref["wall"][0] > 0 else None
+            cell.update(_compared(cell, _reference(d, row, attack)))
     return out
+
+
+def _compared(cell: dict, ref: dict | None) -> dict:
+    """ΔCACC and time× against fine-tuning, paired by seed over the seeds both ran (the same seed: the same poisoned
+    data and draws), so one failed or missing seed costs that seed, not the comparison. `cacc_drop`: mean and
+    sample std of the per-seed differences; `compared`: how many seeds."""
+    none = {"cacc_drop": None, "time_rel": None, "compared": 0}
+    if ref is None:
+        return none
+    mine = {_json(r["config"].get("seed")): r for r in cell["runs"]}
+    theirs = {_json(r["config"].get("seed")): r for r in ref["runs"]}
+    seeds = sorted(set(mine) & set(theirs))
+    diffs = [theirs[s]["metrics"].get("cacc") - mine[s]["metrics"].get("cacc") for s in seeds
+             if isinstance(theirs[s]["metrics"].get("cacc"), (int, float))
+             and isinstance(mine[s]["metrics"].get("cacc"), (int, float))]
+    if not diffs:
+        return none
+    walls = [(_cost_s(mine[s]), _cost_s(theirs[s])) for s in seeds]
+    walls = [(a, b) for a, b in walls if a is not None and b is not None]
+    ref_wall = sum(b for _, b in walls)
+    return {"cacc_drop": _mean_std(diffs), "compared": len(diffs),
+            "time_rel": sum(a for a, _ in walls) / ref_wall if walls and ref_wall > 0 else None}
 
 
 def _precision_tag(config: dict) -> str:
@@ -173,12 +193,12 @@ def _precision_tag(config: dict) -> str:
 
 
 def _reference(d: dict, row: str, attack: str) -> dict | None:
-    """Plain fine-tuning on the same cell (cell_key) with the same seeds: of several (a fine-tuning lr axis),
+    """Plain fine-tuning on the same cell (cell_key) with a seed in common: of several (a fine-tuning lr axis),
     the row with the defense's own variant label if there is one, else the first. None when fine-tuning
     did not run that cell: another cell's numbers (another train size, backbone) are no baseline."""
     cell = d["cells"][(row, attack)]
     same = {r: ref for r in d["rows"] if (ref := d["cells"].get((r, attack))) is not None
-            and ref["defense"] == REFERENCE and ref["cell"] == cell["cell"] and ref["seeds"] == cell["seeds"]}
+            and ref["defense"] == REFERENCE and ref["cell"] == cell["cell"] and ref["seeds"] & cell["seeds"]}
     own = REFERENCE + row[len(cell["defense"]):]
     return same[min(same, key=lambda r: r != own)] if same else None
 
@@ -418,6 +438,16 @@ ONE_CLASS_NOTE = ("† a seed of this cell predicts one class for every clean te
                   "or too high an lr): its CACC, ASR and floor say nothing of the defense.")
 
 
+def _fmt_drop(c: dict) -> str:
+    """ΔCACC in points: ± the std of the per-seed differences over two or more seeds, and (n=k) where fewer seeds
+    than the cell's were compared."""
+    if c.get("cacc_drop") is None:
+        return "–"
+    (m, sd), k = c["cacc_drop"], c["compared"]
+    text = f"{100 * m:+.1f} ± {100 * sd:.1f} pt" if k > 1 else f"{100 * m:+.1f} pt"
+    return text + (f" (n={k})" if k < c["n"] else "")
+
+
 def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
     header = ["defense", "seeds"]
     for a in d["attacks"]:
@@ -434,7 +464,7 @@ def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
             # which cell of a "2/3" row has fewer seeds; † where a seed's model predicts a single class
             mark = (f" (n={c['n']})" if len(counts) > 1 else "") + (ONE_CLASS_MARK if c.get("one_class") else "")
             line += [_fmt(c["cacc"], c["n"]) + mark, _fmt(c["asr"], c["n"]), _fmt(c["asr_floor"], c["n"]),
-                     "–" if c["cacc_drop"] is None else f"{100 * c['cacc_drop']:+.1f} pt",
+                     _fmt_drop(c),
                      "–" if c["time_rel"] is None else f"{c['time_rel']:.2f}×"]
         rows.append(line)
     return header, rows
@@ -482,8 +512,10 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
                   "the share of the clean non-target test samples classified as the target without a trigger."))
     items.append(("statistics", "mean ± sample standard deviation over seeds (the seed drives poisoning, subsampling "
                   "and training); ΔCACC = plain fine-tuning's CACC minus the defense's, in points (positive: "
-                  "accuracy lost); time× = the defense's wall time over plain fine-tuning's for the same cell (less the "
-                  "evaluations BTU makes after each stage for this report, which a user of the defense does not run)."))
+                  "accuracy lost), mean ± sample standard deviation of the differences seed by seed, over the seeds "
+                  "both ran; time× = the defense's wall time over plain fine-tuning's for the same cell and seeds "
+                  "(less the evaluations BTU makes after each stage for this report, which a user of the defense "
+                  "does not run)."))
     caveats = ["syntactic and style paraphrases are the original authors' (SCPN, STRAP), not generated here"]
     if any(r["config"]["dataset"] == "hsol" for r in ok):
         caveats.insert(0, "hsol: dev and test hold the same 2,485 samples (as in the MuScleLoRA and BTU releases), "
@@ -506,7 +538,7 @@ table{border-collapse:collapse;margin:10px 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
 tr.ref td{background:#fafafa;font-style:italic}
-img{max-width:100%;border:1px solid #eee;margin:8px 0}
+img{max-width:100%;border:1px solid #eee;margin:8px 0}.wide{overflow-x:auto}
 dl dt{font-weight:600;margin-top:6px}dl dd{margin-left:18px}
 .muted{color:#666;font-size:0.9em}pre{background:#f6f6f6;padding:6px;white-space:pre-wrap}
 """
@@ -569,8 +601,10 @@ def build(runs: list[dict], frequency_files: tuple = (), where: dict[str, list[s
                  "CACC: clean test accuracy (higher is better). ASR: attack success rate (lower is better, but "
                  "read it against the ASR floor: the share of clean non-target test samples predicted as the "
                  "target without the trigger, where a model that ignores the trigger sits; – where not recorded). "
-                 f"ΔCACC and time× compare with plain fine-tuning ({REFERENCE}) on the same cell and the same seeds; "
-                 "– where there is none (fine-tuning not run there, or a seed of either failed or missing). "
+                 f"ΔCACC (fine-tuning's CACC minus the defense's, in points) and time× (wall time over fine-tuning's) "
+                 f"compare with plain fine-tuning ({REFERENCE}) on the same cell, seed by seed over the seeds both "
+                 "ran: ΔCACC is the mean ± sample std of the per-seed differences, n= where fewer seeds than the "
+                 "cell's were compared; – where fine-tuning did not run that cell. "
                  "seeds: runs per cell (a/b: the cells of the row differ, each marked n=).")
     elif failed:
         intro = f"No successful runs among the {source}, {len(failed)} failed: nothing to compare."
@@ -592,11 +626,17 @@ def build(runs: list[dict], frequency_files: tuple = (), where: dict[str, list[s
 
     for dataset, d in sorted(summary.items()):
         header, rows = table_rows(d)
-        h.append(f"<h2>{html.escape(dataset)}</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>")
+        # two header rows (the attack over its five columns) in a box that scrolls sideways: four attacks make
+        # 22 columns, wider than the page
+        per_attack = [c[len(d["attacks"][0]) + 1:] for c in header[2:7]]
+        h.append(f"<h2>{html.escape(dataset)}</h2><div class='wide'><table><tr>"
+                 + "".join(f"<th rowspan='2'>{html.escape(c)}</th>" for c in header[:2])
+                 + "".join(f"<th colspan='{len(per_attack)}'>{html.escape(a)}</th>" for a in d["attacks"]) + "</tr><tr>"
+                 + "".join(f"<th>{html.escape(c)}</th>" for _ in d["attacks"] for c in per_attack) + "</tr>")
         for row in rows:
             cls = " class='ref'" if row[0].split(" ")[0] == REFERENCE else ""
             h.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-        h.append("</table>")
+        h.append("</table></div>")
         m.extend([f"## {dataset}", "", _md_row(header), "|" + "---|" * len(header)])
         m.extend(_md_row(row) for row in rows)
         m.append("")
