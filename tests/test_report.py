@@ -465,3 +465,20 @@ def test_a_failed_seed_costs_that_seed_of_the_comparison_not_all_of_it(tmp_path)
     assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| lora | 3 | 0.797 ± 0.084 | 0.200 ± 0.000 | – | +6.5 ± 2.1 pt (n=2) | 0.50× |" in md
+
+
+def test_what_a_defense_flagged_is_reported_against_the_ground_truth(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed, recall in ((0, 0.8), (1, 0.6)):
+        put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", seed=seed)
+        put_run(s, 0.85, 0.3, 20.0, dataset="sst2", attack="badnets", defense="strip", seed=seed,
+                metrics={"test_detection": {"precision": 0.5, "recall": recall, "frr": 0.1, "far": 1 - recall}})
+        put_run(s, 0.88, 0.1, 15.0, dataset="sst2", attack="badnets", defense="btu", seed=seed,
+                metrics={"btu_token_precision": 0.25, "btu_token_recall": 1.0})
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| sst2 | strip | badnets | 2 | test inputs rejected | 0.500 ± 0.000 | 0.700 ± 0.141 | 0.100 ± 0.000 | " \
+           "0.300 ± 0.141 |" in md
+    assert "| sst2 | btu | badnets | 2 | trigger word-pieces unlearned | 0.250 ± 0.000 | 1.000 ± 0.000 | – | – |" in md
+    assert "| sst2 | finetune |" not in md.split("## Detection")[1]  # flags nothing: no row
+    assert "<h2>Detection</h2>" in (tmp_path / "rep" / "report.html").read_text()

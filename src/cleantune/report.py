@@ -438,6 +438,34 @@ ONE_CLASS_NOTE = ("† a seed of this cell predicts one class for every clean te
                   "or too high an lr): its CACC, ASR and floor say nothing of the defense.")
 
 
+# what a defense flagged, scored against the attack's ground truth after training (runner.detection, BTU's audit)
+DETECTION_HEADER = ["dataset", "defense", "attack", "seeds", "flagged", "precision", "recall", "FRR", "FAR"]
+DETECTION_NOTE = ("Precision and recall of what each defense flagged, against the attack's ground truth, which the "
+                  "defense never sees (read after training); FRR: share of clean samples flagged; FAR: share of "
+                  "poisoned samples let through; mean ± sample std over seeds.")
+
+
+def detection_rows(summary: dict) -> list[list[str]]:
+    """A row per dataset, defense row, attack and kind of flagging, where every seed of the cell recorded it."""
+    kinds = (("train_detection", "training samples removed"), ("test_detection", "test inputs rejected"))
+    out = []
+    for dataset, d in sorted(summary.items()):
+        for row in d["rows"]:
+            for attack in d["attacks"]:
+                c = d["cells"].get((row, attack))
+                if c is None:
+                    continue
+                ms = [r["metrics"] for r in c["runs"]]
+                found = [(what, [m[key] for m in ms]) for key, what in kinds if all(isinstance(m.get(key), dict) for m in ms)]
+                if all(m.get("btu_token_precision") is not None or m.get("btu_token_recall") is not None for m in ms):
+                    found.append(("trigger word-pieces unlearned", [{"precision": m.get("btu_token_precision"),
+                                                                     "recall": m.get("btu_token_recall")} for m in ms]))
+                for what, scores in found:
+                    out.append([dataset, row, attack, str(c["n"]), what] + [
+                        _fmt(_mean_std([s.get(k) for s in scores]), c["n"]) for k in ("precision", "recall", "frr", "far")])
+    return out
+
+
 def _fmt_drop(c: dict) -> str:
     """ΔCACC in points: ± the std of the per-seed differences over two or more seeds, and (n=k) where fewer seeds
     than the cell's were compared."""
@@ -644,6 +672,15 @@ def build(runs: list[dict], frequency_files: tuple = (), where: dict[str, list[s
             h.append(f"<p class='muted'>{html.escape(ONE_CLASS_NOTE)}</p>")
             m.extend([ONE_CLASS_NOTE, ""])
         img(f"bars_{dataset}.png", f"CACC and ASR per attack on {dataset}")
+    detections = detection_rows(summary)
+    if detections:
+        h.append("<h2>Detection</h2><div class='wide'><table><tr>"
+                 + "".join(f"<th>{html.escape(c)}</th>" for c in DETECTION_HEADER) + "</tr>")
+        h.extend("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in detections)
+        h.append(f"</table></div><p class='muted'>{html.escape(DETECTION_NOTE)}</p>")
+        m.extend(["## Detection", "", _md_row(DETECTION_HEADER), "|" + "---|" * len(DETECTION_HEADER)])
+        m.extend(_md_row(row) for row in detections)
+        m.extend(["", DETECTION_NOTE, ""])
     if scatter:
         h.append("<h2>ASR against CACC, per attack</h2>")
         m.extend(["## ASR against CACC, per attack", ""])
