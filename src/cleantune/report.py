@@ -476,10 +476,13 @@ def _fmt_drop(c: dict) -> str:
     return text + (f" (n={k})" if k < c["n"] else "")
 
 
+CELL_COLUMNS = ("CACC", "ASR", "ASR floor", "ΔCACC", "time×")  # per attack, in a dataset's table
+
+
 def table_rows(d: dict) -> tuple[list[str], list[list[str]]]:
     header = ["defense", "seeds"]
     for a in d["attacks"]:
-        header += [f"{a} CACC", f"{a} ASR", f"{a} ASR floor", f"{a} ΔCACC", f"{a} time×"]
+        header += [f"{a} {c}" for c in CELL_COLUMNS]
     rows = []
     for row in d["rows"]:
         cells = [d["cells"].get((row, a)) for a in d["attacks"]]
@@ -656,11 +659,11 @@ def build(runs: list[dict], frequency_files: tuple = (), where: dict[str, list[s
         header, rows = table_rows(d)
         # two header rows (the attack over its five columns) in a box that scrolls sideways: four attacks make
         # 22 columns, wider than the page
-        per_attack = [c[len(d["attacks"][0]) + 1:] for c in header[2:7]]
         h.append(f"<h2>{html.escape(dataset)}</h2><div class='wide'><table><tr>"
                  + "".join(f"<th rowspan='2'>{html.escape(c)}</th>" for c in header[:2])
-                 + "".join(f"<th colspan='{len(per_attack)}'>{html.escape(a)}</th>" for a in d["attacks"]) + "</tr><tr>"
-                 + "".join(f"<th>{html.escape(c)}</th>" for _ in d["attacks"] for c in per_attack) + "</tr>")
+                 + "".join(f"<th colspan='{len(CELL_COLUMNS)}'>{html.escape(a)}</th>" for a in d["attacks"])
+                 + "</tr><tr>" + "".join(f"<th>{html.escape(c)}</th>" for _ in d["attacks"] for c in CELL_COLUMNS)
+                 + "</tr>")
         for row in rows:
             cls = " class='ref'" if row[0].split(" ")[0] == REFERENCE else ""
             h.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
