@@ -482,3 +482,18 @@ def test_what_a_defense_flagged_is_reported_against_the_ground_truth(tmp_path):
     assert "| sst2 | btu | badnets | 2 | trigger word-pieces unlearned | 0.250 ± 0.000 | 1.000 ± 0.000 | – | – |" in md
     assert "| sst2 | finetune |" not in md.split("## Detection")[1]  # flags nothing: no row
     assert "<h2>Detection</h2>" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_the_protocol_gives_the_clean_data_options_each_defense_ran_with(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune")
+    put_run(s, 0.88, 0.1, 15.0, dataset="sst2", attack="badnets", defense="btu", options={"clean_tuning": "100"})
+    put_run(s, 0.86, 0.3, 30.0, dataset="sst2", attack="badnets", defense="muscle-lora",
+            metrics={"resolved_settings": {"ref_samples": 96}})  # per backbone: None in the config, resolved at fit
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    protocol = {line.split("**")[1]: line for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
+                if line.startswith("- **defense ")}
+    assert "with clean_tuning=k, k dev samples are trained on (held out of selection and of the guard) " \
+           "(clean_tuning 100);" in protocol["defense btu"]
+    assert "(ref_samples 96);" in protocol["defense muscle-lora"]
+    assert "clean-data budget: clean dev: model selection only; epochs" in protocol["defense finetune"]

@@ -511,6 +511,9 @@ def _used_setting(run: dict, key: str):
     return run["config"].get(key)
 
 
+CLEAN_DATA_OPTIONS = ("clean_tuning", "ref_samples")  # BTU's and the GA variants' clean dev samples
+
+
 def protocol(runs: list[dict]) -> list[tuple[str, str]]:
     """(topic, statement) pairs: the settings every number above was produced under; a defense's training
     settings as used (_used_setting)."""
@@ -535,8 +538,11 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
                   f"backbone {', '.join(values('model'))}; seeds {', '.join(values('seed'))}"))
     for defense in sorted({r["config"]["defense"] for r in ok}):
         rs = [r for r in ok if r["config"]["defense"] == defense]
-        items.append((f"defense {defense}", f"clean-data budget: {'; '.join(values('clean_data', rs)) or 'not recorded'}; "
-                      f"epochs {', '.join(used('epochs', rs))}; lr {', '.join(used('lr', rs))}"))
+        # the options that size the budget, as the runs set them (the declaration names them, not their values)
+        sized = [f"{k} {', '.join(used(k, rs))}" for k in CLEAN_DATA_OPTIONS if values(k, rs)]
+        items.append((f"defense {defense}", f"clean-data budget: {'; '.join(values('clean_data', rs)) or 'not recorded'}"
+                      + (f" ({'; '.join(sized)})" if sized else "")
+                      + f"; epochs {', '.join(used('epochs', rs))}; lr {', '.join(used('lr', rs))}"))
     items.append(("selection rule", "every defense keeps the epoch with the best accuracy on the clean dev split; "
                   "nothing is selected on poisoned data or on the test split. CACC is accuracy on the clean test "
                   "split; ASR is the share of triggered non-target test samples classified as the target; the ASR floor is "
