@@ -1038,3 +1038,23 @@ def test_results_json_writes_undefined_metrics_as_null(tmp_path, capsys):
     out = capsys.readouterr().out
     runs = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in results --format json"))  # strict JSON
     assert runs[0]["metrics"]["train_detection"]["recall"] is None and runs[0]["metrics"]["cacc"] == 0.9
+
+
+def test_train_checks_backbone_settings_before_loading_weights(tiny_model, tmp_path, capsys, monkeypatch):
+    import cleantune.defenses.base as base
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the settings were checked")
+
+    monkeypatch.setattr(base, "load_model", no_weights)
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\n" + "good film\tpos\nbad film\tneg\n" * 4)
+    for option, msg in (("mslr_target=bert.nope", "MSLR target module 'bert.nope' not found"),
+                        ("target_modules=nope", "option target_modules=['nope']: Target modules {'nope'} not found")):
+        code = main(["train", str(tmp_path / "t.tsv"), "--model", tiny_model, "--defense", "muscle-lora",
+                     "--option", option, "--out", str(tmp_path / "o"), "--no-progress"])
+        out, err = capsys.readouterr()
+        assert_one_line_error(code, out, err, msg)
+    code = main(["train", str(tmp_path / "t.tsv"), "--model", tiny_model, "--max-length", "2",
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    assert_one_line_error(code, *capsys.readouterr(), "--max-length 2 leaves no token for the text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tsv"]

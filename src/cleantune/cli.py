@@ -441,6 +441,8 @@ def cmd_train(ns) -> int:
     refuse_own_settings(opts)
     opts.update({k: getattr(ns, k) for k in OWN_SETTINGS if getattr(ns, k) is not None})
     defense = get_defense(ns.defense, **opts)
+    defense.check_task(train_data.num_labels)
+    defense.check_backbone(train_data.num_labels)  # as `run` does: before any weights load or folder is made
     from .models import check_out_dir
     from .training import has_checkpoint, is_main_process, work_lock
 
