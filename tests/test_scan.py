@@ -107,6 +107,7 @@ def test_scan_lists_a_token_once_across_passes(poisoned_file, tiny_model):
     (["{file}", "--top", "0"], "--top"),
     (["{file}", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["{file}", "--attack", "badnets"], "benchmark name"),
+    (["sst2", "--attack", "badnets", "--target", "pos"], "--target pos is neither a class id nor a label of sst2"),
     (["{file}", "--format", "xml"], "invalid choice"),
     (["{one_label}"], "two labels"),
     (["{bad}"], "2:"),
@@ -139,3 +140,29 @@ def test_scan_batch_gives_small_files_enough_steps_to_separate_tokens(poisoned_f
     assert "batch 256, 1 optimizer step(s) per pass (too few" in out.splitlines()[-1]
     code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--passes", "A")
     assert "batch 8, 15 optimizer step(s) per pass;" in out.splitlines()[-1]
+
+
+def test_scan_machine_formats_warn_about_too_few_steps_on_stderr(poisoned_file, tiny_model, capsys):
+    """json and csv stay parseable on stdout; the too-few-steps warning goes to stderr."""
+    for fmt in ("json", "csv"):
+        code, out, err = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--passes", "A",
+                               "--batch-size", "256", "--format", fmt)
+        assert code == 0 and "optimizer step" not in out
+        rows = json.loads(out) if fmt == "json" else list(csv.DictReader(io.StringIO(out)))
+        assert len(rows) == 2
+        assert err.splitlines()[-1].startswith("cleantune: note: batch 256, 1 optimizer step(s) per pass (too few")
+    code, out, err = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--passes", "A", "--format",
+                           "json", "--no-progress")
+    assert code == 0 and err == ""  # enough steps: nothing to say
+
+
+def test_scan_takes_the_target_by_label_name_as_eval_does(monkeypatch, capsys):
+    import cleantune.defenses.btu as btu
+
+    seen = []
+    monkeypatch.setattr(btu, "scan", lambda data, *a, **k: seen.append(data) or [])
+    for target in ("positive", "1", "negative", "0"):
+        code, _, err = _scan(capsys, "sst2", "--attack", "badnets", "--triggers", "cf", "--target", target)
+        assert code == 0, err
+    flipped = [sum(y == 1 for t, y in zip(d.texts, d.labels) if "cf" in t.split()) for d in seen]
+    assert flipped[0] == flipped[1] > 0 and flipped[2] == flipped[3] == 0  # cf carries the target named

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", help="poison the benchmark's train split with this attack first (a check)")
     p.add_argument("--rate", type=float, help="poison rate, with --attack (default 0.1)")
     p.add_argument("--mode", help="poisoning mode, with --attack: dirty, clean or mix (default mix)")
-    p.add_argument("--target", type=int, help="target label, with --attack (default 1)")
+    p.add_argument("--target", help="target class, with --attack: a label name or a class id (default 1)")
     p.add_argument("--triggers", help="BadNets trigger words (with --attack badnets)")
     p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
     p.add_argument("--model", default="minilm")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faithful", action="store_true", help="official BTU code's exposure (pools over padding, "
                    "substring removal in pass B)")
     p.add_argument("--show-samples", type=int, nargs="?", const=3, default=0, metavar="N",
-                   help="print up to N samples containing each token (default 3)")
+                   help="print up to N samples containing each token (default 3; after DATA, or with N)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--no-progress", action="store_true")
@@ -478,7 +478,7 @@ def cmd_train(ns) -> int:
 
 
 def _eval_target(value, label_names: list[str], data: str) -> int:
-    """eval's --target: one of DATA's label names, else a class id in DATA's numbering."""
+    """eval's and scan's --target: one of DATA's label names, else a class id in DATA's numbering."""
     if str(value) in label_names:  # a name first, as labels in files are read
         return label_names.index(str(value))
     try:
@@ -554,7 +554,8 @@ def cmd_scan(ns) -> int:
         bench = load_benchmark(ns.data)
         data = bench.train
         if ns.attack:
-            data = get_attack(ns.attack, rate=ns.rate, mode=ns.mode, target=ns.target, seed=ns.seed,
+            target = _eval_target(ns.target, bench.label_names, ns.data)  # a name, as eval takes it
+            data = get_attack(ns.attack, rate=ns.rate, mode=ns.mode, target=target, seed=ns.seed,
                               **extra).apply(bench).train.without_flags()
     else:
         if ns.attack:
@@ -589,11 +590,14 @@ def cmd_scan(ns) -> int:
             elif ns.show_samples:
                 for t in rows[n - 1]["samples"]:
                     print(f"      | {t}")
-        steps = math.ceil(len(data) / batch_size)
-        print(f"{len(data)} samples; passes {ns.passes}, batch {batch_size}, {steps} optimizer step(s) per pass"
-              + (" (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else "")
-              + "; drift = L2 distance of the token's embedding from the "
-              "pretrained one; label_skew = share of samples containing the token that carry its most common label")
+    steps = math.ceil(len(data) / batch_size)
+    few = " (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else ""
+    if ns.format == "table":
+        print(f"{len(data)} samples; passes {ns.passes}, batch {batch_size}, {steps} optimizer step(s) per pass{few}"
+              "; drift = L2 distance of the token's embedding from the pretrained one; label_skew = share of "
+              "samples containing the token that carry its most common label")
+    elif few:  # json and csv keep stdout parseable: the warning goes to stderr
+        print(f"cleantune: note: batch {batch_size}, {steps} optimizer step(s) per pass{few}", file=sys.stderr)
     return 0
 
 
