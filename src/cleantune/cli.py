@@ -203,9 +203,10 @@ def _run_filters(ns) -> dict[str, list[str]]:
         raise UserError(f"--{empty} lists no value")
     if "seed" in where:
         where["seed"] = [str(_int("seed", v)) for v in where["seed"]]
-    if "model" in where:  # a local folder is stored by its absolute path, as `run` records it
-        where["model"] = [str(Path(v).expanduser().resolve()) if Path(v).expanduser().exists() else v
-                          for v in where["model"]]
+    if "model" in where:  # as `run` records it: a local folder by its absolute path, short names as they are
+        from .models import model_name
+
+        where["model"] = [model_name(v) for v in where["model"]]
     return where
 
 

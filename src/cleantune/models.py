@@ -195,9 +195,19 @@ def model_skeleton(name: str, num_labels: int, label: str | None = None):
                            num_labels=num_labels)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(cfg)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+    _pad_with_eos(model)
     return model
+
+
+def _pad_with_eos(model) -> None:
+    if model.config.pad_token_id is None:  # causal LMs (GPT-2, Llama) ship no pad token, as load_tokenizer pads
+        model.config.pad_token_id = model.config.eos_token_id
+
+
+def new_keys(info: dict) -> list[str]:
+    """The tensors a `from_pretrained(..., output_loading_info=True)` left at their random init: missing from
+    the checkpoint, or held there in another shape (a head for another number of classes)."""
+    return sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
 
 
 def load_model(name_or_path: str, label_names: list[str], label: str | None = None):
@@ -216,9 +226,8 @@ def load_model(name_or_path: str, label_names: list[str], label: str | None = No
         dtype=torch.float32, output_loading_info=True)
     # layers the checkpoint lacks (the head, DistilBERT's pre_classifier) or holds in another shape (a head for
     # another number of classes) start random: a saved adapter keeps them
-    model.cleantune_new_keys = tuple(info["missing_keys"]) + tuple(k[0] for k in info["mismatched_keys"])
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+    model.cleantune_new_keys = tuple(new_keys(info))
+    _pad_with_eos(model)
     return model
 
 

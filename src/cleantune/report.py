@@ -149,11 +149,10 @@ def summarize(runs: list[dict]) -> dict:
         asr = _mean_std([r["metrics"].get("asr") for r in rs])
         floors = [r["metrics"].get("asr_floor") for r in rs]  # a run stored before the floor was recorded: None
         floor = _mean_std(floors) if None not in floors else (float("nan"), float("nan"))  # not over some seeds
-        wall = _mean_std([_cost_s(r) for r in rs])
         d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "cell": cell_key(rs[0]["config"]),
                                      "seeds": frozenset(_json(r["config"].get("seed")) for r in rs),
                                      "cacc": cacc, "asr": asr, "asr_floor": floor,
-                                     "wall": wall, "n": len(rs), "runs": rs,
+                                     "n": len(rs), "runs": rs,
                                      # seeds whose model predicts one class on every clean test sample: its
                                      # CACC, ASR and floor say nothing of the defense (`run` warns of it too)
                                      "one_class": sum(r["metrics"].get("predicted_classes") == 1 for r in rs)}
@@ -172,16 +171,19 @@ def _compared(cell: dict, ref: dict | None) -> dict:
     none = {"cacc_drop": None, "time_rel": None, "compared": 0}
     if ref is None:
         return none
-    mine = {_json(r["config"].get("seed")): r for r in cell["runs"]}
-    theirs = {_json(r["config"].get("seed")): r for r in ref["runs"]}
+    def by_seed(rs):
+        return {_json(r["config"].get("seed")): r for r in rs}
+
+    def numbers(pairs):  # (defense's, fine-tuning's) per seed, where both are numbers
+        return [(a, b) for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float))]
+
+    mine, theirs = by_seed(cell["runs"]), by_seed(ref["runs"])
     seeds = sorted(set(mine) & set(theirs))
-    diffs = [theirs[s]["metrics"].get("cacc") - mine[s]["metrics"].get("cacc") for s in seeds
-             if isinstance(theirs[s]["metrics"].get("cacc"), (int, float))
-             and isinstance(mine[s]["metrics"].get("cacc"), (int, float))]
+    diffs = [b - a for a, b in numbers((mine[s]["metrics"].get("cacc"), theirs[s]["metrics"].get("cacc"))
+                                       for s in seeds)]
     if not diffs:
         return none
-    walls = [(_cost_s(mine[s]), _cost_s(theirs[s])) for s in seeds]
-    walls = [(a, b) for a, b in walls if a is not None and b is not None]
+    walls = numbers((_cost_s(mine[s]), _cost_s(theirs[s])) for s in seeds)
     ref_wall = sum(b for _, b in walls)
     return {"cacc_drop": _mean_std(diffs), "compared": len(diffs),
             "time_rel": sum(a for a, _ in walls) / ref_wall if walls and ref_wall > 0 else None}

