@@ -50,8 +50,8 @@ def test_every_baseline_is_registered_and_declares_its_clean_data():
         get_defense("strip", frrr=0.1)
     # impossible values fail when the defense is built (a run's config check), before any data loads
     for name, bad, msg in (("strip", {"frr": 1.5}, "frr must be in"), ("rap", {"on_flag": "maybe"}, "on_flag must be"),
-                           ("strip", {"swap_ratio": 0.0}, "swap_ratio in"), ("abl", {"isolation_ratio": 1.0}, "isolation_ratio"),
-                           ("bki", {"keywords": 0}, "keywords of at least 1")):
+                           ("strip", {"swap_ratio": 0.0}, r"swap_ratio must be in \(0, 1\]"), ("abl", {"isolation_ratio": 1.0}, "isolation_ratio"),
+                           ("bki", {"keywords": 0}, "keywords must be positive")):
         with pytest.raises(UserError, match=msg):
             get_defense(name, **bad)
 

@@ -669,3 +669,26 @@ def test_settings_the_backbone_cannot_take_are_refused_before_any_loading(tiny_m
     assert config().resolve()["defense"] == "muscle-lora"
     monkeypatch.setattr(MuScleLoRA, "prepare_model", lambda self, model, *a: model.bert.pooler.dense.weight.item())
     assert config(lora_r=4).resolve()["lora_r"] == 4  # .item() on a meta tensor: not the settings' fault
+
+
+@pytest.mark.parametrize("seed", [2**60, 2**64 - 1, -2**63])
+def test_every_seed_training_accepts_draws_reference_batches(tiny_model, seed, monkeypatch):
+    """check_seed lets seeds up to 2**64 through; the per-step reference draw must not overflow on them (it raised
+    a ValueError at the first step), and a seed that fit before (-5, read modulo 2**64 by torch) keeps its batches."""
+    import cleantune.defenses.muscle as muscle
+    from cleantune.training import check_seed
+
+    check_seed(seed)
+    tok = load_tokenizer(tiny_model)
+    refs = TextDataset([f"film number {i}" for i in range(12)], [i % 2 for i in range(12)], ["a", "b"])
+    model = load_model(tiny_model, ["a", "b"])
+    params = [model.classifier.weight]
+    kw = dict(batch_size=4, max_length=16, min_ref_loss=0.0, min_ref_grad_norm=0.0, ga_epoch=0, max_raw_grad_ratio=0.0)
+    loss, grads = GradientAlignment(tok, refs, seed=seed, **kw).reference_gradients(model, params, 3, torch.device("cpu"))
+    assert math.isfinite(loss) and grads[0].shape == model.classifier.weight.shape
+    hook = GradientAlignment(tok, refs, seed=-5, **kw)
+    drawn = []
+    monkeypatch.setattr(muscle, "make_batch", lambda ids, pad: drawn.append([hook.ids.index(x) for x in ids])
+                        or make_batch(ids, pad))
+    hook.reference_gradients(model, params, 3, torch.device("cpu"))
+    assert drawn == [torch.randperm(12, generator=torch.Generator().manual_seed(-5 * 1_000_003 + 3))[:4].tolist()]

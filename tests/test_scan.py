@@ -161,8 +161,10 @@ def test_scan_takes_the_target_by_label_name_as_eval_does(monkeypatch, capsys):
 
     seen = []
     monkeypatch.setattr(btu, "scan", lambda data, *a, **k: seen.append(data) or [])
-    for target in ("positive", "1", "negative", "0"):
+    for target in ("positive", "1", "1.0", "negative", "0"):  # 1.0 is the id 1, as in label files
         code, _, err = _scan(capsys, "sst2", "--attack", "badnets", "--triggers", "cf", "--target", target)
         assert code == 0, err
     flipped = [sum(y == 1 for t, y in zip(d.texts, d.labels) if "cf" in t.split()) for d in seen]
-    assert flipped[0] == flipped[1] > 0 and flipped[2] == flipped[3] == 0  # cf carries the target named
+    assert flipped[0] == flipped[1] == flipped[2] > 0 and flipped[3] == flipped[4] == 0  # cf carries the target named
+    for target in ("1.5", "1e999999999", "nan"):
+        assert _scan(capsys, "sst2", "--attack", "badnets", "--target", target)[0] == 2

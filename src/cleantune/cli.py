@@ -16,6 +16,7 @@ import sys
 import threading
 import warnings
 from dataclasses import fields
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .errors import UserError
@@ -482,11 +483,13 @@ def _eval_target(value, label_names: list[str], data: str) -> int:
     """eval's and scan's --target: one of DATA's label names, else a class id in DATA's numbering."""
     if str(value) in label_names:  # a name first, as labels in files are read
         return label_names.index(str(value))
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"--target {value} is neither a class id nor a label of {data} "
-                        f"({', '.join(label_names)})") from None
+    try:  # a number as files' labels are: 1.0 is the id 1 (exactly, so 1.0000000000000001 is not)
+        x = Decimal(str(value).strip())
+        if x.is_finite() and x.adjusted() < 18 and x == x.to_integral_value():
+            return int(x)
+    except InvalidOperation:
+        pass
+    raise UserError(f"--target {value} is neither a class id nor a label of {data} ({', '.join(label_names)})")
 
 
 def cmd_eval(ns) -> int:

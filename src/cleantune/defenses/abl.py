@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data import TextDataset
-from ..errors import UserError
 from ..models import Classifier
 from ..training import StepHook
 from .base import Defense
@@ -67,16 +66,10 @@ class ABL(Defense):
     unlearning_lr: float = 5e-5
 
     name = "abl"
-    positive = ("isolation_epochs", "gamma", "unlearning_lr")
+    bounds = {"isolation_epochs": "(0, inf)", "gamma": "(0, inf)", "unlearning_lr": "(0, inf)",
+              "isolation_ratio": "(0, 1)", "unlearning_epochs": "[0, inf)"}
     clean_data = "clean dev: model selection only"
     step_hooks = False
-
-    def __post_init__(self):
-        if not 0 < self.isolation_ratio < 1:
-            raise UserError(f"ABL: option isolation_ratio must be in (0, 1), got {self.isolation_ratio}")
-        if self.unlearning_epochs < 0:
-            raise UserError(f"ABL: option unlearning_epochs must be at least 0, got {self.unlearning_epochs}")
-        super().__post_init__()
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:

@@ -23,6 +23,31 @@ from ..models import DEFAULT_MODEL, Classifier, check_max_length, load_model, lo
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 
 
+def _parse_interval(interval: str) -> tuple[float, float, bool, bool]:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    return low, high, interval[0] == "[", interval[-1] == "]"
+
+
+def in_interval(value, interval: str) -> bool:
+    low, high, low_closed, high_closed = _parse_interval(interval)
+    return (low <= value if low_closed else low < value) and (value <= high if high_closed else value < high)
+
+
+def describe_interval(interval: str, bad: list) -> str:
+    """What `interval` asks, in the words a user reads best, given the values outside it: "finite" where those
+    are only infinities at an open end, "positive", "at least 0", else the interval itself."""
+    low, high, low_closed, _ = _parse_interval(interval)
+    if all(math.isinf(v) and v in (low, high) for v in bad):
+        return "finite"
+    if high == math.inf and low == 0 and not low_closed:
+        return "positive"
+    if high == math.inf and low_closed:
+        return f"at least {low:g}"
+    if (low, high) == (-math.inf, math.inf):
+        return "a finite number"
+    return f"in {interval}"
+
+
 @dataclass
 class Defense:
     model: str = DEFAULT_MODEL
@@ -49,19 +74,25 @@ class Defense:
     # is plain fine-tuning behind an inference-time filter (STRIP, RAP, ONION) or an edit of one (BTU), or
     # comes out of several trainings with their own step counts (ABL).
     step_hooks: ClassVar[bool] = True
-    # Options that must be above 0 (counts: at least 1). With the loop's own settings they are checked when
-    # the defense is built, so `run` and `sweep --dry-run` refuse them before any cell trains.
-    positive: ClassVar[tuple[str, ...]] = ()
+    # Option -> the interval its value (every value, for a list) must lie in, as "(0, inf)" or "[0, 1)"; None
+    # passes (a default chosen at fit). With the loop's own settings they are checked when the defense is
+    # built, so `run` and `sweep --dry-run` refuse them before any cell trains. NaN lies in no interval, and
+    # inf only where the interval closes on it.
+    bounds: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self):
-        for name in self.positive:
+        for name, interval in self.bounds.items():
             value = getattr(self, name)
+            if value is None:
+                continue
             values = value if isinstance(value, (list, tuple)) else [value]
-            if value is not None and not all(v > 0 for v in values):
-                raise UserError(f"defense '{self.name}': option {name} must be positive, got {value}")
-            if value is not None and not all(math.isfinite(v) for v in values):  # inf trains to NaN, silently
-                raise UserError(f"defense '{self.name}': option {name} must be finite, got {value}")
-            if value is not None and any(isinstance(v, int) and v > C_INT_MAX for v in values):
+            if not values:  # an empty list is no fallback to the default: that is leaving the option unset
+                raise UserError(f"defense '{self.name}': option {name} must list at least one value, got []")
+            bad = [v for v in values if not in_interval(v, interval)]
+            if bad:
+                raise UserError(f"defense '{self.name}': option {name} must be {describe_interval(interval, bad)}, "
+                                f"got {value}")
+            if any(isinstance(v, int) and v > C_INT_MAX for v in values):
                 # torch and PEFT take sizes as C ints: larger ones end in an overflow deep inside them
                 raise UserError(f"defense '{self.name}': option {name} must be at most {C_INT_MAX}, got {value}")
         # the loop's settings as far as the defense fixes them (None: chosen at fit, e.g. per backbone)

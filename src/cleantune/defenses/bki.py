@@ -77,12 +77,8 @@ class BKI(Defense):
     keywords: int = 1
 
     name = "bki"
+    bounds = {"bki_epochs": "(0, inf)", "top_words": "(0, inf)", "keywords": "(0, inf)"}
     clean_data = "clean dev: model selection only"
-
-    def __post_init__(self):
-        if self.bki_epochs < 1 or self.top_words < 1 or self.keywords < 1:
-            raise UserError("BKI needs bki_epochs, top_words and keywords of at least 1")
-        super().__post_init__()
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True, extra_hooks=()) -> Classifier:

@@ -437,7 +437,8 @@ class BTU(Defense):
     guard_tolerance: float = 0.001
 
     name = "btu"
-    positive = ("k", "rho", "tune_epochs", "expose_batch_size", "expose_lr", "expose_max_length")
+    bounds = {"k": "(0, inf)", "rho": "(0, 1]", "tune_epochs": "(0, inf)", "expose_batch_size": "(0, inf)",
+              "expose_lr": "(0, inf)", "expose_max_length": "(0, inf)", "guard_tolerance": "[0, 1)"}
     step_hooks = False
     clean_data = ("clean dev: model selection and the collateral guard (default mode); with clean_tuning=k, "
                   "k dev samples are trained on (held out of selection and of the guard)")
@@ -453,10 +454,6 @@ class BTU(Defense):
             self.clean_tuning = int(self.clean_tuning)
         if self.clean_tuning != "none" and not (isinstance(self.clean_tuning, int) and self.clean_tuning > 0):
             raise UserError(f"clean_tuning must be 'none' or a positive number of clean dev samples, got '{self.clean_tuning}'")
-        if not 0 <= self.guard_tolerance < 1:
-            raise UserError(f"guard_tolerance must be in [0, 1), got {self.guard_tolerance}")
-        if not self.rho <= 1:  # a share of the vocabulary (positive: checked with the others)
-            raise UserError(f"rho must be in (0, 1], a share of the vocabulary, got {self.rho}")
         super().__post_init__()
         # Not settings: the runner may set a callback that scores a Classifier on its test sets (reporting
         # only, never selection), so the three stage points can be stored.

@@ -90,10 +90,8 @@ def check_flag_task(on_flag: str, num_labels: int) -> None:
         raise UserError("option on_flag=flip needs a binary task; use on_flag=abstain")
 
 
-def check_detector_options(frr: float, on_flag: str) -> None:
-    """STRIP's and RAP's own option checks, at construction: before any data loads."""
-    if not 0 <= frr < 1:
-        raise UserError(f"option frr must be in [0, 1), got {frr}")
+def check_on_flag(on_flag: str) -> None:
+    """STRIP's and RAP's, at construction: before any data loads."""
     if on_flag not in ("auto", "flip", "abstain"):
         raise UserError(f"option on_flag must be auto, flip or abstain, got '{on_flag}'")
 

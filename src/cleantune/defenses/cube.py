@@ -76,7 +76,7 @@ class CUBE(Defense):
     min_samples: int = 100
 
     name = "cube"
-    positive = ("encoder_epochs", "pca_dims", "umap_dims", "n_neighbors", "min_samples")
+    bounds = {name: "(0, inf)" for name in ("encoder_epochs", "pca_dims", "umap_dims", "n_neighbors", "min_samples")}
     clean_data = "clean dev: model selection only"
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,

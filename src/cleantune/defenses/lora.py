@@ -50,12 +50,7 @@ class LoRA(Defense):
     train_head: bool = True
 
     name = "lora"
-    positive = ("lora_r", "lora_alpha")
-
-    def __post_init__(self):
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"defense 'lora': option lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        super().__post_init__()
+    bounds = {"lora_r": "(0, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)"}
 
     def prepare_model(self, model, tokenizer, train_data):
         model = apply_lora(model, self.lora_r, self.lora_alpha, self.lora_dropout, self.target_modules)

@@ -150,7 +150,7 @@ class ONION(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "onion"
-    positive = ("lm_max_length", "lm_batch_size")
+    bounds = {"lm_max_length": "(0, inf)", "lm_batch_size": "(0, inf)", "threshold": "(-inf, inf)"}
     at_inference = True
     step_hooks = False
     clean_data = "clean dev: model selection only"

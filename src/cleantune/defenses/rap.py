@@ -23,7 +23,6 @@ Fixed or changed here (see docs/baselines.md):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +33,7 @@ from ..errors import UserError
 from ..models import Classifier
 from ..training import encode, make_batch
 from .base import Defense
-from .common import FlaggingClassifier, check_detector_options, check_flag_task, frr_threshold, victim_model
+from .common import FlaggingClassifier, check_on_flag, check_flag_task, frr_threshold, victim_model
 
 
 def band_loss(diff: torch.Tensor, prob_range: tuple[float, float], scale: float) -> torch.Tensor:
@@ -138,17 +137,18 @@ class RAP(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "rap"
-    positive = ("rap_epochs", "rap_lr", "scale")
+    bounds = {"rap_epochs": "(0, inf)", "rap_lr": "(0, inf)", "scale": "(0, inf)", "frr": "[0, 1)",
+              "prob_range": "(-inf, inf)"}
     at_inference = True
     step_hooks = False
     clean_data = "clean dev: model selection, the RAP word's embedding and the drop threshold"
 
     def __post_init__(self):
-        check_detector_options(self.frr, self.on_flag)
+        check_on_flag(self.on_flag)
         if not self.word.strip():
             raise UserError("RAP: option word must not be empty")
-        if len(self.prob_range) != 2 or not all(math.isfinite(v) for v in self.prob_range):
-            raise UserError(f"RAP: option prob_range must be two finite numbers, got {list(self.prob_range)}")
+        if len(self.prob_range) != 2:
+            raise UserError(f"defense 'rap': option prob_range must be two numbers, got {list(self.prob_range)}")
         super().__post_init__()
 
     def check_task(self, num_labels: int) -> None:

@@ -32,7 +32,7 @@ from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier
 from .base import Defense
-from .common import (FlaggingClassifier, check_detector_options, check_flag_task, frr_threshold, softmax_probs,
+from .common import (FlaggingClassifier, check_on_flag, check_flag_task, frr_threshold, softmax_probs,
                      victim_model)
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn TfidfVectorizer's default, as OpenBackdoor uses it
@@ -106,15 +106,13 @@ class STRIP(Defense):
     victim: str | None = None  # a trained classifier directory to wrap instead of training one
 
     name = "strip"
-    positive = ("repeat",)
+    bounds = {"repeat": "(0, inf)", "swap_ratio": "(0, 1]", "frr": "[0, 1)"}
     at_inference = True
     step_hooks = False
     clean_data = "clean dev: model selection, replacement words (TF-IDF) and the entropy threshold"
 
     def __post_init__(self):
-        check_detector_options(self.frr, self.on_flag)
-        if not 0 < self.swap_ratio <= 1:
-            raise UserError(f"STRIP needs swap_ratio in (0, 1], got {self.swap_ratio}")
+        check_on_flag(self.on_flag)
         super().__post_init__()
 
     def check_task(self, num_labels: int) -> None:
