@@ -388,6 +388,10 @@ def test_cube_filters_a_planted_minority_cluster():
     clusters = cluster(reps, seed=0, pca_dims=8, n_neighbors=15, min_samples=10)
     flags = np.array(minority_clusters(labels, clusters))
     assert flags[300:].all() and not flags[:300].any()
+    # every seed a run accepts (64 bits, negative too) clusters; sklearn's random_state takes only [0, 2**32)
+    for seed in (-1, 2**40):
+        flags = np.array(minority_clusters(labels, cluster(reps, seed=seed, pca_dims=8, n_neighbors=15, min_samples=10)))
+        assert flags[300:].all() and not flags[:300].any()
 
 
 # ---------------------------------------------------------------- ABL

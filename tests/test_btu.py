@@ -617,3 +617,51 @@ def test_shallow_classifier_mean_pools_the_unmasked_positions(tiny_model):
         x = reference.base_model.embeddings(input_ids=ids)
         pooled = torch.stack([x[0, :5].mean(0), x[1, :3].mean(0)])
         assert torch.allclose(model(ids, mask).logits, model.head(pooled), atol=1e-6)
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_scan_ranks_with_the_defenses_k_and_pass_c(tiny_model, monkeypatch, faithful):
+    """`scan` is the defense's exposure half: the same k per ranking (faithful: the official 17) and pass C
+    trained as the defense trains it (it had its own fixed batch 32, lr 5e-5, constant lr)."""
+    class Stop(Exception):
+        pass
+
+    seen, real_expose = {}, btu.expose
+
+    def spy_train(model, view, data, dev, settings, *a, desc="", **kw):  # record; skip the training
+        seen[who][desc] = settings
+        if desc == "btu expose C":
+            raise Stop
+
+    def spy_expose(*a, **kw):
+        seen[who]["k"] = kw["k"]
+        return real_expose(*a, **kw)
+
+    monkeypatch.setattr(btu, "train", spy_train)
+    monkeypatch.setattr(btu, "expose", spy_expose)
+    data, dev = synthetic(40), synthetic(12, seed=1)
+    for who in ("fit", "scan"):
+        seen[who] = {}
+        with pytest.raises(Stop):
+            if who == "fit":
+                BTU(model=tiny_model, btu_mode="faithful" if faithful else "default").fit(data, dev, progress=False)
+            else:
+                btu.scan(data, tiny_model, passes="ABC", faithful=faithful, progress=False)
+    assert seen["scan"]["k"] == seen["fit"]["k"] == (17 if faithful else None)
+    assert seen["scan"]["btu expose C"] == seen["fit"]["btu expose C"]
+
+
+def test_faithful_ranking_drops_olids_user_placeholder_as_the_official_code(tiny_model):
+    """The official code drops '@' and 'user' (ids 1030, 5310) on OLID; faithful mode drops them on data that
+    holds OLID's @USER placeholder, and ranks them like any token elsewhere and in the default mode."""
+    tok = load_tokenizer(tiny_model)
+    at, user = tok.convert_tokens_to_ids(["@", "user"])
+    base = synthetic(64)
+    data = TextDataset(["@USER " + t for t in base.texts], base.labels, base.label_names)
+    occurring = {i for x in tok(data.texts)["input_ids"] for i in x}
+    exp = btu.expose(tiny_model, tok, data, faithful=True, k=3, passes="A", batch_size=8, progress=False)
+    pos = exp.rankings["A"].tolist()
+    assert min(pos.index(at), pos.index(user)) >= tok.vocab_size - 4  # last, with [CLS] and [SEP]
+    assert len(occurring) < 20  # the other occurring tokens are all ranked above the zero-drift absent ones
+    assert btu.special_ids(tok, True, ["@USER @USER so true"]) == sorted([at, user, tok.cls_token_id, tok.sep_token_id])
+    assert at not in btu.special_ids(tok, True, ["no placeholder"]) and user not in btu.special_ids(tok, False, ["@USER"])

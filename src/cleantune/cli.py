@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triggers", help="BadNets trigger words (with --attack badnets)")
     p.add_argument("--sentence", help="AddSent sentence (with --attack addsent)")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--top", type=int, help="tokens per exposure pass (default: 0.0005 x vocabulary size)")
+    p.add_argument("--top", type=int, help="tokens per exposure pass (default: the btu defense's k, 0.0005 x "
+                   "vocabulary size; with --faithful 17)")
     p.add_argument("--batch-size", type=int, help="shallow passes' batch (default: BTU's 256, or less so that a "
                    "pass makes at least 25 optimizer steps)")
     p.add_argument("--passes", default="AB", help="exposure passes: A (shallow), B (A's tokens removed: B "

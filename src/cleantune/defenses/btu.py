@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..models import Classifier, check_max_length, load_model, load_tokenizer, max_positions
+from ..models import Classifier, check_max_length, load_model, load_tokenizer, max_positions, model_skeleton
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 from .base import Defense
 
@@ -69,11 +69,18 @@ class TokenView:
         return {"input_ids": self.ids(list(texts), max_length)}
 
 
-def special_ids(tokenizer, faithful: bool) -> list[int]:
-    """Ids never ranked. The official code drops only [CLS]/[SEP] (PAD gets no gradient there); the
-    default drops every special token except UNK, which can carry an out-of-vocabulary trigger."""
+OLID_PLACEHOLDER = "@USER"  # OLID replaces every user mention with it
+
+
+def special_ids(tokenizer, faithful: bool, texts=()) -> list[int]:
+    """Ids never ranked. The official code drops only [CLS]/[SEP] (PAD gets no gradient there), and on OLID
+    (a dataset named `offen*`) also the pieces of its @USER placeholder, '@' and 'user' (spec 4 step 1): a
+    defense does not see the dataset's name, so faithful mode drops them when the training `texts` hold the
+    placeholder. The default drops every special token except UNK, which can carry an out-of-vocabulary trigger."""
     if faithful:
         ids = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+        if any(OLID_PLACEHOLDER in t for t in texts):
+            ids |= set(trigger_token_ids(tokenizer, [OLID_PLACEHOLDER]))
     else:
         ids = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     return sorted(i for i in ids if i is not None)
@@ -241,13 +248,14 @@ def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: 
         lr = FAITHFUL_EXPOSE_LR if faithful else DEFAULT_EXPOSE_LR
     shallow = TrainSettings(epochs=1, batch_size=batch_size, lr=lr, weight_decay=0.01, warmup_ratio=0.0,
                             max_grad_norm=0.0, max_length=max_length, seed=seed, lr_schedule="constant")
-    exclude = special_ids(tokenizer, faithful)
+    exclude = special_ids(tokenizer, faithful, data.texts)
     out = Exposure({}, {}, {}, 0, {})
     top_a: list[int] = []
     # A before B whatever the order asked for; each pass has its own seed, so the order changes no result.
     for name in sorted(set(passes) | ({"A"} if "B" in passes else set())):
         t0 = time.perf_counter()
-        seed_everything(seed + ord(name))  # the official passes A/B are unseeded (spec 8 #2); ours are
+        pass_seed = seed + ord(name)  # the official passes A/B are unseeded (spec 8 #2); ours are
+        seed_everything(pass_seed - 2**64 if pass_seed >= 2**64 else pass_seed)  # a seed near 2**64 wraps
         backbone = load_model(model_name, data.label_names)
         word = backbone.get_input_embeddings()
         if E0 is None:
@@ -469,6 +477,14 @@ class BTU(Defense):
                              max_grad_norm=self.max_grad_norm, max_length=self.max_length, seed=self.seed,
                              lr_schedule=self.lr_schedule)
 
+    def pass_c_settings(self, max_length: int) -> TrainSettings:
+        """Exposure pass C's training (spec 4 step 3): one epoch with the victim's batch, lr and length; faithful:
+        constant lr without warmup, as the official code. `scan` uses it too, so it ranks as the defense does."""
+        return TrainSettings(epochs=1, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                             warmup_ratio=0.0 if self.faithful else self.warmup_ratio,
+                             max_grad_norm=self.max_grad_norm, max_length=max_length, seed=self.seed,
+                             lr_schedule="constant" if self.faithful else self.lr_schedule)
+
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True) -> Classifier:
         train_data = train_data.without_flags()
@@ -505,10 +521,7 @@ class BTU(Defense):
         max_length = settings.max_length
 
         # 1. Exposure. Pass C trains like the victim (batch, lr, length), as in the official code.
-        embed = TrainSettings(epochs=1, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                              warmup_ratio=0.0 if self.faithful else self.warmup_ratio,
-                              max_grad_norm=self.max_grad_norm, max_length=max_length, seed=self.seed,
-                              lr_schedule="constant" if self.faithful else self.lr_schedule)
+        embed = self.pass_c_settings(max_length)
         exp = expose(self.model, tokenizer, train_data, faithful=self.faithful, k=self.k, rho=self.rho,
                      passes="ABC", seed=self.seed, E0=E0, view=view, batch_size=self.expose_batch_size,
                      lr=self.expose_lr, max_length=self.expose_max_length, embed_settings=embed, progress=progress)
@@ -647,11 +660,18 @@ def scan(data: TextDataset, model: str = "minilm", *, k: int | None = None, pass
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     tokenizer = load_tokenizer(model)
     view = TokenView(tokenizer)
+    # k and pass C as the btu defense in this mode takes them (faithful: k 17 and the official pass C), so a
+    # scan lists what the defense's rankings would put in its suspicious set
+    defense = BTU(model=model, btu_mode="faithful" if faithful else "default", seed=seed)
+    embed = defense.pass_c_settings(defense.max_length)
+    if "C" in passes:  # the mode's length as far as the backbone reaches, as fit takes it
+        limit = max_positions(model_skeleton(model, data.num_labels))  # its config alone: no weights load
+        if limit is not None:
+            embed.max_length = min(embed.max_length, limit)
     seed_everything(seed)
-    exp = expose(model, tokenizer, data, faithful=faithful, k=k, passes=passes, seed=seed, view=view,
-                 present_only=True, progress=progress, batch_size=batch_size or scan_batch_size(len(data)),
-                 embed_settings=TrainSettings(epochs=1, batch_size=32, lr=5e-5, warmup_ratio=0.0, max_grad_norm=0.0,
-                                              seed=seed, lr_schedule="constant"))
+    exp = expose(model, tokenizer, data, faithful=faithful, k=k if k is not None else defense.k, passes=passes,
+                 seed=seed, view=view, present_only=True, progress=progress,
+                 batch_size=batch_size or scan_batch_size(len(data)), embed_settings=embed)
     ids = view.ids(data.texts, 128)
     counts = doc_stats(ids, data.labels, exp.scores[passes[0]].shape[0], data.num_labels)
     rows, seen = [], set()

@@ -44,6 +44,7 @@ def cluster(reps: np.ndarray, seed: int, pca_dims: int = 20, umap_dims: int = 2,
     from umap import UMAP
 
     n = len(reps)
+    seed %= 2**32  # what sklearn and UMAP take; a run's seed may be any 64-bit integer (as numpy's, in seed_everything)
     x = PCA(n_components=min(pca_dims, n, reps.shape[1]), random_state=seed).fit_transform(reps)
     x = UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=0.0, n_components=umap_dims, random_state=seed,
              transform_seed=seed).fit_transform(x)
