@@ -98,7 +98,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--defense", "strip", "--option", "frr=1"], "defense 'strip': option frr must be in [0, 1), got 1"),
     (["run", "--defense", "btu", "--option", "guard_tolerance=nan"], "option guard_tolerance must be in [0, 1), got nan"),
     (["run", "--defense", "rap", "--option", 'word=" "'], "option word must not be empty"),
-    (["run", "--option", "warmup_ratio=2"], "--warmup-ratio must be in [0, 1)"),
+    (["run", "--option", "warmup_ratio=2"], "option warmup_ratio must be in [0, 1)"),
     (["report", "--out", ""], "--out: empty path"),
     (["scan", "sst2", "--seed", "99999999999999999999"], "--seed must fit in 64 bits"),
     (["frobnicate"], "invalid choice"),
@@ -119,7 +119,9 @@ def test_train_refuses_impossible_settings_before_writing(tiny_model, tmp_path, 
                             (["--defense", "btu", "--dev", str(tmp_path / "a.tsv"), "--option", "expose_max_length=1"],
                              "--option expose_max_length 1 leaves no token for the text"),
                             (["--option", "seed=3"], "option 'seed' has a setting of its own"),
-                            (["--option", "max_length=64"], "option 'max_length' has a setting of its own: give --max-length")]:
+                            (["--option", "max_length=64"], "option 'max_length' has a setting of its own: give --max-length"),
+                            (["--out", ""], "--out: empty path"),  # not "--out .: name the folder"
+                            (["--option", "warmup_ratio=nan"], "option warmup_ratio must be in [0, 1)")]:  # no such flag
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
@@ -161,6 +163,28 @@ def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
         (tmp_path / "c.yaml").write_text(f"train_size: 50\n{bad}\n")
         assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
         assert msg in capsys.readouterr().err, bad
+
+
+@pytest.mark.parametrize("name,text,msg", [
+    ("c.yaml", "epochs: 1\nepochs: 2\n", "cannot parse (key 'epochs' appears twice in one mapping (line 2))"),
+    ("c.yaml", "options:\n  weight_decay: 0\n  weight_decay: 0.1\n", "key 'weight_decay' appears twice"),
+    ("c.yaml", "batch_size: 8\nbatch-size: 16\n", "'batch_size' and 'batch-size' set the same option"),
+    ("c.toml", "batch_size = 8\nbatch-size = 16\n", "'batch_size' and 'batch-size' set the same option"),
+])
+def test_a_config_option_given_twice_is_refused_not_one_value_kept(tmp_path, capsys, name, text, msg):
+    # PyYAML keeps the last of two equal keys and the two spellings were both read (train kept the first,
+    # run the last) without a word; a YAML merge key's values may still be overridden
+    (tmp_path / name).write_text(text)
+    # refused before the dataset's name or the training file is looked at (neither is there)
+    for args in (["run", "--dataset", "nope"], ["train", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "m")]):
+        assert main(args + ["--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    from cleantune.cli import load_config_file
+
+    (tmp_path / "m.yaml").write_text("base: &b {epochs: 1, lr: 0.1}\nother: {<<: *b, lr: 0.2}\n")
+    assert load_config_file(str(tmp_path / "m.yaml"))["other"] == {"epochs": 1, "lr": 0.2}
 
 
 @pytest.mark.parametrize("name,text,got", [
@@ -387,6 +411,52 @@ def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tm
     assert "--out .: name the folder (not . or ..)" in capsys.readouterr().err and not any(empty.iterdir())
     assert main(["report", "--store", str(tmp_path / "none.sqlite"), "--out", "."]) == 2  # a report may go there
     assert "name the folder" not in capsys.readouterr().err
+
+
+def test_train_never_deletes_a_folder_beside_out_that_it_did_not_write(tiny_model, tmp_path, capsys):
+    """`<out>.old`, `.partial` and `.work` are removed when the model is saved: a user's own folder of that name
+    (a backup, notes) was deleted without a word. It is refused before training; cleantune's own leftovers of a
+    killed run (a model, a model being written, checkpoints) are still replaced."""
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\nawful\t0\n")
+    base = ["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--epochs", "1", "--no-progress", "--out"]
+    for side in (".partial", ".old", ".work"):
+        (tmp_path / f"m{side}").mkdir()
+        (tmp_path / f"m{side}" / "notes.txt").write_text("mine")
+        assert main(base + [str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert f"m{side} is a folder that cleantune did not write" in err and len(err.strip().splitlines()) == 1
+        assert (tmp_path / f"m{side}" / "notes.txt").read_text() == "mine" and not (tmp_path / "m").exists()
+        shutil.rmtree(tmp_path / f"m{side}")
+    # what a kill leaves: the label file comes first into <out>.partial, checkpoints into <out>.work
+    (tmp_path / "m.partial").mkdir()
+    (tmp_path / "m.partial" / "cleantune_labels.json").write_text("{}")
+    (tmp_path / "m.work" / "checkpoints.partial").mkdir(parents=True)
+    (tmp_path / "m.work" / "checkpoints.partial" / "trainable.safetensors").write_text("cut short")
+    (tmp_path / "m.old").mkdir()
+    assert main(base + [str(tmp_path / "m")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", "m"]
+
+
+def test_links_at_out_or_beside_it_leave_no_stray_link_and_no_traceback(tiny_model, tmp_path, capsys):
+    """--out a link to a saved model: the link was moved to <out>.old and left there (rmtree refuses links, quietly);
+    the next train into it then failed after training with NotADirectoryError. A link beside --out is refused
+    before training, and --out's own link is replaced by the new model, its target kept."""
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\nawful\t0\n")
+    base = ["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--epochs", "1", "--no-progress", "--out"]
+    assert main(base + [str(tmp_path / "target")]) == 0
+    (tmp_path / "m").symlink_to(tmp_path / "target")
+    assert main(base + [str(tmp_path / "m")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", "m", "target"]
+    assert not (tmp_path / "m").is_symlink() and (tmp_path / "target" / "model.safetensors").is_file()
+    capsys.readouterr()
+    for side in (".partial", ".old", ".work"):
+        (tmp_path / f"m{side}").symlink_to(tmp_path / "target")
+        assert main(base + [str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert f"m{side} is a link to {tmp_path / 'target'}; cleantune writes a folder there" in err
+        assert len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", "m", f"m{side}", "target"]
+        (tmp_path / f"m{side}").unlink()
 
 
 def test_a_label_file_with_an_impossible_max_length_is_one_line(tiny_model, tmp_path, capsys):

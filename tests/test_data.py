@@ -99,6 +99,13 @@ def test_malformed_files_name_file_and_line(tmp_path, name, content, msg):
         read_dataset(write(tmp_path, name, content))
 
 
+def test_a_folder_is_named_as_one(tmp_path):
+    for name in ("data", "data.tsv"):  # "unsupported file type (none)" and "cannot read (Is a directory)" before
+        (tmp_path / name).mkdir()
+        with pytest.raises(UserError, match=re.escape(f"{tmp_path / name}: a folder, not a data file")):
+            read_dataset(tmp_path / name)
+
+
 def test_one_column_cannot_be_both_text_and_label(tmp_path):
     # it would train on the labels as text (or make a class of every sentence)
     path = write(tmp_path, "a.tsv", "sentence\tlabel\nfine\t0\nbad\t1\n")
@@ -429,3 +436,12 @@ def test_a_dataset_prints_as_its_size_and_classes_not_its_texts():
     assert len(repr(bench)) < 500  # every text of every split was over a megabyte
     flagged = TextDataset(["a", "b", "c"], [0, 1, 1], ["x", "y"], [False, True, False])
     assert repr(flagged) == "TextDataset(3 texts; x: 1, y: 2; 1 poisoned)"
+
+
+@pytest.mark.parametrize("name,sep", [("long.csv", ","), ("long.tsv", "\t")])
+def test_a_text_longer_than_the_csv_modules_field_limit_is_read(tmp_path, name, sep):
+    # Python's csv module refuses fields over 131,072 characters unless told otherwise; a long document is
+    # a text like any other (truncated to max_length tokens), as it is in a .jsonl file
+    long = "word " * 40_000
+    d = read_dataset(write(tmp_path, name, f"text{sep}label\n{long}{sep}pos\nshort{sep}neg\n"))
+    assert d.texts == [long.strip(), "short"] and d.labels == [1, 0]

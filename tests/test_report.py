@@ -108,6 +108,12 @@ def test_report_writes_only_into_an_empty_folder_or_its_own(tmp_path, capsys):
     assert [f.name for f in (tmp_path / "notes").iterdir()] == ["todo.txt"]
     for _ in range(2):  # its own earlier report is replaced
         assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    plots = sorted(f.name for f in (tmp_path / "rep" / "plots").iterdir())
+    put_run(s, 0.7, 0.2, 5.0, dataset="hsol", attack="badnets", defense="lora")
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    assert len(list((tmp_path / "rep" / "plots").iterdir())) > len(plots)  # hsol's plots come along
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep"), "--dataset", "sst2"]) == 0
+    assert sorted(f.name for f in (tmp_path / "rep" / "plots").iterdir()) == plots  # and go: no stale plot stays
 
 
 def test_report_missing_store_is_a_user_error(tmp_path, capsys):

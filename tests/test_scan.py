@@ -103,6 +103,7 @@ def test_scan_lists_a_token_once_across_passes(poisoned_file, tiny_model):
 
 @pytest.mark.parametrize("args,needle", [
     (["missing.tsv"], "no such file"),
+    (["{folder}"], "not a file (and not a benchmark name"),  # it exists: "no such file" misled
     (["{file}", "--passes", "AX"], "--passes"),
     (["{file}", "--top", "0"], "--top"),
     (["{file}", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
@@ -117,7 +118,7 @@ def test_scan_bad_input(poisoned_file, tmp_path, capsys, args, needle):
     one.write_text("sentence\tlabel\na b\t0\nc d\t0\n")
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\njust one field\n")
-    args = [a.format(file=poisoned_file, one_label=one, bad=bad) for a in args]
+    args = [a.format(file=poisoned_file, one_label=one, bad=bad, folder=tmp_path) for a in args]
     code, out, err = _scan(capsys, *args)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("cleantune: error:") and needle in err

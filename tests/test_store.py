@@ -45,10 +45,24 @@ def test_a_failed_run_keeps_its_error_and_is_not_among_the_stored_ids(tmp_path):
 @pytest.mark.parametrize("metrics,msg", [
     ({"cacc": True}, "corrupt 'cacc' metric (True)"),  # JSON true would count as 1.0
     ({"cacc": 0.9, "asr_floor": "low"}, "corrupt 'asr_floor' metric ('low')"),
+    # detection scores, which the report averages (a TypeError there)
+    ({"cacc": 0.9, "train_detection": {"precision": "x"}}, "corrupt 'train_detection.precision' metric ('x')"),
+    ({"cacc": 0.9, "btu_token_recall": [1]}, "corrupt 'btu_token_recall' metric ([1])"),
 ])
 def test_a_metric_that_is_no_number_is_refused_on_reading(tmp_path, metrics, msg):
     s = ResultStore(tmp_path / "s.sqlite")
     s.put("abc", {"seed": 0}, metrics, {}, {})
+    with pytest.raises(UserError, match=re.escape(msg)):
+        s.runs()
+
+
+@pytest.mark.parametrize("timings,msg", [
+    ({"wall_s": "fast"}, "corrupt 'wall_s' timing ('fast')"),  # the report's time x subtracted it: a TypeError
+    ({"wall_s": 1.0, "stage_eval_s": [0.5]}, "corrupt 'stage_eval_s' timing ([0.5])"),
+])
+def test_a_timing_that_is_no_number_is_refused_on_reading(tmp_path, timings, msg):
+    s = ResultStore(tmp_path / "s.sqlite")
+    s.put("abc", {"seed": 0}, {"cacc": 0.9}, timings, {})
     with pytest.raises(UserError, match=re.escape(msg)):
         s.runs()
 

@@ -451,11 +451,11 @@ def test_an_epoch_with_infinite_weights_is_not_kept(tiny_model, small):
     ({"lr": 1e300}, "--lr must be a finite number"),
     ({"lr": float("inf")}, "--lr must be a finite number"),
     ({"lr": float("nan")}, "--lr must be positive"),
-    ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0, got -0.1"),
-    ({"weight_decay": 1e39}, "--weight-decay must be a finite number"),
-    ({"weight_decay": float("nan")}, "--weight-decay must be a finite number"),
-    ({"warmup_ratio": float("inf")}, "--warmup-ratio must be in [0, 1)"),
-    ({"max_grad_norm": float("nan")}, "--max-grad-norm must be a number"),
+    ({"weight_decay": -0.1}, "option weight_decay must be a finite number >= 0, got -0.1"),
+    ({"weight_decay": 1e39}, "option weight_decay must be a finite number"),
+    ({"weight_decay": float("nan")}, "option weight_decay must be a finite number"),
+    ({"warmup_ratio": float("inf")}, "option warmup_ratio must be in [0, 1)"),
+    ({"max_grad_norm": float("nan")}, "option max_grad_norm must be a number"),
 ])
 def test_float_settings_outside_what_float32_training_takes_are_refused(setting, fragment):
     from cleantune.errors import UserError

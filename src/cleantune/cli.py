@@ -230,9 +230,7 @@ def load_config_file(path: str, label: str | None = None) -> dict:
 
             data = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = _load_yaml(text) or {}
         else:
             raise UserError(f"{label}: use a .yaml, .yml or .toml file")
     except UserError:
@@ -244,9 +242,37 @@ def load_config_file(path: str, label: str | None = None) -> dict:
     odd = next((k for k in data if not isinstance(k, str)), None)  # YAML reads `1: 2` as an int key
     if odd is not None:
         raise UserError(f"{label}: unknown key {odd!r} (option names are words)")
+    spelled: dict[str, str] = {}
+    for k in data:  # batch_size and batch-size are one option: which value was meant?
+        first = spelled.setdefault(k.replace("-", "_"), k)
+        if first != k:
+            raise UserError(f"{label}: '{first}' and '{k}' set the same option")
     for k, v in data.items():
         _check_plain(v, k, None, label)
     return data
+
+
+def _load_yaml(text: str):
+    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last without a word."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given beside it override its
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, str | int | float | bool):  # SafeLoader refuses what cannot be a key
+                    continue
+                if key in keys:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' appears twice in one mapping (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                keys.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=Loader)
 
 
 def _check_plain(value, key: str, parent: str | None, label: str) -> None:
@@ -449,8 +475,8 @@ def cmd_train(ns) -> int:
     from .models import check_out_dir
     from .training import has_checkpoint, is_main_process, work_lock
 
+    check_out_dir(ns.out, siblings=(".partial", ".old", ".work"))  # the string: Path("") would be "."
     out = Path(ns.out)
-    check_out_dir(out, siblings=(".partial", ".old", ".work"))
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
     if ns.resume and is_main_process() and not has_checkpoint(work):
         print(f"note: --resume: no checkpoint in {work}; training from the start", file=sys.stderr)
@@ -566,7 +592,8 @@ def cmd_scan(ns) -> int:
         if ns.attack:
             raise UserError(f"--attack needs a benchmark name as DATA ({', '.join(BENCHMARKS)}), got '{ns.data}'")
         if not Path(ns.data).is_file():
-            raise UserError(f"{ns.data}: no such file (and not a benchmark name: {', '.join(BENCHMARKS)})")
+            what = "not a file" if Path(ns.data).exists() else "no such file"  # a folder, /dev/null
+            raise UserError(f"{ns.data}: {what} (and not a benchmark name: {', '.join(BENCHMARKS)})")
         data = read_dataset(ns.data, ns.text_column, ns.label_column)
     if data.num_labels < 2:
         raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")

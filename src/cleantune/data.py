@@ -137,6 +137,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, record) pairs from a .tsv, .csv or .jsonl file with a header (tsv/csv)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():  # before its name's suffix: "unsupported file type (none)" misleads for a folder
+        raise UserError(f"{path}: a folder, not a data file (.tsv, .csv or .jsonl)")
     if suffix not in (".tsv", ".csv", ".jsonl"):
         raise UserError(f"{path}: unsupported file type {suffix or '(none)'}; use .tsv, .csv or .jsonl")
     text = _decode(path)
@@ -161,7 +163,10 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                 raise UserError(f"{path}:{n}: each line must be a JSON object")
             out.append((n, rec))
         return out
-    # The benchmark TSVs hold no quoting (see the data README); csv files use standard quoting.
+    # The benchmark TSVs hold no quoting (see the data README); csv files use standard quoting. The csv module
+    # refuses a field over 131,072 characters by default ("not a table"), which a long document is: no field
+    # is longer than the file
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",",
                         quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
     rows, last = [], 0

@@ -274,13 +274,29 @@ def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved
         raise UserError(f"--out {out}: exists and is not a folder")
     for side in siblings:  # folders written beside it: a file there would fail after all the work
         path = out.with_name(out.name + side)
-        if path.is_symlink() and not path.exists():
-            raise UserError(f"--out {out}: {path} is a link to {os.readlink(path)}, which does not exist")
+        if path.is_symlink():  # removed and made again: a link to a folder would fail there, after the training
+            raise UserError(f"--out {out}: {path} is a link to {os.readlink(path)}"
+                            + (", which does not exist" if not path.exists() else "; cleantune writes a folder there"))
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {out}: {path} is a file; cleantune writes a folder there")
+        if path.is_dir() and not _own_leftover(path, marker):  # it is deleted before the folder is written there
+            raise UserError(f"--out {out}: {path} is a folder that cleantune did not write, and it would be deleted "
+                            "(cleantune writes a folder of its own there); move it away or choose another --out")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"--out {out}: a non-empty folder that is not a {what}; not writing into it")
     check_creatable(out, f"--out {out}")
+
+
+CHECKPOINT_FOLDERS = ("checkpoints", "checkpoints.partial", "checkpoints.old")  # training._save_checkpoint's
+
+
+def _own_leftover(path: Path, marker: str) -> bool:
+    """Whether a folder beside an output is what cleantune leaves there after a kill, which the next command
+    replaces: nothing, a model (the earlier one moved aside, or the new one being written, which gets its label
+    file first), or checkpoints (`train`'s `<out>.work`, every file inside a checkpoint folder)."""
+    if (path / marker).is_file():
+        return True
+    return all(f.is_dir() or set(f.relative_to(path).parts[:-1]) & set(CHECKPOINT_FOLDERS) for f in path.rglob("*"))
 
 
 def check_creatable(path: Path, label: str) -> None:
@@ -394,6 +410,8 @@ class Classifier:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
+            meta = json.dumps({"label_names": self.label_names, "max_length": self.max_length})
+            (tmp / LABELS_FILE).write_text(meta)  # first, so that a kill leaves a folder known as cleantune's
             model = self.model
             if hasattr(model, "peft_config") or hasattr(model, "cleantune_export"):
                 # merging is in place, so a copy is merged and the caller keeps its adapters; the copy is
@@ -404,7 +422,6 @@ class Classifier:
                     model = copy.deepcopy(model)
                 finally:
                     self.model.to(device)
-            meta = json.dumps({"label_names": self.label_names, "max_length": self.max_length})
             if hasattr(model, "peft_config"):
                 model.save_pretrained(tmp / "adapter", safe_serialization=True)
                 # the adapter holds the head (modules_to_save) but a base model loads with a 2-class head and
@@ -436,8 +453,10 @@ class Classifier:
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
-            os.replace(out, old)
+            os.replace(out, old)  # an --out that is a link to a model is moved aside as the link
         os.replace(tmp, out)
+        if old.is_symlink():  # which rmtree refuses (quietly, with ignore_errors): it was left beside the model
+            old.unlink()
         shutil.rmtree(old, ignore_errors=True)
         return out
 

@@ -750,6 +750,9 @@ def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple
     (out / "plots").mkdir(parents=True, exist_ok=True)
     for name, data in images.items():
         (out / "plots" / name).write_bytes(data)
+    for stale in (out / "plots").glob("*.png"):  # an earlier report's plot of a cell this one has not: replaced, not kept
+        if stale.name not in images:
+            stale.unlink()
     (out / "report.html").write_text(page, encoding="utf-8")
     (out / "report.md").write_text(md, encoding="utf-8")
     return out / "report.html", out / "report.md"

@@ -49,9 +49,12 @@ class TrainSettings:
     lr_schedule: str = "linear"  # "linear" (warmup then linear decay) or "constant" (BTU's official code)
 
     def __post_init__(self):
+        def given(name: str) -> str:  # as the user gives it: a command-line flag, else a defense option
+            return f"--{name.replace('_', '-')}" if name in ("epochs", "batch_size", "max_length", "lr") else f"option {name}"
+
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"{given(name)} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         # AdamW's first step divides lr by 1 - beta1 = 0.1 and hands it to a float32 kernel, which raises
@@ -60,14 +63,14 @@ class TrainSettings:
             raise UserError(f"--lr must be a finite number of at most {LR_MAX:g}, got {self.lr}")
         # AdamW refuses a negative decay with a ValueError; past float32's range it is inf in the weights
         if not 0 <= self.weight_decay <= FLOAT32_MAX:
-            raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+            raise UserError(f"{given('weight_decay')} must be a finite number >= 0, got {self.weight_decay}")
         if math.isnan(self.max_grad_norm):  # inf and <= 0 are meaningful: no clipping
-            raise UserError(f"--max-grad-norm must be a number, got {self.max_grad_norm}")
+            raise UserError(f"{given('max_grad_norm')} must be a number, got {self.max_grad_norm}")
         if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise UserError(f"{given('warmup_ratio')} must be in [0, 1), got {self.warmup_ratio}")
         check_seed(self.seed)
         if self.lr_schedule not in ("linear", "constant"):
-            raise UserError(f"--lr-schedule must be linear or constant, got '{self.lr_schedule}'")
+            raise UserError(f"{given('lr_schedule')} must be linear or constant, got '{self.lr_schedule}'")
 
 
 @dataclass
