@@ -445,3 +445,16 @@ def test_a_text_longer_than_the_csv_modules_field_limit_is_read(tmp_path, name, 
     long = "word " * 40_000
     d = read_dataset(write(tmp_path, name, f"text{sep}label\n{long}{sep}pos\nshort{sep}neg\n"))
     assert d.texts == [long.strip(), "short"] and d.labels == [1, 0]
+
+
+@pytest.mark.parametrize("labels", [["pos", "neg"], [0, 2], [-1, 0], [True, False], [0.0, 1.0]])
+def test_a_dataset_refuses_labels_that_are_not_class_ids(labels):
+    """Built by hand (the Python API), such labels failed in torch at fit, or counted as wrong in evaluate."""
+    with pytest.raises(ValueError, match="is not a class id"):
+        TextDataset(["a", "b"], labels, ["neg", "pos"])
+
+
+def test_a_dataset_takes_numpy_integer_labels():
+    import numpy as np
+
+    assert TextDataset(["a", "b"], list(np.array([1, 0])), ["neg", "pos"]).labels == [1, 0]

@@ -568,3 +568,48 @@ def test_loading_leaves_the_callers_transformers_settings_as_they_were(tiny_mode
         assert logging.get_verbosity() == logging.INFO and logging.is_progress_bar_enabled()
     finally:
         logging.set_verbosity_warning()
+
+
+def test_fit_matches_the_dev_sets_classes_to_the_training_datas_by_name(tiny_model, monkeypatch):
+    """A clean dev set built apart from the training data (a benchmark in its own order, a file of names read in
+    sorted order) numbers the same classes otherwise: read in the training data's ids, the epoch would be selected
+    on swapped classes. Every defense's fit renumbers it by name, as `evaluate` does, or refuses other classes."""
+    import cleantune.defenses.base as base
+
+    seen = []
+    monkeypatch.setattr(base, "train", lambda model, tok, data, dev, *a, **k: seen.append(dev))
+
+    class OwnFit(base.Defense):  # a defense with its own fit (BTU, BKI, STRIP, ...)
+        name = "own-fit"
+
+        def fit(self, train_data, clean_dev=None, **kwargs):
+            seen.append(clean_dev)
+
+    data = TextDataset(["good", "bad"], [1, 0], ["negative", "positive"])
+    dev = TextDataset(["fine", "awful", "great"], [0, 1, 0], ["positive", "negative"])
+    FineTune(model=tiny_model, epochs=1).fit(data, dev, progress=False)
+    OwnFit(model=tiny_model).fit(data, clean_dev=dev)
+    for got in seen:
+        assert (got.texts, got.labels, got.label_names) == (dev.texts, [1, 0, 1], ["negative", "positive"])
+    with pytest.raises(UserError, match=r"labels of clean_dev \(neg, pos\)"):
+        FineTune(model=tiny_model, epochs=1).fit(data, TextDataset(["a"], [0], ["neg", "pos"]), progress=False)
+    with pytest.raises(UserError, match="clean_dev has 3 classes"):
+        OwnFit(model=tiny_model).fit(TextDataset(["a", "b"], [0, 1], ["0", "1"]), TextDataset(["c"], [2], ["0", "1", "2"]))
+    assert len(seen) == 2  # refused before anything trains
+
+
+def test_a_model_saved_under_the_home_folder_loads_back_from_there(tiny_model, tmp_path, monkeypatch):
+    """from_pretrained reads "~/m" as the home folder's m: save_pretrained must write it there, not into a folder
+    named "~" in the working folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    clf = Classifier.from_pretrained(tiny_model)
+    clf.save_pretrained("~/m")
+    assert (tmp_path / "home" / "m" / "model.safetensors").is_file() and not (tmp_path / "~").exists()
+    assert Classifier.from_pretrained("~/m").label_names == clf.label_names
+
+
+def test_fit_refuses_training_data_of_one_class(tiny_model):
+    """Its model would save, but Classifier.from_pretrained refuses a label file of fewer than two names."""
+    with pytest.raises(UserError, match="names 1 class.*at least two"):
+        FineTune(model=tiny_model, epochs=1).fit(TextDataset(["good", "fine"], [0, 0], ["pos"]), progress=False)

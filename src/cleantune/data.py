@@ -7,6 +7,7 @@ import errno
 import hashlib
 import io
 import json
+import numbers
 import os
 import random
 import re
@@ -47,6 +48,13 @@ class TextDataset:
             self.poisoned = [False] * len(self.texts)
         if not (len(self.texts) == len(self.labels) == len(self.poisoned)):
             raise ValueError("texts, labels and poisoned must have the same length")
+        # a label that is no class id ("pos", 2 of two classes) would fail deep in training, or quietly count as
+        # a wrong prediction in evaluate; numpy's integers pass (a pandas column read with list())
+        bad = next((i for i, y in enumerate(self.labels) if isinstance(y, bool) or not isinstance(y, numbers.Integral)
+                    or not 0 <= y < len(self.label_names)), None)
+        if bad is not None:
+            raise ValueError(f"label {self.labels[bad]!r} of sample {bad} is not a class id "
+                             f"(0..{len(self.label_names) - 1}, for {', '.join(self.label_names)})")
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -404,7 +404,7 @@ class Classifier:
         import copy
         import shutil
 
-        out = Path(out_dir)
+        out = Path(out_dir).expanduser()  # as from_pretrained reads it: "~/m" is not a folder named "~" here
         check_out_dir(out)
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -80,6 +80,12 @@ class Defense:
     # inf only where the interval closes on it.
     bounds: ClassVar[dict[str, str]] = {}
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fit = cls.__dict__.get("fit")
+        if fit is not None and not getattr(fit, "dev_aligned", False):  # a defense's own fit, as Defense's
+            cls.fit = _dev_aligned(fit)
+
     def __post_init__(self):
         for name, interval in self.bounds.items():
             value = getattr(self, name)
@@ -185,6 +191,31 @@ def _check_victim(path: str, num_labels: int) -> None:
     classes = len(load_victim(path).label_names)
     if classes != num_labels:
         raise UserError(f"option victim: {path} classifies {classes} classes, the data has {num_labels}")
+
+
+def _dev_aligned(fit):
+    """`fit` with `clean_dev` renumbered as `train_data` numbers the same classes (matched by name, as `evaluate`
+    matches a test set to a model), or refused where its classes are not the training data's: a dev set built
+    elsewhere (a benchmark in its own order, a file of names read in sorted order) would otherwise be read in
+    the training data's ids, and the epoch selected on the accuracy of swapped classes. Training data of fewer
+    than two classes is refused too: its model would save, but no classifier loads back from it."""
+
+    @functools.wraps(fit)
+    def wrapper(self, train_data, clean_dev=None, *args, **kwargs):
+        if train_data.num_labels < 2:
+            raise UserError(f"the training data names {train_data.num_labels} class(es) "
+                            f"({', '.join(train_data.label_names)}); a classifier needs at least two")
+        if clean_dev is not None:
+            from ..evaluate import align_labels
+
+            clean_dev = align_labels(clean_dev, train_data.label_names, "clean_dev")
+        return fit(self, train_data, clean_dev, *args, **kwargs)
+
+    wrapper.dev_aligned = True
+    return wrapper
+
+
+Defense.fit = _dev_aligned(Defense.fit)
 
 
 def make_defense(cls: type[Defense], options: dict) -> Defense:
