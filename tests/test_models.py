@@ -613,3 +613,18 @@ def test_fit_refuses_training_data_of_one_class(tiny_model):
     """Its model would save, but Classifier.from_pretrained refuses a label file of fewer than two names."""
     with pytest.raises(UserError, match="names 1 class.*at least two"):
         FineTune(model=tiny_model, epochs=1).fit(TextDataset(["good", "fine"], [0, 0], ["pos"]), progress=False)
+
+
+def test_saving_prints_nothing_and_prediction_refuses_an_empty_batch(tiny_model, tmp_path, capfd):
+    """transformers' "Writing model shards" bar came with every save_pretrained (loading was already quiet), and
+    predict(..., batch_size=0) failed in range()."""
+    from transformers.utils import logging
+
+    clf = Classifier.from_pretrained(tiny_model)
+    capfd.readouterr()
+    clf.save_pretrained(tmp_path / "m")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "" and logging.is_progress_bar_enabled()  # the caller's settings come back
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(UserError, match="batch_size must be a whole number of at least 1"):
+            clf.predict(["a film"], batch_size=bad)

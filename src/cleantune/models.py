@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -370,6 +371,8 @@ class Classifier:
 
         from .training import encode, is_main_process, make_batch
 
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise UserError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         texts = as_texts(texts)
         if not len(texts):  # the tokenizer fails on an empty batch
             return torch.empty(0, len(self.label_names))
@@ -409,42 +412,43 @@ class Classifier:
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            tmp.mkdir(parents=True)
-            meta = json.dumps({"label_names": self.label_names, "max_length": self.max_length})
-            (tmp / LABELS_FILE).write_text(meta)  # first, so that a kill leaves a folder known as cleantune's
-            model = self.model
-            if hasattr(model, "peft_config") or hasattr(model, "cleantune_export"):
-                # merging is in place, so a copy is merged and the caller keeps its adapters; the copy is
-                # made on the CPU, so saving never needs twice the model's accelerator memory
-                device = next(model.parameters()).device
-                model.to("cpu")
+            # transformers' "Writing model shards" bar and notices off, as while loading
+            with quiet_transformers():
+                tmp.mkdir(parents=True)
+                meta = json.dumps({"label_names": self.label_names, "max_length": self.max_length})
+                (tmp / LABELS_FILE).write_text(meta)  # first, so that a kill leaves a folder known as cleantune's
+                model = self.model
+                if hasattr(model, "peft_config") or hasattr(model, "cleantune_export"):
+                    # merging is in place, so a copy is merged and the caller keeps its adapters; the copy is
+                    # made on the CPU, so saving never needs twice the model's accelerator memory
+                    device = next(model.parameters()).device
+                    model.to("cpu")
+                    try:
+                        model = copy.deepcopy(model)
+                    finally:
+                        self.model.to(device)
+                if hasattr(model, "peft_config"):
+                    model.save_pretrained(tmp / "adapter", safe_serialization=True)
+                    # the adapter holds the head (modules_to_save) but a base model loads with a 2-class head and
+                    # LABEL_i names: loading it alone takes the label names (README, "Loading the LoRA adapter alone")
+                    (tmp / "adapter" / LABELS_FILE).write_text(meta)
+                    _write_adapter_card(tmp / "adapter", model, self.label_names, self.max_length)
+                if hasattr(model, "cleantune_export"):
+                    # adapters of our own save themselves and merge in place; before LoRA's merge, so that a layer the
+                    # base checkpoint lacks is saved as initialised, not with LoRA's delta folded in
+                    model.cleantune_export(tmp)
+                if hasattr(model, "peft_config"):
+                    model = model.merge_and_unload()
+                model.save_pretrained(tmp, safe_serialization=True)
+                # the saved tokenizer truncates where training did, for whoever loads the folder with transformers; the
+                # adapter gets one too, where PEFT's AutoPeftModel classes look for it (else they ask the hub for it)
+                limit = self.tokenizer.model_max_length
+                self.tokenizer.model_max_length = self.max_length
                 try:
-                    model = copy.deepcopy(model)
+                    for folder in (tmp, tmp / "adapter") if (tmp / "adapter").is_dir() else (tmp,):
+                        self.tokenizer.save_pretrained(folder)
                 finally:
-                    self.model.to(device)
-            if hasattr(model, "peft_config"):
-                model.save_pretrained(tmp / "adapter", safe_serialization=True)
-                # the adapter holds the head (modules_to_save) but a base model loads with a 2-class head and
-                # LABEL_i names: loading it alone takes the label names (README, "Loading the LoRA adapter alone")
-                (tmp / "adapter" / LABELS_FILE).write_text(meta)
-                _write_adapter_card(tmp / "adapter", model, self.label_names, self.max_length)
-            if hasattr(model, "cleantune_export"):
-                # adapters of our own save themselves and merge in place; before LoRA's merge, so that a layer the
-                # base checkpoint lacks is saved as initialised, not with LoRA's delta folded in
-                model.cleantune_export(tmp)
-            if hasattr(model, "peft_config"):
-                model = model.merge_and_unload()
-            model.save_pretrained(tmp, safe_serialization=True)
-            # the saved tokenizer truncates where training did, for whoever loads the folder with transformers; the
-            # adapter gets one too, where PEFT's AutoPeftModel classes look for it (else they ask the hub for it)
-            limit = self.tokenizer.model_max_length
-            self.tokenizer.model_max_length = self.max_length
-            try:
-                for folder in (tmp, tmp / "adapter") if (tmp / "adapter").is_dir() else (tmp,):
-                    self.tokenizer.save_pretrained(folder)
-            finally:
-                self.tokenizer.model_max_length = limit
-            (tmp / LABELS_FILE).write_text(meta)
+                    self.tokenizer.model_max_length = limit
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
