@@ -1,3 +1,5 @@
+import re
+
 from cleantune.data import TextDataset
 from cleantune.evaluate import detection_metrics, evaluate
 
@@ -18,6 +20,22 @@ def test_cacc_asr_and_the_no_trigger_floor():
     # of the four clean non-target samples only "good but bad" is already predicted as the target
     assert m["asr_floor"] == 1 / 4
     assert m["predicted_classes"] == 2
+
+
+def test_sets_that_are_not_datasets_are_one_line_errors():
+    """A list of texts, or a whole benchmark, failed with an AttributeError or a TypeError inside evaluate."""
+    import pytest
+
+    from cleantune.data import Benchmark
+    from cleantune.errors import UserError
+
+    clean = TextDataset(["good", "bad"], [1, 0], ["neg", "pos"])
+    bench = Benchmark("toy", clean, clean, clean)
+    for args, msg in (((["good", "bad"],), "clean_test must be a TextDataset (texts with labels), got list"),
+                      ((bench,), "got Benchmark (pass one of its splits: .test, or .clean_test and .triggered_test)"),
+                      ((clean, ["cf bad"]), "triggered_test must be a TextDataset")):
+        with pytest.raises(UserError, match=re.escape(msg)):
+            evaluate(KeywordModel(), *args)
 
 
 class ConstantModel:

@@ -48,6 +48,11 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     Both sets are first renumbered to the model's label ids by class name (`align_labels`), so the target is
     the class the triggered set's labels name in the data's own numbering. `progress`: True for progress
     bars, or their description (none without; a bare predictor's `predict` need not take it then)."""
+    for what, data in (("clean_test", clean_test), ("triggered_test", triggered_test)):
+        if data is not None and not isinstance(data, TextDataset):  # a list, or a whole Benchmark: its splits
+            raise UserError(f"evaluate: {what} must be a TextDataset (texts with labels), got {type(data).__name__}"
+                            + (" (pass one of its splits: .test, or .clean_test and .triggered_test)"
+                               if hasattr(data, "test") or hasattr(data, "clean_test") else ""))
     names = getattr(model, "label_names", None)  # a bare predictor has none: ids as they are
     if names is not None:
         clean_test = align_labels(clean_test, names)
