@@ -16,7 +16,6 @@ import sys
 import threading
 import warnings
 from dataclasses import fields
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .errors import UserError
@@ -464,7 +463,8 @@ def cmd_train(ns) -> int:
         raise UserError(f"{ns.data}: every sample has label '{train_data.label_names[train_data.labels[0]]}'; "
                         f"a classifier needs at least two classes")
     dev = read_dataset(ns.dev, ns.text_column, ns.label_column, train_data.label_names) if ns.dev else None
-    from .runner import OWN_SETTINGS, refuse_own_settings
+    from .runner import refuse_own_settings
+    from .training import OWN_SETTINGS
 
     opts = dict(_option(s) for s in ns.option)
     refuse_own_settings(opts)
@@ -510,12 +510,11 @@ def _eval_target(value, label_names: list[str], data: str) -> int:
     """eval's and scan's --target: one of DATA's label names, else a class id in DATA's numbering."""
     if str(value) in label_names:  # a name first, as labels in files are read
         return label_names.index(str(value))
-    try:  # a number as files' labels are: 1.0 is the id 1 (exactly, so 1.0000000000000001 is not)
-        x = Decimal(str(value).strip())
-        if x.is_finite() and x.adjusted() < 18 and x == x.to_integral_value():
-            return int(x)
-    except InvalidOperation:
-        pass
+    from .data import label_value
+
+    v = label_value(str(value).strip(), "--target")  # a number as files' labels are: 1.0 is the id 1
+    if isinstance(v, int):
+        return v
     raise UserError(f"--target {value} is neither a class id nor a label of {data} ({', '.join(label_names)})")
 
 

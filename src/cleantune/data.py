@@ -257,17 +257,18 @@ _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.A
 _MAX_ID = 10**18  # far beyond any class count
 
 
-def _label_value(y, path: Path, line: int) -> int | str:
-    """A label as an integer class id, or as a string name (anything that is not a number)."""
+def label_value(y, where: str) -> int | str:
+    """A label as an integer class id, or as a string name (anything that is not a number); `where` names its
+    place in errors ("file:line", or an option)."""
     if isinstance(y, int) and abs(y) < _MAX_ID:
         return y
     if isinstance(y, str) and not _DECIMAL.fullmatch(y):
         return y
     x = Decimal(y)  # exact, unlike float: '1.0000000000000001' is not the integer 1
     if x.is_finite() and x.adjusted() >= 18:  # before any arithmetic, which overflows on 1e999999999
-        raise UserError(f"{path}:{line}: label {y} is too large for a class id")
+        raise UserError(f"{where}: label {y} is too large for a class id")
     if not x.is_finite() or x != x.to_integral_value():
-        raise UserError(f"{path}:{line}: label {y} is a number but not an integer class id "
+        raise UserError(f"{where}: label {y} is a number but not an integer class id "
                         f"(class labels are integer ids 0..C-1 or names)")
     return int(x)
 
@@ -283,7 +284,7 @@ def _infer_label_names(labels: list[tuple[int, object]], path: Path) -> list[str
     """Integer labels are class ids 0..C-1, every one of them present (a gap, as in 0 and 5, means codes
     rather than ids, and would silently make empty classes); any other labels are names, sorted.
     A column mixing the two is refused: a stray name among ids would otherwise become an extra class."""
-    values = [(n, _label_value(y, path, n)) for n, y in labels]
+    values = [(n, label_value(y, f"{path}:{n}")) for n, y in labels]
     kinds = {"ids": [(n, v) for n, v in values if isinstance(v, int)],
              "names": [(n, v) for n, v in values if isinstance(v, str)]}
     if kinds["ids"] and kinds["names"]:
@@ -315,7 +316,7 @@ def _label_id(y, label_names: list[str], path: Path, line: int) -> int:
     # matches; a number is never taken as a position among names, which silently shifted classes.
     if str(y) in label_names:
         return label_names.index(str(y))
-    v = _label_value(y, path, line)
+    v = label_value(y, f"{path}:{line}")
     if isinstance(v, int) and bare_ids(label_names):
         if 0 <= v < len(label_names):
             return v

@@ -22,7 +22,7 @@ from .evaluate import detection_metrics, evaluate
 from .models import check_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
-from .training import has_checkpoint, is_main_process, mixed_precision, num_processes, work_lock
+from .training import OWN_SETTINGS, has_checkpoint, is_main_process, mixed_precision, num_processes, work_lock
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -33,11 +33,8 @@ def check_attack_option(opt: str, attacks: list[str]) -> None:
         raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(ATTACK_OPTIONS[opt])} only")
 
 
-# defense settings with a flag (and a grid/config key) of their own: as an --option they would have two names
-OWN_SETTINGS = ("seed", "model", "epochs", "lr", "batch_size", "max_length")
-
-
 def refuse_own_settings(options: dict) -> None:
+    """Settings with a flag (and a grid/config key) of their own: as an --option they would have two names."""
     clash = sorted(set(OWN_SETTINGS) & set(options))
     if clash:
         k = clash[0]

@@ -33,6 +33,10 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LR_MAX = 1e37
 
 
+# Settings with a command-line flag (and a RunConfig field) of their own: never a defense option
+OWN_SETTINGS = ("seed", "model", "epochs", "lr", "batch_size", "max_length")
+
+
 @dataclass
 class TrainSettings:
     epochs: int = 3
@@ -50,7 +54,7 @@ class TrainSettings:
 
     def __post_init__(self):
         def given(name: str) -> str:  # as the user gives it: a command-line flag, else a defense option
-            return f"--{name.replace('_', '-')}" if name in ("epochs", "batch_size", "max_length", "lr") else f"option {name}"
+            return f"--{name.replace('_', '-')}" if name in OWN_SETTINGS else f"option {name}"
 
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
             if getattr(self, name) < 1:

@@ -477,6 +477,12 @@ class BTU(Defense):
                              max_grad_norm=self.max_grad_norm, max_length=self.max_length, seed=self.seed,
                              lr_schedule=self.lr_schedule)
 
+    def backbone_max_length(self, model) -> int:
+        """The mode's max_length (faithful: the official 512) as far as `model`'s position table reaches; one given
+        explicitly is kept (fit checks it against the backbone instead)."""
+        limit = None if self._length_given else max_positions(model)
+        return self.max_length if limit is None else min(self.max_length, limit)
+
     def pass_c_settings(self, max_length: int) -> TrainSettings:
         """Exposure pass C's training (spec 4 step 3): one epoch with the victim's batch, lr and length; faithful:
         constant lr without warmup, as the official code. `scan` uses it too, so it ranks as the defense does."""
@@ -513,10 +519,7 @@ class BTU(Defense):
                          "--option expose_max_length")
         if self._length_given:
             check_max_length(pretrained, tokenizer, self.max_length, f"--model {self.model}")
-        else:  # the mode's length (faithful: the official 512) as far as the backbone reaches
-            limit = max_positions(pretrained)
-            if limit is not None:
-                settings.max_length = min(settings.max_length, limit)
+        settings.max_length = self.backbone_max_length(pretrained)
         del pretrained
         max_length = settings.max_length
 
@@ -663,11 +666,9 @@ def scan(data: TextDataset, model: str = "minilm", *, k: int | None = None, pass
     # k and pass C as the btu defense in this mode takes them (faithful: k 17 and the official pass C), so a
     # scan lists what the defense's rankings would put in its suspicious set
     defense = BTU(model=model, btu_mode="faithful" if faithful else "default", seed=seed)
-    embed = defense.pass_c_settings(defense.max_length)
-    if "C" in passes:  # the mode's length as far as the backbone reaches, as fit takes it
-        limit = max_positions(model_skeleton(model, data.num_labels))  # its config alone: no weights load
-        if limit is not None:
-            embed.max_length = min(embed.max_length, limit)
+    # the backbone's skeleton (its config alone: no weights load) caps the length as fit's loaded model does
+    embed = defense.pass_c_settings(defense.backbone_max_length(model_skeleton(model, data.num_labels))
+                                    if "C" in passes else defense.max_length)
     seed_everything(seed)
     exp = expose(model, tokenizer, data, faithful=faithful, k=k if k is not None else defense.k, passes=passes,
                  seed=seed, view=view, present_only=True, progress=progress,
