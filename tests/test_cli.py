@@ -170,6 +170,7 @@ def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
     ("c.yaml", "options:\n  weight_decay: 0\n  weight_decay: 0.1\n", "key 'weight_decay' appears twice"),
     ("c.yaml", "batch_size: 8\nbatch-size: 16\n", "'batch_size' and 'batch-size' set the same option"),
     ("c.toml", "batch_size = 8\nbatch-size = 16\n", "'batch_size' and 'batch-size' set the same option"),
+    ("c.yaml", "options:\n  lora_r: 4\n  lora-r: 2\n", "'lora_r' and 'lora-r' in 'options' set the same option"),
 ])
 def test_a_config_option_given_twice_is_refused_not_one_value_kept(tmp_path, capsys, name, text, msg):
     # PyYAML keeps the last of two equal keys and the two spellings were both read (train kept the first,
@@ -240,6 +241,19 @@ def test_config_files_name_themselves_in_type_errors_and_refuse_odd_keys(tmp_pat
     assert main(["train", str(tmp_path / "a.tsv"), "--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "m")]) == 2
     assert f"--config {tmp_path / 't.yaml'}: 'epochs' must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+    # an option the file set, out of range or unknown, is named with the file; the same given by --option is not
+    (tmp_path / "o.yaml").write_text("options:\n  lora_r: 0\n  warmup-ratio: 2\n")
+    bad_r = "defense 'lora': option lora_r must be positive, got 0\n"
+    for args in (["run", "--dataset", "sst2", "--attack", "badnets", "--store", str(tmp_path / "s.sqlite")],
+                 ["train", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "m")]):
+        assert main(args + ["--defense", "lora", "--config", str(tmp_path / "o.yaml")]) == 2
+        assert capsys.readouterr().err == f"cleantune: error: --config {tmp_path / 'o.yaml'}: {bad_r}"
+        assert main(args + ["--defense", "lora", "--config", str(tmp_path / "o.yaml"), "--option", "lora_r=4"]) == 2
+        assert capsys.readouterr().err == (f"cleantune: error: --config {tmp_path / 'o.yaml'}: option warmup_ratio "
+                                           f"must be in [0, 1), got 2\n")
+        assert main(args + ["--defense", "lora", "--option", "lora_r=0"]) == 2
+        assert capsys.readouterr().err == f"cleantune: error: {bad_r}"
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s.sqlite").exists()
     (tmp_path / "k.yaml").write_text("1: 2\n")  # YAML reads an int key
     for args in (["run"], ["train", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "m")]):
         assert main(args + ["--config", str(tmp_path / "k.yaml")]) == 2

@@ -70,8 +70,9 @@ def test_save_refuses_what_it_must_not_replace(tiny_model, named_data, tmp_path)
     (tmp_path / "file").write_text("x")
     for out, msg in ((tmp_path / "mine", "not a saved cleantune model"), (tmp_path / "file", "not a folder"),
                      (tmp_path / "file" / "m", "cannot create")):
-        with pytest.raises(UserError, match=msg):
+        with pytest.raises(UserError, match=msg) as e:
             clf.save_pretrained(out)
+        assert str(e.value).startswith(f"out_dir {out}: ")  # the argument's name, not the CLI's --out
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     clf.save_pretrained(tmp_path / "m")
     clf.save_pretrained(tmp_path / "m")  # a saved model is replaced
@@ -613,6 +614,17 @@ def test_fit_refuses_training_data_of_one_class(tiny_model):
     """Its model would save, but Classifier.from_pretrained refuses a label file of fewer than two names."""
     with pytest.raises(UserError, match="names 1 class.*at least two"):
         FineTune(model=tiny_model, epochs=1).fit(TextDataset(["good", "fine"], [0, 0], ["pos"]), progress=False)
+
+
+@pytest.mark.parametrize("name", ["finetune", "btu"])
+def test_fit_refuses_an_empty_clean_dev_set(tiny_model, name):
+    """An empty dev set trained as if none were given: no model selection, and BTU's collateral guard, which
+    refuses to run without dev data, was skipped without a word."""
+    from cleantune.defenses import get_defense
+
+    train = TextDataset(["good film", "bad film"], [1, 0], ["neg", "pos"])
+    with pytest.raises(UserError, match="clean_dev holds no sample"):
+        get_defense(name, model=tiny_model, epochs=1).fit(train, TextDataset([], [], ["neg", "pos"]), progress=False)
 
 
 def test_saving_prints_nothing_and_prediction_refuses_an_empty_batch(tiny_model, tmp_path, capfd):

@@ -241,11 +241,7 @@ def load_config_file(path: str, label: str | None = None) -> dict:
     odd = next((k for k in data if not isinstance(k, str)), None)  # YAML reads `1: 2` as an int key
     if odd is not None:
         raise UserError(f"{label}: unknown key {odd!r} (option names are words)")
-    spelled: dict[str, str] = {}
-    for k in data:  # batch_size and batch-size are one option: which value was meant?
-        first = spelled.setdefault(k.replace("-", "_"), k)
-        if first != k:
-            raise UserError(f"{label}: '{first}' and '{k}' set the same option")
+    _one_spelling(data, label, "")
     for k, v in data.items():
         _check_plain(v, k, None, label)
     return data
@@ -274,6 +270,14 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=Loader)
 
 
+def _one_spelling(mapping: dict, label: str, where: str) -> None:
+    spelled: dict[str, str] = {}
+    for k in mapping:  # batch_size and batch-size are one option: which value was meant?
+        first = spelled.setdefault(k.replace("-", "_"), k)
+        if first != k:
+            raise UserError(f"{label}: '{first}' and '{k}'{where} set the same option")
+
+
 def _check_plain(value, key: str, parent: str | None, label: str) -> None:
     """YAML and TOML also read dates and times, and YAML `!!binary` and `!!set`: no option takes one, and
     `train` passes its `options` on as JSON, which fails on them. A key's own value (or list of values) is
@@ -282,6 +286,7 @@ def _check_plain(value, key: str, parent: str | None, label: str) -> None:
         odd = next((k for k in value if not isinstance(k, str)), None)
         if odd is not None:
             raise UserError(f"{label}: unknown key {odd!r} in '{key}' (option names are words)")
+        _one_spelling(value, label, f" in '{key}'")
         for k, v in value.items():
             _check_plain(v, k, key, label)
     elif isinstance(value, list):
@@ -313,8 +318,11 @@ def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
                 check_values(RunConfig, {axis: v}, label)
     cli = {k: v for k, v in vars(ns).items() if k in known or k == "option"}
     ns.config_keys = set(opts) - set(cli)
-    if "option" in cli:
-        opts.setdefault("options", {}).update(dict(_option(s) for s in cli.pop("option")))
+    given = dict(_option(s) for s in cli.pop("option", []))
+    if isinstance(opts.get("options"), dict):
+        ns.config_options = {str(k).replace("-", "_") for k in opts["options"]} - set(given)
+    if given:
+        opts.setdefault("options", {}).update(given)
     opts.update(cli)
     return opts
 
@@ -444,6 +452,7 @@ def _train_config(ns) -> None:
         except (TypeError, ValueError):
             raise UserError(f"--config {ns.config}: '{k}' expects {TRAIN_CONFIG[key].__name__}, got {v!r}") from None
         if key == "options":
+            ns.config_options = {o.replace("-", "_") for o in v} - {_option(s)[0] for s in ns.option}
             ns.option = [f"{o}={json.dumps(x)}" for o, x in v.items()] + ns.option  # --option wins
         elif getattr(ns, key) is None:
             setattr(ns, key, v)
@@ -885,6 +894,10 @@ def _name_config_file(ns, message: str) -> str:
     key = m.group(1).replace("-", "_") if m else None
     if key in getattr(ns, "config_keys", ()):
         return f"--config {ns.config}: '{key}'{message[m.end():]}"
+    # a defense names a bad option as `option NAME` or `option 'NAME'`
+    m = re.search(r"\boption '?([A-Za-z_][A-Za-z0-9_]*)", message)
+    if m and m.group(1) in getattr(ns, "config_options", ()):
+        return f"--config {ns.config}: {message}"
     return message
 
 

@@ -260,32 +260,33 @@ def check_max_length(model, tokenizer, max_length: int, label: str, option: str 
 
 
 def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved cleantune model",
-                  siblings: tuple[str, ...] = (".partial", ".old")) -> None:
+                  siblings: tuple[str, ...] = (".partial", ".old"), option: str = "--out") -> None:
     """Refuse, before any work, an output folder that could not be written, or one with other content than
     an earlier output of the same command (which holds `marker`): writing there would mix the two.
-    `siblings`: the folders written beside it (`<out>.partial`, `<out>.old` while a model is saved)."""
+    `siblings`: the folders written beside it (`<out>.partial`, `<out>.old` while a model is saved).
+    `option`: what the messages call the folder (the CLI's flag, or the Python argument's name)."""
     if not str(out).strip():  # Path("") is the current folder
-        raise UserError("--out: empty path")
+        raise UserError(f"{option}: empty path")
     out = Path(out)
     if siblings and out.name in ("", ".", ".."):  # written beside itself (<out>.partial), then moved in place
-        raise UserError(f"--out {out}: name the folder (not . or ..)")
+        raise UserError(f"{option} {out}: name the folder (not . or ..)")
     if out.is_symlink() and not out.exists():  # the folder is made (or moved) there, and a link blocks both
-        raise UserError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
+        raise UserError(f"{option} {out}: a link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
+        raise UserError(f"{option} {out}: exists and is not a folder")
     for side in siblings:  # folders written beside it: a file there would fail after all the work
         path = out.with_name(out.name + side)
         if path.is_symlink():  # removed and made again: a link to a folder would fail there, after the training
-            raise UserError(f"--out {out}: {path} is a link to {os.readlink(path)}"
+            raise UserError(f"{option} {out}: {path} is a link to {os.readlink(path)}"
                             + (", which does not exist" if not path.exists() else "; cleantune writes a folder there"))
         if path.exists() and not path.is_dir():
-            raise UserError(f"--out {out}: {path} is a file; cleantune writes a folder there")
+            raise UserError(f"{option} {out}: {path} is a file; cleantune writes a folder there")
         if path.is_dir() and not _own_leftover(path, marker):  # it is deleted before the folder is written there
-            raise UserError(f"--out {out}: {path} is a folder that cleantune did not write, and it would be deleted "
-                            "(cleantune writes a folder of its own there); move it away or choose another --out")
+            raise UserError(f"{option} {out}: {path} is a folder that cleantune did not write, and it would be deleted "
+                            "(cleantune writes a folder of its own there); move it away or choose another " + option)
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise UserError(f"--out {out}: a non-empty folder that is not a {what}; not writing into it")
-    check_creatable(out, f"--out {out}")
+        raise UserError(f"{option} {out}: a non-empty folder that is not a {what}; not writing into it")
+    check_creatable(out, f"{option} {out}")
 
 
 CHECKPOINT_FOLDERS = ("checkpoints", "checkpoints.partial", "checkpoints.old")  # training._save_checkpoint's
@@ -408,7 +409,7 @@ class Classifier:
         import shutil
 
         out = Path(out_dir).expanduser()  # as from_pretrained reads it: "~/m" is not a folder named "~" here
-        check_out_dir(out)
+        check_out_dir(out, option="out_dir")
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         try:

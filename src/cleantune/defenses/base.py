@@ -205,6 +205,8 @@ def _dev_aligned(fit):
         if train_data.num_labels < 2:
             raise UserError(f"the training data names {train_data.num_labels} class(es) "
                             f"({', '.join(train_data.label_names)}); a classifier needs at least two")
+        if clean_dev is not None and len(clean_dev) == 0:  # selection and the guards would skip it without a word
+            raise UserError("clean_dev holds no sample; give None to train without clean dev data")
         if clean_dev is not None:
             from ..evaluate import align_labels
 
@@ -219,7 +221,9 @@ Defense.fit = _dev_aligned(Defense.fit)
 
 
 def make_defense(cls: type[Defense], options: dict) -> Defense:
-    """Build a defense from option names (as in the CLI and config files), rejecting unknown ones."""
+    """Build a defense from option names (as in the CLI and config files, where `lora-r` is `lora_r`),
+    rejecting unknown ones."""
+    options = {str(k).replace("-", "_"): v for k, v in options.items()}
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
