@@ -427,6 +427,34 @@ def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tm
     assert "name the folder" not in capsys.readouterr().err
 
 
+def test_train_names_out_when_it_changed_during_training_and_resumes_from_there(tiny_model, tmp_path, capsys,
+                                                                              monkeypatch):
+    """A file put at --out while training ran was reported in save_pretrained's Python words (`out_dir ...`),
+    and the message did not say the training was kept."""
+    from cleantune.defenses.finetune import FineTune
+
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\nawful\t0\n")
+    args = ["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--epochs", "1", "--no-progress",
+            "--out", str(tmp_path / "m")]
+    fit = FineTune.fit
+
+    def fit_then_block(self, *a, **k):
+        model = fit(self, *a, **k)
+        (tmp_path / "m").write_text("x")
+        return model
+
+    monkeypatch.setattr(FineTune, "fit", fit_then_block)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cleantune: error: --out {tmp_path / 'm'}: exists and is not a folder (the trained ")
+    assert len(err.strip().splitlines()) == 1 and (tmp_path / "m.work").is_dir()
+    monkeypatch.undo()
+    (tmp_path / "m").unlink()
+    assert main(args + ["--resume"]) == 0
+    assert "training from the start" not in capsys.readouterr().err
+    assert (tmp_path / "m" / "config.json").is_file() and not (tmp_path / "m.work").exists()
+
+
 def test_train_never_deletes_a_folder_beside_out_that_it_did_not_write(tiny_model, tmp_path, capsys):
     """`<out>.old`, `.partial` and `.work` are removed when the model is saved: a user's own folder of that name
     (a backup, notes) was deleted without a word. It is refused before training; cleantune's own leftovers of a

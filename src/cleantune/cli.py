@@ -493,7 +493,11 @@ def cmd_train(ns) -> int:
         model = defense.fit(train_data, dev, out_dir=work, resume=ns.resume, progress=not ns.no_progress)
         if not is_main_process():
             return 0
-        model.save_pretrained(out)
+        try:
+            model.save_pretrained(out)
+        except UserError as e:  # --out changed while training; the checkpoints in <out>.work stay for --resume
+            raise UserError(re.sub(r"^out_dir\b", "--out", str(e))
+                            + f" (the trained model's checkpoint stays in {work}: --resume after fixing --out)") from None
         shutil.rmtree(work, ignore_errors=True)
     if defense.at_inference:
         print(f"note: {ns.defense} acts at inference time; {out} holds the trained victim without it "
