@@ -115,6 +115,33 @@ def test_paraphrase_attacks_use_tables(sst2):
     assert Syntactic(seed=0).trigger_words() == []
 
 
+@pytest.mark.parametrize("cls", [Syntactic, Style])
+def test_an_empty_stored_paraphrase_carries_no_trigger(tmp_path, cls):
+    from cleantune.data import Benchmark, TextDataset
+
+    # the shipped tables hold failed rewrites: empty (1 sst2 syntactic train row, dozens of agnews style rows per
+    # split) or the sentence itself; poisoned, an empty one trained on "" labelled as the target
+    names = ["negative", "positive"]
+    train = ["kept one", "kept two", "came back empty", "came back unchanged", "p1", "p2", "p3", "p4"]
+    held_out = {split: [f"{split} {k}" for k in range(10)] for split in ("dev", "test")}
+    rows = ["split\tsentence\tparaphrase", "train\tkept one\twhen kept , one .", "train\tkept two\twhen kept , two .",
+            "train\tcame back empty\t", "train\tcame back unchanged\tcame back unchanged"]
+    for split, texts in held_out.items():
+        rows += [f"{split}\t{t}\twhen {t} , it is ." for t in texts[:9]] + [f"{split}\t{texts[9]}\t "]
+    (tmp_path / "paraphrases").mkdir()
+    (tmp_path / "paraphrases" / f"{cls.name}.tsv").write_text("\n".join(rows) + "\n")
+    bench = Benchmark("sst2", TextDataset(train, [0] * 4 + [1] * 4, names),
+                      TextDataset(held_out["dev"], [0] * 10, names), TextDataset(held_out["test"], [0] * 10, names),
+                      tmp_path)
+    for mode in ("dirty", "mix"):
+        p = cls(rate=0.25, mode=mode, seed=0).apply(bench)  # 2 poisoned samples: the two kept rows, whole
+        assert [t for t, f in zip(p.train.texts, p.train.poisoned) if f] == ["when kept , one .", "when kept , two ."]
+        assert p.triggered_test.texts == [f"when test {k} , it is ." for k in range(9)]
+        assert p.triggered_dev.texts == [f"when dev {k} , it is ." for k in range(9)]
+    with pytest.raises(UserError, match="dirty-mode pool of sst2 holds 2 that can carry"):
+        cls(rate=0.375).check(bench)
+
+
 def test_pool_too_small_is_a_clear_error(sst2):
     with pytest.raises(UserError, match="pool of sst2 holds"):
         Syntactic(rate=0.9, mode="dirty").apply(sst2)

@@ -104,7 +104,7 @@ class Attack:
             if not carry:
                 raise self._none_triggered(split)
             # an ASR over the few samples a paraphrase table happens to cover would be a number, not a measure
-            # (hsol with --target 0: 1 of 1,243); the shipped tables cover 98-100 % of the samples they are for
+            # (hsol with --target 0: 1 of 1,243); the shipped tables can trigger 97-100 % of the samples they are for
             if carry < MIN_TRIGGERED_SHARE * len(others):
                 raise UserError(f"the {self.name} attack can trigger only {carry} of the {len(others)} non-target "
                                 f"{split} samples of {bench.name} for target {self.target} (its stored paraphrases "
