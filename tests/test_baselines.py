@@ -66,6 +66,17 @@ def test_frr_threshold_flags_the_requested_share():
         assert (scores < t).sum() == int(400 * frr)
 
 
+def test_frr_threshold_leaves_nan_scores_out():
+    """A broken model's NaN scores sort last: counted, they raised the threshold or made it NaN (flagging nothing)."""
+    scores = np.random.default_rng(0).random(100)
+    with_nan = np.concatenate([scores[:50], np.full(50, np.nan), scores[50:]])
+    for frr in (0.0, 0.1, 0.5, 0.9):
+        assert frr_threshold(with_nan, frr) == frr_threshold(scores, frr)
+    with pytest.raises(UserError, match="NaN.*cannot calibrate") as e:
+        frr_threshold([np.nan] * 5, 0.01)
+    assert "\n" not in str(e.value)
+
+
 def test_strip_entropies_are_per_sample(tiny_clf, sst2):
     texts = sst2.dev.texts[:6]
     clf = StripClassifier(tiny_clf, tfidf_ranked_words(sst2.dev.texts[:100]), repeat=4, swap_ratio=0.25, seed=0,
@@ -253,18 +264,25 @@ def test_onion_classifier_predicts_on_corrected_text(tiny_clf):
     torch.testing.assert_close(onion.predict_logits("a cf great movie"), tiny_clf.predict_logits(["a great movie"]))
 
 
-def test_onion_with_a_tiny_gpt2(tmp_path, tiny_model):
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory, tiny_model):
+    """A tiny random GPT-2 language model with MiniLM's tokenizer, loaded as ONION loads its LM."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     tok = load_tokenizer(tiny_model)
     tok.bos_token = tok.cls_token  # so the BOS prefix is exercised
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2))
-    lm.save_pretrained(tmp_path / "gpt", safe_serialization=True)
-    tok.save_pretrained(tmp_path / "gpt")
-    model, lm_tok = load_causal_lm(str(tmp_path / "gpt"))
+    path = tmp_path_factory.mktemp("lm") / "gpt"
+    lm.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return load_causal_lm(str(path))
+
+
+def test_onion_with_a_tiny_gpt2(tiny_lm):
+    model, lm_tok = tiny_lm
     ppl = Perplexity(model, lm_tok, batch_size=4)
-    assert ppl.prefix == tok.cls_token_id
+    assert ppl.prefix == lm_tok.cls_token_id
     sents = ["a short one", "a much longer sentence about a film that runs on", "ok ok", "the end of it all ."]
     batched = ppl(sents)
     for s, b in zip(sents, batched):  # padding does not leak into a sentence's perplexity
@@ -272,6 +290,21 @@ def test_onion_with_a_tiny_gpt2(tmp_path, tiny_model):
         assert b == pytest.approx(float(model(input_ids=ids, labels=ids).loss.exp()), rel=1e-4)
     out = onion_correct(["the cf movie was good"], ppl, 0.0)[0]
     assert set(out.split()) <= {"the", "cf", "movie", "was", "good"}
+
+
+def test_onion_keeps_the_words_past_its_lm_window(tiny_lm, monkeypatch):
+    """Deleting a word the LM never reads leaves its input, so its perplexity, unchanged: a suspicion of 0, which
+    threshold 0 deleted."""
+    model, lm_tok = tiny_lm
+    words = "the film was good and the acting was fine but the end was dull".split()
+    assert all(len(lm_tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in words)  # a word is a token
+    ppl = Perplexity(model, lm_tok, max_length=4, batch_size=8)  # reads the first four words
+    passes, real = [], Perplexity.__call__
+    monkeypatch.setattr(Perplexity, "__call__", lambda self, sents: (passes.append(len(sents)), real(self, sents))[1])
+    assert onion_correct([" ".join(words)], ppl, 0.0)[0].split()[-10:] == words[4:]
+    assert passes == [1 + 4]  # the sentence and its four deletions the LM can tell apart
+    # a threshold every scored word reaches deletes the words in the window only
+    assert onion_correct([" ".join(words)], ppl, -1e9) == [" ".join(words[4:])]
 
 
 def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch, tiny_model):
@@ -394,6 +427,22 @@ def test_cube_filters_a_planted_minority_cluster():
         assert flags[300:].all() and not flags[:300].any()
 
 
+def test_cube_clusters_the_smallest_set_it_accepts(tiny_model):
+    """UMAP's spectral start needs more than umap_dims + 1 points; smaller sets start from a random layout."""
+    if importlib.util.find_spec("umap") is None or importlib.util.find_spec("sklearn") is None:
+        pytest.skip("CUBE's optional extra is not installed (pip install 'cleantune[cube]')")
+    from cleantune.defenses.cube import cluster
+
+    reps = np.random.default_rng(0).normal(size=(4, 16))
+    for n, dims in ((3, 2), (4, 3)):
+        assert len(cluster(reps[:n], seed=0, umap_dims=dims)) == n
+    data = TextDataset(["a fine film", "a dull film", "a good plot"], [1, 0, 1], LABELS)
+    cube = get_defense("cube", model=tiny_model, epochs=1, batch_size=4, max_length=16)
+    assert isinstance(cube.fit(data, None, progress=False), Classifier) and len(cube.flagged_) == 3
+    with pytest.raises(UserError, match="at least 3"):
+        cube.fit(data.subset([0, 1]), None, progress=False)
+
+
 # ---------------------------------------------------------------- ABL
 
 
@@ -437,6 +486,19 @@ def test_abl_isolates_the_lowest_loss_samples(tiny_model, monkeypatch):
     assert [r.get("stage") for r in abl.report_.history] == [None, "unlearning"]
     assert isinstance(clf, Classifier)
     assert per_sample_losses(clf.model, clf.tokenizer, data, 32).shape == (len(data),)
+
+
+def test_abl_isolation_leaves_samples_to_train_on(tiny_model):
+    """A ratio near 1 rounds up to every sample, which left the training stage an empty set."""
+    assert lowest_loss(np.arange(10.0), 0.99) == [True] * 9 + [False]
+    assert lowest_loss(np.array([0.3, 0.1]), 0.5) == [False, True]
+    data = _planted(4, "cf")
+    abl = get_defense("abl", model=tiny_model, epochs=1, isolation_ratio=0.9, unlearning_epochs=1, batch_size=4,
+                      max_length=16)
+    abl.fit(data, None, progress=False)
+    assert sum(abl.flagged_) == abl.extra_metrics_["n_isolated"] == 3
+    with pytest.raises(UserError, match="ABL needs at least 2 training samples"):
+        abl.fit(data.subset([0]), None, progress=False)
 
 
 # ---------------------------------------------------------------- detection metrics

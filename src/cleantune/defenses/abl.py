@@ -4,7 +4,8 @@ Poisoned Data", NeurIPS). Backdoored samples are learned faster than clean ones,
 1. isolation: train for `isolation_epochs` with the local gradient ascent (LGA) loss
    sign(L - gamma) * L on each batch's mean loss: a batch whose loss fell below `gamma` is pushed back up,
    so clean samples cannot reach a low loss while the (stronger) backdoor samples still do; then take the
-   `isolation_ratio` share of training samples with the lowest loss as the isolated set;
+   `isolation_ratio` share of training samples with the lowest loss as the isolated set (at least one, and
+   never all: at least one sample is left to train on);
 2. training: continue training that model on the other samples with the ordinary loss for `epochs`
    (epoch chosen on clean dev);
 3. unlearning: gradient ascent on the isolated samples (maximise their loss) for `unlearning_epochs` at
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data import TextDataset
+from ..errors import UserError
 from ..models import Classifier
 from ..training import StepHook
 from .base import Defense
@@ -50,8 +52,9 @@ class GradientAscent(StepHook):
 
 
 def lowest_loss(losses: np.ndarray, ratio: float) -> list[bool]:
-    """Flags for the max(1, round(ratio * n)) samples of lowest loss (ties: the earlier sample)."""
-    k = max(1, int(round(ratio * len(losses))))
+    """Flags for the max(1, round(ratio * n)) samples of lowest loss (ties: the earlier sample), at most n - 1."""
+    # a ratio near 1 rounds up to every sample: at least one must stay for the training stage
+    k = min(max(1, int(round(ratio * len(losses)))), len(losses) - 1)
     flags = np.zeros(len(losses), dtype=bool)
     flags[np.argsort(losses, kind="stable")[:k]] = True
     return flags.tolist()
@@ -73,6 +76,9 @@ class ABL(Defense):
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:
+        if len(train_data) < 2:  # before the isolation stage trains: it would isolate the only sample
+            raise UserError(f"ABL needs at least 2 training samples (one to isolate, one to train on), "
+                            f"got {len(train_data)}")
         train_data = train_data.without_flags()
         model, tok, iso_report = train_side_model(self, train_data, self.isolation_epochs, None,
                                                   side_dir(out_dir, "abl-isolation"), resume, progress,

@@ -78,10 +78,18 @@ def per_sample_losses(model, tokenizer, data: TextDataset, max_length: int, batc
 
 def frr_threshold(clean_scores, frr: float) -> float:
     """The threshold below which a score is flagged, set so that a share `frr` of the clean scores falls
-    below it: the score at sorted index floor(n * frr), as OpenBackdoor's STRIP and RAP. Flag with `< t`."""
-    s = np.sort(np.asarray(clean_scores, dtype=float))
+    below it: the score at sorted index floor(n * frr), as OpenBackdoor's STRIP (its RAP takes
+    np.nanpercentile, which interpolates: at most one clean score more or fewer falls below). Flag with `< t`.
+    NaN scores are left out (n counts the others), as nanpercentile leaves them out."""
+    s = np.asarray(clean_scores, dtype=float)
     if len(s) == 0:
         raise UserError("the clean dev set gives no sample to calibrate the detection threshold on")
+    # counted in n, NaNs (sorted last) push the index up the other scores (a higher FRR) or onto a NaN, and a
+    # NaN threshold flags nothing
+    s = np.sort(s[~np.isnan(s)])
+    if len(s) == 0:
+        raise UserError("every clean dev sample's detection score is NaN (the model's outputs are not finite); "
+                        "cannot calibrate the detection threshold")
     return float(s[min(int(len(s) * frr), len(s) - 1)])
 
 

