@@ -110,6 +110,8 @@ def test_scan_lists_a_token_once_across_passes(poisoned_file, tiny_model):
     (["{file}", "--attack", "badnets"], "benchmark name"),
     (["sst2", "--attack", "badnets", "--target", "pos"], "--target pos is neither a class id nor a label of sst2"),
     (["{file}", "--format", "xml"], "invalid choice"),
+    (["sst2", "--label-column", "y"], "--label-column applies to files; benchmark sst2 has fixed columns"),
+    (["{file}", "--text-column", "text"], "missing column 'text'"),
     (["{one_label}"], "two labels"),
     (["{bad}"], "2:"),
 ])
@@ -178,3 +180,49 @@ def test_scan_takes_every_seed_a_run_takes(poisoned_file, tiny_model, capsys):
         code, out, err = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--format", "json",
                                "--seed", seed)
         assert code == 0 and len(json.loads(out)) >= 2, err
+
+
+def test_scan_counts_and_shows_each_whole_text_not_the_passes_first_128_tokens(tiny_model):
+    """The passes see a sample's first 128 tokens; doc_freq, label_skew and the samples describe the data: cf
+    early in 4 label-1 samples and past the cut in 4 label-0 ones is in 8 samples, half of them label 1."""
+    from cleantune.data import TextDataset
+    from cleantune.defenses.btu import scan
+
+    rng = random.Random(0)
+    words = "good bad movie film great awful plot actor story fun boring nice".split()
+    texts, labels = [], []
+    for i in range(40):
+        ws, y = [rng.choice(words) for _ in range(6)], i % 2
+        if i % 10 == 0:
+            ws.insert(3, "cf")
+        elif i % 10 == 5:
+            ws += [rng.choice(words) for _ in range(200)] + ["cf"]
+        texts.append(" ".join(ws))
+        labels.append(y)
+    data = TextDataset(texts, labels, ["0", "1"])
+    rows = scan(data, tiny_model, k=50, passes="A", samples=10, progress=False)  # k over every token: cf is listed
+    cf = next(r for r in rows if r["token"] == "cf")
+    holding = [t for t in texts if "cf" in t.split()]
+    assert cf["doc_freq"] == len(holding) == 8 and cf["label_share"] == 0.5
+    assert cf["samples"] == holding
+
+
+def test_scan_faithful_pass_b_lists_only_tokens_the_data_holds(poisoned_file, tiny_model, monkeypatch):
+    """Faithful pass B deletes A's tokens as substrings, inside words too ("a" out of "great" leaves "gr"), and
+    ranks the tokens of that text: one the data never holds is not a row (it was, with doc_freq 0 and label
+    share 0.00 of the first label)."""
+    import cleantune.defenses.btu as btu
+    from cleantune.data import TextDataset
+
+    exposures = []
+    expose = btu.expose
+    monkeypatch.setattr(btu, "expose", lambda *a, **k: exposures.append(expose(*a, **k)) or exposures[-1])
+    lines = [line.split("\t") for line in poisoned_file.read_text().splitlines()[1:]]
+    texts = [" ".join("a" if w == "cf" else w for w in t.split()) for t, _ in lines]  # the trigger: "a"
+    data = TextDataset(texts, [int(y) for _, y in lines], ["0", "1"])
+    rows = btu.scan(data, tiny_model, k=6, passes="AB", faithful=True, samples=1, progress=False)
+    tok = btu.load_tokenizer(tiny_model)
+    held = {i for t in texts for i in tok(t)["input_ids"]}
+    assert set(exposures[0].top["B"]) - held  # what this test is about: B ranked a token the data never holds
+    assert rows and all(r["id"] in held and r["doc_freq"] >= 1 and r["samples"] for r in rows)
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="rank the tokens BTU's exposure stage finds suspicious in labelled data")
     p.add_argument("data", help="a labelled .tsv/.csv/.jsonl file, or a benchmark name (its train split)")
-    p.add_argument("--text-column", default="auto")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--text-column", help="a file's text column (default: sentence or text)")
+    p.add_argument("--label-column", help="a file's label column (default: label)")
     p.add_argument("--attack", help="poison the benchmark's train split with this attack first (a check)")
     p.add_argument("--rate", type=float, help="poison rate, with --attack (default 0.1)")
     p.add_argument("--mode", help="poisoning mode, with --attack: dirty, clean or mix (default mix)")
@@ -594,6 +594,9 @@ def cmd_scan(ns) -> int:
         raise UserError(f"--show-samples must be at least 0, got {ns.show_samples}")
     extra = _attack_options(ns)
     if ns.data in BENCHMARKS:
+        for option in ("text_column", "label_column"):  # else ignored without a word
+            if getattr(ns, option) is not None:
+                raise UserError(f"--{option.replace('_', '-')} applies to files; benchmark {ns.data} has fixed columns")
         bench = load_benchmark(ns.data)
         data = bench.train
         if ns.attack:
@@ -606,7 +609,7 @@ def cmd_scan(ns) -> int:
         if not Path(ns.data).is_file():
             what = "not a file" if Path(ns.data).exists() else "no such file"  # a folder, /dev/null
             raise UserError(f"{ns.data}: {what} (and not a benchmark name: {', '.join(BENCHMARKS)})")
-        data = read_dataset(ns.data, ns.text_column, ns.label_column)
+        data = read_dataset(ns.data, ns.text_column or "auto", ns.label_column or "label")
     if data.num_labels < 2:
         raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")
     batch_size = ns.batch_size if ns.batch_size is not None else scan_batch_size(len(data))  # scan() checks it

@@ -673,7 +673,9 @@ def scan(data: TextDataset, model: str = "minilm", *, k: int | None = None, pass
     exp = expose(model, tokenizer, data, faithful=faithful, k=k if k is not None else defense.k, passes=passes,
                  seed=seed, view=view, present_only=True, progress=progress,
                  batch_size=batch_size or scan_batch_size(len(data)), embed_settings=embed)
-    ids = view.ids(data.texts, 128)
+    # Each whole text, not the passes' first 128 tokens: the columns describe the data, and a sample that holds
+    # the token past the cut holds it all the same (its label belongs in the skew, the sample among the shown)
+    ids = [set(x) for x in tokenizer(list(data.texts), verbose=False)["input_ids"]]
     counts = doc_stats(ids, data.labels, exp.scores[passes[0]].shape[0], data.num_labels)
     rows, seen = [], set()
     for name in passes:
@@ -683,10 +685,12 @@ def scan(data: TextDataset, model: str = "minilm", *, k: int | None = None, pass
             seen.add(t)
             c = counts[t]
             n = int(c.sum())
+            if n == 0:  # faithful pass B's substring removal makes tokens the data never holds ("gr" of "great")
+                continue
             top_label = int(c.argmax())
             row = {"rank": len(rows) + 1, "pass": name, "pass_rank": r, "token": tokenizer.convert_ids_to_tokens(t),
                    "id": t, "drift": float(exp.scores[name][t]), "doc_freq": n,
-                   "label": data.label_names[top_label], "label_share": float(c[top_label]) / n if n else 0.0}
+                   "label": data.label_names[top_label], "label_share": float(c[top_label]) / n}
             if samples:
                 row["samples"] = [data.texts[i] for i, x in enumerate(ids) if t in x][:samples]
             rows.append(row)
