@@ -62,6 +62,18 @@ def test_scan_formats(poisoned_file, tiny_model, capsys):
     assert len(lines) == 2 + 4 + 1  # header, rule, 4 tokens, footer
 
 
+def test_scan_table_keeps_a_multi_line_sample_under_its_token(tmp_path, capsys, monkeypatch):
+    """A .jsonl text may hold line breaks; its second line printed at the margin, read as a row of its own."""
+    import cleantune.defenses.btu as btu
+
+    row = {"rank": 1, "pass": "A", "pass_rank": 1, "token": "cf", "id": 1, "drift": 0.5, "doc_freq": 2,
+           "label": "pos", "label_share": 1.0, "samples": ["first line\nsecond line", "one line"]}
+    monkeypatch.setattr(btu, "scan", lambda *a, **k: [row])
+    (tmp_path / "d.jsonl").write_text('{"text": "a cf\\nb", "label": "pos"}\n{"text": "c", "label": "neg"}\n')
+    code, out, _ = _scan(capsys, tmp_path / "d.jsonl", "--show-samples", "2")
+    assert code == 0 and out.splitlines()[3:6] == ["      | first line", "      | second line", "      | one line"]
+
+
 def test_scan_rows_follow_the_passes_order_with_each_tokens_own_counts(poisoned_file, tiny_model, capsys):
     """--passes BA lists B first. Each row's drift is its own pass's (A's tokens never move in B), and its
     document frequency and label skew are counted per sample from the file."""

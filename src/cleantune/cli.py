@@ -635,8 +635,8 @@ def cmd_scan(ns) -> int:
             if n == 0:
                 print("  ".join("-" * w for w in widths))
             elif ns.show_samples:
-                for t in rows[n - 1]["samples"]:
-                    print(f"      | {t}")
+                for t in rows[n - 1]["samples"]:  # a .jsonl text may hold line breaks: each line keeps the bar
+                    print("      | " + "\n      | ".join(t.splitlines() or [""]))
     steps = math.ceil(len(data) / batch_size)
     few = " (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else ""
     if ns.format == "table":
