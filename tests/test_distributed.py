@@ -37,23 +37,27 @@ def test_two_process_launch_trains_and_evaluates(tiny_model, tmp_path):
 
 
 LOCKER = """
-import sys, time
+import os, sys, time
 import torch
 from pathlib import Path
 from accelerate import PartialState
 from cleantune.training import Busy, work_lock
 
+def say(*words):  # one write per line: two processes print into one pipe, and print's pieces interleaved
+    os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+
+
 work = Path(sys.argv[1])
 state = PartialState(cpu=True)
 try:
     with work_lock(work, wait=False):
-        print("unlocked", flush=True)
+        say("unlocked")
 except Busy:
-    print("busy", flush=True)
+    say("busy")
 if state.is_main_process:
     (work.parent / "ready").touch()
 with work_lock(work, wait=True):
-    print("got", time.time(), flush=True)
+    say("got", time.time())
 torch.distributed.destroy_process_group()  # as cleantune's CLI does on exit: else gloo may abort the exit
 """
 

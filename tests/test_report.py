@@ -116,6 +116,30 @@ def test_report_writes_only_into_an_empty_folder_or_its_own(tmp_path, capsys):
     assert sorted(f.name for f in (tmp_path / "rep" / "plots").iterdir()) == plots  # and go: no stale plot stays
 
 
+def test_a_report_that_cannot_be_written_in_full_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """A full disk while writing left a traceback and a folder with plots but no report.md, which the next report
+    then refused as not its own."""
+    import errno
+    from pathlib import Path
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.8, 0.1, 5.0, dataset="sst2", attack="badnets", defense="lora")
+    write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "report.md":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 2
+    assert capsys.readouterr().err == (f"cleantune: error: --out {tmp_path / 'rep'}: cannot write the report "
+                                       "(No space left on device)\n")
+    assert not (tmp_path / "rep").exists()
+    monkeypatch.undo()
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+
+
 def test_report_missing_store_is_a_user_error(tmp_path, capsys):
     assert main(["report", "--store", str(tmp_path / "nope.sqlite"), "--out", str(tmp_path / "r")]) == 2
     assert "no such file" in capsys.readouterr().err
@@ -137,9 +161,11 @@ def test_report_plots_curves_files_of_the_frequency_analysis(tmp_path, capsys):
     assert "frequency curves: sst2 badnets finetune seed 0" in page
     assert len(re.findall(r"data:image/png;base64,", page)) == 3  # bars, scatter, the curves
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"records": "none"}))
-    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "r2"), "--frequency", str(bad)]) == 2
-    assert "no frequency curves" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    for content in ({"records": "none"}, {"deltas": 2.0, "records": [rec(0, 1.0)]}):  # the second: a traceback
+        bad.write_text(json.dumps(content))
+        assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "r2"), "--frequency", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "no frequency curves" in err and err.count("\n") == 1 and not (tmp_path / "r2").exists()
 
 
 def test_mixed_precision_runs_are_their_own_rows_and_compare_at_their_precision(tmp_path, monkeypatch, capsys):
@@ -223,6 +249,25 @@ def test_a_bar_in_a_label_stays_inside_its_markdown_cell(tmp_path):
     columns = {len(re.findall(r"(?<!\\)\|", line)) for line in table}
     assert len(table) == 4 and len(columns) == 1  # header, rule, two rows: as many columns in each
     assert "watch this \\| movie" in md
+
+
+def test_a_backslash_or_carriage_return_in_a_label_stays_text_in_its_markdown_row(tmp_path):
+    """A '\r' ended the row (Markdown breaks lines there as at '\n'); a backslash before a '|' took that '|''s
+    escape and one before other punctuation vanished, so 'a\|b' read as 'a|b', another sentence's label."""
+    from cleantune.report import build
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    sentences = ("a\\|b", "a|b", "line\rbreak", "ends in \\")
+    for sentence in sentences:
+        put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="addsent", defense="finetune", sentence=sentence)
+    _, md, _ = build(s.runs())
+
+    def first_cell(row: str) -> str:  # as GitHub reads a table row: split at the unescaped '|', then unescape
+        cell = re.split(r"(?<!\\)\|", row)[1].replace("\\|", "|")
+        return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", cell).strip()
+
+    labels = [first_cell(row) for row in md.split("\n") if row.startswith("| finetune")]
+    assert sorted(labels) == sorted(f"finetune (sentence={t.replace(chr(13), ' ')})" for t in sentences)
 
 
 def test_an_empty_store_gives_a_short_report_without_protocol(tmp_path):
@@ -356,6 +401,10 @@ def test_time_ratio_leaves_out_btus_reporting_only_stage_evaluations(tmp_path):
     put_run(s, 0.89, 0.12, 190.0, dataset="sst2", attack="badnets", defense="btu", timings={"stage_eval_s": 40.0})
     cell = summarize(s.runs())["sst2"]["cells"][("btu", "badnets")]
     assert cell["time_rel"] == pytest.approx(1.5)  # (190 - 40) / 100
+    # a null one (the store takes a null for any timing) is none spent, not a TypeError
+    put_run(s, 0.89, 0.12, 190.0, dataset="hsol", attack="badnets", defense="btu", timings={"stage_eval_s": None})
+    put_run(s, 0.90, 1.00, 100.0, dataset="hsol", attack="badnets", defense="finetune")
+    assert summarize(s.runs())["hsol"]["cells"][("btu", "badnets")]["time_rel"] == pytest.approx(1.9)
 
 
 def test_a_seed_stored_again_under_other_versions_counts_once_the_newest(tmp_path):
@@ -423,6 +472,17 @@ def test_a_defense_filter_keeps_fine_tuning_as_the_baseline_and_an_empty_filter_
     for command in (["results"], ["report", "--out", str(tmp_path / "rep3")]):
         assert main([*command, "--store", str(store.path), "--defense", ","]) == 2
         assert capsys.readouterr().err == "cleantune: error: --defense lists no value\n"
+
+
+def test_the_baseline_stays_where_fine_tuning_lacks_one_of_the_selected_values(store, tmp_path):
+    """Fine-tuning has no seed 7 (LoRA's failed run has): that dropped fine-tuning's seed 0 too, and every ΔCACC
+    and time× read –."""
+    assert main(["report", "--store", str(store.path), "--out", str(tmp_path / "rep"), "--defense", "lora",
+                 "--seed", "0,7"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| lora | 1 | 0.880 | 0.200 | – | +2.0 pt | 0.50× |" in md  # sst2: 0.90 - 0.88
+    assert "| lora | 1 | 0.900 | 0.500 | – | +5.0 pt | 1.50× |" in md  # hsol: 0.95 - 0.90
+    assert "defense lora; seed 0, 7 (and finetune, the baseline of ΔCACC and time×)" in md
 
 
 def test_a_cell_with_fewer_seeds_or_a_one_class_model_is_marked(tmp_path):

@@ -78,6 +78,17 @@ def test_a_store_holding_only_a_failed_run_is_not_discarded(tmp_path):
     assert not list(tmp_path.glob("e.sqlite*"))
 
 
+def test_an_empty_store_another_process_has_open_is_not_discarded(tmp_path):
+    """`run` creates a store and is interrupted before storing anything while a sweep has the same new file open:
+    deleting it sent the sweep's runs to a file no path named."""
+    path = tmp_path / "s.sqlite"
+    interrupted, sweep = ResultStore(path), ResultStore(path)
+    interrupted.discard_if_empty()
+    sweep.put("done", {"seed": 0}, {"cacc": 0.9}, {}, {})
+    sweep.conn.close()
+    assert [r["id"] for r in ResultStore(path, readonly=True).runs()] == ["done"]
+
+
 def test_a_store_refused_on_reading_is_left_as_it_was_found(tmp_path):
     import sqlite3
 

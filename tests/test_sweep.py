@@ -358,6 +358,21 @@ if __name__ == "__main__":
 """
 
 
+def test_a_sweep_in_this_process_interrupted_before_storing_anything_leaves_no_store(tmp_path, monkeypatch):
+    """The cell's own connection, kept open by the traceback, read as another process's: the new store stayed."""
+    import cleantune.sweep as sweep_module
+    from cleantune.sweep import Cell
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "run", interrupted)
+    monkeypatch.setattr(sweep_module, "_warm_up", lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        sweep([Cell(config=None, id="abc", resolved={})], tmp_path / "s.sqlite", workers=1, progress=False)
+    assert not list(tmp_path.glob("s.sqlite*"))
+
+
 def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
     import os
     import signal

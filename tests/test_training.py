@@ -7,7 +7,8 @@ import torch
 from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import FineTune, LoRA
 from cleantune.models import load_model, load_tokenizer
-from cleantune.training import StepHook, TrainSettings, batch_order, encode, predict_logits, seed_everything, train
+from cleantune.training import (StepHook, TrainSettings, batch_order, encode, predict_logits, process_batches,
+                                seed_everything, train)
 from helpers import InfGradAt, InfWeightsAt
 
 
@@ -27,6 +28,17 @@ def test_batch_order_covers_each_sample_once_and_groups_lengths():
     # grouped batches come longest-first inside a mega-batch; unshuffled, every epoch would run long to short
     widths = [max(lengths[i] for i in b) for b in a]
     assert sum(x < y for x, y in zip(widths, widths[1:])) > len(widths) // 4
+
+
+def test_every_process_takes_the_same_steps_with_fewer_batches_than_processes():
+    # each step is a collective: a process with fewer steps waits for ever (3 processes, 1 batch: 1, 1 and 0)
+    for n in range(1, 7):
+        batches = [[i] for i in range(n)]
+        for world in range(1, 5):
+            shares = [process_batches(batches, world, r) for r in range(world)]
+            assert [len(s) for s in shares] == [-(-n // world)] * world  # the loop's steps_per_epoch
+            assert sorted({b[0] for s in shares for b in s}) == list(range(n))
+    assert process_batches([[0], [1], [2]], 2, 1) == [[1], [0]]  # enough batches: topped up from the start, as before
 
 
 def test_same_seed_same_model(tiny_model, small):
@@ -178,6 +190,44 @@ def test_resume_after_a_kill_between_the_checkpoint_renames(left, tiny_model, sm
     assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
 
 
+def test_a_kill_while_clearing_the_resumed_partial_checkpoint_falls_back_to_the_old_one(tiny_model, small, tmp_path,
+                                                                                      monkeypatch):
+    """Resumed from `.partial` (a kill between the renames), the next save empties that folder first. Killed
+    midway, what is left of it is no checkpoint: --resume takes the intact `.old` instead of refusing."""
+    import shutil
+
+    from cleantune import training
+
+    train_data, dev = small
+    model_a, tok, rep_a = _run(tiny_model, train_data, tmp_path / "a")
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def killed_at_the_swap(src, dst):
+        if str(src).endswith("checkpoints.partial") and os.path.exists(str(dst) + ".old"):
+            raise _Stop
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", killed_at_the_swap)
+    with pytest.raises(_Stop):  # at epoch 1's save: `.partial` holds epoch 1, `.old` epoch 0
+        _run(tiny_model, train_data, tmp_path / "b")
+    monkeypatch.undo()
+
+    def killed_while_clearing(path, *args, **kwargs):
+        if str(path).endswith("checkpoints.partial"):
+            (path / "trainable.safetensors").unlink()  # rmtree removes files in the directory's order
+            raise _Stop
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(training.shutil, "rmtree", killed_while_clearing)
+    with pytest.raises(_Stop):  # resumed from `.partial`, trained epoch 2, killed clearing `.partial` to save it
+        _run(tiny_model, train_data, tmp_path / "b", resume=True)
+    monkeypatch.undo()
+    model_b, _, rep_b = _run(tiny_model, train_data, tmp_path / "b", resume=True)
+    assert [h["loss"] for h in rep_b.history] == [h["loss"] for h in rep_a.history]
+    s = TrainSettings()
+    assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
+
+
 def test_resume_refuses_other_settings(tiny_model, small, tmp_path):
     from cleantune.errors import UserError
 
@@ -313,6 +363,15 @@ def test_lr_schedule_spans_every_epoch_and_counts_a_short_last_batch(tiny_model,
     train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model), train_data.subset(range(60)),
           None, TrainSettings(epochs=2, batch_size=8, lr=1e-3, warmup_ratio=0.25), (rec,), progress=False)
     assert rec.lrs == pytest.approx([1e-3 * (s / 4 if s < 4 else (16 - s) / 12) for s in range(16)])
+
+
+def test_warmup_takes_the_ratio_as_written_not_its_float_rounding(tiny_model, small):
+    train_data, _ = small
+    rec = _RecordLr()
+    # 100 samples, batch 4: 25 steps an epoch, 50 in 2; 0.58 of 50 is 29 warmup steps (int(0.58 * 50) is 28)
+    train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model), train_data.subset(range(100)),
+          None, TrainSettings(epochs=2, batch_size=4, lr=1e-3, warmup_ratio=0.58), (rec,), progress=False)
+    assert rec.lrs == pytest.approx([1e-3 * (s / 29 if s < 29 else (50 - s) / 21) for s in range(50)])
 
 
 def test_batches_group_lengths_only_inside_their_mega_batch_and_change_every_epoch():

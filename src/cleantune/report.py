@@ -13,6 +13,8 @@ import html
 import io
 import json
 import math
+import re
+import shutil
 import statistics
 from collections import defaultdict
 from dataclasses import fields
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from .attacks import ATTACKS
 from .errors import UserError
-from .store import ResultStore, data_dir, select_runs
+from .store import ResultStore, data_dir, matches, select_runs
 
 REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
 ATTACK_ORDER = ("badnets", "addsent", "syntactic", "style")
@@ -121,7 +123,8 @@ def _forms(values: list) -> dict[str, str]:
 def _cost_s(run: dict) -> float | None:
     """A run's wall time less what it spent only on reporting (BTU's evaluation after each stage)."""
     wall = run["timings"].get("wall_s")
-    return None if wall is None else wall - run["timings"].get("stage_eval_s", 0.0)
+    # null, as the store lets any timing be, is none spent (a TypeError here stopped the report)
+    return None if wall is None else wall - (run["timings"].get("stage_eval_s") or 0.0)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -376,6 +379,8 @@ def parse_frequency(freq) -> dict | None:
         if not (isinstance(records, list) and records and all(isinstance(r, dict) for r in records)):
             return None
         deltas = freq.get("deltas") or []
+        if not isinstance(deltas, list):  # a number there raised a TypeError before any curve was read
+            return None
         picks = sorted({0, len(deltas) - 1}) if deltas else [0]
         sets = [k for k, v in records[0].items() if isinstance(v, dict)]
         try:
@@ -585,8 +590,11 @@ dl dt{font-weight:600;margin-top:6px}dl dd{margin-left:18px}
 
 def _md(cell: str) -> str:
     """User text (an AddSent sentence, an error) as Markdown text: its HTML escaped (Markdown renders raw
-    HTML), and no '|' or newline to start a new table column or end a list item."""
-    return html.escape(cell, quote=False).replace("|", "\\|").replace("\n", " ")
+    HTML), its backslashes kept (one before a '|' took that '|''s escape, and one before other punctuation
+    vanished), and no '|' or line break (Markdown ends a line at '\\r' as at '\\n') to start a new table
+    column or end a row or list item."""
+    text = html.escape(cell, quote=False).replace("\\", "\\\\").replace("|", "\\|")
+    return re.sub(r"\r\n?|\n", " ", text)
 
 
 def _md_row(cells: list[str]) -> str:
@@ -734,11 +742,11 @@ def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple
     # the other filters come along (said in the report), as the table's reference rows
     reference_added = False
     if "defense" in where and REFERENCE not in where["defense"] and "ok" in where.get("status", ["ok"]):
-        refs = [r for r in stored if r["status"] == "ok" and r["config"].get("defense") == REFERENCE]
-        try:
-            refs = select_runs(refs, {k: v for k, v in where.items() if k not in ("defense", "status")}, store.path)
-        except UserError:  # a value no fine-tuning run has: no baseline, nothing to add
-            refs = []
+        # matched, not selected: a value fine-tuning lacks (a seed, a dataset it did not run) leaves the baseline
+        # of the other values in place, where refusing it dropped every baseline
+        others = {k: v for k, v in where.items() if k not in ("defense", "status")}
+        refs = [r for r in stored if r["status"] == "ok" and r["config"].get("defense") == REFERENCE
+                and matches(r, others)]
         runs = sorted(runs + refs, key=lambda r: r["created"])
         reference_added = bool(refs)
     for r in runs:  # every table row is keyed by these: a row edited outside cleantune may lack them
@@ -747,12 +755,22 @@ def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple
             raise UserError(f"--store {store.path}: run {r['id']} has a corrupt 'config' column (no '{missing}')")
     page, md, images = build(runs, tuple(frequency_files), where, reference_added)  # everything checked before writing
     out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    for name, data in images.items():
-        (out / "plots" / name).write_bytes(data)
-    for stale in (out / "plots").glob("*.png"):  # an earlier report's plot of a cell this one has not: replaced, not kept
-        if stale.name not in images:
-            stale.unlink()
-    (out / "report.html").write_text(page, encoding="utf-8")
-    (out / "report.md").write_text(md, encoding="utf-8")
+    new = not out.exists()
+    try:
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        for name, data in images.items():
+            (out / "plots" / name).write_bytes(data)
+        for stale in (out / "plots").glob("*.png"):  # an earlier report's plot of a cell this one has not: replaced, not kept
+            if stale.name not in images:
+                stale.unlink()
+        (out / "report.html").write_text(page, encoding="utf-8")
+        (out / "report.md").write_text(md, encoding="utf-8")
+    except BaseException as e:
+        # a full disk or an interrupt left a traceback and a new folder with plots but no report.md, which the next
+        # report refused to write into (check_out_dir)
+        if new:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"--out {out}: cannot write the report ({e.strerror or e})") from None
+        raise
     return out / "report.html", out / "report.md"

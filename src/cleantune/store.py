@@ -33,18 +33,24 @@ COLUMNS = ["id", "config", "status", "metrics", "timings", "env", "error", "crea
 RUN_FILTERS = ("dataset", "attack", "defense", "model", "seed", "status")
 
 
-def select_runs(runs: list[dict], where: dict[str, list[str]], store: str | Path) -> list[dict]:
-    """The runs that take one of the given values on every key of `where` (RUN_FILTERS; values as text). A value
-    that no run in the store takes is refused, naming what is there: a typo would otherwise read as no result."""
-    def value(r: dict, key: str) -> str:
-        return str(r["status"] if key == "status" else r["config"].get(key))
+def _value(r: dict, key: str) -> str:
+    return str(r["status"] if key == "status" else r["config"].get(key))
 
+
+def matches(r: dict, where: dict[str, list[str]]) -> bool:
+    """Whether run `r` takes one of the given values on every key of `where` (RUN_FILTERS; values as text)."""
+    return all(_value(r, k) in wanted for k, wanted in where.items())
+
+
+def select_runs(runs: list[dict], where: dict[str, list[str]], store: str | Path) -> list[dict]:
+    """The runs that match `where`. A value that no run in the store takes is refused, naming what is there: a
+    typo would otherwise read as no result."""
     for key, wanted in where.items():
-        held = sorted({value(r, key) for r in runs})
+        held = sorted({_value(r, key) for r in runs})
         missing = [v for v in wanted if v not in held]
         if missing:
             raise UserError(f"--{key} {missing[0]}: no run in {store} has it (they have: {', '.join(held) or 'none'})")
-    return [r for r in runs if all(value(r, k) in wanted for k, wanted in where.items())]
+    return [r for r in runs if matches(r, where)]
 
 
 def xdg_dir(variable: str, default: str) -> Path:
@@ -153,13 +159,30 @@ class ResultStore:
             raise UserError(f"{label}: cannot open it as a cleantune results store ({e})") from None
 
     def discard_if_empty(self) -> None:
-        """Close, and delete the file with its WAL companions if it holds no run: for a store the command
-        created, when it ends before storing anything (an interrupt, an error no check foresaw)."""
+        """Close, and delete the file with its WAL companions if it holds no run and no other process has it
+        open: for a store the command created, when it ends before storing anything (an interrupt, an error no
+        check foresaw)."""
         if self.runs():
             return
         self.conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        # Another process may have opened the store meanwhile (a sweep started on the same new file): deleting it
+        # then sent that process's runs to a file no path named, lost without a word. Leaving WAL needs every
+        # other connection closed, and the exclusive lock keeps a newcomer from writing until the file is gone.
+        conn = None
+        try:  # mode=rw: a file that is gone already is not made again
+            conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=rw", uri=True, timeout=0, isolation_level=None)
+            if conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0] != "delete":
+                return
+            conn.execute("BEGIN EXCLUSIVE")
+            if conn.execute("SELECT count(*) FROM runs").fetchone()[0]:
+                return
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        except sqlite3.OperationalError:  # in use: the process using it keeps it
+            return
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _probe_write(self) -> None:
         """A write that is rolled back. SQLite opens a file this process may not write read-only without a

@@ -167,6 +167,11 @@ def run_cell(cell: Cell, store_path: str | None, threads: int | None = None) -> 
         if store is not None:
             put_record(store, record)
         return record
+    finally:
+        # closed here, not when the traceback lets go of it: an interrupted sweep that stored nothing removes
+        # its new store only where no connection has it open (ResultStore.discard_if_empty)
+        if store is not None:
+            store.conn.close()
 
 
 def put_record(store: ResultStore, r: dict) -> None:

@@ -20,6 +20,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,14 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
+def process_batches(batches: list[list[int]], world: int, rank: int) -> list[list[int]]:
+    """Process `rank`'s share of an epoch's batches. Every process must take steps_per_epoch steps (each is a
+    collective), so the list is topped up from its start, going round it again when there are fewer batches
+    than the top-up needs (a stage smaller than a batch per process, such as ABL's isolated samples, on three
+    or more processes): a process left with fewer steps waits in the next collective for ever."""
+    return (batches + list(itertools.islice(itertools.cycle(batches), (-len(batches)) % world)))[rank::world]
+
+
 def _fingerprint(settings: TrainSettings, ids: list[list[int]], labels: list[int], dev_data: TextDataset | None,
                  identity: dict | None, desc: str) -> str:
     """What a checkpoint must match to be resumed: the settings, the precision, the process count (the
@@ -297,7 +306,9 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     if settings.lr_schedule == "constant":
         scheduler = get_constant_schedule(optimizer)
     else:
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+        # the ratio as written, not its binary float: int(0.58 * 50) is 28, not 29 warmup steps
+        warmup = math.floor(Fraction(repr(float(settings.warmup_ratio))) * total_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
@@ -344,8 +355,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         ctx.epoch = epoch
         wrapped.train()
         batches = batch_order(lengths, settings.batch_size, settings.seed, epoch, settings.group_by_length)
-        batches += batches[: (-len(batches)) % world]  # every process takes the same number of steps
-        mine = batches[rank::world]
+        mine = process_batches(batches, world, rank)
         loss_sum, t0 = 0.0, time.perf_counter()
         for b in mine:
             batch = make_batch([ids[i] for i in b], tokenizer.pad_token_id, settings.pad_to_length)
@@ -585,6 +595,9 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, r
                      state: dict, scaler=None) -> None:
     """Write the whole checkpoint into a fresh folder, then swap it in: a kill leaves the old one intact."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
+    # unmarked before it is emptied: it may be the checkpoint this session resumed from, and a kill midway would
+    # leave a folder that _saved_checkpoint prefers to the intact `.old` and that then fails to load
+    (tmp / "state.json").unlink(missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
