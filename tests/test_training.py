@@ -356,22 +356,18 @@ def test_lr_warms_up_from_zero_then_decays_linearly(tiny_model, small):
     assert rec.lrs == pytest.approx([1e-3 * f for f in (0, 0.25, 0.5, 0.75, 1, 0.75, 0.5, 0.25)])
 
 
-def test_lr_schedule_spans_every_epoch_and_counts_a_short_last_batch(tiny_model, small):
+@pytest.mark.parametrize("n,batch,ratio,steps,warmup", [
+    (60, 8, 0.25, 16, 4),  # 8 steps an epoch (the last of 4 samples), 16 in 2 epochs; warmup 0.25 of 16 = 4
+    (100, 4, 0.58, 50, 29),  # 25 steps an epoch, 50 in 2; 0.58 of 50 is 29 warmup steps (int(0.58 * 50) is 28)
+])
+def test_lr_schedule_spans_every_epoch_counts_a_short_last_batch_and_takes_the_ratio_as_written(
+        tiny_model, small, n, batch, ratio, steps, warmup):
     train_data, _ = small
     rec = _RecordLr()
-    # 60 samples, batch 8: 8 steps an epoch (the last of 4 samples), 16 in 2 epochs; warmup 0.25 of 16 = 4
-    train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model), train_data.subset(range(60)),
-          None, TrainSettings(epochs=2, batch_size=8, lr=1e-3, warmup_ratio=0.25), (rec,), progress=False)
-    assert rec.lrs == pytest.approx([1e-3 * (s / 4 if s < 4 else (16 - s) / 12) for s in range(16)])
-
-
-def test_warmup_takes_the_ratio_as_written_not_its_float_rounding(tiny_model, small):
-    train_data, _ = small
-    rec = _RecordLr()
-    # 100 samples, batch 4: 25 steps an epoch, 50 in 2; 0.58 of 50 is 29 warmup steps (int(0.58 * 50) is 28)
-    train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model), train_data.subset(range(100)),
-          None, TrainSettings(epochs=2, batch_size=4, lr=1e-3, warmup_ratio=0.58), (rec,), progress=False)
-    assert rec.lrs == pytest.approx([1e-3 * (s / 29 if s < 29 else (50 - s) / 21) for s in range(50)])
+    train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model), train_data.subset(range(n)),
+          None, TrainSettings(epochs=2, batch_size=batch, lr=1e-3, warmup_ratio=ratio), (rec,), progress=False)
+    assert rec.lrs == pytest.approx([1e-3 * (s / warmup if s < warmup else (steps - s) / (steps - warmup))
+                                     for s in range(steps)])
 
 
 def test_batches_group_lengths_only_inside_their_mega_batch_and_change_every_epoch():
