@@ -439,7 +439,7 @@ def test_seed_counts_of_a_row_are_listed_in_numeric_order():
     from cleantune.report import table_rows
 
     def cell(n):
-        return {"n": n, "cacc": (0.5, 0.0), "asr": (0.5, 0.0), "asr_floor": (0.1, 0.0), "cacc_drop": None,
+        return {"n": n, "cacc": (0.5, 0.0, n), "asr": (0.5, 0.0, n), "asr_floor": (0.1, 0.0, n), "cacc_drop": None,
                 "time_rel": None}
 
     d = {"attacks": ["badnets", "addsent"], "rows": ["finetune"],
@@ -548,6 +548,18 @@ def test_what_a_defense_flagged_is_reported_against_the_ground_truth(tmp_path):
     assert "| sst2 | btu | badnets | 2 | trigger word-pieces unlearned | 0.250 ± 0.000 | 1.000 ± 0.000 | – | – |" in md
     assert "| sst2 | finetune |" not in md.split("## Detection")[1]  # flags nothing: no row
     assert "<h2>Detection</h2>" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_a_score_undefined_at_some_seeds_is_averaged_over_the_others_and_says_how_many(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    # recall is undefined (null) where a seed's test set held no poisoned sample
+    for seed, recall in ((0, 0.8), (1, None), (2, None)):
+        put_run(s, 0.85, 0.3, 20.0, dataset="sst2", attack="badnets", defense="strip", seed=seed,
+                metrics={"test_detection": {"precision": 0.5, "recall": recall, "frr": 0.1, "far": 0.2}})
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    # not `0.800 ± 0.000`: a spread over three seeds that one measured
+    assert "| sst2 | strip | badnets | 3 | test inputs rejected | 0.500 ± 0.000 | 0.800 (n=1) | 0.100 ± 0.000 |" in md
 
 
 def test_the_protocol_gives_the_clean_data_options_each_defense_ran_with(tmp_path):

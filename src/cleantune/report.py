@@ -50,11 +50,13 @@ def cell_key(config: dict) -> tuple:
 # ---------------------------------------------------------------- numbers
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def _mean_std(xs: list[float]) -> tuple[float, float, int]:
+    """Mean, sample std and count over the values that are numbers: an undefined one (None, NaN: a recall with
+    no poisoned sample, a floor with no non-target sample) is no seed's value, so k may be below the seeds."""
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
-        return float("nan"), float("nan")
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
 
 
 def _json(v) -> str:
@@ -151,7 +153,7 @@ def summarize(runs: list[dict]) -> dict:
         cacc = _mean_std([r["metrics"].get("cacc") for r in rs])
         asr = _mean_std([r["metrics"].get("asr") for r in rs])
         floors = [r["metrics"].get("asr_floor") for r in rs]  # a run stored before the floor was recorded: None
-        floor = _mean_std(floors) if None not in floors else (float("nan"), float("nan"))  # not over some seeds
+        floor = _mean_std(floors) if None not in floors else (float("nan"), float("nan"), 0)  # not over some seeds
         d["cells"][(row, attack)] = {"defense": rs[0]["config"]["defense"], "cell": cell_key(rs[0]["config"]),
                                      "seeds": frozenset(_json(r["config"].get("seed")) for r in rs),
                                      "cacc": cacc, "asr": asr, "asr_floor": floor,
@@ -433,11 +435,13 @@ def plot_frequency(title: str, freq: dict) -> bytes:
 # ---------------------------------------------------------------- tables and protocol
 
 
-def _fmt(ms: tuple[float, float], n: int) -> str:
-    m, s = ms
+def _fmt(ms: tuple[float, float, int], n: int) -> str:
+    """Mean ± std over the k seeds with a value, and (n=k) where that is fewer than the cell's n: one value of
+    three read `0.500 ± 0.000`, a spread never measured."""
+    m, s, k = ms
     if math.isnan(m):
         return "–"
-    return f"{m:.3f} ± {s:.3f}" if n > 1 else f"{m:.3f}"
+    return (f"{m:.3f} ± {s:.3f}" if k > 1 else f"{m:.3f}") + (f" (n={k})" if k < n else "")
 
 
 ONE_CLASS_MARK = " †"
@@ -478,7 +482,7 @@ def _fmt_drop(c: dict) -> str:
     than the cell's were compared."""
     if c.get("cacc_drop") is None:
         return "–"
-    (m, sd), k = c["cacc_drop"], c["compared"]
+    (m, sd, _), k = c["cacc_drop"], c["compared"]
     text = f"{100 * m:+.1f} ± {100 * sd:.1f} pt" if k > 1 else f"{100 * m:+.1f} pt"
     return text + (f" (n={k})" if k < c["n"] else "")
 
