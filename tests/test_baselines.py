@@ -299,10 +299,13 @@ def test_onion_keeps_the_words_past_its_lm_window(tiny_lm, monkeypatch):
     words = "the film was good and the acting was fine but the end was dull".split()
     assert all(len(lm_tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in words)  # a word is a token
     ppl = Perplexity(model, lm_tok, max_length=4, batch_size=8)  # reads the first four words
-    passes, real = [], Perplexity.__call__
-    monkeypatch.setattr(Perplexity, "__call__", lambda self, sents: (passes.append(len(sents)), real(self, sents))[1])
+    passes, real = [], Perplexity.of_ids
+    monkeypatch.setattr(Perplexity, "of_ids", lambda self, ids: (passes.append(len(ids)), real(self, ids))[1])
+    tokenised, real_inputs = [], Perplexity.inputs
+    monkeypatch.setattr(Perplexity, "inputs", lambda self, s: (tokenised.extend(s), real_inputs(self, s))[1])
     assert onion_correct([" ".join(words)], ppl, 0.0)[0].split()[-10:] == words[4:]
     assert passes == [1 + 4]  # the sentence and its four deletions the LM can tell apart
+    assert len(tokenised) == 1 + len(words)  # each sentence once, not again for the LM pass
     # a threshold every scored word reaches deletes the words in the window only
     assert onion_correct([" ".join(words)], ppl, -1e9) == [" ".join(words[4:])]
 

@@ -88,9 +88,12 @@ class Perplexity:
                              max_length=self.max_length)["input_ids"]
         return [[self.prefix] + x for x in ids] if self.prefix is not None else ids
 
-    @torch.no_grad()
     def __call__(self, sentences: list[str]) -> np.ndarray:
-        ids = self.inputs(sentences)
+        return self.of_ids(self.inputs(sentences))
+
+    @torch.no_grad()
+    def of_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """The perplexity of each id list `inputs` made."""
         out = np.full(len(ids), np.inf)  # a sentence with nothing to score is never "more fluent"
         order = sorted((i for i in range(len(ids)) if len(ids[i]) > 1), key=lambda i: len(ids[i]))
         device = next(self.model.parameters()).device
@@ -112,21 +115,22 @@ class Perplexity:
 def onion_correct(texts: list[str], perplexity: Callable[[list[str]], np.ndarray], threshold: float) -> list[str]:
     """Delete from each text the words whose removal lowers its perplexity by at least `threshold`.
 
-    Where `perplexity` has `inputs` (what its LM reads of each sentence, as `Perplexity`), a word whose
-    deletion leaves that unchanged, one past the LM's window, is kept without an LM pass."""
-    reads = getattr(perplexity, "inputs", None)
+    Where `perplexity` is a `Perplexity`, a word whose deletion leaves what the LM reads unchanged, one past
+    the LM's window, is kept without an LM pass, and each sentence is tokenised once (its ids are scored)."""
+    lm = perplexity if isinstance(perplexity, Perplexity) else None
     jobs = []  # (text index, words, [sentence, sentence without word i for each scored i], scored i)
     for k, t in enumerate(texts):
         w = t.split()
         if len(w) > 1:
-            without = [" ".join(w[:i] + w[i + 1:]) for i in range(len(w))]
+            sents = [t] + [" ".join(w[:i] + w[i + 1:]) for i in range(len(w))]
             scored = list(range(len(w)))
-            if reads is not None:
+            if lm is not None:
+                sents = lm.inputs(sents)
                 # the LM never saw such a word: its suspicion would be 0, which threshold 0 deletes
-                whole, *rest = reads([t] + without)
-                scored = [i for i in scored if rest[i] != whole]
-            jobs.append((k, w, [t] + [without[i] for i in scored], scored))
-    scores = perplexity([s for _, _, sents, _ in jobs for s in sents]) if jobs else []
+                scored = [i for i in scored if sents[1 + i] != sents[0]]
+            jobs.append((k, w, [sents[0]] + [sents[1 + i] for i in scored], scored))
+    score = lm.of_ids if lm is not None else perplexity
+    scores = score([s for _, _, sents, _ in jobs for s in sents]) if jobs else []
     out, pos = list(texts), 0
     for k, w, sents, scored in jobs:
         ppl = scores[pos: pos + len(sents)]
