@@ -346,14 +346,17 @@ class _RecordLr(StepHook):
         self.lrs.append(ctx.optimizer.param_groups[0]["lr"])
 
 
-def test_lr_warms_up_from_zero_then_decays_linearly(tiny_model, small):
+@pytest.mark.parametrize("schedule,after", [("linear", (0.75, 0.5, 0.25)), ("constant", (1, 1, 1))])
+def test_lr_warms_up_from_zero_then_decays_linearly_or_stays(tiny_model, small, schedule, after):
+    """constant keeps a warmup given with it (it dropped it without a word)."""
     train_data, _ = small
     tok = load_tokenizer(tiny_model)
     rec = _RecordLr()
     # 64 samples, batch 8: 8 steps, of which warmup_ratio 0.5 makes the first 4 warmup
     train(load_model(tiny_model, train_data.label_names), tok, train_data.subset(range(64)), None,
-          TrainSettings(epochs=1, batch_size=8, lr=1e-3, warmup_ratio=0.5), (rec,), progress=False)
-    assert rec.lrs == pytest.approx([1e-3 * f for f in (0, 0.25, 0.5, 0.75, 1, 0.75, 0.5, 0.25)])
+          TrainSettings(epochs=1, batch_size=8, lr=1e-3, warmup_ratio=0.5, lr_schedule=schedule), (rec,),
+          progress=False)
+    assert rec.lrs == pytest.approx([1e-3 * f for f in (0, 0.25, 0.5, 0.75, 1, *after)])
 
 
 @pytest.mark.parametrize("n,batch,ratio,steps,warmup", [

@@ -51,7 +51,9 @@ class TrainSettings:
     group_by_length: bool = True
     pad_to_length: int | None = None  # pad every batch to this fixed width (static shapes; the throughput baseline)
     seed: int = 0
-    lr_schedule: str = "linear"  # "linear" (warmup then linear decay) or "constant" (BTU's official code)
+    # "linear": warmup, then linear decay to 0; "constant": warmup, then flat (BTU's official code, whose
+    # warmup is 0: a warmup_ratio given with it is kept, not dropped without a word)
+    lr_schedule: str = "linear"
 
     def __post_init__(self):
         def given(name: str) -> str:  # as the user gives it: a command-line flag, else a defense option
@@ -281,7 +283,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import get_constant_schedule, get_linear_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
     settings = settings or TrainSettings()
     if len(train_data) == 0:
@@ -303,11 +305,11 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     if not params:
         raise UserError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
+    # the ratio as written, not its binary float: int(0.58 * 50) is 28, not 29 warmup steps
+    warmup = math.floor(Fraction(repr(float(settings.warmup_ratio))) * total_steps)
     if settings.lr_schedule == "constant":
-        scheduler = get_constant_schedule(optimizer)
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     else:
-        # the ratio as written, not its binary float: int(0.58 * 50) is 28, not 29 warmup steps
-        warmup = math.floor(Fraction(repr(float(settings.warmup_ratio))) * total_steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
