@@ -327,3 +327,31 @@ def test_the_hook_filters_softmax_predictions_over_its_own_sample_and_distances(
     assert rec["e_low"][0] == pytest.approx(float((G @ P - G @ Y).norm(dim=1).mean() / (G @ Y).norm(dim=1).mean()),
                                             rel=1e-4)
     assert rec["lfr"][0] == pytest.approx(float((G @ P).norm(dim=1).mean() / P.norm(dim=1).mean()), rel=1e-4)
+
+
+def test_an_interrupted_analysis_resumes_with_the_curves_it_had_recorded(tiny_model, tmp_path, capsys, monkeypatch):
+    args = ["analyze", "frequency", "--dataset", "sst2", "--attack", "badnets", "--model", tiny_model,
+            "--train-size", "40", "--epochs", "3", "--batch-size", "8", "--samples", "8", "--every", "2",
+            "--no-progress", "--out"]
+    assert main(args + [str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "curves.json").read_text())
+    assert not (tmp_path / "whole.work").exists()  # the checkpoints go once the curves are written
+
+    real = FrequencyHook.on_epoch_end
+
+    def stop_in_epoch_2(self, ctx):
+        if ctx.epoch == 2:
+            raise KeyboardInterrupt  # Ctrl-C: epoch 1's checkpoint is on disk
+        real(self, ctx)
+
+    monkeypatch.setattr(FrequencyHook, "on_epoch_end", stop_in_epoch_2)
+    out = tmp_path / "cut"
+    assert main(args + [str(out)]) == 130
+    assert "--resume continues" in capsys.readouterr().err and not (out / "curves.json").exists()
+    monkeypatch.setattr(FrequencyHook, "on_epoch_end", real)
+    assert main(args + [str(out), "--every", "1", "--resume"]) == 2  # another grid would mix two spacings
+    assert "recorded the curves with every 2, not 1" in capsys.readouterr().err
+    assert main(args + [str(out), "--resume"]) == 0
+    cut = json.loads((out / "curves.json").read_text())
+    assert cut["records"] == whole["records"] and cut["returned_step"] == whole["returned_step"]
+    assert cut["metrics"] == whole["metrics"]

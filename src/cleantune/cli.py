@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, help="subsample each dev set to N samples (faster on CPU)")
     q.add_argument("--distance", choices=("raw", "median"), default="raw",
                    help="kernel distances as published (raw) or divided by their median")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted analysis from its last epoch's checkpoint (in <out>.work)")
     q.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("results", help="the stored runs")
@@ -798,11 +800,20 @@ def cmd_analyze(ns) -> int:
         raise UserError(f"--samples must be at least 2 (distances need pairs), got {ns.samples}")
     from .models import check_out_dir
 
+    from .training import has_checkpoint, is_main_process, work_lock
+
     frequency.check_defense(config.defense)  # before resolve() loads the benchmark
     config.resolve()
-    check_out_dir(ns.out, "curves.json", "frequency analysis", siblings=())
-    r = frequency.analyze(config, ns.out, every=ns.every, samples=ns.samples, distance=ns.distance,
-                          progress=not ns.no_progress)
+    check_out_dir(ns.out, "curves.json", "frequency analysis", siblings=(".work",))
+    out = Path(ns.out)
+    work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the curves are written
+    if ns.resume and is_main_process() and not has_checkpoint(work):
+        print(f"note: --resume: no checkpoint in {work}; training from the start", file=sys.stderr)
+    with work_lock(work, wait=False):  # one analysis per --out at a time
+        r = frequency.analyze(config, ns.out, every=ns.every, samples=ns.samples, distance=ns.distance,
+                              progress=not ns.no_progress, work_dir=work, resume=ns.resume)
+        if is_main_process():
+            shutil.rmtree(work, ignore_errors=True)
     m = r["metrics"]
     print(f"{config.dataset} {config.attack} {config.defense}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f}")
     for name, meta in r["sets"].items():
@@ -828,7 +839,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 
 # what an interrupted command keeps, said where the user would otherwise start over
 _WITH_RESUME = " (the same command with --resume continues from the last finished epoch's checkpoint, if any)"
-RESUME_HINT = {"run": _WITH_RESUME, "train": _WITH_RESUME,
+RESUME_HINT = {"run": _WITH_RESUME, "train": _WITH_RESUME, "analyze": _WITH_RESUME,
                "sweep": " (the same command skips the stored cells and resumes the started ones)"}
 
 

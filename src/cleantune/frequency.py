@@ -145,21 +145,55 @@ class FrequencyHook(StepHook):
         self.records: list[dict] = []
         self.meta: dict = {}
         self.epoch_ends: dict[int, int] = {}  # epoch -> the step at its end
+        self._resumed: dict[str, torch.Tensor] | None = None  # the distances of a resumed run
+
+    def _settings(self) -> dict:
+        return {"every": self.every, "deltas": self.deltas, "distance": self.distance, "samples": self.samples,
+                "seed": self.seed}
+
+    def checkpoint_state(self) -> dict:
+        # the distances too: they are the inputs of the model the training started from (§6.1, a fixed set), which
+        # a resumed run no longer holds (full fine-tuning moves the embeddings)
+        return {"settings": self._settings(), "records": self.records, "meta": self.meta,
+                "epoch_ends": [[e, s] for e, s in self.epoch_ends.items()],
+                **{f"distances.{name}": D for name, D in self.D.items()}}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """The curves recorded up to the checkpoint; a resumed run records on from there, on the same grid."""
+        if state.get("settings") != self._settings():
+            theirs = state.get("settings") or {}
+            diff = next((k for k, v in self._settings().items() if theirs.get(k) != v), "settings")
+            raise UserError(f"--resume: the checkpoint recorded the curves with {diff} {theirs.get(diff)!r}, not "
+                            f"{self._settings().get(diff)!r}; resume with the same settings, or start over without --resume")
+        self.records, self.meta = state["records"], state["meta"]
+        self.epoch_ends = {int(e): int(s) for e, s in state["epoch_ends"]}
+        missing = [name for name in self.sets if not isinstance(state.get(f"distances.{name}"), torch.Tensor)]
+        if missing:
+            raise UserError(f"--resume: the checkpoint holds no input distances for the {missing[0]} set; start over "
+                            "without --resume")
+        self._resumed = {name: state[f"distances.{name}"] for name in self.sets}
 
     def on_train_begin(self, ctx: StepContext) -> None:
-        self.data, self.D, self.G, self.Y, self.epoch_ends = {}, {}, {}, {}, {}  # a hook fitted again starts over
+        self.data, self.D, self.G, self.Y = {}, {}, {}, {}
+        if not self._resumed:  # a hook fitted again starts over
+            self.records, self.epoch_ends = [], {}
         for name, ds in self.sets.items():
             ds = ds() if callable(ds) else ds
             if self.samples is not None and len(ds) > self.samples:
                 ds = ds.subset(sorted(random.Random(f"freq-{self.seed}-{name}").sample(range(len(ds)), self.samples)))
-            X = embedding_inputs(ctx.model, self.tokenizer, ds.texts, ctx.settings.max_length)
-            self.D[name], median = distances(X, self.distance)
+            if self._resumed:
+                self.D[name], median = self._resumed[name], self.meta[name]["median_distance"]
+            else:
+                X = embedding_inputs(ctx.model, self.tokenizer, ds.texts, ctx.settings.max_length)
+                self.D[name], median = distances(X, self.distance)
             fits = len(self.deltas) * self.D[name].numel() * 8 <= KERNEL_BYTES
             self.G[name] = torch.stack([kernel(self.D[name], d) for d in self.deltas]) if fits else None
             self.Y[name] = torch.eye(ds.num_labels)[torch.tensor(ds.labels)]
             self.data[name] = ds
             self.meta[name] = {"n": len(ds), "median_distance": median}
-        self.record(ctx)
+        if not self._resumed:  # resumed: the checkpoint's epoch end, recorded already
+            self.record(ctx)
+        self._resumed = None
 
     def after_backward(self, ctx: StepContext) -> None:
         # the model after ctx.step updates, unless the last epoch's end recorded it
@@ -254,8 +288,10 @@ def check_defense(name: str) -> None:
 
 
 def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = None, distance: str = "raw",
-            progress: bool = True) -> dict:
-    """Train one benchmark cell (a runner.RunConfig) with the frequency hook; write curves.json and PNGs."""
+            progress: bool = True, work_dir: str | Path | None = None, resume: bool = False) -> dict:
+    """Train one benchmark cell (a runner.RunConfig) with the frequency hook; write curves.json and PNGs.
+    `work_dir`: where each epoch's checkpoint goes (the recorded curves with it), so that `resume` continues
+    an interrupted analysis; None: no checkpoints."""
     from .evaluate import evaluate
     from .models import load_tokenizer
 
@@ -267,7 +303,8 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
     hook = FrequencyHook(load_tokenizer(defense.model),
                          {"clean": lambda: defense.selection_data(poisoned.dev), "poison": poisoned.triggered_dev},
                          every=every, distance=distance, samples=samples, seed=config.seed)
-    model = defense.fit(poisoned.train, poisoned.dev, progress=progress, extra_hooks=(hook,))
+    model = defense.fit(poisoned.train, poisoned.dev, out_dir=work_dir, resume=resume, progress=progress,
+                        extra_hooks=(hook,))
     result = hook.result(defense.report_.best_epoch)
     result["config"] = config.resolve()  # as `run` stores it: every default filled in
     result["metrics"] = evaluate(model, poisoned.clean_test, poisoned.triggered_test)

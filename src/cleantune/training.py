@@ -105,6 +105,15 @@ class StepHook:
 
     def on_epoch_end(self, ctx: StepContext) -> None: ...
 
+    def checkpoint_state(self) -> dict | None:
+        """What the hook has gathered that --resume must carry on, saved with each epoch's checkpoint: JSON
+        values, and tensors (saved as safetensors) as top-level values; None: nothing (a hook that recomputes
+        all it needs)."""
+        return None
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Take back `checkpoint_state()` from the checkpoint a run resumes from; called before on_train_begin."""
+
 
 @dataclass
 class TrainReport:
@@ -341,6 +350,13 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         if not selecting:  # the checkpoint's weights are the last finished epoch's
             last_epoch, last_state = state["epoch"], {n: weights[n].clone() for n in params}
         done = state.get("done", {})  # the interrupted sessions' work, so the report covers the whole run
+        kept = state.get("hooks", {})
+        for key, h in _hook_keys(hooks).items():
+            if key in kept:
+                h.load_checkpoint_state(kept[key])
+            elif h.checkpoint_state() is not None:  # the hook would start over mid-run
+                raise UserError(f"--resume: the checkpoint in {saved} holds no state for {key}; start over "
+                                "without --resume")
 
     ctx = StepContext(model, accelerator, start_epoch, start_epoch * steps_per_epoch, steps_per_epoch, settings,
                       optimizer=optimizer)
@@ -413,6 +429,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                              {"epoch": epoch, "history": history, "best_epoch": best_epoch,
                               "best_score": best_score, "fingerprint": fingerprint,
                               "done": {"samples": n_samples, "tokens": n_tokens, "train_seconds": t_train}},
+                             {k: h.checkpoint_state() for k, h in _hook_keys(hooks).items()},
                              accelerator.scaler)
         accelerator.wait_for_everyone()
     bar.close()
@@ -520,7 +537,7 @@ def _saved_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
-CHECKPOINT_FILES = ("trainable.safetensors", "best.safetensors", "optimizer.pt", "rng.safetensors")
+CHECKPOINT_FILES = ("trainable.safetensors", "best.safetensors", "optimizer.pt", "rng.safetensors", "hooks.safetensors")
 
 
 def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
@@ -563,6 +580,17 @@ def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
         rng = load_file(saved / name)
         name = "best.safetensors"  # saved with every best epoch: without it the run would keep the last one
         best = load_file(saved / name) if state["best_epoch"] is not None else None
+        name = "state.json"
+        hooks = state.get("hooks", {})  # checkpoints written before hooks kept state hold none
+        if not (isinstance(hooks, dict) and all(isinstance(h, dict) for h in hooks.values())):
+            raise ValueError("hooks is not what cleantune writes")
+        name = "hooks.safetensors"  # the hooks' tensors, "<hook>/<key>"
+        if "hooks.safetensors" in sums:
+            for key, t in load_file(saved / name).items():
+                hook, _, k = key.partition("/")
+                if hook not in hooks:
+                    raise ValueError(f"tensor {key!r} belongs to no hook")
+                hooks[hook][k] = t
         return state, weights, opt_state, rng, best
     except FileNotFoundError:
         why = "missing"
@@ -572,6 +600,16 @@ def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
         why = str(e).splitlines()[0].split(". ")[0] if str(e) and not isinstance(e, KeyError) else repr(e)
     raise UserError(f"--resume: the checkpoint in {saved} is damaged ({name}: {why}); delete it, or run without "
                     "--resume, to start over")
+
+
+def _hook_keys(hooks) -> dict[str, StepHook]:
+    """Each hook under its class name (a second one of a class: `Name#1`): what its saved state is filed under."""
+    out, seen = {}, {}
+    for h in hooks:
+        name = type(h).__name__
+        out[name if name not in seen else f"{name}#{seen[name]}"] = h
+        seen[name] = seen.get(name, 0) + 1
+    return out
 
 
 def _sha256(path: Path) -> str:
@@ -594,7 +632,7 @@ def _rng_states(accelerator) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, rng: dict[str, torch.Tensor],
-                     state: dict, scaler=None) -> None:
+                     state: dict, hooks: dict[str, dict | None], scaler=None) -> None:
     """Write the whole checkpoint into a fresh folder, then swap it in: a kill leaves the old one intact."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".partial")
     # unmarked before it is emptied: it may be the checkpoint this session resumed from, and a kill midway would
@@ -608,6 +646,12 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, r
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tmp / "optimizer.pt")
     save_file(rng, tmp / "rng.safetensors")
+    hooks = {name: h for name, h in hooks.items() if h is not None}
+    tensors = {f"{name}/{k}": v.detach().cpu().contiguous() for name, h in hooks.items()
+               for k, v in h.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        save_file(tensors, tmp / "hooks.safetensors")
+    state["hooks"] = {name: {k: v for k, v in h.items() if not isinstance(v, torch.Tensor)} for name, h in hooks.items()}
     state = {**state, "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
     (tmp / "state.json.tmp").write_text(json.dumps(state))
     os.replace(tmp / "state.json.tmp", tmp / "state.json")  # whole or absent: it marks the folder complete
