@@ -55,6 +55,10 @@ def test_scan_formats(poisoned_file, tiny_model, capsys):
     assert code == 0 and [r["token"] for r in table] == [r["token"] for r in rows]
     assert out.splitlines()[0] == "rank,pass,pass_rank,token,id,drift,doc_freq,label,label_share"  # scripts read by position
     assert set(table[0]) == {"rank", "pass", "pass_rank", "token", "id", "drift", "doc_freq", "label", "label_share"}
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "4", "--format", "csv",
+                         "--show-samples", "2")
+    # each row's samples as the json rows hold them (a separator inside a text would split them otherwise)
+    assert [json.loads(r["samples"]) for r in csv.DictReader(io.StringIO(out))] == [r["samples"] for r in rows]
 
     code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "4", "--passes", "A")
     lines = out.splitlines()

@@ -625,7 +625,8 @@ def cmd_scan(ns) -> int:
         w = csv.DictWriter(buf, fieldnames=cols)
         w.writeheader()
         for r in rows:
-            w.writerow(r | ({"samples": " || ".join(r["samples"])} if ns.show_samples else {}))
+            # a JSON list, as results' csv holds the config: any separator could occur inside a text
+            w.writerow(r | ({"samples": json.dumps(r["samples"], ensure_ascii=False)} if ns.show_samples else {}))
         print(buf.getvalue(), end="")
     else:
         table = [["rank", "pass", "token", "drift", "doc_freq", "label_skew"]] + [
