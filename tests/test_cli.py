@@ -1178,3 +1178,20 @@ def test_train_checks_backbone_settings_before_loading_weights(tiny_model, tmp_p
                  "--out", str(tmp_path / "o"), "--no-progress"])
     assert_one_line_error(code, *capsys.readouterr(), "--max-length 2 leaves no token for the text")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tsv"]
+
+
+def test_train_reports_the_dev_accuracy_eval_gives_for_the_saved_model(tiny_model, tmp_path, capsys):
+    """ga selects on the dev samples its GA references leave (4 of 31 here: a share of 4 is never one of 31 but
+    0 or 1): that score is not the saved model's accuracy on --dev, which the line gives, as `eval` reports it."""
+    words = "good bad movie plot actor story fun boring nice awful great dull".split()
+    rows = [f"{w} {words[(i * 5) % 12]} {words[(i * 7) % 12]}\t{'pos' if i % 3 else 'neg'}"
+            for i, w in enumerate(words * 5)]
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:31]) + "\n")
+    assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--model", tiny_model,
+                 "--defense", "ga", "--option", "ref_samples=27", "--epochs", "1", "--lr", "1e-3",
+                 "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "(selection accuracy " in line, line  # the 4 selection samples score otherwise than the 31
+    assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv"), "--format", "json", "--no-progress"]) == 0
+    assert line.endswith(f"dev accuracy {json.loads(capsys.readouterr().out)['accuracy']:.4f})"), line

@@ -82,6 +82,9 @@ def test_integer_labels_and_custom_columns(tmp_path):
     ("a.tsv", "sentence\tlabel\nfine\t0\nok\t \n", "a.tsv:3: missing label"),  # not a class named ''
     ("a.csv", "sentence,label\nfine,0\nok,\n", "a.csv:3: missing label"),
     ("a.tsv", "sentence\tlabel\nfine\t0\nshort\n", "a.tsv:3: not a table: 1 fields where the header has 2"),
+    # a quote never closed swallows the rest of the file into one field: the line itself shows two
+    ("a.csv", 'sentence,label\nfine,0\n"unclosed,1\nok,0\n',
+     "a.csv:3: not a table: 1 fields where the header has 2 (a quoted field opened on this line is never closed)"),
     ("a.jsonl", '{"text": "a", "label": 0}\n["b", 1]\n', "a.jsonl:2: each line must be a JSON object"),
     ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1, "text": "c"}\n',
      "a.jsonl:2: key 'text' appears twice in one object"),
@@ -355,6 +358,12 @@ def test_parsed_benchmark_files_are_reused_but_never_shared_or_stale(tmp_path, m
     assert len(load_benchmark("olid").train) == 11915
     (copy / "olid" / "train.tsv").write_text("sentence\tlabel\nan edited file\t1\nis read again\t0\n")
     assert load_benchmark("olid").train.texts == ["an edited file", "is read again"]
+
+
+def test_a_closed_quoted_field_in_a_row_of_the_wrong_width_is_not_called_unclosed(tmp_path):
+    p = write(tmp_path, "m.csv", 'sentence,label\nok,0\n"two\nlines",1,extra\n')
+    with pytest.raises(UserError, match=r"m\.csv:3: not a table: 3 fields where the header has 2$"):
+        read_dataset(p)
 
 
 def test_a_quoted_csv_field_over_two_lines_is_named_by_its_first_line(tmp_path):

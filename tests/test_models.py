@@ -476,6 +476,23 @@ def test_a_folder_without_a_label_file_takes_its_configs_label_names(tiny_model,
     assert clf.model.config.id2label == names
 
 
+def test_a_folder_without_a_label_file_truncates_within_its_position_table_and_tokenizer(tmp_path):
+    """The 128 tokens assumed for a model from elsewhere ran past a 64-position table: eval crashed on a long text."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=2)).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    clf = Classifier.from_pretrained(tmp_path / "hf")
+    assert clf.max_length == 64 and clf.predict("a film that goes on and on " * 20) in ([0], [1])
+    tok.model_max_length = 32  # the length it was trained at, as cleantune saves its own tokenizers
+    tok.save_pretrained(tmp_path / "hf")
+    assert Classifier.from_pretrained(tmp_path / "hf").max_length == 32
+
+
 # ---------------------------------------------------------------- defenses.common and defenses.base
 
 

@@ -510,7 +510,14 @@ def cmd_train(ns) -> int:
     if not finished:  # nothing trained here: an inference-time defense given an already trained victim
         kept = "epoch kept: none (no training)"
     elif dev is not None and dev_accs:
-        kept = f"epoch kept: {defense.report_.best_epoch}, dev accuracy {max(dev_accs):.4f}"
+        from .evaluate import evaluate
+
+        # The selection score is on the samples the defense selects with (ga and muscle-lora hold out their GA
+        # references) and before its later stages (btu's unlearning, abl's): it can be far from the saved
+        # model's. The line gives what `cleantune eval OUT DEV` reports.
+        selected, acc = f"{max(dev_accs):.4f}", f"{evaluate(model, dev)['cacc']:.4f}"
+        kept = (f"epoch kept: {defense.report_.best_epoch}, dev accuracy {acc}" if selected == acc else
+                f"epoch kept: {defense.report_.best_epoch} (selection accuracy {selected}), dev accuracy {acc}")
     else:
         kept = f"epoch kept: {finished[-1]}, {'no --dev: ' if dev is None else ''}last finished epoch"
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "

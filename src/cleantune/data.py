@@ -195,7 +195,12 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != len(header):
-            raise UserError(f"{path}:{n}: not a table: {len(row)} fields where the header has {len(header)}")
+            # the csv module reads a quote that is never closed to the end of the file, as one field: the line
+            # then shows all its fields, and "1 fields" alone does not say why
+            unclosed = (suffix == ".csv" and n == rows[-1][0] and "\n" in row[-1]
+                        and text.split("\n", n - 1)[-1].count('"') % 2 == 1)
+            raise UserError(f"{path}:{n}: not a table: {len(row)} fields where the header has {len(header)}"
+                            + (" (a quoted field opened on this line is never closed)" if unclosed else ""))
         out.append((n, dict(zip(header, row))))
     return out
 

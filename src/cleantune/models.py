@@ -507,4 +507,6 @@ class Classifier:
             raise UserError(f"{path}: its tokenizer has {len(tokenizer)} tokens, its model embeds {rows}")
         if named:  # past the position table, prediction fails on the first long text
             check_max_length(model, tokenizer, max_length, str(path), option=f"{meta_file}: max_length")
+        else:  # a folder from elsewhere: 128 would run past a shorter position table, or its tokenizer's limit
+            max_length = min(max_length, tokenizer.model_max_length, max_positions(model) or max_length)
         return cls(model, tokenizer, labels, max_length)
