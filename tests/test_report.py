@@ -575,3 +575,22 @@ def test_the_protocol_gives_the_clean_data_options_each_defense_ran_with(tmp_pat
            "(clean_tuning 100);" in protocol["defense btu"]
     assert "(ref_samples 96);" in protocol["defense muscle-lora"]
     assert "clean-data budget: clean dev: model selection only; epochs" in protocol["defense finetune"]
+
+
+def test_a_setting_a_defense_varies_labels_its_rows_in_every_attacks_column(tmp_path):
+    s = ResultStore(tmp_path / "s.sqlite")
+    for lr, cacc in ((1e-4, 0.9), (5e-4, 0.6)):  # fine-tuning's lr axis on badnets; addsent at 1e-4 only
+        put_run(s, cacc, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", lr=lr)
+    put_run(s, 0.9, 0.9, 10.0, dataset="sst2", attack="addsent", defense="finetune", lr=1e-4)
+    put_run(s, 0.8, 0.1, 30.0, dataset="sst2", attack="badnets", defense="lora", lr=1e-3)
+    put_run(s, 0.7, 0.1, 30.0, dataset="sst2", attack="addsent", defense="lora", lr=2e-3)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text().split("## sst2")[1].split("## ASR")[0]
+    # one row per setting: fine-tuning at 1e-4 is one row over both attacks, not an unlabelled addsent row beside
+    # a labelled badnets one; LoRA's two lrs are two rows, not one row whose columns hold different settings
+    assert sorted(md_rows(md, "finetune")) == ["finetune (lr=0.0001)", "finetune (lr=0.0005)"]
+    assert md_rows(md, "finetune")["finetune (lr=0.0001)"][1:7:5] == ["0.900", "0.900"]
+    lora = md_rows(md, "lora")
+    assert sorted(lora) == ["lora (lr=0.001)", "lora (lr=0.002)"]
+    assert lora["lora (lr=0.001)"][1] == "0.800" and lora["lora (lr=0.001)"][6] == "–"
+    assert lora["lora (lr=0.002)"][1] == "–" and lora["lora (lr=0.002)"][6] == "0.700"

@@ -67,17 +67,20 @@ def _variant_rows(runs: list[dict]) -> dict[str, tuple[tuple, str]]:
     """Run id -> (row key, row label). Runs of one dataset/attack/defense that differ in more than the seed
     (an lr axis, another train size, another backbone) are separate rows: the key holds the full values of
     the settings that differ, the label short forms of them that stay as distinct as the values (_forms).
+    A defense's own setting (lr, epochs, its options) counts over the defense's runs in the dataset's table.
     A setting of the cell (TABLE_KEYS) that differs within a dataset's table labels every row there, each
     defense's too where the defense ran only one value of it: ΔCACC and time× pair a row with fine-tuning
     on the same cell, and the label says which. Train size and backbone count over the whole table, an
     attack's settings over its own column (BadNets at 10 % and AddSent at 20 % label no row)."""
     scopes: dict[tuple, list[dict]] = defaultdict(list)  # (dataset,) and (dataset, attack) -> their runs
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    mates: dict[tuple, list[dict]] = defaultdict(list)  # (dataset, defense) -> its runs over every attack
     for r in runs:
         c = r["config"]
         scopes[(c["dataset"],)].append(r)
         scopes[(c["dataset"], c["attack"])].append(r)
         groups[(c["dataset"], c["attack"], c["defense"])].append(r)
+        mates[(c["dataset"], c["defense"])].append(r)
     table_forms = defaultdict(dict)  # scope -> {key: forms}: one value, one short form in every row
     for scope, rs in scopes.items():
         for k in TABLE_KEYS:
@@ -86,12 +89,17 @@ def _variant_rows(runs: list[dict]) -> dict[str, tuple[tuple, str]]:
                 if len({_json(v) for v in present}) > 1:
                     table_forms[scope][k] = _forms(present)
     out = {}
-    for (dataset, attack, _), rs in groups.items():
+    for (dataset, attack, defense), rs in groups.items():
         keys = sorted({k for r in rs for k in r["config"]} - IGNORED_KEYS)
         scoped = {**table_forms[(dataset,)], **table_forms[(dataset, attack)]}
         table = {k: f for k, f in scoped.items() if k in keys}
-        own = [k for k in keys if k not in table and len({_json(r["config"].get(k)) for r in rs}) > 1]
-        forms = {**table, **{k: _forms([r["config"].get(k) for r in rs]) for k in own}}
+        # a defense's own setting counts over its runs in the whole table, as a row spans every attack's column:
+        # counted per attack, an lr axis on one attack left the other attack's run of one of its lrs in an
+        # unlabelled row of its own, and two attacks run at two lrs shared one unlabelled row
+        ours = mates[(dataset, defense)]
+        own = [k for k in keys if k not in table and k != "attack" and k not in ATTACK_KEYS
+               and len({_json(r["config"].get(k)) for r in ours}) > 1]
+        forms = {**table, **{k: _forms([r["config"].get(k) for r in ours]) for k in own}}
         varying = sorted(forms)
         for r in rs:
             c = r["config"]
