@@ -68,6 +68,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["scan", "sst2", "--rate", "0.5"], "--rate needs --attack"),
     (["eval", "model", "sst2", "--target", "0"], "--target needs --attack"),
     (["results", "--store", "/nonexistent/x.sqlite"], "no such file"),
+    (["sweep", "/"], "grid /: not a file"),  # a folder exists: "no such file" misled
     # refused when the cell is checked, not by torch, PEFT or sklearn after earlier cells trained
     (["run", "--seed", "0,99999999999999999999"], "--seed must fit in 64 bits"),
     (["run", "--dataset", ","], "--dataset lists no value"),

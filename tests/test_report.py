@@ -594,3 +594,13 @@ def test_a_setting_a_defense_varies_labels_its_rows_in_every_attacks_column(tmp_
     assert sorted(lora) == ["lora (lr=0.001)", "lora (lr=0.002)"]
     assert lora["lora (lr=0.001)"][1] == "0.800" and lora["lora (lr=0.001)"][6] == "–"
     assert lora["lora (lr=0.002)"][1] == "–" and lora["lora (lr=0.002)"][6] == "0.700"
+
+
+def test_the_protocol_lists_numbers_in_numeric_order(tmp_path):
+    from cleantune.report import build
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed in (10, 2, 0, 1):
+        put_run(s, 0.9, 0.5, 10.0, dataset="sst2", attack="badnets", defense="finetune", seed=seed)
+    _, md, _ = build(s.runs())
+    assert "seeds 0, 1, 2, 10" in md  # not 0, 1, 10, 2

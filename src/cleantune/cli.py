@@ -220,7 +220,7 @@ def load_config_file(path: str, label: str | None = None) -> dict:
     label = label or f"--config {path}"  # how error messages name the file
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{label}: no such file")
+        raise UserError(f"{label}: " + ("not a file" if p.exists() else "no such file"))  # a folder, say
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -762,7 +762,7 @@ def cmd_report(ns) -> int:
     store = ResultStore(ns.store, readonly=True)
     for f in ns.frequency:
         if not Path(f).is_file():
-            raise UserError(f"--frequency {f}: no such file")
+            raise UserError(f"--frequency {f}: " + ("not a file" if Path(f).exists() else "no such file"))
     html, md = write_report(store, ns.out, ns.frequency, _run_filters(ns))
     print(f"wrote {html} and {md}")
     return 0

@@ -59,6 +59,10 @@ def _mean_std(xs: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
 
 
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _json(v) -> str:
     return json.dumps(v, sort_keys=True)
 
@@ -542,7 +546,10 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
 
     def values(key, rs=ok, get=lambda r, k: r["config"][k]):
         forms = _forms([get(r, key) for r in ok if key in r["config"]])  # one form per value, report-wide
-        return sorted({forms[_json(get(r, key))] for r in rs if key in r["config"]}, key=str)
+        held = {_json(get(r, key)): get(r, key) for r in rs if key in r["config"]}
+        # numbers in numeric order (seeds 0, 1, 2, 10, not 0, 1, 10, 2), then the rest as text
+        order = sorted(held, key=lambda j: (0, held[j], "") if _real(held[j]) else (1, 0, str(forms[j])))
+        return list(dict.fromkeys(forms[j] for j in order))
 
     def used(key, rs):  # a training setting as the run used it: None (the defense's default) resolved
         return [v if v != "None" else "default (not recorded)" for v in values(key, rs, _used_setting)]
