@@ -1129,7 +1129,8 @@ def test_results_table_formats_each_column_one_way():
     from cleantune.cli import format_table
 
     def rec(cacc, wall, sps):
-        return {"id": "x", "status": "ok", "config": {"dataset": "sst2", "rate": 0.1},
+        return {"id": f"x{cacc}", "status": "ok", "config": {"dataset": "sst2", "attack": "badnets", "defense": "lora",
+                                                              "rate": 0.1},
                 "metrics": {"cacc": cacc, "asr": 0.5}, "timings": {"wall_s": wall, "samples_per_s": sps}}
 
     lines = format_table([rec(0.8, 7.26531, 61.26), rec(0.81234, 12.0, 5.4961)]).splitlines()

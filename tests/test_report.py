@@ -604,3 +604,14 @@ def test_the_protocol_lists_numbers_in_numeric_order(tmp_path):
         put_run(s, 0.9, 0.5, 10.0, dataset="sst2", attack="badnets", defense="finetune", seed=seed)
     _, md, _ = build(s.runs())
     assert "seeds 0, 1, 2, 10" in md  # not 0, 1, 10, 2
+
+
+def test_the_results_table_tells_apart_runs_that_differ_in_a_setting_it_has_no_column_for(tmp_path, capsys):
+    s = ResultStore(tmp_path / "s.sqlite")
+    for lr in (1e-3, 2e-3):
+        put_run(s, 0.9, 0.5, 10.0, dataset="sst2", attack="badnets", defense="lora", lr=lr)
+    put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune")
+    assert main(["results", "--store", str(s.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines[0].index("defense")
+    assert sorted(line[at:].split("  ")[0] for line in lines[2:]) == ["finetune", "lora (lr=0.001)", "lora (lr=0.002)"]

@@ -690,9 +690,15 @@ def _flat(r: dict) -> dict:
 
 
 def format_table(runs: list[dict]) -> str:
+    from .report import _variant_rows
+
     rows = [_flat(r) for r in runs]
     if not rows:
         return "(no runs)"
+    # runs of one defense that differ in a setting the columns leave out (lr, an option) are told apart as the
+    # report's rows are: `lora (lr=0.001)`
+    for row, (_, label) in zip(rows, (_variant_rows(runs)[r["id"]] for r in runs)):
+        row["defense"] = label
     cols = [c for c in RESULT_COLUMNS if any(row.get(c) is not None for row in rows)]
 
     def cell(c, v):  # one format per column, so a column's numbers line up
@@ -807,7 +813,6 @@ def cmd_analyze(ns) -> int:
     if ns.samples is not None and ns.samples < 2:
         raise UserError(f"--samples must be at least 2 (distances need pairs), got {ns.samples}")
     from .models import check_out_dir
-
     from .training import has_checkpoint, is_main_process, work_lock
 
     frequency.check_defense(config.defense)  # before resolve() loads the benchmark
