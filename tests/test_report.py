@@ -594,6 +594,9 @@ def test_a_setting_a_defense_varies_labels_its_rows_in_every_attacks_column(tmp_
     assert sorted(lora) == ["lora (lr=0.001)", "lora (lr=0.002)"]
     assert lora["lora (lr=0.001)"][1] == "0.800" and lora["lora (lr=0.001)"][6] == "–"
     assert lora["lora (lr=0.002)"][1] == "–" and lora["lora (lr=0.002)"][6] == "0.700"
+    # two fine-tuning rows on badnets, neither at LoRA's lr: the cell names the one it is compared with
+    assert lora["lora (lr=0.001)"][4] == "+10.0 pt vs finetune (lr=0.0001)"
+    assert lora["lora (lr=0.002)"][9] == "+20.0 pt"  # addsent has one fine-tuning row: no choice to name
 
 
 def test_the_protocol_lists_numbers_in_numeric_order(tmp_path):

@@ -177,7 +177,8 @@ def summarize(runs: list[dict]) -> dict:
         d["attacks"].sort(key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
         d["rows"].sort(key=lambda r: (r.split(" ")[0] != REFERENCE, r))
         for (row, attack), cell in d["cells"].items():
-            cell.update(_compared(cell, _reference(d, row, attack)))
+            name, ref = _reference(d, row, attack)
+            cell.update(_compared(cell, ref), reference=name)
     return out
 
 
@@ -211,15 +212,19 @@ def _precision_tag(config: dict) -> str:
     return f" [{mp}]" if mp else ""
 
 
-def _reference(d: dict, row: str, attack: str) -> dict | None:
+def _reference(d: dict, row: str, attack: str) -> tuple[str | None, dict | None]:
     """Plain fine-tuning on the same cell (cell_key) with a seed in common: of several (a fine-tuning lr axis),
-    the row with the defense's own variant label if there is one, else the first. None when fine-tuning
-    did not run that cell: another cell's numbers (another train size, backbone) are no baseline."""
+    the row with the defense's own variant label if there is one, else the first. (None, None) when fine-tuning
+    did not run that cell: another cell's numbers (another train size, backbone) are no baseline. The name is
+    that row's where it is a choice the labels do not show (several rows and none the defense's own), else None."""
     cell = d["cells"][(row, attack)]
     same = {r: ref for r in d["rows"] if (ref := d["cells"].get((r, attack))) is not None
             and ref["defense"] == REFERENCE and ref["cell"] == cell["cell"] and ref["seeds"] & cell["seeds"]}
+    if not same:
+        return None, None
     own = REFERENCE + row[len(cell["defense"]):]
-    return same[min(same, key=lambda r: r != own)] if same else None
+    name = min(same, key=lambda r: r != own)
+    return (name if len(same) > 1 and name != own else None), same[name]
 
 
 # ---------------------------------------------------------------- plots (matplotlib, PNG bytes)
@@ -496,7 +501,8 @@ def _fmt_drop(c: dict) -> str:
         return "–"
     (m, sd, _), k = c["cacc_drop"], c["compared"]
     text = f"{100 * m:+.1f} ± {100 * sd:.1f} pt" if k > 1 else f"{100 * m:+.1f} pt"
-    return text + (f" (n={k})" if k < c["n"] else "")
+    # against which of several fine-tuning rows, where the labels do not pair them (time× is against it too)
+    return text + (f" (n={k})" if k < c["n"] else "") + (f" vs {c['reference']}" if c.get("reference") else "")
 
 
 CELL_COLUMNS = ("CACC", "ASR", "ASR floor", "ΔCACC", "time×")  # per attack, in a dataset's table
