@@ -1197,3 +1197,21 @@ def test_train_reports_the_dev_accuracy_eval_gives_for_the_saved_model(tiny_mode
     assert "(selection accuracy " in line, line  # the 4 selection samples score otherwise than the 31
     assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv"), "--format", "json", "--no-progress"]) == 0
     assert line.endswith(f"dev accuracy {json.loads(capsys.readouterr().out)['accuracy']:.4f})"), line
+
+
+def test_train_scores_an_inference_time_defenses_saved_victim_without_its_filter(tiny_model, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """STRIP saves its victim alone; the line's dev accuracy is that model's, as eval gives it, and the filter
+    (a perturbation pass per input) does not run for it."""
+    from cleantune.defenses.common import FlaggingClassifier
+
+    words = "good bad movie plot actor story fun boring nice awful great dull".split()
+    rows = [f"{w} {words[(i * 5) % 12]}\t{'pos' if i % 3 else 'neg'}" for i, w in enumerate(words * 4)]
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:20]) + "\n")
+    monkeypatch.setattr(FlaggingClassifier, "predict", lambda *a, **k: pytest.fail("the filter ran"))
+    assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--model", tiny_model,
+                 "--defense", "strip", "--epochs", "1", "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv"), "--format", "json", "--no-progress"]) == 0
+    assert f"dev accuracy {json.loads(capsys.readouterr().out)['accuracy']:.4f}" in line, line

@@ -511,11 +511,14 @@ def cmd_train(ns) -> int:
         kept = "epoch kept: none (no training)"
     elif dev is not None and dev_accs:
         from .evaluate import evaluate
+        from .models import Classifier
 
         # The selection score is on the samples the defense selects with (ga and muscle-lora hold out their GA
         # references) and before its later stages (btu's unlearning, abl's): it can be far from the saved
-        # model's. The line gives what `cleantune eval OUT DEV` reports.
-        selected, acc = f"{max(dev_accs):.4f}", f"{evaluate(model, dev)['cacc']:.4f}"
+        # model's. The line gives what `cleantune eval OUT DEV` reports: the saved model alone, so an
+        # inference-time defense's filter (STRIP's perturbations, ONION's LM) neither runs nor counts here.
+        saved = Classifier(model.model, model.tokenizer, model.label_names, model.max_length)
+        selected, acc = f"{max(dev_accs):.4f}", f"{evaluate(saved, dev)['cacc']:.4f}"
         kept = (f"epoch kept: {defense.report_.best_epoch}, dev accuracy {acc}" if selected == acc else
                 f"epoch kept: {defense.report_.best_epoch} (selection accuracy {selected}), dev accuracy {acc}")
     else:

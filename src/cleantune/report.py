@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .attacks import ATTACKS
 from .errors import UserError
-from .store import ResultStore, data_dir, matches, select_runs
+from .store import ResultStore, _number, data_dir, matches, select_runs
 
 REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
 ATTACK_ORDER = ("badnets", "addsent", "syntactic", "style")
@@ -57,10 +57,6 @@ def _mean_std(xs: list[float]) -> tuple[float, float, int]:
     if not xs:
         return float("nan"), float("nan"), 0
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
-
-
-def _real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _json(v) -> str:
@@ -554,7 +550,7 @@ def protocol(runs: list[dict]) -> list[tuple[str, str]]:
         forms = _forms([get(r, key) for r in ok if key in r["config"]])  # one form per value, report-wide
         held = {_json(get(r, key)): get(r, key) for r in rs if key in r["config"]}
         # numbers in numeric order (seeds 0, 1, 2, 10, not 0, 1, 10, 2), then the rest as text
-        order = sorted(held, key=lambda j: (0, held[j], "") if _real(held[j]) else (1, 0, str(forms[j])))
+        order = sorted(held, key=lambda j: (0, held[j], "") if _number(held[j]) else (1, 0, str(forms[j])))
         return list(dict.fromkeys(forms[j] for j in order))
 
     def used(key, rs):  # a training setting as the run used it: None (the defense's default) resolved
