@@ -700,8 +700,9 @@ def format_table(runs: list[dict]) -> str:
         return "(no runs)"
     # runs of one defense that differ in a setting the columns leave out (lr, an option) are told apart as the
     # report's rows are: `lora (lr=0.001)`
-    for row, (_, label) in zip(rows, (_variant_rows(runs)[r["id"]] for r in runs)):
-        row["defense"] = label
+    labels = _variant_rows(runs)
+    for row, r in zip(rows, runs):
+        row["defense"] = labels[r["id"]][1]
     cols = [c for c in RESULT_COLUMNS if any(row.get(c) is not None for row in rows)]
 
     def cell(c, v):  # one format per column, so a column's numbers line up
