@@ -122,3 +122,32 @@ def test_reading_opens_the_store_read_only_and_leaves_nothing_beside_it(tmp_path
     writer.put("b", {"seed": 1}, {"cacc": 0.8}, {}, {})
     assert (tmp_path / "s.sqlite-wal").stat().st_size > 0
     assert [r["id"] for r in ResultStore(path, readonly=True).runs()] == ["a", "b"]
+
+
+def test_a_store_carries_its_format_and_one_from_a_later_format_is_refused(tmp_path):
+    """A later cleantune that changes what the store holds raises the stamp; this one must refuse such a file (to
+    read or to write) rather than misread its runs. A store from before the stamp (0) is stamped when written."""
+    import sqlite3
+
+    from cleantune.store import STORE_FORMAT
+
+    path = tmp_path / "s.sqlite"
+    store = ResultStore(path)
+    store.put("a", {"seed": 0}, {"cacc": 0.9}, {}, {})
+    store.conn.close()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == STORE_FORMAT
+    con.execute("PRAGMA user_version = 0")  # as written before the stamp
+    con.commit()
+    con.close()
+    assert [r["id"] for r in ResultStore(path, readonly=True).runs()] == ["a"]
+    ResultStore(path).conn.close()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == STORE_FORMAT
+    con.execute(f"PRAGMA user_version = {STORE_FORMAT + 1}")
+    con.commit()
+    con.close()
+    for readonly in (True, False):
+        with pytest.raises(UserError, match=f"later cleantune \\(store format {STORE_FORMAT + 1}"):
+            ResultStore(path, readonly=readonly)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.sqlite"]

@@ -190,6 +190,44 @@ def test_resume_after_a_kill_between_the_checkpoint_renames(left, tiny_model, sm
     assert torch.equal(predict_logits(model_a, tok, dev.texts, s), predict_logits(model_b, tok, dev.texts, s))
 
 
+def test_checkpoints_and_saved_models_reach_the_disk_before_they_replace_the_earlier_ones(tiny_model, small, tmp_path,
+                                                                                          monkeypatch):
+    """A rename reaches the disk when the kernel gets to it, not after the data it renames: every file is synced
+    before the marker or the rename that makes it current, and the renaming folder before the earlier copy is
+    deleted. (What a power loss leaves cannot be tested here; the order of the calls can.)"""
+    from cleantune import training
+    from cleantune.models import Classifier
+
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, training.shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
+    monkeypatch.setattr(training.shutil, "rmtree", lambda p, **kw: (events.append(("rmtree", str(p))),
+                                                                    real_rmtree(p, **kw))[1])
+    train_data, _ = small
+    model, tok, _ = _run(tiny_model, train_data, tmp_path / "run")
+    work = tmp_path / "run"
+    marks = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("checkpoints.partial/state.json")]
+    assert len(marks) == 3  # one checkpoint per epoch
+    for k, mark in enumerate(marks):
+        start = marks[k - 1] if k else 0
+        synced = {e[1] for e in events[start:mark] if e[0] == "sync"}
+        written = {"trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json.tmp"}
+        assert {str(work / "checkpoints.partial" / f) for f in written} <= synced
+        swap = next(i for i, e in enumerate(events[mark:], mark) if e[0] == "replace" and e[2] == str(work / "checkpoints"))
+        assert ("sync", str(work)) in events[swap:]  # the folder holding the swap, synced before the old copy goes
+        gone = next((i for i, e in enumerate(events[swap:], swap) if e == ("rmtree", str(work / "checkpoints.old"))), None)
+        assert gone is None or ("sync", str(work)) in events[swap:gone]
+    events.clear()
+    out = tmp_path / "model"
+    Classifier(model, tok, train_data.label_names, 64).save_pretrained(out)
+    swap = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out))
+    assert {str(out.with_name("model.partial") / "model.safetensors"), str(out.with_name("model.partial"))} <= \
+        {e[1] for e in events[:swap] if e[0] == "sync"}
+    assert ("sync", str(tmp_path)) in events[swap:]
+
+
 def test_a_kill_while_clearing_the_resumed_partial_checkpoint_falls_back_to_the_old_one(tiny_model, small, tmp_path,
                                                                                       monkeypatch):
     """Resumed from `.partial` (a kill between the renames), the next save empties that folder first. Killed

@@ -455,11 +455,15 @@ class Classifier:
             raise
         # the earlier model is moved aside, not deleted, until the new one is in place: a kill in between leaves
         # it whole in `<out>.old` beside the finished `<out>.partial`
+        from .training import sync_folder
+
+        sync_folder(tmp)  # on the disk before the rename is: a crash then leaves a whole model or the earlier one
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             os.replace(out, old)  # an --out that is a link to a model is moved aside as the link
         os.replace(tmp, out)
+        sync_folder(out.parent, files=False)
         if old.is_symlink():  # which rmtree refuses (quietly, with ignore_errors): it was left beside the model
             old.unlink()
         shutil.rmtree(old, ignore_errors=True)

@@ -28,6 +28,11 @@ CREATE TABLE IF NOT EXISTS runs (
 
 COLUMNS = ["id", "config", "status", "metrics", "timings", "env", "error", "created"]
 
+# The store's format, in SQLite's user_version: a later cleantune that changes the table or what its JSON columns
+# hold raises it, and this one then refuses the file instead of misreading its runs. Stores written before the
+# stamp read 0 and hold this format; a writer stamps them.
+STORE_FORMAT = 1
+
 
 # what `results` and `report` select runs by: the axes of `run` (the same names) and the run's status
 RUN_FILTERS = ("dataset", "attack", "defense", "model", "seed", "status")
@@ -142,6 +147,10 @@ class ResultStore:
                 raise UserError(f"{label}: not a cleantune results store (tables: {', '.join(sorted(tables)) or 'none'})")
             if "runs" in tables and [r[1] for r in self.conn.execute("PRAGMA table_info(runs)")] != COLUMNS:
                 raise UserError(f"{label}: its 'runs' table has other columns; not a cleantune results store")
+            stamp = _retry(lambda: self.conn.execute("PRAGMA user_version").fetchone()[0])
+            if stamp > STORE_FORMAT:
+                raise UserError(f"{label}: written by a later cleantune (store format {stamp}, this version reads "
+                                f"{STORE_FORMAT} and earlier); upgrade cleantune to read it")
             if not readonly:
                 _retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
                 _retry(lambda: self.conn.execute(SCHEMA))
@@ -185,14 +194,17 @@ class ResultStore:
                 conn.close()
 
     def _probe_write(self) -> None:
-        """A write that is rolled back. SQLite opens a file this process may not write read-only without a
-        word, and a run would train for hours, then fail to store its result."""
+        """A write, kept only where it stamps the format (a new store, or one written before the stamp), else
+        rolled back. SQLite opens a file this process may not write read-only without a word, and a run would
+        train for hours, then fail to store its result."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            self.conn.execute(f"PRAGMA user_version = {int(version)}")
-        finally:
+            stamp = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            self.conn.execute(f"PRAGMA user_version = {STORE_FORMAT}")
+        except BaseException:
             self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT" if stamp < STORE_FORMAT else "ROLLBACK")
 
     def get(self, run_id: str) -> dict | None:
         row = _retry(lambda: self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())

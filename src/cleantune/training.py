@@ -631,6 +631,32 @@ def _rng_states(accelerator) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
+def sync_folder(folder: Path, files: bool = True) -> None:
+    """Flush `folder`'s files (with `files`) and its entries to the disk. A rename reaches the disk when the
+    kernel gets to it, not after the data it renames: after a power loss or an OS crash the renamed checkpoint or
+    model could hold empty or partial files, and the previous one would already be deleted. Where the OS cannot
+    sync a folder (some filesystems refuse it) it is skipped."""
+    for f in sorted(folder.iterdir()) if files else ():
+        if f.is_file() and not f.is_symlink():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif f.is_dir() and not f.is_symlink():
+            sync_folder(f)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, rng: dict[str, torch.Tensor],
                      state: dict, hooks: dict[str, dict | None], scaler=None) -> None:
     """Write the whole checkpoint into a fresh folder, then swap it in: a kill leaves the old one intact."""
@@ -654,10 +680,13 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, r
     state["hooks"] = {name: {k: v for k, v in h.items() if not isinstance(v, torch.Tensor)} for name, h in hooks.items()}
     state = {**state, "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
     (tmp / "state.json.tmp").write_text(json.dumps(state))
+    sync_folder(tmp)  # the files on the disk before the marker is, and the marker before the renames
     os.replace(tmp / "state.json.tmp", tmp / "state.json")  # whole or absent: it marks the folder complete
+    sync_folder(tmp, files=False)
     old = ckpt_dir.with_name(ckpt_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if ckpt_dir.exists():
         os.replace(ckpt_dir, old)
     os.replace(tmp, ckpt_dir)
+    sync_folder(ckpt_dir.parent, files=False)  # the new one in place before the old one goes
     shutil.rmtree(old, ignore_errors=True)
