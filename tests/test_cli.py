@@ -1215,3 +1215,17 @@ def test_train_scores_an_inference_time_defenses_saved_victim_without_its_filter
     line = capsys.readouterr().out.splitlines()[0]
     assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv"), "--format", "json", "--no-progress"]) == 0
     assert f"dev accuracy {json.loads(capsys.readouterr().out)['accuracy']:.4f}" in line, line
+
+
+def test_version_prints_the_installed_packages_version(capsys):
+    """One version string: the package metadata (pyproject reads cleantune.__version__), the stored runs'
+    `versions.cleantune` and `--version` agree."""
+    import importlib.metadata
+
+    import cleantune
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cleantune {cleantune.__version__}"
+    assert importlib.metadata.version("cleantune") == cleantune.__version__

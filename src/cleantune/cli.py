@@ -82,7 +82,10 @@ def _add_training_options(p: argparse.ArgumentParser, default=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="cleantune", description="Train clean models from backdoor-poisoned data.")
+    parser.add_argument("--version", action="version", version=f"cleantune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="benchmark: dataset x attack x defense, stored and printed as a table")
