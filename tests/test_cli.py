@@ -830,7 +830,7 @@ def test_cli_train_without_dev_keeps_the_last_finished_epoch_on_divergence(tiny_
     assert captured.err.strip() == ("cleantune: warning: training diverged at step 12 (epoch 2): the gradient is "
                                     "not finite; stopped and kept epoch 1, the last finished one (no dev data to "
                                     "select on)")
-    assert "epoch kept: 1, no --dev: last finished epoch" in captured.out, captured.out
+    assert "epoch kept: 1 (counting from 0), no --dev: last finished epoch" in captured.out, captured.out
     assert (tmp_path / "m" / "model.safetensors").is_file() and not (tmp_path / "m.work").exists()
 
 

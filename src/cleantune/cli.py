@@ -522,10 +522,12 @@ def cmd_train(ns) -> int:
         # inference-time defense's filter (STRIP's perturbations, ONION's LM) neither runs nor counts here.
         saved = Classifier(model.model, model.tokenizer, model.label_names, model.max_length)
         selected, acc = f"{max(dev_accs):.4f}", f"{evaluate(saved, dev)['cacc']:.4f}"
-        kept = (f"epoch kept: {defense.report_.best_epoch}, dev accuracy {acc}" if selected == acc else
-                f"epoch kept: {defense.report_.best_epoch} (selection accuracy {selected}), dev accuracy {acc}")
+        best = f"{defense.report_.best_epoch} (counting from 0)"  # as the store, the report and --resume number them
+        kept = (f"epoch kept: {best}, dev accuracy {acc}" if selected == acc else
+                f"epoch kept: {best} (selection accuracy {selected}), dev accuracy {acc}")
     else:
-        kept = f"epoch kept: {finished[-1]}, {'no --dev: ' if dev is None else ''}last finished epoch"
+        kept = (f"epoch kept: {finished[-1]} (counting from 0), {'no --dev: ' if dev is None else ''}"
+                "last finished epoch")
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
           f"{defense.report_.processes} process(es), {kept})")
     found = defense.findings()
