@@ -278,7 +278,10 @@ def load_classifier(path: str | Path, base_model: str | None = None):
     if (path / "adapter").is_dir():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, path / "adapter")
+        from ..defenses.lora import quiet_peft
+
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, path / "adapter")
     model.eval()
     return Classifier(model, load_tokenizer(str(path)), labels["label_names"], labels.get("max_length", 128))
 

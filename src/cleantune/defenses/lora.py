@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -22,13 +23,19 @@ def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, target_modules: 
     config = LoraConfig(task_type=TaskType.SEQ_CLS if modules_to_save else None, r=r, lora_alpha=alpha,
                         lora_dropout=dropout, target_modules=target_modules)
     try:
-        with warnings.catch_warnings():
-            # PEFT 0.21 calls an attribute transformers 5 deprecates, once per LoRA model: a notice for PEFT's
-            # developers that every LoRA run (in a sweep worker too) would otherwise print
-            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        with quiet_peft():
             return get_peft_model(model, config)
     except ValueError as e:  # target modules the backbone does not have; its names are known only here
         raise UserError(f"option target_modules={target_modules}: {str(e).splitlines()[0]}") from None
+
+
+@contextmanager
+def quiet_peft():
+    """PEFT 0.21 calls an attribute transformers 5 deprecates, once per LoRA model it builds or loads: a notice
+    for PEFT's developers that every LoRA run (a sweep worker's too) and every adapter load would otherwise print."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @dataclass
