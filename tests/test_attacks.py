@@ -3,7 +3,7 @@ import re
 import pytest
 
 from cleantune.attacks import AddSent, BadNets, Style, Syntactic, get_attack
-from cleantune.data import load_benchmark
+from cleantune.data import Benchmark, load_benchmark
 from cleantune.errors import UserError
 
 
@@ -312,3 +312,26 @@ def test_trigger_words_given_as_a_list_are_stripped_as_the_comma_form_is():
     assert p.trigger_words == ["cf"]
     assert all("cf" in t.split() and "  " not in t for t in p.triggered_test.texts)
     assert BadNets(triggers=[" cf "]).triggers == BadNets(triggers=" cf ").triggers == ["cf"]
+
+
+def test_apply_refuses_what_is_not_a_clean_benchmark(sst2):
+    """An AttributeError ('PoisonedBenchmark' object has no attribute 'name') before."""
+    poisoned = BadNets().apply(sst2)
+    with pytest.raises(UserError, match="got PoisonedBenchmark \\(already poisoned: apply the attack to the clean"):
+        BadNets().apply(poisoned)
+    with pytest.raises(UserError, match="apply takes a Benchmark .* got TextDataset"):
+        AddSent().check(sst2.train)
+    with pytest.raises(UserError, match="the benchmark's dev split must be a TextDataset, got NoneType"):
+        BadNets().apply(Benchmark("custom", sst2.train, None, sst2.test))
+
+
+def test_a_paraphrase_attack_on_a_benchmark_built_by_hand_is_refused(sst2):
+    """A KeyError of the benchmark table before: no paraphrases are stored for such a dataset."""
+    with pytest.raises(UserError, match="needs the stored paraphrases of a benchmark .* dataset 'custom' is none"):
+        Syntactic().apply(Benchmark("custom", sst2.train, sst2.dev, sst2.test))
+
+
+def test_a_paraphrase_attack_finds_the_tables_of_a_benchmark_built_by_hand_from_its_splits(sst2):
+    """Benchmark("sst2", ...) has no root unless given one: a TypeError (None / "paraphrases") before."""
+    by_hand = Syntactic().apply(Benchmark("sst2", sst2.train, sst2.dev, sst2.test))
+    assert by_hand.train.texts == Syntactic().apply(sst2).train.texts

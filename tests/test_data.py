@@ -467,3 +467,30 @@ def test_a_dataset_takes_numpy_integer_labels():
     import numpy as np
 
     assert TextDataset(["a", "b"], list(np.array([1, 0])), ["neg", "pos"]).labels == [1, 0]
+
+
+@pytest.mark.parametrize("args,error,msg", [
+    ((["a", "b"], [0, 1], "np"), TypeError, "label_names must be a list, got str"),  # 'n' and 'p', quietly
+    (("ab", [0, 1], ["n", "p"]), TypeError, "texts must be a list, got str"),
+    ((None, [0, 1], ["n", "p"]), TypeError, "texts must be a list, got NoneType"),
+    (([5, "b"], [0, 1], ["n", "p"]), TypeError, "text 5 of sample 0 is not a string"),  # failed in the tokenizer
+    ((["a", "b"], [0, 1], ["n", "n"]), ValueError, "label_names must be distinct"),  # saved, then not loadable
+    ((["a", "b"], [0, 1], [0, 1]), ValueError, "label_names must be distinct non-empty strings"),
+])
+def test_a_dataset_refuses_texts_and_label_names_of_the_wrong_kind(args, error, msg):
+    with pytest.raises(error, match=re.escape(msg)):
+        TextDataset(*args)
+
+
+@pytest.mark.parametrize("n,seed,msg", [("2", 0, "n must be an integer, got '2'"), (2.5, 0, "n must be an integer"),
+                                        (True, 0, "n must be an integer, got True"),
+                                        (2, 0.5, "seed must be an integer, got 0.5"), (2, None, "seed must be")])
+def test_stratified_sample_refuses_a_size_or_seed_that_is_no_integer(n, seed, msg):
+    d = TextDataset(["a", "b", "c", "d"], [0, 1, 0, 1], ["n", "p"])
+    with pytest.raises(TypeError, match=re.escape(msg)):
+        d.stratified_sample(n, seed)
+
+
+def test_load_benchmark_refuses_a_name_that_is_no_string():
+    with pytest.raises(UserError, match="unknown dataset"):  # was: TypeError unhashable type: 'list'
+        load_benchmark(["sst2"])

@@ -1,6 +1,9 @@
 import re
 
+import pytest
+
 from cleantune.data import TextDataset
+from cleantune.errors import UserError
 from cleantune.evaluate import detection_metrics, evaluate
 
 
@@ -155,3 +158,20 @@ def test_names_that_differ_only_by_case_are_matched_exactly():
 
     # folding case would make 'A' and 'a' one class
     assert label_mapping(["A", "a"], ["a", "A"]) == [1, 0]
+
+
+def test_a_missing_set_or_a_model_without_predict_is_a_one_line_error():
+    """evaluate(model, None) and evaluate("out/", ...) failed with an AttributeError inside evaluate."""
+    clean = TextDataset(["good", "bad"], [1, 0], ["neg", "pos"])
+    with pytest.raises(UserError, match=re.escape("clean_test must be a TextDataset (texts with labels), got NoneType")):
+        evaluate(KeywordModel(), None)
+    with pytest.raises(UserError, match=re.escape("model must be a Classifier (or have a predict method), got str "
+                                                  "(load a saved model with Classifier.from_pretrained)")):
+        evaluate("out/", clean)
+
+
+def test_a_triggered_set_of_several_classes_is_refused():
+    """Its labels are the target: a clean split passed there gave an ASR and a floor for its first label's class."""
+    clean = TextDataset(["good", "bad"], [1, 0], ["neg", "pos"])
+    with pytest.raises(UserError, match="triggered_test holds 2 classes"):
+        evaluate(KeywordModel(), clean, clean)

@@ -657,3 +657,49 @@ def test_saving_prints_nothing_and_prediction_refuses_an_empty_batch(tiny_model,
     for bad in (0, -1, 2.5, True):
         with pytest.raises(UserError, match="batch_size must be a whole number of at least 1"):
             clf.predict(["a film"], batch_size=bad)
+
+
+def test_a_defense_built_directly_checks_and_converts_its_values_like_the_cli():
+    """Built in Python (not through get_defense), `epochs="2"` failed comparing str and int, and epochs=2.5,
+    seed=True or lr=None passed, to fail in training or to train with them."""
+    from cleantune.defenses import BTU, RAP
+
+    assert FineTune(epochs="2", lr="1e-4").epochs == 2
+    for kw, msg in [({"epochs": 2.5}, "'epochs' expects an integer, got 2.5"),
+                    ({"seed": True}, "'seed' expects an integer, got True"),
+                    ({"lr": None}, "'lr' expects a number, got None"),
+                    ({"model": None}, "'model' expects a string, got None")]:
+        with pytest.raises(UserError, match=f"defense 'finetune': {msg}"):
+            FineTune(**kw)
+    with pytest.raises(UserError, match="defense 'btu': 'seed' expects an integer, got 1.5"):
+        BTU(seed=1.5)
+    with pytest.raises(UserError, match="defense 'rap': 'word' expects a string, got 5"):  # was: 'int' has no strip
+        RAP(word=5)
+
+
+def test_fit_refuses_what_is_not_a_dataset_an_empty_text_and_a_file_as_out_dir(tiny_model, tmp_path):
+    """A benchmark or a list failed with an AttributeError, an empty text trained as the special tokens alone, and
+    a file as out_dir failed with NotADirectoryError after the first epoch."""
+    data = TextDataset(["good film", "bad film"], [1, 0], ["neg", "pos"])
+    fit = FineTune(model=tiny_model, epochs=1).fit
+    bench = load_benchmark("sst2")
+    with pytest.raises(UserError, match=r"train_data must be a TextDataset .*got Benchmark \(pass its splits"):
+        fit(bench, progress=False)
+    with pytest.raises(UserError, match="clean_dev must be a TextDataset .*got list"):
+        fit(data, ["good"], progress=False)
+    with pytest.raises(UserError, match="sample 1 of train_data has empty text"):
+        fit(TextDataset(["good film", "  "], [1, 0], ["neg", "pos"]), progress=False)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="out_dir .*f: exists and is not a folder"):
+        fit(data, out_dir=tmp_path / "f", progress=False)
+
+
+def test_predict_refuses_an_empty_text_and_what_is_no_text(tiny_model):
+    """An empty text got a class from the special tokens alone; a number failed in len() or in the tokenizer."""
+    clf = Classifier(load_model(tiny_model, ["a", "b"]), load_tokenizer(tiny_model), ["a", "b"])
+    for texts in ("", ["fine", " "]):
+        with pytest.raises(UserError, match="predict: text [01] is empty"):
+            clf.predict(texts)
+    for texts, msg in ((5, "got int"), (None, "got NoneType"), (["fine", 5], "item 1 is 5")):
+        with pytest.raises(TypeError, match=f"texts must be a string or a list of strings.*{msg}"):
+            clf.predict(texts)

@@ -82,3 +82,15 @@ def test_data_dir_follows_xdg(tmp_path, monkeypatch):
     for relative_or_empty in ("", "rel/data"):  # the XDG spec ignores these: else the store follows the cwd
         monkeypatch.setenv("XDG_DATA_HOME", relative_or_empty)
         assert data_dir() == tmp_path / "home" / ".local" / "share" / "cleantune"
+
+
+def test_run_refuses_a_dict_config_and_a_path_as_store(tmp_path):
+    """`run(config, "results.sqlite")` failed with an AttributeError ('str' object has no attribute 'get') after
+    the checks, and a dict of settings with one ('dict' object has no attribute 'resolve')."""
+    from cleantune.errors import UserError
+
+    with pytest.raises(UserError, match=r"config must be a RunConfig, got dict \(write RunConfig\(\*\*settings\)\)"):
+        runner.run({"dataset": "sst2"})
+    with pytest.raises(UserError, match=r"store must be a ResultStore or None, got str \(write ResultStore\(path\)\)"):
+        runner.run(RunConfig(train_size=100), str(tmp_path / "r.sqlite"), progress=False)
+    assert not (tmp_path / "r.sqlite").exists()

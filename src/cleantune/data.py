@@ -44,10 +44,23 @@ class TextDataset:
     poisoned: list[bool] = field(default_factory=list)
 
     def __post_init__(self):
+        # a str would be iterated letter by letter, as texts one character long or as one-letter class names
+        for what in ("texts", "labels", "label_names"):
+            if isinstance(getattr(self, what), (str, bytes)) or not hasattr(getattr(self, what), "__len__"):
+                raise TypeError(f"TextDataset: {what} must be a list, got {type(getattr(self, what)).__name__}")
         if not self.poisoned:
             self.poisoned = [False] * len(self.texts)
         if not (len(self.texts) == len(self.labels) == len(self.poisoned)):
             raise ValueError("texts, labels and poisoned must have the same length")
+        # a non-string text fails in the tokenizer at fit or predict, with its error about pretokenized input
+        bad = next((i for i, t in enumerate(self.texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"text {self.texts[bad]!r} of sample {bad} is not a string")
+        # matched by name to a model's and a dev set's classes, and saved with the model: a repeated or non-string
+        # name trains a model that from_pretrained refuses, or fails in evaluate
+        odd = next((n for n in self.label_names if not isinstance(n, str) or not n), None)
+        if odd is not None or len(set(self.label_names)) < len(self.label_names):
+            raise ValueError(f"label_names must be distinct non-empty strings, got {list(self.label_names)!r}")
         # a label that is no class id ("pos", 2 of two classes) would fail deep in training, or quietly count as
         # a wrong prediction in evaluate; numpy's integers pass (a pandas column read with list())
         bad = next((i for i, y in enumerate(self.labels) if isinstance(y, bool) or not isinstance(y, numbers.Integral)
@@ -82,6 +95,9 @@ class TextDataset:
 
     def stratified_sample(self, n: int, seed: int) -> TextDataset:
         """A seeded, label-stratified subsample of n samples (label proportions kept, rounding by largest remainder)."""
+        for what, v in (("n", n), ("seed", seed)):  # a float n fails in random.sample; True is quietly 1
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"stratified_sample: {what} must be an integer, got {v!r}")
         if n <= 0:
             raise UserError(f"--train-size must be positive, got {n}")
         if n >= len(self):
@@ -473,7 +489,7 @@ def _store_error(e: OSError, dest: Path) -> UserError:
 
 def load_benchmark(name: str) -> Benchmark:
     """A benchmark by name (sst2, hsol, agnews, olid) with its train/dev/test splits."""
-    if name not in BENCHMARKS:
+    if not isinstance(name, str) or name not in BENCHMARKS:  # a list is unhashable: a TypeError of the dict
         raise UserError(f"unknown dataset '{name}' (choose from {', '.join(BENCHMARKS)})")
     root = data_root(name) / name
     n, names, _ = BENCHMARKS[name]
@@ -508,6 +524,9 @@ def _cached(path: Path, read):
 
 
 def check_paraphrases(dataset: str, attack: str) -> None:
+    if dataset not in BENCHMARKS:  # a Benchmark built by hand: its name is no key of the tables (a KeyError)
+        raise UserError(f"attack '{attack}' needs the stored paraphrases of a benchmark ({', '.join(BENCHMARKS)}), "
+                        f"and dataset '{dataset}' is none")
     if attack not in BENCHMARKS[dataset][2]:
         raise UserError(f"attack '{attack}' needs paraphrases, and dataset '{dataset}' ships none for it")
 
@@ -515,7 +534,8 @@ def check_paraphrases(dataset: str, attack: str) -> None:
 def load_paraphrases(bench: Benchmark, attack: str) -> dict[str, dict[str, str]]:
     """{split: {original sentence: trigger-bearing paraphrase}} for a paraphrase attack."""
     check_paraphrases(bench.name, attack)
-    table = _cached(bench.root / "paraphrases" / f"{attack}.tsv", _read_paraphrases)
+    root = bench.root if bench.root is not None else data_root(bench.name) / bench.name  # a Benchmark built by hand
+    table = _cached(root / "paraphrases" / f"{attack}.tsv", _read_paraphrases)
     return {s: dict(t) for s, t in table.items()}  # a copy: the cached table serves every later call
 
 

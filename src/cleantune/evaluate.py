@@ -48,11 +48,17 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     Both sets are first renumbered to the model's label ids by class name (`align_labels`), so the target is
     the class the triggered set's labels name in the data's own numbering. `progress`: True for progress
     bars, or their description (none without; a bare predictor's `predict` need not take it then)."""
+    if not callable(getattr(model, "predict", None)):  # a folder's path, say: an AttributeError below
+        raise UserError(f"evaluate: model must be a Classifier (or have a predict method), got {type(model).__name__}"
+                        + (" (load a saved model with Classifier.from_pretrained)" if isinstance(model, str) else ""))
     for what, data in (("clean_test", clean_test), ("triggered_test", triggered_test)):
-        if data is not None and not isinstance(data, TextDataset):  # a list, or a whole Benchmark: its splits
+        if (data is not None or what == "clean_test") and not isinstance(data, TextDataset):  # a list, a Benchmark
             raise UserError(f"evaluate: {what} must be a TextDataset (texts with labels), got {type(data).__name__}"
                             + (" (pass one of its splits: .test, or .clean_test and .triggered_test)"
                                if hasattr(data, "test") or hasattr(data, "clean_test") else ""))
+    if triggered_test is not None and len(set(triggered_test.labels)) > 1:  # the floor would be read for labels[0]
+        raise UserError(f"evaluate: triggered_test holds {len(set(triggered_test.labels))} classes; its labels are "
+                        "the attack's target, one class (pass the attack's .triggered_test)")
     names = getattr(model, "label_names", None)  # a bare predictor has none: ids as they are
     if names is not None:
         clean_test = align_labels(clean_test, names)

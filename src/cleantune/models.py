@@ -314,7 +314,15 @@ def check_creatable(path: Path, label: str) -> None:
 
 def as_texts(texts: list[str] | str) -> list[str]:
     """A single string as one text: iterated, it would be classified character by character."""
-    return [texts] if isinstance(texts, str) else texts
+    if isinstance(texts, str):
+        return [texts]
+    # anything else fails in len() or in the tokenizer, with its error about pretokenized input
+    if isinstance(texts, bytes) or not hasattr(texts, "__len__") or not hasattr(texts, "__getitem__"):
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"texts must be a string or a list of strings; item {bad} is {texts[bad]!r}")
+    return texts
 
 
 def _write_adapter_card(folder: Path, model, label_names: list[str], max_length: int) -> None:
@@ -398,8 +406,13 @@ class Classifier:
 
     def predict(self, texts: list[str] | str, batch_size: int = 128, progress: bool | str | None = None) -> list[int]:
         """Class ids, one per text. A single string is one text and gives a list of one, as a Hugging Face
-        pipeline does; no texts give an empty list. `progress` as in `predict_logits`."""
-        return self.predict_logits(as_texts(texts), batch_size, progress).argmax(-1).tolist()
+        pipeline does; no texts give an empty list; an empty text is refused (read_dataset refuses it too: a
+        prediction from the special tokens alone says nothing of it). `progress` as in `predict_logits`."""
+        texts = as_texts(texts)
+        empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+        if empty is not None:
+            raise UserError(f"predict: text {empty} is empty")
+        return self.predict_logits(texts, batch_size, progress).argmax(-1).tolist()
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the model to `out_dir` whole or not at all (via a `.partial` folder). An existing saved model

@@ -174,6 +174,12 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
         progress: bool = True) -> dict:
     """Run one benchmark cell, or return the stored result of an identical config (unless `force`). A
     second process asking for a cell that one is running waits for it, then takes its stored result."""
+    if not isinstance(config, RunConfig):  # a dict of its settings: an AttributeError below
+        raise UserError(f"run: config must be a RunConfig, got {type(config).__name__}"
+                        + (" (write RunConfig(**settings))" if isinstance(config, dict) else ""))
+    if store is not None and not isinstance(store, ResultStore):  # a path: an AttributeError after the checks
+        raise UserError(f"run: store must be a ResultStore or None, got {type(store).__name__}"
+                        + (" (write ResultStore(path))" if isinstance(store, (str, Path)) else ""))
     resolved = config.resolve()
     run_id = config_hash(resolved)
     stored = _stored(store, run_id, force)

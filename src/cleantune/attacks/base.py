@@ -88,6 +88,14 @@ class Attack:
         """The train samples that can carry the trigger and how many to poison, or the UserError that makes
         these settings impossible on `bench`. apply() and check() share it, so a check never disagrees
         with a run."""
+        if not isinstance(bench, Benchmark):  # a poisoned one (applied twice), a split: an AttributeError below
+            raise UserError(f"attack '{self.name}': apply takes a Benchmark (train, dev and test splits), got "
+                            f"{type(bench).__name__}" + (" (already poisoned: apply the attack to the clean "
+                                                        "benchmark)" if isinstance(bench, PoisonedBenchmark) else ""))
+        for split in ("train", "dev", "test"):  # a dev split is needed too: its triggered copy, for analysis
+            if not isinstance(getattr(bench, split), TextDataset):
+                raise UserError(f"attack '{self.name}': the benchmark's {split} split must be a TextDataset, got "
+                                f"{type(getattr(bench, split)).__name__}")
         check_target(self.target, bench.train.num_labels, bench.name)
         self.prepare(bench)
         train = bench.train

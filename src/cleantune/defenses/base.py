@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import ClassVar
 from ..data import TextDataset
 from ..errors import UserError
 from ..options import C_INT_MAX, check_values
-from ..models import DEFAULT_MODEL, Classifier, check_max_length, load_model, load_tokenizer, model_skeleton
+from ..models import (DEFAULT_MODEL, Classifier, check_creatable, check_max_length, load_model, load_tokenizer,
+                      model_skeleton)
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 
 
@@ -87,6 +89,7 @@ class Defense:
             cls.fit = _dev_aligned(fit)
 
     def __post_init__(self):
+        self._check_types()
         for name, interval in self.bounds.items():
             value = getattr(self, name)
             if value is None:
@@ -104,6 +107,16 @@ class Defense:
         # the loop's settings as far as the defense fixes them (None: chosen at fit, e.g. per backbone)
         TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)
                          if getattr(self, f.name, None) is not None})
+
+    def _check_types(self) -> None:
+        """The constructor's values converted to the fields' types as make_defense converts the CLI's and config
+        files' (the Python API constructs directly), so that `epochs="2"` works and `epochs=2.5`, `seed=True` or
+        `lr=None` fail here in one line, not as a comparison of str and int or deep inside training."""
+        values = check_values(type(self), {f.name: os.fspath(v) if isinstance(v, os.PathLike) else v  # model=Path(...)
+                                           for f in fields(self) for v in [getattr(self, f.name)]},
+                              f"defense '{self.name}'")
+        for k, v in values.items():
+            setattr(self, k, v)
 
     def settings(self) -> dict:
         return asdict(self)
@@ -202,6 +215,26 @@ def _dev_aligned(fit):
 
     @functools.wraps(fit)
     def wrapper(self, train_data, clean_dev=None, *args, **kwargs):
+        for what, data in (("train_data", train_data), ("clean_dev", clean_dev)):
+            if data is None and what == "clean_dev":
+                continue
+            if not isinstance(data, TextDataset):  # a Benchmark, a list of texts: an AttributeError below
+                raise UserError(f"fit: {what} must be a TextDataset (texts with labels), got {type(data).__name__}"
+                                + (" (pass its splits: .train, and .dev as clean_dev)"
+                                   if hasattr(data, "train") else ""))
+            # read_dataset refuses such a text; built by hand, it trained as the special tokens alone
+            empty = next((i for i, t in enumerate(data.texts) if not t.strip()), None)
+            if empty is not None:
+                raise UserError(f"fit: sample {empty} of {what} has empty text")
+        out_dir = kwargs.get("out_dir")
+        if out_dir is not None:  # checkpoints go there after the first epoch: refused then, the epoch is lost
+            folder = Path(out_dir)
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"out_dir {out_dir}: exists and is not a folder")
+            if folder.is_dir() and not os.access(folder, os.W_OK):
+                raise UserError(f"out_dir {out_dir}: not a writable folder")
+            if not folder.exists():
+                check_creatable(folder, f"out_dir {out_dir}")
         if train_data.num_labels < 2:
             raise UserError(f"the training data names {train_data.num_labels} class(es) "
                             f"({', '.join(train_data.label_names)}); a classifier needs at least two")

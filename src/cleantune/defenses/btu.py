@@ -452,6 +452,7 @@ class BTU(Defense):
                   "k dev samples are trained on (held out of selection and of the guard)")
 
     def __post_init__(self):
+        self._check_types()  # before this class's own checks compare the values
         if self.btu_mode not in MODES:
             raise UserError(f"btu_mode must be one of {', '.join(MODES)}, got '{self.btu_mode}'")
         self._length_given = self.max_length is not None  # else the mode's, capped at the backbone's (fit)

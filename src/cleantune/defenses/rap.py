@@ -145,6 +145,7 @@ class RAP(Defense):
     clean_data = "clean dev: model selection, the RAP word's embedding and the drop threshold"
 
     def __post_init__(self):
+        self._check_types()  # before this class's own checks compare the values
         check_on_flag(self.on_flag)
         if not self.word.strip():
             raise UserError("RAP: option word must not be empty")

@@ -112,6 +112,7 @@ class STRIP(Defense):
     clean_data = "clean dev: model selection, replacement words (TF-IDF) and the entropy threshold"
 
     def __post_init__(self):
+        self._check_types()  # before this class's own checks compare the values
         check_on_flag(self.on_flag)
         super().__post_init__()
 
