@@ -573,3 +573,50 @@ def test_the_largest_accepted_lr_trains_without_an_overflow(tiny_model, small):
     with pytest.raises(UserError, match="diverged"):
         train(load_model(tiny_model, train_data.label_names), tok, train_data, None,
               TrainSettings(epochs=2, lr=LR_MAX, warmup_ratio=0.0), progress=False)
+
+
+def test_sync_folder_skips_a_filesystem_that_cannot_sync_and_raises_a_failed_write_back(tmp_path, monkeypatch):
+    """Some network and FUSE filesystems answer fsync with EINVAL: saving a checkpoint there must not fail. An EIO
+    means the data did not reach the disk, and the caller must not rename it in as if it had."""
+    import errno
+
+    from cleantune.training import sync_folder
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.bin").write_bytes(b"x")
+    for code in (errno.EINVAL, errno.ENOTSUP):
+        monkeypatch.setattr(os, "fsync", lambda fd, code=code: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+        sync_folder(tmp_path)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))))
+    with pytest.raises(OSError) as e:
+        sync_folder(tmp_path)
+    assert e.value.errno == errno.EIO
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_keeps_the_previous_one(tiny_model, small,
+                                                                                            tmp_path, monkeypatch):
+    """A full disk while the second epoch's checkpoint is written: an OSError traceback before. The first epoch's
+    checkpoint stays whole, so --resume continues from it."""
+    import errno
+
+    from cleantune import training
+    from cleantune.errors import UserError
+
+    train_data, _ = small
+    real, calls = training._fsync, []
+
+    def full_on_the_second_save(path):
+        if path.name == "state.json.tmp":
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path)
+
+    monkeypatch.setattr(training, "_fsync", full_on_the_second_save)
+    with pytest.raises(UserError, match="cannot write epoch 1's checkpoint .*No space left on device.*--resume"):
+        _run(tiny_model, train_data, tmp_path / "b")
+    monkeypatch.undo()
+    _, _, rep_b = _run(tiny_model, train_data, tmp_path / "b", resume=True)
+    _, _, rep_a = _run(tiny_model, train_data, tmp_path / "a")
+    assert rep_b.resumed_train_seconds > 0
+    assert [h["loss"] for h in rep_b.history] == [h["loss"] for h in rep_a.history]

@@ -8,6 +8,7 @@ hooks (MuScleLoRA's gradient alignment rewrites the gradients after the backward
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -425,12 +426,16 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
             last_epoch, last_state = epoch, {n: p.detach().cpu().clone() for n, p in params.items()}
         rng = _rng_states(accelerator) if ckpt_dir is not None else None
         if ckpt_dir is not None and accelerator.is_main_process:
-            _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state, rng,
-                             {"epoch": epoch, "history": history, "best_epoch": best_epoch,
-                              "best_score": best_score, "fingerprint": fingerprint,
-                              "done": {"samples": n_samples, "tokens": n_tokens, "train_seconds": t_train}},
-                             {k: h.checkpoint_state() for k, h in _hook_keys(hooks).items()},
-                             accelerator.scaler)
+            try:
+                _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state, rng,
+                                 {"epoch": epoch, "history": history, "best_epoch": best_epoch,
+                                  "best_score": best_score, "fingerprint": fingerprint,
+                                  "done": {"samples": n_samples, "tokens": n_tokens, "train_seconds": t_train}},
+                                 {k: h.checkpoint_state() for k, h in _hook_keys(hooks).items()},
+                                 accelerator.scaler)
+            except OSError as e:  # a full disk, a failed write-back: the earlier checkpoint is still whole
+                raise UserError(f"cannot write epoch {epoch}'s checkpoint in {ckpt_dir.parent} ({e.strerror or e}); "
+                                "the previous one is kept: free space, then the same command with --resume") from None
         accelerator.wait_for_everyone()
     bar.close()
     if diverged is not None:
@@ -634,25 +639,29 @@ def _rng_states(accelerator) -> dict[str, torch.Tensor]:
 def sync_folder(folder: Path, files: bool = True) -> None:
     """Flush `folder`'s files (with `files`) and its entries to the disk. A rename reaches the disk when the
     kernel gets to it, not after the data it renames: after a power loss or an OS crash the renamed checkpoint or
-    model could hold empty or partial files, and the previous one would already be deleted. Where the OS cannot
-    sync a folder (some filesystems refuse it) it is skipped."""
+    model could hold empty or partial files, and the previous one would already be deleted. Where the filesystem
+    cannot sync (EINVAL, ENOTSUP: some network and FUSE filesystems, and folders on several) it is skipped; a
+    failed write-back (EIO, ENOSPC) is raised, as the data did not reach the disk."""
     for f in sorted(folder.iterdir()) if files else ():
-        if f.is_file() and not f.is_symlink():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        elif f.is_dir() and not f.is_symlink():
+        if f.is_dir() and not f.is_symlink():
             sync_folder(f)
+        elif f.is_file() and not f.is_symlink():
+            _fsync(f)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder some systems will not open for reading: nothing to sync through
+        if path.is_dir():
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
