@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -703,3 +704,26 @@ def test_predict_refuses_an_empty_text_and_what_is_no_text(tiny_model):
     for texts, msg in ((5, "got int"), (None, "got NoneType"), (["fine", 5], "item 1 is 5")):
         with pytest.raises(TypeError, match=f"texts must be a string or a list of strings.*{msg}"):
             clf.predict(texts)
+
+
+def test_a_model_that_cannot_be_written_is_a_one_line_error_and_the_earlier_one_stays(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """A full disk while saving: an OSError traceback before. The earlier model in the folder is untouched and no
+    `.partial` is left."""
+    import errno
+
+    from cleantune import training
+
+    clf = Classifier(load_model(tiny_model, ["a", "b"]), load_tokenizer(tiny_model), ["a", "b"])
+    out = clf.save_pretrained(tmp_path / "m")
+    before = sorted(p.name for p in out.iterdir())
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(training, "_fsync", full)
+    with pytest.raises(UserError, match="out_dir .*m: cannot write the model \\(No space left on device\\)"):
+        clf.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert Classifier.from_pretrained(out).label_names == ["a", "b"]

@@ -421,6 +421,8 @@ class Classifier:
         import copy
         import shutil
 
+        from .training import sync_folder
+
         out = Path(out_dir).expanduser()  # as from_pretrained reads it: "~/m" is not a folder named "~" here
         check_out_dir(out, option="out_dir")
         tmp = out.with_name(out.name + ".partial")
@@ -463,14 +465,14 @@ class Classifier:
                         self.tokenizer.save_pretrained(folder)
                 finally:
                     self.tokenizer.model_max_length = limit
-        except BaseException:
+            sync_folder(tmp)  # on the disk before the rename is: a crash then leaves a whole model or the earlier one
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):  # a full disk, a failed write-back: any earlier model there is untouched
+                raise UserError(f"out_dir {out}: cannot write the model ({e.strerror or e})") from None
             raise
         # the earlier model is moved aside, not deleted, until the new one is in place: a kill in between leaves
         # it whole in `<out>.old` beside the finished `<out>.partial`
-        from .training import sync_folder
-
-        sync_folder(tmp)  # on the disk before the rename is: a crash then leaves a whole model or the earlier one
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
