@@ -231,10 +231,7 @@ def _dev_aligned(fit):
             folder = Path(out_dir)
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"out_dir {out_dir}: exists and is not a folder")
-            if folder.is_dir() and not os.access(folder, os.W_OK):
-                raise UserError(f"out_dir {out_dir}: not a writable folder")
-            if not folder.exists():
-                check_creatable(folder, f"out_dir {out_dir}")
+            check_creatable(folder / "checkpoints", f"out_dir {out_dir}")  # a folder in it: out_dir writable or makeable
         if train_data.num_labels < 2:
             raise UserError(f"the training data names {train_data.num_labels} class(es) "
                             f"({', '.join(train_data.label_names)}); a classifier needs at least two")
