@@ -14,15 +14,19 @@ import time
 # once (another test run, a user's job) could both find it free and one would fail its rendezvous.
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
-# two CPU processes on any machine: on one with a single GPU, the second process would ask for cuda:1
-CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def cpu_only() -> dict[str, str]:
+    """The launch's environment, read when a test runs (so the test's own XDG folders are in it), with two
+    CPU processes on any machine: on one with a single GPU, the second process would ask for cuda:1."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def test_two_process_launch_trains_and_evaluates(tiny_model, tmp_path):
     store = tmp_path / "s.sqlite"
     cmd = LAUNCH + ["-m", "cleantune", "run", "--model", tiny_model, "--train-size", "128", "--epochs", "1",
                     "--store", str(store), "--no-progress", "--format", "json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=CPU_ONLY)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_only())
     assert p.returncode == 0, p.stderr[-2000:]
     printed = json.loads(p.stdout)  # one process prints: two would make this two arrays
     assert len(printed) == 1 and printed[0]["config"]["processes"] == 2  # another effective batch, another run
@@ -71,7 +75,7 @@ def test_a_launch_waits_for_another_process_on_its_run_folder(tmp_path):
     work = tmp_path / "w"
     with work_lock(work, wait=False):
         p = subprocess.Popen(LAUNCH + [str(script), str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=CPU_ONLY)
+                             text=True, env=cpu_only())
         deadline = time.time() + 120
         while not (tmp_path / "ready").exists() and p.poll() is None and time.time() < deadline:
             time.sleep(0.2)
@@ -156,6 +160,73 @@ def test_replicas_stay_identical_under_hooks_and_resume(tiny_model, tmp_path):
     script = tmp_path / "replicas.py"
     script.write_text(REPLICAS)
     p = subprocess.run(LAUNCH + [str(script), tiny_model, str(tmp_path)], capture_output=True, text=True,
-                       timeout=600, env=CPU_ONLY)
+                       timeout=600, env=cpu_only())
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split("\n")[:4] == ["ga True", "lga True", "loss True", "resume True"], p.stdout
+
+
+FULL_DISK = """
+import errno, sys
+from cleantune import training
+from cleantune.cli import main
+
+real, calls = training._save_checkpoint, []
+
+def second_fails(*args, **kwargs):  # only the main process writes checkpoints
+    calls.append(1)
+    if len(calls) == 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(*args, **kwargs)
+
+training._save_checkpoint = second_fails
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_the_main_process_cannot_write_stops_every_process_with_its_message(tiny_model, tmp_path):
+    """Before, the main process raised alone and the other failed in the epoch's barrier with gloo's traceback
+    ("Connection closed by peer"), burying the one line that says what to do."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    p = subprocess.run(LAUNCH + [str(script), "run", "--model", tiny_model, "--train-size", "128", "--epochs", "3",
+                                 "--store", str(tmp_path / "s.sqlite"), "--no-progress"],
+                       capture_output=True, text=True, timeout=300, env=cpu_only())
+    assert p.returncode != 0
+    lines = p.stderr.splitlines()
+    said = [l for l in lines if l.startswith("cleantune: error: cannot write epoch 1's checkpoint")]
+    assert len(said) == 2, p.stderr[-3000:]  # each process, each on its own line
+    assert "(No space left on device)" in said[0] and said[0].endswith("the same command with --resume")
+    assert "Connection closed by peer" not in p.stderr and "[rank1]" not in p.stderr, p.stderr[-3000:]
+    assert lines.count(said[0]) == 2 and "exitcode  : 2" in p.stderr  # both processes left with status 2
+
+
+PEER = """
+import sys
+import torch
+from accelerate import PartialState
+from cleantune import cli
+from cleantune.errors import UserError
+
+def main_alone_fails(ns):
+    if PartialState(cpu=True).is_main_process:
+        raise UserError("the main process failed alone")
+    torch.distributed.barrier()
+    return 0
+
+cli.COMMANDS["results"] = main_alone_fails
+sys.exit(cli.main(["results"]))
+"""
+
+
+def test_a_process_whose_peer_failed_says_so_in_one_line(tmp_path):
+    """Any error of one process leaves the others failing in their next collective: they say where the
+    cause is, not gloo's traceback."""
+    script = tmp_path / "peer.py"
+    script.write_text(PEER)
+    p = subprocess.run(LAUNCH + [str(script)], capture_output=True, text=True, timeout=300, env=cpu_only())
+    assert p.returncode != 0
+    lines = p.stderr.splitlines()
+    assert "cleantune: error: the main process failed alone" in lines
+    assert ("cleantune: error: another process of this launch stopped (its message is above), so this one "
+            "stopped too") in lines, p.stderr[-3000:]
+    assert "Connection closed by peer" not in p.stderr and "[rank1]" not in p.stderr, p.stderr[-3000:]

@@ -854,7 +854,7 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "scan": cmd_sc
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     """cleantune's own warnings as one line, like its errors; other libraries' as Python prints them."""
     if str(filename).startswith(os.path.dirname(__file__) + os.sep):
-        print(f"cleantune: warning: {message}", file=sys.stderr)
+        _say(f"cleantune: warning: {message}")
     else:
         _default(message, category, filename, lineno, file, line)
 
@@ -895,18 +895,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, so a reader that left shows up as the BrokenPipeError below
         return code
     except UserError as e:
-        print(f"cleantune: error: {_name_config_file(ns, str(e))}", file=sys.stderr)
+        _say(f"cleantune: error: {_name_config_file(ns, str(e))}")
         return 2
     except KeyboardInterrupt as e:
         what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)  # 128 + the signal
-        print(f"cleantune: {what}{RESUME_HINT.get(getattr(ns, 'command', None), '')}", file=sys.stderr)
+        _say(f"cleantune: {what}{RESUME_HINT.get(getattr(ns, 'command', None), '')}")
         return code
     except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError subclasses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _peer_left(e):
+            _say("cleantune: error: another process of this launch stopped (its message is above), so this one "
+                 "stopped too")
+            return 2
         if not isinstance(e, MemoryError) and not ("out of memory" in first or "can't allocate memory" in first):
             raise
-        print(f"cleantune: error: out of memory ({first[:200]}); lower --batch-size or --max-length, or the "
-              f"defense's sizes", file=sys.stderr)
+        _say(f"cleantune: error: out of memory ({first[:200]}); lower --batch-size or --max-length, or the "
+             f"defense's sizes")
         return 2
     except BrokenPipeError:
         if not _stdout_gone():  # another pipe (a worker's) broke: a real failure
@@ -939,6 +943,21 @@ def _name_config_file(ns, message: str) -> str:
     if m and m.group(1) in getattr(ns, "config_options", ()):
         return f"--config {ns.config}: {message}"
     return message
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write: the processes of an `accelerate launch` share the terminal, and
+    print's separate writes of the text and its newline interleave there."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _peer_left(e: BaseException) -> bool:
+    """Whether a collective failed because another process of the launch left (its own error, printed by
+    it, is the cause): gloo's words for a closed connection."""
+    dist = sys.modules.get("torch.distributed")
+    return (isinstance(e, RuntimeError) and dist is not None and dist.is_available() and dist.is_initialized()
+            and any(w in str(e) for w in ("Connection closed by peer", "Connection reset by peer")))
 
 
 def _stdout_gone() -> bool:

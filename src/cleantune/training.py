@@ -425,6 +425,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         if not selecting and epoch < settings.epochs - 1:  # after the last epoch nothing can diverge
             last_epoch, last_state = epoch, {n: p.detach().cpu().clone() for n, p in params.items()}
         rng = _rng_states(accelerator) if ckpt_dir is not None else None
+        failed = None
         if ckpt_dir is not None and accelerator.is_main_process:
             try:
                 _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state, rng,
@@ -434,8 +435,16 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                                  {k: h.checkpoint_state() for k, h in _hook_keys(hooks).items()},
                                  accelerator.scaler)
             except OSError as e:  # a full disk, a failed write-back: the earlier checkpoint is still whole
-                raise UserError(f"cannot write epoch {epoch}'s checkpoint in {ckpt_dir.parent} ({e.strerror or e}); "
-                                "the previous one is kept: free space, then the same command with --resume") from None
+                failed = (f"cannot write epoch {epoch}'s checkpoint in {ckpt_dir.parent} ({e.strerror or e}); "
+                          "the previous one is kept: free space, then the same command with --resume")
+        if ckpt_dir is not None and world > 1:
+            # every process learns the main one's outcome and stops with its message: raised on the main one
+            # alone, the others would fail in their next collective with a gloo traceback
+            from accelerate.utils import broadcast_object_list
+
+            failed = broadcast_object_list([failed])[0]
+        if failed is not None:
+            raise UserError(failed)
         accelerator.wait_for_everyone()
     bar.close()
     if diverged is not None:
