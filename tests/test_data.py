@@ -482,6 +482,14 @@ def test_a_dataset_refuses_texts_and_label_names_of_the_wrong_kind(args, error, 
         TextDataset(*args)
 
 
+def test_read_dataset_refuses_label_names_given_as_a_string(tmp_path):
+    f = tmp_path / "d.tsv"
+    f.write_text("sentence\tlabel\na\t0\nb\t1\n")
+    with pytest.raises(TypeError, match="label_names must be a list, got str"):
+        read_dataset(f, label_names="01")
+    assert read_dataset(f, label_names=["0", "1"]).labels == [0, 1]
+
+
 @pytest.mark.parametrize("n,seed,msg", [("2", 0, "n must be an integer, got '2'"), (2.5, 0, "n must be an integer"),
                                         (True, 0, "n must be an integer, got True"),
                                         (2, 0.5, "seed must be an integer, got 0.5"), (2, None, "seed must be")])

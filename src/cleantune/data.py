@@ -232,6 +232,8 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
     file cannot mix the two. With `label_names` given (a model's or a benchmark's label set) every label must
     be one of those names, or, where the names are the ids "0".."C-1", an integer id below C.
     """
+    if isinstance(label_names, (str, bytes)):  # "01" would be the classes '0' and '1', quietly
+        raise TypeError(f"read_dataset: label_names must be a list, got {type(label_names).__name__}")
     path = Path(path)
     records = read_records(path)
     if not records:
