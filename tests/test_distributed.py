@@ -230,3 +230,46 @@ def test_a_process_whose_peer_failed_says_so_in_one_line(tmp_path):
     assert ("cleantune: error: another process of this launch stopped (its message is above), so this one "
             "stopped too") in lines, p.stderr[-3000:]
     assert "Connection closed by peer" not in p.stderr and "[rank1]" not in p.stderr, p.stderr[-3000:]
+
+
+COMMANDS = """
+import sys, warnings
+import torch
+from cleantune import cli
+
+model, data, out = sys.argv[1:]
+# each command as main() runs it, but without main's exit, which ends the process group the next one needs
+for argv in (["eval", model, data, "--no-progress"],
+             ["scan", data, "--model", model, "--batch-size", "8", "--no-progress"],
+             ["analyze", "frequency", "--model", model, "--train-size", "64", "--epochs", "1", "--samples", "8",
+              "--every", "100", "--out", out, "--no-progress"]):
+    ns = cli.build_parser().parse_args(argv)
+    assert cli.COMMANDS[ns.command](ns) == 0
+    sys.stdout.flush()
+warnings.showwarning = cli._show_warning  # as main() sets it
+warnings.warn("a library's warning")  # (UMAP's and scikit-learn's, from CUBE)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_eval_scan_analyze_and_warnings_come_out_once(tiny_model, tmp_path):
+    """Before, every process of the launch printed eval's, scan's and analyze's output (and both wrote analyze's
+    curves.json and plots into one folder at once), and each warning: each line came out twice. scan counted its
+    steps per pass as one process takes them."""
+    script = tmp_path / "commands.py"
+    script.write_text(COMMANDS)
+    data = tmp_path / "d.tsv"
+    words = "good bad movie film great awful plot actor story fun boring nice".split()
+    data.write_text("sentence\tlabel\n" + "".join(f"{words[i % 12]} {words[(i * 5) % 12]} cf{i % 3}\t{i % 2}\n"
+                                                  for i in range(32)))
+    p = subprocess.run(LAUNCH + [str(script), tiny_model, str(data), str(tmp_path / "freq")],
+                       capture_output=True, text=True, timeout=300, env=cpu_only())
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert sum(l.startswith("n=32  accuracy=") for l in lines) == 1, p.stdout  # eval
+    # scan's closing line, with the steps a pass takes: 32 samples / batch 8 = 4 batches -> 2 per process (it said 4)
+    assert sum(l.startswith("32 samples; passes AB, batch 8 per process x 2, 2 optimizer step(s) per pass (too few")
+               for l in lines) == 1, p.stdout
+    assert sum(l.startswith("curves: ") for l in lines) == 1, p.stdout  # analyze
+    assert (tmp_path / "freq" / "curves.json").is_file()
+    assert p.stderr.count("UserWarning: a library's warning") == 1, p.stderr[-3000:]

@@ -583,6 +583,10 @@ def cmd_eval(ns) -> int:
         elif ns.attack in ("syntactic", "style"):
             raise UserError(f"--attack {ns.attack} needs a benchmark name as DATA (its paraphrase tables)")
         triggered = attack.triggered_set(data, random.Random(f"eval-{ns.seed}"), "test")
+    from .training import is_main_process
+
+    if not is_main_process():  # under `accelerate launch` each process would score all of DATA and print it again
+        return 0
     m = evaluate(model, data, triggered, None if ns.no_progress else "eval")
     out = {"n": len(data), "accuracy": m["cacc"]}
     if triggered is not None:
@@ -629,9 +633,15 @@ def cmd_scan(ns) -> int:
         data = read_dataset(ns.data, ns.text_column or "auto", ns.label_column or "label")
     if data.num_labels < 2:
         raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")
-    batch_size = ns.batch_size if ns.batch_size is not None else scan_batch_size(len(data))  # scan() checks it
+    from .training import is_main_process, num_processes
+
+    # each process of an `accelerate launch` takes its own batch per step: the default keeps the steps per pass
+    world = num_processes()
+    batch_size = ns.batch_size if ns.batch_size is not None else scan_batch_size(math.ceil(len(data) / world))
     rows = scan(data, ns.model, k=ns.top, passes=ns.passes, faithful=ns.faithful, seed=ns.seed,
                 samples=ns.show_samples, progress=not ns.no_progress, batch_size=batch_size)
+    if not is_main_process():  # the processes of an `accelerate launch` train the passes together; one prints
+        return 0
     if ns.format == "json":
         print(strict_json(rows, indent=1))
     elif ns.format == "csv":
@@ -655,8 +665,10 @@ def cmd_scan(ns) -> int:
             elif ns.show_samples:
                 for t in rows[n - 1]["samples"]:  # a .jsonl text may hold line breaks: each line keeps the bar
                     print("      | " + "\n      | ".join(t.splitlines() or [""]))
-    steps = math.ceil(len(data) / batch_size)
+    steps = math.ceil(math.ceil(len(data) / batch_size) / world)  # a step takes a batch in each process
     few = " (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else ""
+    if world > 1:
+        batch_size = f"{batch_size} per process x {world}"
     if ns.format == "table":
         print(f"{len(data)} samples; passes {ns.passes}, batch {batch_size}, {steps} optimizer step(s) per pass{few}"
               "; drift = L2 distance of the token's embedding from the pretrained one; label_skew = share of "
@@ -836,6 +848,8 @@ def cmd_analyze(ns) -> int:
                               progress=not ns.no_progress, work_dir=work, resume=ns.resume)
         if is_main_process():
             shutil.rmtree(work, ignore_errors=True)
+    if not is_main_process():  # the processes of an `accelerate launch` train together; the main one wrote and speaks
+        return 0
     m = r["metrics"]
     print(f"{config.dataset} {config.attack} {config.defense}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f}")
     for name, meta in r["sets"].items():
@@ -853,6 +867,8 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "scan": cmd_sc
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     """cleantune's own warnings as one line, like its errors; other libraries' as Python prints them."""
+    if _other_process():  # a launch's processes run the same code on the same data: the main one's warnings say it
+        return
     if str(filename).startswith(os.path.dirname(__file__) + os.sep):
         _say(f"cleantune: warning: {message}")
     else:
@@ -950,6 +966,12 @@ def _say(line: str) -> None:
     print's separate writes of the text and its newline interleave there."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+def _other_process() -> bool:
+    """Whether this is a process of an `accelerate launch` other than the main one (torch is not imported for it)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def _peer_left(e: BaseException) -> bool:

@@ -312,6 +312,11 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
     if resolved:  # settings the defense resolves only on the model (MuScleLoRA's per-backbone lr)
         result["metrics"]["resolved_settings"] = resolved
     result["first_step_e_low_below_0.5"] = {n: first_step_below(result, n) for n in result["sets"]}
+    from .training import is_main_process
+
+    if not is_main_process():  # an `accelerate launch`'s processes hold the same curves: two writers of one file race
+        result["plots"] = []
+        return result
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "curves.json").write_text(strict_json(result, indent=1))  # e_high where undefined: null
     result["plots"] = [str(p) for p in plot(result, out_dir)]
