@@ -942,8 +942,8 @@ def main(argv: list[str] | None = None) -> int:
         # Under `accelerate launch` the process group's gloo threads must stop before the interpreter exits: a
         # process leaving with them alive aborts ("terminate called without an active exception"), about one
         # exit in four on this machine, and the launcher reports the launch as failed
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
+        dist = _process_group()
+        if dist is not None:
             dist.destroy_process_group()
 
 
@@ -968,17 +968,23 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _other_process() -> bool:
-    """Whether this is a process of an `accelerate launch` other than the main one (torch is not imported for it)."""
+def _process_group():
+    """torch.distributed where an `accelerate launch` has joined this process to others, else None; read
+    without importing torch (`results` and `report` never load it)."""
     dist = sys.modules.get("torch.distributed")
-    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def _other_process() -> bool:
+    """Whether this is a process of an `accelerate launch` other than the main one."""
+    dist = _process_group()
+    return dist is not None and dist.get_rank() != 0
 
 
 def _peer_left(e: BaseException) -> bool:
     """Whether a collective failed because another process of the launch left (its own error, printed by
     it, is the cause): gloo's words for a closed connection."""
-    dist = sys.modules.get("torch.distributed")
-    return (isinstance(e, RuntimeError) and dist is not None and dist.is_available() and dist.is_initialized()
+    return (isinstance(e, RuntimeError) and _process_group() is not None
             and any(w in str(e) for w in ("Connection closed by peer", "Connection reset by peer")))
 
 
