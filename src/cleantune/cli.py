@@ -635,9 +635,8 @@ def cmd_scan(ns) -> int:
         raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")
     from .training import is_main_process, num_processes
 
-    # each process of an `accelerate launch` takes its own batch per step: the default keeps the steps per pass
     world = num_processes()
-    batch_size = ns.batch_size if ns.batch_size is not None else scan_batch_size(math.ceil(len(data) / world))
+    batch_size = ns.batch_size if ns.batch_size is not None else scan_batch_size(len(data))  # scan() checks it
     rows = scan(data, ns.model, k=ns.top, passes=ns.passes, faithful=ns.faithful, seed=ns.seed,
                 samples=ns.show_samples, progress=not ns.no_progress, batch_size=batch_size)
     if not is_main_process():  # the processes of an `accelerate launch` train the passes together; one prints
@@ -841,14 +840,15 @@ def cmd_analyze(ns) -> int:
     check_out_dir(ns.out, "curves.json", "frequency analysis", siblings=(".work",))
     out = Path(ns.out)
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the curves are written
-    if ns.resume and is_main_process() and not has_checkpoint(work):
+    main = is_main_process()  # the processes of an `accelerate launch` train together; the main one writes and speaks
+    if ns.resume and main and not has_checkpoint(work):
         print(f"note: --resume: no checkpoint in {work}; training from the start", file=sys.stderr)
     with work_lock(work, wait=False):  # one analysis per --out at a time
         r = frequency.analyze(config, ns.out, every=ns.every, samples=ns.samples, distance=ns.distance,
                               progress=not ns.no_progress, work_dir=work, resume=ns.resume)
-        if is_main_process():
+        if main:
             shutil.rmtree(work, ignore_errors=True)
-    if not is_main_process():  # the processes of an `accelerate launch` train together; the main one wrote and speaks
+    if not main:
         return 0
     m = r["metrics"]
     print(f"{config.dataset} {config.attack} {config.defense}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f}")

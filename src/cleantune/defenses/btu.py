@@ -24,7 +24,7 @@ from torch import nn
 from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier, check_max_length, load_model, load_tokenizer, max_positions, model_skeleton
-from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
+from ..training import StepHook, TrainReport, TrainSettings, num_processes, seed_everything, train
 from .base import Defense
 
 MODES = ("default", "faithful")
@@ -649,8 +649,9 @@ def scan_batch_size(n: int) -> int:
     """The shallow passes' batch for `scan` on n samples: BTU's 256, smaller on small files so that a pass
     makes at least SCAN_MIN_STEPS optimizer steps (full SST-2 makes 28 at 256). With fewer steps the drift
     does not separate tokens: Adam's first step moves every row that had a gradient by the same amount, so
-    one step (a file under 257 rows) ties every token and the order is arbitrary."""
-    return min(256, max(8, math.ceil(n / SCAN_MIN_STEPS)))
+    one step (a file under 257 rows) ties every token and the order is arbitrary. Under `accelerate launch`
+    a step takes a batch in each process, so the batch is sized on the samples per process."""
+    return min(256, max(8, math.ceil(n / num_processes() / SCAN_MIN_STEPS)))
 
 
 def scan(data: TextDataset, model: str = "minilm", *, k: int | None = None, passes: str = "AB",
