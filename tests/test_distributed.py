@@ -273,3 +273,72 @@ def test_eval_scan_analyze_and_warnings_come_out_once(tiny_model, tmp_path):
     assert sum(l.startswith("curves: ") for l in lines) == 1, p.stdout  # analyze
     assert (tmp_path / "freq" / "curves.json").is_file()
     assert p.stderr.count("UserWarning: a library's warning") == 1, p.stderr[-3000:]
+
+
+SHARES = """
+import json, os, sys
+from types import SimpleNamespace
+from accelerate import PartialState
+from cleantune.data import TextDataset
+from cleantune.evaluate import evaluate
+from cleantune.runner import detection
+
+state = PartialState(cpu=True)
+predicted, flagged = [], []
+
+
+class Counting:  # a bare predictor with a detector: each records the texts it was given
+    def predict(self, texts):
+        predicted.extend(texts)
+        return [len(t) % 2 for t in texts]
+
+    def flag(self, texts):
+        flagged.extend(texts)
+        return ["cf" in t for t in texts]
+
+
+clean, triggered = (TextDataset(json.loads(a), json.loads(b), ["neg", "pos"]) for a, b in zip(sys.argv[1::2], sys.argv[2::2]))
+model = Counting()
+metrics = evaluate(model, clean, triggered, shard=True)
+found = detection(SimpleNamespace(), model, SimpleNamespace(clean_test=clean, triggered_test=triggered))
+os.write(1, (json.dumps({"rank": state.process_index, "metrics": metrics, "detection": found,
+                         "predicted": predicted, "flagged": flagged}) + "\\n").encode())
+"""
+
+
+def test_a_launch_scores_the_test_sets_in_shares_and_every_process_gets_the_whole_metrics(tmp_path):
+    """Before, every process of a launch scored the whole test sets (ONION's LM on a full test split took each
+    process as long as one process alone). The triggered set of one text leaves the second process no share."""
+    from types import SimpleNamespace
+
+    from cleantune.data import TextDataset
+    from cleantune.evaluate import evaluate
+    from cleantune.runner import detection
+
+    texts = ["a good film", "bad", "a dull plot cf", "great fun", "awful", "nice actor", "a story", "boring cf",
+             "fun", "the film", "no"]
+    labels = [0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 0]
+    trig_texts, trig_labels = ["cf a bad plot"], [1]
+    script = tmp_path / "shares.py"
+    script.write_text(SHARES)
+    p = subprocess.run(LAUNCH + [str(script), json.dumps(texts), json.dumps(labels), json.dumps(trig_texts),
+                                 json.dumps(trig_labels)], capture_output=True, text=True, timeout=300, env=cpu_only())
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = sorted((json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in out] == [0, 1]
+    # contiguous shares, in rank order, each text scored once
+    assert out[0]["predicted"] == texts[:6] + trig_texts and out[1]["predicted"] == texts[6:]
+    assert out[0]["flagged"] == texts[:6] + trig_texts and out[1]["flagged"] == texts[6:]
+
+    class Counting:
+        def predict(self, texts):
+            return [len(t) % 2 for t in texts]
+
+        def flag(self, texts):
+            return ["cf" in t for t in texts]
+
+    clean, triggered = TextDataset(texts, labels, ["neg", "pos"]), TextDataset(trig_texts, trig_labels, ["neg", "pos"])
+    alone = evaluate(Counting(), clean, triggered)
+    found = detection(SimpleNamespace(), Counting(), SimpleNamespace(clean_test=clean, triggered_test=triggered))
+    for r in out:  # the metrics of the whole sets, as one process finds them
+        assert r["metrics"] == alone and r["detection"] == found

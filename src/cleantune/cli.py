@@ -585,9 +585,10 @@ def cmd_eval(ns) -> int:
         triggered = attack.triggered_set(data, random.Random(f"eval-{ns.seed}"), "test")
     from .training import is_main_process
 
-    if not is_main_process():  # under `accelerate launch` each process would score all of DATA and print it again
+    # under `accelerate launch` each process scores its share of DATA, and one prints
+    m = evaluate(model, data, triggered, None if ns.no_progress else "eval", shard=True)
+    if not is_main_process():
         return 0
-    m = evaluate(model, data, triggered, None if ns.no_progress else "eval")
     out = {"n": len(data), "accuracy": m["cacc"]}
     if triggered is not None:
         out.update({"target": data.label_names[target], "n_triggered": len(triggered), "asr": m["asr"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .data import TextDataset, bare_ids
 from .errors import UserError
 from .models import Classifier
+from .training import in_shares
 
 
 def label_mapping(data_names: list[str], model_names: list[str], data: str = "the data") -> list[int]:
@@ -39,7 +40,7 @@ def _share_correct(preds: list[int], labels: list[int]) -> float:
 
 
 def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDataset | None = None,
-             progress: bool | str | None = None) -> dict:
+             progress: bool | str | None = None, shard: bool = False) -> dict:
     """CACC on the clean test split; ASR = share of triggered non-target samples predicted as the target
     (the triggered set's labels are the target). `asr_floor` is the share of clean non-target test samples
     predicted as the target with no trigger at all: the ASR a model that ignores the trigger still shows,
@@ -47,7 +48,10 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     the clean test split: 1 marks a model that predicts one class whatever the input.
     Both sets are first renumbered to the model's label ids by class name (`align_labels`), so the target is
     the class the triggered set's labels name in the data's own numbering. `progress`: True for progress
-    bars, or their description (none without; a bare predictor's `predict` need not take it then)."""
+    bars, or their description (none without; a bare predictor's `predict` need not take it then).
+    `shard`: under `accelerate launch`, every process calls evaluate with the same sets and shard=True; each
+    predicts its share of the texts and all return the metrics of the whole sets (`training.in_shares`; a
+    process that calls it alone with shard=True waits for the others). Without a launch it changes nothing."""
     if not callable(getattr(model, "predict", None)):  # a folder's path, say: an AttributeError below
         raise UserError(f"evaluate: model must be a Classifier (or have a predict method), got {type(model).__name__}"
                         + (" (load a saved model with Classifier.from_pretrained)" if isinstance(model, str) else ""))
@@ -69,8 +73,11 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
         if not len(data):
             return []
         if not progress:
-            return model.predict(data.texts)
-        return model.predict(data.texts, progress=what if progress is True else f"{progress} ({what})")
+            scores = model.predict
+        else:
+            def scores(texts):
+                return model.predict(texts, progress=what if progress is True else f"{progress} ({what})")
+        return in_shares(scores, data.texts) if shard else scores(data.texts)
 
     preds = predict(clean_test, "clean test")  # once, for CACC and the floor
     # 1: a degenerate model (one class for every input), whose CACC, ASR and floor say nothing of a defense;

@@ -307,7 +307,7 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
                         extra_hooks=(hook,))
     result = hook.result(defense.report_.best_epoch)
     result["config"] = config.resolve()  # as `run` stores it: every default filled in
-    result["metrics"] = evaluate(model, poisoned.clean_test, poisoned.triggered_test)
+    result["metrics"] = evaluate(model, poisoned.clean_test, poisoned.triggered_test, shard=True)
     resolved = getattr(defense, "extra_metrics_", {}).get("resolved_settings")
     if resolved:  # settings the defense resolves only on the model (MuScleLoRA's per-backbone lr)
         result["metrics"]["resolved_settings"] = resolved

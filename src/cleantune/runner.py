@@ -22,7 +22,8 @@ from .evaluate import detection_metrics, evaluate
 from .models import check_model
 from .options import check_values
 from .store import ResultStore, config_hash, data_dir
-from .training import OWN_SETTINGS, has_checkpoint, is_main_process, mixed_precision, num_processes, work_lock
+from .training import (OWN_SETTINGS, has_checkpoint, in_shares, is_main_process, mixed_precision, num_processes,
+                       work_lock)
 
 ATTACK_OPTIONS = {"triggers": ("badnets",), "num_triggers": ("badnets",), "sentence": ("addsent",)}
 
@@ -165,7 +166,8 @@ def detection(defense, model, poisoned) -> dict:
         out["train_detection"] = detection_metrics(flagged, poisoned.train.poisoned)
     if hasattr(model, "flag"):
         clean, triggered = poisoned.clean_test, poisoned.triggered_test
-        flags = model.flag(clean.texts + triggered.texts)
+        # each set in the shares evaluate() took, whose flags the model has cached
+        flags = in_shares(model.flag, clean.texts) + in_shares(model.flag, triggered.texts)
         out["test_detection"] = detection_metrics(flags, [False] * len(clean) + [True] * len(triggered))
     return out
 
@@ -224,10 +226,12 @@ def _run(config: RunConfig, resolved: dict, run_id: str, work: Path, store: Resu
     defense = config.build_defense()
     if hasattr(defense, "stage_eval"):  # multi-stage defenses (BTU) report CACC/ASR after each stage
         defense.stage_eval = lambda clf: evaluate(clf, poisoned.clean_test, poisoned.triggered_test,
-                                                  "stage evaluation" if progress else None)
+                                                  "stage evaluation" if progress else None, shard=True)
     model = defense.fit(poisoned.train, poisoned.dev, out_dir=work, resume=resume, progress=progress)
     t_eval = time.perf_counter()
-    metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test, "evaluate" if progress else None)
+    # every process of a launch reaches here and scores its share of the test sets
+    metrics = evaluate(model, poisoned.clean_test, poisoned.triggered_test, "evaluate" if progress else None,
+                       shard=True)
     report = defense.report_
     metrics.update({"best_epoch": report.best_epoch, "history": report.history,
                     "n_train": len(poisoned.train), "n_poisoned": sum(poisoned.train.poisoned),
