@@ -342,3 +342,42 @@ def test_a_launch_scores_the_test_sets_in_shares_and_every_process_gets_the_whol
     found = detection(SimpleNamespace(), Counting(), SimpleNamespace(clean_test=clean, triggered_test=triggered))
     for r in out:  # the metrics of the whole sets, as one process finds them
         assert r["metrics"] == alone and r["detection"] == found
+
+
+STORE_COMMANDS = """
+import os, sys
+from cleantune import cli
+
+store, out, grid = sys.argv[1:]
+rank = os.environ["RANK"]
+for argv in (["results", "--store", store, "--format", "json"], ["report", "--store", store, "--out", out],
+             ["sweep", grid, "--store", store + ".sweep", "--no-progress"]):
+    code = cli.main(argv)
+    sys.stdout.flush()
+    os.write(1, f"rank {rank} {argv[0]} exit {code}\\n".encode())
+"""
+
+
+def test_results_and_report_come_out_once_and_a_sweep_is_refused_under_a_launch(tiny_model, tmp_path):
+    """Before, every process printed `results`, both wrote one report folder at once, and each process ran the whole
+    grid in a worker pool of its own (the table printed twice, with different rows)."""
+    from cleantune.store import ResultStore
+
+    store = tmp_path / "s.sqlite"
+    ResultStore(store).put("a" * 64, {"dataset": "sst2", "attack": "badnets", "defense": "finetune", "seed": 0},
+                           {"cacc": 0.8, "asr": 0.9}, {"wall_s": 1.0}, {})
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"dataset: sst2\nattack: badnets\ndefense: finetune\nmodel: {tiny_model}\ntrain_size: 64\n")
+    script = tmp_path / "store_commands.py"
+    script.write_text(STORE_COMMANDS)
+    p = subprocess.run(LAUNCH + [str(script), str(store), str(tmp_path / "report"), str(grid)], capture_output=True,
+                       text=True, timeout=300, env=cpu_only())
+    lines = p.stdout.splitlines()
+    for rank in (0, 1):
+        assert f"rank {rank} results exit 0" in lines and f"rank {rank} report exit 0" in lines, p.stdout
+        assert f"rank {rank} sweep exit 2" in lines, p.stdout
+    printed = "\n".join(l for l in lines if not l.startswith(("rank ", "wrote ")))
+    assert len(json.loads(printed)) == 1  # one process's list of the one run: two would not parse
+    assert sum(l.startswith("wrote ") for l in lines) == 1 and (tmp_path / "report" / "report.md").is_file()
+    assert p.stderr.count("cleantune: error: cleantune sweep runs its cells in processes of its own") == 2
+    assert not list(tmp_path.glob("s.sqlite.sweep*"))  # refused before the store or any cell

@@ -902,6 +902,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         ns = build_parser().parse_args(argv)
+        rank, processes = _launched()
+        if ns.command == "sweep" and processes > 1:  # each process would run the whole grid in workers of its own
+            raise UserError("cleantune sweep runs its cells in processes of its own (--workers, --backend ray): "
+                            "start it without accelerate launch, or launch `cleantune run` for each cell")
+        if ns.command in ("results", "report") and rank != 0:  # the main process prints, and writes the report
+            return 0
         if ns.command not in ("results", "report"):  # those two only read the store: no torch import
             from .models import silence_transformers
             from .training import flush_subnormals
@@ -974,6 +980,15 @@ def _process_group():
     without importing torch (`results` and `report` never load it)."""
     dist = sys.modules.get("torch.distributed")
     return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def _launched() -> tuple[int, int]:
+    """(rank, processes) of this process in an `accelerate launch` (torchrun's RANK and WORLD_SIZE), (0, 1)
+    without one; read before any process group is up, and without importing torch."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
 
 
 def _other_process() -> bool:
