@@ -504,6 +504,33 @@ def test_abl_isolation_leaves_samples_to_train_on(tiny_model):
         abl.fit(data.subset([0]), None, progress=False)
 
 
+def test_a_resumed_abl_counts_the_isolation_stage_it_trained_before(tiny_model, tmp_path, monkeypatch):
+    """A run's wall time adds the training its interrupted sessions did; it counted the last stage's alone, so
+    ABL stopped after its isolation stage resumed with none of that stage's time (BKI's and CUBE's side models
+    alike)."""
+    import cleantune.training as training
+
+    save, saves = training._save_checkpoint, []
+
+    def save_then_stop(*args, **kwargs):  # the isolation stage's one epoch is on disk, then Ctrl-C
+        save(*args, **kwargs)
+        saves.append(1)
+        raise KeyboardInterrupt
+
+    settings = dict(model=tiny_model, epochs=1, unlearning_epochs=1, batch_size=4, max_length=16)
+    data = _planted(16, "cf")
+    with monkeypatch.context() as m:
+        m.setattr(training, "_save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            get_defense("abl", **settings).fit(data, None, out_dir=tmp_path / "work", progress=False)
+    assert saves == [1] and (tmp_path / "work" / "abl-isolation" / "checkpoints" / "state.json").is_file()
+    abl = get_defense("abl", **settings)
+    abl.fit(data, None, out_dir=tmp_path / "work", resume=True, progress=False)
+    assert abl.report_.resumed_train_seconds > 0  # was 0: the isolation stage's earlier session was lost
+    assert abl.report_.train_seconds > abl.report_.resumed_train_seconds  # and this session's stages added
+    assert [r.get("stage") for r in abl.report_.history] == [None, "unlearning"]
+
+
 # ---------------------------------------------------------------- detection metrics
 
 

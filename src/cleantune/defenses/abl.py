@@ -17,7 +17,7 @@ models, which fit a backdoor within one epoch. `flagged_` holds, after fit, the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..models import Classifier
 from ..training import StepHook
 from .base import Defense
-from .common import per_sample_losses, side_dir, train_side_model
+from .common import per_sample_losses, side_dir, train_side_model, with_stages
 
 
 class LocalGradientAscent(StepHook):
@@ -89,14 +89,14 @@ class ABL(Defense):
         rest = train_data.subset(i for i, f in enumerate(self.flagged_) if not f)
         model, tok, self.report_ = train_side_model(self, rest, self.epochs, clean_dev, out_dir, resume, progress,
                                                     desc="abl", model=model, tokenizer=tok)
-        history = list(self.report_.history)
+        history, unlearn = list(self.report_.history), None
         if self.unlearning_epochs:
             _, _, unlearn = train_side_model(self, isolated, self.unlearning_epochs, None,
                                              side_dir(out_dir, "abl-unlearning"), resume, progress,
                                              desc="abl unlearning", hooks=(GradientAscent(),),
                                              lr=self.unlearning_lr, model=model, tokenizer=tok)
             history += [{**r, "stage": "unlearning"} for r in unlearn.history]
-        self.report_.history = history
+        self.report_ = with_stages(replace(self.report_, history=history), iso_report, unlearn)
         self.extra_metrics_ = {"n_isolated": len(isolated), "isolation_history": iso_report.history}
         return Classifier(model, tok, train_data.label_names, self.max_length)
 

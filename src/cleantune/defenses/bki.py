@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..models import Classifier
 from ..training import encode, make_batch
 from .base import Defense
-from .common import sentence_state, side_dir, train_side_model
+from .common import sentence_state, side_dir, train_side_model, with_stages
 
 
 def influential_words(model, tokenizer, texts: list[str], max_length: int, top: int = 5,
@@ -87,8 +87,8 @@ class BKI(Defense):
         train_data = train_data.without_flags()
         # OpenBackdoor keeps this model's last epoch: selecting it on clean dev would favour a less
         # backdoored model, whose representations reveal the trigger less
-        model, tokenizer, _ = train_side_model(self, train_data, self.bki_epochs, None, side_dir(out_dir, "bki-model"),
-                                               resume, progress, desc="bki model")
+        model, tokenizer, side = train_side_model(self, train_data, self.bki_epochs, None,
+                                                  side_dir(out_dir, "bki-model"), resume, progress, desc="bki model")
         per_text = influential_words(model, tokenizer, train_data.texts, self.max_length, self.top_words,
                                      progress=progress)
         del model
@@ -100,6 +100,7 @@ class BKI(Defense):
             raise UserError("BKI flagged every training sample; lower option keywords")
         victim = super().fit(train_data.subset(keep), clean_dev, out_dir=out_dir, resume=resume, progress=progress,
                              extra_hooks=extra_hooks)
+        self.report_ = with_stages(self.report_, side)
         self.extra_metrics_ = {"bki_keywords": [[w, s] for w, s in self.keywords_], "n_removed": sum(self.flagged_)}
         return victim
 

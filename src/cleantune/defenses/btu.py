@@ -24,8 +24,9 @@ from torch import nn
 from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier, check_max_length, load_model, load_tokenizer, max_positions, model_skeleton
-from ..training import StepHook, TrainReport, TrainSettings, num_processes, seed_everything, train
+from ..training import StepHook, TrainSettings, num_processes, seed_everything, train
 from .base import Defense
+from .common import with_stages
 
 MODES = ("default", "faithful")
 # Official values (spec section 5). k = int(0.0005 * 35022): the code's typo for BERT's 30522.
@@ -577,11 +578,7 @@ class BTU(Defense):
         self.suspicious_ = suspicious
         self.spared_ = spared
         # The victim's epochs are the run's history; clean tuning's are stored beside it.
-        self.report_ = TrainReport(report.history, report.best_epoch,
-                                   report.train_seconds + (tune_report.train_seconds if tune_report else 0.0),
-                                   report.samples_per_s, report.tokens_per_s, processes=report.processes,
-                                   resumed_train_seconds=report.resumed_train_seconds
-                                   + (tune_report.resumed_train_seconds if tune_report else 0.0))
+        self.report_ = with_stages(report, tune_report)
         self.extra_metrics_ = {
             "btu_mode": self.btu_mode, "btu_clean_tuning": self.clean_tuning, "btu_k": exp.k,
             "btu_suspicious": [tokenizer.convert_ids_to_tokens(i) for i in suspicious],

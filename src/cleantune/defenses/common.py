@@ -33,6 +33,15 @@ def train_side_model(defense, data: TextDataset, epochs: int, dev: TextDataset |
     return model, tokenizer, report
 
 
+def with_stages(report: TrainReport, *stages: TrainReport | None) -> TrainReport:
+    """`report`, the defended model's training (its history, selection and throughput), with the training time
+    of the defense's other trained stages added, and their earlier sessions' share of it: a resumed run's
+    wall time adds every stage's earlier training, not the last stage's alone (runner._run)."""
+    stages = [s for s in stages if s is not None]
+    return replace(report, train_seconds=report.train_seconds + sum(s.train_seconds for s in stages),
+                   resumed_train_seconds=report.resumed_train_seconds + sum(s.resumed_train_seconds for s in stages))
+
+
 def side_dir(out_dir, name: str) -> Path | None:
     return Path(out_dir) / name if out_dir is not None else None
 

@@ -22,7 +22,7 @@ from ..data import TextDataset
 from ..errors import UserError
 from ..models import Classifier
 from .base import Defense
-from .common import sentence_states, side_dir, train_side_model
+from .common import sentence_states, side_dir, train_side_model, with_stages
 
 
 def _require_extras():
@@ -92,7 +92,7 @@ class CUBE(Defense):
         if len(train_data) < 3:
             raise UserError("CUBE needs at least 3 training samples to cluster")
         train_data = train_data.without_flags()
-        encoder, tokenizer, _ = train_side_model(self, train_data, self.encoder_epochs, None,
+        encoder, tokenizer, side = train_side_model(self, train_data, self.encoder_epochs, None,
                                                  side_dir(out_dir, "cube-encoder"), resume, progress, desc="cube encoder")
         reps = sentence_states(encoder, tokenizer, train_data.texts, self.max_length).numpy()
         del encoder
@@ -101,6 +101,7 @@ class CUBE(Defense):
         keep = [i for i, f in enumerate(self.flagged_) if not f]
         victim = super().fit(train_data.subset(keep), clean_dev, out_dir=out_dir, resume=resume, progress=progress,
                              extra_hooks=extra_hooks)
+        self.report_ = with_stages(self.report_, side)
         self.extra_metrics_ = {"n_removed": sum(self.flagged_), "n_clusters": int(len(set(self.clusters_.tolist())))}
         return victim
 
