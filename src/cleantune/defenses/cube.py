@@ -93,7 +93,8 @@ class CUBE(Defense):
             raise UserError("CUBE needs at least 3 training samples to cluster")
         train_data = train_data.without_flags()
         encoder, tokenizer, side = train_side_model(self, train_data, self.encoder_epochs, None,
-                                                 side_dir(out_dir, "cube-encoder"), resume, progress, desc="cube encoder")
+                                                    side_dir(out_dir, "cube-encoder"), resume, progress,
+                                                    desc="cube encoder")
         reps = sentence_states(encoder, tokenizer, train_data.texts, self.max_length).numpy()
         del encoder
         self.clusters_ = cluster(reps, self.seed, self.pca_dims, self.umap_dims, self.n_neighbors, self.min_samples)
