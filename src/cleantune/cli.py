@@ -7,7 +7,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -634,7 +633,7 @@ def cmd_scan(ns) -> int:
         data = read_dataset(ns.data, ns.text_column or "auto", ns.label_column or "label")
     if data.num_labels < 2:
         raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")
-    from .training import is_main_process, num_processes
+    from .training import is_main_process, num_processes, steps_per_epoch
 
     world = num_processes()
     batch_size = ns.batch_size if ns.batch_size is not None else scan_batch_size(len(data))  # scan() checks it
@@ -665,7 +664,7 @@ def cmd_scan(ns) -> int:
             elif ns.show_samples:
                 for t in rows[n - 1]["samples"]:  # a .jsonl text may hold line breaks: each line keeps the bar
                     print("      | " + "\n      | ".join(t.splitlines() or [""]))
-    steps = math.ceil(math.ceil(len(data) / batch_size) / world)  # a step takes a batch in each process
+    steps = steps_per_epoch(len(data), batch_size, world)
     few = " (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else ""
     if world > 1:
         batch_size = f"{batch_size} per process x {world}"

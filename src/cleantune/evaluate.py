@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from .data import TextDataset, bare_ids
 from .errors import UserError
 from .models import Classifier
@@ -72,11 +74,8 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     def predict(data: TextDataset, what: str) -> list[int]:
         if not len(data):
             return []
-        if not progress:
-            scores = model.predict
-        else:
-            def scores(texts):
-                return model.predict(texts, progress=what if progress is True else f"{progress} ({what})")
+        bar = {"progress": what if progress is True else f"{progress} ({what})"} if progress else {}
+        scores = partial(model.predict, **bar)
         return in_shares(scores, data.texts) if shard else scores(data.texts)
 
     preds = predict(clean_test, "clean test")  # once, for CACC and the floor

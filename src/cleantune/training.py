@@ -139,11 +139,17 @@ def mixed_precision() -> str:
     return mp
 
 
-def is_main_process() -> bool:
-    """False in the non-zero ranks of `accelerate launch`: only the main process writes files."""
+def process_state():
+    """This process's place in an `accelerate launch` (Accelerate's shared PartialState; one process without
+    a launch). cpu=True on a machine without CUDA makes a multi-process launch join over gloo."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """False in the non-zero ranks of `accelerate launch`: only the main process writes files."""
+    return process_state().is_main_process
 
 
 def flush_subnormals() -> None:
@@ -159,9 +165,12 @@ def flush_subnormals() -> None:
 def num_processes() -> int:
     """How many processes of one `accelerate launch` train a run together (1 without a launch). Each takes a
     batch per step, so the effective batch, and with it the results, depend on it."""
-    from accelerate import PartialState
+    return process_state().num_processes
 
-    return PartialState(cpu=not torch.cuda.is_available()).num_processes
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """Optimizer steps an epoch of n samples takes: a step takes a batch in each of the `world` processes."""
+    return math.ceil(math.ceil(n / batch_size) / world)
 
 
 def in_shares(fn, items: list) -> list:
@@ -169,9 +178,7 @@ def in_shares(fn, items: list) -> list:
     the same items, applies `fn` to its contiguous share, and gets the whole result back in the items'
     order. Every process must call it (one alone would wait for the others); with one process it is
     `fn(items)`. So a launch's N processes score a test set in about 1/N of the time one process takes."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     if state.num_processes == 1:
         return list(fn(items))
     share = math.ceil(len(items) / state.num_processes)
@@ -318,8 +325,8 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     lengths = [len(x) for x in ids]
     labels = train_data.labels
     world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = math.ceil(math.ceil(len(ids) / settings.batch_size) / world)
-    total_steps = steps_per_epoch * settings.epochs
+    epoch_steps = steps_per_epoch(len(ids), settings.batch_size, world)
+    total_steps = epoch_steps * settings.epochs
 
     params = _trainable(model)
     if not params:
@@ -369,11 +376,11 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                 raise UserError(f"--resume: the checkpoint in {saved} holds no state for {key}; start over "
                                 "without --resume")
 
-    ctx = StepContext(model, accelerator, start_epoch, start_epoch * steps_per_epoch, steps_per_epoch, settings,
+    ctx = StepContext(model, accelerator, start_epoch, start_epoch * epoch_steps, epoch_steps, settings,
                       optimizer=optimizer)
     for h in hooks:
         h.on_train_begin(ctx)
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, unit="step",
+    bar = tqdm(total=total_steps, initial=start_epoch * epoch_steps, desc=desc, unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True, leave=False)
     n_samples, n_tokens = done.get("samples", 0), done.get("tokens", 0)
     t_train = t_before = done.get("train_seconds", 0.0)
@@ -490,10 +497,8 @@ def work_lock(work: Path, wait: bool):
     other process is done; else raise Busy. The lock is the kernel's (flock), so a killed holder frees it.
     A run that raises Diverged leaves no checkpoints: the same seed and data diverge again on --resume
     (other failures, an interruption or a refused --resume, keep them)."""
-    from accelerate import PartialState
-
     path = work.with_name(work.name + ".lock")
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     if state.num_processes == 1:
         fd = _flock(path, wait)
         got = fd is not None
