@@ -373,25 +373,41 @@ def test_a_sweep_in_this_process_interrupted_before_storing_anything_leaves_no_s
     assert not list(tmp_path.glob("s.sqlite*"))
 
 
-def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    (tmp_path / "interrupted.py").write_text(INTERRUPTED)
+def start_interrupted_sweep(tmp_path, script=INTERRUPTED, stdout=subprocess.PIPE):
+    """The sweep of `script` in a session of its own, once both of its workers have started a cell; and its log."""
+    (tmp_path / "interrupted.py").write_text(script)
     log = tmp_path / "log"
     log.touch()
     p = subprocess.Popen([sys.executable, str(tmp_path / "interrupted.py"), str(log), str(tmp_path / "s.sqlite")],
-                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=stdout, text=True, start_new_session=True)
     deadline = time.time() + 120
     while log.read_text().count("start") < 2 and time.time() < deadline:
         time.sleep(0.2)
+    return p, log
+
+
+def output_within(p, seconds: float) -> str:
+    """What `p` printed, once it has exited; a sweep still running then fails the test with its process tree,
+    and its session is killed."""
+    import signal
+
+    try:
+        return p.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,cmd", "-s", str(p.pid)], capture_output=True,
+                              text=True).stdout
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"the sweep had not exited {seconds} s after Ctrl-C; its session:\n{tree}")
+
+
+def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
+    import signal
+
+    p, log = start_interrupted_sweep(tmp_path)
     assert log.read_text().count("start") == 2
     t0 = time.time()
     os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C: the whole foreground group
-    out, _ = p.communicate(timeout=120)
+    out = output_within(p, 120)
     # the pool had handed a third cell to a worker ahead of time; it must not start and be waited for
     assert "interrupted" in out and time.time() - t0 < 30
     time.sleep(1)
@@ -402,23 +418,26 @@ def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
     assert not list(tmp_path.glob("s.sqlite*"))  # the sweep created the store and stored nothing: none is left
 
 
-def test_workers_stop_when_their_sweep_is_killed(tmp_path):
-    import os
+def test_ctrl_c_stops_a_sweep_whose_cells_ignore_sigterm(tmp_path):
     import re
     import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
-    (tmp_path / "interrupted.py").write_text(INTERRUPTED)
-    log = tmp_path / "log"
-    log.touch()
-    p = subprocess.Popen([sys.executable, str(tmp_path / "interrupted.py"), str(log), str(tmp_path / "s.sqlite")],
-                         stdout=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while log.read_text().count("start") < 2 and time.time() < deadline:
-        time.sleep(0.2)
+    stubborn = INTERRUPTED.replace("    try:  # long enough", "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                   "    try:  # long enough")
+    p, log = start_interrupted_sweep(tmp_path, stubborn)
+    pids = [int(x) for x in re.findall(r"pid (\d+)", log.read_text())]
+    assert len(pids) == 2
+    t0 = time.time()
+    os.killpg(p.pid, signal.SIGINT)
+    out = output_within(p, 120)  # before: the pool's thread waited at exit for the cells' 300 s
+    assert "interrupted" in out and time.time() - t0 < 30
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # killed, and reaped by the sweep
+
+
+def test_workers_stop_when_their_sweep_is_killed(tmp_path):
+    import re
+
+    p, log = start_interrupted_sweep(tmp_path, stdout=subprocess.DEVNULL)
     pids = [int(x) for x in re.findall(r"pid (\d+)", log.read_text())]
     assert len(pids) == 2
     p.kill()  # SIGKILL: the sweep cannot stop them itself
@@ -436,7 +455,7 @@ def test_workers_stop_when_their_sweep_is_killed(tmp_path):
         time.sleep(0.2)
     left = [pid for pid in pids if alive(pid)]
     for pid in left:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, 9)
     assert not left  # their cells would otherwise train on, 300 s here, and the workers then wait for good
 
 

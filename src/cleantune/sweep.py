@@ -255,8 +255,15 @@ def _local(cells: list[Cell], store_path: str, workers: int, threads: int) -> It
             pool.shutdown(wait=False, cancel_futures=True)
             for p in workers_now:
                 p.terminate()
+            # A worker that outlives SIGTERM (code in its cell that handles it) would be waited for at exit by
+            # the pool's own thread, for as long as its cell trains: it gets SIGKILL after a grace period
+            grace = time.monotonic() + 10
             for p in workers_now:
-                p.join(timeout=30)
+                p.join(timeout=max(0.0, grace - time.monotonic()))
+            for p in workers_now:
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=10)
 
 
 def _ray(cells: list[Cell], store: ResultStore, address: str | None, cpus: int, gpus: float) -> Iterator[dict]:
