@@ -350,6 +350,9 @@ def slow_run(config, store, resume=False, progress=False):  # a cell that trains
 
 S.run = slow_run  # the spawned workers import this file again as __mp_main__, patched alike
 if __name__ == "__main__":
+    # as a sweep started from a terminal: a test run started in the background (`pytest &`) ignores Ctrl-C,
+    # and so would every process it starts
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cells = [S.Cell(RunConfig(seed=i), f"id{i}", {}) for i in range(6)]
     try:
         S.sweep(cells, sys.argv[2], workers=2, progress=False)
