@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -392,8 +394,6 @@ def start_interrupted_sweep(tmp_path, script=INTERRUPTED, stdout=subprocess.PIPE
 def output_within(p, seconds: float) -> str:
     """What `p` printed, once it has exited; a sweep still running then fails the test with its process tree,
     and its session is killed."""
-    import signal
-
     try:
         return p.communicate(timeout=seconds)[0]
     except subprocess.TimeoutExpired:
@@ -404,8 +404,6 @@ def output_within(p, seconds: float) -> str:
 
 
 def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
-    import signal
-
     p, log = start_interrupted_sweep(tmp_path)
     assert log.read_text().count("start") == 2
     t0 = time.time()
@@ -422,9 +420,6 @@ def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
 
 
 def test_ctrl_c_stops_a_sweep_whose_cells_ignore_sigterm(tmp_path):
-    import re
-    import signal
-
     stubborn = INTERRUPTED.replace("    try:  # long enough", "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                                    "    try:  # long enough")
     p, log = start_interrupted_sweep(tmp_path, stubborn)
@@ -438,8 +433,6 @@ def test_ctrl_c_stops_a_sweep_whose_cells_ignore_sigterm(tmp_path):
 
 
 def test_workers_stop_when_their_sweep_is_killed(tmp_path):
-    import re
-
     p, log = start_interrupted_sweep(tmp_path, stdout=subprocess.DEVNULL)
     pids = [int(x) for x in re.findall(r"pid (\d+)", log.read_text())]
     assert len(pids) == 2
@@ -458,7 +451,7 @@ def test_workers_stop_when_their_sweep_is_killed(tmp_path):
         time.sleep(0.2)
     left = [pid for pid in pids if alive(pid)]
     for pid in left:
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
     assert not left  # their cells would otherwise train on, 300 s here, and the workers then wait for good
 
 
