@@ -102,14 +102,6 @@ def test_projection_and_gating_by_hand():
     assert torch.equal(align(g, r, "raw", 1.0), g)
     assert torch.equal(align(g, torch.zeros(3), "project", 0.0), g)  # zero reference: keep g
     assert torch.equal(align(g, None, "project", 0.0), g)
-    tiny = torch.tensor([0.0, 1e-23, 1e-23])  # ||r||^2 underflows to 0 in float32
-    assert torch.allclose(project(g, tiny), torch.tensor([0.0, 1e-23, 1e-23]) * 1e23)
-    torch.manual_seed(0)
-    big_g = torch.randn(768, 768)
-    for scale in (5e-23, 1.5e-23):  # ||r||^2 subnormal: float32 alone would be 2-100 % too long
-        r = torch.randn(768, 768) * scale
-        exact = (big_g.double().flatten() @ r.double().flatten()).abs() / (r.double().flatten() @ r.double().flatten()) * r.double()
-        assert torch.allclose(project(big_g, r).double(), exact, rtol=1e-5)
     plm = dict(min_ref_grad_norm=5e-7, min_ref_loss=0.4, ga_epoch=1, max_raw_grad_ratio=0.1)
     assert ga_mode(1e-3, 0.5, 0, 10, **plm) == ("project", 0.0)
     assert ga_mode(1e-3, 0.3, 0, 10, **plm) == ("raw", 1.0)        # epoch 0 < GAEpoch: raw gradient
@@ -121,18 +113,48 @@ def test_projection_and_gating_by_hand():
     assert ga_mode(1e-9, 0.01, 3, 5, **llm) == ("raw", 1.0)
 
 
+def official_projection(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The official ga_trainer's expression, in float64: torch.cosine_similarity divides by each norm clamped
+    at 1e-8, then |cos * ||g|| / ||r||| * r."""
+    g, r = g.double().flatten(), r.double().flatten()
+    cos = torch.nn.functional.cosine_similarity(g, r, dim=0)
+    return (torch.norm(g) * cos / torch.norm(r)).abs() * r
+
+
+def test_projection_clamps_short_gradients_as_the_official_cosine():
+    g = torch.tensor([1.0, -2.0, 0.0])
+    tiny = torch.tensor([0.0, 1e-23, 1e-23])  # ||r||^2 underflows to 0 in float32
+    # the unclamped step [0, 1, 1], shrunk by ||r|| / 1e-8 (the spec's bare formula would give [0, 1, 1])
+    assert torch.allclose(project(g, tiny), torch.tensor([0.0, 1.0, 1.0]) * (2 ** 0.5 * 1e-23 / 1e-8))
+    torch.manual_seed(0)
+    big = torch.randn(768, 768)
+    for g, r in ((big, torch.randn(768, 768) * 5e-23),   # ||r||^2 subnormal in float32
+                 (big, torch.randn(768, 768) * 1e-12),   # ||r|| 8e-10: clamped, all normal floats
+                 (big * 1e-12, torch.randn(768, 768)),   # a short training gradient is clamped too
+                 (big, torch.randn(768, 768) * 1e-6)):   # no clamp: the float32 formula
+        expected = official_projection(g, r)
+        assert torch.allclose(project(g, r).double().flatten(), expected, rtol=1e-5, atol=0), r.norm()
+    # where float32 holds every value, the official float32 expression itself gives the same step
+    g, r = torch.randn(1000) * 1e-3, torch.randn(1000) * 1e-12
+    cos = torch.cosine_similarity(g, r, dim=0)
+    assert torch.allclose(project(g, r), (torch.norm(g) * cos / torch.norm(r)).abs() * r, rtol=1e-5, atol=0)
+    # the unclamped step (a reference of the same direction, longer than 1e-8), shrunk by ||r|| / 1e-8
+    assert torch.allclose(project(g, r), project(g, r * 1e6) * (r.norm() / 1e-8), rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("mode,mu", [("project", 0.0), ("mix", 0.3)])
 def test_align_all_is_the_per_tensor_formula_bit_for_bit(mode, mu):
     torch.manual_seed(0)
     # 24 LoRA-sized tensors (one stacked group), odd sizes, three above the parallel grain (never stacked:
     # their float32 sums differ from a stacked row's), a zero gradient, a zero and a missing reference,
-    # and one memorised reference (float64 fallback)
+    # one memorised reference and one short gradient (the float64 path)
     shapes = [(8, 384)] * 12 + [(384, 8)] * 12 + [(7, 384), (384,), (40000,), (40000,), (200, 200)]
     grads = [torch.randn(s) * 10 ** torch.empty(1).uniform_(-6, 0).item() for s in shapes]
     refs = [torch.randn(s) * 10 ** torch.empty(1).uniform_(-6, 0).item() for s in shapes]
     grads[3] = torch.zeros(shapes[3])
     refs[5], refs[6] = torch.zeros(shapes[5]), None
     refs[7] = torch.randn(shapes[7]) * 1e-23
+    grads[9] = torch.randn(shapes[9]) * 1e-11
     expected = []
     for g, r in zip(grads, refs):
         if r is None or not g.any() or not r.any():
@@ -695,3 +717,19 @@ def test_every_seed_training_accepts_draws_reference_batches(tiny_model, seed, m
                         or make_batch(ids, pad))
     hook.reference_gradients(model, params, 3, torch.device("cpu"))
     assert drawn == [torch.randperm(12, generator=torch.Generator().manual_seed(-5 * 1_000_003 + 3))[:4].tolist()]
+
+
+def test_an_ablation_refuses_the_options_of_the_component_it_leaves_out():
+    # ga-lora has no MSLR, lora-mslr no GA, ga neither LoRA nor MSLR: their options would be ignored
+    for name, option, value in (("ga-lora", "mslr_alpha", 3.0), ("lora-mslr", "ref_samples", 50),
+                                ("ga", "lora_r", 4), ("ga", "train_head", True), ("ga", "scales", [1, 2])):
+        for make in (lambda **o: get_defense(name, **o), type(get_defense(name))):  # by name, and the class itself
+            with pytest.raises(UserError, match=f"defense '{name}' has no .* component: option {option} does not"):
+                make(**{option: value})
+    with pytest.raises(UserError, match="options: .*ga_epoch") as e:  # the list names only what applies
+        get_defense("ga-lora", mslr_alfa=3)
+    assert "mslr_alpha" not in str(e.value) and "scales" not in str(e.value)
+    # left at their defaults (as `replace` copies them) they pass, and the components' own options stay
+    assert get_defense("ga-lora", lora_r=4, ref_samples=50).settings()["lora_r"] == 4
+    assert get_defense("lora-mslr", mslr_alpha=3.0).settings()["mslr_alpha"] == 3.0
+    assert "mslr_alpha" in get_defense("muscle-lora", mslr_alpha=3.0).settings()

@@ -121,6 +121,11 @@ class Defense:
     def settings(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """The options this defense takes (a variant that leaves out a component leaves out its options)."""
+        return {f.name for f in fields(cls)}
+
     def findings(self) -> str:
         """After fit: what the defense found in the training data, in one line (`train` prints it); '' if
         it looks for nothing. The full record is `extra_metrics_`, which `run` stores."""
@@ -254,8 +259,9 @@ def make_defense(cls: type[Defense], options: dict) -> Defense:
     """Build a defense from option names (as in the CLI and config files, where `lora-r` is `lora_r`),
     rejecting unknown ones."""
     options = {str(k).replace("-", "_"): v for k, v in options.items()}
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - known)
+    known = cls.option_names()
+    # a field outside option_names (a left-out component's) is refused by the constructor, which says why
+    unknown = sorted(set(options) - {f.name for f in fields(cls)})
     if unknown:
         import difflib
 

@@ -51,25 +51,32 @@ TUNED = {("bert", 384): {"lr": 1e-3, "mslr_alpha": 0.1}}
 def project(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """|<g, r>| / ||r||^2 * r: the length of g's projection onto r, pointing along +r (spec 3.2; the
     absolute value is the official code's, so an opposing poisoned gradient still steps the clean way).
-    Once the references are memorised their gradients can be so small (~1e-23) that ||r||^2 is subnormal or
-    0 in float32, and the official formula returns a far too long or an inf step, which gradient clipping
-    turns into NaN weights; such tensors are computed in float64 instead (a deviation: the official code
-    diverges there). Tensors far from that range take the official float32 path bit for bit."""
+    The official code computes it as |cos(g, r) * ||g|| / ||r||| * r with torch.cosine_similarity, which divides
+    by max(||g||, 1e-8) * max(||r||, 1e-8): a tensor whose gradient or reference gradient is shorter than 1e-8
+    (references memorised, a LoRA factor still near 0) takes a step shrunk by that norm / 1e-8, a clamp the
+    spec's formula leaves out. Those tensors, and any whose ||r||^2 is not a normal float32, are computed in
+    float64 (the same formula); every other tensor takes the float32 path, bit for bit the spec's formula."""
     den = r.flatten().pow(2).sum()
-    return _project(g, r, den, bool(_representable(den, r.numel(), r.dtype)))
+    return _project(g, r, den, bool(_plain(den, g.flatten().pow(2).sum(), r.numel(), r.dtype)))
 
 
-def _representable(den: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    # subnormal squares lose their precision long before the sum reaches 0: fall back well above that
-    return (den > numel * torch.finfo(dtype).tiny * 1e4) & torch.isfinite(den)
+COS_EPS = 1e-8  # torch.cosine_similarity's default eps, which the official projection runs through
 
 
-def _project(g: torch.Tensor, r: torch.Tensor, den: torch.Tensor, representable: bool) -> torch.Tensor:
-    if representable:
+def _plain(den: torch.Tensor, gden: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Whether the float32 formula gives the official step: both norms at least COS_EPS (no clamp), and
+    ||r||^2 a normal float32 (subnormal squares lose their precision long before the sum reaches 0)."""
+    return ((den > numel * torch.finfo(dtype).tiny * 1e4) & torch.isfinite(den)
+            & (den >= COS_EPS ** 2) & (gden >= COS_EPS ** 2))
+
+
+def _project(g: torch.Tensor, r: torch.Tensor, den: torch.Tensor, plain: bool) -> torch.Tensor:
+    if plain:
         return (g.flatten().double() @ r.flatten().double()).abs().to(r.dtype) / den * r
-    r64 = r.flatten().double()
-    coef = (g.flatten().double() @ r64).abs() / (r64 @ r64)
-    return (coef * r.double()).to(r.dtype)
+    g64, r64 = g.flatten().double(), r.flatten().double()
+    g_norm, r_norm = g64.norm(), r64.norm()
+    cos = (g64 @ r64) / (g_norm.clamp_min(COS_EPS) * r_norm.clamp_min(COS_EPS))
+    return ((cos * g_norm / r_norm).abs() * r.double()).to(r.dtype)
 
 
 def ga_mode(mean_ref_norm: float, ref_loss: float, epoch: int, epochs: int, *, min_ref_grad_norm: float,
@@ -110,7 +117,8 @@ def _rows(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def align_all(grads: list[torch.Tensor | None], refs: list[torch.Tensor | None], mode: str, mu: float,
-              groups: list[tuple[list[int], torch.Tensor]] | None = None) -> list[torch.Tensor | None]:
+              groups: list[tuple[list[int], torch.Tensor]] | None = None,
+              counts: dict[str, int] | None = None) -> list[torch.Tensor | None]:
     """align() for every tensor of a step, as row-wise operations over `ref_groups` and with all the
     per-tensor tests read back in one host sync (a GPU stalls at every sync). The float32 path is the
     published formula row by row: the same bits as tensor by tensor on a CPU, up to the float64 dot
@@ -127,7 +135,8 @@ def align_all(grads: list[torch.Tensor | None], refs: list[torch.Tensor | None],
             idx, R = [idx[j] for j in keep], R[keep]
         G = _rows([grads[i] for i in idx])
         den = R.pow(2).sum(1)
-        work.append((idx, G, R, den, torch.stack([G.any(1), R.any(1), _representable(den, R.shape[1], R.dtype)], 1)))
+        plain = _plain(den, G.pow(2).sum(1), R.shape[1], R.dtype)
+        work.append((idx, G, R, den, torch.stack([G.any(1), R.any(1), plain], 1)))
     if not work:
         return out
     tests = torch.cat([w[-1] for w in work]).tolist()
@@ -138,13 +147,16 @@ def align_all(grads: list[torch.Tensor | None], refs: list[torch.Tensor | None],
         if mode == "mix":
             A = (1 - mu) * A + mu * G
         for j, i in enumerate(idx):
-            g_nonzero, r_nonzero, rep = tests[k]
+            g_nonzero, r_nonzero, plain = tests[k]
             k += 1
             if not (g_nonzero and r_nonzero):
                 continue
-            if rep:
+            if counts is not None:
+                counts["aligned"] = counts.get("aligned", 0) + 1
+                counts["clamped"] = counts.get("clamped", 0) + (not plain)
+            if plain:
                 out[i] = A[j].view_as(grads[i])
-            else:  # the float64 fallback, tensor by tensor (rare: memorised references)
+            else:  # the float64 path, tensor by tensor (rare: a norm under COS_EPS, memorised references)
                 g_a = _project(grads[i], refs[i], den[j], False)
                 out[i] = g_a if mode == "project" else (1 - mu) * g_a + mu * grads[i]
     return out
@@ -192,6 +204,7 @@ class GradientAlignment(StepHook):
 
     def _reset(self):
         self.counts = {"project": 0, "mix": 0, "raw": 0}
+        self.tensors = {"aligned": 0, "clamped": 0}
         self.ref_loss_sum = 0.0
 
     def reference_gradients(self, model, params: list[torch.nn.Parameter], step: int, device,
@@ -234,8 +247,8 @@ class GradientAlignment(StepHook):
             mode, mu = gate(sum(norms) / len(norms) if norms else 0.0, ref_loss)
         if mode != "raw":
             with torch.no_grad():  # refs[i] belongs to params[i] by construction
-                changed = [(p.grad, new) for p, new in zip(params, align_all([p.grad for p in params], refs, mode,
-                                                                             mu, groups)) if new is not p.grad]
+                new_grads = align_all([p.grad for p in params], refs, mode, mu, groups, self.tensors)
+                changed = [(p.grad, new) for p, new in zip(params, new_grads) if new is not p.grad]
                 if changed:
                     torch._foreach_copy_(*map(list, zip(*changed)))
         self.counts[mode] += 1
@@ -243,6 +256,9 @@ class GradientAlignment(StepHook):
         steps = sum(self.counts.values())
         ctx.logs.update({f"ga_{k}": v / steps for k, v in self.counts.items()})
         ctx.logs["ga_ref_loss"] = self.ref_loss_sum / steps
+        # the share of aligned tensors whose gradient or reference gradient was shorter than 1e-8 (the official
+        # cosine's clamp shrank their step): near 0 until the references are memorised
+        ctx.logs["ga_clamped"] = self.tensors["clamped"] / max(1, self.tensors["aligned"])
 
     def on_epoch_end(self, ctx: StepContext) -> None:
         self._reset()
@@ -300,10 +316,27 @@ class MuScleLoRA(Defense):
         "ga": ("ref_samples", "min_ref_loss", "min_ref_grad_norm", "ga_epoch", "max_raw_grad_ratio"),
     }
 
+    def __post_init__(self):
+        super().__post_init__()  # first: the values converted to the fields' types
+        # the Python API constructs directly: an option of a left-out component would be silently ignored
+        for component, names in self._GROUPS.items():
+            set_here = [n for n in names if component not in self.components
+                        and getattr(self, n) != MuScleLoRA.__dataclass_fields__[n].default]
+            if set_here:
+                raise UserError(f"defense '{self.name}' has no {component.upper()} component: option "
+                                f"{set_here[0]} does not apply to it")
+
+    @classmethod
+    def _unused(cls) -> set[str]:
+        return {f for c, fs in cls._GROUPS.items() if c not in cls.components for f in fs}
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return super().option_names() - cls._unused()
+
     def settings(self) -> dict:
         """Only the settings of the components this variant uses."""
-        unused = {f for c, fs in self._GROUPS.items() if c not in self.components for f in fs}
-        return {k: v for k, v in asdict(self).items() if k not in unused}
+        return {k: v for k, v in asdict(self).items() if k not in self._unused()}
 
     def resolve(self, model) -> dict:
         """The settings with the per-backbone defaults filled in."""
