@@ -198,6 +198,11 @@ def test_modes_resolve_to_documented_settings():
         with pytest.raises(UserError):
             BTU(**bad)
     assert btu.resolve_k(None, 0.0005, 30522) == 15 and btu.resolve_k(None, 0.0005, 50265) == 25
+    # rho sets k only in default mode without k: elsewhere it would be ignored, so it is refused
+    for bad, why in ((dict(btu_mode="faithful", rho=0.01), "faithful mode fixes k=17"), (dict(k=5, rho=0.01), "k is given")):
+        with pytest.raises(UserError, match=f"option rho applies only .*{why}"):
+            BTU(**bad)
+    assert BTU(rho=0.01).rho == 0.01 and BTU(btu_mode="faithful", k=25).k == 25
 
 
 def test_pass_b_removal_faithful_substrings_vs_default_tokens():
@@ -275,7 +280,13 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
                                          f"{', '.join(tok.convert_ids_to_tokens(cut))}")
     assert ("; spared by the collateral guard: " in defense.findings()) == bool(spared)
     replaced = (after[S] == E0[tok.pad_token_id]).sum().item()
-    assert replaced >= sum(defense.extra_metrics_["btu_unlearn"]["dims_replaced"]) > 0
+    unlearned = defense.extra_metrics_["btu_unlearn"]
+    assert replaced >= sum(unlearned["dims_replaced"]) > 0
+    # each count pairs with its token: the cut's own order, spared tokens freed in later rounds last
+    assert sorted(unlearned["tokens"]) == sorted(tok.convert_ids_to_tokens(cut))
+    assert len(unlearned["dims_replaced"]) == len(unlearned["tokens"])
+    for t, n in zip(tok.convert_tokens_to_ids(unlearned["tokens"]), unlearned["dims_replaced"]):
+        assert (after[t] != before[t]).sum().item() <= n
     if tuning == "none":
         assert torch.equal(clf.model.get_input_embeddings().weight.cpu(), after)
     audit = defense.audit(["cf"])
@@ -559,6 +570,21 @@ def test_guard_scores_on_dev_without_the_tuning_samples(tiny_model, monkeypatch)
     [(guard_dev, tolerance)], [tune] = seen, tuned
     assert tolerance == 0.25
     assert len(guard_dev) == 16 and sorted(guard_dev.texts + tune.texts) == sorted(dev.texts)  # the rest of dev
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_shallow_passes_group_by_length_except_the_faithful_padded_ones(tiny_model, monkeypatch, faithful):
+    # faithful passes pad to 128: grouping saves nothing there, and the official loader only shuffles
+    settings, real = {}, btu.train
+
+    def spy(model, tokenizer, data, dev=None, s=None, *args, **kwargs):
+        settings[kwargs.get("desc")] = s
+        return real(model, tokenizer, data, dev, s, *args, **kwargs)
+
+    monkeypatch.setattr(btu, "train", spy)
+    btu.expose(tiny_model, load_tokenizer(tiny_model), synthetic(48), faithful=faithful, k=5, passes="AB",
+               batch_size=16, max_length=48)
+    assert [settings[f"btu expose {n}"].group_by_length for n in "AB"] == [not faithful] * 2
 
 
 def test_shallow_passes_train_with_the_configured_rho_lr_and_length(tiny_model, monkeypatch):

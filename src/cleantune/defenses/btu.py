@@ -247,8 +247,12 @@ def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: 
     view = view or TokenView(tokenizer)
     if lr is None:
         lr = FAITHFUL_EXPOSE_LR if faithful else DEFAULT_EXPOSE_LR
+    # the official weight decay 0.01 in both modes (the defense's weight_decay is the victim's); faithful passes
+    # pad every sample to 128, so length-grouped batches would save nothing and only change which samples share
+    # a batch: they shuffle only, as the official loader
     shallow = TrainSettings(epochs=1, batch_size=batch_size, lr=lr, weight_decay=0.01, warmup_ratio=0.0,
-                            max_grad_norm=0.0, max_length=max_length, seed=seed, lr_schedule="constant")
+                            max_grad_norm=0.0, max_length=max_length, seed=seed, lr_schedule="constant",
+                            group_by_length=not faithful)
     exclude = special_ids(tokenizer, faithful, data.texts)
     out = Exposure({}, {}, {}, 0, {})
     top_a: list[int] = []
@@ -457,6 +461,10 @@ class BTU(Defense):
         if self.btu_mode not in MODES:
             raise UserError(f"btu_mode must be one of {', '.join(MODES)}, got '{self.btu_mode}'")
         self._length_given = self.max_length is not None  # else the mode's, capped at the backbone's (fit)
+        if self.rho != BTU.rho and (self.k is not None or self.btu_mode == "faithful"):
+            # k = round(rho * V) only where k is not fixed: it would be ignored here
+            raise UserError(f"defense 'btu': option rho applies only in btu_mode=default without k "
+                            f"({'k is given' if self.k is not None else 'faithful mode fixes k=17'}); set k instead")
         for key, value in (FAITHFUL if self.btu_mode == "faithful" else DEFAULT).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -585,8 +593,8 @@ class BTU(Defense):
             "btu_spared": tokenizer.convert_ids_to_tokens(spared), "btu_guard": self.guard,
             "btu_guard_costs": [{tokenizer.convert_ids_to_tokens(t): c for t, c in r.items()} for r in guard_rounds],
             "btu_top": {n: tokenizer.convert_ids_to_tokens(v) for n, v in exp.top.items()},
-            "btu_unlearn": {"threshold": cut["threshold"], "dims_replaced": cut["dims_replaced"],
-                            "dims": int(E0.shape[1])},
+            "btu_unlearn": {"threshold": cut["threshold"], "tokens": tokenizer.convert_ids_to_tokens(cut["tokens"]),
+                            "dims_replaced": cut["dims_replaced"], "dims": int(E0.shape[1])},
             "btu_stages": {k: v for k, v in stages.items() if v is not None},
             "btu_tune_history": tune_report.history if tune_report else None,
             "btu_seconds": {**{f"expose_{n}": s for n, s in exp.seconds.items()}, "victim": t_victim,
