@@ -82,9 +82,13 @@ def test_integer_labels_and_custom_columns(tmp_path):
     ("a.tsv", "sentence\tlabel\nfine\t0\nok\t \n", "a.tsv:3: missing label"),  # not a class named ''
     ("a.csv", "sentence,label\nfine,0\nok,\n", "a.csv:3: missing label"),
     ("a.tsv", "sentence\tlabel\nfine\t0\nshort\n", "a.tsv:3: not a table: 1 fields where the header has 2"),
-    # a quote never closed swallows the rest of the file into one field: the line itself shows two
+    # a quote never closed runs to the end of the file: the error names the line it opens on
     ("a.csv", 'sentence,label\nfine,0\n"unclosed,1\nok,0\n',
-     "a.csv:3: not a table: 1 fields where the header has 2 (a quoted field opened on this line is never closed)"),
+     "a.csv:3: not a table: a quoted field opened on this line is never closed"),
+    # a quote left open that a later line's quote closes: the lenient reader glued two rows into one sample
+    ("a.csv", 'text,label\n"a fine film,pos\n"a dull film",neg\ngood,pos\n',
+     "a.csv:3: not a table (',' expected after '\"'; the row began on line 2, so a quote may be left open there)"),
+    ("a.csv", 'text,label\n"x" y,pos\nb,neg\n', "a.csv:2: not a table (',' expected after '\"')"),
     ("a.jsonl", '{"text": "a", "label": 0}\n["b", 1]\n', "a.jsonl:2: each line must be a JSON object"),
     ("a.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1, "text": "c"}\n',
      "a.jsonl:2: key 'text' appears twice in one object"),
@@ -502,3 +506,11 @@ def test_stratified_sample_refuses_a_size_or_seed_that_is_no_integer(n, seed, ms
 def test_load_benchmark_refuses_a_name_that_is_no_string():
     with pytest.raises(UserError, match="unknown dataset"):  # was: TypeError unhashable type: 'list'
         load_benchmark(["sst2"])
+
+
+def test_csv_quotes_inside_a_field_are_text(tmp_path):
+    # strict reading refuses only a closing quote followed by more text: quotes inside an unquoted field and
+    # doubled quotes inside a quoted one are text, and a quoted field may span lines
+    d = read_dataset(write(tmp_path, "q.csv", 'text,label\nhe said "hi" there,pos\n"ok ""q"", fine",neg\n"two\nlines",pos\n'))
+    assert d.texts == ['he said "hi" there', 'ok "q", fine', "two\nlines"]
+    assert [d.label_names[y] for y in d.labels] == ["pos", "neg", "pos"]

@@ -191,15 +191,20 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     # refuses a field over 131,072 characters by default ("not a table"), which a long document is: no field
     # is longer than the file
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    # strict: a closing quote followed by more text (`"a fine film,pos` whose quote the next line's `"a dull
+    # film",neg` closes) is an error; the lenient reader glued the two rows into one sample without a word
     reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",",
-                        quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+                        quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL, strict=suffix != ".tsv")
     rows, last = [], 0
     try:
         for row in reader:  # numbered by the line each row starts on (a quoted field may span lines)
             rows.append((last + 1, row))
             last = reader.line_num
     except csv.Error as e:
-        raise UserError(f"{path}:{reader.line_num}: not a table ({e})") from None
+        if "unexpected end of data" in str(e):  # strict reading: a quote still open at the end of the file
+            raise UserError(f"{path}:{last + 1}: not a table: a quoted field opened on this line is never closed") from None
+        spans = f"; the row began on line {last + 1}, so a quote may be left open there" if reader.line_num > last + 1 else ""
+        raise UserError(f"{path}:{reader.line_num}: not a table ({e}{spans})") from None
     if not rows or not any(c.strip() for c in rows[0][1]):
         raise UserError(f"{path}:1: empty file or missing header")
     header = [c.strip() for c in rows[0][1]]
@@ -211,12 +216,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != len(header):
-            # the csv module reads a quote that is never closed to the end of the file, as one field: the line
-            # then shows all its fields, and "1 fields" alone does not say why
-            unclosed = (suffix == ".csv" and n == rows[-1][0] and "\n" in row[-1]
-                        and text.split("\n", n - 1)[-1].count('"') % 2 == 1)
-            raise UserError(f"{path}:{n}: not a table: {len(row)} fields where the header has {len(header)}"
-                            + (" (a quoted field opened on this line is never closed)" if unclosed else ""))
+            raise UserError(f"{path}:{n}: not a table: {len(row)} fields where the header has {len(header)}")
         out.append((n, dict(zip(header, row))))
     return out
 
