@@ -77,8 +77,15 @@ def test_results_and_report_select_runs_by_the_axes_of_run(store, tmp_path, caps
     assert ids("--attack", "addsent", "--model", "minilm", "--status", "ok") == [("hsol", "finetune", 0, "ok"),
                                                                                  ("hsol", "lora", 0, "ok")]
     assert ids("--dataset", "sst2", "--seed", "7") == []
+    # a status is known in advance: "which runs failed?" on runs that all succeeded is an empty answer
+    assert ids("--dataset", "sst2", "--status", "failed") == []
+    ok_only = ResultStore(tmp_path / "ok.sqlite")
+    put_run(ok_only, 0.8, 0.1, 5.0)
+    assert main(["results", "--store", str(ok_only.path), "--status", "failed", "--format", "json"]) == 0
+    assert capsys.readouterr().out == "[]\n"
     for args, msg in ((["--defense", "lora,musle-lora"], f"--defense musle-lora: no run in {store.path} has it "
                         "(they have: finetune, lora)"),
+                      (["--status", "ok,faild"], "--status faild: not a run status (ok, failed)"),
                       (["--seed", "one"], "--seed: expected an integer, got 'one'")):
         for command in (["results"], ["report", "--out", str(tmp_path / "rep")]):
             assert main([*command, "--store", str(store.path), *args]) == 2

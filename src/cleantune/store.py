@@ -47,11 +47,17 @@ def matches(r: dict, where: dict[str, list[str]]) -> bool:
     return all(_value(r, k) in wanted for k, wanted in where.items())
 
 
+STATUSES = ("ok", "failed")
+
+
 def select_runs(runs: list[dict], where: dict[str, list[str]], store: str | Path) -> list[dict]:
     """The runs that match `where`. A value that no run in the store takes is refused, naming what is there: a
-    typo would otherwise read as no result."""
+    typo would otherwise read as no result. A status is known in advance: `--status failed` on a store where
+    nothing failed is an empty answer, not a typo."""
     for key, wanted in where.items():
-        held = sorted({_value(r, key) for r in runs})
+        if key == "status" and (odd := [v for v in wanted if v not in STATUSES]):
+            raise UserError(f"--status {odd[0]}: not a run status ({', '.join(STATUSES)})")
+        held = sorted({_value(r, key) for r in runs}) if key != "status" else STATUSES
         missing = [v for v in wanted if v not in held]
         if missing:
             raise UserError(f"--{key} {missing[0]}: no run in {store} has it (they have: {', '.join(held) or 'none'})")
