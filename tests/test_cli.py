@@ -44,6 +44,9 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,fragment", [
     (["run", "--dataset", "imdb"], "unknown dataset 'imdb'"),
+    (["run", "--target", "neutral"], "--target neutral is neither a class id nor a label of sst2 (negative, positive)"),
+    (["run", "--dataset", "sst2,agnews", "--target", "sports"], "--target sports is neither a class id nor a label of sst2"),
+    (["run", "--target", "2"], "--target 2 is not a class of sst2 (0..1)"),
     (["run", "--attack", "foo"], "unknown attack 'foo'"),
     (["run", "--defense", "magic"], "unknown defense 'magic'"),
     (["run", "--rate", "1.5"], "--rate must be in (0, 1]"),
@@ -428,6 +431,23 @@ def test_train_refuses_outputs_it_could_not_write_before_training(tiny_model, tm
     assert "name the folder" not in capsys.readouterr().err
 
 
+def test_train_refuses_out_that_is_its_model_folder(tiny_model, tmp_path, capsys, monkeypatch):
+    """A LoRA adapter saved there named that folder as its base, which then held the merged model: the
+    adapter, applied on top, acted twice."""
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\nawful\t0\n")
+    base = ["train", str(tmp_path / "a.tsv"), "--epochs", "1", "--no-progress", "--defense", "lora"]
+    assert main(base + ["--model", tiny_model, "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "m").rglob("*")}
+    monkeypatch.chdir(tmp_path)
+    for model, out in ((str(tmp_path / "m"), "m"), ("m", str(tmp_path / "m") + "/")):
+        assert main(base + ["--model", model, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: that is the --model folder" in err and len(err.strip().splitlines()) == 1
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "m").rglob("*")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", "m"]
+
+
 def test_train_names_out_when_it_changed_during_training_and_resumes_from_there(tiny_model, tmp_path, capsys,
                                                                               monkeypatch):
     """A file put at --out while training ran was reported in save_pretrained's Python words (`out_dir ...`),
@@ -687,6 +707,24 @@ def test_a_cell_another_process_runs_is_waited_for_then_reused(tiny_model, tmp_p
         ResultStore(path).put(run_id, resolved, {"cacc": 0.5, "asr": 0.25}, {"wall_s": 1.0}, {})  # what it stored
     t.join(120)
     assert out["r"]["reused"] and out["r"]["metrics"] == {"cacc": 0.5, "asr": 0.25}
+
+
+def test_run_takes_a_target_by_label_name_and_runs_each_cell_once(tiny_model, tmp_path, capsys):
+    from cleantune.runner import RunConfig
+    from cleantune.store import ResultStore, config_hash
+
+    # a label name is stored as its id, so both spellings are one run, as in eval and scan
+    assert RunConfig(target="positive").target == 1 and RunConfig(dataset="agnews", target="sports").target == 1
+    assert config_hash(RunConfig(target="positive").resolve()) == config_hash(RunConfig(target=1).resolve())
+    store = tmp_path / "s.sqlite"
+    base = ["run", "--model", tiny_model, "--train-size", "64", "--epochs", "1", "--store", str(store), "--no-progress"]
+    # listed twice, or spelled twice: one cell, trained once
+    assert main(base + ["--defense", "finetune,finetune", "--seed", "0,0", "--target", "positive"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count(" finetune ") == 1 and "taken from the store" not in out.out + out.err  # one row
+    assert main(base + ["--target", "1.0"]) == 0
+    assert "1 of 1 run(s) taken from the store" in capsys.readouterr().out
+    assert [r["config"]["target"] for r in ResultStore(store).runs()] == [1]
 
 
 def test_the_python_api_without_a_store_returns_the_cell_and_leaves_no_checkpoints(tiny_model, tmp_path):

@@ -62,7 +62,7 @@ def _add_run_options(p: argparse.ArgumentParser, lists: bool, store: bool = True
     p.add_argument("--train-size", type=int, default=S, help="seeded label-stratified subsample of train")
     p.add_argument("--rate", type=float, default=S, help="poison rate (default 0.1)")
     p.add_argument("--mode", default=S, help="dirty, clean or mix (default dirty)")
-    p.add_argument("--target", type=int, default=S, help="target label (default 1)")
+    p.add_argument("--target", default=S, help="target class: a class id or a label name of the dataset (default 1)")
     p.add_argument("--triggers", default=S, help="BadNets trigger words, comma-separated")
     p.add_argument("--num-triggers", type=int, default=S, help="BadNets triggers inserted per sample")
     p.add_argument("--sentence", default=S, help="AddSent trigger sentence")
@@ -371,7 +371,7 @@ def cmd_run(ns) -> int:
     import itertools
 
     from .runner import ATTACK_OPTIONS, RunConfig, check_attack_option, resumable, run
-    from .store import ResultStore
+    from .store import ResultStore, config_hash
 
     opts = _run_options(ns)
     store_path = opts.pop("store", None)
@@ -385,15 +385,19 @@ def cmd_run(ns) -> int:
     for opt in ATTACK_OPTIONS:  # attack-specific options go to the cells they apply to
         if opt in opts:
             check_attack_option(opt, axes["attack"])
-    configs = []
+    configs, seen = [], set()
     for dataset, attack, defense, seed in itertools.product(*axes.values()):
         cell = {k: v for k, v in opts.items() if k not in ATTACK_OPTIONS or attack in ATTACK_OPTIONS[k]}
         try:
             config = RunConfig(dataset=dataset, attack=attack, defense=defense, seed=seed, **cell)
         except TypeError as e:
             raise UserError(str(e)) from None
-        config.resolve()  # every cell is checked before the first one trains
-        configs.append(config)
+        # every cell is checked before the first one trains; a value listed twice (`--seed 0,0`), or two
+        # spellings of one setting, are one cell, as in a sweep
+        key = config_hash(config.resolve())
+        if key not in seen:
+            seen.add(key)
+            configs.append(config)
     from .store import default_store_path
     from .training import is_main_process
 
@@ -490,6 +494,11 @@ def cmd_train(ns) -> int:
 
     check_out_dir(ns.out, siblings=(".partial", ".old", ".work"))  # the string: Path("") would be "."
     out = Path(ns.out)
+    if Path(defense.model).is_dir() and Path(defense.model).resolve() == out.resolve():
+        # a saved adapter names its base model's folder, which would then hold the merged model: applied on top
+        # of it, the adapter would act twice
+        raise UserError(f"--out {ns.out}: that is the --model folder, which the trained model would replace; "
+                        "write it to another folder")
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the model is saved
     if ns.resume and is_main_process() and not has_checkpoint(work):
         print(f"note: --resume: no checkpoint in {work}; training from the start", file=sys.stderr)

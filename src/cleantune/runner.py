@@ -34,6 +34,20 @@ def check_attack_option(opt: str, attacks: list[str]) -> None:
         raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(ATTACK_OPTIONS[opt])} only")
 
 
+def benchmark_target(value: str, dataset: str) -> int:
+    """--target as a label name of the benchmark (`positive` on sst2), else a class id (`1`, `1.0`), as `eval`
+    and `scan` read it; the stored config holds the id, so both spellings are one run."""
+    names = BENCHMARKS[dataset][1]
+    if value.strip() in names:
+        return names.index(value.strip())
+    from .data import label_value
+
+    v = label_value(value.strip(), "--target") if value.strip() else None
+    if isinstance(v, int):
+        return v
+    raise UserError(f"--target {value} is neither a class id nor a label of {dataset} ({', '.join(names)})")
+
+
 def refuse_own_settings(options: dict) -> None:
     """Settings with a flag (and a grid/config key) of their own: as an --option they would have two names."""
     clash = sorted(set(OWN_SETTINGS) & set(options))
@@ -60,7 +74,7 @@ class RunConfig:
     train_size: int | None = None
     rate: float = 0.1
     mode: str = "dirty"
-    target: int = 1
+    target: int | str = 1  # a class id, or a label name of the dataset (stored as its id)
     triggers: list[str] | None = None
     num_triggers: int | None = None
     sentence: str | None = None
@@ -70,10 +84,14 @@ class RunConfig:
         values = check_values(RunConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "run option")
         for k, v in values.items():
             setattr(self, k, v)
+        if isinstance(self.target, str) and self.dataset in BENCHMARKS:  # an unknown dataset is check()'s error
+            self.target = benchmark_target(self.target, self.dataset)
 
     def check(self) -> None:
         if self.dataset not in BENCHMARKS:
             raise UserError(f"unknown dataset '{self.dataset}' (choose from {', '.join(BENCHMARKS)})")
+        if isinstance(self.target, str):  # the dataset was changed after construction
+            self.target = benchmark_target(self.target, self.dataset)
         if self.attack not in ATTACKS:
             raise UserError(f"unknown attack '{self.attack}' (choose from {', '.join(ATTACKS)})")
         if self.defense not in DEFENSES:
