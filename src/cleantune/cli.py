@@ -544,24 +544,12 @@ def cmd_train(ns) -> int:
     return 0
 
 
-def _eval_target(value, label_names: list[str], data: str) -> int:
-    """eval's and scan's --target: one of DATA's label names, else a class id in DATA's numbering."""
-    if str(value) in label_names:  # a name first, as labels in files are read
-        return label_names.index(str(value))
-    from .data import label_value
-
-    v = label_value(str(value).strip(), "--target")  # a number as files' labels are: 1.0 is the id 1
-    if isinstance(v, int):
-        return v
-    raise UserError(f"--target {value} is neither a class id nor a label of {data} ({', '.join(label_names)})")
-
-
 def cmd_eval(ns) -> int:
     import random
 
     from .attacks import get_attack
     from .attacks.base import check_target
-    from .data import BENCHMARKS, load_benchmark, read_dataset
+    from .data import BENCHMARKS, load_benchmark, read_dataset, target_id
     from .evaluate import evaluate, label_mapping
     from .models import Classifier
 
@@ -580,7 +568,7 @@ def cmd_eval(ns) -> int:
     else:  # a file's labels are read as the model's names (or its ids, where its names are ids)
         data = read_dataset(ns.data, ns.text_column or "auto", ns.label_column or "label", model.label_names)
     if ns.attack:  # in DATA's numbering, as the trigger is drawn; evaluate() renumbers to the model's by name
-        target = _eval_target(ns.target, data.label_names, ns.data)
+        target = target_id(ns.target, data.label_names, ns.data)
         check_target(target, data.num_labels, ns.data)
     label_mapping(data.label_names, model.label_names, ns.data)  # classes that do not match: refused before any work
     triggered = None
@@ -613,7 +601,7 @@ SCAN_COLUMNS = ("rank", "pass", "pass_rank", "token", "id", "drift", "doc_freq",
 
 def cmd_scan(ns) -> int:
     from .attacks import get_attack
-    from .data import BENCHMARKS, load_benchmark, read_dataset
+    from .data import BENCHMARKS, load_benchmark, read_dataset, target_id
     from .defenses.btu import scan, scan_batch_size
 
     if not ns.passes or any(c not in "ABC" for c in ns.passes) or len(set(ns.passes)) != len(ns.passes):
@@ -630,7 +618,7 @@ def cmd_scan(ns) -> int:
         bench = load_benchmark(ns.data)
         data = bench.train
         if ns.attack:
-            target = _eval_target(ns.target, bench.label_names, ns.data)  # a name, as eval takes it
+            target = target_id(ns.target, bench.label_names, ns.data)  # a name, as eval takes it
             data = get_attack(ns.attack, rate=ns.rate, mode=ns.mode, target=target, seed=ns.seed,
                               **extra).apply(bench).train.without_flags()
     else:

@@ -280,6 +280,17 @@ _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.A
 _MAX_ID = 10**18  # far beyond any class count
 
 
+def target_id(value, label_names: list[str], data: str) -> int:
+    """--target as `run`, `eval` and `scan` take it: one of DATA's label names, else a class id in DATA's
+    numbering (a number as files' labels are: 1.0 is the id 1)."""
+    if str(value) in label_names:  # a name first, as labels in files are read
+        return label_names.index(str(value))
+    v = label_value(str(value).strip(), "--target")
+    if isinstance(v, int):
+        return v
+    raise UserError(f"--target {value} is neither a class id nor a label of {data} ({', '.join(label_names)})")
+
+
 def label_value(y, where: str) -> int | str:
     """A label as an integer class id, or as a string name (anything that is not a number); `where` names its
     place in errors ("file:line", or an option)."""

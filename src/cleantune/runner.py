@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .attacks import ATTACKS, get_attack
 from .attacks.base import check_target
-from .data import BENCHMARKS, check_paraphrases, load_benchmark, split_sizes
+from .data import BENCHMARKS, check_paraphrases, load_benchmark, split_sizes, target_id
 from .defenses import DEFENSES, get_defense
 from .errors import UserError
 from .evaluate import detection_metrics, evaluate
@@ -32,20 +32,6 @@ def check_attack_option(opt: str, attacks: list[str]) -> None:
     """An attack-specific option must fit at least one of the attacks it is given with."""
     if not set(ATTACK_OPTIONS[opt]) & set(attacks):
         raise UserError(f"--{opt.replace('_', '-')} applies to --attack {' or '.join(ATTACK_OPTIONS[opt])} only")
-
-
-def benchmark_target(value: str, dataset: str) -> int:
-    """--target as a label name of the benchmark (`positive` on sst2), else a class id (`1`, `1.0`), as `eval`
-    and `scan` read it; the stored config holds the id, so both spellings are one run."""
-    names = BENCHMARKS[dataset][1]
-    if value.strip() in names:
-        return names.index(value.strip())
-    from .data import label_value
-
-    v = label_value(value.strip(), "--target") if value.strip() else None
-    if isinstance(v, int):
-        return v
-    raise UserError(f"--target {value} is neither a class id nor a label of {dataset} ({', '.join(names)})")
 
 
 def refuse_own_settings(options: dict) -> None:
@@ -85,13 +71,13 @@ class RunConfig:
         for k, v in values.items():
             setattr(self, k, v)
         if isinstance(self.target, str) and self.dataset in BENCHMARKS:  # an unknown dataset is check()'s error
-            self.target = benchmark_target(self.target, self.dataset)
+            self.target = target_id(self.target, BENCHMARKS[self.dataset][1], self.dataset)
 
     def check(self) -> None:
         if self.dataset not in BENCHMARKS:
             raise UserError(f"unknown dataset '{self.dataset}' (choose from {', '.join(BENCHMARKS)})")
         if isinstance(self.target, str):  # the dataset was changed after construction
-            self.target = benchmark_target(self.target, self.dataset)
+            self.target = target_id(self.target, BENCHMARKS[self.dataset][1], self.dataset)
         if self.attack not in ATTACKS:
             raise UserError(f"unknown attack '{self.attack}' (choose from {', '.join(ATTACKS)})")
         if self.defense not in DEFENSES:

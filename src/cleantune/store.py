@@ -55,9 +55,12 @@ def select_runs(runs: list[dict], where: dict[str, list[str]], store: str | Path
     typo would otherwise read as no result. A status is known in advance: `--status failed` on a store where
     nothing failed is an empty answer, not a typo."""
     for key, wanted in where.items():
-        if key == "status" and (odd := [v for v in wanted if v not in STATUSES]):
-            raise UserError(f"--status {odd[0]}: not a run status ({', '.join(STATUSES)})")
-        held = sorted({_value(r, key) for r in runs}) if key != "status" else STATUSES
+        if key == "status":
+            odd = [v for v in wanted if v not in STATUSES]
+            if odd:
+                raise UserError(f"--status {odd[0]}: not a run status ({', '.join(STATUSES)})")
+            continue
+        held = sorted({_value(r, key) for r in runs})
         missing = [v for v in wanted if v not in held]
         if missing:
             raise UserError(f"--{key} {missing[0]}: no run in {store} has it (they have: {', '.join(held) or 'none'})")
