@@ -161,7 +161,9 @@ def test_replicas_stay_identical_under_hooks_and_resume(tiny_model, tmp_path):
     script.write_text(REPLICAS)
     p = subprocess.run(LAUNCH + [str(script), tiny_model, str(tmp_path)], capture_output=True, text=True,
                        timeout=600, env=cpu_only())
-    assert p.returncode == 0, p.stderr[-2000:]
+    # once in ten runs on 2026-11-29 the main process aborted (SIGABRT) and the tail showed only the launcher's
+    # report: the checks it passed (stdout) and the start of stderr say where
+    assert p.returncode == 0, f"stdout: {p.stdout!r}\nstderr, start: {p.stderr[:3000]}\nstderr, end: {p.stderr[-1500:]}"
     assert p.stdout.split("\n")[:4] == ["ga True", "lga True", "loss True", "resume True"], p.stdout
 
 
