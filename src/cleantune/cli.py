@@ -371,7 +371,7 @@ def cmd_run(ns) -> int:
     import itertools
 
     from .runner import ATTACK_OPTIONS, RunConfig, check_attack_option, resumable, run
-    from .store import ResultStore, config_hash
+    from .store import ResultStore
 
     opts = _run_options(ns)
     store_path = opts.pop("store", None)
@@ -394,7 +394,7 @@ def cmd_run(ns) -> int:
             raise UserError(str(e)) from None
         # every cell is checked before the first one trains; a value listed twice (`--seed 0,0`), or two
         # spellings of one setting, are one cell, as in a sweep
-        key = config_hash(config.resolve())
+        key = config.run_id()
         if key not in seen:
             seen.add(key)
             configs.append(config)

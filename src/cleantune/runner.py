@@ -117,6 +117,10 @@ class RunConfig:
         own = {k: getattr(self, k) for k in OWN_SETTINGS if getattr(self, k) is not None}
         return get_defense(self.defense, **own, **self.options)
 
+    def run_id(self) -> str:
+        """The run's key in the store: the hash of the resolved config (two spellings of one config share it)."""
+        return config_hash(self.resolve())
+
     def resolve(self) -> dict:
         """The full config with every default filled in: what the run's id hashes."""
         self.check()
@@ -205,7 +209,7 @@ def run(config: RunConfig, store: ResultStore | None = None, force: bool = False
 def resumable(config: RunConfig, store: ResultStore | None, force: bool = False) -> bool:
     """Whether `run(config, store, force, resume=True)` would take a stored result or resume a checkpoint,
     rather than train from the start."""
-    run_id = config_hash(config.resolve())
+    run_id = config.run_id()
     return _stored(store, run_id, force) is not None or has_checkpoint(_work_dir(run_id))
 
 
