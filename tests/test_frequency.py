@@ -98,11 +98,19 @@ def test_analyze_refuses_defenses_not_trained_in_one_run(defense, tiny_model, tm
     assert not out.exists()
 
 
-def test_analyze_refuses_the_defense_before_the_cell_is_resolved(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("extra,message", [
+    (["--defense", "btu"], "--defense btu: "),
+    (["--every", "0"], "--every must be at least 1, got 0"),
+    (["--samples", "1"], "--samples must be at least 2 (distances need pairs), got 1"),
+])
+def test_analyze_refuses_its_settings_before_the_cell_is_resolved(tiny_model, tmp_path, capsys, extra, message):
+    """--every 0 was refused only once the benchmark had loaded, by the recording hook."""
     # olid ships no syntactic paraphrases: resolving the cell would refuse that instead
-    code = main(["analyze", "frequency", "--dataset", "olid", "--attack", "syntactic", "--defense", "btu",
-                 "--model", tiny_model, "--out", str(tmp_path / "freq"), "--no-progress"])
-    assert code == 2 and capsys.readouterr().err.startswith("cleantune: error: --defense btu:")
+    code = main(["analyze", "frequency", "--dataset", "olid", "--attack", "syntactic", "--model", tiny_model,
+                 "--out", str(tmp_path / "freq"), "--no-progress"] + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"cleantune: error: {message}"), err
+    assert not (tmp_path / "freq").exists() and not (tmp_path / "freq.work").exists()
 
 
 def test_analyze_help_lists_the_supported_defenses(capsys):

@@ -827,12 +827,11 @@ def cmd_analyze(ns) -> int:
         config = RunConfig(**opts)
     except TypeError as e:
         raise UserError(str(e)) from None
-    if ns.samples is not None and ns.samples < 2:
-        raise UserError(f"--samples must be at least 2 (distances need pairs), got {ns.samples}")
     from .models import check_out_dir
     from .training import has_checkpoint, is_main_process, work_lock
 
     frequency.check_defense(config.defense)  # before resolve() loads the benchmark
+    frequency.check_settings(ns.every, ns.samples, ns.distance)
     config.resolve()
     check_out_dir(ns.out, "curves.json", "frequency analysis", siblings=(".work",))
     out = Path(ns.out)

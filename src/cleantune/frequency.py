@@ -135,10 +135,7 @@ class FrequencyHook(StepHook):
     def __init__(self, tokenizer, sets: dict[str, TextDataset | Callable[[], TextDataset]], every: int = 5,
                  deltas: list[float] | None = None, distance: str = "raw", samples: int | None = None,
                  seed: int = 0):
-        if every < 1:
-            raise UserError(f"--every must be at least 1, got {every}")
-        if distance not in ("raw", "median"):
-            raise UserError(f"--distance must be raw or median, got '{distance}'")
+        check_settings(every, samples, distance)
         self.tokenizer, self.sets, self.every = tokenizer, sets, every
         self.deltas = list(deltas or DELTAS)
         self.distance, self.samples, self.seed = distance, samples, seed
@@ -287,6 +284,15 @@ def check_defense(name: str) -> None:
                         "btu's victim use finetune)")
 
 
+def check_settings(every: int, samples: int | None, distance: str) -> None:
+    if every < 1:
+        raise UserError(f"--every must be at least 1, got {every}")
+    if samples is not None and samples < 2:
+        raise UserError(f"--samples must be at least 2 (distances need pairs), got {samples}")
+    if distance not in ("raw", "median"):
+        raise UserError(f"--distance must be raw or median, got '{distance}'")
+
+
 def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = None, distance: str = "raw",
             progress: bool = True, work_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train one benchmark cell (a runner.RunConfig) with the frequency hook; write curves.json and PNGs.
@@ -296,6 +302,7 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
     from .models import load_tokenizer
 
     check_defense(config.defense)  # before any data loads or model trains
+    check_settings(every, samples, distance)
     config.check()
     out_dir = Path(out_dir)
     poisoned = config.build_attack().apply(config.benchmark())
