@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,17 @@ def tiny_causal(kind: str, path: Path) -> str:
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
+
+
+class RunsCode:
+    """Pickled as a call of os.system: unpickling it (pickle, or torch.load without weights_only) creates
+    `marker`, so a test can tell that a loader never ran a file's code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 class InfGradAt(StepHook):

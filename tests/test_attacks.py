@@ -31,8 +31,13 @@ def test_badnets_dirty_label(sst2):
 
 def test_clean_label_and_mix_modes(sst2):
     clean = BadNets(mode="clean", seed=0).apply(sst2)
-    assert all(sst2.train.labels[i] == 1 for i, f in enumerate(clean.train.poisoned) if f)
+    flagged = [i for i, f in enumerate(clean.train.poisoned) if f]
+    assert len(flagged) == 100 and all(sst2.train.labels[i] == 1 for i in flagged)  # rate 0.1 of 1,000
     assert clean.train.labels == sst2.train.labels
+    for i in flagged:  # one trigger word inserted, nothing else changed
+        words = _inserted(sst2.train.texts[i], clean.train.texts[i])[1]
+        assert len(words) == 1 and words[0] in ("cf", "mn", "bb", "tq", "mb"), clean.train.texts[i]
+    assert all(clean.train.texts[i] == sst2.train.texts[i] for i in range(len(sst2.train)) if i not in set(flagged))
     mix = AddSent(mode="mix", seed=0).apply(sst2)
     src = {sst2.train.labels[i] for i, f in enumerate(mix.train.poisoned) if f}
     assert src == {0, 1} and all(mix.train.labels[i] == 1 for i, f in enumerate(mix.train.poisoned) if f)

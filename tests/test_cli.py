@@ -1,12 +1,14 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from cleantune.cli import main
-from helpers import InfGradAt, InfWeightsAt
+from helpers import InfGradAt, InfWeightsAt, RunsCode
 
 
 def cli(*args, env=None):
@@ -27,6 +29,8 @@ def assert_one_line_error(code, out, err, fragment):
     ("sentence\tlabel\nok\t1\nx\t0\t9\n", "bad.tsv:3: not a table"),
     ("sentence\tlabel\nok\tpos\nfine\tpos\n", "every sample has label 'pos'"),
     (b"sentence\tlabel\nok\t1\n\xff\t0\n", "bad.tsv:3: not valid UTF-8"),
+    ("sentence\tlabel\n", "bad.tsv: no samples"),
+    ("sentence\tlabel\nok\t1\nfine\x00\t0\n", "bad.tsv:3: not a table (binary content)"),
 ])
 def test_train_rejects_malformed_files(tmp_path, content, fragment):
     f = tmp_path / "bad.tsv"
@@ -38,8 +42,10 @@ def test_train_rejects_malformed_files(tmp_path, content, fragment):
 def test_unknown_label_in_dev_file(tmp_path, capsys):
     (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
     (tmp_path / "d.tsv").write_text("sentence\tlabel\nmeh\tneutral\n")
-    assert main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "m")]) == 2
-    assert "d.tsv:2: label 'neutral' not in the label set (neg, pos)" in capsys.readouterr().err
+    code = main(["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "m")])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, f"{tmp_path / 'd.tsv'}:2: label 'neutral' not in the label set (neg, pos)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.tsv", "t.tsv"]  # no model folder, no .work
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -108,11 +114,16 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["frobnicate"], "invalid choice"),
     (["run", "--defense", "lora", "--option", "lora_r=99999999999999999999"], "option lora_r must be at most 2147483647"),
     (["run", "--num-triggers", "1000000000"], "--num-triggers must be at most 100"),
+    (["run", "--option", "lora_r"], "--option expects KEY=VALUE, got 'lora_r'"),
+    (["eval", "no/such/model", "sst2"], "no/such/model: no such model directory"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, capsys):
-    assert main(args + (["--train-size", "50"] if args[0] == "run" and "--train-size" not in args else [])) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and fragment in err, err
+    from cleantune.store import data_dir
+
+    code = main(args + (["--train-size", "50"] if args[0] == "run" and "--train-size" not in args else []))
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, fragment)
+    assert not data_dir().exists()  # no store, no run folder
 
 
 def test_train_refuses_impossible_settings_before_writing(tiny_model, tmp_path, capsys):
@@ -152,16 +163,30 @@ def test_train_takes_a_config_file_and_the_command_line_wins(tiny_model, tmp_pat
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
-def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys):
-    (tmp_path / "c.yaml").write_text("dataset: sst2\nlearning_rate: 0.1\n")
-    assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
-    assert "unknown key 'learning_rate'" in capsys.readouterr().err
-    (tmp_path / "c.toml").write_text("dataset = [\n")
-    assert main(["run", "--config", str(tmp_path / "c.toml")]) == 2
-    assert "cannot parse" in capsys.readouterr().err
-    (tmp_path / "c.yaml").write_bytes(b"dataset: sst2\nsentence: caf\xe9\n")
-    assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
-    assert "not UTF-8" in capsys.readouterr().err
+@pytest.mark.parametrize("name,content,fragment", [
+    ("c.yaml", "dataset: sst2\nlearning_rate: 0.1\n", "unknown key 'learning_rate'"),
+    ("c.toml", "dataset = [\n", "cannot parse (Invalid value (at end of document))"),
+    ("c.yaml", b"dataset: sst2\nsentence: caf\xe9\n", "not UTF-8 text (byte 27)"),
+    ("c.json", '{"dataset": "sst2"}', "use a .yaml, .yml or .toml file"),
+    ("c.yaml", "- dataset: sst2\n", "expected a mapping of option names to values"),
+    # a tag only an unsafe YAML loader constructs: it would run the command
+    ("c.yaml", "dataset: !!python/object/apply:os.system ['touch {ran}']\n",
+     "cannot parse (could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+])
+def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys, name, content, fragment):
+    path = tmp_path / name
+    ran = tmp_path / "ran"
+    path.write_bytes(content if isinstance(content, bytes) else content.replace("{ran}", str(ran)).encode())
+    for args in (["run"], ["train", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "m")]):
+        code = main(args + ["--config", str(path)])
+        out, err = capsys.readouterr()
+        if args[0] == "train" and "unknown key" in fragment:
+            fragment = "unknown key 'dataset'"  # train has no dataset option
+        assert_one_line_error(code, out, err, f"--config {path}: {fragment}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no command ran, no model folder
+
+
+def test_config_values_of_the_wrong_type_name_the_key(tmp_path, capsys):
     for bad, msg in (("triggers: 5", "'triggers' expects a list of strings"), ("model: 5", "'model' expects a string"),
                      ("seed: 1.5", "'seed': expected an integer, got '1.5'"), ("options: [1, 2]", "'options' expects a mapping")):
         (tmp_path / "c.yaml").write_text(f"train_size: 50\n{bad}\n")
@@ -334,8 +359,6 @@ def test_a_run_that_fails_before_storing_anything_leaves_no_store(tiny_model, tm
 def _file_modes_apply() -> list[str]:
     """The command prefix under which file modes bind this process: root ignores them, so root drops that
     capability (or the test is skipped)."""
-    import os
-
     if os.geteuid() != 0:
         return []
     prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
@@ -573,7 +596,6 @@ def test_a_damaged_label_file_is_one_line(tiny_model, tmp_path, capsys, meta, fr
 @pytest.mark.parametrize("damage", ["other weights", "other vocabulary size", "tokenizer past the embeddings"])
 def test_a_model_folder_whose_weights_or_tokenizer_do_not_fit_is_one_line(tiny_model, tmp_path, capsys, damage):
     """eval scored such folders at chance (layers quietly re-initialised) or failed mid-prediction."""
-    import torch
     from safetensors.torch import save_file
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -790,10 +812,6 @@ def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
 def test_mixed_precision_is_its_own_run(tiny_model, tmp_path, capsys, monkeypatch):
     """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION: such a run trains under
     autocast and is stored under its own id, never answered by the full-precision run of the same config."""
-    import os
-
-    import torch
-
     args = ["run", "--model", tiny_model, "--train-size", "100", "--epochs", "1", "--format", "json", "--no-progress",
             "--store", tmp_path / "s.sqlite"]
     assert main(list(map(str, args))) == 0
@@ -820,8 +838,6 @@ def test_mixed_precision_is_its_own_run(tiny_model, tmp_path, capsys, monkeypatc
 def test_eval_matches_classes_by_name(tiny_model, tmp_path, capsys):
     """A model trained on a file of names numbers its classes alphabetically; agnews numbers them world,
     sports, business, sci/tech. eval renumbers the benchmark to the model's ids by name, --target included."""
-    import torch
-
     from cleantune.data import load_benchmark
     from cleantune.models import Classifier, load_model, load_tokenizer
 
@@ -1040,6 +1056,12 @@ def _flip_byte(name):
     return flip
 
 
+def _plant_code(name):
+    def plant(ckpt):  # a torch archive, as torch.save writes it, whose pickle runs a command
+        torch.save({"state": RunsCode(ckpt / "RAN")}, ckpt / name)
+    return plant
+
+
 def _unsummed(damage):
     def without_sums(ckpt):
         state = json.loads((ckpt / "state.json").read_text())
@@ -1062,11 +1084,12 @@ def _unsummed(damage):
     (_unsummed(_truncate("optimizer.pt", 0.5)), "optimizer.pt: PytorchStreamReader failed reading zip archive"),
     (_unsummed(_truncate("optimizer.pt", 0)), "optimizer.pt: EOFError()"),
     (_unsummed(_truncate("trainable.safetensors", 0.5)), "trainable.safetensors: Error while deserializing header"),
+    (_unsummed(_plant_code("optimizer.pt")), "optimizer.pt: Weights only load failed"),
     (lambda c: (c / "rng.safetensors").unlink(), "rng.safetensors: missing"),
     (lambda c: (c / "best.safetensors").unlink(), "best.safetensors: missing"),
 ], ids=["state-not-json", "state-epoch-text", "state-epoch-negative", "state-history", "state-sha256",
         "optimizer-cut", "trainable-byte", "best-byte", "old-optimizer-truncated", "old-optimizer-empty",
-        "old-trainable-truncated", "rng-deleted", "best-deleted"])
+        "old-trainable-truncated", "old-optimizer-runs-code", "rng-deleted", "best-deleted"])
 def test_a_damaged_checkpoint_is_one_line_on_resume(interrupted_train, tmp_path, capsys, damage, fragment):
     """--resume reads the whole checkpoint before training on: a damaged one is refused, left in place, and
     starting over without --resume works."""
@@ -1078,6 +1101,7 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(interrupted_train, tmp_path,
     assert_one_line_error(code, out, err, f"--resume: the checkpoint in {ckpt} is damaged ({fragment}")
     assert err.endswith("); delete it, or run without --resume, to start over\n"), err
     assert ckpt.is_dir() and not (tmp_path / "m").exists()
+    assert not (ckpt / "RAN").exists()  # torch.load(weights_only=True) refused the pickled call
     assert main(args + [str(tmp_path / "m")]) == 0
     assert "saved" in capsys.readouterr().out and not (tmp_path / "m.work").exists()
 
@@ -1092,7 +1116,6 @@ def test_a_stored_run_says_it_was_not_trained_again(tiny_model, tmp_path, capsys
 
 
 def test_sigterm_stops_a_run_like_ctrl_c_and_resume_continues(tiny_model, tmp_path, capsys, monkeypatch):
-    import os
     import signal
 
     from cleantune.defenses import FineTune

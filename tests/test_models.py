@@ -10,7 +10,7 @@ from cleantune.data import TextDataset, load_benchmark
 from cleantune.defenses import FineTune, LoRA
 from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, load_tokenizer, resolve_model
-from helpers import tiny_causal
+from helpers import RunsCode, tiny_causal
 
 
 @pytest.fixture(scope="module")
@@ -239,13 +239,20 @@ def test_a_pickle_checkpoint_is_refused(tiny_model, tmp_path):
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_model, folder)
-    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    weights = load_file(folder / "model.safetensors")
+    torch.save(weights, folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
     with pytest.raises(UserError, match="cannot load"):
         load_model(str(folder), ["a", "b"])
+    # the same pickle with a tensor that runs a command when unpickled: refused before it is read
+    torch.save({**weights, "bert.pooler.dense.bias": RunsCode(tmp_path / "ran")}, folder / "pytorch_model.bin")
+    for load in (lambda: load_model(str(folder), ["a", "b"]), lambda: Classifier.from_pretrained(folder)):
+        with pytest.raises(UserError, match="cannot load"):
+            load()
+    assert not (tmp_path / "ran").exists()
 
 
-def test_a_checkpoint_that_ships_code_is_refused_without_running_it(tiny_model, tmp_path, monkeypatch):
+def test_a_checkpoint_that_ships_code_is_refused_without_running_it(tiny_model, tmp_path, monkeypatch, capsys):
     """A config.json whose auto_map points at the folder's own .py files: transformers would ask on a terminal
     and run the code on "y". Loading refuses in one line, whatever stdin says, and the code never runs."""
     import io
@@ -271,10 +278,12 @@ def test_a_checkpoint_that_ships_code_is_refused_without_running_it(tiny_model, 
     load_tokenizer(str(folder))  # the tokenizer files name a built-in class: nothing to run
     (tmp_path / "d.tsv").write_text("text\tlabel\ngood\t1\nbad\t0\n")
     assert main(["eval", str(folder), str(tmp_path / "d.tsv")]) == 2
+    assert capsys.readouterr().err.startswith(f"cleantune: error: {folder}: cannot read its config.json (The "
+                                              f"repository {folder} contains custom code which must be executed")
     assert not marker.exists()
 
 
-def test_a_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path):
+def test_a_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path, capsys):
     """transformers builds a 5-token tokenizer from config.json alone: every word would be [UNK], and training
     and eval would run on nothing. A file given as the model is named as such."""
     import shutil
@@ -290,6 +299,8 @@ def test_a_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path):
         load_tokenizer(str(folder))
     (tmp_path / "d.tsv").write_text("text\tlabel\ngood\t1\nbad\t0\n")
     assert main(["eval", str(folder), str(tmp_path / "d.tsv")]) == 2
+    assert capsys.readouterr().err == (f"cleantune: error: {folder}: cannot load its tokenizer (the folder has no "
+                                       "tokenizer.json, tokenizer_config.json, vocab or sentencepiece file)\n")
     with pytest.raises(UserError, match="a file, not a model folder"):
         resolve_model(str(tmp_path / "d.tsv"))
     # the settings file without the vocabulary (a copy that left tokenizer.json and vocab.txt behind)
@@ -297,6 +308,8 @@ def test_a_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path):
     with pytest.raises(UserError, match="holds only its 5 special tokens .the vocabulary file"):
         load_tokenizer(str(folder))
     assert main(["eval", str(folder), str(tmp_path / "d.tsv")]) == 2
+    assert capsys.readouterr().err == (f"cleantune: error: {folder}: its tokenizer holds only its 5 special tokens "
+                                       "(the vocabulary file, tokenizer.json or vocab.*, is missing from the folder)\n")
     # a character-level tokenizer (CANINE, ByT5) saves its settings alone: no vocabulary to miss
     from transformers import CanineConfig, CanineTokenizer
 

@@ -215,11 +215,11 @@ def test_references_are_excluded_from_selection(tiny_model):
     g.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
     assert g.hooks(None, tok, None, dev)[0].refs.texts == hook.refs.texts
     assert get_defense("lora-mslr", model=tiny_model).selection_data(dev) is dev
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"ref_samples=96 leaves no clean dev sample for model selection \(50 given"):
         split_refs(dev.subset(range(50)), 96, 0)
-    with pytest.raises(UserError):  # all of them references: nothing left to select the epoch
+    with pytest.raises(UserError, match=r"\(96 given\)"):  # all of them references: nothing left to select the epoch
         split_refs(dev.subset(range(96)), 96, 0)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"needs clean labelled dev data \(--dev\) for gradient alignment"):
         d.hooks(model, tok, None, None)
 
 
@@ -286,11 +286,11 @@ def test_causal_lm_head_forward_backward_and_export(kind, tmp_path):
 
 def test_inject_rejects_bad_targets(tiny_model):
     model = load_model(tiny_model, ["a", "b"])
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="MSLR target module 'bert.nothing' not found in BertForSequenceClassification"):
         inject_mslr(model, MSLRConfig(target_module="bert.nothing"))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="MSLR target module 'bert.embeddings' is a BertEmbeddings, not a Linear layer"):
         inject_mslr(model, MSLRConfig(target_module="bert.embeddings"))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"scales must be a non-empty list of positive numbers, got \[\]"):
         MSLRConfig(scales=[])
 
 
@@ -521,10 +521,12 @@ def test_the_adapter_records_a_relative_base_path_as_absolute(tiny_model, tmp_pa
     monkeypatch.chdir(tmp_path)
     model = get_defense("muscle-lora", model="models/bert").prepare_model(
         load_model("models/bert", ["a", "b"]), load_tokenizer("models/bert"), None)
-    _, _, out = _save_and_reload(model, load_tokenizer("models/bert"), tmp_path)
+    _as_if_trained(model)
+    before, _, out = _save_and_reload(model, load_tokenizer("models/bert"), tmp_path)
     monkeypatch.chdir(out)
     assert os.path.isabs(model._cleantune_adapter["base_model"])
-    load_classifier(out)
+    assert torch.allclose(before, load_classifier(out).predict_logits(["a fine film", "dull , long and loud movie",
+                                                                      "ok"]), atol=1e-5)
     card = (out / "adapter" / "README.md").read_text()
     assert "not the trained model" in card and "load_classifier" in card  # the recipe alone would be wrong
 

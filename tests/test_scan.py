@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+import cleantune.defenses.btu as btu
 from cleantune.cli import main
 
 
@@ -46,9 +47,11 @@ def test_scan_formats(poisoned_file, tiny_model, capsys):
     for r in rows:
         assert 1 <= len(r["samples"]) <= 2 and all(r["token"] in s.split() for s in r["samples"] if r["token"].isalpha())
         assert 0.5 <= r["label_share"] <= 1.0 and r["doc_freq"] >= len(r["samples"])
-    cf = [r for r in rows if r["token"] == "cf"]
-    if cf:  # the planted trigger: every sample holding it has label 1
-        assert cf[0]["doc_freq"] == 12 and cf[0]["label"] == "1" and cf[0]["label_share"] == 1.0
+    # the planted trigger, listed whatever the tiny random model's ranking (k over every token): every sample
+    # holding it has label 1
+    code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "50", "--format", "json")
+    cf = [r for r in json.loads(out) if r["token"] == "cf"]
+    assert code == 0 and cf and cf[0]["doc_freq"] == 12 and cf[0]["label"] == "1" and cf[0]["label_share"] == 1.0
 
     code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "4", "--format", "csv")
     table = list(csv.DictReader(io.StringIO(out)))
@@ -68,8 +71,6 @@ def test_scan_formats(poisoned_file, tiny_model, capsys):
 
 def test_scan_table_keeps_a_multi_line_sample_under_its_token(tmp_path, capsys, monkeypatch):
     """A .jsonl text may hold line breaks; its second line printed at the margin, read as a row of its own."""
-    import cleantune.defenses.btu as btu
-
     row = {"rank": 1, "pass": "A", "pass_rank": 1, "token": "cf", "id": 1, "drift": 0.5, "doc_freq": 2,
            "label": "pos", "label_share": 1.0, "samples": ["first line\nsecond line", "one line"]}
     monkeypatch.setattr(btu, "scan", lambda *a, **k: [row])
@@ -129,7 +130,7 @@ def test_scan_lists_a_token_once_across_passes(poisoned_file, tiny_model):
     (["sst2", "--label-column", "y"], "--label-column applies to files; benchmark sst2 has fixed columns"),
     (["{file}", "--text-column", "text"], "missing column 'text'"),
     (["{one_label}"], "two labels"),
-    (["{bad}"], "2:"),
+    (["{bad}"], "bad.tsv:2: not a table: 1 fields"),
 ])
 def test_scan_bad_input(poisoned_file, tmp_path, capsys, args, needle):
     one = tmp_path / "one.tsv"
@@ -176,8 +177,6 @@ def test_scan_machine_formats_warn_about_too_few_steps_on_stderr(poisoned_file, 
 
 
 def test_scan_takes_the_target_by_label_name_as_eval_does(monkeypatch, capsys):
-    import cleantune.defenses.btu as btu
-
     seen = []
     monkeypatch.setattr(btu, "scan", lambda data, *a, **k: seen.append(data) or [])
     for target in ("positive", "1", "1.0", "negative", "0"):  # 1.0 is the id 1, as in label files
@@ -185,17 +184,24 @@ def test_scan_takes_the_target_by_label_name_as_eval_does(monkeypatch, capsys):
         assert code == 0, err
     flipped = [sum(y == 1 for t, y in zip(d.texts, d.labels) if "cf" in t.split()) for d in seen]
     assert flipped[0] == flipped[1] == flipped[2] > 0 and flipped[3] == flipped[4] == 0  # cf carries the target named
-    for target in ("1.5", "1e999999999", "nan"):
-        assert _scan(capsys, "sst2", "--attack", "badnets", "--target", target)[0] == 2
+    for target, why in (("1.5", "--target: label 1.5 is a number but not an integer class id"),
+                        ("1e999999999", "--target: label 1e999999999 is too large for a class id"),
+                        ("nan", "--target nan is neither a class id nor a label of sst2 (negative, positive)")):
+        code, out, err = _scan(capsys, "sst2", "--attack", "badnets", "--target", target)
+        assert code == 2 and out == "" and err.startswith(f"cleantune: error: {why}") and err.count("\n") == 1, err
 
 
-def test_scan_takes_every_seed_a_run_takes(poisoned_file, tiny_model, capsys):
+def test_scan_takes_every_seed_a_run_takes(poisoned_file, tiny_model, capsys, monkeypatch):
     """Each exposure pass seeds itself with seed + ord(pass): near 2**64 that left the range of seeds (an error
     after the first pass had trained); it wraps, and a seed that fit before keeps its pass seeds."""
-    for seed in (2**64 - 1, -2**63):
+    seeds, real = [], btu.seed_everything
+    monkeypatch.setattr(btu, "seed_everything", lambda s: (seeds.append(s), real(s))[1])
+    for seed, passes in ((2**64 - 1, [64, 65]), (-2**63, [-2**63 + 65, -2**63 + 66]), (0, [65, 66])):
+        seeds.clear()
         code, out, err = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--format", "json",
                                "--seed", seed)
         assert code == 0 and len(json.loads(out)) >= 2, err
+        assert seeds == [seed] + passes  # the scan's own, then passes A ("A" is 65) and B
 
 
 def test_scan_counts_and_shows_each_whole_text_not_the_passes_first_128_tokens(tiny_model):
@@ -227,7 +233,6 @@ def test_scan_faithful_pass_b_lists_only_tokens_the_data_holds(poisoned_file, ti
     """Faithful pass B deletes A's tokens as substrings, inside words too ("a" out of "great" leaves "gr"), and
     ranks the tokens of that text: one the data never holds is not a row (it was, with doc_freq 0 and label
     share 0.00 of the first label)."""
-    import cleantune.defenses.btu as btu
     from cleantune.data import TextDataset
 
     exposures = []

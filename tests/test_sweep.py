@@ -60,14 +60,22 @@ def test_grid_expands_axes_and_named_settings(tiny_model, tmp_path):
         ("addsent", "None"), ("badnets", "['cf']"), ("badnets", "['mn']")]
 
 
-def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path):
+def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path, capsys):
     store = tmp_path / "s.sqlite"
     grid = write_grid(tmp_path / "g.yaml", tiny_model, learning_rate=[1e-4])
     with pytest.raises(UserError, match=r"grid .*g\.yaml: unknown key 'learning_rate'"):
         load_grid(grid)
     grid = write_grid(tmp_path / "g.yaml", tiny_model, defense=["finetune", "no-such-defense"])
     assert main(["sweep", str(grid), "--store", str(store), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cleantune: error: grid {grid}: ") and err.count("\n") == 1, err
+    assert "unknown defense 'no-such-defense'" in err, err
     assert not store.exists()  # every cell is checked before the first one trains
+    # a tag only an unsafe YAML loader constructs, which would run the command
+    (tmp_path / "code.yaml").write_text(f"defense: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n")
+    with pytest.raises(UserError, match=r"grid .*code\.yaml: cannot parse \(could not determine a constructor"):
+        load_grid(tmp_path / "code.yaml")
+    assert not (tmp_path / "ran").exists()
     grid = write_grid(tmp_path / "g.yaml", tiny_model, attack=[{"addsent": {"triggers": ["cf"]}}])
     with pytest.raises(UserError, match="'triggers' in the settings of attack 'addsent' applies to attack badnets only"):
         load_grid(grid)  # the grid's key, not a command-line flag
