@@ -754,7 +754,7 @@ def test_the_python_api_without_a_store_returns_the_cell_and_leaves_no_checkpoin
     from cleantune.store import data_dir
 
     r = run(RunConfig(model=tiny_model, train_size=64, epochs=1), progress=False)
-    assert not r["reused"] and 0 <= r["metrics"]["cacc"] <= 1 and r["timings"]["wall_s"] > 0
+    assert not r["reused"] and r["status"] == "ok" and r["metrics"]["n_train"] == 64 and r["timings"]["wall_s"] > 0
     runs = data_dir() / "runs"
     assert not runs.exists() or list(runs.iterdir()) == []  # no store, so nothing to --resume into
     assert not data_dir().joinpath("results.sqlite").exists()
@@ -788,13 +788,30 @@ def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "m"), str(tmp_path / "d.tsv"), "--attack", "badnets", "--triggers", "cf",
                  "--format", "json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["n"] == 20 and res["n_triggered"] == 10 and 0 <= res["asr"] <= 1 and 0 <= res["asr_floor"] <= 1
+    assert res["n"] == 20 and res["n_triggered"] == 10
+    # the numbers are the saved model's on these samples: its predictions, counted here (target 1, 'pos')
+    from cleantune.models import Classifier
+
+    clf = Classifier.from_pretrained(tmp_path / "m")
+    dev = [r.split("\t") for r in rows[1:21]]
+    neg = [s for s, y in dev if y == "neg"]
+    pred = clf.predict([s for s, _ in dev])
+    assert res["accuracy"] == sum(p == clf.label_names.index(y) for p, (_, y) in zip(pred, dev)) / 20
+    assert res["asr_floor"] == sum(p == 1 for p in clf.predict(neg)) / 10
+    hits = []
+    for s in neg:  # one trigger word at a random position: the answers at every position bound the ASR
+        words = s.split()
+        hits.append(clf.predict([" ".join(words[:i] + ["cf"] + words[i:]) for i in range(len(words) + 1)]))
+    assert sum(min(h) for h in hits) / 10 <= res["asr"] <= sum(max(h) for h in hits) / 10
     m = str(tmp_path / "m")
     for args, msg in (([m, "sst2", "--attack", "addsent", "--triggers", "cf"], "--triggers applies to --attack badnets"),
                       ([m, "sst2", "--triggers", "cf"], "--triggers needs --attack"),
-                      ([m, "sst2", "--attack", "badnets", "--target", "7"], "--target 7 is not a class of sst2")):
-        assert main(["eval"] + args) == 2
-        assert msg in capsys.readouterr().err, args
+                      ([m, "sst2", "--attack", "badnets", "--target", "7"], "--target 7 is not a class of sst2"),
+                      ([m, str(tmp_path / "d.tsv"), "--attack", "syntactic"],
+                       "--attack syntactic needs a benchmark name as DATA (its paraphrase tables)")):
+        code = main(["eval"] + args)
+        out, err = capsys.readouterr()
+        assert_one_line_error(code, out, err, msg)
     (tmp_path / "p.tsv").write_text("\n".join(rows[:1] + rows[2:22:2]) + "\n")  # all 'pos': none to trigger
     assert main(["eval", m, str(tmp_path / "p.tsv"), "--attack", "badnets", "--target", "pos"]) == 2
     assert "yields no triggered test sample for target pos" in capsys.readouterr().err  # the name given

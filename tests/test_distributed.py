@@ -35,7 +35,11 @@ def test_two_process_launch_trains_and_evaluates(tiny_model, tmp_path):
     runs = ResultStore(store).runs()
     assert len(runs) == 1  # written once, by the main process
     assert runs[0]["timings"]["processes"] == 2
-    assert 0 <= runs[0]["metrics"]["cacc"] <= 1 and 0 <= runs[0]["metrics"]["asr"] <= 1
+    # each process scored half of the test sets, and the metrics count them whole: sst2's 1,821 clean and 912
+    # triggered samples (a count over one half would not be a whole number of either)
+    m = runs[0]["metrics"]
+    assert m["n_triggered_test"] == 912
+    assert abs(m["cacc"] * 1821 - round(m["cacc"] * 1821)) < 1e-6 and abs(m["asr"] * 912 - round(m["asr"] * 912)) < 1e-6
     # each process took half of the batches: 128 samples / batch 32 = 4 batches -> 2 steps per process
     assert runs[0]["metrics"]["history"][0]["steps"] == 2
 

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cleantune.cli import main
 from cleantune.errors import UserError
 from cleantune.report import build
+from cleantune.runner import run
 from cleantune.store import ResultStore
 from cleantune.sweep import expand_grid, load_grid, sweep
 from helpers import sweep_table, write_grid
@@ -186,8 +188,17 @@ def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys):
     runs = {r["id"]: r for r in store.runs()}
     assert set(runs) == {c.id for c in cells}
     for r in runs.values():
-        assert r["status"] == "ok" and 0 <= r["metrics"]["cacc"] <= 1 and 0 <= r["metrics"]["asr"] <= 1
-        assert r["config"]["versions"]["torch"] and r["timings"]["wall_s"] > 0 and r["env"]["python"]
+        assert r["status"] == "ok" and r["config"]["versions"]["torch"] and r["timings"]["wall_s"] > 0
+        assert r["env"]["python"]
+    # a cell's numbers are those of the same config run on its own (on the sweep's one thread per run)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run(cells[0].config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert {k: runs[cells[0].id]["metrics"][k] for k in ("cacc", "asr", "asr_floor", "history")} == \
+        {k: alone["metrics"][k] for k in ("cacc", "asr", "asr_floor", "history")}
     again = sweep(cells, store.path, cpus_per_run=1, progress=False)
     assert (again.skipped, again.ran) == (2, 0)
     assert {r["id"]: r["created"] for r in store.runs()} == {i: r["created"] for i, r in runs.items()}
@@ -337,6 +348,44 @@ def test_dry_run_lines_name_the_settings_that_tell_alike_cells_apart(tiny_model,
     assert sorted(line.split("  ", 1)[1].split(None, 1)[1] for line in lines) == [
         "sst2 badnets finetune seed=0 lr=0.0001", "sst2 badnets finetune seed=0 lr=0.002",
         "sst2 badnets lora seed=0 lr=0.0001", "sst2 badnets lora seed=0 lr=0.002"]
+
+
+WORKER_DIES = """
+import os, sys, time
+import cleantune.sweep as S
+from cleantune.cli import main
+
+
+def dies_on_seed_1(config, store, resume=False, progress=False):
+    if config.seed == 1:
+        deadline = time.time() + 120
+        while not store.runs() and time.time() < deadline:  # after seed 0's cell has finished and been stored
+            time.sleep(0.2)
+        time.sleep(1)  # and the sweep has taken its result
+        os._exit(137)  # as the kernel's OOM killer leaves a worker: no exception, no cleanup
+    raise ValueError("seed 0 fails as a cell may")  # a failed cell is stored like a finished one
+
+
+S.run = dies_on_seed_1  # the spawned workers import this file again as __mp_main__, patched alike
+if __name__ == "__main__":
+    sys.exit(main(["sweep", sys.argv[1], "--store", sys.argv[2], "--workers", "2", "--no-progress"]))
+"""
+
+
+def test_a_worker_that_dies_stops_the_sweep_in_one_line_and_keeps_the_finished_cells(tiny_model, tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", tiny_model, defense="finetune", seed=[0, 1])
+    (tmp_path / "dies.py").write_text(WORKER_DIES)
+    store = tmp_path / "s.sqlite"
+    p = subprocess.run([sys.executable, str(tmp_path / "dies.py"), str(grid), str(store)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.splitlines() == [  # the failed cell as it finished, then why the sweep stopped
+        "FAILED sst2 badnets finetune seed=0: ValueError: seed 0 fails as a cell may",
+        "cleantune: error: a sweep worker process died (out of memory?); finished runs are stored: run the same "
+        "sweep again to continue"], p.stderr[-3000:]
+    runs = ResultStore(store).runs()
+    assert [(r["config"]["seed"], r["status"]) for r in runs] == [(0, "failed")]
+    assert "seed 0 fails as a cell may" in runs[0]["error"]
 
 
 INTERRUPTED = """
