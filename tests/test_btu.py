@@ -186,6 +186,22 @@ def test_faithful_unlearn_recomputes_threshold_in_id_order():
     assert w.data[3, 0] == 0.0  # delta = 0 becomes 0 in the official cut (the default keeps the value)
 
 
+def test_faithful_length_is_capped_at_a_shorter_backbone_before_anything_loads(tiny_model):
+    """The backbone check rebuilt BTU from its settings, where faithful's 512 is filled in, and refused a backbone
+    of 130 positions that fit would have capped it to; a length given explicitly is still refused."""
+    from cleantune.models import model_skeleton
+    from cleantune.runner import RunConfig
+
+    faithful = BTU(model=tiny_model, btu_mode="faithful")
+    faithful.check_backbone(2)
+    assert faithful.backbone_max_length(model_skeleton(tiny_model, 2)) == 130 and faithful.max_length == 512
+    RunConfig(model=tiny_model, defense="btu", options={"btu_mode": "faithful"}, train_size=64).resolve()
+    with pytest.raises(UserError, match=r"--max-length 512 exceeds the 130 tokens"):
+        BTU(model=tiny_model, btu_mode="faithful", max_length=512).check_backbone(2)
+    assert BTU(model=tiny_model, btu_mode="faithful").given_settings()["max_length"] is None
+    assert BTU(model=tiny_model, max_length=64).given_settings()["max_length"] == 64
+
+
 def test_modes_resolve_to_documented_settings():
     f, d = BTU(btu_mode="faithful"), BTU()
     assert (f.epochs, f.lr, f.batch_size, f.k, f.max_grad_norm, f.warmup_ratio) == (1, 2e-5, 64, 17, 0.0, 0.0)

@@ -152,7 +152,16 @@ class Defense:
         real, when the run loads the weights. A `victim` option (an inference-time defense wrapping a trained
         classifier) is loaded once, so a folder that is not a whole classifier of the task's classes is refused
         here too."""
-        _check_backbone(type(self), json.dumps(self.settings(), sort_keys=True), num_labels)
+        _check_backbone(type(self), json.dumps(self.given_settings(), sort_keys=True), num_labels)
+
+    def given_settings(self) -> dict:
+        """The settings that rebuild this defense as it was given: a setting filled in from others (BTU's
+        length from its mode) is left out where that changes what the defense does with it."""
+        return self.settings()
+
+    def backbone_max_length(self, model) -> int:
+        """The max_length training uses on `model` (BTU caps its mode's length at the backbone's)."""
+        return self.max_length
 
     def prepare_model(self, model, tokenizer, train_data: TextDataset):
         """Return the model to train, with requires_grad set on what should learn."""
@@ -189,7 +198,8 @@ def _check_backbone(cls: type[Defense], settings: str, num_labels: int) -> None:
     if getattr(defense, "victim", None) is not None:  # an inference-time defense wrapping a trained classifier
         _check_victim(defense.victim, num_labels)
     skeleton = model_skeleton(defense.model, num_labels)
-    check_max_length(skeleton, load_tokenizer(defense.model), defense.max_length, f"--model {defense.model}")
+    check_max_length(skeleton, load_tokenizer(defense.model), defense.backbone_max_length(skeleton),
+                     f"--model {defense.model}")
     if cls.prepare_model is Defense.prepare_model:
         return
     try:

@@ -493,6 +493,11 @@ class BTU(Defense):
         limit = None if self._length_given else max_positions(model)
         return self.max_length if limit is None else min(self.max_length, limit)
 
+    def given_settings(self) -> dict:
+        # without the mode's filled-in length, a copy knows it was not given and caps it as fit does (the
+        # backbone check refused faithful's 512 on a backbone of fewer positions before)
+        return {**self.settings(), **({} if self._length_given else {"max_length": None})}
+
     def pass_c_settings(self, max_length: int) -> TrainSettings:
         """Exposure pass C's training (spec 4 step 3): one epoch with the victim's batch, lr and length; faithful:
         constant lr without warmup, as the official code. `scan` uses it too, so it ranks as the defense does."""
