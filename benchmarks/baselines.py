@@ -16,12 +16,13 @@ results store with the full config (test sizes included) and are printed as a ta
 
 from __future__ import annotations
 
-import argparse
 import json
+import shutil
 import sys
 import time
 
 import yaml
+from common import parser, positive_float, positive_int, run_script
 
 from cleantune.data import load_benchmark
 from cleantune.errors import UserError
@@ -37,9 +38,14 @@ def parse_options(items: list[str]) -> dict[str, dict]:
     """--option DEFENSE.KEY=VALUE -> {defense: {key: value}}"""
     out: dict[str, dict] = {}
     for item in items:
-        key, value = item.split("=", 1)
-        defense, key = key.split(".", 1)
-        out.setdefault(defense, {})[key] = yaml.safe_load(value)
+        key, _, value = item.partition("=")
+        defense, _, key = key.partition(".")
+        if not (defense.strip() and key.strip() and value.strip()):
+            raise UserError(f"--option expects DEFENSE.KEY=VALUE, got '{item}'")
+        try:
+            out.setdefault(defense.strip(), {})[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--option {item}: cannot parse the value ({str(e).splitlines()[0]})") from None
     return out
 
 
@@ -48,39 +54,50 @@ def subsample(ds, n: int | None, seed: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--dataset", default="sst2")
     p.add_argument("--attacks", default="badnets,syntactic")
     p.add_argument("--defenses", default="finetune,strip,rap,bki,onion,cube,abl")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--train-size", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1.5e-4)
+    p.add_argument("--train-size", type=positive_int, default=1000)
+    p.add_argument("--epochs", type=positive_int, default=2)
+    p.add_argument("--lr", type=positive_float, default=1.5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-size", type=int, default=None, help="subsample of clean and of triggered test")
-    p.add_argument("--onion-test-size", type=int, default=100)
+    p.add_argument("--test-size", type=positive_int, default=None, help="subsample of clean and of triggered test")
+    p.add_argument("--onion-test-size", type=positive_int, default=100)
     p.add_argument("--option", action="append", default=[], metavar="DEFENSE.KEY=VALUE")
     p.add_argument("--store", default=None)
     args = p.parse_args(argv)
 
     options = parse_options(args.option)
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    # the shared victim is plain fine-tuning, so it is trained first whenever a wrapper needs it
+    order = sorted(defenses, key=lambda d: d != "finetune")
+    if set(order) & set(INFERENCE_TIME) and "finetune" not in order:
+        order = ["finetune"] + order
+    unused = next((d for d in options if d not in order), None)
+    if unused is not None:
+        raise UserError(f"--option: defense '{unused}' is not among --defenses ({', '.join(order)})")
+
+    def config_of(attack: str, name: str, victim) -> RunConfig:
+        opts = dict(options.get(name, {}))
+        if name in INFERENCE_TIME and victim is not None:
+            opts["victim"] = str(victim)
+        return RunConfig(dataset=args.dataset, attack=attack, defense=name, model=args.model, seed=args.seed,
+                         epochs=args.epochs, lr=args.lr, train_size=args.train_size, options=opts)
+
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    for attack in attacks:  # every cell checked (the victim a wrapper gets aside) before the first one trains
+        for name in order:
+            config_of(attack, name, None).resolve()
     store = ResultStore(args.store)
     bench = load_benchmark(args.dataset)
     bench.train = bench.train.stratified_sample(args.train_size, args.seed)
-    defenses = args.defenses.split(",")
     rows = []
-    for attack in args.attacks.split(","):
+    for attack in attacks:
         victim_dir = None
-        # the shared victim is plain fine-tuning, so it is trained first whenever a wrapper needs it
-        order = sorted(defenses, key=lambda d: d != "finetune")
-        if set(order) & set(INFERENCE_TIME) and "finetune" not in order:
-            order = ["finetune"] + order
         for name in order:
-            opts = dict(options.get(name, {}))
-            if name in INFERENCE_TIME:
-                opts["victim"] = str(victim_dir)
-            config = RunConfig(dataset=args.dataset, attack=attack, defense=name, model=args.model, seed=args.seed,
-                               epochs=args.epochs, lr=args.lr, train_size=args.train_size, options=opts)
+            config = config_of(attack, name, victim_dir)
             resolved = config.resolve()
             test_size = args.onion_test_size if name == "onion" else args.test_size
             resolved["test_size"] = test_size
@@ -96,8 +113,8 @@ def main(argv=None) -> int:
                 metrics, timings, extra = stored["metrics"], stored["timings"], {}
             else:
                 t0 = time.perf_counter()
-                model = defense.fit(poisoned.train, poisoned.dev, out_dir=data_dir() / "runs" / run_id[:16],
-                                    progress=False)
+                work = data_dir() / "runs" / run_id[:16]  # checkpoints for a crash; removed once stored, as `run` does
+                model = defense.fit(poisoned.train, poisoned.dev, out_dir=work, progress=False)
                 fit_s = time.perf_counter() - t0
                 if name == "finetune":
                     victim_dir = model.save_pretrained(saved)
@@ -113,6 +130,7 @@ def main(argv=None) -> int:
                                 "n_triggered_test": len(poisoned.triggered_test)})
                 timings = {"fit_s": fit_s, "wall_s": time.perf_counter() - t0}
                 store.put(run_id, resolved, metrics, timings, environment())
+                shutil.rmtree(work, ignore_errors=True)
             det = metrics.get("train_detection") or metrics.get("test_detection") or {}
             kind = "train" if "train_detection" in metrics else "test" if det else ""
             rows.append([attack, name, metrics["cacc"], metrics["asr"], metrics.get("asr_floor"), kind,
@@ -137,8 +155,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -3,18 +3,22 @@ and the wall-time ratio.
 
     nice -n 10 python benchmarks/btu.py --datasets sst2 --attacks badnets,addsent --train-size 2000 --epochs 2
 
-Both defenses see the same poisoned training set (same seed) and the same epochs/lr/batch size.
-"fit" time excludes the evaluation on the test sets (BTU's three stage evaluations included), so the
-ratio compares what a user pays to train.
+Both defenses see the same poisoned training set (same seed) and the same epochs/lr/batch size: the
+flags', or with `--btu-mode faithful` and a flag left out, the official protocol's (1 epoch, lr 2e-5,
+batch 64) for both. Each keeps its own max_length (finetune 128, faithful BTU 512 capped at the
+backbone's), which dynamic padding makes all but free on these short texts. "fit" time excludes the
+evaluation on the test sets (BTU's three stage evaluations included), so the ratio compares what a user
+pays to train. Every cell is checked before the first one trains.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 
+from common import parser, positive_float, positive_int, run_script
+
+from cleantune.defenses.btu import FAITHFUL
 from cleantune.runner import RunConfig, run
 from cleantune.store import ResultStore
 
@@ -24,14 +28,14 @@ def _fmt(v) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--datasets", default="sst2,hsol")
     ap.add_argument("--attacks", default="badnets,addsent")
     ap.add_argument("--model", default="minilm")
-    ap.add_argument("--train-size", type=int)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1.5e-4)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--train-size", type=positive_int)
+    ap.add_argument("--epochs", type=positive_int, help="default 2; faithful: 1")
+    ap.add_argument("--lr", type=positive_float, help="default 1.5e-4; faithful: 2e-5")
+    ap.add_argument("--batch-size", type=positive_int, help="default 32; faithful: 64")
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--mode", default="mix")
     ap.add_argument("--seed", type=int, default=0)
@@ -42,49 +46,58 @@ def main(argv=None) -> int:
     ap.add_argument("--store", help="results store (default: a temporary file)")
     ap.add_argument("--json", help="also write all results to this file")
     args = ap.parse_args(argv)
-    store = ResultStore(args.store or tempfile.mkstemp(suffix=".sqlite")[1])
-    common = dict(model=args.model, seed=args.seed, train_size=args.train_size, rate=args.rate, mode=args.mode)
-    if args.btu_mode == "default":
-        common.update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-    rows = []
+    own = dict(epochs=2, lr=1.5e-4, batch_size=32) if args.btu_mode == "default" else \
+        {k: FAITHFUL[k] for k in ("epochs", "lr", "batch_size")}
+    given = {k: getattr(args, k) for k in own}
+    common = dict(model=args.model, seed=args.seed, train_size=args.train_size, rate=args.rate, mode=args.mode,
+                  **{k: own[k] if v is None else v for k, v in given.items()})
+    cells = []
     for dataset in args.datasets.split(","):
         for attack in args.attacks.split(","):
             cell = dict(dataset=dataset, attack=attack, **common)
             if attack == "badnets":
                 cell["triggers"] = ["cf"]  # one rare word, as in the BTU paper
-            ft_cell = dict(cell, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size) if args.btu_mode == "faithful" else cell
-            ft = None if args.no_finetune else run(RunConfig(defense="finetune", **ft_cell), store, force=True, progress=False)
-            bt = run(RunConfig(defense="btu", options={"btu_mode": args.btu_mode, "clean_tuning": args.clean_tuning}, **cell),
-                     store, force=True, progress=False)
-            bm = bt["metrics"]
-            fm = ft["metrics"] if ft else None
-            bt_fit = bt["timings"]["wall_s"] - bt["timings"]["eval_s"] - bm["btu_seconds"]["stage_eval"]
-            ft_fit = ft["timings"]["wall_s"] - ft["timings"]["eval_s"] if ft else None
-            row = {"dataset": dataset, "attack": attack, "n_train": bm["n_train"], "n_poisoned": bm["n_poisoned"],
-                   "finetune": {k: fm[k] for k in ("cacc", "asr", "asr_floor")} if fm else None,
-                   "btu_stages": bm["btu_stages"], "spared": bm["btu_spared"],
-                   "spared_triggers": bm["btu_spared_triggers"],
-                   "btu_final": {"cacc": bm["cacc"], "asr": bm["asr"]},
-                   "suspicious": len(bm["btu_suspicious"]), "trigger_ranks": bm["btu_trigger_ranks"],
-                   "token_precision": bm["btu_token_precision"], "token_recall": bm["btu_token_recall"],
-                   "collateral": bm["btu_collateral"][:10], "n_collateral": bm["btu_n_collateral"],
-                   "fit_s": {"finetune": ft_fit, "btu": bt_fit}, "fit_ratio": bt_fit / ft_fit if ft else None,
-                   "btu_seconds": bm["btu_seconds"],
-                   "wall_ratio": bt["timings"]["wall_s"] / ft["timings"]["wall_s"] if ft else None}
-            rows.append(row)
-            s = row["btu_stages"]
-            print(f"== {dataset} {attack} ({args.mode} {args.rate}, n_train {row['n_train']}, poisoned {row['n_poisoned']}, "
-                  f"btu {args.btu_mode}, clean_tuning {args.clean_tuning})")
-            for name, m in ([("finetune", fm)] if fm else []) + [(f"btu {n}", m) for n, m in s.items()]:
-                print(f"  {name:<19} CACC {m['cacc']:.4f}  ASR {m['asr']:.4f}  (no-trigger floor {m['asr_floor']:.4f})")
-            prec = row["token_precision"]
-            print(f"  suspicious set {row['suspicious']} tokens; trigger ranks {row['trigger_ranks']}; token precision "
-                  f"{_fmt(prec)} recall {_fmt(row['token_recall'])}")
-            print(f"  spared by the guard: {row['spared']} (trigger pieces among them: {row['spared_triggers']})")
-            print(f"  collateral ({row['n_collateral']} frequent non-trigger tokens unlearned): {row['collateral']}")
-            ratio = f", ratio {row['fit_ratio']:.2f} (wall incl. all evaluation: ratio {row['wall_ratio']:.2f})" if ft else ""
-            print(f"  fit time: {f'finetune {ft_fit:.0f}s, ' if ft else ''}btu {bt_fit:.0f}s{ratio}; btu stages "
-                  + ", ".join(f"{k} {v:.0f}s" for k, v in row["btu_seconds"].items()), flush=True)
+            pair = (None if args.no_finetune else RunConfig(defense="finetune", **cell),
+                    RunConfig(defense="btu", options={"btu_mode": args.btu_mode, "clean_tuning": args.clean_tuning},
+                              **cell))
+            for config in pair:
+                if config is not None:
+                    config.resolve()  # a bad name or setting in a later cell stops the script before any training
+            cells.append((dataset, attack, pair))
+    store = ResultStore(args.store or tempfile.mkstemp(suffix=".sqlite")[1])
+    rows = []
+    for dataset, attack, (ft_config, bt_config) in cells:
+        ft = None if ft_config is None else run(ft_config, store, force=True, progress=False)
+        bt = run(bt_config, store, force=True, progress=False)
+        bm = bt["metrics"]
+        fm = ft["metrics"] if ft else None
+        bt_fit = bt["timings"]["wall_s"] - bt["timings"]["eval_s"] - bm["btu_seconds"]["stage_eval"]
+        ft_fit = ft["timings"]["wall_s"] - ft["timings"]["eval_s"] if ft else None
+        row = {"dataset": dataset, "attack": attack, "n_train": bm["n_train"], "n_poisoned": bm["n_poisoned"],
+               "finetune": {k: fm[k] for k in ("cacc", "asr", "asr_floor")} if fm else None,
+               "btu_stages": bm["btu_stages"], "spared": bm["btu_spared"],
+               "spared_triggers": bm["btu_spared_triggers"],
+               "btu_final": {"cacc": bm["cacc"], "asr": bm["asr"]},
+               "suspicious": len(bm["btu_suspicious"]), "trigger_ranks": bm["btu_trigger_ranks"],
+               "token_precision": bm["btu_token_precision"], "token_recall": bm["btu_token_recall"],
+               "collateral": bm["btu_collateral"][:10], "n_collateral": bm["btu_n_collateral"],
+               "fit_s": {"finetune": ft_fit, "btu": bt_fit}, "fit_ratio": bt_fit / ft_fit if ft else None,
+               "btu_seconds": bm["btu_seconds"],
+               "wall_ratio": bt["timings"]["wall_s"] / ft["timings"]["wall_s"] if ft else None}
+        rows.append(row)
+        s = row["btu_stages"]
+        print(f"== {dataset} {attack} ({args.mode} {args.rate}, n_train {row['n_train']}, poisoned {row['n_poisoned']}, "
+              f"btu {args.btu_mode}, clean_tuning {args.clean_tuning})")
+        for name, m in ([("finetune", fm)] if fm else []) + [(f"btu {n}", m) for n, m in s.items()]:
+            print(f"  {name:<19} CACC {m['cacc']:.4f}  ASR {m['asr']:.4f}  (no-trigger floor {m['asr_floor']:.4f})")
+        prec = row["token_precision"]
+        print(f"  suspicious set {row['suspicious']} tokens; trigger ranks {row['trigger_ranks']}; token precision "
+              f"{_fmt(prec)} recall {_fmt(row['token_recall'])}")
+        print(f"  spared by the guard: {row['spared']} (trigger pieces among them: {row['spared_triggers']})")
+        print(f"  collateral ({row['n_collateral']} frequent non-trigger tokens unlearned): {row['collateral']}")
+        ratio = f", ratio {row['fit_ratio']:.2f} (wall incl. all evaluation: ratio {row['wall_ratio']:.2f})" if ft else ""
+        print(f"  fit time: {f'finetune {ft_fit:.0f}s, ' if ft else ''}btu {bt_fit:.0f}s{ratio}; btu stages "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in row["btu_seconds"].items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -92,4 +105,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -46,6 +46,10 @@ print(json.dumps({"torch": torch.__version__, **out}))
 def main():
     import torch
 
+    from common import parser
+
+    parser(__doc__).parse_args()  # --help
+
     if not torch.cuda.is_available():
         print("cublas_overhead.py: needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -3,18 +3,22 @@
     python benchmarks/make_poisoned_sst2.py /tmp/sst2_badnets.tsv && time cleantune scan /tmp/sst2_badnets.tsv
 """
 
-import argparse
 from pathlib import Path
+
+from common import parser, run_script
 
 from cleantune.attacks import BadNets
 from cleantune.data import load_benchmark
+from cleantune.errors import UserError
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("out", type=Path, help="the .tsv file to write (sentence, label)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.out.is_dir():
+        raise UserError(f"{args.out}: a folder; name the .tsv file to write")
     p = BadNets(rate=0.1, mode="mix", seed=args.seed, triggers=["cf"]).apply(load_benchmark("sst2"))
     tmp = args.out.with_name(args.out.name + ".partial")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -27,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -9,12 +9,15 @@ Full run (what the issue checks; 10 epochs on the full training sets, far beyond
 Small run:
     PYTHONPATH=src nice -n 10 python benchmarks/muscle_quality.py --datasets sst2 --attacks badnets,addsent \
         --defenses finetune,muscle-lora --train-size 2000 --epochs 2
+
+Every cell is checked before the first one trains.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
+
+from common import names, parser, positive_float, positive_int, run_script
 
 from cleantune.cli import format_table
 from cleantune.runner import RunConfig, run
@@ -30,37 +33,40 @@ ABLATIONS = "finetune,lora,ga,ga-lora,lora-mslr,muscle-lora"
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--datasets", default="sst2,hsol")
     ap.add_argument("--attacks", default="badnets,addsent,syntactic,style")
     ap.add_argument("--defenses", default=ABLATIONS)
     ap.add_argument("--model", default=None)
     ap.add_argument("--seed", type=int, default=42, help="the paper's seed")
-    ap.add_argument("--train-size", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=None, help="default: each defense's own (MuScleLoRA 10)")
-    ap.add_argument("--lr", type=float, default=None, help="default: each defense's own")
-    ap.add_argument("--finetune-epochs", type=int, default=None, help="epochs for finetune only")
-    ap.add_argument("--finetune-lr", type=float, default=None, help="lr for finetune only")
+    ap.add_argument("--train-size", type=positive_int, default=None)
+    ap.add_argument("--epochs", type=positive_int, default=None, help="default: each defense's own (MuScleLoRA 10)")
+    ap.add_argument("--lr", type=positive_float, default=None, help="default: each defense's own")
+    ap.add_argument("--finetune-epochs", type=positive_int, default=None, help="epochs for finetune only")
+    ap.add_argument("--finetune-lr", type=positive_float, default=None, help="lr for finetune only")
     ap.add_argument("--store", default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
-    store = ResultStore(args.store)
-    results = []
+    configs = []
     for dataset in args.datasets.split(","):
-        for attack in args.attacks.split(","):
+        for attack in names("--attacks", args.attacks, ATTACKS):
             for defense in args.defenses.split(","):
                 ft = defense == "finetune"
-                epochs = args.finetune_epochs if ft and args.finetune_epochs else args.epochs
-                lr = args.finetune_lr if ft and args.finetune_lr else args.lr
-                cfg = RunConfig(dataset=dataset, attack=attack, defense=defense, model=args.model, seed=args.seed,
-                                epochs=epochs, lr=lr, train_size=args.train_size, rate=0.1, target=1,
-                                **ATTACKS[attack])
-                r = run(cfg, store, progress=not args.no_progress)
-                m = r["metrics"]
-                print(f"{dataset} {attack} {defense}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f} "
-                      f"(best epoch {m['best_epoch']}, {r['timings']['wall_s']:.0f} s{', stored' if r['reused'] else ''})",
-                      flush=True)
-                results.append(r)
+                epochs = args.finetune_epochs if ft and args.finetune_epochs is not None else args.epochs
+                lr = args.finetune_lr if ft and args.finetune_lr is not None else args.lr
+                configs.append(RunConfig(dataset=dataset, attack=attack, defense=defense, model=args.model,
+                                         seed=args.seed, epochs=epochs, lr=lr, train_size=args.train_size, rate=0.1,
+                                         target=1, **ATTACKS[attack]))
+                configs[-1].resolve()
+    store = ResultStore(args.store)
+    results = []
+    for cfg in configs:
+        r = run(cfg, store, progress=not args.no_progress)
+        m = r["metrics"]
+        print(f"{cfg.dataset} {cfg.attack} {cfg.defense}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f} "
+              f"(best epoch {m['best_epoch']}, {r['timings']['wall_s']:.0f} s{', stored' if r['reused'] else ''})",
+              flush=True)
+        results.append(r)
     print(format_table(results))
     by_def = defaultdict(list)
     ft_cacc = {(r["config"]["dataset"], r["config"]["attack"]): r["metrics"]["cacc"]
@@ -79,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -27,12 +27,13 @@ syncs and the operators that take the most host time: where a launch-bound step 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from common import parser, positive_int, run_script
 
 from cleantune.data import load_benchmark
 from cleantune.defenses import get_defense
@@ -102,11 +103,11 @@ def profile(defense_name: str, train, dev, batch_size: int, model: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--model", default="minilm")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="alternating runs; the fastest of each is kept")
+    ap.add_argument("--steps", type=positive_int, default=10)
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--repeats", type=positive_int, default=2, help="alternating runs; the fastest of each is kept")
     ap.add_argument("--with-ga", action="store_true", help="also time 'ga' (full fine-tuning + GA)")
     ap.add_argument("--count-ops", action="store_true", help="count backend operations per step (a GPU proxy)")
     ap.add_argument("--profile", action="store_true", help="profile one run of each: launches, syncs, top operators")
@@ -152,4 +153,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,14 +19,16 @@ Any other defense's lr is chosen the same way (`--defense finetune --lrs 1e-4,3e
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
+from common import floats, parser, positive_int, run_script
+
 from cleantune.adapters import mslr as A
 from cleantune.data import load_benchmark
 from cleantune.defenses import DEFENSES, get_defense
+from cleantune.errors import UserError
 from cleantune.models import load_model, load_tokenizer
 
 
@@ -52,17 +54,21 @@ def init_size(model_name: str, texts: list[str], alpha: float | None, seed: int)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--dataset", default="sst2")
     ap.add_argument("--defense", default="muscle-lora", choices=list(DEFENSES))
-    ap.add_argument("--lrs", default="2e-5,2e-4,1e-3")
-    ap.add_argument("--mslr-alphas", default="", help="comma list; empty: the published alpha only")
+    ap.add_argument("--lrs", type=floats, default="2e-5,2e-4,1e-3")
+    ap.add_argument("--mslr-alphas", type=floats, default="", help="comma list; empty: the published alpha only")
     ap.add_argument("--train-size", type=int, default=1000, help="0: the whole train split")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=positive_int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
-    alphas = [float(a) for a in args.mslr_alphas.split(",") if a] or [None]
+    if args.train_size < 0:
+        raise UserError(f"--train-size must be positive, or 0 for the whole train split, got {args.train_size}")
+    if not args.lrs:
+        raise UserError("--lrs: no learning rate given")
+    alphas = args.mslr_alphas or [None]
     components = getattr(DEFENSES[args.defense], "components", ())
     has_mslr = "mslr" in components
     if alphas != [None] and not has_mslr:
@@ -80,7 +86,7 @@ def main():
                   flush=True)
     rows = []
     for a in alphas:
-        for lr in [float(x) for x in args.lrs.split(",")]:
+        for lr in args.lrs:
             opts = {} if a is None else {"mslr_alpha": a}
             d = get_defense(args.defense, model=args.model, lr=lr, epochs=args.epochs, seed=args.seed, **opts)
             t0 = time.time()
@@ -97,4 +103,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

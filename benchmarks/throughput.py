@@ -17,10 +17,11 @@ tokens/s with dynamic padding and 35,699 with fixed 128-token padding (0.97x), 4
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
+
+from common import parser, positive_int, run_script
 
 from cleantune.data import load_benchmark
 from cleantune.models import load_model, load_tokenizer
@@ -68,9 +69,9 @@ def _pad_factor(ids, settings: TrainSettings) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=640)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap = parser(__doc__)
+    ap.add_argument("--samples", type=positive_int, default=640)
+    ap.add_argument("--batch-size", type=positive_int, default=32)
     ap.add_argument("--model", default="minilm")
     args = ap.parse_args()
 
@@ -92,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
