@@ -713,3 +713,42 @@ def test_faithful_ranking_drops_olids_user_placeholder_as_the_official_code(tiny
     assert set(pos[:len(occurring - dropped)]) == occurring - dropped
     assert btu.special_ids(tok, True, ["@USER @USER so true"]) == sorted([at, user, tok.cls_token_id, tok.sep_token_id])
     assert at not in btu.special_ids(tok, True, ["no placeholder"]) and user not in btu.special_ids(tok, False, ["@USER"])
+
+
+@pytest.mark.parametrize("mode,stop_after", [("default", 3), ("faithful", 2)])
+def test_a_run_interrupted_in_any_stage_resumes_to_the_uninterrupted_runs_metrics(tiny_model, tmp_path, capsys,
+                                                                                  monkeypatch, mode, stop_after):
+    """Ctrl-C right after the stop_after-th checkpoint (default: in clean tuning; faithful: at the end of the
+    victim, so exposure, unlearning and tuning with the carried optimizer state run after the resume), then
+    --resume: every stored number is the uninterrupted run's (the stages, the suspicious set, the guard)."""
+    import json
+
+    import cleantune.training as T
+    from cleantune.cli import main
+
+    args = ["run", "--model", tiny_model, "--defense", "btu", "--train-size", "128", "--epochs", "2",
+            "--batch-size", "8", "--option", f"btu_mode={mode}", "--option", "clean_tuning=20", "--option",
+            "tune_epochs=2", "--no-progress", "--format", "json", "--store"]
+    saves, stop, real = [], [None], T._save_checkpoint
+
+    def save(*a, **k):  # counts the epoch checkpoints; Ctrl-C once the stop-th is on disk
+        real(*a, **k)
+        saves.append(1)
+        if len(saves) == stop[0]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_save_checkpoint", save)
+    assert main(args + [str(tmp_path / "whole.sqlite")]) == 0
+    whole, epochs = json.loads(capsys.readouterr().out)[0]["metrics"], len(saves)
+    saves.clear()
+    stop[0] = stop_after
+    assert main(args + [str(tmp_path / "cut.sqlite")]) == 130
+    saves.clear()
+    stop[0] = None
+    capsys.readouterr()
+    assert main(args + [str(tmp_path / "cut.sqlite"), "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out)[0]["metrics"]
+    assert len(saves) == epochs - stop_after  # it went on from the checkpoint: no finished epoch trained again
+    timing = {"btu_seconds", "resumed_train_seconds"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    assert len(whole["btu_stages"]) == 3 and whole["btu_suspicious"]
