@@ -628,6 +628,7 @@ def test_rap_probes_a_causal_lm_at_each_samples_last_real_token(tmp_path):
 def test_a_victim_for_another_number_of_classes_is_refused_with_the_cell(tiny_model):
     from cleantune.runner import RunConfig
 
+    opts = {"victim": tiny_model, "lm": tiny_model}  # an LM folder, so the check of the LM passes wherever this runs
     with pytest.raises(UserError, match=f"option victim: {tiny_model} classifies 2 classes, the data has 4"):
-        RunConfig(dataset="agnews", defense="onion", options={"victim": tiny_model}, train_size=40).resolve()
-    assert RunConfig(dataset="sst2", defense="onion", options={"victim": tiny_model}, train_size=40).resolve()
+        RunConfig(dataset="agnews", defense="onion", options=opts, train_size=40).resolve()
+    assert RunConfig(dataset="sst2", defense="onion", options=opts, train_size=40).resolve()
