@@ -95,7 +95,7 @@ def test_a_launch_waits_for_another_process_on_its_run_folder(tmp_path):
 
 
 REPLICAS = """
-import sys, torch
+import os, sys, torch
 from pathlib import Path
 from accelerate import PartialState
 from cleantune.data import TextDataset
@@ -157,6 +157,12 @@ except Stop:
 resumed = run((), epochs=3, folder=out / "b", resume=True)
 report("resume", resumed, whole)  # the main process's comparison stands for both: the replicas are equal
 torch.distributed.destroy_process_group()
+# Twice in about 25 runs (2026-11-29) rank 0 aborted after all four checks had printed, at interpreter
+# exit: "terminate called without an active exception", a C++ thread still joinable while the process tears
+# down, though the group is destroyed above. What this test checks is done by then: leave without the teardown.
+# (The CLI's launches keep the normal exit; test_two_process_launch_trains_and_evaluates and the others see it.)
+sys.stdout.flush()
+os._exit(0)
 """
 
 
@@ -165,8 +171,7 @@ def test_replicas_stay_identical_under_hooks_and_resume(tiny_model, tmp_path):
     script.write_text(REPLICAS)
     p = subprocess.run(LAUNCH + [str(script), tiny_model, str(tmp_path)], capture_output=True, text=True,
                        timeout=600, env=cpu_only())
-    # once in ten runs on 2026-11-29 the main process aborted (SIGABRT) and the tail showed only the launcher's
-    # report: the checks it passed (stdout) and the start of stderr say where
+    # the checks it passed (stdout) and the start of stderr say where a failing launch stopped
     assert p.returncode == 0, f"stdout: {p.stdout!r}\nstderr, start: {p.stderr[:3000]}\nstderr, end: {p.stderr[-1500:]}"
     assert p.stdout.split("\n")[:4] == ["ga True", "lga True", "loss True", "resume True"], p.stdout
 
