@@ -8,12 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from cleantune.cli import _Parser  # its errors are one-line UserErrors, as the command line's
 from cleantune.errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints its usage first: one line instead
-        raise UserError(message)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
