@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -462,6 +463,17 @@ def test_cube_clusters_the_smallest_set_it_accepts(tiny_model):
     assert isinstance(cube.fit(data, None, progress=False), Classifier) and len(cube.flagged_) == 3
     with pytest.raises(UserError, match="at least 3"):
         cube.fit(data.subset([0, 1]), None, progress=False)
+
+
+def test_cube_without_its_extra_is_refused_before_any_cell_trains(tiny_model, tmp_path, monkeypatch, capsys):
+    from cleantune.cli import main
+
+    monkeypatch.setitem(sys.modules, "umap", None)  # an import of it fails, installed or not
+    store = tmp_path / "s.sqlite"
+    assert main(["run", "--defense", "finetune,cube", "--model", tiny_model, "--train-size", "64",
+                 "--store", str(store), "--no-progress"]) == 2
+    assert capsys.readouterr().err == "cleantune: error: CUBE needs the optional extra: pip install 'cleantune[cube]' (missing umap)\n"
+    assert not store.exists()
 
 
 # ---------------------------------------------------------------- ABL

@@ -84,11 +84,15 @@ class CUBE(Defense):
     bounds = {name: "(0, inf)" for name in ("encoder_epochs", "pca_dims", "umap_dims", "n_neighbors", "min_samples")}
     clean_data = "clean dev: model selection only"
 
+    def check_backbone(self, num_labels: int) -> None:
+        super().check_backbone(num_labels)
+        _require_extras()  # a missing extra is refused before any cell of a run trains, as ONION's LM is
+
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True, extra_hooks=()) -> Classifier:
         """`extra_hooks` follow the final training only, on the data CUBE kept: the clustering encoder is
         not the defended model."""
-        _require_extras()  # before any training
+        _require_extras()  # the Python API's fit is not preceded by a cell check
         if len(train_data) < 3:
             raise UserError("CUBE needs at least 3 training samples to cluster")
         train_data = train_data.without_flags()
