@@ -17,6 +17,13 @@ def cli(*args, env=None):
     return p.returncode, p.stdout, p.stderr
 
 
+def in_process(capsys, *args):
+    """The command through `main` in this process (a fresh process costs seconds of imports; that its status
+    is main's is checked once, in test_subprocess_error_has_no_traceback): exit code, stdout, stderr."""
+    code = main(list(map(str, args)))
+    return (code, *capsys.readouterr())
+
+
 def assert_one_line_error(code, out, err, fragment):
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -32,10 +39,10 @@ def assert_one_line_error(code, out, err, fragment):
     ("sentence\tlabel\n", "bad.tsv: no samples"),
     ("sentence\tlabel\nok\t1\nfine\x00\t0\n", "bad.tsv:3: not a table (binary content)"),
 ])
-def test_train_rejects_malformed_files(tmp_path, content, fragment):
+def test_train_rejects_malformed_files(tmp_path, capsys, content, fragment):
     f = tmp_path / "bad.tsv"
     (f.write_bytes if isinstance(content, bytes) else f.write_text)(content)
-    assert_one_line_error(*cli("train", f, "--out", tmp_path / "model"), fragment)
+    assert_one_line_error(*in_process(capsys, "train", f, "--out", tmp_path / "model"), fragment)
     assert not (tmp_path / "model").exists() and not (tmp_path / "model.work").exists()
 
 
@@ -852,18 +859,26 @@ def test_mixed_precision_is_its_own_run(tiny_model, tmp_path, capsys, monkeypatc
     assert "ACCELERATE_MIXED_PRECISION=bf17: expected no, fp16 or bf16" in capsys.readouterr().err
 
 
-def test_eval_matches_classes_by_name(tiny_model, tmp_path, capsys):
+def test_eval_matches_classes_by_name(tiny_model, tmp_path, capsys, monkeypatch):
     """A model trained on a file of names numbers its classes alphabetically; agnews numbers them world,
     sports, business, sci/tech. eval renumbers the benchmark to the model's ids by name, --target included."""
-    from cleantune.data import load_benchmark
+    import dataclasses
+
+    from cleantune import data
     from cleantune.models import Classifier, load_model, load_tokenizer
+
+    real = data.load_benchmark
+    # agnews's first 600 test samples (all four classes) stand for its 7,600: scoring those took most of the test
+    monkeypatch.setattr(data, "load_benchmark", lambda name: dataclasses.replace(
+        b := real(name), test=b.test.subset(range(600)) if name == "agnews" else b.test))
 
     names = ["business", "sci/tech", "sports", "world"]
     net = load_model(tiny_model, names)
     with torch.no_grad():
         net.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 100.0]))  # always "world", the model's id 3
     m = str(Classifier(net, load_tokenizer(tiny_model), names).save_pretrained(tmp_path / "m"))
-    test = load_benchmark("agnews").test
+    test = data.load_benchmark("agnews").test
+    assert len(test) == 600 and set(test.labels) == {0, 1, 2, 3}
     for target in ("0", "world"):  # agnews's id 0 is world
         assert main(["eval", m, "agnews", "--attack", "badnets", "--target", target, "--format", "json"]) == 0
         res = json.loads(capsys.readouterr().out)
@@ -919,11 +934,11 @@ def test_cli_train_that_diverges_for_good_leaves_nothing(tiny_model, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tsv"]
 
 
-def test_cli_train_refuses_an_lr_float32_cannot_take(tiny_model, tmp_path):
+def test_cli_train_refuses_an_lr_float32_cannot_take(tiny_model, tmp_path, capsys):
     (tmp_path / "t.tsv").write_text("\n".join(_film_rows(8)) + "\n")
     for lr in ("1e38", "1e300", "inf"):
-        assert_one_line_error(*cli("train", tmp_path / "t.tsv", "--out", tmp_path / "m", "--model", tiny_model,
-                                   "--lr", lr), "--lr must be a finite number of at most 1e+37")
+        assert_one_line_error(*in_process(capsys, "train", tmp_path / "t.tsv", "--out", tmp_path / "m", "--model",
+                                          tiny_model, "--lr", lr), "--lr must be a finite number of at most 1e+37")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tsv"]
 
 
