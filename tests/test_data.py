@@ -2,6 +2,7 @@ import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,26 @@ def test_a_folder_is_named_as_one(tmp_path):
         (tmp_path / name).mkdir()
         with pytest.raises(UserError, match=re.escape(f"{tmp_path / name}: a folder, not a data file")):
             read_dataset(tmp_path / name)
+
+
+def test_a_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, capsys):
+    """Permissions cannot make a file unreadable here (the tests run as root): read_bytes fails as it would."""
+    from cleantune.cli import main
+
+    path = write(tmp_path, "a.tsv", "sentence\tlabel\nfine\t0\nbad\t1\n")
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(UserError, match=re.escape(f"{path}: cannot read (Permission denied)")):
+        read_dataset(path)
+    assert main(["train", str(path), "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == f"cleantune: error: {path}: cannot read (Permission denied)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv"]
 
 
 def test_one_column_cannot_be_both_text_and_label(tmp_path):
