@@ -474,6 +474,16 @@ def test_cube_without_its_extra_is_refused_before_any_cell_trains(tiny_model, tm
                  "--store", str(store), "--no-progress"]) == 2
     assert capsys.readouterr().err == "cleantune: error: CUBE needs the optional extra: pip install 'cleantune[cube]' (missing umap)\n"
     assert not store.exists()
+    # the check imports neither (umap's import takes seconds), so it reads scikit-learn's version from its metadata
+    import importlib.metadata
+
+    from cleantune.defenses.cube import _find_extras
+
+    monkeypatch.delitem(sys.modules, "umap")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.2.2")
+    with pytest.raises(UserError, match=r"CUBE needs scikit-learn >= 1.3 \(HDBSCAN\)"):
+        _find_extras()
 
 
 # ---------------------------------------------------------------- ABL

@@ -25,6 +25,23 @@ from .base import Defense
 from .common import sentence_states, side_dir, train_side_model, with_stages
 
 
+def _find_extras():
+    """The cheap part of `_require_extras`, for a run's cell check: the packages are found, without the
+    seconds their imports take."""
+    import importlib.metadata
+    import importlib.util
+
+    for module in ("sklearn", "umap"):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"CUBE needs the optional extra: pip install 'cleantune[cube]' (missing {module})")
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("scikit-learn").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):  # no metadata to read: fit's import decides
+        return
+    if (major, minor) < (1, 3):
+        raise UserError("CUBE needs scikit-learn >= 1.3 (HDBSCAN): pip install 'cleantune[cube]'")
+
+
 def _require_extras():
     try:
         import sklearn.cluster  # noqa: F401
@@ -86,7 +103,7 @@ class CUBE(Defense):
 
     def check_backbone(self, num_labels: int) -> None:
         super().check_backbone(num_labels)
-        _require_extras()  # a missing extra is refused before any cell of a run trains, as ONION's LM is
+        _find_extras()  # a missing extra is refused before any cell of a run trains, as ONION's LM is
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True, extra_hooks=()) -> Classifier:
