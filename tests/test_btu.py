@@ -154,6 +154,25 @@ def test_guard_measures_spared_tokens_again_after_the_cut(tiny_model, recompute)
     assert clf.predict(dev.texts) == [0, 1]
 
 
+def test_the_faithful_guard_measures_the_faithful_cut(tiny_model):
+    """The official cut also zeroes a row's dimensions that training left unchanged (delta = 0 -> 0, spec 8 #5):
+    a token whose pretrained row carries the class loses it there, though the default cut would keep it."""
+    tok = load_tokenizer(tiny_model)
+    (good,) = tok.convert_tokens_to_ids(["good"])
+    E0, emb, clf = _toy_victim(tok, {good: (1, 3.0)})  # trained only in a dimension the prediction ignores
+    E0[good, 0] = 5.0  # pretrained: "good" carries the positive class, and training left that alone
+    with torch.no_grad():
+        emb.weight[good, 0] = 5.0
+    dev = TextDataset(["good movie", "bad movie", "a good one"], [1, 0, 1], ["neg", "pos"])
+    view = TokenView(tok)
+    assert btu.guard_costs(clf, view, E0, tok.pad_token_id, [good], dev) == {good: 0.0}
+    assert btu.guard_costs(clf, view, E0, tok.pad_token_id, [good], dev, recompute=True) == {good: 2 / 3}
+    cut, spared, _ = btu.guarded_unlearn(clf, view, E0, tok.pad_token_id, [good], dev, tolerance=0.001,
+                                         recompute=True)
+    assert spared == [good] and cut["tokens"] == [] and emb.weight[good, 0] == 5.0
+    assert clf.predict(dev.texts) == [1, 0, 1]
+
+
 def test_later_guard_rounds_cut_with_the_first_cuts_threshold(tiny_model):
     tok = load_tokenizer(tiny_model)
     V = tok.vocab_size

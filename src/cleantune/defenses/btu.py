@@ -349,9 +349,12 @@ def unlearn(weight: torch.Tensor, E0: torch.Tensor, pad_id: int, token_ids: list
 
 
 def guard_costs(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int, token_ids: list[int],
-                dev: TextDataset, threshold: float | None = None, progress: bool = False) -> dict[int, float]:
+                dev: TextDataset, threshold: float | None = None, progress: bool = False,
+                recompute: bool = False) -> dict[int, float]:
     """For each suspicious token that occurs in clean dev: the clean dev accuracy lost by unlearning it
-    alone. Only the dev samples that contain the token can change, so only those are re-scored."""
+    alone, by the rule the cut will use (`recompute`, as `unlearn`'s: the official rule also zeroes the
+    dimensions training left unchanged). Only the dev samples that contain the token can change, so only
+    those are re-scored."""
     from tqdm.auto import tqdm
 
     from ..training import is_main_process
@@ -366,7 +369,7 @@ def guard_costs(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: int,
         if not rows:
             continue
         kept = weight.data[t].clone()
-        unlearn(weight, E0, pad_id, [t], recompute=False, threshold=threshold)
+        unlearn(weight, E0, pad_id, [t], recompute=recompute, threshold=threshold)
         after = torch.tensor(clf.predict([dev.texts[i] for i in rows])) == torch.tensor([dev.labels[i] for i in rows])
         weight.data[t] = kept
         costs[t] = int(before[rows].sum() - after.sum()) / len(dev)
@@ -381,13 +384,13 @@ def guarded_unlearn(clf: Classifier, view: TokenView, E0: torch.Tensor, pad_id: 
     cut, until no more are freed: on the victim a common word can flip a dev sample that cut tokens also
     decided (AddSent's "movie" and "watch" on full SST-2 cost one sample each before the cut, none after)."""
     weight = clf.model.get_input_embeddings().weight
-    costs = guard_costs(clf, view, E0, pad_id, token_ids, dev, progress=progress)
+    costs = guard_costs(clf, view, E0, pad_id, token_ids, dev, progress=progress, recompute=recompute)
     spared = [t for t, cost in costs.items() if cost > tolerance]
     cut = unlearn(weight, E0, pad_id, [t for t in token_ids if t not in spared], recompute=recompute)
     c = None if recompute else cut["threshold"]  # the later cuts keep the first cut's threshold
     rounds = [costs]
     while spared:
-        again = guard_costs(clf, view, E0, pad_id, spared, dev, threshold=c, progress=progress)
+        again = guard_costs(clf, view, E0, pad_id, spared, dev, threshold=c, progress=progress, recompute=recompute)
         rounds.append(again)
         freed = [t for t in spared if again[t] <= tolerance]
         if not freed:
