@@ -143,7 +143,6 @@ def test_strip_target_variant_perturbs_with_non_target_words_and_flags_only_targ
     assert flags[is_target].sum() == int(is_target.sum() * 0.1)  # the requested FRR on target-predicted clean dev
 
 
-
 def test_strip_ranks_words_as_scikit_learns_tfidf_does(sst2):
     """Smoothed idf with its +1: a word in every text still counts, by its term frequency."""
     sklearn_text = pytest.importorskip("sklearn.feature_extraction.text")
@@ -383,7 +382,6 @@ def test_bki_finds_a_planted_keyword_and_drops_its_samples(tiny_model):
     assert flagged[poisoned].all() and not flagged[~poisoned].any()
 
 
-
 def test_bki_scores_a_deletion_by_its_largest_coordinate_change(tiny_model, monkeypatch):
     """L-infinity, as OpenBackdoor: a word moving one coordinate far outranks one nudging all of them."""
     from cleantune.defenses import bki as bki_module
@@ -591,7 +589,6 @@ def test_detection_reads_ground_truth_only_after_fit(tiny_clf):
     assert out["train_detection"] == {"precision": 0.5, "recall": 0.5, "frr": 0.5, "far": 0.5}
     assert out["test_detection"] == {"precision": 2 / 3, "recall": 1.0, "frr": 0.5, "far": 0.0}
     assert "train_detection" not in detection(object(), tiny_clf, pb)
-
 
 
 def test_a_victim_numbering_classes_otherwise_is_refused(tiny_clf, sst2, tmp_path):

@@ -151,8 +151,13 @@ class Defense:
         of this defense. Only its own refusals count there: anything else the skeleton cannot do shows, if it is
         real, when the run loads the weights. A `victim` option (an inference-time defense wrapping a trained
         classifier) is loaded once, so a folder that is not a whole classifier of the task's classes is refused
-        here too."""
+        here too. Then `check_requirements`."""
         _check_backbone(type(self), json.dumps(self.given_settings(), sort_keys=True), num_labels)
+        self.check_requirements()
+
+    def check_requirements(self) -> None:
+        """Refuse a missing optional package or side model (CUBE's extra, ONION's LM) without importing or
+        loading it, so a run stops before its first cell trains rather than when this defense's turn comes."""
 
     def given_settings(self) -> dict:
         """The settings that rebuild this defense as it was given: a setting filled in from others (BTU's

@@ -25,6 +25,10 @@ from .base import Defense
 from .common import sentence_states, side_dir, train_side_model, with_stages
 
 
+_MISSING = "CUBE needs the optional extra: pip install 'cleantune[cube]' (missing {})"
+_OLD_SKLEARN = "CUBE needs scikit-learn >= 1.3 (HDBSCAN): pip install 'cleantune[cube]'"
+
+
 def _find_extras():
     """The cheap part of `_require_extras`, for a run's cell check: the packages are found, without the
     seconds their imports take."""
@@ -33,23 +37,25 @@ def _find_extras():
 
     for module in ("sklearn", "umap"):
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"CUBE needs the optional extra: pip install 'cleantune[cube]' (missing {module})")
+            raise UserError(_MISSING.format(module))
     try:
         major, minor = (int(x) for x in importlib.metadata.version("scikit-learn").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):  # no metadata to read: fit's import decides
+    except (importlib.metadata.PackageNotFoundError, ValueError):  # no metadata to read: the import decides
         return
     if (major, minor) < (1, 3):
-        raise UserError("CUBE needs scikit-learn >= 1.3 (HDBSCAN): pip install 'cleantune[cube]'")
+        raise UserError(_OLD_SKLEARN)
 
 
 def _require_extras():
+    """`_find_extras`, then the imports themselves: an install that is found but broken stops here too."""
+    _find_extras()
     try:
         import sklearn.cluster  # noqa: F401
         import umap  # noqa: F401
     except ImportError as e:
-        raise UserError(f"CUBE needs the optional extra: pip install 'cleantune[cube]' (missing {e.name})") from None
+        raise UserError(_MISSING.format(e.name)) from None
     if not hasattr(sklearn.cluster, "HDBSCAN"):
-        raise UserError("CUBE needs scikit-learn >= 1.3 (HDBSCAN): pip install 'cleantune[cube]'")
+        raise UserError(_OLD_SKLEARN)
 
 
 def cluster(reps: np.ndarray, seed: int, pca_dims: int = 20, umap_dims: int = 2, n_neighbors: int = 100,
@@ -101,9 +107,8 @@ class CUBE(Defense):
     bounds = {name: "(0, inf)" for name in ("encoder_epochs", "pca_dims", "umap_dims", "n_neighbors", "min_samples")}
     clean_data = "clean dev: model selection only"
 
-    def check_backbone(self, num_labels: int) -> None:
-        super().check_backbone(num_labels)
-        _find_extras()  # a missing extra is refused before any cell of a run trains, as ONION's LM is
+    def check_requirements(self) -> None:
+        _find_extras()
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True, extra_hooks=()) -> Classifier:

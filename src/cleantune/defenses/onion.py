@@ -181,9 +181,8 @@ class ONION(Defense):
     step_hooks = False
     clean_data = "clean dev: model selection only"
 
-    def check_backbone(self, num_labels: int) -> None:
-        super().check_backbone(num_labels)
-        locate_causal_lm(self.lm)  # a missing LM package or folder is refused before any cell of a run trains
+    def check_requirements(self) -> None:
+        locate_causal_lm(self.lm)
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:
