@@ -305,24 +305,22 @@ def test_corrupt_store_rows_are_one_line_errors(tmp_path, capsys):
     ResultStore(path).put("abc", {"dataset": "sst2"}, {"cacc": 0.9, "asr": 0.1}, {"wall_s": 1.0}, {})
     for update, msg in (("config = '{bad'", "run abc has a corrupt 'config' column"),
                         ("metrics = 'null'", "run abc has a corrupt 'metrics' column"),
-                        ("metrics = '{\"cacc\": \"high\"}'", "run abc has a corrupt 'cacc' metric ('high')")):
+                        ("metrics = '{\"cacc\": \"high\"}'", "run abc has a corrupt 'cacc' metric ('high')"),
+                        # `results` gave a traceback on the next three, which `report` refused or took
+                        ("config = '{}'", "run abc has a corrupt 'config' column (no 'dataset')"),
+                        ("config = json_set(config, '$.defense', 5)", "run abc has a corrupt 'config' column (no 'defense')"),
+                        ("metrics = '{\"train_detection\": \"x\"}'", "run abc has a corrupt 'train_detection' metric ('x')")):
         con = sqlite3.connect(path)
         cell = json.dumps({"dataset": "sst2", "attack": "badnets", "defense": "finetune"})
         con.execute(f"UPDATE runs SET config = '{cell}', metrics = '{{}}'")
         con.execute(f"UPDATE runs SET {update}")
         con.commit()
         con.close()
-        for args in (["results"], ["results", "--format", "csv"], ["report", "--out", str(tmp_path / "rep")]):
+        for args in (["results"], ["results", "--format", "csv"], ["results", "--format", "json"],
+                     ["report", "--out", str(tmp_path / "rep")]):
             assert main(args + ["--store", str(path)]) == 2
             err = capsys.readouterr().err
             assert len(err.strip().splitlines()) == 1 and msg in err, (update, args, err)
-    con = sqlite3.connect(path)
-    con.execute("UPDATE runs SET config = '{}', metrics = '{}'")  # valid JSON, but no cell to make a table row of
-    con.commit()
-    con.close()
-    assert main(["report", "--out", str(tmp_path / "rep"), "--store", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "run abc has a corrupt 'config' column (no 'dataset')" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "rep").exists()
 
 

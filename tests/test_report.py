@@ -168,11 +168,19 @@ def test_report_plots_curves_files_of_the_frequency_analysis(tmp_path, capsys):
     assert "frequency curves: sst2 badnets finetune seed 0" in page
     assert len(re.findall(r"data:image/png;base64,", page)) == 3  # bars, scatter, the curves
     bad = tmp_path / "bad.json"
-    for content in ({"records": "none"}, {"deltas": 2.0, "records": [rec(0, 1.0)]}):  # the second: a traceback
-        bad.write_text(json.dumps(content))
+    # each of the last five raised a traceback: past json's recursion limit, an integer too large for a float,
+    # and steps that are not numbers (matplotlib's TypeError or numpy's ValueError)
+    for text in (json.dumps({"records": "none"}), json.dumps({"deltas": 2.0, "records": [rec(0, 1.0)]}),
+                 "[" * 100_000, '{"a": [1, 1' + "0" * 400 + "]}",
+                 json.dumps({"deltas": [2.0], "records": [{**rec(0, 1.0), "step": "x"}, {**rec(5, 1.0), "step": None}]}),
+                 json.dumps({"deltas": [2.0], "records": [{**rec(0, 1.0), "step": [1]}, {**rec(5, 1.0), "step": {}}]}),
+                 json.dumps({"deltas": [2.0], "records": [rec(0, 1.0)] * 2}).replace("0.9", "1" + "0" * 400)):
+        bad.write_text(text)
         assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "r2"), "--frequency", str(bad)]) == 2
         err = capsys.readouterr().err
         assert "no frequency curves" in err and err.count("\n") == 1 and not (tmp_path / "r2").exists()
+    bad.write_text(json.dumps({"steps": ["x", {}], "a": [1, 2]}))  # steps of no use: the curve by its index
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "r3"), "--frequency", str(bad)]) == 0
 
 
 def test_mixed_precision_runs_are_their_own_rows_and_compare_at_their_precision(tmp_path, monkeypatch, capsys):

@@ -378,14 +378,32 @@ def frequency_curves(run: dict) -> dict | None:
 def _read_json(path: Path):
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: arrays nested past Python's stack
         return None
+
+
+def _curve_value(x) -> float:
+    """A curve's value or step as a float; ValueError for anything else (a bool, a string, a list, an integer
+    too large for a float), so a damaged file is refused instead of reaching matplotlib."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(x)
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(x) from None
 
 
 def parse_frequency(freq) -> dict | None:
     """Curves from either shape: `cleantune analyze frequency`'s curves.json ({"deltas", "records": [{"step",
     set: {"e_low": [per delta], "e_high": [...]}}]}), plotted at the smallest and largest delta; or plain
     {"steps": [...], name: [values] or {name: [values]}}. None when there is nothing to plot."""
+    try:
+        return _parse_frequency(freq)
+    except RecursionError:  # dicts nested past Python's stack
+        return None
+
+
+def _parse_frequency(freq) -> dict | None:
     if not isinstance(freq, dict):
         return None
     curves: dict[str, list[float]] = {}
@@ -406,24 +424,31 @@ def parse_frequency(freq) -> dict | None:
                         vals = [v[k] if isinstance(v, list) else v for v in vals]
                         label = f"{name} {key}" + (f" (δ={deltas[k]:g})" if deltas else "")
                         # null: e_high undefined at that delta (curves.json writes NaN as null)
-                        curves[label] = [math.nan if v is None else float(v) for v in vals]
+                        curves[label] = [math.nan if v is None else _curve_value(v) for v in vals]
+            steps = [_curve_value(r.get("step", i)) for i, r in enumerate(records)]
         except (KeyError, IndexError, TypeError, ValueError):
             return None
-        return {"steps": [r.get("step", i) for i, r in enumerate(records)], "curves": curves} if curves else None
+        return {"steps": steps, "curves": curves} if curves else None
 
     def walk(prefix: str, node) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
                 if k != "steps":
                     walk(f"{prefix}/{k}" if prefix else str(k), v)
-        elif isinstance(node, list) and node and all(isinstance(x, (int, float)) for x in node):
-            curves[prefix] = [float(x) for x in node]
+        elif isinstance(node, list) and node:
+            try:
+                curves[prefix] = [_curve_value(x) for x in node]
+            except ValueError:  # not a curve
+                pass
 
     walk("", freq)
     if not curves:
         return None
-    steps = freq.get("steps")
-    return {"steps": steps if isinstance(steps, list) else None, "curves": curves}
+    try:
+        steps = [_curve_value(x) for x in freq.get("steps")]
+    except (TypeError, ValueError):  # no steps, or not numbers: the curves are plotted against their index
+        steps = None
+    return {"steps": steps, "curves": curves}
 
 
 @_plain_text
@@ -770,10 +795,6 @@ def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple
                 and matches(r, others)]
         runs = sorted(runs + refs, key=lambda r: r["created"])
         reference_added = bool(refs)
-    for r in runs:  # every table row is keyed by these: a row edited outside cleantune may lack them
-        missing = next((k for k in ("dataset", "attack", "defense") if not isinstance(r["config"].get(k), str)), None)
-        if missing:
-            raise UserError(f"--store {store.path}: run {r['id']} has a corrupt 'config' column (no '{missing}')")
     page, md, images = build(runs, tuple(frequency_files), where, reference_added)  # everything checked before writing
     out = Path(out_dir)
     new = not out.exists()

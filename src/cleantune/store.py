@@ -53,7 +53,12 @@ STATUSES = ("ok", "failed")
 def select_runs(runs: list[dict], where: dict[str, list[str]], store: str | Path) -> list[dict]:
     """The runs that match `where`. A value that no run in the store takes is refused, naming what is there: a
     typo would otherwise read as no result. A status is known in advance: `--status failed` on a store where
-    nothing failed is an empty answer, not a typo."""
+    nothing failed is an empty answer, not a typo. Every run is checked for the cell that keys its table row
+    (`results` and `report` alike), filtered or not: the report takes fine-tuning's rows from the whole store."""
+    for r in runs:  # a row edited outside cleantune may lack them
+        missing = next((k for k in ("dataset", "attack", "defense") if not isinstance(r["config"].get(k), str)), None)
+        if missing:
+            raise UserError(f"--store {store}: run {r['id']} has a corrupt 'config' column (no '{missing}')")
     for key, wanted in where.items():
         if key == "status":
             odd = [v for v in wanted if v not in STATUSES]
@@ -257,6 +262,8 @@ class ResultStore:
         scores |= {f"{kind}.{k}": v for kind in ("train_detection", "test_detection")
                    if isinstance(m.get(kind), dict) for k, v in m[kind].items() if v is not None}
         bad = bad or next((k for k, v in scores.items() if not _number(v)), None)
+        bad = bad or next((k for k in ("train_detection", "test_detection")
+                           if m.get(k) is not None and not isinstance(m[k], dict)), None)
         if bad:
             raise UserError(f"--store {self.path}: run {id_} has a corrupt '{bad}' metric "
                             f"({m[bad] if bad in m else scores[bad]!r})")
