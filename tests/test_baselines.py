@@ -484,6 +484,23 @@ def test_cube_without_its_extra_is_refused_before_any_cell_trains(tiny_model, tm
         _find_extras()
 
 
+def test_a_rap_word_of_several_tokens_is_refused_before_the_victim_trains(tiny_model, tmp_path, monkeypatch, capsys):
+    from cleantune.cli import main
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # where a run's checkpoints would be left
+    msg = "cleantune: error: RAP: option word='two words' is 2 tokens for this tokenizer; choose one token\n"
+    store = tmp_path / "s.sqlite"
+    assert main(["run", "--defense", "rap", "--option", "word=two words", "--model", tiny_model, "--train-size", "64",
+                 "--store", str(store), "--no-progress"]) == 2
+    assert capsys.readouterr().err == msg  # it trained the victim first and left its checkpoints
+    data = tmp_path / "d.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"a fine film {i}\t1\nsuch a dull film {i}\t0\n" for i in range(8)))
+    assert main(["train", str(data), "--dev", str(data), "--out", str(tmp_path / "m"), "--defense", "rap",
+                 "--option", "word=two words", "--model", tiny_model, "--no-progress"]) == 2
+    assert capsys.readouterr().err == msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.tsv"]
+
+
 # ---------------------------------------------------------------- ABL
 
 

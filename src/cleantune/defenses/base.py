@@ -157,7 +157,8 @@ class Defense:
 
     def check_requirements(self) -> None:
         """Refuse a missing optional package or side model (CUBE's extra, ONION's LM) without importing or
-        loading it, so a run stops before its first cell trains rather than when this defense's turn comes."""
+        loading it, or a setting the tokenizer cannot take (RAP's word), so a run stops before its first cell
+        trains rather than when this defense's turn comes."""
 
     def given_settings(self) -> dict:
         """The settings that rebuild this defense as it was given: a setting filled in from others (BTU's

@@ -31,7 +31,7 @@ import torch
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..models import Classifier
+from ..models import Classifier, load_tokenizer
 from ..training import encode, make_batch
 from .base import Defense
 from .common import FlaggingClassifier, check_on_flag, check_flag_task, frr_threshold, victim_model
@@ -44,15 +44,21 @@ def band_loss(diff: torch.Tensor, prob_range: tuple[float, float], scale: float)
     return scale * torch.mean((diff > upper) * (diff - upper)) + torch.mean((diff < lower) * (lower - diff))
 
 
+def one_token(tokenizer, word: str) -> int:
+    """The word's token id: RAP learns one embedding row."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise UserError(f"RAP: option word='{word}' is {len(ids)} tokens for this tokenizer; choose one token")
+    return ids[0]
+
+
 class RapClassifier(FlaggingClassifier):
     def __init__(self, base: Classifier, word: str, target: int, on_flag: str, batch_size: int = 32):
         super().__init__(base, on_flag)
-        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise UserError(f"RAP: option word='{word}' is {len(ids)} tokens for this tokenizer; choose one token")
+        word_id = one_token(self.tokenizer, word)
         if not 0 <= target < len(self.label_names):
             raise UserError(f"RAP: option target={target} is not a class (0..{len(self.label_names) - 1})")
-        self.word, self.word_id, self.target, self.batch_size = word, ids[0], target, batch_size
+        self.word, self.word_id, self.target, self.batch_size = word, word_id, target, batch_size
         self.vector = self.model.get_input_embeddings().weight[self.word_id].detach().clone()
         self.threshold = float("-inf")
 
@@ -152,6 +158,11 @@ class RAP(Defense):
         if len(self.prob_range) != 2:
             raise UserError(f"defense 'rap': option prob_range must be two numbers, got {list(self.prob_range)}")
         super().__post_init__()
+
+    def check_requirements(self) -> None:
+        # the word is tokenised by the classifier RAP wraps: refused before the victim trains, not after
+        source = self.victim or self.model
+        one_token(load_tokenizer(source, f"option victim {source}" if self.victim else None), self.word)
 
     def check_task(self, num_labels: int) -> None:
         check_flag_task(self.on_flag, num_labels)
