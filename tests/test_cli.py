@@ -1320,3 +1320,18 @@ def test_version_prints_the_installed_packages_version(capsys):
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"cleantune {cleantune.__version__}"
     assert importlib.metadata.version("cleantune") == cleantune.__version__
+
+
+def test_a_failed_command_leaves_no_folder_it_made(tiny_model, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad"  # weights that fail only when loaded, after the store and the lock are made
+    shutil.copytree(tiny_model, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "d.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"a fine film {i}\t1\nsuch a dull film {i}\t0\n" for i in range(8)))
+    assert_one_line_error(*in_process(capsys, "run", "--model", bad, "--train-size", 64, "--store",
+                                      tmp_path / "new" / "deeper" / "s.sqlite", "--no-progress"), "cannot load")
+    assert_one_line_error(*in_process(capsys, "train", data, "--out", tmp_path / "out" / "deeper" / "m", "--model", bad,
+                                      "--no-progress"), "cannot load")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "d.tsv"]  # the two empty folders were left

@@ -121,6 +121,23 @@ def _retry(fn, attempts: int = 8):
             time.sleep(0.1 * 2 ** min(attempt, 5))
 
 
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above `path`; the ones created, innermost first, for remove_empty."""
+    missing = [p for p in path.parents if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed command created on its way in (make_parents), innermost first, where still
+    empty: nothing of the command is left behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process has used it since), or gone
+            return
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON true would count as 1
 
@@ -141,9 +158,10 @@ class ResultStore:
             raise UserError(f"{label}: no such file" + ("" if path is not None else " (no run stored yet)"))
         companions = [Path(f"{self.path}{s}") for s in ("-wal", "-shm")]
         created = [c for c in companions if not c.exists()]
+        self._made: list[Path] = []
         try:
             if not readonly:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._made = make_parents(self.path)
             mode = "rwc"
             if readonly:
                 # Without a -wal no process has the store open (the last to close writes the WAL into the file
@@ -172,6 +190,7 @@ class ResultStore:
         except (sqlite3.DatabaseError, OSError, UserError) as e:
             if hasattr(self, "conn"):
                 self.conn.close()
+            remove_empty(self._made)
             if readonly:  # a store refused on reading is left as it was found
                 for c in created:
                     c.unlink(missing_ok=True)
@@ -201,6 +220,7 @@ class ResultStore:
                 return
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            remove_empty(self._made)
         except sqlite3.OperationalError:  # in use: the process using it keeps it
             return
         finally:

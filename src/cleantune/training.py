@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import TextDataset
 from .errors import UserError
+from .store import remove_empty
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LR_MAX = 1e37
@@ -498,6 +499,7 @@ def work_lock(work: Path, wait: bool):
     A run that raises Diverged leaves no checkpoints: the same seed and data diverge again on --resume
     (other failures, an interruption or a refused --resume, keep them)."""
     path = work.with_name(work.name + ".lock")
+    made = [p for p in path.parents if not p.exists()]  # what _flock creates: removed again if training fails
     state = process_state()
     if state.num_processes == 1:
         fd = _flock(path, wait)
@@ -516,8 +518,10 @@ def work_lock(work: Path, wait: bool):
             time.sleep(1.0)
     if not got:
         raise Busy(f"another cleantune process is training into {work}")
+    failed = True
     try:
         yield
+        failed = False
     except Diverged:
         if state.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
@@ -526,6 +530,8 @@ def work_lock(work: Path, wait: bool):
         if fd is not None:
             path.unlink(missing_ok=True)
             os.close(fd)
+            if failed:  # checkpoints kept for --resume keep their folders
+                remove_empty(made)
 
 
 def _flock(path: Path, wait: bool) -> int | None:
