@@ -132,7 +132,7 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
         assert not list(tmp_path.glob("s.sqlite*")), args  # checked before the store is opened
     # --dry-run refuses a store the real sweep could not open or create
     (tmp_path / "file").write_text("x")
-    for store, msg in ((tmp_path, "a folder, not a store file"),
+    for store, msg in ((tmp_path, "a folder, not a store file"), ("", "--store: an empty path"),  # it read the default
                        (tmp_path / "file" / "s.sqlite", f"cannot create it ({tmp_path / 'file'} is not a folder)")):
         assert main(["sweep", grid, "--store", str(store), "--dry-run"]) == 2
         assert msg in capsys.readouterr().err
@@ -177,9 +177,11 @@ def test_ray_backend_without_ray_writes_nothing(tiny_model, tmp_path, capsys):
     if importlib.util.find_spec("ray") is not None:
         pytest.skip("Ray is installed")
     grid = write_grid(tmp_path / "g.yaml", tiny_model, defense="finetune")
-    assert main(["sweep", str(grid), "--store", str(tmp_path / "s.sqlite"), "--backend", "ray", "--no-progress"]) == 2
-    assert capsys.readouterr().err == "cleantune: error: --backend ray needs Ray: pip install 'cleantune[ray]'\n"
-    assert not list(tmp_path.glob("s.sqlite*"))
+    for dry in ([], ["--dry-run"]):  # the dry run listed the cells
+        assert main(["sweep", str(grid), "--store", str(tmp_path / "s.sqlite"), "--backend", "ray", "--no-progress",
+                     *dry]) == 2
+        assert capsys.readouterr().err == "cleantune: error: --backend ray needs Ray: pip install 'cleantune[ray]'\n"
+        assert not list(tmp_path.glob("s.sqlite*"))
 
 
 def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys):

@@ -739,9 +739,9 @@ def cmd_sweep(ns) -> int:
     check_options(ns.workers, ns.backend, ns.address, ns.cpus_per_run, ns.gpus_per_run)  # --dry-run checks them too
     if ns.dry_run:  # reads the store, creates nothing
         from .models import check_creatable
-        from .store import default_store_path
+        from .store import store_path
 
-        path = Path(ns.store) if ns.store else default_store_path()
+        path = store_path(ns.store)
         # a store that does not exist yet holds nothing; one the sweep could not create is refused here too
         if not path.exists():
             check_creatable(path, f"--store {path}")

@@ -121,6 +121,15 @@ def _retry(fn, attempts: int = 8):
             time.sleep(0.1 * 2 ** min(attempt, 5))
 
 
+def store_path(path: str | Path | None) -> Path:
+    """--store as given, or the default store when unset."""
+    if path is None:
+        return default_store_path()
+    if isinstance(path, str) and not path.strip():  # Path("") would be the working folder
+        raise UserError("--store: an empty path")
+    return Path(path)
+
+
 def make_parents(path: Path) -> list[Path]:
     """Create the missing folders above `path`; the ones created, innermost first, for remove_empty."""
     missing = [p for p in path.parents if not p.exists()]
@@ -150,7 +159,7 @@ class ResultStore:
         """`readonly` (results, report): the file must exist and is opened read-only, so it is never changed; a
         store no process has open can be read in a read-only folder, and nothing is left beside it. Otherwise it
         is created when missing. Either way an SQLite file holding other tables is refused, not changed."""
-        self.path = Path(path) if path is not None else default_store_path()
+        self.path = store_path(path)
         label = f"--store {self.path}"
         if self.path.is_dir():
             raise UserError(f"{label}: a folder, not a store file")

@@ -14,6 +14,7 @@ traceback; the next sweep retries it.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import os
@@ -332,6 +333,8 @@ def check_options(workers: int = 1, backend: str = "local", address: str | None 
     elif workers != 1:  # Ray runs as many tasks at once as the cluster's free CPUs and GPUs allow
         raise UserError("--workers applies to --backend local only (with Ray, --cpus-per-run and "
                         "--gpus-per-run decide how many runs fit at once)")
+    elif importlib.util.find_spec("ray") is None:  # found, not imported: --dry-run refuses what the sweep would
+        _require_ray()
 
 
 def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int = 1, backend: str = "local",
