@@ -122,6 +122,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--defense", "lora", "--option", "lora_r=99999999999999999999"], "option lora_r must be at most 2147483647"),
     (["run", "--num-triggers", "1000000000"], "--num-triggers must be at most 100"),
     (["run", "--option", "lora_r"], "--option expects KEY=VALUE, got 'lora_r'"),
+    (["run", "--defense", "lora", "--option", "lora_r=0", "--option", "lora-r=4"], "--option lora_r is given twice"),
     (["eval", "no/such/model", "sst2"], "no/such/model: no such model directory"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, capsys):
@@ -143,6 +144,8 @@ def test_train_refuses_impossible_settings_before_writing(tiny_model, tmp_path, 
                             (["--option", "seed=3"], "option 'seed' has a setting of its own"),
                             (["--option", "max_length=64"], "option 'max_length' has a setting of its own: give --max-length"),
                             (["--out", ""], "--out: empty path"),  # not "--out .: name the folder"
+                            (["--option", "lr_schedule=linear", "--option", "lr_schedule=constant"],
+                             "--option lr_schedule is given twice"),
                             (["--option", "warmup_ratio=nan"], "option warmup_ratio must be in [0, 1)")]:  # no such flag
         assert main(base + extra) == 2
         err = capsys.readouterr().err
@@ -173,6 +176,7 @@ def test_train_takes_a_config_file_and_the_command_line_wins(tiny_model, tmp_pat
 @pytest.mark.parametrize("name,content,fragment", [
     ("c.yaml", "dataset: sst2\nlearning_rate: 0.1\n", "unknown key 'learning_rate'"),
     ("c.toml", "dataset = [\n", "cannot parse (Invalid value (at end of document))"),
+    ("c.toml", "\ufeffdataset = 'sst2'\nlearning_rate = 0.1\n", "unknown key 'learning_rate'"),  # read past the BOM
     ("c.yaml", b"dataset: sst2\nsentence: caf\xe9\n", "not UTF-8 text (byte 27)"),
     ("c.json", '{"dataset": "sst2"}', "use a .yaml, .yml or .toml file"),
     ("c.yaml", "- dataset: sst2\n", "expected a mapping of option names to values"),

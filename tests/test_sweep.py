@@ -132,7 +132,7 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tiny_model, tmp
         assert not list(tmp_path.glob("s.sqlite*")), args  # checked before the store is opened
     # --dry-run refuses a store the real sweep could not open or create
     (tmp_path / "file").write_text("x")
-    for store, msg in ((tmp_path, "a folder, not a store file"), ("", "--store: an empty path"),  # it read the default
+    for store, msg in ((tmp_path, "a folder, not a store file"), ("", "--store: empty path"),  # it read the default
                        (tmp_path / "file" / "s.sqlite", f"cannot create it ({tmp_path / 'file'} is not a folder)")):
         assert main(["sweep", grid, "--store", str(store), "--dry-run"]) == 2
         assert msg in capsys.readouterr().err

@@ -46,6 +46,18 @@ def _option(s: str) -> tuple[str, object]:
         raise UserError(f"--option {s}: cannot parse the value ({str(e).splitlines()[0]})") from None
 
 
+def _options(items: list[str]) -> dict:
+    """The command line's --option items; a key given twice (in either spelling) is refused, as in a config file
+    (an --option over the config file's `options` is an override, not a repeat)."""
+    out: dict = {}
+    for s in items:
+        k, v = _option(s)
+        if k in out:
+            raise UserError(f"--option {k} is given twice")
+        out[k] = v
+    return out
+
+
 STORE_HELP = "results store, a SQLite file (default: $XDG_DATA_HOME/cleantune/results.sqlite)"
 
 
@@ -224,7 +236,7 @@ def load_config_file(path: str, label: str | None = None) -> dict:
     if not p.is_file():
         raise UserError(f"{label}: " + ("not a file" if p.exists() else "no such file"))  # a folder, say
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a BOM: TOML reads it as a stray statement
     except UnicodeDecodeError as e:
         raise UserError(f"{label}: not UTF-8 text (byte {e.start})") from None
     try:
@@ -322,7 +334,7 @@ def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
                 check_values(RunConfig, {axis: v}, label)
     cli = {k: v for k, v in vars(ns).items() if k in known or k == "option"}
     ns.config_keys = set(opts) - set(cli)
-    given = dict(_option(s) for s in cli.pop("option", []))
+    given = _options(cli.pop("option", []))
     if isinstance(opts.get("options"), dict):
         ns.config_options = {str(k).replace("-", "_") for k in opts["options"]} - set(given)
     if given:
@@ -449,6 +461,7 @@ def _train_config(ns) -> None:
     """Fill `train`'s options from --config where the command line left them unset, then the defaults."""
     from .options import coerce
 
+    _options(ns.option)  # before the config file's options join them
     given = load_config_file(ns.config) if ns.config else {}
     ns.config_keys = set()
     for k, v in given.items():

@@ -126,7 +126,7 @@ def store_path(path: str | Path | None) -> Path:
     if path is None:
         return default_store_path()
     if isinstance(path, str) and not path.strip():  # Path("") would be the working folder
-        raise UserError("--store: an empty path")
+        raise UserError("--store: empty path")
     return Path(path)
 
 
