@@ -160,7 +160,7 @@ def test_pool_too_small_is_a_clear_error(sst2):
 
 def test_api_values_are_checked_and_converted_like_the_cli():
     # a str of triggers is split on commas as `--triggers cf,mn` is (iterated, it gave 'c' and 'f')
-    assert BadNets(triggers="cf, mn,").triggers == ["cf", "mn"]
+    assert BadNets(triggers="cf, mn").triggers == ["cf", "mn"]
     assert get_attack("badnets", triggers="cf,mn").triggers == ["cf", "mn"]
     a = BadNets(rate="0.1", num_triggers="2", target=1.0)
     assert (a.rate, a.num_triggers, a.target) == (0.1, 2, 1) and type(a.target) is int
@@ -168,6 +168,7 @@ def test_api_values_are_checked_and_converted_like_the_cli():
                     ({"rate": "ten"}, "'rate' expects a number"),
                     ({"triggers": 5}, "'triggers' expects a list of strings"),
                     ({"triggers": ""}, "--triggers must be"),
+                    ({"triggers": "cf,,mn"}, "--triggers must be"),  # an empty item, as on the command line
                     ({"mode": 3}, "'mode' expects a string")]:
         with pytest.raises(UserError, match=msg):
             BadNets(**kw)

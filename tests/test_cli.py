@@ -88,6 +88,10 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     # refused when the cell is checked, not by torch, PEFT or sklearn after earlier cells trained
     (["run", "--seed", "0,99999999999999999999"], "--seed must fit in 64 bits"),
     (["run", "--dataset", ","], "--dataset lists no value"),
+    # an empty item was dropped without a word
+    (["run", "--attack", "badnets,,addsent"], "--attack badnets,,addsent: an empty item in the comma list"),
+    (["run", "--seed", "0,1,"], "--seed 0,1,: an empty item in the comma list"),
+    (["run", "--triggers", "cf,,mn"], "--triggers cf,,mn: an empty item in the comma list"),
     (["run", "--defense", "lora", "--option", "lora_r=0"], "option lora_r must be positive, got 0"),
     (["run", "--defense", "lora", "--option", "lora_dropout=2"], "lora_dropout must be in [0, 1)"),
     (["run", "--defense", "muscle-lora", "--option", "ref_samples=0"], "option ref_samples must be positive"),

@@ -487,6 +487,8 @@ def test_a_defense_filter_keeps_fine_tuning_as_the_baseline_and_an_empty_filter_
     for command in (["results"], ["report", "--out", str(tmp_path / "rep3")]):
         assert main([*command, "--store", str(store.path), "--defense", ","]) == 2
         assert capsys.readouterr().err == "cleantune: error: --defense lists no value\n"
+        assert main([*command, "--store", str(store.path), "--defense", "finetune,,lora"]) == 2  # it was dropped
+        assert capsys.readouterr().err == "cleantune: error: --defense finetune,,lora: an empty item in the comma list\n"
 
 
 def test_the_baseline_stays_where_fine_tuning_lacks_one_of_the_selected_values(store, tmp_path):

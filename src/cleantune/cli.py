@@ -28,8 +28,15 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _split(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
+def _split(s: str, name: str) -> list[str]:
+    """A comma list of the option `name`; an empty item ("badnets,,addsent", a trailing comma) is refused, as an
+    empty string in a config file's list is, rather than dropped."""
+    items = [x.strip() for x in s.split(",")]
+    if not any(items):  # `--dataset ,` would run nothing and still create the store; `results --defense ''`
+        raise UserError(f"--{name.replace('_', '-')} lists no value")  # read as an empty store
+    if not all(items):
+        raise UserError(f"--{name.replace('_', '-')} {s}: an empty item in the comma list")
+    return items
 
 
 def _option(s: str) -> tuple[str, object]:
@@ -214,10 +221,7 @@ def _add_run_filters(p: argparse.ArgumentParser) -> None:
 
 
 def _run_filters(ns) -> dict[str, list[str]]:
-    where = {k: _split(getattr(ns, k)) for k in RUN_FILTERS if getattr(ns, k) is not None}
-    empty = next((k for k, v in where.items() if not v), None)
-    if empty:  # `--defense ''` would select nothing and read as an empty store
-        raise UserError(f"--{empty} lists no value")
+    where = {k: _split(getattr(ns, k), k) for k in RUN_FILTERS if getattr(ns, k) is not None}
     if "seed" in where:
         where["seed"] = [str(_int("seed", v)) for v in where["seed"]]
     if "model" in where:  # as `run` records it: a local folder by its absolute path, short names as they are
@@ -330,7 +334,7 @@ def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
         label = f"--config {ns.config}"
         check_values(RunConfig, {k: v for k, v in opts.items() if k not in LIST_AXES}, label, {"store": str | None})
         for axis in ("dataset", "attack", "defense"):
-            for v in _as_list(opts[axis]) if axis in opts else []:
+            for v in _as_list(opts[axis], axis) if axis in opts else []:
                 check_values(RunConfig, {axis: v}, label)
     cli = {k: v for k, v in vars(ns).items() if k in known or k == "option"}
     ns.config_keys = set(opts) - set(cli)
@@ -343,10 +347,10 @@ def _run_options(ns: argparse.Namespace, store: bool = True) -> dict:
     return opts
 
 
-def _as_list(v) -> list:
+def _as_list(v, name: str) -> list:
     if isinstance(v, list):
         return v
-    return _split(v) if isinstance(v, str) else [v]
+    return _split(v, name) if isinstance(v, str) else [v]
 
 
 def _int(name: str, v) -> int:
@@ -368,7 +372,7 @@ def _attack_options(ns) -> dict:
         if hasattr(ns, k) and getattr(ns, k) is None and ns.attack is not None:
             setattr(ns, k, default)
     given = {k: getattr(ns, k, None) for k in ATTACK_OPTIONS}
-    given = {k: (_split(v) if k == "triggers" else v) for k, v in given.items() if v is not None}
+    given = {k: (_split(v, k) if k == "triggers" else v) for k, v in given.items() if v is not None}
     for k in given:
         if ns.attack is None:
             raise UserError(f"--{k.replace('_', '-')} needs --attack")
@@ -387,13 +391,13 @@ def cmd_run(ns) -> int:
 
     opts = _run_options(ns)
     store_path = opts.pop("store", None)
-    axes = {a: _as_list(opts.pop(a)) if a in opts else [getattr(RunConfig, a)] for a in LIST_AXES}
+    axes = {a: _as_list(opts.pop(a), a) if a in opts else [getattr(RunConfig, a)] for a in LIST_AXES}
     empty = next((a for a, values in axes.items() if not values), None)
-    if empty:  # `--dataset ,` would run nothing and still create the store
+    if empty:  # a config file's empty list
         raise UserError(f"--{empty} lists no value")
     axes["seed"] = [_int("seed", s) for s in axes["seed"]]
     if "triggers" in opts:
-        opts["triggers"] = _as_list(opts["triggers"])
+        opts["triggers"] = _as_list(opts["triggers"], "triggers")
     for opt in ATTACK_OPTIONS:  # attack-specific options go to the cells they apply to
         if opt in opts:
             check_attack_option(opt, axes["attack"])
@@ -835,7 +839,7 @@ def cmd_analyze(ns) -> int:
     if "seed" in opts:
         opts["seed"] = _int("seed", opts["seed"])
     if "triggers" in opts:
-        opts["triggers"] = _as_list(opts["triggers"])
+        opts["triggers"] = _as_list(opts["triggers"], "triggers")
     try:
         config = RunConfig(**opts)
     except TypeError as e:

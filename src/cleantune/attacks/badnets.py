@@ -30,7 +30,7 @@ class BadNets(Attack):
 
     def __post_init__(self):
         if isinstance(self.triggers, str):  # as the CLI reads it; iterated, a str would give one-letter triggers
-            self.triggers = [w for w in self.triggers.split(",") if w.strip()]
+            self.triggers = self.triggers.split(",")  # an empty item ("cf,,mn") is refused below
         super().__post_init__()
         # padded words would be inserted padded and never match a token of the text they were put in
         self.triggers = [w.strip() for w in self.triggers]
