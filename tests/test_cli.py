@@ -128,6 +128,7 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--option", "lora_r"], "--option expects KEY=VALUE, got 'lora_r'"),
     (["run", "--defense", "lora", "--option", "lora_r=0", "--option", "lora-r=4"], "--option lora_r is given twice"),
     (["eval", "no/such/model", "sst2"], "no/such/model: no such model directory"),
+    (["eval", __file__, "sst2"], f"{__file__}: a file, not a model folder"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, capsys):
     from cleantune.store import data_dir
@@ -1343,3 +1344,9 @@ def test_a_failed_command_leaves_no_folder_it_made(tiny_model, tmp_path, monkeyp
     assert_one_line_error(*in_process(capsys, "train", data, "--out", tmp_path / "out" / "deeper" / "m", "--model", bad,
                                       "--no-progress"), "cannot load")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "d.tsv"]  # the two empty folders were left
+
+
+def test_eval_names_the_benchmarks_when_data_is_no_file(tiny_model, capsys):
+    # it said "unsupported file type (none)", as if a file had been found; scan said this already
+    assert_one_line_error(*in_process(capsys, "eval", tiny_model, "sst3"),
+                          "sst3: no such file (and not a benchmark name: sst2, hsol, agnews, olid)")

@@ -48,6 +48,7 @@ def test_a_failed_run_keeps_its_error_and_is_not_among_the_stored_ids(tmp_path):
     # detection scores, which the report averages (a TypeError there)
     ({"cacc": 0.9, "train_detection": {"precision": "x"}}, "corrupt 'train_detection.precision' metric ('x')"),
     ({"cacc": 0.9, "btu_token_recall": [1]}, "corrupt 'btu_token_recall' metric ([1])"),
+    ({"cacc": float("inf")}, "corrupt 'cacc' metric (inf)"),  # no score is: 1e999 edited in
 ])
 def test_a_metric_that_is_no_number_is_refused_on_reading(tmp_path, metrics, msg):
     s = ResultStore(tmp_path / "s.sqlite")

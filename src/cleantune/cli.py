@@ -561,6 +561,15 @@ def cmd_train(ns) -> int:
     return 0
 
 
+def _check_data_file(data: str) -> None:
+    """DATA of eval and scan, where it names no benchmark: a missing file is told apart from a typo of one."""
+    from .data import BENCHMARKS
+
+    if not Path(data).is_file():
+        what = "not a file" if Path(data).exists() else "no such file"  # a folder, /dev/null
+        raise UserError(f"{data}: {what} (and not a benchmark name: {', '.join(BENCHMARKS)})")
+
+
 def cmd_eval(ns) -> int:
     import random
 
@@ -576,13 +585,15 @@ def cmd_eval(ns) -> int:
             if getattr(ns, option) is not None:
                 raise UserError(f"--{option.replace('_', '-')} applies to files; benchmark {ns.data} has fixed columns")
     if not Path(ns.model).is_dir():
-        raise UserError(f"{ns.model}: no such model directory")
+        raise UserError(f"{ns.model}: " + ("a file, not a model folder" if Path(ns.model).exists() else
+                                           "no such model directory"))
     model = Classifier.from_pretrained(ns.model)
     bench = None
     if ns.data in BENCHMARKS:
         bench = load_benchmark(ns.data)
         data = bench.test
     else:  # a file's labels are read as the model's names (or its ids, where its names are ids)
+        _check_data_file(ns.data)
         data = read_dataset(ns.data, ns.text_column or "auto", ns.label_column or "label", model.label_names)
     if ns.attack:  # in DATA's numbering, as the trigger is drawn; evaluate() renumbers to the model's by name
         target = target_id(ns.target, data.label_names, ns.data)
@@ -641,9 +652,7 @@ def cmd_scan(ns) -> int:
     else:
         if ns.attack:
             raise UserError(f"--attack needs a benchmark name as DATA ({', '.join(BENCHMARKS)}), got '{ns.data}'")
-        if not Path(ns.data).is_file():
-            what = "not a file" if Path(ns.data).exists() else "no such file"  # a folder, /dev/null
-            raise UserError(f"{ns.data}: {what} (and not a benchmark name: {', '.join(BENCHMARKS)})")
+        _check_data_file(ns.data)
         data = read_dataset(ns.data, ns.text_column or "auto", ns.label_column or "label")
     if data.num_labels < 2:
         raise UserError(f"{ns.data}: needs at least two labels to expose a backdoor, found {data.num_labels}")

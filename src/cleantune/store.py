@@ -151,6 +151,12 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON true would count as 1
 
 
+def _finite(v) -> bool:
+    """A stored score or timing: no score or timing is infinite, so one (1e999 read back) is an edit. NaN is
+    kept: an undefined score (a detection recall with no poisoned sample) is stored as one."""
+    return _number(v) and not math.isinf(v)
+
+
 class ResultStore:
     """WAL mode, a busy timeout and retries, so several processes (sweep workers, two sweeps at once)
     can write to one file on one machine. (WAL needs shared memory: not for network filesystems.)"""
@@ -284,20 +290,20 @@ class ResultStore:
             if not isinstance(out[name], dict):  # a row edited or damaged outside cleantune
                 raise UserError(f"--store {self.path}: run {id_} has a corrupt '{name}' column")
         m = out["metrics"]
-        bad = next((k for k in ("cacc", "asr", "asr_floor") if k in m and not _number(m[k])), None)
+        bad = next((k for k in ("cacc", "asr", "asr_floor") if k in m and not _finite(m[k])), None)
         # the scores the report averages as well, where a run has them (null: undefined, as a BTU precision with
         # no token unlearned)
         scores = {k: m[k] for k in ("btu_token_precision", "btu_token_recall") if m.get(k) is not None}
         scores |= {f"{kind}.{k}": v for kind in ("train_detection", "test_detection")
                    if isinstance(m.get(kind), dict) for k, v in m[kind].items() if v is not None}
-        bad = bad or next((k for k, v in scores.items() if not _number(v)), None)
+        bad = bad or next((k for k, v in scores.items() if not _finite(v)), None)
         bad = bad or next((k for k in ("train_detection", "test_detection")
                            if m.get(k) is not None and not isinstance(m[k], dict)), None)
         if bad:
             raise UserError(f"--store {self.path}: run {id_} has a corrupt '{bad}' metric "
                             f"({m[bad] if bad in m else scores[bad]!r})")
         # every timing is a number (or null): the report subtracts and divides them
-        bad = next((k for k, v in out["timings"].items() if v is not None and not _number(v)), None)
+        bad = next((k for k, v in out["timings"].items() if v is not None and not _finite(v)), None)
         if bad:
             raise UserError(f"--store {self.path}: run {id_} has a corrupt '{bad}' timing ({out['timings'][bad]!r})")
         return {k: out[k] for k in COLUMNS}

@@ -54,6 +54,9 @@ def locate_causal_lm(name: str) -> tuple[str, dict]:
         path = Path(name).expanduser()
         if path.exists() and not (path / "config.json").is_file():
             raise UserError(f"ONION: option lm={name}: directory has no config.json (not a Hugging Face model)")
+        if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
+            # a path, not a hub id (as --model reads it): the hub's answer was "Repo id must use alphanumeric chars"
+            raise UserError(f"ONION: option lm={name}: no such directory")
         kw, where = {"use_safetensors": True}, str(path) if path.exists() else name
     return where, kw
 
