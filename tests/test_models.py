@@ -78,6 +78,11 @@ def test_save_refuses_what_it_must_not_replace(tiny_model, named_data, tmp_path)
     clf.save_pretrained(tmp_path / "m")
     clf.save_pretrained(tmp_path / "m")  # a saved model is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m", "mine"]
+    # but not with a file of the user's put into it, which the replaced folder took with it
+    (tmp_path / "m" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match=f"out_dir {tmp_path / 'm'}: the saved model there also holds notes.txt"):
+        clf.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "notes.txt").read_text() == "keep me"
 
 
 def test_model_names_resolve(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import numbers
@@ -286,7 +287,21 @@ def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved
                             "(cleantune writes a folder of its own there); move it away or choose another " + option)
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"{option} {out}: a non-empty folder that is not a {what}; not writing into it")
+    if marker == LABELS_FILE and out.is_dir():  # an earlier model is replaced whole: nothing else may be lost with it
+        foreign = sorted(p.name for p in out.iterdir() if not any(fnmatch.fnmatch(p.name, f) for f in MODEL_FILES))
+        if foreign:
+            raise UserError(f"{option} {out}: the saved model there also holds {foreign[0]}, which saving over it "
+                            "would delete; move it away or choose another " + option)
     check_creatable(out, f"{option} {out}")
+
+
+# what a saved model folder holds: the label file, the adapters' folders, and what transformers' model and
+# tokenizer save_pretrained write for any architecture (several tokenizer files, sharded weights)
+MODEL_FILES = (LABELS_FILE, "adapter", "cleantune_adapter", "config.json", "generation_config.json",
+               "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+               "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja",
+               "chat_template.json")
 
 
 CHECKPOINT_FOLDERS = ("checkpoints", "checkpoints.partial", "checkpoints.old")  # training._save_checkpoint's
