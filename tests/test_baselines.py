@@ -499,6 +499,13 @@ def test_a_rap_word_of_several_tokens_is_refused_before_the_victim_trains(tiny_m
                  "--option", "word=two words", "--model", tiny_model, "--no-progress"]) == 2
     assert capsys.readouterr().err == msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.tsv"]
+    from cleantune.data import read_dataset
+    from cleantune.defenses import RAP
+
+    with pytest.raises(UserError, match="is 2 tokens"):  # through the API: fit checks it first, as the CLI's cell check
+        RAP(model=tiny_model, epochs=1, word="two words").fit(read_dataset(data), read_dataset(data),
+                                                              out_dir=tmp_path / "fit", progress=False)
+    assert not (tmp_path / "fit").exists()
 
 
 # ---------------------------------------------------------------- ABL

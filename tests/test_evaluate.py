@@ -175,3 +175,14 @@ def test_a_triggered_set_of_several_classes_is_refused():
     clean = TextDataset(["good", "bad"], [1, 0], ["neg", "pos"])
     with pytest.raises(UserError, match="triggered_test holds 2 classes"):
         evaluate(KeywordModel(), clean, clean)
+
+
+def test_an_empty_set_is_refused():
+    """Its score was NaN, and an empty clean_test beside a triggered set gave ASR 1.0 with a NaN CACC."""
+    clean = TextDataset(["good", "bad"], [1, 0], ["neg", "pos"])
+    triggered = TextDataset(["bad cf"], [1], ["neg", "pos"])
+    none = TextDataset([], [], ["neg", "pos"])
+    for args, what in (((none, triggered), "clean_test"), ((clean, none), "triggered_test"), ((none,), "clean_test")):
+        with pytest.raises(UserError, match=f"^evaluate: {what} holds no sample$"):
+            evaluate(KeywordModel(), *args)
+    assert set(evaluate(KeywordModel(), clean, triggered)) == {"cacc", "predicted_classes", "asr", "asr_floor"}

@@ -681,7 +681,7 @@ def test_saving_prints_nothing_and_prediction_refuses_an_empty_batch(tiny_model,
 def test_a_defense_built_directly_checks_and_converts_its_values_like_the_cli():
     """Built in Python (not through get_defense), `epochs="2"` failed comparing str and int, and epochs=2.5,
     seed=True or lr=None passed, to fail in training or to train with them."""
-    from cleantune.defenses import BTU, RAP
+    from cleantune.defenses import BTU, RAP, get_defense
 
     assert FineTune(epochs="2", lr="1e-4").epochs == 2
     for kw, msg in [({"epochs": 2.5}, "'epochs' expects an integer, got 2.5"),
@@ -694,6 +694,11 @@ def test_a_defense_built_directly_checks_and_converts_its_values_like_the_cli():
         BTU(seed=1.5)
     with pytest.raises(UserError, match="defense 'rap': 'word' expects a string, got 5"):  # was: 'int' has no strip
         RAP(word=5)
+    from cleantune.attacks import get_attack
+
+    for get in (get_defense, get_attack):  # a list is unhashable: a TypeError of the registry's dict
+        with pytest.raises(UserError, match=r"unknown (defense|attack) '\['"):
+            get(["lora"])
 
 
 def test_fit_refuses_what_is_not_a_dataset_an_empty_text_and_a_file_as_out_dir(tiny_model, tmp_path):
@@ -706,8 +711,10 @@ def test_fit_refuses_what_is_not_a_dataset_an_empty_text_and_a_file_as_out_dir(t
         fit(bench, progress=False)
     with pytest.raises(UserError, match="clean_dev must be a TextDataset .*got list"):
         fit(data, ["good"], progress=False)
-    with pytest.raises(UserError, match="sample 1 of train_data has empty text"):
-        fit(TextDataset(["good film", "  "], [1, 0], ["neg", "pos"]), progress=False)
+    for text, msg in (("  ", "empty text"), ("\u200b\u2060", r"empty text \(only invisible characters\)"),
+                      ("bad \ud800 film", r"invalid text \(character 5 is a lone surrogate\)")):  # as read_dataset's
+        with pytest.raises(UserError, match=f"sample 1 of train_data has {msg}"):  # the last: a tokenizer TypeError
+            fit(TextDataset(["good film", text], [1, 0], ["neg", "pos"]), progress=False)
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="out_dir .*f: exists and is not a folder"):
         fit(data, out_dir=tmp_path / "f", progress=False)
@@ -716,8 +723,9 @@ def test_fit_refuses_what_is_not_a_dataset_an_empty_text_and_a_file_as_out_dir(t
 def test_predict_refuses_an_empty_text_and_what_is_no_text(tiny_model):
     """An empty text got a class from the special tokens alone; a number failed in len() or in the tokenizer."""
     clf = Classifier(load_model(tiny_model, ["a", "b"]), load_tokenizer(tiny_model), ["a", "b"])
-    for texts in ("", ["fine", " "]):
-        with pytest.raises(UserError, match="predict: text [01] is empty"):
+    for texts, msg in (("", "empty text"), (["fine", " "], "empty text"), (["\u200b"], "empty text"),
+                       (["fine", "so \ud800"], "invalid text")):  # the last two: a class, and a tokenizer TypeError
+        with pytest.raises(UserError, match=f"predict: text [01] has {msg}"):
             clf.predict(texts)
     for texts, msg in ((5, "got int"), (None, "got NoneType"), (["fine", 5], "item 1 is 5")):
         with pytest.raises(TypeError, match=f"texts must be a string or a list of strings.*{msg}"):

@@ -157,6 +157,17 @@ def _decode(path: Path) -> str:
         raise UserError(f"{path}:{line}: not valid UTF-8 text (byte {e.start})") from None
 
 
+def text_problem(t: str) -> str | None:
+    """Why `t` cannot be a sample's text (read_dataset's, fit's and predict's check), or None."""
+    if not any(c.isprintable() and not c.isspace() for c in t):  # a tokenizer drops formats and controls too
+        return "empty text" + (" (only invisible characters)" if t.strip() else "")
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+        t.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"invalid text (character {e.start + 1} is a lone surrogate)"
+    return None
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, record) pairs from a .tsv, .csv or .jsonl file with a header (tsv/csv)."""
     path = Path(path)
@@ -257,12 +268,9 @@ def read_dataset(path: str | Path, text_column: str = "auto", label_column: str 
         t, y = rec[text_column], rec[label_column]
         if not isinstance(t, str):
             raise UserError(f"{path}:{n}: text {json.dumps(t)[:40]} is not a string")
-        if not any(c.isprintable() and not c.isspace() for c in t):  # a tokenizer drops formats and controls too
-            raise UserError(f"{path}:{n}: empty text" + (" (only invisible characters)" if t.strip() else ""))
-        try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
-            t.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"{path}:{n}: invalid text (character {e.start + 1} is a lone surrogate)") from None
+        problem = text_problem(t)
+        if problem:
+            raise UserError(f"{path}:{n}: {problem}")
         if y is None or (isinstance(y, str) and not y.strip()):
             raise UserError(f"{path}:{n}: missing label")
         if isinstance(y, bool) or not isinstance(y, (int, float, str)):

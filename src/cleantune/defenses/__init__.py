@@ -22,7 +22,7 @@ DEFENSES: dict[str, type[Defense]] = {
 
 
 def get_defense(name: str, **options) -> Defense:
-    if name not in DEFENSES:
+    if not isinstance(name, str) or name not in DEFENSES:  # a list is unhashable: a TypeError of the dict
         raise UserError(f"unknown defense '{name}' (choose from {', '.join(DEFENSES)})")
     return make_defense(DEFENSES[name], options)
 

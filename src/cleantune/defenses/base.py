@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
-from ..data import TextDataset
+from ..data import TextDataset, text_problem
 from ..errors import UserError
 from ..options import C_INT_MAX, check_values
 from ..models import (DEFAULT_MODEL, Classifier, check_creatable, check_max_length, load_model, load_tokenizer,
@@ -243,10 +243,11 @@ def _dev_aligned(fit):
                 raise UserError(f"fit: {what} must be a TextDataset (texts with labels), got {type(data).__name__}"
                                 + (" (pass its splits: .train, and .dev as clean_dev)"
                                    if hasattr(data, "train") else ""))
-            # read_dataset refuses such a text; built by hand, it trained as the special tokens alone
-            empty = next((i for i, t in enumerate(data.texts) if not t.strip()), None)
-            if empty is not None:
-                raise UserError(f"fit: sample {empty} of {what} has empty text")
+            # read_dataset refuses such a text; built by hand, an empty one trained as the special tokens alone
+            bad = next(((i, p) for i, t in enumerate(data.texts)
+                        if (p := text_problem(t) if isinstance(t, str) else "not a string")), None)
+            if bad is not None:
+                raise UserError(f"fit: sample {bad[0]} of {what} has {bad[1]}")
         out_dir = kwargs.get("out_dir")
         if out_dir is not None:  # checkpoints go there after the first epoch: refused then, the epoch is lost
             folder = Path(out_dir)

@@ -174,6 +174,7 @@ class RAP(Defense):
         if clean_dev is None or len(clean_dev) == 0:
             raise UserError("RAP needs a clean dev set (--dev) to learn its word and calibrate its threshold")
         self.check_task(train_data.num_labels)
+        self.check_requirements()  # the word, before the victim trains (the CLI's cell check ran it already)
         victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
         clf = RapClassifier(victim, self.word, self.rap_target, self.on_flag)
         clf.learn(clean_dev, self.rap_epochs, self.rap_lr, tuple(self.prob_range), self.scale)
