@@ -783,6 +783,9 @@ def test_same_seed_same_metrics_through_the_cli(tiny_model, tmp_path, capsys):
     assert out[0]["id"] == out[1]["id"]
     assert {k: out[0]["metrics"][k] for k in ("cacc", "asr", "history")} == \
         {k: out[1]["metrics"][k] for k in ("cacc", "asr", "history")}
+    assert main(args + ["--store", str(tmp_path / "s1.sqlite")]) == 0  # the JSON said nothing of the reuse
+    again = json.loads(capsys.readouterr().out)[0]
+    assert (out[1]["reused"], again["reused"], again["metrics"]) == (False, True, out[1]["metrics"])
 
 
 def test_train_then_eval_user_files(tiny_model, tmp_path, capsys):
@@ -1350,3 +1353,26 @@ def test_eval_names_the_benchmarks_when_data_is_no_file(tiny_model, capsys):
     # it said "unsupported file type (none)", as if a file had been found; scan said this already
     assert_one_line_error(*in_process(capsys, "eval", tiny_model, "sst3"),
                           "sst3: no such file (and not a benchmark name: sst2, hsol, agnews, olid)")
+
+
+def test_train_interrupted_during_its_dev_summary_keeps_its_checkpoints(tiny_model, tmp_path, monkeypatch, capsys):
+    """They were deleted before the summary's dev evaluation: interrupted there, --resume found none and trained
+    the whole model again, as the interrupt's message had promised otherwise."""
+    import importlib
+
+    rows = ["sentence\tlabel"] + [f"a {'great' if i % 2 else 'awful'} film {i}\t{i % 2}" for i in range(40)]
+    (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
+    args = ["train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "m"),
+            "--model", tiny_model, "--epochs", "1", "--no-progress"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("cleantune.evaluate"), "evaluate", interrupted)  # not the package's
+    assert main(args) == 130
+    assert (tmp_path / "m.work").is_dir()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "no checkpoint" not in err and "epoch kept: 0" in out and not (tmp_path / "m.work").exists()

@@ -445,7 +445,9 @@ def cmd_run(ns) -> int:
     if not main:
         return 0
     if ns.format == "json":
-        print(strict_json([{k: r[k] for k in ("id", "config", "metrics", "timings")} for r in results], indent=1))
+        # `reused`: taken from the store, not trained again (the table's note)
+        print(strict_json([{**{k: r[k] for k in ("id", "config", "metrics", "timings")}, "reused": bool(r.get("reused"))}
+                           for r in results], indent=1))
     else:
         print(format_table(results))
         reused = sum(bool(r.get("reused")) for r in results)
@@ -485,6 +487,32 @@ def _train_config(ns) -> None:
     for k, v in TRAIN_DEFAULTS.items():
         if getattr(ns, k) is None:
             setattr(ns, k, v)
+
+
+def _kept_line(defense, model, dev) -> str:
+    """Which epoch the saved model is, and its dev accuracy where there is a dev set."""
+    hist = defense.report_.history
+    finished = [h["epoch"] for h in hist if "diverged_at_step" not in h]  # a diverged epoch is never kept
+    dev_accs = [h["dev_acc"] for h in hist if "dev_acc" in h]
+    if not finished:  # nothing trained here: an inference-time defense given an already trained victim
+        kept = "epoch kept: none (no training)"
+    elif dev is not None and dev_accs:
+        from .evaluate import evaluate
+        from .models import Classifier
+
+        # The selection score is on the samples the defense selects with (ga and muscle-lora hold out their GA
+        # references) and before its later stages (btu's unlearning, abl's): it can be far from the saved
+        # model's. The line gives what `cleantune eval OUT DEV` reports: the saved model alone, so an
+        # inference-time defense's filter (STRIP's perturbations, ONION's LM) neither runs nor counts here.
+        saved = Classifier(model.model, model.tokenizer, model.label_names, model.max_length)
+        selected, acc = f"{max(dev_accs):.4f}", f"{evaluate(saved, dev)['cacc']:.4f}"
+        best = f"{defense.report_.best_epoch} (counting from 0)"  # as the store, the report and --resume number them
+        kept = (f"epoch kept: {best}, dev accuracy {acc}" if selected == acc else
+                f"epoch kept: {best} (selection accuracy {selected}), dev accuracy {acc}")
+    else:
+        kept = (f"epoch kept: {finished[-1]} (counting from 0), {'no --dev: ' if dev is None else ''}"
+                "last finished epoch")
+    return kept
 
 
 def cmd_train(ns) -> int:
@@ -528,31 +556,12 @@ def cmd_train(ns) -> int:
         except UserError as e:  # --out changed while training; the checkpoints in <out>.work stay for --resume
             raise UserError(re.sub(r"^out_dir\b", "--out", str(e))
                             + f" (the trained model's checkpoint stays in {work}: --resume after fixing --out)") from None
+        # before the checkpoints go: interrupted during the dev evaluation, --resume finds them and saves again
+        kept = _kept_line(defense, model, dev)
         shutil.rmtree(work, ignore_errors=True)
     if defense.at_inference:
         print(f"note: {ns.defense} acts at inference time; {out} holds the trained victim without it "
               f"(its defended predictions: `cleantune run` or the Python API)", file=sys.stderr)
-    hist = defense.report_.history
-    finished = [h["epoch"] for h in hist if "diverged_at_step" not in h]  # a diverged epoch is never kept
-    dev_accs = [h["dev_acc"] for h in hist if "dev_acc" in h]
-    if not finished:  # nothing trained here: an inference-time defense given an already trained victim
-        kept = "epoch kept: none (no training)"
-    elif dev is not None and dev_accs:
-        from .evaluate import evaluate
-        from .models import Classifier
-
-        # The selection score is on the samples the defense selects with (ga and muscle-lora hold out their GA
-        # references) and before its later stages (btu's unlearning, abl's): it can be far from the saved
-        # model's. The line gives what `cleantune eval OUT DEV` reports: the saved model alone, so an
-        # inference-time defense's filter (STRIP's perturbations, ONION's LM) neither runs nor counts here.
-        saved = Classifier(model.model, model.tokenizer, model.label_names, model.max_length)
-        selected, acc = f"{max(dev_accs):.4f}", f"{evaluate(saved, dev)['cacc']:.4f}"
-        best = f"{defense.report_.best_epoch} (counting from 0)"  # as the store, the report and --resume number them
-        kept = (f"epoch kept: {best}, dev accuracy {acc}" if selected == acc else
-                f"epoch kept: {best} (selection accuracy {selected}), dev accuracy {acc}")
-    else:
-        kept = (f"epoch kept: {finished[-1]} (counting from 0), {'no --dev: ' if dev is None else ''}"
-                "last finished epoch")
     print(f"saved {out} (defense {ns.defense}, {len(train_data)} samples, labels {train_data.label_names}, "
           f"{defense.report_.processes} process(es), {kept})")
     found = defense.findings()
