@@ -245,7 +245,7 @@ def _dev_aligned(fit):
                                    if hasattr(data, "train") else ""))
             # read_dataset refuses such a text; built by hand, an empty one trained as the special tokens alone
             bad = next(((i, p) for i, t in enumerate(data.texts)
-                        if (p := text_problem(t) if isinstance(t, str) else "not a string")), None)
+                        if (p := text_problem(t) if isinstance(t, str) else "a text that is no string")), None)
             if bad is not None:
                 raise UserError(f"fit: sample {bad[0]} of {what} has {bad[1]}")
         out_dir = kwargs.get("out_dir")
