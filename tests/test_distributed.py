@@ -320,6 +320,9 @@ metrics = evaluate(model, clean, triggered, shard=True)
 found = detection(SimpleNamespace(), model, SimpleNamespace(clean_test=clean, triggered_test=triggered))
 os.write(1, (json.dumps({"rank": state.process_index, "metrics": metrics, "detection": found,
                          "predicted": predicted, "flagged": flagged}) + "\\n").encode())
+# the last collective (detection's all_gather_object) is right before the exit: rank 0 aborted once at
+# interpreter exit in CI (2026-11-29), the PyTorch race the replicas script's comment explains
+os._exit(0)
 """
 
 
