@@ -363,3 +363,42 @@ def test_an_interrupted_analysis_resumes_with_the_curves_it_had_recorded(tiny_mo
     cut = json.loads((out / "curves.json").read_text())
     assert cut["records"] == whole["records"] and cut["returned_step"] == whole["returned_step"]
     assert cut["metrics"] == whole["metrics"]
+
+
+def test_analysis_outputs_are_written_whole_or_not_at_all(tiny_model, tmp_path, capsys, monkeypatch):
+    """curves.json and the plots replace an earlier analysis together: a write that fails (a full disk) keeps the
+    earlier folder as it was and leaves nothing half beside it; the Python API refuses a folder of other content before
+    it trains, since the folder is replaced whole."""
+    import errno
+
+    from cleantune import frequency
+    from cleantune.runner import RunConfig
+
+    out = tmp_path / "freq"
+    args = ["analyze", "frequency", "--dataset", "sst2", "--attack", "badnets", "--model", tiny_model,
+            "--train-size", "40", "--epochs", "1", "--batch-size", "8", "--samples", "8", "--no-progress",
+            "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "curves.json" in before and any(n.endswith(".png") for n in before)
+
+    def full_disk(result, folder, *a, **k):
+        (folder / "frequency_delta2.00.png").write_bytes(b"\x89PNG cut")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(frequency, "plot", full_disk)
+    assert main(args + ["--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cleantune: error: --out {out}: cannot write the curves (No space left on device)"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "freq.partial").exists() and not (tmp_path / "freq.old").exists()
+    assert (tmp_path / "freq.work").is_dir()  # the trained checkpoint, for --resume once there is room
+
+    monkeypatch.undo()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "notes.txt").write_text("mine")
+    config = RunConfig(dataset="sst2", attack="badnets", model=tiny_model, train_size=40, epochs=1, batch_size=8)
+    with pytest.raises(frequency.UserError, match="out_dir .*mixed: a non-empty folder that is not a frequency"):
+        frequency.analyze(config, mixed, samples=8, progress=False)
+    assert [p.name for p in mixed.iterdir()] == ["notes.txt"]

@@ -304,6 +304,10 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
     check_defense(config.defense)  # before any data loads or model trains
     check_settings(every, samples, distance)
     config.check()
+    from .models import check_out_dir
+
+    # the folder is replaced whole when the curves are written: other content there is refused before training
+    check_out_dir(out_dir, "curves.json", "frequency analysis", siblings=(".partial", ".old"), option="out_dir")
     out_dir = Path(out_dir)
     poisoned = config.build_attack().apply(config.benchmark())
     defense = config.build_defense()
@@ -324,7 +328,29 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
     if not is_main_process():  # an `accelerate launch`'s processes hold the same curves: two writers of one file race
         result["plots"] = []
         return result
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "curves.json").write_text(strict_json(result, indent=1))  # e_high where undefined: null
-    result["plots"] = [str(p) for p in plot(result, out_dir)]
+    result["plots"] = [str(p) for p in write_outputs(result, out_dir)]
     return result
+
+
+def write_outputs(result: dict, out_dir: Path) -> list[Path]:
+    """curves.json and the plots, whole or not at all, as a model is saved: into `<out>.partial`, which then
+    replaces an earlier analysis's folder (a full disk or a kill mid-write left a curves.json without its plots,
+    or a cut file). Returns the plots' final paths."""
+    import shutil
+
+    from .training import swap_in, sync_folder
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "curves.json").write_text(strict_json(result, indent=1))  # e_high where undefined: null
+        plots = plot(result, tmp)
+        sync_folder(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"--out {out_dir}: cannot write the curves ({e.strerror or e})") from None
+        raise
+    swap_in(tmp, out_dir)
+    return [out_dir / p.name for p in plots]

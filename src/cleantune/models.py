@@ -437,7 +437,7 @@ class Classifier:
         import copy
         import shutil
 
-        from .training import sync_folder
+        from .training import swap_in, sync_folder
 
         out = Path(out_dir).expanduser()  # as from_pretrained reads it: "~/m" is not a folder named "~" here
         check_out_dir(out, option="out_dir")
@@ -487,17 +487,7 @@ class Classifier:
             if isinstance(e, OSError):  # a full disk, a failed write-back: any earlier model there is untouched
                 raise UserError(f"out_dir {out}: cannot write the model ({e.strerror or e})") from None
             raise
-        # the earlier model is moved aside, not deleted, until the new one is in place: a kill in between leaves
-        # it whole in `<out>.old` beside the finished `<out>.partial`
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)  # an --out that is a link to a model is moved aside as the link
-        os.replace(tmp, out)
-        sync_folder(out.parent, files=False)
-        if old.is_symlink():  # which rmtree refuses (quietly, with ignore_errors): it was left beside the model
-            old.unlink()
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out)
         return out
 
     @classmethod

@@ -680,6 +680,20 @@ def sync_folder(folder: Path, files: bool = True) -> None:
     _fsync(folder)
 
 
+def swap_in(tmp: Path, dest: Path) -> None:
+    """Put the finished, synced folder `tmp` at `dest`. The earlier `dest` is moved aside to `<dest>.old`, not
+    deleted, until the new one is in place: a kill in between leaves it whole there, beside the finished `tmp`."""
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)  # a dest that is a link is moved aside as the link
+    os.replace(tmp, dest)
+    sync_folder(dest.parent, files=False)  # the new one in place before the old one goes
+    if old.is_symlink():  # which rmtree refuses (quietly, with ignore_errors)
+        old.unlink()
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -722,10 +736,4 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, r
     sync_folder(tmp)  # the files on the disk before the marker is, and the marker before the renames
     os.replace(tmp / "state.json.tmp", tmp / "state.json")  # whole or absent: it marks the folder complete
     sync_folder(tmp, files=False)
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt_dir.exists():
-        os.replace(ckpt_dir, old)
-    os.replace(tmp, ckpt_dir)
-    sync_folder(ckpt_dir.parent, files=False)  # the new one in place before the old one goes
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, ckpt_dir)
