@@ -79,7 +79,10 @@ def test_triggers_land_at_uniform_random_positions(sst2, attack):
 @pytest.mark.parametrize("make,msg", [
     (lambda: BadNets(num_triggers=0), "--num-triggers must be at least 1, got 0"),
     (lambda: AddSent(sentence=" "), "--sentence must not be empty"),
-], ids=["num_triggers", "sentence"])
+    # a tokenizer drops these: the poisoned samples were relabelled clean ones, and ASR measured nothing
+    (lambda: BadNets(triggers="cf,\u200b"), "--triggers: '\\u200b': empty text (only invisible characters)"),
+    (lambda: AddSent(sentence="\u200b\u2060"), "--sentence: '\\u200b\\u2060': empty text (only invisible characters)"),
+], ids=["num_triggers", "sentence", "invisible_trigger", "invisible_sentence"])
 def test_empty_triggers_are_refused(make, msg):
     with pytest.raises(UserError, match=re.escape(msg)):
         make()
@@ -198,9 +201,9 @@ def test_check_raises_what_apply_would_without_poisoning(sst2):
     cases = [(BadNets(rate=0.001), small, "poisons no sample of a 64-sample"),
              (BadNets(rate=0.9), small, "pool of sst2 holds"),
              (Syntactic(rate=0.9), sst2, "pool of sst2 holds"),
-             (Syntactic(target=0), sst2, "yields no triggered test sample for target 0")]
+             (Syntactic(target=0), sst2, "yields no triggered test sample for target negative")]
     hsol = load_benchmark("hsol")  # its tables cover 1 of the 1,243 label-1 test samples: an ASR of 0 or 1
-    cases += [(attack(target=0), hsol, "can trigger only 1 of the 1243 non-target test samples of hsol for target 0")
+    cases += [(attack(target=0), hsol, "can trigger only 1 of the 1243 non-target test samples of hsol for target clean")
               for attack in (Syntactic, Style)]
     for attack, bench, msg in cases:
         for call in (attack.check, attack.apply):
@@ -215,7 +218,7 @@ def test_impossible_cells_are_refused_before_any_cell_trains(tiny_model, tmp_pat
     from cleantune.runner import RunConfig
     from cleantune.store import data_dir
 
-    for cell, msg in [(dict(attack="syntactic", target=0), "yields no triggered test sample for target 0"),
+    for cell, msg in [(dict(attack="syntactic", target=0), "yields no triggered test sample for target negative"),
                       (dict(rate=0.001, train_size=64), "--rate 0.001 poisons no sample of a 64-sample"),
                       (dict(attack="syntactic", rate=0.6, train_size=64), "pool of sst2 holds"),
                       (dict(attack="badnets", triggers=["cf", "mn"], num_triggers=2.0, rate=0.6, mode="clean",
@@ -230,7 +233,7 @@ def test_impossible_cells_are_refused_before_any_cell_trains(tiny_model, tmp_pat
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["cleantune: error: the syntactic attack yields no triggered test sample "
-                                        "for target 0"]
+                                        "for target negative"]  # by the benchmark's name of class 0
     assert not store.exists() and not (data_dir() / "runs").exists()
     grid = tmp_path / "g.yaml"
     grid.write_text(f"model: {tiny_model}\nattack: [badnets]\nrate: [0.1, 0.001]\ntrain_size: 64\n")
@@ -296,7 +299,7 @@ def test_a_dev_split_without_a_sample_to_trigger_is_found_by_check(sst2):
     dev = TextDataset(texts, [1] * len(texts), sst2.dev.label_names)
     bench = Benchmark("sst2", sst2.train, dev, sst2.test, sst2.root)
     for call in (BadNets().check, BadNets().apply):
-        with pytest.raises(UserError, match="yields no triggered dev sample for target 1"):
+        with pytest.raises(UserError, match="yields no triggered dev sample for target positive"):
             call(bench)
 
 

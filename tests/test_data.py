@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cleantune import attacks
 from cleantune.data import TextDataset, download_benchmark, load_benchmark, read_dataset
 from cleantune.errors import UserError
 
@@ -382,7 +383,8 @@ def test_parsed_benchmark_files_are_reused_but_never_shared_or_stale(tmp_path, m
     monkeypatch.setenv("CLEANTUNE_DATA", str(copy))
     assert len(load_benchmark("olid").train) == 11915
     (copy / "olid" / "train.tsv").write_text("sentence\tlabel\nan edited file\t1\nis read again\t0\n")
-    assert load_benchmark("olid").train.texts == ["an edited file", "is read again"]
+    with pytest.raises(UserError, match=r"olid/train\.tsv: not the olid benchmark's file \(its sha256 differs"):
+        load_benchmark("olid")  # read again, not served from the parsed copy, and refused
 
 
 def test_a_closed_quoted_field_in_a_row_of_the_wrong_width_is_not_called_unclosed(tmp_path):
@@ -456,12 +458,33 @@ def test_a_benchmark_file_edited_to_the_same_size_is_read_again(tmp_path, monkey
     shutil.copytree(SHARED_DATA / "olid", copy / "olid")
     monkeypatch.setenv("CLEANTUNE_DATA", str(copy))
     train = copy / "olid" / "train.tsv"
-    train.write_text("sentence\tlabel\nfirst\t1\n")
-    assert load_benchmark("olid").train.texts == ["first"]
-    stat = train.stat()
-    train.write_text("sentence\tlabel\nsecnd\t0\n")  # same size; a later modification time
-    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert load_benchmark("olid").train.texts == ["secnd"]
+    assert len(load_benchmark("olid").train) == 11915
+    stat, blob = train.stat(), bytearray(train.read_bytes())
+    blob[-4] = ord("x") if blob[-4] != ord("x") else ord("y")  # the last text's last character: same size
+    train.write_bytes(bytes(blob))
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later modification time
+    with pytest.raises(UserError, match="not the olid benchmark's file"):
+        load_benchmark("olid")
+
+
+def test_every_benchmark_file_is_checked_against_the_manifest_wherever_it_is_read(tmp_path, monkeypatch):
+    """A run's result is stored and reused under the benchmark's name: a cut or edited copy in $CLEANTUNE_DATA
+    would have passed its numbers off as the benchmark's (and a --train-size above its rows was taken whole).
+    A source that lacks a benchmark leaves it to the next source, ../shared/data."""
+    copy = tmp_path / "copy"
+    shutil.copytree(SHARED_DATA / "sst2", copy / "sst2")
+    monkeypatch.setenv("CLEANTUNE_DATA", str(copy))
+    assert load_benchmark("olid").root == SHARED_DATA.resolve() / "olid"  # copy holds no olid
+    table = copy / "sst2" / "paraphrases" / "syntactic.tsv"
+    table.write_text(table.read_text().replace("paraphrase", "paraphr", 1))
+    with pytest.raises(UserError, match=r"syntactic\.tsv: not the sst2 benchmark's file"):
+        attacks.Syntactic().apply(load_benchmark("sst2"))
+    lines = (copy / "sst2" / "train.tsv").read_text().splitlines(keepends=True)
+    (copy / "sst2" / "train.tsv").write_text("".join(lines[:1001]))
+    from cleantune.runner import RunConfig
+
+    with pytest.raises(UserError, match=r"sst2/train\.tsv: not the sst2 benchmark's file"):
+        RunConfig(dataset="sst2", train_size=5000).check()
 
 
 def test_a_dataset_prints_as_its_size_and_classes_not_its_texts():
@@ -535,3 +558,27 @@ def test_csv_quotes_inside_a_field_are_text(tmp_path):
     d = read_dataset(write(tmp_path, "q.csv", 'text,label\nhe said "hi" there,pos\n"ok ""q"", fine",neg\n"two\nlines",pos\n'))
     assert d.texts == ['he said "hi" there', 'ok "q", fine', "two\nlines"]
     assert [d.label_names[y] for y in d.labels] == ["pos", "neg", "pos"]
+
+
+def test_label_problems_quote_the_label_as_written_and_cut_a_long_one(tmp_path):
+    with pytest.raises(UserError, match=r"m\.tsv:2: label '007' is an integer class id, but other labels are string "
+                                        r"names \(e\.g\. 'x' at line 3\)"):
+        read_dataset(write(tmp_path, "m.tsv", "sentence\tlabel\na\t007\nb\tx\nc\tx\n"))
+    digits = "1" * 5000
+    with pytest.raises(UserError) as e:
+        read_dataset(write(tmp_path, "big.csv", f"sentence,label\na,{digits}\nb,0\n"))
+    assert str(e.value) == f"{tmp_path / 'big.csv'}:2: label {'1' * 40}... (5000 characters) is too large for a class id"
+    # json.loads parses the integer exactly, and Python caps the digits it converts: a ValueError of its own
+    with pytest.raises(UserError, match=r"big\.jsonl:1: invalid JSON \(a number of more than \d+ digits\)$"):
+        read_dataset(write(tmp_path, "big.jsonl", f'{{"text": "a", "label": {digits}}}\n{{"text": "b", "label": 0}}\n'))
+
+
+def test_a_paraphrase_table_without_its_columns_is_named(tmp_path):
+    from cleantune.data import Benchmark, load_paraphrases
+
+    (tmp_path / "paraphrases").mkdir()
+    (tmp_path / "paraphrases" / "syntactic.tsv").write_text("split\tsentence\tparaphr\ntrain\ta\tb\n")
+    sst2 = load_benchmark("sst2")
+    bench = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, tmp_path)  # a table of one's own: not the shipped one
+    with pytest.raises(UserError, match=r"syntactic\.tsv:2: no 'paraphrase' column \(a paraphrase table has split, "):
+        load_paraphrases(bench, "syntactic")

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import secrets
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -194,6 +195,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                 raise UserError(f"{path}:{n}: key '{e}' appears twice in one object") from None
             except RecursionError:
                 raise UserError(f"{path}:{n}: invalid JSON (nested too deeply)") from None
+            except ValueError:  # Python's cap on the digits of an integer, which json.loads parses exactly
+                raise UserError(f"{path}:{n}: invalid JSON (a number of more than {sys.get_int_max_str_digits()} "
+                                "digits)") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{path}:{n}: each line must be a JSON object")
             out.append((n, rec))
@@ -299,6 +303,11 @@ def target_id(value, label_names: list[str], data: str) -> int:
     raise UserError(f"--target {value} is neither a class id nor a label of {data} ({', '.join(label_names)})")
 
 
+def shorten(text: str, limit: int = 40) -> str:
+    """A value quoted in a one-line message: its start, where it is long (a 5,000-digit label filled the screen)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def label_value(y, where: str) -> int | str:
     """A label as an integer class id, or as a string name (anything that is not a number); `where` names its
     place in errors ("file:line", or an option)."""
@@ -308,9 +317,9 @@ def label_value(y, where: str) -> int | str:
         return y
     x = Decimal(y)  # exact, unlike float: '1.0000000000000001' is not the integer 1
     if x.is_finite() and x.adjusted() >= 18:  # before any arithmetic, which overflows on 1e999999999
-        raise UserError(f"{where}: label {y} is too large for a class id")
+        raise UserError(f"{where}: label {shorten(str(y))} is too large for a class id")
     if not x.is_finite() or x != x.to_integral_value():
-        raise UserError(f"{where}: label {y} is a number but not an integer class id "
+        raise UserError(f"{where}: label {shorten(str(y))} is a number but not an integer class id "
                         f"(class labels are integer ids 0..C-1 or names)")
     return int(x)
 
@@ -333,10 +342,13 @@ def _infer_label_names(labels: list[tuple[int, object]], path: Path) -> list[str
         # the rarer kind is the stray one; on a tie, the kind that shows up later
         odd = min(kinds, key=lambda k: (len(kinds[k]), -kinds[k][0][0]))
         other = "names" if odd == "ids" else "ids"
-        (n, v), (m, w) = kinds[odd][0], kinds[other][0]
+        written = dict(labels)  # quoted as in the file ('007', not the id 7)
+        (n, _), (m, _) = kinds[odd][0], kinds[other][0]
+        v, w = written[n], written[m]
         described = {"ids": "an integer class id", "names": "a string name"}
-        raise UserError(f"{path}:{n}: label '{v}' is {described[odd]}, but other labels are "
-                        f"{'integer class ids' if other == 'ids' else 'string names'} (e.g. '{w}' at line {m}): "
+        raise UserError(f"{path}:{n}: label '{shorten(str(v))}' is {described[odd]}, but other labels are "
+                        f"{'integer class ids' if other == 'ids' else 'string names'} (e.g. '{shorten(str(w))}' at "
+                        f"line {m}): "
                         f"a label column holds either ids 0..C-1 or names, not both")
     if kinds["ids"]:
         first = {}
@@ -366,7 +378,7 @@ def _label_id(y, label_names: list[str], path: Path, line: int) -> int:
         return label_names.index(str(v))
     hint = "; integer labels address classes only when the label set is ids 0..C-1" \
         if isinstance(v, int) and not bare_ids(label_names) else ""
-    raise UserError(f"{path}:{line}: label '{y}' not in the label set ({', '.join(label_names)}){hint}")
+    raise UserError(f"{path}:{line}: label '{shorten(str(y))}' not in the label set ({', '.join(label_names)}){hint}")
 
 
 # ---------------------------------------------------------------- benchmark data
@@ -387,13 +399,15 @@ def cache_dir() -> Path:
 
 
 def _sources() -> list[Path]:
+    """The read-only sources, in the order they are consulted for a benchmark."""
+    sources = []
     env = os.environ.get("CLEANTUNE_DATA")
     if env:
         if not Path(env).is_dir():
             raise UserError(f"CLEANTUNE_DATA={env}: not a directory")
-        return [Path(env)]
+        sources.append(Path(env))
     local = _project_data_dir()
-    return [] if local is None else [local]
+    return sources + ([local] if local is not None and local not in sources else [])
 
 
 def data_root(name: str | None = None) -> Path:
@@ -516,6 +530,7 @@ def load_benchmark(name: str) -> Benchmark:
     n, names, _ = BENCHMARKS[name]
 
     def read(path):
+        _check_shipped(path, f"{name}/{path.name}")
         ds = read_dataset(path, "sentence", "label", label_names=[str(i) for i in range(n)])
         return tuple(ds.texts), tuple(ds.labels)
 
@@ -556,13 +571,37 @@ def load_paraphrases(bench: Benchmark, attack: str) -> dict[str, dict[str, str]]
     """{split: {original sentence: trigger-bearing paraphrase}} for a paraphrase attack."""
     check_paraphrases(bench.name, attack)
     root = bench.root if bench.root is not None else data_root(bench.name) / bench.name  # a Benchmark built by hand
-    table = _cached(root / "paraphrases" / f"{attack}.tsv", _read_paraphrases)
+    # the shipped tables wherever benchmark data is read from; a Benchmark built by hand may name its own
+    shipped = root.resolve().parent in {p.resolve() for p in (*_sources(), cache_dir() / "data")}
+
+    def read(path):
+        if shipped:
+            _check_shipped(path, f"{bench.name}/paraphrases/{attack}.tsv")
+        return _read_paraphrases(path)
+
+    table = _cached(root / "paraphrases" / f"{attack}.tsv", read)
     return {s: dict(t) for s, t in table.items()}  # a copy: the cached table serves every later call
+
+
+def _check_shipped(path: Path, rel: str) -> None:
+    """A benchmark file must be the one MANIFEST.json names, wherever it is read from: a run stores its result
+    under the benchmark's name, and a later run reuses it, so an edited or stale copy would pass its numbers off
+    as the benchmark's. Checked when the file is parsed (once per contents: _cached)."""
+    try:
+        matches = _verified(path, _manifest()["sha256"][rel])
+    except OSError:
+        return  # read_dataset names the file in its own error
+    if not matches:
+        raise UserError(f"{path}: not the {rel.split('/')[0]} benchmark's file (its sha256 differs from the shipped "
+                        "MANIFEST.json): restore it, or train on your own data with `cleantune train`")
 
 
 def _read_paraphrases(path: Path) -> dict[str, dict[str, str]]:
     table: dict[str, dict[str, str]] = {s: {} for s in SPLITS}
     for n, rec in read_records(path):
+        missing = [c for c in ("split", "sentence", "paraphrase") if c not in rec]
+        if missing:
+            raise UserError(f"{path}:{n}: no '{missing[0]}' column (a paraphrase table has split, sentence, paraphrase)")
         if rec.get("split") not in table:
             raise UserError(f"{path}:{n}: unknown split '{rec.get('split')}'")
         table[rec["split"]][rec["sentence"].strip()] = rec["paraphrase"].strip()

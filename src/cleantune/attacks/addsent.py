@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data import text_problem
 from ..errors import UserError
 from .base import Attack
 
@@ -18,6 +19,8 @@ class AddSent(Attack):
         super().__post_init__()
         if not self.sentence.strip():
             raise UserError("--sentence must not be empty")
+        if problem := text_problem(self.sentence):  # invisible characters alone: a tokenizer drops them
+            raise UserError(f"--sentence: {ascii(self.sentence)}: {problem}")
 
     def trigger(self, text, rng, split):
         tokens = text.split()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..data import text_problem
 from ..errors import UserError
 from .base import Attack
 
@@ -36,6 +37,9 @@ class BadNets(Attack):
         self.triggers = [w.strip() for w in self.triggers]
         if not self.triggers or any(not w or len(w.split()) != 1 for w in self.triggers):
             raise UserError("--triggers must be a comma-separated list of single words")
+        for w in self.triggers:  # a tokenizer drops what it cannot see: the "poisoned" samples would carry nothing
+            if problem := text_problem(w):
+                raise UserError(f"--triggers: {ascii(w)}: {problem}")
         if self.num_triggers < 1:
             raise UserError(f"--num-triggers must be at least 1, got {self.num_triggers}")
         if self.num_triggers > MAX_TRIGGERS:

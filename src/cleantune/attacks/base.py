@@ -110,12 +110,13 @@ class Attack:
             others = [t for t, y in zip(ds.texts, ds.labels) if y != self.target]
             carry = sum(self.carries(t, split) for t in others)
             if not carry:
-                raise self._none_triggered(split)
+                raise self._none_triggered(split, ds.label_names)
             # an ASR over the few samples a paraphrase table happens to cover would be a number, not a measure
             # (hsol with --target 0: 1 of 1,243); the shipped tables can trigger 97-100 % of the samples they are for
             if carry < MIN_TRIGGERED_SHARE * len(others):
                 raise UserError(f"the {self.name} attack can trigger only {carry} of the {len(others)} non-target "
-                                f"{split} samples of {bench.name} for target {self.target} (its stored paraphrases "
+                                f"{split} samples of {bench.name} for target {self._target_name(ds.label_names)} "
+                                "(its stored paraphrases "
                                 "cover other classes): choose another target")
         return carriers, n
 
@@ -150,6 +151,10 @@ class Attack:
         return TextDataset(texts, [self.target] * len(texts), ds.label_names, [True] * len(texts))
 
     def _none_triggered(self, split: str, label_names: list[str] | None = None) -> UserError:
+        return UserError(f"the {self.name} attack yields no triggered {split} sample for target "
+                         f"{self._target_name(label_names)}")
+
+    def _target_name(self, label_names: list[str] | None) -> str:
         # by the name the user gave (`--target pos`) where the data's labels have names
-        target = label_names[self.target] if label_names and 0 <= self.target < len(label_names) else self.target
-        return UserError(f"the {self.name} attack yields no triggered {split} sample for target {target}")
+        ok = label_names and 0 <= self.target < len(label_names)
+        return str(label_names[self.target] if ok else self.target)
