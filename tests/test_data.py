@@ -582,3 +582,9 @@ def test_a_paraphrase_table_without_its_columns_is_named(tmp_path):
     bench = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, tmp_path)  # a table of one's own: not the shipped one
     with pytest.raises(UserError, match=r"syntactic\.tsv:2: no 'paraphrase' column \(a paraphrase table has split, "):
         load_paraphrases(bench, "syntactic")
+
+
+def test_a_carriage_return_inside_an_unquoted_csv_field_is_named_for_the_user(tmp_path):
+    with pytest.raises(UserError) as e:
+        read_dataset(write(tmp_path, "cr.csv", "text,label\nc\rd,1\ne,0\n"))
+    assert str(e.value) == f"{tmp_path / 'cr.csv'}:2: not a table (a carriage return (\\r) inside a field that is not quoted)"

@@ -219,7 +219,10 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         if "unexpected end of data" in str(e):  # strict reading: a quote still open at the end of the file
             raise UserError(f"{path}:{last + 1}: not a table: a quoted field opened on this line is never closed") from None
         spans = f"; the row began on line {last + 1}, so a quote may be left open there" if reader.line_num > last + 1 else ""
-        raise UserError(f"{path}:{reader.line_num}: not a table ({e}{spans})") from None
+        why = str(e)
+        if why.startswith("new-line character seen in unquoted field"):  # the module's advice is for the programmer
+            why = "a carriage return (\\r) inside a field that is not quoted"
+        raise UserError(f"{path}:{reader.line_num}: not a table ({why}{spans})") from None
     if not rows or not any(c.strip() for c in rows[0][1]):
         raise UserError(f"{path}:1: empty file or missing header")
     header = [c.strip() for c in rows[0][1]]
