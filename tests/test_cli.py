@@ -997,6 +997,11 @@ def test_eval_names_its_model_argument_as_given(tmp_path, capsys):
     (tmp_path / "plain" / "adapter" / "adapter_config.json").write_text("{}")
     assert main(["eval", str(tmp_path / "plain" / "adapter"), "sst2"]) == 2
     assert capsys.readouterr().err.endswith("; this is a PEFT adapter: give the model folder above it\n")
+    (tmp_path / "plain" / "cleantune_adapter").mkdir()  # MuScleLoRA's own, with a PEFT-style config too
+    (tmp_path / "plain" / "cleantune_adapter" / "adapter_config.json").write_text("{}")
+    assert main(["eval", str(tmp_path / "plain" / "cleantune_adapter"), "sst2"]) == 2
+    assert capsys.readouterr().err.endswith("; this is cleantune's own adapter (MSLR, head): give the model folder "
+                                            "above it\n")
 
 
 def test_a_mistyped_model_name_is_a_quick_one_line_error(tmp_path, capsys):

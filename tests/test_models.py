@@ -344,6 +344,30 @@ def test_causal_lm_without_a_pad_token_pads_with_eos(tmp_path):
     assert torch.allclose(clf.predict_logits(texts), torch.cat([clf.predict_logits(t) for t in texts]), atol=1e-5)
 
 
+def test_a_causal_lm_pools_where_its_tokenizer_pads(tmp_path):
+    """A config without a pad id beside a tokenizer with its own pad token ([PAD], id 0): the model took EOS as its
+    pad id, so HF's classifier read each padded row at a pad position and a text scored differently in a batch."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from cleantune.models import load_model, load_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    tok.eos_token = "[SEP]"
+    tok.save_pretrained(tmp_path / "g")
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=tok.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                             eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
+                                             pad_token_id=None)).save_pretrained(tmp_path / "g")
+    clf = Classifier(load_model(str(tmp_path / "g"), ["a", "b"]), load_tokenizer(str(tmp_path / "g")), ["a", "b"], 32)
+    assert clf.model.config.pad_token_id == clf.tokenizer.pad_token_id == tok.pad_token_id != tok.sep_token_id
+    texts = ["a fine film", "a dull , long and loud movie"]
+    # GPT-2 adds token-type embeddings, which MiniLM's tokenizer would hand it: none, as for a GPT-2 tokenizer
+    alone = torch.cat([clf.predict_logits(t) for t in texts])
+    assert torch.allclose(clf.predict_logits(texts), alone, atol=1e-5)
+    clf.save_pretrained(tmp_path / "saved")
+    assert Classifier.from_pretrained(tmp_path / "saved").model.config.pad_token_id == tok.pad_token_id
+
+
 def test_max_length_is_checked_against_the_position_table_and_the_special_tokens(tiny_model):
     """RoBERTa-style positions start after the padding index: roberta-base's 514 rows take 512 tokens. At
     the tokenizer's special-token count or below, a fast tokenizer would not truncate at all."""
@@ -753,3 +777,33 @@ def test_a_model_that_cannot_be_written_is_a_one_line_error_and_the_earlier_one_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert sorted(p.name for p in out.iterdir()) == before
     assert Classifier.from_pretrained(out).label_names == ["a", "b"]
+
+
+def test_a_file_size_limit_while_saving_or_checkpointing_is_a_one_line_error(tiny_model, tmp_path):
+    """A real failed write (here a 2 MB file-size limit; a full disk alike): safetensors raises a SafetensorError
+    and torch.save a RuntimeError, not OSError, so both went past the one-line handling as tracebacks."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.RLIM_INFINITY))
+
+    save = ("import sys\nfrom cleantune.errors import UserError\n"
+            "from cleantune.models import Classifier, load_model, load_tokenizer\n"
+            f"clf = Classifier(load_model({tiny_model!r}, ['a', 'b']), load_tokenizer({tiny_model!r}), ['a', 'b'])\n"
+            "try:\n    clf.save_pretrained(sys.argv[1])\nexcept UserError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", save, str(tmp_path / "m")], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=300)
+    assert done.returncode == 0 and done.stdout == f"out_dir {tmp_path / 'm'}: cannot write the model (File too large)\n", \
+        done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no model, no .partial
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "".join(f"w{i} film\t{i % 2}\n" for i in range(16)))
+    done = subprocess.run([sys.executable, "-m", "cleantune", "train", str(tmp_path / "d.tsv"), "--model", tiny_model,
+                           "--epochs", "1", "--no-progress", "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"cleantune: error: cannot write epoch 0's checkpoint in {tmp_path / 'm.work'} (File too large); free space, "
+        "then run the command again"]  # no earlier checkpoint to resume from
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.tsv"]  # nor an empty m.work or a partial checkpoint

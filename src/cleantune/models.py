@@ -72,8 +72,10 @@ def resolve_model(name: str, label: str | None = None) -> str:
         if not path.is_dir():
             raise UserError(f"{label}: a file, not a model folder")
         if not (path / "config.json").is_file():
-            hint = ("; this is a PEFT adapter: give the model folder above it"
-                    if (path / "adapter_config.json").is_file() and (path.parent / "config.json").is_file() else "")
+            hint = ""
+            if (path / "adapter_config.json").is_file() and (path.parent / "config.json").is_file():
+                kind = "cleantune's own adapter (MSLR, head)" if path.name == "cleantune_adapter" else "a PEFT adapter"
+                hint = f"; this is {kind}: give the model folder above it"
             raise UserError(f"{label}: directory has no config.json (not a Hugging Face model){hint}")
         return str(path.resolve())
     if name.count("/") > 1 or name.startswith((".", "/", "~")):
@@ -198,13 +200,7 @@ def model_skeleton(name: str, num_labels: int, label: str | None = None):
                            num_labels=num_labels)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(cfg)
-    _pad_with_eos(model)
     return model
-
-
-def _pad_with_eos(model) -> None:
-    if model.config.pad_token_id is None:  # causal LMs (GPT-2, Llama) ship no pad token, as load_tokenizer pads
-        model.config.pad_token_id = model.config.eos_token_id
 
 
 def new_keys(info: dict) -> list[str]:
@@ -230,7 +226,11 @@ def load_model(name_or_path: str, label_names: list[str], label: str | None = No
     # layers the checkpoint lacks (the head, DistilBERT's pre_classifier) or holds in another shape (a head for
     # another number of classes) start random: a saved adapter keeps them
     model.cleantune_new_keys = tuple(new_keys(info))
-    _pad_with_eos(model)
+    if model.config.pad_token_id is None:
+        # causal LMs (GPT-2, Llama) ship none. HF's classifier pools each row at its last token that is not
+        # pad_token_id, so the id must be the one the tokenizer pads with: its own pad token where it has one
+        # (EOS stood in for it: every padded text was read at a pad position), else EOS (load_tokenizer)
+        model.config.pad_token_id = load_tokenizer(name_or_path, label).pad_token_id
     return model
 
 
@@ -437,7 +437,7 @@ class Classifier:
         import copy
         import shutil
 
-        from .training import swap_in, sync_folder
+        from .training import disk_errors, swap_in, sync_folder
 
         out = Path(out_dir).expanduser()  # as from_pretrained reads it: "~/m" is not a folder named "~" here
         check_out_dir(out, option="out_dir")
@@ -445,7 +445,7 @@ class Classifier:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             # transformers' "Writing model shards" bar and notices off, as while loading
-            with quiet_transformers():
+            with quiet_transformers(), disk_errors():
                 tmp.mkdir(parents=True)
                 meta = json.dumps({"label_names": self.label_names, "max_length": self.max_length})
                 (tmp / LABELS_FILE).write_text(meta)  # first, so that a kill leaves a folder known as cleantune's

@@ -446,15 +446,18 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         failed = None
         if ckpt_dir is not None and accelerator.is_main_process:
             try:
-                _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state, rng,
-                                 {"epoch": epoch, "history": history, "best_epoch": best_epoch,
-                                  "best_score": best_score, "fingerprint": fingerprint,
-                                  "done": {"samples": n_samples, "tokens": n_tokens, "train_seconds": t_train}},
-                                 {k: h.checkpoint_state() for k, h in _hook_keys(hooks).items()},
-                                 accelerator.scaler)
+                with disk_errors():
+                    _save_checkpoint(ckpt_dir, params, optimizer, scheduler, best_state, rng,
+                                     {"epoch": epoch, "history": history, "best_epoch": best_epoch,
+                                      "best_score": best_score, "fingerprint": fingerprint,
+                                      "done": {"samples": n_samples, "tokens": n_tokens, "train_seconds": t_train}},
+                                     {k: h.checkpoint_state() for k, h in _hook_keys(hooks).items()},
+                                     accelerator.scaler)
             except OSError as e:  # a full disk, a failed write-back: the earlier checkpoint is still whole
-                failed = (f"cannot write epoch {epoch}'s checkpoint in {ckpt_dir.parent} ({e.strerror or e}); "
-                          "the previous one is kept: free space, then the same command with --resume")
+                shutil.rmtree(ckpt_dir.with_name(ckpt_dir.name + ".partial"), ignore_errors=True)
+                failed = (f"cannot write epoch {epoch}'s checkpoint in {ckpt_dir.parent} ({e.strerror or e}); " +
+                          ("the previous one is kept: free space, then the same command with --resume"
+                           if _saved_checkpoint(ckpt_dir) is not None else "free space, then run the command again"))
         if ckpt_dir is not None and world > 1:
             # every process learns the main one's outcome and stops with its message: raised on the main one
             # alone, the others would fail in their next collective with a gloo traceback
@@ -499,7 +502,8 @@ def work_lock(work: Path, wait: bool):
     A run that raises Diverged leaves no checkpoints: the same seed and data diverge again on --resume
     (other failures, an interruption or a refused --resume, keep them)."""
     path = work.with_name(work.name + ".lock")
-    made = missing_parents(path)  # what _flock creates: removed again if training fails
+    # what _flock and the checkpoints create: removed again, where still empty, if training fails
+    made = ([] if work.exists() else [work]) + missing_parents(path)
     state = process_state()
     if state.num_processes == 1:
         fd = _flock(path, wait)
@@ -678,6 +682,25 @@ def sync_folder(folder: Path, files: bool = True) -> None:
         elif f.is_file() and not f.is_symlink():
             _fsync(f)
     _fsync(folder)
+
+
+@contextmanager
+def disk_errors():
+    """A failed write (a full disk, a file-size limit) raised as the OSError it is. safetensors raises its own
+    SafetensorError ("I/O error: No space left on device (os error 28)") and torch.save a RuntimeError of its
+    zip writer, which the callers' OSError handling (a one-line message, the earlier files kept) missed."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        text = str(e)
+        if type(e).__name__ == "SafetensorError" and "I/O error: " in text:
+            why = text.split("I/O error: ", 1)[1]
+            raise OSError(why.split(" (os error")[0]) from None
+        if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+            raise OSError(f"a file could not be written whole: {text.splitlines()[0]}") from None
+        raise
 
 
 def swap_in(tmp: Path, dest: Path) -> None:
