@@ -70,11 +70,13 @@ def test_frequency_hook_records_finite_curves_and_plots(tiny_model, tmp_path):
     assert res["records"][0]["poison"]["e_high_denominator"] == "target"
     assert res["records"][0]["poison"]["e_low"] != res["records"][-1]["poison"]["e_low"]  # the model moved
     assert res["sets"]["clean"]["n"] == 30 and res["sets"]["poison"]["median_distance"] > 0
-    paths = plot(res, tmp_path, (0,))
-    assert [p.name for p in paths] == ["frequency_delta2.00.png"]
+    images = plot(res, (0,))
+    assert list(images) == ["frequency_delta2.00.png"]
+    import io
+
     import matplotlib.image
 
-    img = matplotlib.image.imread(paths[0])
+    img = matplotlib.image.imread(io.BytesIO(images["frequency_delta2.00.png"]))
     assert img.ndim == 3 and img.shape[0] > 100
 
 
@@ -367,9 +369,10 @@ def test_an_interrupted_analysis_resumes_with_the_curves_it_had_recorded(tiny_mo
 
 def test_analysis_outputs_are_written_whole_or_not_at_all(tiny_model, tmp_path, capsys, monkeypatch):
     """curves.json and the plots replace an earlier analysis together: a write that fails (a full disk) keeps the
-    earlier folder as it was and leaves nothing half beside it; the Python API refuses a folder of other content before
-    it trains, since the folder is replaced whole."""
+    earlier files as they were and leaves nothing half; a file of the user's there stays. The Python API refuses a
+    folder of other content before it trains, as the command line does."""
     import errno
+    from pathlib import Path
 
     from cleantune import frequency
     from cleantune.runner import RunConfig
@@ -379,22 +382,28 @@ def test_analysis_outputs_are_written_whole_or_not_at_all(tiny_model, tmp_path, 
             "--train-size", "40", "--epochs", "1", "--batch-size", "8", "--samples", "8", "--no-progress",
             "--out", str(out)]
     assert main(args) == 0, capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "curves.json" in before and any(n.endswith(".png") for n in before)
+    write_bytes = Path.write_bytes
 
-    def full_disk(result, folder, *a, **k):
-        (folder / "frequency_delta2.00.png").write_bytes(b"\x89PNG cut")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(self, data):
+        if self.name == ".frequency_delta5.00.png.partial":
+            write_bytes(self, data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
 
-    monkeypatch.setattr(frequency, "plot", full_disk)
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     assert main(args + ["--seed", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"cleantune: error: --out {out}: cannot write the curves (No space left on device)"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert not (tmp_path / "freq.partial").exists() and not (tmp_path / "freq.old").exists()
     assert (tmp_path / "freq.work").is_dir()  # the trained checkpoint, for --resume once there is room
-
     monkeypatch.undo()
+    assert main(args + ["--seed", "1", "--resume"]) == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.keys() == before.keys() and after["notes.txt"] == b"mine" and after["curves.json"] != before["curves.json"]
+
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "notes.txt").write_text("mine")

@@ -125,26 +125,48 @@ def test_report_writes_only_into_an_empty_folder_or_its_own(tmp_path, capsys):
 
 def test_a_report_that_cannot_be_written_in_full_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
     """A full disk while writing left a traceback and a folder with plots but no report.md, which the next report
-    then refused as not its own."""
+    then refused as not its own; into an earlier report's folder it left a cut report.html beside the old
+    report.md and the new plots. Now the earlier report stays whole, and a user's own files there stay too."""
     import errno
     from pathlib import Path
 
     s = ResultStore(tmp_path / "s.sqlite")
     put_run(s, 0.8, 0.1, 5.0, dataset="sst2", attack="badnets", defense="lora")
-    write_text = Path.write_text
+    write_bytes = Path.write_bytes
 
     def full_disk(self, *args, **kwargs):
-        if self.name == "report.md":
+        if self.name == ".report.md.partial":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write_text(self, *args, **kwargs)
+        return write_bytes(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
-    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 2
-    assert capsys.readouterr().err == (f"cleantune: error: --out {tmp_path / 'rep'}: cannot write the report "
+    rep = tmp_path / "rep"
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    assert main(["report", "--store", str(s.path), "--out", str(rep / "deeper")]) == 2
+    assert capsys.readouterr().err == (f"cleantune: error: --out {rep / 'deeper'}: cannot write the report "
                                        "(No space left on device)\n")
-    assert not (tmp_path / "rep").exists()
+    assert not rep.exists()
     monkeypatch.undo()
-    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["report", "--store", str(s.path), "--out", str(rep)]) == 0
+    (rep / "plots" / "my_figure.png").write_bytes(b"mine")
+    (rep / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    put_run(s, 0.7, 0.2, 5.0, dataset="olid", attack="badnets", defense="lora")
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    assert main(["report", "--store", str(s.path), "--out", str(rep)]) == 2
+    capsys.readouterr()
+    assert {p: p.read_bytes() for p in rep.rglob("*") if p.is_file()} == before  # no bars_olid.png, no .partial
+    monkeypatch.undo()
+    assert main(["report", "--store", str(s.path), "--out", str(rep)]) == 0
+    assert (rep / "plots" / "bars_olid.png").is_file() and "olid" in (rep / "report.md").read_text()
+    assert main(["report", "--store", str(s.path), "--out", str(rep), "--dataset", "olid"]) == 0
+    plots = sorted(p.name for p in (rep / "plots").iterdir())
+    assert "bars_sst2.png" not in plots and "my_figure.png" in plots  # the stale plot goes, the user's stays
+    assert (rep / "notes.txt").read_text() == "mine"
+    killed = tmp_path / "killed"  # a kill (no clean-up) cut the first write into a new folder short
+    killed.mkdir()
+    (killed / ".report.html.partial").write_bytes(b"<html>cut")
+    assert main(["report", "--store", str(s.path), "--out", str(killed)]) == 0
+    assert sorted(p.name for p in killed.iterdir()) == ["plots", "report.html", "report.md"]
 
 
 def test_report_missing_store_is_a_user_error(tmp_path, capsys):

@@ -868,7 +868,7 @@ def cmd_analyze(ns) -> int:
     frequency.check_defense(config.defense)  # before resolve() loads the benchmark
     frequency.check_settings(ns.every, ns.samples, ns.distance)
     config.resolve()
-    check_out_dir(ns.out, "curves.json", "frequency analysis", siblings=(".work", ".partial", ".old"))
+    check_out_dir(ns.out, "curves.json", "frequency analysis", siblings=(".work",))
     out = Path(ns.out)
     work = out.with_name(out.name + ".work")  # checkpoints for --resume, removed once the curves are written
     main = is_main_process()  # the processes of an `accelerate launch` train together; the main one writes and speaks

@@ -230,16 +230,17 @@ def first_step_below(result: dict, name: str, key: str = "e_low", delta_index: i
     return None
 
 
-def plot(result: dict, out_dir: str | Path, delta_indices: tuple[int, ...] = (0, 12, 24)) -> list[Path]:
-    """One PNG per chosen delta: e_low and e_high against steps, clean vs backdoor mapping."""
+def plot(result: dict, delta_indices: tuple[int, ...] = (0, 12, 24)) -> dict[str, bytes]:
+    """One PNG per chosen delta, by file name: e_low and e_high against steps, clean vs backdoor mapping."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
     steps = [r["step"] for r in result["records"]]
-    paths = []
+    images = {}
     for k in delta_indices:
         if k >= len(result["deltas"]):
             continue
@@ -260,11 +261,11 @@ def plot(result: dict, out_dir: str | Path, delta_indices: tuple[int, ...] = (0,
             ax.legend(fontsize=8)
         fig.suptitle(f"delta = {result['deltas'][k]:.2f} ({result['distance']} distances)")
         fig.tight_layout()
-        path = out_dir / f"frequency_delta{result['deltas'][k]:.2f}.png"
-        fig.savefig(path, dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
-        paths.append(path)
-    return paths
+        images[f"frequency_delta{result['deltas'][k]:.2f}.png"] = buf.getvalue()
+    return images
 
 
 def supported_defenses() -> list[str]:
@@ -306,8 +307,7 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
     config.check()
     from .models import check_out_dir
 
-    # the folder is replaced whole when the curves are written: other content there is refused before training
-    check_out_dir(out_dir, "curves.json", "frequency analysis", siblings=(".partial", ".old"), option="out_dir")
+    check_out_dir(out_dir, "curves.json", "frequency analysis", siblings=(), option="out_dir")  # before training
     out_dir = Path(out_dir)
     poisoned = config.build_attack().apply(config.benchmark())
     defense = config.build_defense()
@@ -333,24 +333,12 @@ def analyze(config, out_dir: str | Path, every: int = 5, samples: int | None = N
 
 
 def write_outputs(result: dict, out_dir: Path) -> list[Path]:
-    """curves.json and the plots, whole or not at all, as a model is saved: into `<out>.partial`, which then
-    replaces an earlier analysis's folder (a full disk or a kill mid-write left a curves.json without its plots,
-    or a cut file). Returns the plots' final paths."""
-    import shutil
+    """curves.json and the plots, all or none of them (store.write_whole): a full disk or a kill mid-write left
+    a curves.json without its plots, or a cut file, in place of an earlier analysis. Returns the plots' paths."""
+    from .store import write_whole
 
-    from .training import swap_in, sync_folder
-
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        (tmp / "curves.json").write_text(strict_json(result, indent=1))  # e_high where undefined: null
-        plots = plot(result, tmp)
-        sync_folder(tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise UserError(f"--out {out_dir}: cannot write the curves ({e.strerror or e})") from None
-        raise
-    swap_in(tmp, out_dir)
-    return [out_dir / p.name for p in plots]
+    images = plot(result)
+    files = {out_dir / "curves.json": strict_json(result, indent=1).encode()}  # e_high where undefined: null
+    files.update({out_dir / name: data for name, data in images.items()})
+    write_whole(out_dir, files, "curves")
+    return [out_dir / name for name in images]

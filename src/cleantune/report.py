@@ -9,12 +9,12 @@ PNG and its CSS inline, so it opens in a browser with no network; the Markdown l
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
 import io
 import json
 import math
 import re
-import shutil
 import statistics
 from collections import defaultdict
 from dataclasses import fields
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .attacks import ATTACKS
 from .errors import UserError
-from .store import ResultStore, _number, data_dir, matches, select_runs
+from .store import ResultStore, _number, data_dir, matches, select_runs, write_whole
 
 REFERENCE = "finetune"  # the plain fine-tuning every defense is measured against
 ATTACK_ORDER = ("badnets", "addsent", "syntactic", "style")
@@ -797,22 +797,13 @@ def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple
         reference_added = bool(refs)
     page, md, images = build(runs, tuple(frequency_files), where, reference_added)  # everything checked before writing
     out = Path(out_dir)
-    new = not out.exists()
-    try:
-        (out / "plots").mkdir(parents=True, exist_ok=True)
-        for name, data in images.items():
-            (out / "plots" / name).write_bytes(data)
-        for stale in (out / "plots").glob("*.png"):  # an earlier report's plot of a cell this one has not: replaced, not kept
-            if stale.name not in images:
-                stale.unlink()
-        (out / "report.html").write_text(page, encoding="utf-8")
-        (out / "report.md").write_text(md, encoding="utf-8")
-    except BaseException as e:
-        # a full disk or an interrupt left a traceback and a new folder with plots but no report.md, which the next
-        # report refused to write into (check_out_dir)
-        if new:
-            shutil.rmtree(out, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise UserError(f"--out {out}: cannot write the report ({e.strerror or e})") from None
-        raise
+    files = {out / "plots" / name: data for name, data in images.items()}
+    files.update({out / "report.html": page.encode("utf-8"), out / "report.md": md.encode("utf-8")})
+    write_whole(out, files, "report")
+    for stale in (out / "plots").glob("*.png"):  # an earlier report's plot of a cell this one has not; a user's own stays
+        if stale.name not in images and any(fnmatch.fnmatch(stale.name, f) for f in PLOT_NAMES):
+            stale.unlink()
     return out / "report.html", out / "report.md"
+
+
+PLOT_NAMES = ("asr_vs_cacc.png", "bars_*.png", "frequency_*.png")  # what build() names its images

@@ -153,6 +153,31 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
+def write_whole(out: Path, files: dict[Path, bytes], what: str) -> None:
+    """Write `files` (paths in or under the folder `out`) all or none: each under a hidden `.NAME.partial` name
+    first, renamed into place once every one is whole. A full disk or an interrupt midway leaves an earlier
+    output there as it was (it left a cut file beside another run's), and a folder it made is removed again;
+    other files in `out` are never touched. An OSError is a one-line UserError naming --out."""
+    made = [p for p in {f.parent for f in files} | {out, *out.parents} if not p.exists()]
+    made.sort(key=lambda p: len(p.parts), reverse=True)  # innermost first
+    written = []
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.partial")
+            written.append(tmp)
+            tmp.write_bytes(data)
+    except BaseException as e:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        remove_empty(made)
+        if isinstance(e, OSError):
+            raise UserError(f"--out {out}: cannot write the {what} ({e.strerror or e})") from None
+        raise
+    for path in files:
+        path.with_name(f".{path.name}.partial").replace(path)
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON true would count as 1
 
