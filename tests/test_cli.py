@@ -187,7 +187,10 @@ def test_train_takes_a_config_file_and_the_command_line_wins(tiny_model, tmp_pat
     ("c.yaml", "- dataset: sst2\n", "expected a mapping of option names to values"),
     # a tag only an unsafe YAML loader constructs: it would run the command
     ("c.yaml", "dataset: !!python/object/apply:os.system ['touch {ran}']\n",
-     "cannot parse (could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+     "cannot parse (line 1, column 10: could not determine a constructor for the tag "
+     "'tag:yaml.org,2002:python/object/apply:os.system'"),
+    # PyYAML's first line is its context ("while parsing a flow sequence"); where, and what, come after it
+    ("c.yaml", "dataset: sst2\nseed: [0, 1\n", "cannot parse (line 3, column 1: expected ',' or ']', but got '<stream end>')"),
 ])
 def test_config_file_unknown_key_and_parse_errors(tmp_path, capsys, name, content, fragment):
     path = tmp_path / name
@@ -211,7 +214,7 @@ def test_config_values_of_the_wrong_type_name_the_key(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,text,msg", [
-    ("c.yaml", "epochs: 1\nepochs: 2\n", "cannot parse (key 'epochs' appears twice in one mapping (line 2))"),
+    ("c.yaml", "epochs: 1\nepochs: 2\n", "cannot parse (line 2, column 1: key 'epochs' appears twice in one mapping)"),
     ("c.yaml", "options:\n  weight_decay: 0\n  weight_decay: 0.1\n", "key 'weight_decay' appears twice"),
     ("c.yaml", "batch_size: 8\nbatch-size: 16\n", "'batch_size' and 'batch-size' set the same option"),
     ("c.toml", "batch_size = 8\nbatch-size = 16\n", "'batch_size' and 'batch-size' set the same option"),

@@ -657,3 +657,46 @@ def test_the_results_table_tells_apart_runs_that_differ_in_a_setting_it_has_no_c
     lines = capsys.readouterr().out.splitlines()
     at = lines[0].index("defense")
     assert sorted(line[at:].split("  ")[0] for line in lines[2:]) == ["finetune", "lora (lr=0.001)", "lora (lr=0.002)"]
+    # a failed run of another setting (here the epochs) relabelled every row, which the report labels from its
+    # successful runs alone; it is labelled as it would be among them
+    put_run(s, 0.0, 0.0, 1.0, status="failed", dataset="sst2", attack="badnets", defense="finetune", epochs=1)
+    assert main(["results", "--store", str(s.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line[at:].split("  ")[0] for line in lines[2:]) == \
+        ["finetune", "finetune (epochs=1)", "lora (lr=0.001)", "lora (lr=0.002)"]
+
+
+def test_a_row_has_one_colour_in_every_plot(tmp_path):
+    """The bar charts coloured a dataset's rows by their order in that dataset: lora, alone on olid, took the colour
+    fine-tuning has in the scatter plot and on sst2."""
+    import io
+
+    import matplotlib.image
+    import numpy as np
+
+    from cleantune.report import build, row_colors, summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune")
+    put_run(s, 0.8, 0.2, 10.0, dataset="sst2", attack="badnets", defense="lora")
+    put_run(s, 0.7, 0.3, 10.0, dataset="olid", attack="badnets", defense="lora")
+    colors = row_colors(summarize(s.runs()))
+    _, _, images = build(s.runs())
+
+    def has(png, hex_color):
+        rgb = np.array(matplotlib.colors.to_rgb(hex_color))
+        pixels = matplotlib.image.imread(io.BytesIO(png))[..., :3]
+        return bool((np.abs(pixels - rgb).max(-1) < 0.02).any())
+
+    assert colors["finetune"] != colors["lora"]
+    assert has(images["bars_olid.png"], colors["lora"]) and not has(images["bars_olid.png"], colors["finetune"])
+    assert has(images["bars_sst2.png"], colors["lora"]) and has(images["asr_vs_cacc.png"], colors["lora"])
+
+
+def test_the_results_table_shows_an_undefined_number_as_the_report_does(tmp_path, capsys):
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.9, 0.5, 10.0, metrics={"asr_floor": float("nan")}, dataset="sst2", attack="badnets", defense="lora")
+    assert main(["results", "--store", str(s.path)]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()
+    cells = dict(zip(header.split(), row.split()))
+    assert cells["asr_floor"] == "-" and cells["CACC"] == "0.9000"  # it printed nan

@@ -184,7 +184,7 @@ def test_ray_backend_without_ray_writes_nothing(tiny_model, tmp_path, capsys):
         assert not list(tmp_path.glob("s.sqlite*"))
 
 
-def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys):
+def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys, monkeypatch):
     cells, store, summary, grid = reference
     assert (summary.skipped, summary.ran, summary.failed) == (0, 2, [])
     runs = {r["id"]: r for r in store.runs()}
@@ -203,6 +203,13 @@ def test_sweep_runs_every_cell_and_a_second_sweep_skips_them(reference, capsys):
         {k: alone["metrics"][k] for k in ("cacc", "asr", "asr_floor", "history")}
     again = sweep(cells, store.path, cpus_per_run=1, progress=False)
     assert (again.skipped, again.ran) == (2, 0)
+    assert {r["id"]: r["created"] for r in store.runs()} == {i: r["created"] for i, r in runs.items()}
+    # two sweeps of one grid at once: the second finds a cell stored by the first once it gets the cell's lock,
+    # and counts it as stored, not as run (it said "0 already stored, 2 run" of cells it never trained)
+    with monkeypatch.context() as m:
+        m.setattr(ResultStore, "stored_ids", lambda self: set())  # as read before the other sweep stored them
+        raced = sweep(cells, store.path, cpus_per_run=1, progress=False)
+    assert (raced.skipped, raced.ran) == (2, 0)
     assert {r["id"]: r["created"] for r in store.runs()} == {i: r["created"] for i, r in runs.items()}
     assert main(["sweep", str(grid), "--store", str(store.path), "--dry-run"]) == 0
     assert "2 cells, 2 stored" in capsys.readouterr().out

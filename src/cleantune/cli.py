@@ -50,7 +50,16 @@ def _option(s: str) -> tuple[str, object]:
     try:
         return k.strip().replace("-", "_"), yaml.safe_load(v)
     except yaml.YAMLError as e:
-        raise UserError(f"--option {s}: cannot parse the value ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--option {s}: cannot parse the value ({_parse_error(e)})") from None
+
+
+def _parse_error(e: Exception) -> str:
+    """A parser's message on one line. PyYAML's spans several: its context ("while parsing a flow sequence") first,
+    and the problem with its line and column on later lines, which the first line alone lost."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return str(e).splitlines()[0]
 
 
 def _options(items: list[str]) -> dict:
@@ -255,7 +264,7 @@ def load_config_file(path: str, label: str | None = None) -> dict:
     except UserError:
         raise
     except Exception as e:  # yaml and tomllib raise their own error types
-        raise UserError(f"{label}: cannot parse ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{label}: cannot parse ({_parse_error(e)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{label}: expected a mapping of option names to values")
     odd = next((k for k in data if not isinstance(k, str)), None)  # YAML reads `1: 2` as an int key
@@ -282,8 +291,7 @@ def _load_yaml(text: str):
                     continue
                 if key in keys:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key '{key}' appears twice in one mapping (line {key_node.start_mark.line + 1})",
-                        key_node.start_mark)
+                        None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)  # the line: _parse_error
                 keys.add(key)
             return super().construct_mapping(node, deep)
 
@@ -747,14 +755,19 @@ def format_table(runs: list[dict]) -> str:
     if not rows:
         return "(no runs)"
     # runs of one defense that differ in a setting the columns leave out (lr, an option) are told apart as the
-    # report's rows are: `lora (lr=0.001)`
-    labels = _variant_rows(runs)
+    # report's rows are: `lora (lr=0.001)`. The report labels its successful runs, so a failed run's setting does
+    # not relabel them here either; a failed run is labelled as it would be among them.
+    ok = [r for r in runs if r.get("status", "ok") == "ok"]
+    labels = _variant_rows(ok)
+    for r in runs:
+        if r["id"] not in labels:
+            labels[r["id"]] = _variant_rows(ok + [r])[r["id"]]
     for row, r in zip(rows, runs):
         row["defense"] = labels[r["id"]][1]
     cols = [c for c in RESULT_COLUMNS if any(row.get(c) is not None for row in rows)]
 
     def cell(c, v):  # one format per column, so a column's numbers line up
-        if v is None:
+        if v is None or v != v:  # undefined (NaN: a floor or recall without samples to measure it), as the report's –
             return "-"
         if not isinstance(v, float):
             return str(v)

@@ -235,11 +235,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _colors(names: list[str]) -> dict[str, str]:
+def row_colors(summary: dict) -> dict[str, str]:
+    """One colour per row label over every dataset: a row has the same colour in the scatter and every bar chart."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
-    return {n: matplotlib.colors.to_hex(cmap(i % 10)) for i, n in enumerate(names)}
+    rows = sorted({r for d in summary.values() for r in d["rows"]})
+    return {n: matplotlib.colors.to_hex(cmap(i % 10)) for i, n in enumerate(rows)}
 
 
 def _plain_text(plot):
@@ -279,8 +281,7 @@ def plot_scatter(summary: dict) -> bytes | None:
                      key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
     if not attacks:
         return None
-    rows = sorted({r for d in summary.values() for r in d["rows"]})
-    colors, markers = _colors(rows), dict(zip(sorted(summary), "osD^vP*X"))
+    colors, markers = row_colors(summary), dict(zip(sorted(summary), "osD^vP*X"))
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 4), squeeze=False)
     xlim = cacc_axis(summary)
     floors = False
@@ -324,20 +325,20 @@ def plot_scatter(summary: dict) -> bytes | None:
 
 
 @_plain_text
-def plot_bars(dataset: str, d: dict) -> bytes:
+def plot_bars(dataset: str, d: dict, colors: dict[str, str]) -> bytes:
     """Per dataset: CACC and ASR bars, attacks on the x axis, a bar per defense; on each ASR bar a dashed black
-    line at its ASR floor, where recorded."""
+    line at its ASR floor, where recorded. `colors`: a row's colour, as in the scatter plot (row_colors)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     attacks, rows = d["attacks"], d["rows"]
-    colors = _colors(sorted({r for r in rows}))
     fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(attacks) * 2 + 2), 3.6))
     width = 0.8 / max(1, len(rows))
     floor_label = False  # one legend entry for the floor lines
     for ax, metric, title in ((axes[0], "cacc", "CACC (higher is better)"), (axes[1], "asr", "ASR (lower is better, down to the floor)")):
+        ax.set_ylabel({"cacc": "clean accuracy", "asr": "attack success rate"}[metric])
         for i, row in enumerate(rows):
             xs, ys, es, floors = [], [], [], []
             for j, attack in enumerate(attacks):
@@ -663,7 +664,7 @@ def build(runs: list[dict], frequency_files: tuple = (), where: dict[str, list[s
     if scatter:
         images["asr_vs_cacc.png"] = scatter
     for dataset, d in sorted(summary.items()):
-        images[f"bars_{dataset}.png"] = plot_bars(dataset, d)
+        images[f"bars_{dataset}.png"] = plot_bars(dataset, d, row_colors(summary))
     freq_plots = []  # (title, image name)
     for r in runs:
         if r["status"] == "ok":

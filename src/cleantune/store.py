@@ -149,7 +149,9 @@ def remove_empty(folders: list[Path]) -> None:
     for folder in folders:
         try:
             folder.rmdir()
-        except OSError:  # not empty (another process has used it since), or gone
+        except FileNotFoundError:  # never made (the command failed before it got there), or gone
+            continue
+        except OSError:  # not empty: another process has used it since
             return
 
 

@@ -159,12 +159,13 @@ def run_cell(cell: Cell, store_path: str | None, threads: int | None = None) -> 
     t0 = time.perf_counter()
     try:
         r = run(cell.config, store, resume=True, progress=False)  # a finished run removes its checkpoints
-        return {k: r[k] for k in ("id", "config", "status", "metrics", "timings", "env", "error")}
+        # reused: another process stored the cell while this one waited for its lock
+        return {k: r[k] for k in ("id", "config", "status", "metrics", "timings", "env", "error", "reused")}
     except Exception as e:  # one cell's failure is recorded and the sweep goes on
         # the id planned when the grid was checked: resolving again reads the data, which may be what failed
         record = {"id": cell.id, "config": cell.resolved, "status": "failed", "metrics": {},
                   "timings": {"wall_s": time.perf_counter() - t0}, "env": environment(),
-                  "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+                  "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}", "reused": False}
         if store is not None:
             put_record(store, record)
         return record
@@ -297,7 +298,7 @@ def _ray(cells: list[Cell], store: ResultStore, address: str | None, cpus: int, 
 @dataclass
 class SweepSummary:
     cells: list[Cell]
-    skipped: int   # stored ok before this sweep
+    skipped: int   # stored ok before this sweep, or by another process while this one waited for the cell
     ran: int
     failed: list[dict]
     seconds: float
@@ -360,17 +361,21 @@ def sweep(cells: list[Cell], store_path: str | Path | None = None, workers: int 
     else:
         records = _ray(pending, store, address, cpus_per_run or 1, gpus_per_run)
     try:
-        _collect(records, bar, failed)
+        reused = _collect(records, bar, failed)
     except BaseException:  # Ctrl-C before any cell finished: no empty store left, as `run` leaves none
         if new_store:
             store.discard_if_empty()
         raise
-    return SweepSummary(cells, len(cells) - len(pending), len(pending), failed, time.perf_counter() - t0)
+    return SweepSummary(cells, len(cells) - len(pending) + reused, len(pending) - reused, failed,
+                        time.perf_counter() - t0)
 
 
-def _collect(records: Iterator[dict], bar, failed: list[dict]) -> None:
+def _collect(records: Iterator[dict], bar, failed: list[dict]) -> int:
+    """Follow the records as they finish; the number of cells another process stored while this one waited."""
+    reused = 0
     try:
         for r in records:
+            reused += bool(r.get("reused"))
             c = r["config"]
             if r["status"] == "failed":
                 failed.append(r)
@@ -384,3 +389,4 @@ def _collect(records: Iterator[dict], bar, failed: list[dict]) -> None:
         # traceback, and its workers would run on (and the pool's exit handler wait for them)
         records.close()
         bar.close()
+    return reused
