@@ -184,7 +184,8 @@ def test_api_values_are_checked_and_converted_like_the_cli():
 
 
 @pytest.mark.parametrize("rate,n,count", [(0.29, 100, 29), (0.57, 100, 57), (0.1, 2000, 200), (0.1, 6920, 692),
-                                          (0.15, 999, 149), (1 / 3, 3, 1), (0.001, 64, 0), (1, 7, 7)])
+                                          (0.15, 999, 149), (1 / 3, 3, 1), (0.001, 64, 0), (1, 7, 7),
+                                          (1 / 3, 300, 100), (0.9999999999, 6920, 6919)])  # not within float error
 def test_poison_count_is_rate_times_size_rounded_down_without_float_error(rate, n, count):
     assert BadNets(rate=rate).poison_count(n) == count
 

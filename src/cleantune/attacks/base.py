@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass, fields
 
 from ..data import Benchmark, TextDataset
@@ -73,9 +74,10 @@ class Attack:
 
     def poison_count(self, n_train: int) -> int:
         """How many of `n_train` samples `rate` poisons: rate x n rounded down, where a product within float
-        error of an integer is that integer (0.29 x 100 computes as 28.999999999999996 and gives 29)."""
+        error (a few units in the last place) of an integer is that integer (0.29 x 100 computes as
+        28.999999999999996 and gives 29). A tolerance of 1e-9 took 0.9999999999 x 6920 for 6920."""
         x = self.rate * n_train
-        return round(x) if math.isclose(x, round(x), rel_tol=1e-9, abs_tol=1e-9) else math.floor(x)
+        return round(x) if math.isclose(x, round(x), rel_tol=8 * sys.float_info.epsilon) else math.floor(x)
 
     def _pool(self, train: TextDataset) -> list[int]:
         if self.mode == "clean":
