@@ -3,6 +3,7 @@ three stage points and the token audit."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -315,8 +316,8 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
     assert torch.equal(after[spared], before[spared])  # spared rows keep the victim's values
     assert (rounds == []) == (mode == "faithful")
     cut = [t for t in S if t not in set(spared)]  # what `cleantune train` prints
-    assert defense.findings().startswith(f"unlearned {len(cut)} suspicious token(s): "
-                                         f"{', '.join(tok.convert_ids_to_tokens(cut))}")
+    listed = ", ".join(json.dumps(t, ensure_ascii=False) for t in tok.convert_ids_to_tokens(cut))  # ',' is a token too
+    assert defense.findings().startswith(f"unlearned {len(cut)} suspicious token(s): {listed}")
     assert ("; spared by the collateral guard: " in defense.findings()) == bool(spared)
     replaced = (after[S] == E0[tok.pad_token_id]).sum().item()
     unlearned = defense.extra_metrics_["btu_unlearn"]

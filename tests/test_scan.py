@@ -70,13 +70,14 @@ def test_scan_formats(poisoned_file, tiny_model, capsys):
 
 
 def test_scan_table_keeps_a_multi_line_sample_under_its_token(tmp_path, capsys, monkeypatch):
-    """A .jsonl text may hold line breaks; its second line printed at the margin, read as a row of its own."""
+    """A .jsonl text may hold line breaks; its second line printed at the margin, read as a row of its own, and
+    then under the bar as a sample of its own."""
     row = {"rank": 1, "pass": "A", "pass_rank": 1, "token": "cf", "id": 1, "drift": 0.5, "doc_freq": 2,
            "label": "pos", "label_share": 1.0, "samples": ["first line\nsecond line", "one line"]}
     monkeypatch.setattr(btu, "scan", lambda *a, **k: [row])
     (tmp_path / "d.jsonl").write_text('{"text": "a cf\\nb", "label": "pos"}\n{"text": "c", "label": "neg"}\n')
     code, out, _ = _scan(capsys, tmp_path / "d.jsonl", "--show-samples", "2")
-    assert code == 0 and out.splitlines()[3:6] == ["      | first line", "      | second line", "      | one line"]
+    assert code == 0 and out.splitlines()[3:6] == ["      | first line", "      |   second line", "      | one line"]
 
 
 def test_scan_rows_follow_the_passes_order_with_each_tokens_own_counts(poisoned_file, tiny_model, capsys):

@@ -702,8 +702,8 @@ def cmd_scan(ns) -> int:
             if n == 0:
                 print("  ".join("-" * w for w in widths))
             elif ns.show_samples:
-                for t in rows[n - 1]["samples"]:  # a .jsonl text may hold line breaks: each line keeps the bar
-                    print("      | " + "\n      | ".join(t.splitlines() or [""]))
+                for t in rows[n - 1]["samples"]:  # a text may hold line breaks: its later lines are indented
+                    print("      | " + "\n      |   ".join(t.splitlines() or [""]))
     steps = steps_per_epoch(len(data), batch_size, world)
     few = " (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else ""
     if world > 1:

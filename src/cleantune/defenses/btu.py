@@ -13,6 +13,7 @@ Every training stage runs through `cleantune.training.train`.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -614,9 +615,12 @@ class BTU(Defense):
     def findings(self) -> str:
         spared = set(self.spared_)
         cut = self._tokenizer.convert_ids_to_tokens([t for t in self.suspicious_ if t not in spared])
-        line = f"unlearned {len(cut)} suspicious token(s): {', '.join(cut)}"
+        def listed(tokens):  # quoted: the tokens ',' and '.' read as the list's own separators
+            return ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
+
+        line = f"unlearned {len(cut)} suspicious token(s): {listed(cut)}"
         if spared:
-            line += f"; spared by the collateral guard: {', '.join(self._tokenizer.convert_ids_to_tokens(sorted(spared)))}"
+            line += f"; spared by the collateral guard: {listed(self._tokenizer.convert_ids_to_tokens(sorted(spared)))}"
         return line
 
     def _stage(self, clf: Classifier) -> dict | None:
