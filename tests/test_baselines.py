@@ -343,6 +343,41 @@ def test_onion_without_a_language_model_is_a_user_error(tmp_path, monkeypatch, t
     assert not store.exists()
 
 
+def test_onion_names_its_lm_folder_absolutely_and_refuses_a_window_past_its_positions(tiny_model, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """`lm=lm` in two folders named two LMs by one run id (a stored result was reused for the other LM); an LM of
+    64 positions failed with an IndexError on a long test sentence, after the victim had trained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cleantune.cli import main
+    from cleantune.runner import RunConfig
+
+    tok = load_tokenizer(tiny_model)
+    tok.bos_token = tok.cls_token  # the LM's start token, which takes a position too
+    for where in ("a", "b"):
+        torch.manual_seed(len(where))
+        GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=8, n_layer=1, n_head=2,
+                                   bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+                        ).save_pretrained(tmp_path / where / "lm")
+        tok.save_pretrained(tmp_path / where / "lm")
+    ids = {}
+    for where in ("a", "b"):
+        monkeypatch.chdir(tmp_path / where)
+        cell = RunConfig(dataset="sst2", defense="onion", model=tiny_model, train_size=64,
+                         options={"lm": "lm", "lm_max_length": 63})
+        ids[where] = cell.run_id()
+        assert cell.resolve()["lm"] == str(tmp_path / where / "lm")
+    assert ids["a"] != ids["b"]
+    store = tmp_path / "s.sqlite"
+    capsys.readouterr()
+    assert main(["run", "--defense", "onion", "--model", tiny_model, "--train-size", "64", "--option",
+                 "lm=lm", "--store", str(store), "--no-progress"]) == 2  # the default window, 96 tokens: nothing trains
+    assert capsys.readouterr().err == (f"cleantune: error: ONION: option lm_max_length=96 needs 97 positions of the "
+                                       f"LM (with its start token), and lm={tmp_path / 'b' / 'lm'} takes 64: give "
+                                       "lm_max_length=63 or less\n")
+    assert not store.exists()
+
+
 # ---------------------------------------------------------------- BKI
 
 
@@ -506,6 +541,18 @@ def test_a_rap_word_of_several_tokens_is_refused_before_the_victim_trains(tiny_m
         RAP(model=tiny_model, epochs=1, word="two words").fit(read_dataset(data), read_dataset(data),
                                                               out_dir=tmp_path / "fit", progress=False)
     assert not (tmp_path / "fit").exists()
+
+
+@pytest.mark.parametrize("band", [[-0.3, -0.1], [0.3, 0.1], [-0.1, -1.5], [-0.2, -0.2]])
+def test_rap_refuses_a_band_of_drops_that_is_no_band(tiny_model, capsys, band):
+    """A reversed band ([-0.3, -0.1]) was accepted: no drop lies inside it (rap_dev_in_range stored 0) and at a scale
+    other than 1 the loss pushed the drops past it."""
+    from cleantune.cli import main
+
+    assert main(["run", "--defense", "rap", "--model", tiny_model, "--option", f"prob_range={band}"]) == 2
+    assert capsys.readouterr().err == ("cleantune: error: defense 'rap': option prob_range must be [upper, lower], a "
+                                       "band of probability drops with 0 >= upper > lower >= -1 (published: [-0.1, "
+                                       f"-0.3]), got {band}\n")
 
 
 # ---------------------------------------------------------------- ABL

@@ -288,5 +288,7 @@ def make_defense(cls: type[Defense], options: dict) -> Defense:
     from ..models import model_name
 
     # a relative folder would make run ids, store keys and an adapter's base model depend on the working folder
-    options = {k: model_name(v) if k in ("model", "victim") and isinstance(v, str) else v for k, v in options.items()}
+    # (ONION's lm too: `lm=lm` in two folders named two LMs by one id); ONION's packaged LM stays a name
+    options = {k: model_name(v) if k in ("model", "victim", "lm") and isinstance(v, str) and v != "smollm2" else v
+               for k, v in options.items()}
     return cls(**check_values(cls, options, f"defense '{cls.name}'"))

@@ -179,11 +179,33 @@ class ONION(Defense):
     clean_data = "clean dev: model selection only"
 
     def check_requirements(self) -> None:
-        locate_causal_lm(self.lm)
+        where, kw = locate_causal_lm(self.lm)
+        if "gguf_file" not in kw:  # a folder or hub id: its config and tokenizer are read, not its weights
+            from transformers import AutoConfig, AutoTokenizer
+
+            from ..models import quiet_transformers
+
+            try:
+                with quiet_transformers():
+                    positions = getattr(AutoConfig.from_pretrained(where), "max_position_embeddings", None)
+                    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+            except (OSError, ValueError):
+                return  # fit's loading says what is wrong with it
+            self._check_lm_length(positions, tokenizer)
+
+    def _check_lm_length(self, positions, tokenizer) -> None:
+        """The LM reads up to lm_max_length tokens after its start token: past its position table it failed
+        with an IndexError, after the victim had trained and the shorter test sentences were scored."""
+        need = self.lm_max_length + (Perplexity(None, tokenizer).prefix is not None)
+        if isinstance(positions, int) and need > positions:
+            raise UserError(f"ONION: option lm_max_length={self.lm_max_length} needs {need} positions of the LM "
+                            f"(with its start token), and lm={self.lm} takes {positions}: give lm_max_length="
+                            f"{positions - (need - self.lm_max_length)} or less")
 
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir=None, resume=False,
             progress=True) -> Classifier:
         lm, lm_tokenizer = load_causal_lm(self.lm)  # before training: an LM that does not load fails fast
+        self._check_lm_length(getattr(lm.config, "max_position_embeddings", None), lm_tokenizer)
         victim = victim_model(self, train_data, clean_dev, out_dir, resume, progress)
         return OnionClassifier(victim, Perplexity(lm, lm_tokenizer, self.lm_max_length, self.lm_batch_size),
                                self.threshold)
