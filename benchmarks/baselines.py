@@ -22,9 +22,11 @@ import sys
 import time
 
 import yaml
-from common import parser, positive_float, positive_int, run_script
+from common import names, parser, positive_float, positive_int, run_script
 
+from cleantune.attacks import ATTACKS
 from cleantune.data import load_benchmark
+from cleantune.defenses import DEFENSES
 from cleantune.errors import UserError
 from cleantune.evaluate import evaluate
 from cleantune.models import Classifier
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     options = parse_options(args.option)
-    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    defenses = names("--defenses", args.defenses, DEFENSES)  # "," ran nothing and printed an empty table
     # the shared victim is plain fine-tuning, so it is trained first whenever a wrapper needs it
     order = sorted(defenses, key=lambda d: d != "finetune")
     if set(order) & set(INFERENCE_TIME) and "finetune" not in order:
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
         return RunConfig(dataset=args.dataset, attack=attack, defense=name, model=args.model, seed=args.seed,
                          epochs=args.epochs, lr=args.lr, train_size=args.train_size, options=opts)
 
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    attacks = names("--attacks", args.attacks, ATTACKS)
     for attack in attacks:  # every cell checked (the victim a wrapper gets aside) before the first one trains
         for name in order:
             config_of(attack, name, None).resolve()

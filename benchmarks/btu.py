@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 
 from common import parser, positive_float, positive_int, run_script
 
 from cleantune.defenses.btu import FAITHFUL
+from cleantune.errors import UserError
 from cleantune.runner import RunConfig, run
 from cleantune.store import ResultStore
 
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clean-tuning", default="none")
     ap.add_argument("--no-finetune", action="store_true",
                     help="skip the separate finetune run (BTU's no_defense stage is that same model); no time ratio")
-    ap.add_argument("--store", help="results store (default: a temporary file)")
+    ap.add_argument("--store", help="results store (default: a temporary one, removed at the end)")
     ap.add_argument("--json", help="also write all results to this file")
     args = ap.parse_args(argv)
     own = dict(epochs=2, lr=1.5e-4, batch_size=32) if args.btu_mode == "default" else \
@@ -64,7 +66,17 @@ def main(argv=None) -> int:
                 if config is not None:
                     config.resolve()  # a bad name or setting in a later cell stops the script before any training
             cells.append((dataset, attack, pair))
-    store = ResultStore(args.store or tempfile.mkstemp(suffix=".sqlite")[1])
+    if args.json:  # before the training, not after it
+        from cleantune.models import check_creatable
+
+        if Path(args.json).is_dir():
+            raise UserError(f"--json {args.json}: a folder; name the file to write")
+        check_creatable(Path(args.json), f"--json {args.json}")
+    with tempfile.TemporaryDirectory() as tmp:  # without --store, a store removed at the end (one was left per run)
+        return _run_cells(cells, ResultStore(args.store or Path(tmp) / "btu.sqlite"), args)
+
+
+def _run_cells(cells, store, args) -> int:
     rows = []
     for dataset, attack, (ft_config, bt_config) in cells:
         ft = None if ft_config is None else run(ft_config, store, force=True, progress=False)
@@ -99,6 +111,7 @@ def main(argv=None) -> int:
         print(f"  fit time: {f'finetune {ft_fit:.0f}s, ' if ft else ''}btu {bt_fit:.0f}s{ratio}; btu stages "
               + ", ".join(f"{k} {v:.0f}s" for k, v in row["btu_seconds"].items()), flush=True)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # checked creatable before the training
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0

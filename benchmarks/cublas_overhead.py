@@ -71,4 +71,6 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import run_script
+
+    run_script(main)  # bad input: one line and exit 2, as the other scripts

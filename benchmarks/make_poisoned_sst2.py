@@ -21,12 +21,19 @@ def main() -> None:
         raise UserError(f"{args.out}: a folder; name the .tsv file to write")
     p = BadNets(rate=0.1, mode="mix", seed=args.seed, triggers=["cf"]).apply(load_benchmark("sst2"))
     tmp = args.out.with_name(args.out.name + ".partial")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w") as f:
-        f.write("sentence\tlabel\n")
-        for t, y in zip(p.train.texts, p.train.labels):
-            f.write(f"{t}\t{y}\n")
-    tmp.replace(args.out)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write("sentence\tlabel\n")
+            for t, y in zip(p.train.texts, p.train.labels):
+                f.write(f"{t}\t{y}\n")
+        tmp.replace(args.out)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # its folder could not be made either
+            pass
+        raise UserError(f"{args.out}: cannot write it ({e.strerror or e})") from None
     print(f"wrote {args.out}: {len(p.train)} rows, {sum(p.train.poisoned)} poisoned")
 
 

@@ -37,6 +37,7 @@ from common import parser, positive_int, run_script
 
 from cleantune.data import load_benchmark
 from cleantune.defenses import get_defense
+from cleantune.errors import UserError
 
 
 def ms_per_step(defense_name: str, train, dev, batch_size: int, model: str, **options) -> tuple[float, float]:
@@ -120,6 +121,9 @@ def main():
     if args.no_fill:
         torch.utils.deterministic.fill_uninitialized_memory = False
     bench = load_benchmark("sst2")
+    if args.count_ops and 2 * args.steps * args.batch_size > len(bench.train):  # before the first run trains
+        raise UserError(f"--count-ops trains 2 x --steps x --batch-size = {2 * args.steps * args.batch_size} samples, "
+                        f"more than sst2's {len(bench.train)}")
     train = bench.train.stratified_sample(args.steps * args.batch_size, 0)
     dev = bench.dev.subset(range(200))  # 96 GA references + 104 for selection
     names = ["finetune", "muscle-lora"] + (["ga"] if args.with_ga else [])

@@ -18,18 +18,23 @@ ROOT = Path(__file__).resolve().parent.parent
     ("baselines.py", ["--option", "frr=0.05"], "baselines.py: error: --option expects DEFENSE.KEY=VALUE, got 'frr=0.05'"),
     ("baselines.py", ["--defenses", "finetune,strip", "--option", "stirp.frr=0.05"],
      "baselines.py: error: --option: defense 'stirp' is not among --defenses (finetune, strip)"),
-    ("baselines.py", ["--defenses", "finetune,bogus"], "baselines.py: error: unknown defense 'bogus'"),
+    ("baselines.py", ["--defenses", "finetune,bogus"], "baselines.py: error: --defenses: unknown name 'bogus' (known: "),
     ("muscle_quality.py", ["--attacks", "nope"], "muscle_quality.py: error: --attacks: unknown name 'nope'"),
     ("muscle_quality.py", ["--finetune-epochs", "0"], "muscle_quality.py: error: argument --finetune-epochs: must be"),
     ("muscle_tune.py", ["--lrs", "abc"], "muscle_tune.py: error: argument --lrs: must be a positive number, got 'abc'"),
     ("muscle_step_cost.py", ["--repeats", "0"], "muscle_step_cost.py: error: argument --repeats: must be a positive"),
     ("throughput.py", ["--samples", "0"], "throughput.py: error: argument --samples: must be a positive integer"),
     ("make_poisoned_sst2.py", ["{tmp}"], "make_poisoned_sst2.py: error: {tmp}: a folder; name the .tsv file to write"),
+    ("baselines.py", ["--defenses", ","], "baselines.py: error: --defenses: no name given"),  # an empty table, exit 0
+    ("btu.py", ["--json", "{tmp}"], "btu.py: error: --json {tmp}: a folder; name the file to write"),  # after training
+    ("muscle_step_cost.py", ["--count-ops", "--steps", "200"],  # its 2N-step run was cut to the split: a low count
+     "muscle_step_cost.py: error: --count-ops trains 2 x --steps x --batch-size = 12800 samples, more than sst2's 6920"),
+    ("cublas_overhead.py", ["--foo"], "cublas_overhead.py: error: unrecognized arguments: --foo"),  # a traceback
 ])
 def test_bad_input_is_one_line_and_nothing_trains(tiny_model, tmp_path, script, args, line):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    model = [] if script == "make_poisoned_sst2.py" else ["--model", tiny_model]
+    model = [] if script in ("make_poisoned_sst2.py", "cublas_overhead.py") else ["--model", tiny_model]
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *model, *args], capture_output=True,
                        text=True, timeout=120, env=env, cwd=tmp_path)
     assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)

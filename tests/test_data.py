@@ -588,3 +588,10 @@ def test_a_carriage_return_inside_an_unquoted_csv_field_is_named_for_the_user(tm
     with pytest.raises(UserError) as e:
         read_dataset(write(tmp_path, "cr.csv", "text,label\nc\rd,1\ne,0\n"))
     assert str(e.value) == f"{tmp_path / 'cr.csv'}:2: not a table (a carriage return (\\r) inside a field that is not quoted)"
+
+
+def test_a_subsample_larger_than_the_set_is_refused_not_the_whole_set():
+    dev = load_benchmark("sst2").dev
+    assert dev.stratified_sample(len(dev), 0) is dev
+    with pytest.raises(UserError, match="^a subsample of 873 samples asks for more than the 872 there are$"):
+        dev.stratified_sample(873, 0)

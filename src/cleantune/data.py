@@ -101,7 +101,9 @@ class TextDataset:
                 raise TypeError(f"stratified_sample: {what} must be an integer, got {v!r}")
         if n <= 0:
             raise UserError(f"--train-size must be positive, got {n}")
-        if n >= len(self):
+        if n > len(self):  # returned whole, a script's 2N-step run or its --test-size was cut short without a word
+            raise UserError(f"a subsample of {n} samples asks for more than the {len(self)} there are")
+        if n == len(self):
             return self
         rng = random.Random(f"stratify-{seed}")
         by_label: dict[int, list[int]] = {}
