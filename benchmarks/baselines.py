@@ -140,8 +140,8 @@ def main(argv=None) -> int:
                          f"{metrics['n_clean_test']}+{metrics['n_triggered_test']}", timings["wall_s"]])
             print(f"{attack:10} {name:9} cacc={metrics['cacc']:.3f} asr={metrics['asr']:.3f} "
                   f"asr_floor={metrics.get('asr_floor', float('nan')):.3f} "
-                  f"{kind}-detection={json.dumps({k: round(v, 3) for k, v in det.items()})} "
-                  f"extra={json.dumps({k: v for k, v in extra.items() if k != 'isolation_history'})} "
+                  + (f"{kind}-detection={json.dumps({k: round(v, 3) for k, v in det.items()})} " if det else "")
+                  + f"extra={json.dumps({k: v for k, v in extra.items() if k != 'isolation_history'})} "
                   f"{'victim_on_onion_test=' + json.dumps(metrics['victim_on_onion_test']) + ' ' if name == 'onion' else ''}"
                   f"n_test={metrics['n_clean_test']}+{metrics['n_triggered_test']} wall={timings['wall_s']:.0f}s",
                   flush=True)

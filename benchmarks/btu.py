@@ -105,7 +105,8 @@ def _run_cells(cells, store, args) -> int:
         prec = row["token_precision"]
         print(f"  suspicious set {row['suspicious']} tokens; trigger ranks {row['trigger_ranks']}; token precision "
               f"{_fmt(prec)} recall {_fmt(row['token_recall'])}")
-        print(f"  spared by the guard: {row['spared']} (trigger pieces among them: {row['spared_triggers']})")
+        if args.btu_mode == "default":  # faithful mode, the official protocol, has no guard
+            print(f"  spared by the guard: {row['spared']} (trigger pieces among them: {row['spared_triggers']})")
         print(f"  collateral ({row['n_collateral']} frequent non-trigger tokens unlearned): {row['collateral']}")
         ratio = f", ratio {row['fit_ratio']:.2f} (wall incl. all evaluation: ratio {row['wall_ratio']:.2f})" if ft else ""
         print(f"  fit time: {f'finetune {ft_fit:.0f}s, ' if ft else ''}btu {bt_fit:.0f}s{ratio}; btu stages "
