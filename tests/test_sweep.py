@@ -75,7 +75,7 @@ def test_grid_errors_name_the_file_and_key_and_nothing_runs(tiny_model, tmp_path
     assert not store.exists()  # every cell is checked before the first one trains
     # a tag only an unsafe YAML loader constructs, which would run the command
     (tmp_path / "code.yaml").write_text(f"defense: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n")
-    with pytest.raises(UserError, match=r"grid .*code\.yaml: cannot parse \(could not determine a constructor"):
+    with pytest.raises(UserError, match=r"grid .*code\.yaml: cannot parse \(line 1, column \d+: could not determine a constructor"):
         load_grid(tmp_path / "code.yaml")
     assert not (tmp_path / "ran").exists()
     grid = write_grid(tmp_path / "g.yaml", tiny_model, attack=[{"addsent": {"triggers": ["cf"]}}])

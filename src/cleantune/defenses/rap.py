@@ -157,11 +157,11 @@ class RAP(Defense):
             raise UserError("RAP: option word must not be empty")
         if len(self.prob_range) != 2:
             raise UserError(f"defense 'rap': option prob_range must be two numbers, got {list(self.prob_range)}")
+        super().__post_init__()  # finite numbers first (bounds)
         upper, lower = self.prob_range
         if not 0 >= upper > lower >= -1:  # a reversed band left no drop inside it, and the loss pushed past it
             raise UserError(f"defense 'rap': option prob_range must be [upper, lower], a band of probability drops "
                             f"with 0 >= upper > lower >= -1 (published: [-0.1, -0.3]), got {list(self.prob_range)}")
-        super().__post_init__()
 
     def check_requirements(self) -> None:
         # the word is tokenised by the classifier RAP wraps: refused before the victim trains, not after
