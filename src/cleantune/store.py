@@ -160,24 +160,32 @@ def write_whole(out: Path, files: dict[Path, bytes], what: str) -> None:
     first, renamed into place once every one is whole. A full disk or an interrupt midway leaves an earlier
     output there as it was (it left a cut file beside another run's), and a folder it made is removed again;
     other files in `out` are never touched. An OSError is a one-line UserError naming --out."""
-    made = [p for p in {f.parent for f in files} | {out, *out.parents} if not p.exists()]
-    made.sort(key=lambda p: len(p.parts), reverse=True)  # innermost first
+    made = sorted({p for f in files for p in missing_parents(f)}, key=lambda p: len(p.parts), reverse=True)
     written = []
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.partial")
-            written.append(tmp)
-            tmp.write_bytes(data)
+            written.append(partial_path(path))
+            written[-1].write_bytes(data)
     except BaseException as e:
         for tmp in written:
             tmp.unlink(missing_ok=True)
-        remove_empty(made)
+        remove_empty(made)  # innermost first
         if isinstance(e, OSError):
             raise UserError(f"--out {out}: cannot write the {what} ({e.strerror or e})") from None
         raise
     for path in files:
-        path.with_name(f".{path.name}.partial").replace(path)
+        partial_path(path).replace(path)
+
+
+def partial_path(path: Path) -> Path:
+    """Where write_whole writes `path` before it is whole: a hidden `.NAME.partial` beside it."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def is_partial(path: Path) -> bool:
+    """A file write_whole left half written (a kill cut it short); the next write replaces it."""
+    return path.name.startswith(".") and path.name.endswith(".partial") and path.is_file()
 
 
 def _number(v) -> bool:

@@ -454,7 +454,6 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                                      {k: h.checkpoint_state() for k, h in _hook_keys(hooks).items()},
                                      accelerator.scaler)
             except OSError as e:  # a full disk, a failed write-back: the earlier checkpoint is still whole
-                shutil.rmtree(ckpt_dir.with_name(ckpt_dir.name + ".partial"), ignore_errors=True)
                 failed = (f"cannot write epoch {epoch}'s checkpoint in {ckpt_dir.parent} ({e.strerror or e}); " +
                           ("the previous one is kept: free space, then the same command with --resume"
                            if _saved_checkpoint(ckpt_dir) is not None else "free space, then run the command again"))
@@ -741,22 +740,26 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, r
     # leave a folder that _saved_checkpoint prefers to the intact `.old` and that then fails to load
     (tmp / "state.json").unlink(missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
-    if best_state is not None:
-        save_file({n: t.contiguous() for n, t in best_state.items()}, tmp / "best.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tmp / "optimizer.pt")
-    save_file(rng, tmp / "rng.safetensors")
-    hooks = {name: h for name, h in hooks.items() if h is not None}
-    tensors = {f"{name}/{k}": v.detach().cpu().contiguous() for name, h in hooks.items()
-               for k, v in h.items() if isinstance(v, torch.Tensor)}
-    if tensors:
-        save_file(tensors, tmp / "hooks.safetensors")
-    state["hooks"] = {name: {k: v for k, v in h.items() if not isinstance(v, torch.Tensor)} for name, h in hooks.items()}
-    state = {**state, "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
-    (tmp / "state.json.tmp").write_text(json.dumps(state))
-    sync_folder(tmp)  # the files on the disk before the marker is, and the marker before the renames
-    os.replace(tmp / "state.json.tmp", tmp / "state.json")  # whole or absent: it marks the folder complete
-    sync_folder(tmp, files=False)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "trainable.safetensors")
+        if best_state is not None:
+            save_file({n: t.contiguous() for n, t in best_state.items()}, tmp / "best.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tmp / "optimizer.pt")
+        save_file(rng, tmp / "rng.safetensors")
+        hooks = {name: h for name, h in hooks.items() if h is not None}
+        tensors = {f"{name}/{k}": v.detach().cpu().contiguous() for name, h in hooks.items()
+                   for k, v in h.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            save_file(tensors, tmp / "hooks.safetensors")
+        state["hooks"] = {name: {k: v for k, v in h.items() if not isinstance(v, torch.Tensor)} for name, h in hooks.items()}
+        state = {**state, "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
+        (tmp / "state.json.tmp").write_text(json.dumps(state))
+        sync_folder(tmp)  # the files on the disk before the marker is, and the marker before the renames
+        os.replace(tmp / "state.json.tmp", tmp / "state.json")  # whole or absent: it marks the folder complete
+        sync_folder(tmp, files=False)
+    except BaseException:  # a full disk, an interrupt: the half-written folder goes, the earlier checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     swap_in(tmp, ckpt_dir)
