@@ -28,7 +28,7 @@ from cleantune.attacks import ATTACKS
 from cleantune.data import load_benchmark
 from cleantune.defenses import DEFENSES
 from cleantune.errors import UserError
-from cleantune.evaluate import evaluate
+from cleantune.evaluate import evaluate, one_class_note
 from cleantune.models import Classifier
 from cleantune.runner import RunConfig, detection, environment
 from cleantune.store import ResultStore, config_hash, data_dir
@@ -145,6 +145,8 @@ def main(argv=None) -> int:
                   f"{'victim_on_onion_test=' + json.dumps(metrics['victim_on_onion_test']) + ' ' if name == 'onion' else ''}"
                   f"n_test={metrics['n_clean_test']}+{metrics['n_triggered_test']} wall={timings['wall_s']:.0f}s",
                   flush=True)
+            if note := one_class_note(f"{attack} {name}", metrics):
+                print(note, flush=True)
 
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     print("\n| attack | defense | CACC | ASR | asr_floor | flags | precision | recall | FRR | FAR | test n | wall s |")

@@ -21,6 +21,7 @@ from common import parser, positive_float, positive_int, run_script
 
 from cleantune.defenses.btu import FAITHFUL
 from cleantune.errors import UserError
+from cleantune.evaluate import one_class_note
 from cleantune.runner import RunConfig, run
 from cleantune.store import ResultStore
 
@@ -102,6 +103,8 @@ def _run_cells(cells, store, args) -> int:
               f"btu {args.btu_mode}, clean_tuning {args.clean_tuning})")
         for name, m in ([("finetune", fm)] if fm else []) + [(f"btu {n}", m) for n, m in s.items()]:
             print(f"  {name:<19} CACC {m['cacc']:.4f}  ASR {m['asr']:.4f}  (no-trigger floor {m['asr_floor']:.4f})")
+            if note := one_class_note(name, m):
+                print(f"  {note}")
         prec = row["token_precision"]
         print(f"  suspicious set {row['suspicious']} tokens; trigger ranks {row['trigger_ranks']}; token precision "
               f"{_fmt(prec)} recall {_fmt(row['token_recall'])}")

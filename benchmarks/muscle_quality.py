@@ -20,6 +20,7 @@ from collections import defaultdict
 from common import names, parser, positive_float, positive_int, run_script
 
 from cleantune.cli import format_table
+from cleantune.evaluate import one_class_note
 from cleantune.runner import RunConfig, run
 from cleantune.store import ResultStore
 
@@ -66,6 +67,8 @@ def main():
         print(f"{cfg.dataset} {cfg.attack} {cfg.defense}: CACC {m['cacc']:.4f} ASR {m['asr']:.4f} "
               f"(best epoch {m['best_epoch']}, {r['timings']['wall_s']:.0f} s{', stored' if r['reused'] else ''})",
               flush=True)
+        if note := one_class_note(f"{cfg.dataset} {cfg.attack} {cfg.defense}", m):
+            print(note, flush=True)
         results.append(r)
     print(format_table(results))
     by_def = defaultdict(list)

@@ -41,3 +41,19 @@ def test_bad_input_is_one_line_and_nothing_trains(tiny_model, tmp_path, script, 
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(line.replace("{tmp}", str(tmp_path))), p.stderr
     # no store (the default one is under $XDG_DATA_HOME, here in tmp_path), no run folder, no partial file
     assert not (tmp_path / "xdg-data").exists() and not [x for x in tmp_path.iterdir() if x.is_file()]
+
+
+def test_benchmark_scripts_note_a_model_that_predicts_one_class(tiny_model, tmp_path, capsys, monkeypatch):
+    # such a row's CACC and ASR say nothing of a defense; `cleantune run` says so, and so must the scripts
+    from cleantune import runner
+
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: {**real(*a, **k), "predicted_classes": 1})
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import muscle_quality
+
+    monkeypatch.setattr(sys, "argv", ["muscle_quality.py", "--model", tiny_model, "--datasets", "sst2",
+                                      "--attacks", "addsent", "--defenses", "finetune", "--train-size", "64",
+                                      "--epochs", "1", "--no-progress", "--store", str(tmp_path / "s.sqlite")])
+    muscle_quality.main()
+    assert "note: sst2 addsent finetune predicts one class for every clean test sample" in capsys.readouterr().out

@@ -422,6 +422,7 @@ def cmd_run(ns) -> int:
         if key not in seen:
             seen.add(key)
             configs.append(config)
+    from .evaluate import one_class_note
     from .store import default_store_path
     from .training import is_main_process
 
@@ -437,10 +438,10 @@ def cmd_run(ns) -> int:
                       f"seed={config.seed} with these settings; training it from the start", file=sys.stderr)
             r = run(config, store, force=ns.force, resume=ns.resume, progress=not ns.no_progress)
             results.append(r)
-            if main and r["metrics"].get("predicted_classes") == 1:
-                print(f"note: {config.dataset} {config.attack} {config.defense} seed={config.seed} predicts one class "
-                      "for every clean test sample, so its CACC, ASR and floor say nothing of the defense (too few "
-                      "samples or epochs, or too high an lr)", file=sys.stderr)
+            note = one_class_note(f"{config.dataset} {config.attack} {config.defense} seed={config.seed}",
+                                  r["metrics"])
+            if main and note:
+                print(note, file=sys.stderr)
             if main and ns.format == "table" and len(configs) > 1:
                 m = r["metrics"]
                 print(f"[{len(results)}/{len(configs)}] {config.dataset} {config.attack} {config.defense} "

@@ -92,6 +92,15 @@ def evaluate(model: Classifier, clean_test: TextDataset, triggered_test: TextDat
     return out
 
 
+def one_class_note(what: str, metrics: dict) -> str | None:
+    """The warning for a run whose model predicts one class on every clean test sample (`predicted_classes` 1),
+    or None: `run` and the benchmark scripts print it, so a degenerate row is not read as a defense's result."""
+    if metrics.get("predicted_classes") != 1:
+        return None
+    return (f"note: {what} predicts one class for every clean test sample, so its CACC, ASR and floor say nothing "
+            "of the defense (too few samples or epochs, or too high an lr)")
+
+
 def detection_metrics(flagged: list[bool], poisoned: list[bool]) -> dict:
     """Precision and recall of flagged-as-poisoned against the ground truth; FRR = clean samples flagged,
     FAR = poisoned samples let through."""
