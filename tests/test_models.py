@@ -344,7 +344,7 @@ def test_causal_lm_without_a_pad_token_pads_with_eos(tmp_path):
     assert torch.allclose(clf.predict_logits(texts), torch.cat([clf.predict_logits(t) for t in texts]), atol=1e-5)
 
 
-def test_a_causal_lm_pools_where_its_tokenizer_pads(tmp_path):
+def test_a_causal_lm_pools_where_its_tokenizer_pads(tmp_path, monkeypatch):
     """A config without a pad id beside a tokenizer with its own pad token ([PAD], id 0): the model took EOS as its
     pad id, so HF's classifier read each padded row at a pad position and a text scored differently in a batch."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
@@ -366,6 +366,14 @@ def test_a_causal_lm_pools_where_its_tokenizer_pads(tmp_path):
     assert torch.allclose(clf.predict_logits(texts), alone, atol=1e-5)
     clf.save_pretrained(tmp_path / "saved")
     assert Classifier.from_pretrained(tmp_path / "saved").model.config.pad_token_id == tok.pad_token_id
+    # a caller that holds the tokenizer already (every defense does) hands it over: the pad id is its own, and
+    # the folder's tokenizer is not loaded a second time
+    import cleantune.models as models
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded again"))
+    given = AutoTokenizer.from_pretrained(tmp_path / "g")
+    given.pad_token = "[MASK]"
+    assert models.load_model(str(tmp_path / "g"), ["a", "b"], tokenizer=given).config.pad_token_id == tok.mask_token_id
 
 
 def test_max_length_is_checked_against_the_position_table_and_the_special_tokens(tiny_model):

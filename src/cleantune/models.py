@@ -210,9 +210,11 @@ def new_keys(info: dict) -> list[str]:
     return sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
 
 
-def load_model(name_or_path: str, label_names: list[str], label: str | None = None):
+def load_model(name_or_path: str, label_names: list[str], label: str | None = None, tokenizer=None):
     """An AutoModelForSequenceClassification with a head for `label_names`, weights from safetensors only, in
-    float32 whatever the checkpoint stores. `label`: how errors name the model (as in `resolve_model`)."""
+    float32 whatever the checkpoint stores. `label`: how errors name the model (as in `resolve_model`).
+    `tokenizer`: the one the model will be fed, where the caller has it (a causal LM takes its pad id from
+    it; without it, `load_tokenizer` loads it again)."""
     from transformers import AutoModelForSequenceClassification
 
     label = label or f"--model {name_or_path}"
@@ -231,7 +233,7 @@ def load_model(name_or_path: str, label_names: list[str], label: str | None = No
         # causal LMs (GPT-2, Llama) ship none. HF's classifier pools each row at its last token that is not
         # pad_token_id, so the id must be the one the tokenizer pads with: its own pad token where it has one
         # (EOS stood in for it: every padded text was read at a pad position), else EOS (load_tokenizer)
-        model.config.pad_token_id = load_tokenizer(name_or_path, label).pad_token_id
+        model.config.pad_token_id = (tokenizer or load_tokenizer(name_or_path, label)).pad_token_id
     return model
 
 
@@ -523,7 +525,8 @@ class Classifier:
         else:
             labels, max_length = [cfg.id2label[i] for i in range(cfg.num_labels)], 128
         # the caller named the model by its path (eval's MODEL, a victim= option), not by --model
-        model, tokenizer = load_model(str(path), labels, str(path)), load_tokenizer(str(path), str(path))
+        tokenizer = load_tokenizer(str(path), str(path))
+        model = load_model(str(path), labels, str(path), tokenizer)
         if model.cleantune_new_keys:  # a trained classifier with random layers would score as chance, quietly
             new = sorted(model.cleantune_new_keys)
             raise UserError(f"{path}: its weights lack {len(new)} of the model's tensors or do not fit them (e.g. "

@@ -273,7 +273,8 @@ def load_classifier(path: str | Path, base_model: str | None = None):
         raise UserError(f"{path}: no {LABELS_FILE} (not a model folder saved by cleantune)")
     labels = json.loads((path / LABELS_FILE).read_text())
     base = base_model or json.loads(meta_file.read_text())["base_model"]
-    model = load_model(base, labels["label_names"])
+    tokenizer = load_tokenizer(str(path))
+    model = load_model(base, labels["label_names"], tokenizer=tokenizer)
     apply_adapter(model, path / ADAPTER_DIR)
     if (path / "adapter").is_dir():
         from peft import PeftModel
@@ -283,7 +284,7 @@ def load_classifier(path: str | Path, base_model: str | None = None):
         with quiet_peft():
             model = PeftModel.from_pretrained(model, path / "adapter")
     model.eval()
-    return Classifier(model, load_tokenizer(str(path)), labels["label_names"], labels.get("max_length", 128))
+    return Classifier(model, tokenizer, labels["label_names"], labels.get("max_length", 128))
 
 
 def _export(model, out_dir: str | Path) -> None:

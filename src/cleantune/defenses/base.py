@@ -188,7 +188,7 @@ class Defense:
         train_data = train_data.without_flags()
         seed_everything(self.seed)
         tokenizer = load_tokenizer(self.model)
-        model = load_model(self.model, train_data.label_names)
+        model = load_model(self.model, train_data.label_names, tokenizer=tokenizer)
         check_max_length(model, tokenizer, self.max_length, f"--model {self.model}")
         model = self.prepare_model(model, tokenizer, train_data)
         hooks = tuple(self.hooks(model, tokenizer, train_data, clean_dev)) + tuple(extra_hooks)

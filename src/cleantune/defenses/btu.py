@@ -262,7 +262,7 @@ def expose(model_name: str, tokenizer, data: TextDataset, *, faithful: bool, k: 
         t0 = time.perf_counter()
         pass_seed = seed + ord(name)  # the official passes A/B are unseeded (spec 8 #2); ours are
         seed_everything(pass_seed - 2**64 if pass_seed >= 2**64 else pass_seed)  # a seed near 2**64 wraps
-        backbone = load_model(model_name, data.label_names)
+        backbone = load_model(model_name, data.label_names, tokenizer=tokenizer)
         word = backbone.get_input_embeddings()
         if E0 is None:
             E0 = word.weight.detach().float().cpu().clone()
@@ -531,7 +531,7 @@ class BTU(Defense):
 
         tokenizer = load_tokenizer(self.model)
         view = TokenView(tokenizer)
-        pretrained = load_model(self.model, train_data.label_names)
+        pretrained = load_model(self.model, train_data.label_names, tokenizer=tokenizer)
         E0 = pretrained.get_input_embeddings().weight.detach().float().cpu().clone()  # held once for every stage
         settings = self.train_settings()
         check_max_length(pretrained, tokenizer, self.expose_max_length, f"--model {self.model}",
@@ -553,7 +553,7 @@ class BTU(Defense):
         # Seeded and built as `finetune` builds its model, so the no-defense stage is the finetune run itself.
         t0 = time.perf_counter()
         seed_everything(self.seed)
-        victim = load_model(self.model, train_data.label_names)
+        victim = load_model(self.model, train_data.label_names, tokenizer=tokenizer)
         carry = _CarryOptimizer()
         work = Path(out_dir) if out_dir is not None else None
         report = train(victim, view, train_data, select, settings, (carry,) if self.faithful else (),

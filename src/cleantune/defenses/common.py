@@ -25,7 +25,7 @@ def train_side_model(defense, data: TextDataset, epochs: int, dev: TextDataset |
     Without `model`, a fresh copy of the backbone is built; `dev=None` keeps the last epoch."""
     seed_everything(defense.seed)
     tokenizer = tokenizer or load_tokenizer(defense.model)
-    model = model if model is not None else load_model(defense.model, data.label_names)
+    model = model if model is not None else load_model(defense.model, data.label_names, tokenizer=tokenizer)
     settings = replace(defense.train_settings(), epochs=epochs, **({"lr": lr} if lr is not None else {}))
     check_max_length(model, tokenizer, settings.max_length, f"--model {defense.model}")
     report = train(model, tokenizer, data, dev, settings, hooks, out_dir, resume, progress, desc=desc,
