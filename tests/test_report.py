@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fnmatch
 import re
 
 import pytest
@@ -49,7 +50,12 @@ def test_report_tables_plots_and_protocol(store, tmp_path):
     assert len(images) == 4
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "Frequency analysis" in page and "plots/asr_vs_cacc.png" in md
-    assert len(list((tmp_path / "rep" / "plots").glob("*.png"))) == 4
+    plots = [f.name for f in (tmp_path / "rep" / "plots").glob("*.png")]
+    assert len(plots) == 4
+    # a re-run removes only the report's own stale plots, by these patterns: each plot it writes must match one
+    from cleantune.report import PLOT_NAMES
+
+    assert all(any(fnmatch.fnmatch(p, f) for f in PLOT_NAMES) for p in plots), plots
     # self-contained: nothing is fetched
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:)?//", page) and "http" not in page
     assert "<link" not in page and "<script" not in page
