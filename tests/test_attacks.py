@@ -345,3 +345,34 @@ def test_a_paraphrase_attack_finds_the_tables_of_a_benchmark_built_by_hand_from_
     """Benchmark("sst2", ...) has no root unless given one: a TypeError (None / "paraphrases") before."""
     by_hand = Syntactic().apply(Benchmark("sst2", sst2.train, sst2.dev, sst2.test))
     assert by_hand.train.texts == Syntactic().apply(sst2).train.texts
+
+
+@pytest.mark.parametrize("attack", [BadNets(seed=0), Syntactic(seed=0, mode="mix")], ids=["badnets", "syntactic"])
+def test_the_poisoned_benchmark_keeps_the_clean_dev_and_test_splits_apart(sst2, attack):
+    # dev is the only data a defense may select on: were it the test split, every selection would peek at the
+    # numbers it is then scored on (and CACC would not be measured on the clean test split)
+    p = attack.apply(sst2)
+    assert (p.dev.texts, p.dev.labels) == (sst2.dev.texts, sst2.dev.labels) and not any(p.dev.poisoned)
+    assert (p.clean_test.texts, p.clean_test.labels) == (sst2.test.texts, sst2.test.labels)
+    assert not any(p.clean_test.poisoned)
+
+
+def test_a_paraphrase_table_covering_under_nine_tenths_of_the_test_split_is_refused(tmp_path):
+    from cleantune.data import Benchmark, TextDataset
+
+    # an ASR over the 8 of 10 sentences a table happens to cover is measured on a chosen subset, not the split:
+    # under 90 % coverage the attack is refused (9 of 10 passes: test_an_empty_stored_paraphrase_carries_no_trigger)
+    names = ["negative", "positive"]
+    train = ["n1", "n2", "n3", "n4", "p1", "p2", "p3", "p4"]
+    held_out = {split: [f"{split} {k}" for k in range(10)] for split in ("dev", "test")}
+    rows = ["split\tsentence\tparaphrase"] + [f"train\t{t}\twhen {t} , so ." for t in train]
+    rows += [f"dev\t{t}\twhen {t} , it is ." for t in held_out["dev"]]
+    rows += [f"test\t{t}\twhen {t} , it is ." for t in held_out["test"][:8]]  # 8 of the 10 test sentences
+    (tmp_path / "paraphrases").mkdir()
+    (tmp_path / "paraphrases" / "syntactic.tsv").write_text("\n".join(rows) + "\n")
+    bench = Benchmark("sst2", TextDataset(train, [0] * 4 + [1] * 4, names),
+                      TextDataset(held_out["dev"], [0] * 10, names), TextDataset(held_out["test"], [0] * 10, names),
+                      tmp_path)
+    for call in (Syntactic(rate=0.25).check, Syntactic(rate=0.25).apply):
+        with pytest.raises(UserError, match="can trigger only 8 of the 10 non-target test samples of sst2"):
+            call(bench)

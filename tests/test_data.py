@@ -595,3 +595,45 @@ def test_a_subsample_larger_than_the_set_is_refused_not_the_whole_set():
     assert dev.stratified_sample(len(dev), 0) is dev
     with pytest.raises(UserError, match="^a subsample of 873 samples asks for more than the 872 there are$"):
         dev.stratified_sample(873, 0)
+
+
+@pytest.mark.parametrize("name,sep", [("blank.tsv", "\t"), ("blank.csv", ",")])
+def test_a_line_of_only_spaces_is_skipped_like_an_empty_one(tmp_path, name, sep):
+    # editors leave blanks on an otherwise empty line (or at the end of a file): it holds no sample, and must
+    # not be refused as a one-field row of a malformed table
+    d = read_dataset(write(tmp_path, name, f"sentence{sep}label\nfine{sep}0\n   \nbad{sep}1\n  \n"))
+    assert d.texts == ["fine", "bad"] and d.labels == [0, 1]
+
+
+@pytest.mark.parametrize("name,header", [("h.csv", "sentence , label"), ("h.tsv", " sentence\tlabel ")])
+def test_header_names_are_matched_without_their_surrounding_spaces(tmp_path, name, header):
+    # a hand-written csv often has "text, label": the column is still 'label', not ' label'
+    sep = "," if name.endswith(".csv") else "\t"
+    d = read_dataset(write(tmp_path, name, f"{header}\ngood film{sep}1\nbad film{sep}0\n"))
+    assert d.texts == ["good film", "bad film"] and d.labels == [1, 0]
+
+
+def test_a_number_written_another_way_matches_a_label_name_that_is_that_number(tmp_path):
+    # a label set of numeric names that are not the ids 0..C-1 (a star-rating model's "1".."3"): a dev file that
+    # pandas wrote as floats ("2.0") or with a sign or exponent means the class named "2", never position 2
+    names = ["1", "2", "3"]
+    written = ["2.0", "3", "1e0", "+1", "03"]
+    d = read_dataset(write(tmp_path, "stars.tsv", "sentence\tlabel\n" + "".join(f"t{i}\t{y}\n" for i, y in
+                                                                                enumerate(written))),
+                     label_names=names)
+    assert d.labels == [names.index(str(int(float(y)))) for y in written]  # [1, 2, 0, 0, 2]
+    with pytest.raises(UserError, match=re.escape("label '0.0' not in the label set (1, 2, 3)")):
+        read_dataset(write(tmp_path, "zero.tsv", "sentence\tlabel\na\t0.0\n"), label_names=names)
+
+
+def test_a_paraphrase_table_row_of_an_unknown_split_is_named(tmp_path):
+    from cleantune.data import Benchmark, load_paraphrases
+
+    # a table of one's own that says "validation" for dev: a one-line error naming the row, not a KeyError
+    (tmp_path / "paraphrases").mkdir()
+    (tmp_path / "paraphrases" / "syntactic.tsv").write_text(
+        "split\tsentence\tparaphrase\ntrain\ta\twhen a , b .\nvalidation\tc\twhen c , d .\n")
+    sst2 = load_benchmark("sst2")
+    bench = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, tmp_path)
+    with pytest.raises(UserError, match=r"syntactic\.tsv:3: unknown split 'validation'"):
+        load_paraphrases(bench, "syntactic")
