@@ -411,3 +411,29 @@ def test_analysis_outputs_are_written_whole_or_not_at_all(tiny_model, tmp_path, 
     with pytest.raises(frequency.UserError, match="out_dir .*mixed: a non-empty folder that is not a frequency"):
         frequency.analyze(config, mixed, samples=8, progress=False)
     assert [p.name for p in mixed.iterdir()] == ["notes.txt"]
+
+
+def test_median_distances_of_a_set_mostly_made_of_duplicates_stay_finite():
+    """A set where over half the pairs are identical inputs (duplicated sentences) has a median distance of 0:
+    distance="median" must then leave the distances unscaled, not divide by 0 (NaN kernels, NaN curves)."""
+    from cleantune.frequency import distances
+
+    X = torch.tensor([[0.0, 0.0]] * 4 + [[3.0, 4.0]])
+    D, median = distances(X, "median")
+    assert median == 0.0
+    raw = torch.zeros(5, 5, dtype=torch.float64)
+    raw[4, :4] = raw[:4, 4] = 5.0
+    assert torch.equal(D, raw)
+    G, _ = kernels(X, [2.0], "median")
+    w = math.exp(-5 / 4)  # the unscaled Laplacian kernel of test_published_delta_grid_and_kernel_rows
+    assert torch.allclose(G[0, 4], torch.tensor([w, w, w, w, 1.0], dtype=torch.float64) / (1 + 4 * w))
+    assert torch.isfinite(G).all() and torch.allclose(G.sum(-1), torch.ones(1, 5, dtype=torch.float64))
+
+
+def test_first_step_below_needs_the_curve_strictly_under_the_threshold():
+    """"Falls below 0.5": a record that touches the threshold exactly is not yet below it."""
+    from cleantune.frequency import first_step_below
+
+    res = {"records": [{"step": s, "clean": {"e_low": [v]}} for s, v in ((0, 0.9), (5, 0.5), (10, 0.25))]}
+    assert first_step_below(res, "clean") == 10
+    assert first_step_below(res, "clean", threshold=0.25) is None

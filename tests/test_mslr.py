@@ -11,6 +11,7 @@ from torch import nn
 
 from cleantune.adapters import MSLRConfig, MSLRLinear, inject_mslr, load_classifier
 from cleantune.adapters.mslr import CausalLMHead, apply_adapter, attach_causal_head, published_mslr, register, save_adapter
+from cleantune.errors import UserError
 from cleantune.models import Classifier, load_model, load_tokenizer
 from helpers import tiny_causal
 
@@ -125,3 +126,12 @@ def test_load_classifier_keeps_the_saved_max_length_and_predicts_as_saved(tiny_m
     again = load_classifier(tmp_path / "m")
     assert again.max_length == 6 and again.label_names == ["neg", "pos"]
     assert torch.allclose(again.predict_logits(texts), before, atol=1e-5)
+
+
+def test_config_refuses_a_zero_scale_and_a_zero_inner_rank():
+    """A scale of 0 is a dead branch (kappa_j x = 0), and inner_rank 0 leaves no rank and divides alpha by 0:
+    both are refused when the config is built, as UserErrors, not later as a ZeroDivisionError."""
+    with pytest.raises(UserError, match=r"scales must be a non-empty list of positive numbers, got \[1, 0\]"):
+        MSLRConfig(scales=[1, 0])
+    with pytest.raises(UserError, match="inner_rank must be at least 1, got 0"):
+        MSLRConfig(inner_rank=0)

@@ -735,3 +735,47 @@ def test_an_ablation_refuses_the_options_of_the_component_it_leaves_out():
     assert get_defense("ga-lora", lora_r=4, ref_samples=50).settings()["lora_r"] == 4
     assert get_defense("lora-mslr", mslr_alpha=3.0).settings()["mslr_alpha"] == 3.0
     assert "mslr_alpha" in get_defense("muscle-lora", mslr_alpha=3.0).settings()
+
+
+def test_the_defenses_seed_reaches_the_reference_split_and_each_steps_draw(tiny_model, monkeypatch):
+    """--seed must pick which dev samples become references (the rest select the epoch) and which reference
+    batch each step draws: a seed that stopped at the defense would give every seed of a sweep the same ones."""
+    import cleantune.defenses.muscle as muscle
+
+    dev = load_benchmark("sst2").dev.subset(range(130))
+    tok = load_tokenizer(tiny_model)
+    d = get_defense("muscle-lora", model=tiny_model, seed=7, ref_samples=32, batch_size=4)
+    model = d.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+    (hook,) = d.hooks(model, tok, None, dev)
+    refs, rest = split_refs(dev, 32, 7)
+    assert hook.refs.texts == refs.texts and d.selection_data(dev).texts == rest.texts
+    assert hook.refs.texts != split_refs(dev, 32, 0)[0].texts  # seed 0's references are others
+    drawn = []
+    monkeypatch.setattr(muscle, "make_batch", lambda ids, pad: drawn.append([hook.ids.index(x) for x in ids])
+                        or make_batch(ids, pad))
+    hook.reference_gradients(model, [p for p in model.parameters() if p.requires_grad], 3, torch.device("cpu"))
+    # the per-step draw of spec 3.1, seeded by the defense's seed and the step
+    expected = torch.randperm(32, generator=torch.Generator().manual_seed(7 * 1_000_003 + 3))[:4].tolist()
+    assert drawn == [expected]
+
+
+def test_gating_options_given_to_the_defense_reach_the_hook(tiny_model):
+    """Each of the four gating settings (spec 3.2) given explicitly must replace the published value in the hook,
+    not only in `resolved_`: an option silently left at its default would run another experiment."""
+    tok = load_tokenizer(tiny_model)
+    given = dict(min_ref_grad_norm=1e-4, min_ref_loss=0.2, ga_epoch=3, max_raw_grad_ratio=0.5)
+    d = get_defense("muscle-lora", model=tiny_model, **given)
+    model = d.prepare_model(load_model(tiny_model, ["a", "b"]), tok, None)
+    (hook,) = d.hooks(model, tok, None, load_benchmark("sst2").dev)
+    assert hook.gating == given
+
+
+def test_a_mean_reference_norm_at_min_ref_grad_norm_does_not_project():
+    """Spec 3.2: projection needs meanNorm > minRefGradNorm, strictly (as the loss test): at the threshold, and
+    with min_ref_grad_norm=0 when every reference gradient is zero, the step is not a projection."""
+    plm = dict(min_ref_grad_norm=0.5, min_ref_loss=0.4, ga_epoch=1, max_raw_grad_ratio=0.1)
+    assert ga_mode(0.5, 0.9, 0, 10, **plm) == ("raw", 1.0)
+    assert ga_mode(0.5, 0.9, 4, 10, **plm) == ("mix", pytest.approx(0.1 * 3 / 9))
+    assert ga_mode(0.75, 0.9, 0, 10, **plm) == ("project", 0.0)
+    llm = dict(min_ref_grad_norm=0.0, min_ref_loss=0.0, ga_epoch=0, max_raw_grad_ratio=0.0)
+    assert ga_mode(0.0, 0.9, 2, 5, **llm) == ("raw", 1.0)
