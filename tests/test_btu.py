@@ -772,3 +772,112 @@ def test_a_run_interrupted_in_any_stage_resumes_to_the_uninterrupted_runs_metric
     timing = {"btu_seconds", "resumed_train_seconds"}
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
     assert len(whole["btu_stages"]) == 3 and whole["btu_suspicious"]
+
+
+def test_default_k_rounds_rho_times_the_vocabulary_to_nearest():
+    # spec 11.3: k = round(rho * V); a vocabulary of 3,100 gives 1.55 tokens per ranking, which is 2, not 1
+    assert btu.resolve_k(None, 0.0005, 3100) == 2
+    assert btu.resolve_k(None, 0.0005, 2900) == 1  # 1.45
+    assert btu.resolve_k(None, 0.0005, 100) == 1   # 0.05: at least one token per ranking
+
+
+def test_doc_stats_counts_samples_not_occurrences_per_label():
+    # the audit's collateral line ("in at least 1% of training samples") and scan's doc_freq count samples:
+    # a token repeated inside one sample counts once
+    counts = btu.doc_stats([[5, 5, 7], [5], [7, 7, 7]], [0, 1, 1], vocab=10, num_labels=2)
+    assert counts.shape == (10, 2)
+    assert counts[5].tolist() == [1, 1] and counts[7].tolist() == [1, 1] and int(counts.sum()) == 4
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_shallow_passes_pool_padding_only_in_faithful_mode(tiny_model, monkeypatch, faithful):
+    # the official shallow model averages over all 128 padded positions (spec 8 #8); the default pools only the
+    # real tokens. Which one a pass builds changes every drift it ranks by.
+    built, real = [], btu.ShallowClassifier
+
+    def spy(*args, **kwargs):
+        built.append((kwargs["pool_padding"], kwargs["pad_to"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(btu, "ShallowClassifier", spy)
+    btu.expose(tiny_model, load_tokenizer(tiny_model), synthetic(32), faithful=faithful, k=3, passes="AB",
+               batch_size=16, max_length=48, progress=False)
+    assert built == [(faithful, 48)] * 2
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_shallow_passes_take_the_modes_lr_and_the_runs_seed(tiny_model, monkeypatch, faithful):
+    # without expose_lr: the official 2e-5 in faithful mode, 1e-3 in the default (the trigger separates
+    # there, docs/btu.md); the batch order follows the run's seed, as every other stage's
+    settings, real = {}, btu.train
+
+    def spy(model, tokenizer, data, dev=None, s=None, *args, **kwargs):
+        settings[kwargs.get("desc")] = s
+        return real(model, tokenizer, data, dev, s, *args, **kwargs)
+
+    monkeypatch.setattr(btu, "train", spy)
+    btu.expose(tiny_model, load_tokenizer(tiny_model), synthetic(32), faithful=faithful, k=3, passes="AB",
+               batch_size=16, max_length=48, seed=7, progress=False)
+    for name in "AB":
+        s = settings[f"btu expose {name}"]
+        assert s.lr == (2e-5 if faithful else 1e-3) and s.seed == 7
+    assert BTU(model=tiny_model, btu_mode="faithful" if faithful else "default", seed=7).pass_c_settings(64).seed == 7
+
+
+def test_guard_at_zero_tolerance_cuts_what_costs_nothing(tiny_model):
+    # guard_tolerance=0 (allowed: [0, 1)) spares a token only if unlearning it loses accuracy; a cost of exactly
+    # the tolerance is not "more than" it, in the first round and when a spared token is measured again
+    tok = load_tokenizer(tiny_model)
+    watch, movie, good = tok.convert_tokens_to_ids(["watch", "movie", "good"])
+    E0, emb, clf = _toy_victim(tok, {watch: (0, 2.0), movie: (0, -3.0), good: (0, 5.0)})  # as in the test above
+    dev = TextDataset(["watch movie", "good one"], [0, 1], ["neg", "pos"])
+    cut, spared, rounds = btu.guarded_unlearn(clf, TokenView(tok), E0, tok.pad_token_id, [watch, movie, good], dev,
+                                              tolerance=0.0, recompute=False)
+    # round 1 spares only what costs accuracy; "watch" costs nothing and is cut at once, not measured again
+    assert rounds == [{watch: 0.0, movie: 0.5, good: 0.5}, {movie: 0.0, good: 0.5}, {good: 0.5}]
+    assert spared == [good] and cut["tokens"] == [watch, movie]  # "movie" freed once "watch" is cut (cost 0)
+    assert emb.weight[watch, 0] == -1.0 and emb.weight[movie, 0] == -1.0 and emb.weight[good, 0] == 5.0
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_faithful_fit_cuts_with_the_official_recomputed_threshold(tiny_model, guard):
+    # faithful mode (guard or not) cuts as the official code (spec 11.5): per token in cut order, c from the
+    # matrix as partly replaced so far, delta = 0 -> 0; the default rule (c once, unchanged dims kept) differs
+    data, dev = synthetic(48), synthetic(16, seed=1)
+    defense = BTU(model=tiny_model, btu_mode="faithful", k=3, epochs=1, batch_size=16, max_length=64, guard=guard)
+    snaps = []
+    defense.stage_eval = lambda clf: snaps.append(clf.model.get_input_embeddings().weight.detach().cpu().clone()) or {}
+    defense.fit(data, dev, progress=False)
+    tok = load_tokenizer(tiny_model)
+    E0 = load_model(tiny_model, ["neg", "pos"]).get_input_embeddings().weight.detach()
+    before, after = snaps[0], snaps[1]
+    unlearned = defense.extra_metrics_["btu_unlearn"]
+    order = tok.convert_tokens_to_ids(unlearned["tokens"])
+    assert order and (guard or order == defense.suspicious_)
+    ref, cs = before.clone(), []
+    V, pad = E0.shape[0], E0[tok.pad_token_id]
+    for t in order:
+        c = float((E0 - ref).norm()) / V
+        delta = (E0[t] - ref[t]).abs()
+        ref[t] = ref[t] * ((delta > 0) & (delta <= c)) + pad * (delta >= c)
+        cs.append(c)
+    assert torch.allclose(after, ref, atol=1e-6)
+    assert unlearned["threshold"] == pytest.approx(cs, rel=1e-4)
+
+
+def test_clean_tuning_sample_follows_the_runs_seed(tiny_model, monkeypatch):
+    # the k clean dev samples tuned on are the seeded stratified draw of the run's seed: two seeds, two draws
+    tuned, real = [], btu.train
+
+    def spy(model, tokenizer, data, *args, **kwargs):
+        if kwargs.get("desc") == "btu tune":
+            tuned.append(sorted(zip(data.texts, data.labels)))
+        return real(model, tokenizer, data, *args, **kwargs)
+
+    monkeypatch.setattr(btu, "train", spy)
+    dev = synthetic(24, seed=1)
+    for seed in (3, 4):
+        BTU(model=tiny_model, k=2, epochs=1, batch_size=16, max_length=64, clean_tuning=8, guard=False,
+            seed=seed).fit(synthetic(48), dev, progress=False)
+    draws = [sorted(zip(d.texts, d.labels)) for d in (dev.stratified_sample(8, 3), dev.stratified_sample(8, 4))]
+    assert tuned == draws and draws[0] != draws[1]
