@@ -1125,6 +1125,8 @@ def _unsummed(damage):
     (lambda c: (c / "state.json").write_text("{not json"), "state.json: Expecting property name"),
     (_edit_state(epoch="x"), 'state.json: epoch "x" is not one of 0..2'),
     (_edit_state(epoch=-1), "state.json: epoch -1 is not one of 0..2"),
+    # one past the last epoch would train nothing and hand back the checkpoint's weights as the finished model
+    (_edit_state(epoch=3), "state.json: epoch 3 is not one of 0..2"),
     (_edit_state(history="h"), "state.json: history, best_epoch, best_score or done is not what cleantune writes"),
     (_edit_state(sha256={"../state.json": "0"}), "state.json: sha256 is not what cleantune writes"),
     (_truncate("optimizer.pt", 0.5), "optimizer.pt: its contents changed after it was saved (sha256 differs)"),
@@ -1137,7 +1139,7 @@ def _unsummed(damage):
     (_unsummed(_plant_code("optimizer.pt")), "optimizer.pt: Weights only load failed"),
     (lambda c: (c / "rng.safetensors").unlink(), "rng.safetensors: missing"),
     (lambda c: (c / "best.safetensors").unlink(), "best.safetensors: missing"),
-], ids=["state-not-json", "state-epoch-text", "state-epoch-negative", "state-history", "state-sha256",
+], ids=["state-not-json", "state-epoch-text", "state-epoch-negative", "state-epoch-past-the-last", "state-history", "state-sha256",
         "optimizer-cut", "trainable-byte", "best-byte", "old-optimizer-truncated", "old-optimizer-empty",
         "old-trainable-truncated", "old-optimizer-runs-code", "rng-deleted", "best-deleted"])
 def test_a_damaged_checkpoint_is_one_line_on_resume(interrupted_train, tmp_path, capsys, damage, fragment):

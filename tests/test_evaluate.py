@@ -186,3 +186,15 @@ def test_an_empty_set_is_refused():
         with pytest.raises(UserError, match=f"^evaluate: {what} holds no sample$"):
             evaluate(KeywordModel(), *args)
     assert set(evaluate(KeywordModel(), clean, triggered)) == {"cacc", "predicted_classes", "asr", "asr_floor"}
+
+
+def test_detection_metrics_without_flags_or_without_poison():
+    """docs/baselines.md: a detector that flags nothing has precision 0.0 (and recall 0.0), so its row reads as
+    the failure it is; a rate whose denominator is empty (recall, FAR with no poisoned sample) is NaN, not 0."""
+    import math
+
+    m = detection_metrics([False, False, False], [True, False, False])  # 1 poisoned, 2 clean, nothing flagged
+    assert (m["precision"], m["recall"], m["frr"], m["far"]) == (0.0, 0.0, 0.0, 1.0)
+    m = detection_metrics([True, False], [False, False])  # no poisoned sample: 1 of 2 clean flagged
+    assert m["precision"] == 0.0 and m["frr"] == 1 / 2
+    assert math.isnan(m["recall"]) and math.isnan(m["far"])

@@ -400,6 +400,7 @@ def test_lr_warms_up_from_zero_then_decays_linearly_or_stays(tiny_model, small, 
 @pytest.mark.parametrize("n,batch,ratio,steps,warmup", [
     (60, 8, 0.25, 16, 4),  # 8 steps an epoch (the last of 4 samples), 16 in 2 epochs; warmup 0.25 of 16 = 4
     (100, 4, 0.58, 50, 29),  # 25 steps an epoch, 50 in 2; 0.58 of 50 is 29 warmup steps (int(0.58 * 50) is 28)
+    (60, 8, 0.3, 16, 4),  # 0.3 of 16 is 4.8: rounded down to 4 warmup steps, not up to 5
 ])
 def test_lr_schedule_spans_every_epoch_counts_a_short_last_batch_and_takes_the_ratio_as_written(
         tiny_model, small, n, batch, ratio, steps, warmup):
@@ -409,6 +410,24 @@ def test_lr_schedule_spans_every_epoch_counts_a_short_last_batch_and_takes_the_r
           None, TrainSettings(epochs=2, batch_size=batch, lr=1e-3, warmup_ratio=ratio), (rec,), progress=False)
     assert rec.lrs == pytest.approx([1e-3 * (s / warmup if s < warmup else (steps - s) / (steps - warmup))
                                      for s in range(steps)])
+
+
+def test_batch_order_depends_on_the_seed():
+    # runs of different seeds differ in their data order too, not only in their initialisation
+    lengths = [(i * 37) % 101 + 1 for i in range(200)]
+    for group in (True, False):
+        a, b = (batch_order(lengths, 8, seed=s, epoch=0, group_by_length=group) for s in (0, 1))
+        assert a != b and sorted(i for x in a for i in x) == sorted(i for x in b for i in x)
+
+
+def test_make_batch_never_cuts_a_sample_shorter_than_its_width():
+    # pad_to_length below a batch's longest sample (below max_length, say) pads to that sample instead
+    from cleantune.training import make_batch
+
+    batch = make_batch([[5, 6, 7], [8]], pad_id=0, width=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert make_batch([[5], [8]], pad_id=0, width=3)["input_ids"].tolist() == [[5, 0, 0], [8, 0, 0]]
 
 
 def test_batches_group_lengths_only_inside_their_mega_batch_and_change_every_epoch():
@@ -547,10 +566,12 @@ def test_an_epoch_with_infinite_weights_is_not_kept(tiny_model, small):
     ({"lr": 1e300}, "--lr must be a finite number"),
     ({"lr": float("inf")}, "--lr must be a finite number"),
     ({"lr": float("nan")}, "--lr must be positive"),
+    ({"lr": 0.0}, "--lr must be positive, got 0.0"),  # an lr of 0 trains nothing, epochs long
     ({"weight_decay": -0.1}, "option weight_decay must be a finite number >= 0, got -0.1"),
     ({"weight_decay": 1e39}, "option weight_decay must be a finite number"),
     ({"weight_decay": float("nan")}, "option weight_decay must be a finite number"),
     ({"warmup_ratio": float("inf")}, "option warmup_ratio must be in [0, 1)"),
+    ({"warmup_ratio": 1.0}, "option warmup_ratio must be in [0, 1)"),  # a run that only warms up
     ({"max_grad_norm": float("nan")}, "option max_grad_norm must be a number"),
 ])
 def test_float_settings_outside_what_float32_training_takes_are_refused(setting, fragment):
@@ -620,3 +641,115 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_keeps_the_p
     _, _, rep_a = _run(tiny_model, train_data, tmp_path / "a")
     assert rep_b.resumed_train_seconds > 0
     assert [h["loss"] for h in rep_b.history] == [h["loss"] for h in rep_a.history]
+
+
+class _RecordMode(StepHook):
+    def __init__(self):
+        self.modes, self.losses = [], []
+
+    def after_backward(self, ctx):
+        self.modes.append(ctx.model.training)
+        self.losses.append(float(ctx.loss))
+
+
+def test_training_steps_run_in_train_mode_and_the_model_is_returned_in_eval_mode(tiny_model, small):
+    # dropout is part of fine-tuning (from_pretrained hands the model over in eval mode, and each dev evaluation
+    # switches to it); what train returns predicts deterministically when called directly
+    train_data, dev = small
+    rec = _RecordMode()
+    model = load_model(tiny_model, train_data.label_names)
+    assert not model.training
+    train(model, load_tokenizer(tiny_model), train_data.subset(range(64)), dev.subset(range(16)),
+          TrainSettings(epochs=2, batch_size=16, lr=1e-3), (rec,), progress=False)
+    assert rec.modes == [True] * 8
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_an_epochs_loss_is_the_mean_of_its_steps_losses(tiny_model, small):
+    train_data, _ = small
+    rec = _RecordMode()
+    # 40 samples, batch 16: steps of 16, 16 and 8 samples, 3 an epoch
+    report = train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model),
+                   train_data.subset(range(40)), None, TrainSettings(epochs=2, batch_size=16, lr=1e-3), (rec,),
+                   progress=False)
+    assert [h["steps"] for h in report.history] == [3, 3]
+    for e, h in enumerate(report.history):
+        assert h["loss"] == pytest.approx(sum(rec.losses[3 * e: 3 * e + 3]) / 3)
+
+
+def test_samples_per_s_counts_a_short_last_batch_as_what_it_holds(tiny_model, small):
+    train_data, _ = small
+    # 40 samples, batch 16, 2 epochs: 80 samples trained on, not 6 full batches of 96
+    report = train(load_model(tiny_model, train_data.label_names), load_tokenizer(tiny_model),
+                   train_data.subset(range(40)), None, TrainSettings(epochs=2, batch_size=16, lr=1e-3), progress=False)
+    assert report.samples_per_s * report.train_seconds == pytest.approx(2 * 40, rel=1e-9)
+
+
+class _ZeroGradsAll(StepHook):
+    def after_backward(self, ctx):
+        for p in ctx.model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+
+def test_weight_decay_reaches_the_optimizer_for_weight_matrices_only(tiny_model, small):
+    # with every gradient zeroed AdamW's update is only its decoupled decay, p *= 1 - lr * weight_decay a step:
+    # weight matrices shrink by that factor per step, biases and LayerNorms not at all
+    train_data, _ = small
+    lr, wd, steps = 1e-2, 0.5, 4  # 64 samples, batch 16: 4 steps; constant lr without warmup
+    model = load_model(tiny_model, train_data.label_names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, load_tokenizer(tiny_model), train_data.subset(range(64)), None,
+          TrainSettings(epochs=1, batch_size=16, lr=lr, weight_decay=wd, warmup_ratio=0.0, lr_schedule="constant"),
+          (_ZeroGradsAll(),), progress=False)
+    factor = (1 - lr * wd) ** steps
+    for n, p in model.named_parameters():
+        expected = before[n] if n.endswith("bias") or "LayerNorm" in n else before[n] * factor
+        assert torch.allclose(p.detach().cpu(), expected, rtol=1e-5, atol=0), n
+
+
+class _PinPredictions(StepHook):
+    """Pins every prediction to class 1 at each epoch's end (before the dev evaluation)."""
+
+    def after_backward(self, ctx):
+        if (ctx.step + 1) % ctx.steps_per_epoch == 0:
+            with torch.no_grad():
+                ctx.model.classifier.bias.copy_(torch.tensor([0.0, 1e4]))
+            ctx.model.classifier.bias.grad = None
+
+
+def test_an_epoch_with_zero_dev_accuracy_is_still_selected(tiny_model, small):
+    # a dev accuracy of 0.0 is a score like any other: with every epoch at 0.0 the earliest is kept (ties keep
+    # the earlier), not the last epoch with no best_epoch at all
+    train_data, dev = small
+    dev0 = dev.subset([i for i, y in enumerate(dev.labels) if y == 0])
+    snap = _Snapshot(0)
+    model = load_model(tiny_model, train_data.label_names)
+    report = train(model, load_tokenizer(tiny_model), train_data.subset(range(64)), dev0,
+                   TrainSettings(epochs=2, batch_size=16, lr=1e-3), (_PinPredictions(), snap), progress=False)
+    assert [h["dev_acc"] for h in report.history] == [0.0, 0.0]
+    assert report.best_epoch == 0
+    assert all(torch.equal(p.detach().cpu(), snap.weights[n]) for n, p in model.named_parameters())
+
+
+def test_an_empty_dev_set_selects_nothing_and_a_divergence_keeps_the_last_epoch(tiny_model, small):
+    # an empty dev set is no dev set: no dev_acc of NaN in the history, and a divergence falls back to the last
+    # finished epoch instead of failing for want of a best one
+    train_data, _ = small
+    empty = TextDataset([], [], train_data.label_names)
+    model = load_model(tiny_model, train_data.label_names)
+    with pytest.warns(RuntimeWarning, match="diverged at step 5 .epoch 1.*kept epoch 0"):
+        report = train(model, load_tokenizer(tiny_model), train_data.subset(range(64)), empty,
+                       TrainSettings(epochs=2, batch_size=16, lr=1e-3), (InfGradAt(5),), progress=False)
+    assert report.best_epoch is None and "dev_acc" not in report.history[0]
+
+
+def test_a_checkpoint_resumes_only_with_its_own_dev_texts():
+    # model selection depends on the dev texts: a dev set of other texts with the same labels is other data
+    from cleantune.training import _fingerprint
+
+    dev_a = TextDataset(["a fine film", "a dull film"], [1, 0], ["neg", "pos"])
+    dev_b = TextDataset(["a great film", "an awful film"], [1, 0], ["neg", "pos"])
+    args = (TrainSettings(), [[5, 6, 7]], [0])
+    assert _fingerprint(*args, dev_a, None, "train") != _fingerprint(*args, dev_b, None, "train")
+    assert _fingerprint(*args, dev_a, None, "train") == _fingerprint(*args, dev_a, None, "train")
