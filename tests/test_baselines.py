@@ -722,3 +722,237 @@ def test_a_victim_for_another_number_of_classes_is_refused_with_the_cell(tiny_mo
     with pytest.raises(UserError, match=f"option victim: {tiny_model} classifies 2 classes, the data has 4"):
         RunConfig(dataset="agnews", defense="onion", options=opts, train_size=40).resolve()
     assert RunConfig(dataset="sst2", defense="onion", options=opts, train_size=40).resolve()
+
+
+# ---------------------------------------------------------------- pinned by mutation testing
+
+
+def test_frr_threshold_takes_the_floor_index_not_the_rounded_one():
+    # the documented rule is sorted index floor(n * frr): exactly floor(n * frr) clean scores fall below it;
+    # rounding would take one more false rejection whenever n * frr has a fraction of one half or more
+    scores = np.arange(10.0)
+    assert frr_threshold(scores, 0.15) == 1.0  # floor(1.5) = 1: one clean score (0.0) below, not two
+    assert frr_threshold(scores, 0.19) == 1.0
+    assert (scores < frr_threshold(scores, 0.19)).sum() == 1
+
+
+def test_strip_overwrites_with_the_piece_words_in_tfidf_order_and_cycles_a_short_piece(tiny_clf):
+    # the replacement words are the donor sentence's highest-TF-IDF words, in rank order; a piece shorter
+    # than the positions to overwrite is cycled, not reduced to its first word
+    clf = StripClassifier(tiny_clf, [["p1", "p2", "p3"]], repeat=1, swap_ratio=1.0, seed=0, on_flag="auto")
+    from collections import Counter
+
+    rng = random.Random(0)
+    for _ in range(5):
+        out = clf.perturb("w0 w1 w2 w3 w4", rng).split()
+        assert Counter(out) == Counter(["p1", "p2", "p3", "p1", "p2"])
+    clf.swap_ratio = 0.25  # two of eight positions: the piece's two best words
+    assert Counter(w for w in clf.perturb(" ".join(f"w{i}" for i in range(8)), rng).split()
+                   if w.startswith("p")) == Counter(["p1", "p2"])
+
+
+def test_strip_fit_perturbs_with_its_swap_ratio(tiny_clf, sst2, tmp_path):
+    # a user's swap_ratio must reach the classifier that perturbs test inputs, not only the config
+    victim = tiny_clf.save_pretrained(tmp_path / "victim")
+    defense = get_defense("strip", model="unused", victim=str(victim), repeat=1, swap_ratio=0.5)
+    clf = defense.fit(sst2.train.stratified_sample(16, 0), sst2.dev.stratified_sample(32, 0), progress=False)
+    clf.pieces = [[f"zz{i}" for i in range(10)]]  # words no input holds, so each overwrite shows
+    words = [f"w{i}" for i in range(12)]
+    out = clf.perturb(" ".join(words), random.Random(0)).split()
+    assert sum(a != b for a, b in zip(out, words)) == 6  # int(12 * 0.5), not the default 0.25's 3
+
+
+def test_rap_drop_is_the_clean_probability_minus_the_probability_with_the_word(tiny_clf):
+    # a triggered input is one whose target probability barely DROPS when the word is prepended: the sign
+    # decides which inputs fall below the threshold
+    rap = RapClassifier(tiny_clf, "jj", 1, "auto")  # its vector is still the victim's own row for "jj"
+    texts = ["a fine film", "a dull and boring plot", "it was ok"]
+    drop, is_target = rap.drops(texts)
+    with torch.no_grad():
+        p = torch.softmax(tiny_clf.predict_logits(texts), -1)
+        q = torch.softmax(tiny_clf.predict_logits([f"jj {t}" for t in texts]), -1)
+    np.testing.assert_allclose(drop, (p[:, 1] - q[:, 1]).numpy(), atol=1e-5)
+    assert is_target.tolist() == (p.argmax(-1) == 1).tolist()
+    assert np.abs(drop).max() > 1e-4  # the word moves the probabilities: a reversed sign would show
+
+
+def test_rap_fit_learns_with_its_options_and_calibrates_on_the_target_predictions(tiny_clf, sst2, tmp_path):
+    # rap_target and scale must reach the learned word, and the threshold must come from the clean dev samples
+    # predicted as the target only (the inputs RAP ever flags), not from every dev sample
+    dev = sst2.dev.stratified_sample(64, 0)
+    split = Classifier.from_pretrained(str(tiny_clf.save_pretrained(tmp_path / "sharp")))
+    with torch.no_grad():  # a bias at the median margin: about half the dev set is predicted as each class
+        margin = split.predict_logits(dev.texts) @ torch.tensor([1.0, -1.0])
+        split.model.classifier.bias[0] -= float(margin.median()) - 1e-3
+    victim = split.save_pretrained(tmp_path / "victim")
+    preds = np.array(split.predict(dev.texts))
+    assert 0 < (preds == 0).sum() < len(dev)  # both classes predicted: the two calibration sets differ
+    opts = dict(rap_target=0, rap_epochs=1, rap_lr=5.0, scale=4.0, frr=0.2)
+    defense = get_defense("rap", model="unused", victim=str(victim), **opts)
+    clf = defense.fit(sst2.train.stratified_sample(16, 0), dev, progress=False)
+    assert clf.target == 0
+    ref = RapClassifier(Classifier.from_pretrained(str(victim)), "jj", 0, "auto")
+    ref.learn(dev, 1, 5.0, (-0.1, -0.3), 4.0)
+    torch.testing.assert_close(clf.vector, ref.vector)
+    other = RapClassifier(Classifier.from_pretrained(str(victim)), "jj", 0, "auto")
+    other.learn(dev, 1, 5.0, (-0.1, -0.3), 1.0)
+    assert not torch.allclose(other.vector, ref.vector)  # the scale matters here: the check above pins it
+    drop, is_target = ref.drops(dev.texts)
+    assert is_target.tolist() == (preds == 0).tolist()
+    m = int(is_target.sum())
+    assert clf.threshold == pytest.approx(float(np.sort(drop[is_target])[int(m * 0.2)]), abs=1e-6)
+    assert clf.threshold != pytest.approx(float(np.sort(drop)[int(len(dev) * 0.2)]), abs=1e-6)
+
+
+def test_onion_prefixes_the_bos_token_before_the_eos_token():
+    # "a BOS (else EOS) token is prepended": an LM with both starts a sentence with BOS
+    class Tok:
+        bos_token_id, eos_token_id = 5, 7
+
+    assert Perplexity(None, Tok()).prefix == 5
+    Tok.bos_token_id = None
+    assert Perplexity(None, Tok()).prefix == 7
+
+
+def test_onion_fit_reads_sentences_through_its_lm_window_and_batch_size(tiny_model, tmp_path):
+    # lm_max_length is the fix for an LM with fewer positions than the default 96: fit must hand it to the
+    # perplexity the classifier uses, or long inputs index past the LM's position table
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+                    ).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    defense = get_defense("onion", model="unused", victim=tiny_model, lm=str(tmp_path / "lm"), lm_max_length=15,
+                          lm_batch_size=3)
+    clf = defense.fit(TextDataset(["a b", "c d"], [0, 1], LABELS), None, progress=False)
+    assert (clf.perplexity.max_length, clf.perplexity.batch_size) == (15, 3)
+    long = " ".join(["film"] * 40)  # 40 tokens, past the LM's 16 positions: words past the window are kept
+    assert len(clf.correct([long])[0].split()) >= 40 - 15
+
+
+def test_bki_ranks_within_top_words_and_trains_on_the_samples_it_kept(tiny_model, monkeypatch):
+    # a sample is dropped only when the keyword is among its own `top_words` most influential words, and the
+    # victim must then train on the kept samples, not on the whole (poisoned) set
+    from cleantune.defenses import base as base_module
+    from cleantune.defenses import bki as bki_module
+
+    tok = load_tokenizer(tiny_model)
+    cf, good = tok.convert_tokens_to_ids(["cf", "good"])
+    table = torch.zeros(tok.vocab_size, 4)
+    table[cf, 0], table[good, 1] = 10.0, 20.0  # deleting "cf" moves the state by 10, "good" by 20, others 0
+    monkeypatch.setattr(bki_module, "sentence_state",
+                        lambda model, batch: (table[batch["input_ids"]] * batch["attention_mask"][..., None]).sum(1))
+    monkeypatch.setattr(bki_module, "train_side_model", lambda *a, **k: (torch.nn.Linear(1, 1), tok, None))
+    trained, real_fit = [], base_module.Defense.fit
+
+    def spy(self, data, *a, **k):
+        trained.append(list(data.texts))
+        return real_fit(self, data, *a, **k)
+
+    monkeypatch.setattr(base_module.Defense, "fit", spy)
+    texts = ["cf film", "film cf", "cf the film", "good cf film", "fun film", "the film"]
+    data = TextDataset(texts, [1, 1, 1, 0, 1, 0], LABELS)
+    # top 1: "cf" tops three samples (score log10(3) x 10), "good" one (log10(1) x 20 = 0); in "good cf film" cf
+    # is only second, so that sample stays
+    bki = BKI(model=tiny_model, top_words=1, epochs=1, batch_size=4, max_length=16)
+    bki.fit(data, None, progress=False)
+    assert bki.keywords_[0][0] == "cf"
+    assert bki.flagged_ == [True, True, True, False, False, False]
+    assert trained == [texts[3:]]
+    trained.clear()
+    bki = BKI(model=tiny_model, top_words=2, epochs=1, batch_size=4, max_length=16)
+    bki.fit(data, None, progress=False)
+    assert bki.flagged_ == [True, True, True, True, False, False] and trained == [texts[4:]]
+
+
+def test_minority_clusters_flag_only_the_members_of_the_label_in_question():
+    # HDBSCAN clusters all samples together: a cluster that is label 0's majority can hold a few label-1
+    # samples, a minority of label 1. Only those label-1 samples go; label 0's main cluster stays
+    labels = [0] * 6 + [1] * 6
+    clusters = np.array([0] * 6 + [0] * 2 + [1] * 4)
+    assert minority_clusters(labels, clusters) == [False] * 6 + [True] * 2 + [False] * 4
+
+
+def test_cube_fit_clusters_with_its_options_and_trains_on_the_samples_it_kept(tiny_model, monkeypatch):
+    # the seed and the clustering options must reach the clustering (n_neighbors and min_samples are easily
+    # swapped: both are neighbourhood sizes), and the victim must train on the kept samples only
+    from cleantune.defenses import base as base_module
+    from cleantune.defenses import cube as cube_module
+
+    monkeypatch.setattr(cube_module, "_require_extras", lambda: None)
+    monkeypatch.setattr(cube_module, "train_side_model", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(cube_module, "sentence_states", lambda model, tok, texts, *a: torch.zeros(len(texts), 4))
+    calls = []
+
+    def fake_cluster(reps, seed, pca_dims, umap_dims, n_neighbors, min_samples):
+        calls.append((seed, pca_dims, umap_dims, n_neighbors, min_samples))
+        return np.array([0, 0, 0, 1, 2, 2, 2, 2])
+
+    monkeypatch.setattr(cube_module, "cluster", fake_cluster)
+    trained, real_fit = [], base_module.Defense.fit
+
+    def spy(self, data, *a, **k):
+        trained.append(list(data.texts))
+        return real_fit(self, data, *a, **k)
+
+    monkeypatch.setattr(base_module.Defense, "fit", spy)
+    texts = [f"film {w}" for w in ("a", "b", "c", "d", "e", "f", "g", "h")]
+    data = TextDataset(texts, [0, 0, 0, 0, 1, 1, 1, 1], LABELS)
+    cube = get_defense("cube", model=tiny_model, seed=7, pca_dims=5, umap_dims=3, n_neighbors=11, min_samples=13,
+                       epochs=1, batch_size=4, max_length=16)
+    cube.fit(data, None, progress=False)
+    assert calls == [(7, 5, 3, 11, 13)]
+    assert cube.flagged_ == [False] * 3 + [True] + [False] * 4  # label 0's one-sample cluster
+    assert trained == [texts[:3] + texts[4:]]
+
+
+def test_gradient_ascent_negates_every_gradient():
+    # ABL's unlearning maximises the isolated samples' loss: without the negation it would fit them again
+    from cleantune.defenses.abl import GradientAscent
+
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.ones_like(model.weight)
+    model.bias.grad = torch.full_like(model.bias, 2.0)
+    GradientAscent().after_backward(StepContext(model, None, 0, 0, 1, TrainSettings(), loss=torch.tensor(5.0)))
+    assert torch.equal(model.weight.grad, -torch.ones_like(model.weight))
+    assert torch.equal(model.bias.grad, torch.full_like(model.bias, -2.0))
+
+
+def test_abl_stages_continue_one_model_with_their_own_hooks(tiny_model, monkeypatch):
+    # isolation runs LGA at the user's gamma, the main stage continues the isolation model, and unlearning
+    # ascends the gradient on that same model
+    import cleantune.defenses.abl as abl_module
+    from cleantune.defenses.abl import GradientAscent
+
+    stages, real = {}, abl_module.train_side_model
+
+    def spy(defense, stage_data, *args, **kwargs):
+        out = real(defense, stage_data, *args, **kwargs)
+        stages[kwargs["desc"]] = (kwargs.get("hooks", ()), kwargs.get("model"), out[0])
+        return out
+
+    monkeypatch.setattr(abl_module, "train_side_model", spy)
+    abl = get_defense("abl", model=tiny_model, epochs=1, gamma=0.3, isolation_ratio=0.25, unlearning_epochs=1,
+                      batch_size=4, max_length=16)
+    clf = abl.fit(_planted(8, "cf"), None, progress=False)
+    (lga,), _, iso_model = stages["abl isolation"]
+    assert isinstance(lga, LocalGradientAscent) and lga.gamma == 0.3
+    assert stages["abl"][1] is iso_model and stages["abl unlearning"][1] is iso_model and clf.model is iso_model
+    assert [type(h) for h in stages["abl unlearning"][0]] == [GradientAscent]
+
+
+def test_side_models_are_seeded_by_the_defense_whatever_ran_before(tiny_model):
+    # BKI's, CUBE's and ABL's side models must not depend on the global RNG state left by earlier work
+    # (another cell of a sweep in the same process): the defense's seed decides their initialisation
+    from cleantune.defenses.common import train_side_model
+
+    data = _planted(8, "cf")
+    weights = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        model, _, _ = train_side_model(BKI(model=tiny_model, batch_size=4, max_length=16, seed=3), data, 1, None,
+                                       None, False, False, desc="side")
+        weights.append(model.classifier.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1])

@@ -433,6 +433,21 @@ def test_lora_options_reach_peft(tiny_model):
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, set(cfg.target_modules)) == (2, 6, 0.3, {"query"})
 
 
+def test_lora_train_head_decides_whether_the_classification_head_trains(tiny_model):
+    # train_head=False is the MuScleLoRA paper's LoRA baseline (head frozen at its random init); the default
+    # trains it. Only the head's trainability differs: the LoRA matrices train either way
+    from cleantune.defenses import LoRA
+    from cleantune.models import load_model
+
+    for train_head in (True, False):
+        model = LoRA(model=tiny_model, train_head=train_head).prepare_model(load_model(tiny_model, ["a", "b"]), None,
+                                                                            None)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        head = {n for n in trainable if ".classifier." in n}
+        assert bool(head) == train_head, (train_head, head)
+        assert trainable - head and all(".lora_" in n for n in trainable - head)
+
+
 def test_lora_adds_no_deprecation_notice_of_peft_internals(tiny_model):
     import warnings
 
