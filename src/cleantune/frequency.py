@@ -29,8 +29,9 @@ Deliberate deviations from the official code (each fixes a bug of spec section 1
   digits once the kernel is close to the identity). The distances are torch.cdist's float32 matrix-product
   form, as published, then float64 with an exact 0 diagonal: computed in float64 they would double the
   memory of the flattened inputs (about 4 GB for 10,000 samples of 128 tokens), for a gain only between
-  near-duplicate inputs (float32 cancels a distance of 0.28 between two vectors of norm 855 to 0). The kernels of every delta are kept while they
-  fit in KERNEL_BYTES (about 2,300 samples for 25 deltas); a larger set keeps its distances only and builds
+  near-duplicate inputs (float32 cancels a distance of 0.28 between two vectors of norm 855 to 0).
+  The kernels of every delta are kept while they fit in KERNEL_BYTES (about 2,300 samples for 25
+  deltas); a larger set keeps its distances only and builds
   one kernel at a time at each record (slower, where the official code would need tens of GB).
 The distance is the plain (not squared) Euclidean one, as published: a Laplacian kernel. The distances
 between flattened embeddings of different sentences are large (hundreds for BERT-sized models), so with
