@@ -706,3 +706,52 @@ def test_the_results_table_shows_an_undefined_number_as_the_report_does(tmp_path
     header, _, row = capsys.readouterr().out.splitlines()
     cells = dict(zip(header.split(), row.split()))
     assert cells["asr_floor"] == "-" and cells["CACC"] == "0.9000"  # it printed nan
+
+
+def test_a_score_stored_as_nan_is_left_out_of_its_mean_as_a_null_one_is(tmp_path):
+    """`run` stores an undefined score as NaN, not null: a detection recall with no poisoned sample
+    (detection_metrics), a floor with no clean sample of another class (evaluate). Averaged in, one such seed made
+    the whole cell NaN; it is left out, and the count says over how many seeds the mean is."""
+    from cleantune.report import summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    nan = float("nan")
+    for seed, recall, floor in ((0, 0.8, 0.2), (1, 0.6, 0.4), (2, nan, nan)):
+        put_run(s, 0.85, 0.3, 20.0, dataset="sst2", attack="badnets", defense="strip", seed=seed,
+                metrics={"asr_floor": floor, "test_detection": {"precision": 0.5, "recall": recall, "frr": 0.1, "far": 0.2}})
+    assert summarize(s.runs())["sst2"]["cells"][("strip", "badnets")]["asr_floor"] == \
+        pytest.approx((0.3, 0.02 ** 0.5, 2))  # mean of 0.2 and 0.4, sample std sqrt(((0.1)^2 + (0.1)^2) / 1)
+    assert main(["report", "--store", str(s.path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    # recall over seeds 0 and 1: mean 0.7, sample std sqrt(0.02) = 0.141
+    assert "| sst2 | strip | badnets | 3 | test inputs rejected | 0.500 ± 0.000 | 0.700 ± 0.141 (n=2) |" in md
+
+
+def test_the_baseline_is_a_fine_tuning_row_that_ran_a_seed_of_the_defense(tmp_path):
+    """Of two fine-tuning rows (an lr axis), the one sharing no seed with the defense cell is no baseline: picking it
+    (the first row) left ΔCACC and time× blank though the other row ran the defense's seed."""
+    from cleantune.report import summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.95, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", lr=1e-4, seed=0)
+    ft, lora, ft_wall, lora_wall = 0.90, 0.84, 8.0, 4.0
+    put_run(s, ft, 1.0, ft_wall, dataset="sst2", attack="badnets", defense="finetune", lr=5e-4, seed=1)
+    put_run(s, lora, 0.2, lora_wall, dataset="sst2", attack="badnets", defense="lora", seed=1)
+    cell = summarize(s.runs())["sst2"]["cells"][("lora", "badnets")]
+    assert cell["compared"] == 1 and cell["cacc_drop"][0] == pytest.approx(ft - lora)
+    assert cell["time_rel"] == pytest.approx(lora_wall / ft_wall)
+
+
+def test_results_filters_take_a_seed_and_a_model_folder_as_run_does(tmp_path, tiny_model, monkeypatch, capsys):
+    """`run --seed 01 --model ./bert` stores seed 1 and the folder's absolute path: `results` and `report` with the
+    same spelling must find those runs, not refuse the values as held by no run."""
+    import json
+    from pathlib import Path
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed in (0, 1):
+        put_run(s, 0.9, 0.5, 10.0, dataset="sst2", attack="badnets", defense="finetune", model=tiny_model, seed=seed)
+    monkeypatch.chdir(Path(tiny_model).parent)
+    assert main(["results", "--store", str(s.path), "--format", "json", "--seed", "01", "--model", "./bert"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert [(r["config"]["seed"], r["config"]["model"]) for r in runs] == [(1, tiny_model)]

@@ -94,3 +94,62 @@ def test_run_refuses_a_dict_config_and_a_path_as_store(tmp_path):
     with pytest.raises(UserError, match=r"store must be a ResultStore or None, got str \(write ResultStore\(path\)\)"):
         runner.run(RunConfig(train_size=100), str(tmp_path / "r.sqlite"), progress=False)
     assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_a_run_records_its_scores_counts_detection_and_timings_from_what_the_defense_did(monkeypatch):
+    """What `run` adds around a defense's fit, with a stand-in fit whose every output is known: CACC and ASR on the
+    right test sets, the poisoned-sample count (the 10 % of 100), detection scored against the attack's ground truth
+    (train samples removed, test inputs rejected), and the timings: eval_s the evaluation only, wall_s with the
+    training an interrupted session did before --resume, BTU's stage evaluations apart. These are the numbers
+    `results` and the report print, and no other test looked at them."""
+    import types
+
+    from cleantune.defenses import FineTune
+    from cleantune.training import TrainReport
+
+    config = RunConfig(train_size=100)
+    poisoned = config.build_attack().apply(config.benchmark())  # what the run draws: same data, same seed
+    words = set(poisoned.trigger_words)
+    clock = [0.0]  # the run's clock advances only where the stand-ins say so
+
+    def has_trigger(text):
+        return bool(words & set(text.split()))
+
+    class Model:  # predicts the target (1) on a text with a trigger word, else 0; rejects those texts as well
+        def predict(self, texts):
+            clock[0] += 5.0  # 5 s per evaluated set
+            return [int(has_trigger(t)) for t in texts]
+
+        def flag(self, texts):
+            return [has_trigger(t) for t in texts]
+
+    def fit(self, train, clean_dev=None, **kwargs):
+        clock[0] += 100.0  # this session's training
+        # removed: every poisoned sample, and every tenth clean one
+        self.flagged_ = [p or i % 10 == 0 for i, p in enumerate(train.poisoned)]
+        self.report_ = TrainReport([], 0, 150.0, 1.0, 1.0, resumed_train_seconds=50.0)
+        self.extra_metrics_ = {"btu_seconds": {"stage_eval": 7.0}}  # BTU's reporting-only evaluations
+        return Model()
+
+    monkeypatch.setattr(FineTune, "fit", fit)
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    r = runner.run(config, progress=False)
+    m, t = r["metrics"], r["timings"]
+
+    clean, triggered = poisoned.clean_test, poisoned.triggered_test
+    assert m["cacc"] == pytest.approx(sum(int(has_trigger(x)) == y for x, y in zip(clean.texts, clean.labels)) / len(clean))
+    assert m["asr"] == pytest.approx(sum(has_trigger(x) for x in triggered.texts) / len(triggered))
+    assert (m["n_train"], m["n_poisoned"]) == (100, 10)
+    n_poisoned = sum(poisoned.train.poisoned)
+    extra = sum(1 for i, p in enumerate(poisoned.train.poisoned) if i % 10 == 0 and not p)  # clean ones removed too
+    assert extra > 0
+    assert m["train_detection"]["precision"] == pytest.approx(n_poisoned / (n_poisoned + extra))
+    assert m["train_detection"]["recall"] == 1.0
+    rejected_clean = sum(has_trigger(x) for x in clean.texts)
+    assert m["test_detection"]["recall"] == pytest.approx(sum(has_trigger(x) for x in triggered.texts) / len(triggered))
+    assert m["test_detection"]["frr"] == pytest.approx(rejected_clean / len(clean))
+    assert m["test_detection"]["recall"] > 0.9 > m["test_detection"]["frr"]
+    # 100 s of fit and two 5 s evaluations in this session, 50 s of training in the session before --resume
+    assert t["eval_s"] == pytest.approx(10.0) and t["wall_s"] == pytest.approx(100.0 + 10.0 + 50.0)
+    assert t["resumed_train_s"] == 50.0 and t["train_s"] == 150.0
+    assert t["stage_eval_s"] == 7.0  # the report's time× subtracts it from wall_s
