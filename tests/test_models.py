@@ -830,3 +830,161 @@ def test_a_file_size_limit_while_saving_or_checkpointing_is_a_one_line_error(tin
         f"cleantune: error: cannot write epoch 0's checkpoint in {tmp_path / 'm.work'} (File too large); free space, "
         "then run the command again"]  # no earlier checkpoint to resume from
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.tsv"]  # nor an empty m.work or a partial checkpoint
+
+
+# ---------------------------------------------------------------- mutation-testing gaps
+
+
+def test_predict_gives_each_texts_highest_scoring_class(tiny_model):
+    # predict is what a user calls for labels: it must be the argmax of the model's own logits, row by row, in
+    # the caller's order (nothing else compared predict with the logits: predict vs predict agreed on any rule)
+    names = ["neg", "pos", "mixed"]
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, names).eval()
+    texts = ["a fine film", "dull", "a long and loud movie with a weak plot", "great cast", "so-so", "awful"]
+    with torch.no_grad():  # a random tiny model scores every text alike: aim each class at one text's features
+        pooled = model.bert(**tok(texts[:3], padding=True, return_tensors="pt")).pooler_output
+        weight = (pooled - pooled.mean(0)) * 1e4  # logits (p - mean) . weight: the features' shared part cancels
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(-weight @ pooled.mean(0))
+    expected = []
+    for text in texts:
+        with torch.no_grad():
+            logits = model(**tok(text, return_tensors="pt")).logits[0]
+        expected.append(max(range(len(names)), key=lambda c: float(logits[c])))
+    assert len(set(expected)) > 1  # else any constant rule would pass
+    assert Classifier(model, tok, names).predict(texts, batch_size=4) == expected
+
+
+def _lora_with_nonzero_delta(tiny_model):
+    from cleantune.defenses.lora import apply_lora
+
+    model = apply_lora(load_model(tiny_model, ["neg", "pos"]), r=2, alpha=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # lora_B starts at zero: merging would change nothing
+    return model
+
+
+def test_saving_a_lora_classifier_leaves_its_adapters_unmerged_and_saves_twice_alike(tiny_model, tmp_path):
+    # save_pretrained merges a copy: the caller's model keeps its LoRA layers (training or saving again goes on
+    # with the adapter), and a second save writes the same merged weights as the first
+    from safetensors.torch import load_file
+
+    clf = Classifier(_lora_with_nonzero_delta(tiny_model), load_tokenizer(tiny_model), ["neg", "pos"], 32)
+    lora_before = {n: p.detach().clone() for n, p in clf.model.named_parameters() if "lora_" in n}
+    texts = ["a fine film", "a dull , long and loud movie"]
+    logits = clf.predict_logits(texts)
+    clf.save_pretrained(tmp_path / "a")
+    lora_after = {n: p.detach() for n, p in clf.model.named_parameters() if "lora_" in n}
+    assert lora_after.keys() == lora_before.keys() and lora_before
+    assert all(torch.equal(lora_after[n], lora_before[n]) for n in lora_before)
+    assert torch.allclose(clf.predict_logits(texts), logits, atol=1e-6)
+    clf.save_pretrained(tmp_path / "b")
+    first, second = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.allclose(Classifier.from_pretrained(tmp_path / "b").predict_logits(texts), logits, atol=1e-5)
+
+
+def test_a_label_file_without_max_length_loads_at_128_tokens(tiny_model, tmp_path):
+    # label files may name the classes alone (written by hand, or by an earlier cleantune): the length is then
+    # cleantune's default of 128, which the tiny model's 130 positions take
+    import shutil
+
+    m = shutil.copytree(tiny_model, tmp_path / "m")
+    (m / "cleantune_labels.json").write_text(json.dumps({"label_names": ["neg", "pos"]}))
+    clf = Classifier.from_pretrained(m)
+    assert clf.label_names == ["neg", "pos"] and clf.max_length == 128
+
+
+def test_a_label_file_of_one_class_is_refused_even_for_a_one_output_model(tiny_model, tmp_path):
+    # a one-output head is a regressor in transformers: with one label name it would "classify" every text as
+    # that class. The label file must name two or more classes whatever the config says
+    m = tmp_path / "one"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1,
+                                                       ignore_mismatched_sizes=True).save_pretrained(m)
+    load_tokenizer(tiny_model).save_pretrained(m)
+    (m / "cleantune_labels.json").write_text(json.dumps({"label_names": ["only"], "max_length": 32}))
+    with pytest.raises(UserError, match="not a list of two or more names"):
+        Classifier.from_pretrained(m)
+
+
+def test_lora_takes_a_regex_that_starts_with_a_word_as_a_regex(tiny_model):
+    # only a plain comma list of names is split into names; any other string is PEFT's regex over whole module
+    # names, even one that starts with a word character (here: the query projection of layer 0 alone)
+    from cleantune.defenses.lora import apply_lora
+
+    model = apply_lora(load_model(tiny_model, ["a", "b"]), 2, 4, 0.0, r"bert\.encoder\.layer\.0\..*\.query")
+    targeted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert targeted == {"base_model.model.bert.encoder.layer.0.attention.self.query"}
+
+
+def test_fit_hands_the_defenses_loop_settings_to_training(tiny_model, monkeypatch):
+    # every loop setting a user gives the defense must reach `train` as given: a dropped weight_decay or
+    # warmup_ratio would train with TrainSettings' defaults and store the run under settings it did not use
+    import dataclasses
+
+    import cleantune.defenses.base as base
+    from cleantune.training import TrainSettings
+
+    seen = []
+    monkeypatch.setattr(base, "train", lambda model, tok, data, dev, settings, *a, **k: seen.append(settings))
+    given = dict(epochs=2, batch_size=8, lr=2e-4, weight_decay=0.05, warmup_ratio=0.2, max_length=40, seed=9)
+    for cls in (FineTune, LoRA):
+        cls(model=tiny_model, **given).fit(TextDataset(["good", "bad"], [1, 0], ["a", "b"]), progress=False)
+    for settings in seen:
+        assert {k: getattr(settings, k) for k in given} == given
+        untouched = {f.name for f in dataclasses.fields(TrainSettings)} - set(given)
+        assert {k: getattr(settings, k) for k in untouched} == {k: getattr(TrainSettings(), k) for k in untouched}
+
+
+def test_fit_seeds_the_models_initialisation_with_the_defenses_seed(tiny_model, monkeypatch):
+    # the seed must reach what is drawn before training too (LoRA's A matrices, a new head): with seed 0
+    # there, every seed of a sweep would start from the same adapter
+    import cleantune.defenses.base as base
+
+    drawn = []
+    monkeypatch.setattr(base, "train", lambda model, *a, **k: drawn.append(
+        torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])))
+    data = TextDataset(["good", "bad"], [1, 0], ["a", "b"])
+    for seed in (1, 1, 2):
+        LoRA(model=tiny_model, epochs=1, seed=seed).fit(data, progress=False)
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+
+
+def test_fit_refuses_a_max_length_past_the_position_table_before_training(tiny_model, monkeypatch):
+    # the Python API has no CLI check before it: past the tiny model's 130 positions, training would fail in the
+    # embeddings on the first long text (an IndexError), or train on what the user did not ask for
+    import cleantune.defenses.base as base
+
+    monkeypatch.setattr(base, "train", lambda *a, **k: pytest.fail("trained with an impossible max_length"))
+    with pytest.raises(UserError, match=f"--max-length 200 exceeds the 130 tokens --model {tiny_model} takes"):
+        FineTune(model=tiny_model, epochs=1, max_length=200).fit(
+            TextDataset(["good", "bad"], [1, 0], ["a", "b"]), progress=False)
+
+
+def test_fits_classifier_truncates_at_the_trained_max_length(tiny_model, monkeypatch):
+    # the returned classifier must truncate where training did: at another length it would score texts the
+    # model never saw whole, and save that length for every later eval
+    import cleantune.defenses.base as base
+
+    monkeypatch.setattr(base, "train", lambda *a, **k: None)
+    for cls in (FineTune, LoRA):
+        clf = cls(model=tiny_model, epochs=1, max_length=24).fit(TextDataset(["good", "bad"], [1, 0], ["a", "b"]),
+                                                                progress=False)
+        assert clf.max_length == 24
+
+
+def test_lora_defaults_are_the_documented_ones(tiny_model):
+    # README's defense table: "PEFT LoRA (r 8, alpha 32) on query/value, base frozen", the head trainable.
+    # alpha/r scales every LoRA update, so another default alpha trains another model under the same settings
+    model = LoRA(model=tiny_model).prepare_model(load_model(tiny_model, ["a", "b"]), None, None)
+    cfg = model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.0)
+    assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if ".lora_A." in n} == \
+        {"query", "value"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "classifier.modules_to_save" in n for n in trainable)
+    assert any("classifier.modules_to_save" in n for n in trainable)
