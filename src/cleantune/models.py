@@ -525,8 +525,9 @@ class Classifier:
         else:
             labels, max_length = [cfg.id2label[i] for i in range(cfg.num_labels)], 128
         # the caller named the model by its path (eval's MODEL, a victim= option), not by --model
-        tokenizer = load_tokenizer(str(path), str(path))
-        model = load_model(str(path), labels, str(path), tokenizer)
+        # the weights first: a folder without them is named for them, not for a tokenizer file it lacks too
+        # (a folder cleantune saved has its pad id in config.json, so the tokenizer is not loaded twice)
+        model, tokenizer = load_model(str(path), labels, str(path)), load_tokenizer(str(path), str(path))
         if model.cleantune_new_keys:  # a trained classifier with random layers would score as chance, quietly
             new = sorted(model.cleantune_new_keys)
             raise UserError(f"{path}: its weights lack {len(new)} of the model's tensors or do not fit them (e.g. "
