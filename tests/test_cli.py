@@ -241,6 +241,7 @@ def test_a_config_option_given_twice_is_refused_not_one_value_kept(tmp_path, cap
     ("c.yaml", "options: {word: !!binary aGVsbG8=}\n", "b'hello'"),
     ("c.yaml", "options: {word: !!set {a}}\n", "{'a'}"),
     ("c.toml", "[options]\nword = 1979-05-27\n", "datetime.date(1979, 5, 27)"),
+    ("c.yaml", "options: {word: [a, 2020-01-01]}\n", "datetime.date(2020, 1, 1)"),  # inside a list too
 ])
 def test_config_option_values_no_option_takes_name_the_file_and_key(tmp_path, capsys, name, text, got):
     """`train` passes its config's `options` on as JSON: a date, bytes or a set failed with a traceback there,
@@ -306,6 +307,21 @@ def test_config_files_name_themselves_in_type_errors_and_refuse_odd_keys(tmp_pat
     for args in (["run"], ["train", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "m")]):
         assert main(args + ["--config", str(tmp_path / "k.yaml")]) == 2
         assert "unknown key 1" in capsys.readouterr().err
+
+
+def test_run_command_line_wins_over_the_config_file(tmp_path, capsys):
+    # a flag given beside --config is an override (as `train`'s): a file value winning would run another config
+    # than the one on the command line. Both values are bad here, so the error tells which one was used and
+    # nothing trains either way.
+    (tmp_path / "c.yaml").write_text("dataset: nope_in_file\nattack: badnets\nrate: 2\n")
+    store = tmp_path / "s.sqlite"
+    base = ["run", "--config", str(tmp_path / "c.yaml"), "--store", str(store)]
+    assert main(base + ["--dataset", "sst2", "--rate", "0"]) == 2
+    assert capsys.readouterr().err == "cleantune: error: --rate must be in (0, 1], got 0.0\n"
+    assert main(base + ["--dataset", "nope_on_line"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset 'nope_on_line'" in err and "nope_in_file" not in err, err
+    assert not list(tmp_path.glob("s.sqlite*"))
 
 
 def test_corrupt_store_rows_are_one_line_errors(tmp_path, capsys):
