@@ -325,6 +325,52 @@ def test_named_options_merge_with_the_grid_wide_ones_and_a_list_of_words_is_one_
     assert cell.config.triggers == ["cf", "mn"]
 
 
+def test_a_named_defense_option_overrides_the_grid_wide_value_of_the_same_key(tiny_model):
+    # the defense's own settings are the most specific: a grid-wide lora_r must not undo `lora: {lora_r: 4}`
+    cell, = expand_grid({"model": tiny_model, "options": {"lora_r": 8, "weight_decay": 0.02},
+                         "defense": [{"lora": {"options": {"lora_r": 4}}}]})
+    assert (cell.resolved["lora_r"], cell.resolved["weight_decay"]) == (4, 0.02)
+
+
+def test_an_empty_axis_is_an_error_not_a_sweep_of_nothing(tiny_model):
+    # the cross product with an empty axis has no cell: the sweep would report success having run nothing
+    for key in ("lr", "seed", "dataset", "defense"):
+        with pytest.raises(UserError, match=f"grid: '{key}' lists no value"):
+            expand_grid({"model": tiny_model, key: []})
+
+
+def test_a_named_setting_cannot_set_another_named_axis(tiny_model):
+    # `lora: {attack: addsent}` would silently move the lora cells to another attack than the grid's
+    for key, value in (("attack", "addsent"), ("dataset", "hsol"), ("defense", "finetune")):
+        with pytest.raises(UserError, match=f"unknown key '{key}' in the settings of defense 'lora'"):
+            expand_grid({"model": tiny_model, "defense": [{"lora": {key: value}}]})
+
+
+def test_a_named_item_with_an_empty_settings_mapping_is_the_bare_name(tiny_model, tmp_path):
+    # YAML reads `- lora:` (a name and a colon, nothing after it) as lora: null, which means no settings
+    (tmp_path / "g.yaml").write_text(f"model: {tiny_model}\ndefense:\n  - lora:\n")
+    cell, = load_grid(tmp_path / "g.yaml")
+    assert cell.id == expand_grid({"model": tiny_model, "defense": "lora"})[0].id
+
+
+def test_an_unset_attack_option_is_no_error_for_an_attack_it_does_not_fit(tiny_model):
+    # `sentence: null` (as a config file writes "unset") is the default, not an AddSent option given to BadNets
+    cell, = expand_grid({"model": tiny_model, "attack": "badnets", "sentence": None})
+    assert cell.id == expand_grid({"model": tiny_model, "attack": "badnets"})[0].id
+
+
+def test_worker_and_thread_counts_up_to_the_c_int_limit_are_accepted(tiny_model):
+    # process and thread counts are C ints underneath: the largest one passes, one more is refused
+    from cleantune.options import C_INT_MAX
+    from cleantune.sweep import check_options
+
+    assert C_INT_MAX == 2**31 - 1
+    check_options(workers=C_INT_MAX, cpus_per_run=C_INT_MAX)
+    for kw, name in (({"workers": 2**31}, "--workers"), ({"cpus_per_run": 2**31}, "--cpus-per-run")):
+        with pytest.raises(UserError, match=f"{name} must be at most {C_INT_MAX}, got {2**31}"):
+            check_options(**kw)
+
+
 def test_sweep_retries_failed_cells_skips_ok_ones_and_splits_the_cores(tiny_model, tmp_path, monkeypatch):
     from cleantune import sweep as sweep_module
 
@@ -530,3 +576,20 @@ def test_a_damaged_row_of_another_run_does_not_stop_a_sweep(tiny_model, tmp_path
     assert main(["sweep", str(grid), "--store", str(store.path), "--dry-run"]) == 0
     assert "2 cells, 0 stored" in capsys.readouterr().out
     assert store.stored_ids() == {"other"}  # what a sweep skips, read without the damaged columns
+
+
+def test_a_named_setting_wins_over_every_axis_the_seed_list_too(tiny_model):
+    # an entry's own settings override the grid-wide values (docs/sweep.md): a defense's own seed lost to a list
+    # of seeds (its cells ran the list's seeds without a word) while it won over a single seed and over any
+    # other list (epochs)
+    named = ["finetune", {"lora": {"seed": 5, "epochs": 4}}]
+    for grid in ({"seed": [0, 1], "epochs": [1, 2]}, {"seed": 0, "epochs": 1}):
+        cells = expand_grid({"model": tiny_model, "defense": named, **grid})
+        lora = {(c.config.seed, c.config.epochs) for c in cells if c.config.defense == "lora"}
+        assert lora == {(5, 4)}
+        seeds = grid["seed"] if isinstance(grid["seed"], list) else [grid["seed"]]
+        assert {c.config.seed for c in cells if c.config.defense == "finetune"} == set(seeds)
+    # seeds still vary fastest: every seed of a cell runs before the next cell
+    cells = expand_grid({"model": tiny_model, "defense": ["finetune", "lora"], "seed": [0, 1]})
+    assert [(c.config.defense, c.config.seed) for c in cells] == [("finetune", 0), ("finetune", 1), ("lora", 0),
+                                                                   ("lora", 1)]

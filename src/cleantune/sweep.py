@@ -114,14 +114,17 @@ def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
         if any(v is not None for v in values) and not set(fits) & set(attacks):
             raise UserError(f"{source}: '{opt}' applies to attack {' or '.join(fits)} only; "
                             f"the grid's attacks are {', '.join(dict.fromkeys(attacks))}")
-    # named settings are the most specific, so they are applied after the hyperparameter axes
+    # seeds vary fastest, so a sweep finishes every seed of a cell together; named settings are the most
+    # specific, so they are applied after every other axis, the seed's too (a defense's own seed: 5 won over a
+    # scalar seed but lost to a seed list)
     order = [a for a in axes if a not in NAMED_AXES and a != "seed"] + list(NAMED_AXES) + (["seed"] if "seed" in axes else [])
+    applied = [a for a in order if a not in NAMED_AXES] + list(NAMED_AXES)
     cells: list[Cell] = []
     seen: set[str] = set()
     for combo in itertools.product(*(axes[a] for a in order)):
         parts = dict(zip(order, combo))
         cell = dict(fixed)
-        for a in order:
+        for a in applied:
             if a == NAMED_AXES[0]:  # grid-wide attack options go to the attacks they fit; named ones are checked
                 for opt, attacks in ATTACK_OPTIONS.items():
                     if opt in cell and parts["attack"]["attack"] not in attacks:
