@@ -115,8 +115,7 @@ def expand_grid(data: dict, source: str = "grid") -> list[Cell]:
             raise UserError(f"{source}: '{opt}' applies to attack {' or '.join(fits)} only; "
                             f"the grid's attacks are {', '.join(dict.fromkeys(attacks))}")
     # seeds vary fastest, so a sweep finishes every seed of a cell together; named settings are the most
-    # specific, so they are applied after every other axis, the seed's too (a defense's own seed: 5 won over a
-    # scalar seed but lost to a seed list)
+    # specific, so they are applied after every other axis, the seed's too (`lora: {seed: 5}` runs seed 5)
     order = [a for a in axes if a not in NAMED_AXES and a != "seed"] + list(NAMED_AXES) + (["seed"] if "seed" in axes else [])
     applied = [a for a in order if a not in NAMED_AXES] + list(NAMED_AXES)
     cells: list[Cell] = []
