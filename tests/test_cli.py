@@ -1402,3 +1402,74 @@ def test_train_interrupted_during_its_dev_summary_keeps_its_checkpoints(tiny_mod
     assert main(args + ["--resume"]) == 0
     out, err = capsys.readouterr()
     assert "no checkpoint" not in err and "epoch kept: 0" in out and not (tmp_path / "m.work").exists()
+
+
+def test_eval_seed_draws_where_the_trigger_goes(tiny_model, tmp_path, capsys, monkeypatch):
+    """`eval --attack --seed N` is the ASR of seed N's trigger positions: the same seed gives the same
+    triggered texts (a reproducible number), another seed other positions (seeds are averaged over)."""
+    import importlib
+
+    from cleantune.models import Classifier, load_model, load_tokenizer
+
+    evaluate_module = importlib.import_module("cleantune.evaluate")  # the package exports the function by that name
+    names = ["neg", "pos"]
+    m = str(Classifier(load_model(tiny_model, names), load_tokenizer(tiny_model), names).save_pretrained(tmp_path / "m"))
+    texts = [f"w{i} x{i} y{i} z{i} v{i}" for i in range(40)]
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{names[i % 2]}\n" for i, t in enumerate(texts)))
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda model, data, triggered, *a, **k: (
+        seen.append(list(triggered.texts)), {"cacc": 1.0, "asr": 0.0, "asr_floor": 0.0})[1])
+    for seed in ("0", "0", "1"):
+        assert main(["eval", m, str(tmp_path / "d.tsv"), "--attack", "badnets", "--triggers", "cf",
+                     "--seed", seed, "--format", "json", "--no-progress"]) == 0
+        capsys.readouterr()
+    for got in seen:  # each 'neg' text with one cf inserted
+        assert all(t.split().count("cf") == 1 for t in got)
+        assert [" ".join(w for w in t.split() if w != "cf") for t in got] == texts[0::2]
+    assert seen[0] == seen[1] and seen[0] != seen[2]
+
+
+def test_train_summary_gives_the_best_epochs_selection_accuracy(tiny_model):
+    """The saved model is the best dev epoch; the summary line compares that epoch's selection score with the
+    saved model's dev accuracy (equal here), not the last epoch's, which would report a mismatch that is none."""
+    from types import SimpleNamespace
+
+    from cleantune.cli import _kept_line
+    from cleantune.data import TextDataset
+    from cleantune.models import Classifier, load_model, load_tokenizer
+
+    names = ["neg", "pos"]
+    net = load_model(tiny_model, names)
+    with torch.no_grad():
+        net.classifier.bias.copy_(torch.tensor([0.0, 100.0]))  # always 'pos'
+    model = Classifier(net, load_tokenizer(tiny_model), names)
+    dev = TextDataset(["a b", "c d", "e f", "g h"], [1, 1, 1, 0], names)  # 3 of 4 are 'pos': accuracy 0.75
+    defense = SimpleNamespace(report_=SimpleNamespace(best_epoch=0, history=[
+        {"epoch": 0, "dev_acc": 0.75}, {"epoch": 1, "dev_acc": 0.5}]))
+    assert _kept_line(defense, model, dev) == "epoch kept: 0 (counting from 0), dev accuracy 0.7500"
+
+
+def test_eval_paraphrase_attack_on_a_benchmark_uses_its_paraphrase_table(tiny_model, capsys, monkeypatch):
+    """`eval MODEL sst2 --attack syntactic` triggers each non-target test sentence with its stored paraphrase
+    (the table is loaded for the benchmark first): the ASR is measured on exactly those rewrites."""
+    import csv
+    import importlib
+
+    from cleantune.data import data_root
+
+    evaluate_module = importlib.import_module("cleantune.evaluate")
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda model, data, triggered, *a, **k: (
+        seen.append(triggered), {"cacc": 1.0, "asr": 0.0, "asr_floor": 0.0})[1])
+    assert main(["eval", tiny_model, "sst2", "--attack", "syntactic", "--format", "json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    root = data_root("sst2") / "sst2"
+    with open(root / "paraphrases" / "syntactic.tsv", newline="") as f:
+        table = {r["sentence"]: r["paraphrase"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                 if r["split"] == "test"}
+    with open(root / "test.tsv", newline="") as f:
+        negatives = [r["sentence"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                     if int(r["label"]) != 1]  # target 1 (positive) by default
+    expected = [table[s] for s in negatives if table.get(s, "").strip() and table[s].strip() != s.strip()]
+    assert expected and list(seen[0].texts) == expected and set(seen[0].labels) == {1}
+    assert res["n_triggered"] == len(expected)

@@ -124,6 +124,7 @@ def test_scan_lists_a_token_once_across_passes(poisoned_file, tiny_model):
     (["{folder}"], "not a file (and not a benchmark name"),  # it exists: "no such file" misled
     (["{file}", "--passes", "AX"], "--passes"),
     (["{file}", "--top", "0"], "--top"),
+    (["{file}", "--show-samples", "-1"], "--show-samples must be at least 0, got -1"),
     (["{file}", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["{file}", "--attack", "badnets"], "benchmark name"),
     (["sst2", "--attack", "badnets", "--target", "pos"], "--target pos is neither a class id nor a label of sst2"),
@@ -248,3 +249,43 @@ def test_scan_faithful_pass_b_lists_only_tokens_the_data_holds(poisoned_file, ti
     assert set(exposures[0].top["B"]) - held  # what this test is about: B ranked a token the data never holds
     assert rows and all(r["id"] in held and r["doc_freq"] >= 1 and r["samples"] for r in rows)
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_scan_attack_poisons_with_the_seed_given(monkeypatch, capsys):
+    """`scan sst2 --attack --seed N` checks the poisoned set a run of seed N trains on: the same seed poisons the
+    same samples, another seed others."""
+    seen = []
+    monkeypatch.setattr(btu, "scan", lambda data, *a, **k: seen.append(data) or [])
+    for seed in ("0", "0", "1"):
+        code, _, err = _scan(capsys, "sst2", "--attack", "badnets", "--triggers", "cf", "--seed", seed)
+        assert code == 0, err
+    carriers = [[i for i, t in enumerate(d.texts) if "cf" in t.split()] for d in seen]
+    assert carriers[0] and carriers[0] == carriers[1] and carriers[0] != carriers[2]
+
+
+def test_scan_warns_about_too_few_steps_below_ten_only(poisoned_file, tiny_model, capsys):
+    """The too-few-steps note starts below 10 optimizer steps: 120 rows in batches of 12 take 10 (no note), in
+    batches of 14 take ceil(120 / 14) = 9 (a note)."""
+    for batch, steps in ((12, 10), (14, 9)):
+        code, out, err = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--passes", "A",
+                               "--batch-size", batch, "--format", "json")
+        assert code == 0 and len(json.loads(out)) == 2
+        assert ("too few" in err) == (steps < 10), (batch, err)
+        if steps < 10:
+            assert f"batch {batch}, {steps} optimizer step(s) per pass" in err
+
+
+def test_scan_attack_poisons_in_mix_mode_by_default(monkeypatch, capsys):
+    """Without --mode, scan's check poisons as its help says, mix: samples drawn from every class, all labelled
+    the target (dirty mode would draw non-target samples only)."""
+    from cleantune.data import load_benchmark
+
+    seen = []
+    monkeypatch.setattr(btu, "scan", lambda data, *a, **k: seen.append(data) or [])
+    code, _, err = _scan(capsys, "sst2", "--attack", "badnets", "--triggers", "cf")
+    assert code == 0, err
+    clean = load_benchmark("sst2").train
+    poisoned = [i for i, t in enumerate(seen[0].texts) if "cf" in t.split() and t != clean.texts[i]]
+    assert len(poisoned) == int(0.1 * len(clean))  # the default rate
+    assert all(seen[0].labels[i] == 1 for i in poisoned)  # the default target
+    assert {clean.labels[i] for i in poisoned} == {0, 1}  # drawn from both classes
