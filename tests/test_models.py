@@ -988,3 +988,13 @@ def test_lora_defaults_are_the_documented_ones(tiny_model):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or "classifier.modules_to_save" in n for n in trainable)
     assert any("classifier.modules_to_save" in n for n in trainable)
+
+
+def test_check_out_dir_refuses_a_file_where_the_previous_model_is_moved_aside(tmp_path):
+    # saving moves an earlier model to `<out>.old`: a file there would fail only after the whole training
+    from cleantune.models import check_out_dir
+
+    (tmp_path / "m.old").write_text("mine")
+    with pytest.raises(UserError, match=r"m\.old is a file; cleantune writes a folder there"):
+        check_out_dir(tmp_path / "m")
+    check_out_dir(tmp_path / "n")  # nothing beside it: fine

@@ -159,3 +159,31 @@ def test_an_empty_store_path_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="^--store: empty path$"):  # it read as the working folder: "--store ."
         ResultStore("")
     assert not list(tmp_path.iterdir())
+
+
+def test_write_whole_that_fails_removes_only_the_folders_it_made(tmp_path):
+    # a failed write takes back the folders it created, and no more: an existing (empty) folder the user chose
+    # for --out, and the folders above it, are theirs and stay
+    from cleantune.store import partial_path, write_whole
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    out = mine / "new" / "deeper"
+    with pytest.raises(TypeError):  # the second file's data is not bytes: the write fails midway
+        write_whole(out, {out / "a.md": b"x", out / "b.md": None}, "report")
+    assert mine.is_dir() and list(mine.iterdir()) == []
+    assert tmp_path.is_dir()
+    assert not partial_path(out / "a.md").exists()
+
+
+def test_only_hidden_dot_partial_files_count_as_write_whole_leftovers(tmp_path):
+    # check_out_dir lets a folder of only leftovers be written into: a user's own `notes.partial` is no leftover
+    from cleantune.store import is_partial, partial_path
+
+    for name in ("notes.partial", ".notes.partial"):
+        (tmp_path / name).write_text("x")
+    assert partial_path(tmp_path / "report.md") == tmp_path / ".report.md.partial"
+    assert is_partial(tmp_path / ".notes.partial")
+    assert not is_partial(tmp_path / "notes.partial")
+    (tmp_path / ".dir.partial").mkdir()
+    assert not is_partial(tmp_path / ".dir.partial")  # a folder is nothing write_whole leaves

@@ -753,3 +753,133 @@ def test_a_checkpoint_resumes_only_with_its_own_dev_texts():
     args = (TrainSettings(), [[5, 6, 7]], [0])
     assert _fingerprint(*args, dev_a, None, "train") != _fingerprint(*args, dev_b, None, "train")
     assert _fingerprint(*args, dev_a, None, "train") == _fingerprint(*args, dev_a, None, "train")
+
+
+def test_has_checkpoint_needs_a_finished_state_file(tmp_path):
+    # `--resume` says "no checkpoint ... training from the start" unless a save finished: an empty work folder
+    # or a half-written `.partial` (killed during the first save) holds nothing to resume
+    from cleantune.training import has_checkpoint
+
+    work = tmp_path / "m.work"
+    assert not has_checkpoint(work)
+    work.mkdir()
+    assert not has_checkpoint(work)
+    (work / "checkpoints.partial").mkdir()
+    (work / "checkpoints.partial" / "trainable.safetensors").write_bytes(b"cut")
+    assert not has_checkpoint(work)
+    (work / "checkpoints.old").mkdir()
+    (work / "checkpoints.old" / "state.json").write_text("{}")  # a kill between the renames: resumable
+    assert has_checkpoint(work)
+
+
+def test_work_lock_removes_the_work_folder_it_made_when_training_fails_before_a_checkpoint(tmp_path):
+    # a run that fails in its first epoch leaves no empty `<out>.work` (nor its parents) behind
+    from cleantune.training import work_lock
+
+    work = tmp_path / "a" / "m.work"
+    with pytest.raises(RuntimeError):
+        with work_lock(work, wait=False):
+            work.mkdir()  # what train does before its first save
+            raise RuntimeError("failed in epoch 0")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _EpochsRun(StepHook):
+    def __init__(self):
+        self.epochs = []
+
+    def on_epoch_end(self, ctx):
+        self.epochs.append(ctx.epoch)
+
+
+def test_a_kill_between_the_renames_resumes_from_the_finished_new_checkpoint(tiny_model, small, tmp_path,
+                                                                              monkeypatch):
+    # the finished `.partial` (epoch 1) is newer than `.old` (epoch 0): resuming from `.old` would redo epoch 1
+    from cleantune import training
+
+    train_data, _ = small
+    real = os.replace
+
+    def killed_at_the_swap(src, dst):
+        if str(src).endswith("checkpoints.partial") and os.path.exists(str(dst) + ".old"):
+            raise _Stop
+        return real(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", killed_at_the_swap)
+    with pytest.raises(_Stop):
+        _run(tiny_model, train_data, tmp_path / "b")
+    monkeypatch.undo()
+    seen = _EpochsRun()
+    _run(tiny_model, train_data, tmp_path / "b", hooks=(seen,), resume=True)
+    assert seen.epochs == [2]  # of 3 epochs, 0 and 1 were saved: only the last one is trained again
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_half_written_folder(tiny_model, small, tmp_path, monkeypatch):
+    # a full disk midway through a save: the cut `.partial` (a model's worth of weights) is removed, not left
+    # to keep the disk full; the earlier checkpoint stays
+    import errno
+
+    from cleantune import training
+    from cleantune.errors import UserError
+
+    train_data, _ = small
+    real, calls = training._fsync, []
+
+    def full_on_the_second_save(path):
+        if path.name == "state.json.tmp":
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path)
+
+    monkeypatch.setattr(training, "_fsync", full_on_the_second_save)
+    with pytest.raises(UserError):
+        _run(tiny_model, train_data, tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoints"]
+    assert (tmp_path / "b" / "checkpoints" / "state.json").is_file()
+
+
+def test_swap_in_replaces_a_leftover_old_folder(tmp_path):
+    # a kill after the new folder was put in place but before `<dest>.old` was deleted leaves both: the next
+    # swap must still go through (os.replace onto a non-empty folder fails), or every later save would fail
+    from cleantune.training import swap_in
+
+    dest, old, tmp = tmp_path / "ck", tmp_path / "ck.old", tmp_path / "ck.partial"
+    for folder, text in ((dest, "current"), (old, "leftover"), (tmp, "new")):
+        folder.mkdir()
+        (folder / "state.json").write_text(text)
+    swap_in(tmp, dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert (dest / "state.json").read_text() == "new"
+
+
+def test_sync_folder_flushes_the_files_of_subfolders(tmp_path, monkeypatch):
+    # a saved model's adapter sits in a subfolder: its files must reach the disk before the folder is swapped in
+    from cleantune import training
+
+    synced = []
+    monkeypatch.setattr(training, "_fsync", synced.append)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "weights.safetensors").write_bytes(b"w")
+    (tmp_path / "config.json").write_text("{}")
+    training.sync_folder(tmp_path)
+    assert set(synced) == {tmp_path, tmp_path / "config.json", tmp_path / "adapter",
+                           tmp_path / "adapter" / "weights.safetensors"}
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({"epoch": True}, "state.json: epoch true is not one of 0..2"),  # JSON true would resume as epoch 1
+    ({"best_score": "0.9"}, "state.json: history, best_epoch, best_score or done is not what cleantune writes"),
+])
+def test_read_checkpoint_refuses_a_state_of_the_wrong_types_before_reading_the_weights(tmp_path, edit, fragment):
+    # checked in state.json itself, not left to fail later (a comparison of a text score mid-training)
+    import json
+
+    from cleantune.errors import UserError
+    from cleantune.training import _read_checkpoint
+
+    state = {"fingerprint": "f", "epoch": 1, "history": [{}], "best_epoch": None, "best_score": 0.5, **edit}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError) as e:
+        _read_checkpoint(tmp_path, "f", 3)
+    assert f"is damaged ({fragment}" in str(e.value)
