@@ -612,9 +612,8 @@ def test_guard_scores_on_dev_without_the_tuning_samples(tiny_model, monkeypatch)
     assert len(guard_dev) == 16 and sorted(guard_dev.texts + tune.texts) == sorted(dev.texts)  # the rest of dev
 
 
-@pytest.mark.parametrize("faithful", [False, True])
-def test_shallow_passes_group_by_length_except_the_faithful_padded_ones(tiny_model, monkeypatch, faithful):
-    # faithful passes pad to 128: grouping saves nothing there, and the official loader only shuffles
+def _record_train_settings(monkeypatch) -> dict:
+    """{desc: TrainSettings} of every btu.train call from now on (each stage names itself by its desc)."""
     settings, real = {}, btu.train
 
     def spy(model, tokenizer, data, dev=None, s=None, *args, **kwargs):
@@ -622,19 +621,20 @@ def test_shallow_passes_group_by_length_except_the_faithful_padded_ones(tiny_mod
         return real(model, tokenizer, data, dev, s, *args, **kwargs)
 
     monkeypatch.setattr(btu, "train", spy)
+    return settings
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_shallow_passes_group_by_length_except_the_faithful_padded_ones(tiny_model, monkeypatch, faithful):
+    # faithful passes pad to 128: grouping saves nothing there, and the official loader only shuffles
+    settings = _record_train_settings(monkeypatch)
     btu.expose(tiny_model, load_tokenizer(tiny_model), synthetic(48), faithful=faithful, k=5, passes="AB",
                batch_size=16, max_length=48)
     assert [settings[f"btu expose {n}"].group_by_length for n in "AB"] == [not faithful] * 2
 
 
 def test_shallow_passes_train_with_the_configured_rho_lr_and_length(tiny_model, monkeypatch):
-    settings, real = {}, btu.train
-
-    def spy(model, tokenizer, data, dev=None, s=None, *args, **kwargs):
-        settings[kwargs.get("desc")] = s
-        return real(model, tokenizer, data, dev, s, *args, **kwargs)
-
-    monkeypatch.setattr(btu, "train", spy)
+    settings = _record_train_settings(monkeypatch)
     tok = load_tokenizer(tiny_model)
     defense = BTU(model=tiny_model, epochs=1, batch_size=16, max_length=64, guard=False, rho=0.002,
                   expose_lr=5e-3, expose_max_length=48)
@@ -809,13 +809,7 @@ def test_shallow_passes_pool_padding_only_in_faithful_mode(tiny_model, monkeypat
 def test_shallow_passes_take_the_modes_lr_and_the_runs_seed(tiny_model, monkeypatch, faithful):
     # without expose_lr: the official 2e-5 in faithful mode, 1e-3 in the default (the trigger separates
     # there, docs/btu.md); the batch order follows the run's seed, as every other stage's
-    settings, real = {}, btu.train
-
-    def spy(model, tokenizer, data, dev=None, s=None, *args, **kwargs):
-        settings[kwargs.get("desc")] = s
-        return real(model, tokenizer, data, dev, s, *args, **kwargs)
-
-    monkeypatch.setattr(btu, "train", spy)
+    settings = _record_train_settings(monkeypatch)
     btu.expose(tiny_model, load_tokenizer(tiny_model), synthetic(32), faithful=faithful, k=3, passes="AB",
                batch_size=16, max_length=48, seed=7, progress=False)
     for name in "AB":

@@ -160,15 +160,13 @@ def test_resume_with_dev_data_keeps_the_best_epoch_from_before_the_interruption(
     assert (predict_logits(model_b, tok, dev.texts, s).argmax(-1) == 0).all()
 
 
-@pytest.mark.parametrize("left", ["new", "old"])
-def test_resume_after_a_kill_between_the_checkpoint_renames(left, tiny_model, small, tmp_path, monkeypatch):
-    """The epoch-1 save moved epoch 0's checkpoint aside and was killed before putting its own in place."""
+def _kill_at_the_checkpoint_swap(tiny_model, train_data, work, monkeypatch) -> None:
+    """Train into `work`, killed in the epoch-1 save after epoch 0's checkpoint was moved aside to `.old` and
+    before the finished `.partial` took its place."""
     import os
 
     from cleantune import training
 
-    train_data, dev = small
-    model_a, tok, rep_a = _run(tiny_model, train_data, tmp_path / "a")
     real = os.replace
 
     def killed_at_the_swap(src, dst):
@@ -178,8 +176,16 @@ def test_resume_after_a_kill_between_the_checkpoint_renames(left, tiny_model, sm
 
     monkeypatch.setattr(training.os, "replace", killed_at_the_swap)
     with pytest.raises(_Stop):
-        _run(tiny_model, train_data, tmp_path / "b")
+        _run(tiny_model, train_data, work)
     monkeypatch.undo()
+
+
+@pytest.mark.parametrize("left", ["new", "old"])
+def test_resume_after_a_kill_between_the_checkpoint_renames(left, tiny_model, small, tmp_path, monkeypatch):
+    """The epoch-1 save moved epoch 0's checkpoint aside and was killed before putting its own in place."""
+    train_data, dev = small
+    model_a, tok, rep_a = _run(tiny_model, train_data, tmp_path / "a")
+    _kill_at_the_checkpoint_swap(tiny_model, train_data, tmp_path / "b", monkeypatch)
     if left == "old":  # killed before the new one was finished: only the old one is complete
         (tmp_path / "b" / "checkpoints.partial" / "state.json").unlink()
     assert not (tmp_path / "b" / "checkpoints").exists()
@@ -637,6 +643,9 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_keeps_the_p
     with pytest.raises(UserError, match="cannot write epoch 1's checkpoint .*No space left on device.*--resume"):
         _run(tiny_model, train_data, tmp_path / "b")
     monkeypatch.undo()
+    # the cut `.partial` (a model's worth of weights) is removed, not left to keep the disk full
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoints"]
+    assert (tmp_path / "b" / "checkpoints" / "state.json").is_file()
     _, _, rep_b = _run(tiny_model, train_data, tmp_path / "b", resume=True)
     _, _, rep_a = _run(tiny_model, train_data, tmp_path / "a")
     assert rep_b.resumed_train_seconds > 0
@@ -685,13 +694,6 @@ def test_samples_per_s_counts_a_short_last_batch_as_what_it_holds(tiny_model, sm
     assert report.samples_per_s * report.train_seconds == pytest.approx(2 * 40, rel=1e-9)
 
 
-class _ZeroGradsAll(StepHook):
-    def after_backward(self, ctx):
-        for p in ctx.model.parameters():
-            if p.grad is not None:
-                p.grad.zero_()
-
-
 def test_weight_decay_reaches_the_optimizer_for_weight_matrices_only(tiny_model, small):
     # with every gradient zeroed AdamW's update is only its decoupled decay, p *= 1 - lr * weight_decay a step:
     # weight matrices shrink by that factor per step, biases and LayerNorms not at all
@@ -701,7 +703,7 @@ def test_weight_decay_reaches_the_optimizer_for_weight_matrices_only(tiny_model,
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train(model, load_tokenizer(tiny_model), train_data.subset(range(64)), None,
           TrainSettings(epochs=1, batch_size=16, lr=lr, weight_decay=wd, warmup_ratio=0.0, lr_schedule="constant"),
-          (_ZeroGradsAll(),), progress=False)
+          (_ZeroGrads(),), progress=False)
     factor = (1 - lr * wd) ** steps
     for n, p in model.named_parameters():
         expected = before[n] if n.endswith("bias") or "LayerNorm" in n else before[n] * factor
@@ -795,48 +797,11 @@ class _EpochsRun(StepHook):
 def test_a_kill_between_the_renames_resumes_from_the_finished_new_checkpoint(tiny_model, small, tmp_path,
                                                                               monkeypatch):
     # the finished `.partial` (epoch 1) is newer than `.old` (epoch 0): resuming from `.old` would redo epoch 1
-    from cleantune import training
-
     train_data, _ = small
-    real = os.replace
-
-    def killed_at_the_swap(src, dst):
-        if str(src).endswith("checkpoints.partial") and os.path.exists(str(dst) + ".old"):
-            raise _Stop
-        return real(src, dst)
-
-    monkeypatch.setattr(training.os, "replace", killed_at_the_swap)
-    with pytest.raises(_Stop):
-        _run(tiny_model, train_data, tmp_path / "b")
-    monkeypatch.undo()
+    _kill_at_the_checkpoint_swap(tiny_model, train_data, tmp_path / "b", monkeypatch)
     seen = _EpochsRun()
     _run(tiny_model, train_data, tmp_path / "b", hooks=(seen,), resume=True)
     assert seen.epochs == [2]  # of 3 epochs, 0 and 1 were saved: only the last one is trained again
-
-
-def test_a_checkpoint_that_cannot_be_written_leaves_no_half_written_folder(tiny_model, small, tmp_path, monkeypatch):
-    # a full disk midway through a save: the cut `.partial` (a model's worth of weights) is removed, not left
-    # to keep the disk full; the earlier checkpoint stays
-    import errno
-
-    from cleantune import training
-    from cleantune.errors import UserError
-
-    train_data, _ = small
-    real, calls = training._fsync, []
-
-    def full_on_the_second_save(path):
-        if path.name == "state.json.tmp":
-            calls.append(path)
-            if len(calls) == 2:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path)
-
-    monkeypatch.setattr(training, "_fsync", full_on_the_second_save)
-    with pytest.raises(UserError):
-        _run(tiny_model, train_data, tmp_path / "b")
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoints"]
-    assert (tmp_path / "b" / "checkpoints" / "state.json").is_file()
 
 
 def test_swap_in_replaces_a_leftover_old_folder(tmp_path):
