@@ -670,6 +670,12 @@ def test_the_results_table_tells_apart_runs_that_differ_in_a_setting_it_has_no_c
     lines = capsys.readouterr().out.splitlines()
     assert sorted(line[at:].split("  ")[0] for line in lines[2:]) == \
         ["finetune", "finetune (epochs=1)", "lora (lr=0.001)", "lora (lr=0.002)"]
+    # labelled among its own dataset's runs: alone on olid, a failed lora run has no setting to tell apart
+    put_run(s, 0.0, 0.0, 1.0, status="failed", dataset="olid", attack="badnets", defense="lora", lr=1e-3)
+    assert main(["results", "--store", str(s.path), "--dataset", "olid,sst2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line[at:].split("  ")[0] for line in lines[2:]) == \
+        ["finetune", "finetune (epochs=1)", "lora", "lora (lr=0.001)", "lora (lr=0.002)"]
 
 
 def test_a_row_has_one_colour_in_every_plot(tmp_path):

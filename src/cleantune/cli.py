@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import warnings
+from collections import defaultdict
 from dataclasses import fields
 from pathlib import Path
 
@@ -760,9 +761,12 @@ def format_table(runs: list[dict]) -> str:
     # not relabel them here either; a failed run is labelled as it would be among them.
     ok = [r for r in runs if r.get("status", "ok") == "ok"]
     labels = _variant_rows(ok)
+    tables = defaultdict(list)  # a row's label reads only its dataset's runs
+    for r in ok:
+        tables[r["config"]["dataset"]].append(r)
     for r in runs:
         if r["id"] not in labels:
-            labels[r["id"]] = _variant_rows(ok + [r])[r["id"]]
+            labels[r["id"]] = _variant_rows(tables[r["config"]["dataset"]] + [r])[r["id"]]
     for row, r in zip(rows, runs):
         row["defense"] = labels[r["id"]][1]
     cols = [c for c in RESULT_COLUMNS if any(row.get(c) is not None for row in rows)]

@@ -88,7 +88,7 @@ def minority_clusters(labels: list[int], clusters: np.ndarray) -> list[bool]:
         counts = Counter(clusters[members].tolist())
         if len(counts) < 2:
             continue
-        largest = max(counts, key=lambda c: (counts[c], -c))
+        largest = max(counts, key=lambda c: (counts[c], -c))  # a tie keeps the lowest number, noise (-1) first
         for c, size in counts.items():
             if c != largest and size < 0.5 * members.sum():
                 flagged |= members & (clusters == c)
