@@ -1473,3 +1473,18 @@ def test_eval_paraphrase_attack_on_a_benchmark_uses_its_paraphrase_table(tiny_mo
     expected = [table[s] for s in negatives if table.get(s, "").strip() and table[s].strip() != s.strip()]
     assert expected and list(seen[0].texts) == expected and set(seen[0].labels) == {1}
     assert res["n_triggered"] == len(expected)
+
+
+def test_help_lists_every_registered_dataset_attack_and_defense(capsys):
+    """The help texts name them without importing the registries (torch); a new defense must join the list."""
+    from cleantune.attacks import ATTACKS
+    from cleantune.data import BENCHMARKS
+    from cleantune.defenses import DEFENSES
+
+    for command in ("run", "train"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+        assert ", ".join(DEFENSES) in text
+        if command == "run":
+            assert ", ".join(ATTACKS) in text and ", ".join(BENCHMARKS) in text

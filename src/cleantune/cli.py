@@ -75,6 +75,8 @@ def _options(items: list[str]) -> dict:
     return out
 
 
+# the registry (defenses.DEFENSES) imports torch, which --help should not wait for; a test keeps the two equal
+DEFENSE_NAMES = "finetune, lora, ga, ga-lora, lora-mslr, muscle-lora, btu, onion, strip, rap, bki, cube, abl"
 STORE_HELP = "results store, a SQLite file (default: $XDG_DATA_HOME/cleantune/results.sqlite)"
 
 
@@ -84,7 +86,7 @@ def _add_run_options(p: argparse.ArgumentParser, lists: bool, store: bool = True
     p.add_argument("--config", help="YAML or TOML file of options (keys as below, with underscores)", default=S)
     p.add_argument("--dataset", default=S, help="sst2, hsol, agnews, olid" + many)
     p.add_argument("--attack", default=S, help="badnets, addsent, syntactic, style" + many)
-    p.add_argument("--defense", default=S, help="defense name" + many)
+    p.add_argument("--defense", default=S, help=DEFENSE_NAMES + many)
     p.add_argument("--seed", default=S, help="random seed" + many)
     p.add_argument("--model", default=S, help="backbone: 'minilm' (default), a local HF directory or a hub id")
     _add_training_options(p, S)
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", help="clean labelled dev file for model selection (without it: the last epoch)")
     p.add_argument("--text-column", help="default: sentence or text")
     p.add_argument("--label-column", help="default: label")
-    p.add_argument("--defense", help="default: finetune")
+    p.add_argument("--defense", help=DEFENSE_NAMES + " (default: finetune)")
     p.add_argument("--model", help="backbone: 'minilm' (default), a local HF directory or a hub id")
     p.add_argument("--seed", type=int, help="default: 0")
     _add_training_options(p)
