@@ -490,13 +490,13 @@ def test_a_sweep_in_this_process_interrupted_before_storing_anything_leaves_no_s
     assert not list(tmp_path.glob("s.sqlite*"))
 
 
-def start_interrupted_sweep(tmp_path, script=INTERRUPTED, stdout=subprocess.PIPE):
+def start_interrupted_sweep(tmp_path, script=INTERRUPTED, stdout=subprocess.PIPE, stderr=None):
     """The sweep of `script` in a session of its own, once both of its workers have started a cell; and its log."""
     (tmp_path / "interrupted.py").write_text(script)
     log = tmp_path / "log"
     log.touch()
     p = subprocess.Popen([sys.executable, str(tmp_path / "interrupted.py"), str(log), str(tmp_path / "s.sqlite")],
-                         stdout=stdout, text=True, start_new_session=True)
+                         stdout=stdout, stderr=stderr, text=True, start_new_session=True)
     deadline = time.time() + 120
     while log.read_text().count("start") < 2 and time.time() < deadline:
         time.sleep(0.2)
@@ -529,6 +529,18 @@ def test_ctrl_c_stops_a_sweep_without_starting_a_queued_cell(tmp_path):
     text = log.read_text()
     assert text.count("start") == text.count("SIGINT ignored") == 2 and "worker interrupted" not in text
     assert not list(tmp_path.glob("s.sqlite*"))  # the sweep created the store and stored nothing: none is left
+
+
+def test_ctrl_c_leaves_no_semaphore_of_a_progress_bar_behind(tmp_path):
+    """A cell's tqdm bar (a run's, even disabled) took a multiprocessing lock in the worker; the sweep stops its
+    workers with SIGTERM, so nothing released it and Python's resource tracker warned as the sweep exited."""
+    barred = INTERRUPTED.replace("    try:  # long enough", "    from tqdm.auto import tqdm\n"
+                                 "    list(tqdm(range(2), disable=True))\n"
+                                 "    try:  # long enough")
+    p, log = start_interrupted_sweep(tmp_path, barred, stderr=subprocess.STDOUT)
+    os.killpg(p.pid, signal.SIGINT)
+    out = output_within(p, 120)  # to the end of the pipe, which the resource tracker's process holds too
+    assert "interrupted" in out and "leaked semaphore" not in out, out
 
 
 def test_ctrl_c_stops_a_sweep_whose_cells_ignore_sigterm(tmp_path):

@@ -200,6 +200,11 @@ def _init_worker(threads: int) -> None:
     threading.Thread(target=_exit_without, args=(os.getppid(),), daemon=True).start()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # tqdm's default lock holds a multiprocessing semaphore, which a worker stopped by Ctrl-C never releases: the
+    # resource tracker warned of "leaked semaphore objects" as the sweep exited. A worker's bars are its own.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     import torch
 
     from .models import silence_transformers
