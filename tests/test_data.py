@@ -637,3 +637,129 @@ def test_a_paraphrase_table_row_of_an_unknown_split_is_named(tmp_path):
     bench = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, tmp_path)
     with pytest.raises(UserError, match=r"syntactic\.tsv:3: unknown split 'validation'"):
         load_paraphrases(bench, "syntactic")
+
+
+def test_shared_data_beside_the_project_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    # ../shared/data is found beside the checkout the package runs from, not only beside the working directory:
+    # a run started from another folder would otherwise try to download every benchmark into the cache
+    from cleantune.data import data_root
+
+    monkeypatch.delenv("CLEANTUNE_DATA", raising=False)
+    monkeypatch.setenv("CLEANTUNE_DATA_URL", (tmp_path / "no-mirror").as_uri())  # a download fails at once
+    monkeypatch.chdir(tmp_path)
+    assert data_root("olid").resolve() == SHARED_DATA.resolve()
+
+
+def test_an_installed_package_finds_shared_data_beside_the_working_directory(tmp_path, monkeypatch):
+    # installed into a virtual environment (not editable), the package lies far from the project: then
+    # ../shared/data beside the working directory is the benchmarks' source, not a download
+    from cleantune import data
+
+    monkeypatch.delenv("CLEANTUNE_DATA", raising=False)
+    monkeypatch.setenv("CLEANTUNE_DATA_URL", (tmp_path / "no-mirror").as_uri())
+    site = tmp_path / "venv" / "lib" / "python3" / "site-packages" / "cleantune" / "data.py"
+    monkeypatch.setattr(data, "__file__", str(site))
+    monkeypatch.chdir(tmp_path)  # nothing beside the package or this folder: the (failing) download
+    with pytest.raises(UserError, match="cannot download"):
+        data.data_root("olid")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the project, with shared/data beside it
+    assert data.data_root("olid").resolve() == SHARED_DATA.resolve()
+
+
+def test_a_base_url_given_to_download_benchmark_wins_over_the_environment(tmp_path, monkeypatch):
+    # the caller's argument is the choice for this call; $CLEANTUNE_DATA_URL is only the default
+    monkeypatch.setenv("CLEANTUNE_DATA_URL", (tmp_path / "no-mirror").as_uri())
+    dest = tmp_path / "cache"
+    download_benchmark("olid", dest, base_url=SHARED_DATA.as_uri())
+    assert (dest / "olid" / "dev.tsv").read_bytes() == (SHARED_DATA / "olid" / "dev.tsv").read_bytes()
+
+
+def test_a_benchmark_served_from_the_user_cache_brings_its_paraphrase_tables_checked_like_any_sources(
+        tmp_path, monkeypatch):
+    # a paraphrase attack on a benchmark served from the cache reads the tables downloaded with it, and a table
+    # altered there after the load is refused like one in $CLEANTUNE_DATA (its numbers would pass as sst2's)
+    import csv
+
+    from cleantune import data
+
+    monkeypatch.setattr(data, "_project_data_dir", lambda: None)
+    monkeypatch.delenv("CLEANTUNE_DATA", raising=False)
+    monkeypatch.setenv("CLEANTUNE_DATA_URL", SHARED_DATA.as_uri())
+    bench = load_benchmark("sst2")
+    cached = tmp_path / "xdg-cache" / "cleantune" / "data" / "sst2"  # conftest's XDG_CACHE_HOME
+    assert bench.root == cached
+    sha = json.loads((SHARED_DATA / "MANIFEST.json").read_text())["sha256"]
+    assert {p.relative_to(cached.parent).as_posix() for p in cached.rglob("*") if p.is_file()} == \
+        {k for k in sha if k.startswith("sst2/")}
+    with open(SHARED_DATA / "sst2" / "paraphrases" / "syntactic.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    expected = {r["sentence"].strip(): r["paraphrase"].strip() for r in rows if r["split"] == "train"}
+    assert data.load_paraphrases(bench, "syntactic")["train"] == expected
+    with open(cached / "paraphrases" / "style.tsv", "a") as f:
+        f.write("train\tan added sentence\tthus an added sentence it was .\n")
+    with pytest.raises(UserError, match=r"style\.tsv: not the sst2 benchmark's file"):
+        data.load_paraphrases(bench, "style")
+
+
+def test_a_paraphrase_table_read_through_a_symlinked_source_is_still_checked(tmp_path, monkeypatch):
+    # $CLEANTUNE_DATA is often a link to a shared disk: an altered table read through it must be refused
+    # as it is read through the real path
+    real = tmp_path / "real"
+    shutil.copytree(SHARED_DATA / "sst2", real / "sst2")
+    with open(real / "sst2" / "paraphrases" / "syntactic.tsv", "a") as f:
+        f.write("train\tan added sentence\twhen added , it is a sentence .\n")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    monkeypatch.setenv("CLEANTUNE_DATA", str(link))
+    with pytest.raises(UserError, match=r"syntactic\.tsv: not the sst2 benchmark's file"):
+        attacks.Syntactic().apply(load_benchmark("sst2"))
+
+
+def test_each_loaded_benchmark_split_has_label_names_of_its_own():
+    # like texts and labels, the class names are the caller's to change: an edit must not reach the other
+    # splits, a later load, or the benchmark table itself
+    a = load_benchmark("sst2")
+    a.train.label_names[0] = "changed"
+    assert a.dev.label_names == a.test.label_names == ["negative", "positive"]
+    assert load_benchmark("sst2").train.label_names == ["negative", "positive"]
+
+
+def test_a_source_holding_an_empty_benchmark_folder_leaves_it_to_the_next_source(tmp_path, monkeypatch):
+    # a folder of the benchmark's name without its train.tsv (a copy not made yet) is no copy of the benchmark
+    mine = tmp_path / "mine"
+    (mine / "olid").mkdir(parents=True)
+    monkeypatch.setenv("CLEANTUNE_DATA", str(mine))
+    assert load_benchmark("olid").root.resolve() == (SHARED_DATA / "olid").resolve()
+
+
+def test_a_paraphrase_table_of_ones_own_is_keyed_by_the_stripped_sentence(tmp_path):
+    from cleantune.data import Benchmark, load_paraphrases
+
+    # the dataset's texts are read stripped: a padded sentence in the table must still find its text
+    (tmp_path / "paraphrases").mkdir()
+    (tmp_path / "paraphrases" / "syntactic.tsv").write_text(
+        "split\tsentence\tparaphrase\ntrain\t  a padded sentence \twhen padded , it is .\n")
+    sst2 = load_benchmark("sst2")
+    bench = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, tmp_path)
+    assert load_paraphrases(bench, "syntactic")["train"] == {"a padded sentence": "when padded , it is ."}
+
+
+def test_whether_a_paraphrase_table_is_checked_does_not_depend_on_what_was_read_before(tmp_path, monkeypatch):
+    """Parsed files were cached by path and contents only: a table parsed once unchecked (as one's own) or as
+    one benchmark's was later served unchecked as a shipped table, or as another benchmark's."""
+    from cleantune.data import Benchmark, load_paraphrases
+
+    sst2 = load_benchmark("sst2")
+    as_hsol = Benchmark("hsol", sst2.train, sst2.dev, sst2.test, sst2.root)
+    load_paraphrases(sst2, "syntactic")
+    with pytest.raises(UserError, match="not the hsol benchmark's file"):
+        load_paraphrases(as_hsol, "syntactic")
+    copy = tmp_path / "copy"
+    shutil.copytree(SHARED_DATA / "sst2", copy / "sst2")
+    table = copy / "sst2" / "paraphrases" / "syntactic.tsv"
+    table.write_text(table.read_text() + "train\tan added sentence\tif added , it was .\n")
+    own = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, copy / "sst2")
+    assert "an added sentence" in load_paraphrases(own, "syntactic")["train"]  # one's own table: read as it is
+    monkeypatch.setenv("CLEANTUNE_DATA", str(copy))  # now a source of the shipped data
+    with pytest.raises(UserError, match=r"syntactic\.tsv: not the sst2 benchmark's file"):
+        load_paraphrases(load_benchmark("sst2"), "syntactic")

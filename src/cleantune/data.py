@@ -541,7 +541,7 @@ def load_benchmark(name: str) -> Benchmark:
 
     splits = {}
     for s in SPLITS:  # fresh lists each call: callers subsample and poison them in place
-        texts, labels = _cached(root / f"{s}.tsv", read)
+        texts, labels = _cached(root / f"{s}.tsv", read, f"{name}/{s}.tsv")
         splits[s] = TextDataset(list(texts), list(labels), list(names))
     return Benchmark(name, splits["train"], splits["dev"], splits["test"], root)
 
@@ -551,14 +551,17 @@ def load_benchmark(name: str) -> Benchmark:
 _PARSED: dict[tuple, object] = {}
 
 
-def _cached(path: Path, read):
+def _cached(path: Path, read, checked_as: str | None):
+    """`read(path)`, parsed once per contents. `checked_as` is the MANIFEST entry `read` checks the file against
+    (None: none) and part of the key: a file parsed unchecked, as your own table, or as another benchmark's
+    file, is checked again when it is read as a shipped one."""
     try:
         st = path.stat()
     except OSError:
         return read(path)  # which names the file in its error
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), st.st_size, st.st_mtime_ns, checked_as)
     if key not in _PARSED:
-        for old in [k for k in _PARSED if k[0] == key[0]]:  # an edited file's earlier contents
+        for old in [k for k in _PARSED if k[0] == key[0]]:  # an edited file's earlier contents, or another check's
             del _PARSED[old]
         _PARSED[key] = read(path)
     return _PARSED[key]
@@ -579,12 +582,14 @@ def load_paraphrases(bench: Benchmark, attack: str) -> dict[str, dict[str, str]]
     # the shipped tables wherever benchmark data is read from; a Benchmark built by hand may name its own
     shipped = root.resolve().parent in {p.resolve() for p in (*_sources(), cache_dir() / "data")}
 
+    rel = f"{bench.name}/paraphrases/{attack}.tsv" if shipped else None
+
     def read(path):
-        if shipped:
-            _check_shipped(path, f"{bench.name}/paraphrases/{attack}.tsv")
+        if rel is not None:
+            _check_shipped(path, rel)
         return _read_paraphrases(path)
 
-    table = _cached(root / "paraphrases" / f"{attack}.tsv", read)
+    table = _cached(root / "paraphrases" / f"{attack}.tsv", read, rel)
     return {s: dict(t) for s, t in table.items()}  # a copy: the cached table serves every later call
 
 
