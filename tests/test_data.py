@@ -573,13 +573,20 @@ def test_label_problems_quote_the_label_as_written_and_cut_a_long_one(tmp_path):
         read_dataset(write(tmp_path, "big.jsonl", f'{{"text": "a", "label": {digits}}}\n{{"text": "b", "label": 0}}\n'))
 
 
-def test_a_paraphrase_table_without_its_columns_is_named(tmp_path):
-    from cleantune.data import Benchmark, load_paraphrases
+def own_syntactic_table(folder: Path, table: str):
+    """sst2's splits with a syntactic paraphrase table of one's own (`table`, header included): not the shipped one."""
+    from cleantune.data import Benchmark
 
-    (tmp_path / "paraphrases").mkdir()
-    (tmp_path / "paraphrases" / "syntactic.tsv").write_text("split\tsentence\tparaphr\ntrain\ta\tb\n")
+    (folder / "paraphrases").mkdir()
+    (folder / "paraphrases" / "syntactic.tsv").write_text(table)
     sst2 = load_benchmark("sst2")
-    bench = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, tmp_path)  # a table of one's own: not the shipped one
+    return Benchmark("sst2", sst2.train, sst2.dev, sst2.test, folder)
+
+
+def test_a_paraphrase_table_without_its_columns_is_named(tmp_path):
+    from cleantune.data import load_paraphrases
+
+    bench = own_syntactic_table(tmp_path, "split\tsentence\tparaphr\ntrain\ta\tb\n")
     with pytest.raises(UserError, match=r"syntactic\.tsv:2: no 'paraphrase' column \(a paraphrase table has split, "):
         load_paraphrases(bench, "syntactic")
 
@@ -627,14 +634,11 @@ def test_a_number_written_another_way_matches_a_label_name_that_is_that_number(t
 
 
 def test_a_paraphrase_table_row_of_an_unknown_split_is_named(tmp_path):
-    from cleantune.data import Benchmark, load_paraphrases
+    from cleantune.data import load_paraphrases
 
     # a table of one's own that says "validation" for dev: a one-line error naming the row, not a KeyError
-    (tmp_path / "paraphrases").mkdir()
-    (tmp_path / "paraphrases" / "syntactic.tsv").write_text(
-        "split\tsentence\tparaphrase\ntrain\ta\twhen a , b .\nvalidation\tc\twhen c , d .\n")
-    sst2 = load_benchmark("sst2")
-    bench = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, tmp_path)
+    bench = own_syntactic_table(
+        tmp_path, "split\tsentence\tparaphrase\ntrain\ta\twhen a , b .\nvalidation\tc\twhen c , d .\n")
     with pytest.raises(UserError, match=r"syntactic\.tsv:3: unknown split 'validation'"):
         load_paraphrases(bench, "syntactic")
 
@@ -733,14 +737,11 @@ def test_a_source_holding_an_empty_benchmark_folder_leaves_it_to_the_next_source
 
 
 def test_a_paraphrase_table_of_ones_own_is_keyed_by_the_stripped_sentence(tmp_path):
-    from cleantune.data import Benchmark, load_paraphrases
+    from cleantune.data import load_paraphrases
 
     # the dataset's texts are read stripped: a padded sentence in the table must still find its text
-    (tmp_path / "paraphrases").mkdir()
-    (tmp_path / "paraphrases" / "syntactic.tsv").write_text(
-        "split\tsentence\tparaphrase\ntrain\t  a padded sentence \twhen padded , it is .\n")
-    sst2 = load_benchmark("sst2")
-    bench = Benchmark("sst2", sst2.train, sst2.dev, sst2.test, tmp_path)
+    bench = own_syntactic_table(
+        tmp_path, "split\tsentence\tparaphrase\ntrain\t  a padded sentence \twhen padded , it is .\n")
     assert load_paraphrases(bench, "syntactic")["train"] == {"a padded sentence": "when padded , it is ."}
 
 
