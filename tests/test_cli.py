@@ -384,7 +384,9 @@ def test_a_run_that_fails_before_storing_anything_leaves_no_store(tiny_model, tm
 
     store = tmp_path / "new.sqlite"
     args = ["run", "--model", tiny_model, "--train-size", "50", "--max-length", "200", "--store", str(store)]
-    assert main(args) == 2  # found only when the model loads, after the store was opened
+    # refused as the cells are checked, before the store is opened; a failure after it opened:
+    # test_a_run_that_fails_keeps_a_store_that_was_there_and_removes_one_it_made
+    assert main(args) == 2
     assert "--max-length 200 exceeds the 130 tokens" in capsys.readouterr().err
     assert not list(tmp_path.glob("new.sqlite*")) and not list((data_dir() / "runs").glob("*"))
 
@@ -979,8 +981,11 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     store = ResultStore(tmp_path / "s.sqlite")
     store.put("0" * 64, {"dataset": "sst2", "attack": "badnets", "defense": "finetune"}, {"cacc": 0.5}, {}, {})
     store.conn.close()
+    # stdout buffered, as a user's is: PYTHONUNBUFFERED (set on some machines) would write at each print, before
+    # main returns, and hide an error the interpreter's flush at exit would meet instead
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     p = subprocess.Popen([sys.executable, "-m", "cleantune", "results", "--store", tmp_path / "s.sqlite",
-                          "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     p.stdout.close()  # before the command writes: its first write meets a pipe without a reader
     err = p.stderr.read()
     assert p.wait() == 141 and err == ""
@@ -1488,3 +1493,65 @@ def test_help_lists_every_registered_dataset_attack_and_defense(capsys):
         assert ", ".join(DEFENSES) in text
         if command == "run":
             assert ", ".join(ATTACKS) in text and ", ".join(BENCHMARKS) in text
+
+
+def test_run_force_trains_a_stored_config_again(tiny_model, tmp_path, capsys):
+    # --force is how a user re-runs a result they distrust: it must train, not hand back the stored run
+    args = ["run", "--model", tiny_model, "--train-size", "64", "--epochs", "1", "--no-progress", "--format", "json",
+            "--store", str(tmp_path / "s.sqlite")]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)[0]
+    assert main(args + ["--force"]) == 0
+    forced = json.loads(capsys.readouterr().out)[0]
+    assert forced["id"] == first["id"] and forced["reused"] is False
+    assert forced["metrics"]["cacc"] == first["metrics"]["cacc"]  # trained again, to the same seeded result
+
+
+def test_a_run_that_fails_keeps_a_store_that_was_there_and_removes_one_it_made(tmp_path, capsys, monkeypatch):
+    # an error no check foresaw (a hub id offline) must not leave an empty store behind, nor delete the user's
+    from cleantune import runner
+    from cleantune.errors import UserError
+    from cleantune.store import ResultStore
+
+    def offline(*a, **k):
+        raise UserError("--model x: cannot reach the hub")
+
+    monkeypatch.setattr(runner, "run", offline)
+    new = tmp_path / "new.sqlite"
+    assert main(["run", "--train-size", "50", "--store", str(new)]) == 2
+    assert "cannot reach the hub" in capsys.readouterr().err
+    assert not list(tmp_path.glob("new.sqlite*"))
+    old = tmp_path / "old.sqlite"
+    ResultStore(old).conn.close()  # the user's store, empty so far
+    assert main(["run", "--train-size", "50", "--store", str(old)]) == 2
+    capsys.readouterr()
+    assert old.is_file()
+
+
+def test_a_config_files_seed_must_be_a_whole_number(tmp_path, capsys):
+    # YAML's `seed: 1.5` or `seed: true` ran seed 1 without a word where int() took them
+    for value in ("1.5", "true"):
+        (tmp_path / "c.yaml").write_text(f"seed: {value}\ndataset: nope\n")  # a later error, were the seed taken
+        assert main(["run", "--config", str(tmp_path / "c.yaml"), "--train-size", "50"]) == 2
+        err = capsys.readouterr().err
+        assert "'seed'" in err and "expected an integer" in err and "nope" not in err, err
+
+
+def test_a_caller_that_ignores_sigterm_keeps_ignoring_it(monkeypatch, capsys):
+    # a caller (nohup-like wrapper) that set SIGTERM to be ignored expects the command to run on through it
+    import signal
+
+    import cleantune.cli as cli
+
+    def signalled(ns):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "results", signalled)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert main(["results"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == ""

@@ -437,3 +437,29 @@ def test_first_step_below_needs_the_curve_strictly_under_the_threshold():
     res = {"records": [{"step": s, "clean": {"e_low": [v]}} for s, v in ((0, 0.9), (5, 0.5), (10, 0.25))]}
     assert first_step_below(res, "clean") == 10
     assert first_step_below(res, "clean", threshold=0.25) is None
+
+
+def test_analyze_passes_its_settings_on_and_names_steps_0_and_never(tiny_model, tmp_path, capsys, monkeypatch):
+    """--every, --samples, --distance and the cell's seed and triggers reach the analysis; its summary says step 0
+    where the curve starts below 0.5 (step 0 is a step, not "never") and "never" where it never falls below."""
+    from cleantune import frequency
+
+    seen = {}
+
+    def analyze(config, out_dir, **kwargs):
+        seen.update(kwargs, seed=config.seed, triggers=config.triggers)
+        return {"metrics": {"cacc": 0.5, "asr": 0.25}, "deltas": [2.0],
+                "sets": {"clean": {"n": 8, "median_distance": 3.0}, "poison": {"n": 8, "median_distance": 4.0}},
+                "first_step_e_low_below_0.5": {"clean": 0, "poison": None}, "plots": []}
+
+    monkeypatch.setattr(frequency, "analyze", analyze)
+    out = tmp_path / "freq"
+    assert main(["analyze", "frequency", "--model", tiny_model, "--train-size", "40", "--seed", "02",
+                 "--triggers", "cf,mn", "--every", "3", "--samples", "8", "--distance", "median",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert {k: seen[k] for k in ("every", "samples", "distance", "resume", "seed", "triggers")} == \
+        {"every": 3, "samples": 8, "distance": "median", "resume": False, "seed": 2, "triggers": ["cf", "mn"]}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("clean: 8 samples") and lines[1].endswith("first below 0.5 at step 0")
+    assert lines[2].endswith("first below 0.5 at step never (not in the recorded steps)")
+    assert not (tmp_path / "freq.work").exists()

@@ -761,3 +761,70 @@ def test_results_filters_take_a_seed_and_a_model_folder_as_run_does(tmp_path, ti
     assert main(["results", "--store", str(s.path), "--format", "json", "--seed", "01", "--model", "./bert"]) == 0
     runs = json.loads(capsys.readouterr().out)
     assert [(r["config"]["seed"], r["config"]["model"]) for r in runs] == [(1, tiny_model)]
+
+
+def test_results_read_seed_filters_as_numbers(store, capsys):
+    # `--seed 01` or `+7` names the seeds 1 and 7, as `run --seed 01` runs seed 1; read as text they matched no run
+    import json
+
+    assert main(["results", "--store", str(store.path), "--format", "json", "--seed", "01,+7"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert sorted((r["config"]["defense"], r["config"]["seed"]) for r in runs) == \
+        [("finetune", 1), ("lora", 1), ("lora", 7)]
+
+
+def test_results_model_filter_takes_a_local_folder_by_any_path_to_it(tmp_path, monkeypatch, capsys):
+    # `run` records a local model folder by its absolute path; the relative path a user typed for `run` must pick
+    # its runs too, not be refused as a model no run has
+    import json
+
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    s = ResultStore(tmp_path / "s.sqlite")
+    cell = {"dataset": "sst2", "attack": "badnets", "defense": "finetune", "seed": 0}
+    s.put("a" * 64, {**cell, "model": str(tmp_path / "models" / "m")}, {"cacc": 0.9, "asr": 0.1}, {"wall_s": 1.0}, {})
+    s.put("b" * 64, {**cell, "model": "minilm"}, {"cacc": 0.8, "asr": 0.2}, {"wall_s": 1.0}, {})
+    monkeypatch.chdir(tmp_path)
+    assert main(["results", "--store", str(s.path), "--format", "json", "--model", "models/m"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ["a" * 64]
+
+
+def test_results_csv_and_table_give_each_runs_own_settings(tmp_path, capsys):
+    # a paper table is built from these columns: each must hold its own setting, not a neighbour's
+    import csv
+    import io
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.9, 0.1, 5.0, dataset="sst2", attack="badnets", defense="finetune", seed=3, batch_size=16,
+            max_length=64, target=0, lr=2e-4)
+    assert main(["results", "--store", str(s.path), "--format", "csv"]) == 0
+    (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert (row["seed"], row["batch_size"], row["max_length"], row["target"]) == ("3", "16", "64", "0")
+    assert float(row["lr"]) == 2e-4
+    assert main(["results", "--store", str(s.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert dict(zip(lines[0].split(), lines[2].split()))["seed"] == "3"
+
+
+def test_results_show_detection_scores_of_either_kind_and_a_dash_where_undefined(tmp_path, capsys):
+    # det_* are training samples removed (bki) or, for inference-time defenses (strip), test inputs rejected;
+    # a recall without poisoned samples to measure it is NaN, shown as "-" (as the report's –), never as "nan"
+    import csv
+    import io
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.9, 0.1, 5.0, dataset="sst2", attack="badnets", defense="bki",
+            metrics={"train_detection": {"precision": 0.25, "recall": 0.75}})
+    put_run(s, 0.8, 0.2, 5.0, dataset="sst2", attack="badnets", defense="strip",
+            metrics={"test_detection": {"precision": 0.5, "recall": 1.0}})
+    put_run(s, 0.7, 0.3, 5.0, dataset="sst2", attack="badnets", defense="strip", seed=1,
+            metrics={"test_detection": {"precision": 0.125, "recall": float("nan")}})
+    assert main(["results", "--store", str(s.path), "--format", "csv"]) == 0
+    rows = {(r["defense"], r["seed"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert (rows["bki", "0"]["det_precision"], rows["bki", "0"]["det_recall"]) == ("0.25", "0.75")
+    assert (rows["strip", "0"]["det_precision"], rows["strip", "0"]["det_recall"]) == ("0.5", "1.0")
+    assert main(["results", "--store", str(s.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {(r["defense"], r["seed"]): r for r in (dict(zip(lines[0].split(), line.split())) for line in lines[2:])}
+    assert (table["bki", "0"]["det_precision"], table["bki", "0"]["det_recall"]) == ("0.2500", "0.7500")
+    assert (table["strip", "0"]["det_precision"], table["strip", "0"]["det_recall"]) == ("0.5000", "1.0000")
+    assert (table["strip", "1"]["det_precision"], table["strip", "1"]["det_recall"]) == ("0.1250", "-")
