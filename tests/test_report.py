@@ -828,3 +828,76 @@ def test_results_show_detection_scores_of_either_kind_and_a_dash_where_undefined
     assert (table["bki", "0"]["det_precision"], table["bki", "0"]["det_recall"]) == ("0.2500", "0.7500")
     assert (table["strip", "0"]["det_precision"], table["strip", "0"]["det_recall"]) == ("0.5000", "1.0000")
     assert (table["strip", "1"]["det_precision"], table["strip", "1"]["det_recall"]) == ("0.1250", "-")
+
+
+def test_time_ratio_is_the_defenses_total_time_over_fine_tunings_over_the_seeds_both_ran(tmp_path):
+    """time× is one defense's wall time over fine-tuning's for the same seeds (summed), as the protocol says: a mean
+    of per-seed ratios weighs a seed where fine-tuning ran fast as much as one where it ran slow."""
+    from cleantune.report import summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    ft_walls, lora_walls = (10.0, 30.0), (10.0, 10.0)
+    for seed in (0, 1):
+        put_run(s, 0.9, 1.0, ft_walls[seed], dataset="sst2", attack="badnets", defense="finetune", seed=seed)
+        put_run(s, 0.8, 0.2, lora_walls[seed], dataset="sst2", attack="badnets", defense="lora", seed=seed)
+    cell = summarize(s.runs())["sst2"]["cells"][("lora", "badnets")]
+    # (10 + 10) / (10 + 30) = 0.5, not the mean of 10/10 and 10/30 (0.67)
+    assert cell["time_rel"] == pytest.approx(sum(lora_walls) / sum(ft_walls))
+
+
+@pytest.mark.parametrize("setting, value", [("model", "/models/other-backbone"), ("mixed_precision", "bf16"),
+                                            ("rate", 0.2)])
+def test_fine_tuning_on_another_backbone_precision_or_poisoning_is_no_baseline(tmp_path, setting, value):
+    """The cell a defense is compared in holds the backbone, the precision and every attack setting: fine-tuning
+    of another backbone, at another precision or on data poisoned at another rate is not what the defense cost,
+    so ΔCACC and time× stay blank rather than compare two different experiments."""
+    from cleantune.report import summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    put_run(s, 0.90, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune")
+    lora = RunConfig(dataset="sst2", attack="badnets", defense="lora").resolve()
+    lora[setting] = value  # the one setting that differs from fine-tuning's run
+    s.put(config_hash(lora), lora, {"cacc": 0.80, "asr": 0.2}, {"wall_s": 5.0}, {"device": "cpu"})
+    (row, cell), = [(k, c) for k, c in summarize(s.runs())["sst2"]["cells"].items() if c["defense"] == "lora"]
+    assert cell["cacc"][0] == pytest.approx(0.80)  # the run is there, in a row of its own
+    assert cell["cacc_drop"] is None and cell["time_rel"] is None and cell["compared"] == 0, row
+
+
+def test_a_detection_row_needs_every_seed_of_the_cell_to_have_recorded_it(tmp_path):
+    """A cell mixing a run that recorded what it flagged with one that did not (stored before the metric was)
+    has no detection row, as a floor over part of the seeds shows none: the report neither fails on the run
+    without it nor averages the scores of part of the seeds under the cell's seed count."""
+    from cleantune.report import build, detection_rows, summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed in (0, 1):
+        put_run(s, 0.9, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", seed=seed)
+    # seed 0 recorded its flags, seed 1 did not
+    put_run(s, 0.85, 0.3, 20.0, dataset="sst2", attack="badnets", defense="strip", seed=0,
+            metrics={"test_detection": {"precision": 0.5, "recall": 0.8, "frr": 0.1, "far": 0.2}})
+    put_run(s, 0.85, 0.3, 20.0, dataset="sst2", attack="badnets", defense="strip", seed=1)
+    put_run(s, 0.88, 0.1, 15.0, dataset="sst2", attack="badnets", defense="btu", seed=0,
+            metrics={"btu_token_precision": 0.25, "btu_token_recall": 1.0})
+    put_run(s, 0.88, 0.1, 15.0, dataset="sst2", attack="badnets", defense="btu", seed=1)
+    assert detection_rows(summarize(s.runs())) == []
+    _, md, _ = build(s.runs())
+    assert "## Detection" not in md
+
+
+def test_a_seed_whose_cacc_is_nan_is_no_seed_of_the_cacc_comparison(tmp_path):
+    """A NaN CACC passed as a number: ΔCACC counted its seed (no "(n=1)", a spread of 0.0 claimed over two seeds),
+    and a cell of NaN CACCs printed "+nan ± nan pt"."""
+    from cleantune.report import summarize
+
+    s = ResultStore(tmp_path / "s.sqlite")
+    for seed, lora in ((0, 0.80), (1, float("nan"))):
+        put_run(s, 0.90, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune", seed=seed)
+        put_run(s, lora, 0.2, 5.0, dataset="sst2", attack="badnets", defense="lora", seed=seed)
+    cell = summarize(s.runs())["sst2"]["cells"][("lora", "badnets")]
+    assert cell["compared"] == 1 and cell["cacc_drop"][2] == 1
+    assert abs(cell["cacc_drop"][0] - (0.90 - 0.80)) < 1e-12
+    s2 = ResultStore(tmp_path / "all_nan.sqlite")
+    put_run(s2, 0.90, 1.0, 10.0, dataset="sst2", attack="badnets", defense="finetune")
+    put_run(s2, float("nan"), 0.2, 5.0, dataset="sst2", attack="badnets", defense="lora")
+    cell = summarize(s2.runs())["sst2"]["cells"][("lora", "badnets")]
+    assert cell["compared"] == 0 and cell["cacc_drop"] is None

@@ -188,8 +188,9 @@ def _compared(cell: dict, ref: dict | None) -> dict:
     def by_seed(rs):
         return {_json(r["config"].get("seed")): r for r in rs}
 
-    def numbers(pairs):  # (defense's, fine-tuning's) per seed, where both are numbers
-        return [(a, b) for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float))]
+    def numbers(pairs):  # (defense's, fine-tuning's) per seed, where both are numbers (NaN is none, as in _mean_std)
+        return [(a, b) for a, b in pairs
+                if all(isinstance(x, (int, float)) and math.isfinite(x) for x in (a, b))]
 
     mine, theirs = by_seed(cell["runs"]), by_seed(ref["runs"])
     seeds = sorted(set(mine) & set(theirs))
