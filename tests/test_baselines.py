@@ -956,3 +956,106 @@ def test_side_models_are_seeded_by_the_defense_whatever_ran_before(tiny_model):
                                        None, False, False, desc="side")
         weights.append(model.classifier.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1])
+
+
+def test_onion_corrects_test_inputs_with_the_threshold_it_was_given(tiny_clf, tiny_model, tmp_path):
+    # a user's threshold must reach the correction of the inputs the victim reads, not stay in the config:
+    # with a threshold no word's suspicion reaches every word stays, with one every word reaches all go
+    onion = OnionClassifier(tiny_clf, _stub_perplexity, 100.0)  # "cf" here: 106 with it, 7 without, 99 < 100
+    assert onion.correct(["a cf great movie"]) == ["a cf great movie"]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=8, n_layer=1, n_head=2)
+                    ).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    text = "the film was good"  # four words, well inside the LM's window: every deletion is scored
+    for threshold, corrected in ((1e9, text), (-1e9, "")):
+        defense = get_defense("onion", model="unused", victim=tiny_model, lm=str(tmp_path / "lm"),
+                              lm_max_length=16, threshold=threshold)
+        clf = defense.fit(TextDataset(["a b", "c d"], [0, 1], LABELS), None, progress=False)
+        assert clf.correct([text]) == [corrected]
+
+
+def test_strip_ranks_words_case_insensitively():
+    # scikit-learn's TfidfVectorizer lowercases, so "The" and "THE" are the word "the", counted together.
+    # By hand, n = 2: "the" is in both texts, idf ln(3/3) + 1 = 1, count 2 -> 2; "film" idf ln(3/2) + 1 = 1.41
+    assert tfidf_ranked_words(["The film THE", "the plot"])[0] == ["the", "film"]
+
+
+def test_strip_draws_each_perturbations_donor_sentence_at_random(tiny_clf):
+    # the replacement words come from a random clean dev sentence per perturbation, not always the same one:
+    # a single donor would make every input's perturbations alike
+    clf = StripClassifier(tiny_clf, [["p1"], ["q1"], ["r1"]], repeat=1, swap_ratio=0.25, seed=0, on_flag="auto")
+    rng = random.Random(0)
+    used = {w for _ in range(30) for w in clf.perturb("w0 w1 w2 w3", rng).split() if not w.startswith("w")}
+    assert used == {"p1", "q1", "r1"}
+
+
+def test_strip_skips_clean_dev_sentences_that_rank_no_word(tiny_clf):
+    # a dev sentence without a word of two or more letters ranks no word; drawn as a donor it would leave
+    # nothing to overwrite with (a ZeroDivisionError cycling it), and with no donor word at all STRIP cannot run
+    pieces = tfidf_ranked_words(["a !", "good film"])
+    assert pieces == [[], ["film", "good"]]  # equal TF-IDF: alphabetical
+    clf = StripClassifier(tiny_clf, pieces, repeat=1, swap_ratio=0.5, seed=0, on_flag="auto")
+    rng = random.Random(0)
+    for _ in range(20):  # two of four positions, overwritten with the one donor's two words
+        out = clf.perturb("w0 w1 w2 w3", rng).split()
+        assert sorted(w for w in out if not w.startswith("w")) == ["film", "good"]
+    with pytest.raises(UserError, match="no word to perturb with"):
+        StripClassifier(tiny_clf, tfidf_ranked_words(["a !", "? b"]), repeat=1, swap_ratio=0.5, seed=0,
+                        on_flag="auto")
+
+
+def test_strip_perturbations_follow_the_seed_option(tiny_clf, sst2, tmp_path):
+    # the seed must reach the perturbations of test inputs: each sample's entropy is the mean over the
+    # perturbations drawn from (seed, text), here seed 3, which differ from seed 0's
+    victim = tiny_clf.save_pretrained(tmp_path / "victim")
+    defense = get_defense("strip", model="unused", victim=str(victim), repeat=4, seed=3)
+    clf = defense.fit(sst2.train.stratified_sample(16, 0), sst2.dev.stratified_sample(32, 0), progress=False)
+    t = sst2.dev.texts[0]
+    draws = {s: [clf.perturb(t, rng) for rng in [random.Random(f"strip-{s}-{t}")] for _ in range(4)] for s in (0, 3)}
+    assert draws[0] != draws[3]
+    p = torch.softmax(tiny_clf.predict_logits(draws[3]), -1).clamp(1e-10, 1 - 1e-10)
+    assert clf.entropies([t])[0] == pytest.approx(float(-(p * p.log2()).sum(-1).mean()), rel=1e-4)
+
+
+def test_rap_learns_for_as_many_epochs_as_asked(tiny_clf, sst2, tmp_path):
+    # rap_epochs passes over the target-labelled dev set: two epochs over it are one epoch over it twice
+    # (the same batches in the same order), and differ from one epoch; fit must pass rap_epochs on
+    dev = sst2.dev.stratified_sample(16, 0)
+    target_only = dev.subset(i for i, y in enumerate(dev.labels) if y == 1)
+    assert len(target_only) % 4 == 0  # whole batches, so the doubled set batches as two epochs do
+    twice = TextDataset(target_only.texts * 2, target_only.labels * 2, LABELS)
+    vectors = {}
+    for name, data, epochs in (("two", target_only, 2), ("twice", twice, 1), ("one", target_only, 1)):
+        rap = RapClassifier(tiny_clf, "jj", 1, "auto", batch_size=4)
+        rap.learn(data, epochs, 5.0, (-0.1, -0.3), 1.0)
+        vectors[name] = rap.vector
+    torch.testing.assert_close(vectors["two"], vectors["twice"])
+    assert not torch.allclose(vectors["two"], vectors["one"])
+    victim = tiny_clf.save_pretrained(tmp_path / "victim")
+    target = int(np.bincount(tiny_clf.predict(dev.texts), minlength=2).argmax())  # so fit can calibrate
+    defense = get_defense("rap", model="unused", victim=str(victim), rap_target=target, rap_epochs=2, rap_lr=5.0)
+    clf = defense.fit(sst2.train.stratified_sample(16, 0), dev, progress=False)
+    ref = RapClassifier(Classifier.from_pretrained(str(victim)), "jj", target, "auto")
+    ref.learn(dev, 2, 5.0, (-0.1, -0.3), 1.0)
+    torch.testing.assert_close(clf.vector, ref.vector)
+
+
+def test_rap_reports_the_share_of_clean_target_drops_inside_the_band(tiny_clf, sst2, tmp_path):
+    # rap_dev_in_range says how well the word learned what the loss asks: the share of the clean dev samples
+    # predicted as the target whose drop p(x) - p(word + x) lies strictly between -upper and -lower
+    dev = sst2.dev.stratified_sample(32, 0)
+    victim = tiny_clf.save_pretrained(tmp_path / "victim")
+    target = int(np.bincount(tiny_clf.predict(dev.texts), minlength=2).argmax())
+    band = (-0.01, -0.02)
+    defense = get_defense("rap", model="unused", victim=str(victim), rap_target=target, rap_epochs=1, rap_lr=5.0,
+                          prob_range=band)
+    clf = defense.fit(sst2.train.stratified_sample(16, 0), dev, progress=False)
+    drop, is_target = clf.drops(dev.texts)
+    d = drop[is_target]
+    inside = float(np.mean([0.01 < x < 0.02 for x in d]))
+    assert defense.extra_metrics_["rap_dev_in_range"] == pytest.approx(inside)
+    assert inside != pytest.approx(float(np.mean([0 <= x < 0.02 for x in d])))  # the band's upper end matters here
