@@ -553,8 +553,8 @@ _PARSED: dict[tuple, object] = {}
 
 def _cached(path: Path, read, checked_as: str | None):
     """`read(path)`, parsed once per contents. `checked_as` is the MANIFEST entry `read` checks the file against
-    (None: none) and part of the key: a file parsed unchecked, as your own table, or as another benchmark's
-    file, is checked again when it is read as a shipped one."""
+    (None: none) and part of the key: a file parsed unchecked (as one's own table) or as another benchmark's
+    file is checked when it is read as this shipped one."""
     try:
         st = path.stat()
     except OSError:
