@@ -198,3 +198,28 @@ def test_detection_metrics_without_flags_or_without_poison():
     m = detection_metrics([True, False], [False, False])  # no poisoned sample: 1 of 2 clean flagged
     assert m["precision"] == 0.0 and m["frr"] == 1 / 2
     assert math.isnan(m["recall"]) and math.isnan(m["far"])
+
+
+def test_one_class_note_is_only_for_exactly_one_predicted_class():
+    """The warning says "predicts one class for every clean test sample": a model of two classes, a filter that
+    abstained on every sample (0 classes, no prediction at all) and metrics without the count are not that case,
+    and a note there would mark a row as degenerate for the wrong reason."""
+    from cleantune.evaluate import one_class_note
+
+    note = one_class_note("sst2 badnets finetune", {"predicted_classes": 1})
+    assert note is not None and note.startswith("note: sst2 badnets finetune predicts one class")
+    for metrics in ({"predicted_classes": 2}, {"predicted_classes": 0}, {"cacc": 0.5}):
+        assert one_class_note("x", metrics) is None, metrics
+
+
+def test_renumbered_data_takes_the_models_class_names_even_where_only_case_differs():
+    """Classes matched by name ignoring case keep their positions, but the data handed on must carry the model's
+    names (align_labels' contract): with the data's own spelling, a later by-name match or a report would name the
+    classes differently from the model that scored them."""
+    from cleantune.evaluate import align_labels
+
+    data = TextDataset(["a", "b"], [0, 1], ["negative", "positive"], [False, True])
+    got = align_labels(data, ["NEGATIVE", "POSITIVE"])
+    assert (got.labels, got.label_names, got.poisoned) == ([0, 1], ["NEGATIVE", "POSITIVE"], [False, True])
+    same = TextDataset(["a"], [1], ["neg", "pos"])
+    assert align_labels(same, ["neg", "pos"]) is same  # nothing to renumber or rename: the data itself

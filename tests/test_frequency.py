@@ -463,3 +463,150 @@ def test_analyze_passes_its_settings_on_and_names_steps_0_and_never(tiny_model, 
     assert lines[1].startswith("clean: 8 samples") and lines[1].endswith("first below 0.5 at step 0")
     assert lines[2].endswith("first below 0.5 at step never (not in the recorded steps)")
     assert not (tmp_path / "freq.work").exists()
+
+
+def test_first_step_below_reads_the_curve_and_delta_it_is_asked_for():
+    """A caller asking when e_high, or the curve at another delta of the grid, falls below a bar must get that curve's
+    step, not e_low's at the first delta under another name."""
+    from cleantune.frequency import first_step_below
+
+    curves = {0: ([0.9, 0.9], [0.3, 0.9]), 5: ([0.4, 0.9], [0.2, 0.9]), 10: ([0.1, 0.3], [0.1, 0.9])}
+    res = {"records": [{"step": s, "clean": {"e_low": low, "e_high": high}} for s, (low, high) in curves.items()]}
+    assert first_step_below(res, "clean") == 5  # e_low, delta 0
+    assert first_step_below(res, "clean", delta_index=1) == 10  # e_low, delta 1: 0.3 first at step 10
+    assert first_step_below(res, "clean", key="e_high") == 0  # e_high, delta 0: 0.3 from the start
+    assert first_step_below(res, "clean", key="e_high", delta_index=1) is None  # stays at 0.9
+
+
+def test_a_hook_fitted_again_records_its_curves_anew(tiny_model):
+    """One FrequencyHook passed to a second fit (another defense, another seed) must hold that training's curves
+    only: the first fit's records and epoch ends, left in front, would be read as the second run's start."""
+    from cleantune.models import load_model
+    from cleantune.training import StepContext, TrainSettings
+
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, ["negative", "positive"])
+    hook = FrequencyHook(tok, {"clean": load_benchmark("sst2").dev.subset(range(6))}, every=5, deltas=[2.0])
+
+    def ctx(epoch, step):
+        return StepContext(model, None, epoch=epoch, step=step, steps_per_epoch=3, settings=TrainSettings(max_length=32))
+
+    hook.on_train_begin(ctx(0, 0))
+    hook.on_epoch_end(ctx(0, 3))
+    assert [r["step"] for r in hook.records] == [0, 3] and hook.epoch_ends == {0: 3}
+    hook.on_train_begin(ctx(0, 0))  # fitted again
+    assert [r["step"] for r in hook.records] == [0] and hook.epoch_ends == {}
+
+
+def test_analyze_hands_the_cells_seed_and_its_settings_to_the_recording_hook(tiny_model, tmp_path, monkeypatch):
+    """The CLI test stubs analyze itself; here the hook analyze builds must get --distance (raw and median distances
+    give different curves) and the cell's seed (which samples --samples draws), not the hook's defaults."""
+    from cleantune import frequency
+    from cleantune.runner import RunConfig
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def hook(tokenizer, sets, **kwargs):
+        seen.update(kwargs, sets=sorted(sets))
+        raise Built  # before any training
+
+    monkeypatch.setattr(frequency, "FrequencyHook", hook)
+    config = RunConfig(dataset="sst2", attack="badnets", model=tiny_model, train_size=40, epochs=1, batch_size=8,
+                       seed=3)
+    with pytest.raises(Built):
+        frequency.analyze(config, tmp_path / "freq", every=4, samples=8, distance="median", progress=False)
+    assert seen == {"every": 4, "samples": 8, "distance": "median", "seed": 3, "sets": ["clean", "poison"]}
+
+
+def test_curves_file_names_the_selected_epoch_and_its_step(tiny_model, tmp_path):
+    """analyze scores the model clean-dev selection returns: curves.json must name that epoch and the step at its
+    end (the point the plots mark), not the last epoch's. 40 samples in batches of 8: 5 steps an epoch."""
+    from cleantune import frequency
+    from cleantune.runner import RunConfig
+
+    config = RunConfig(dataset="sst2", attack="badnets", model=tiny_model, train_size=40, epochs=2, batch_size=8)
+    frequency.analyze(config, tmp_path / "freq", every=100, samples=4, progress=False)
+    res = json.loads((tmp_path / "freq" / "curves.json").read_text())
+    assert res["best_epoch"] in (0, 1)
+    assert res["returned_step"] == 5 * (res["best_epoch"] + 1)
+    assert res["returned_step"] in [r["step"] for r in res["records"]]
+
+
+def test_plot_skips_a_delta_index_past_the_grid():
+    """A result recorded on a grid of fewer deltas than the default plot indices (FrequencyHook(deltas=...)): the
+    indices it lacks are skipped, the first one past its end included, rather than an IndexError after training."""
+    res = {"deltas": [2.0], "distance": "raw", "sets": {"clean": {}}, "returned_step": None, "best_epoch": None,
+           "records": [{"step": s, "clean": {"e_low": [v], "e_high": [v]}} for s, v in ((0, 0.9), (5, 0.4))]}
+    assert list(plot(res, (0, 1))) == ["frequency_delta2.00.png"]
+
+
+def test_the_targets_are_one_hot_over_every_class_of_the_task(tiny_model):
+    """A backdoor set whose target is class 0 of two holds only label 0: its targets are still [1, 0] rows, as wide
+    as the predictions. Built from the labels present, Y was one column of ones that broadcast against P's two
+    columns without an error, and every e_low of the backdoor mapping was measured against a wrong target."""
+    from cleantune.data import TextDataset
+    from cleantune.frequency import embedding_inputs
+    from cleantune.models import Classifier, load_model
+    from cleantune.training import StepContext, TrainSettings
+
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, ["negative", "positive"])
+    texts = load_benchmark("sst2").dev.texts[:6]
+    ds = TextDataset(texts, [0] * 6, ["negative", "positive"])
+    hook = FrequencyHook(tok, {"poison": ds}, every=5, deltas=[3.0])
+    hook.on_train_begin(StepContext(model, None, epoch=0, step=0, steps_per_epoch=1, settings=TrainSettings(max_length=32)))
+    X = embedding_inputs(model, tok, texts, 32).double()
+    G = torch.exp(-(X[:, None] - X[None]).norm(dim=-1) / (2 * 3.0))
+    G = G / G.sum(1, keepdim=True)
+    P = torch.softmax(Classifier(model, tok, ds.label_names, 32).predict_logits(texts).double(), -1)
+    Y = torch.tensor([[1.0, 0.0]] * 6, dtype=torch.float64)
+    rec = hook.records[0]["poison"]
+    assert rec["e_high_denominator"] == "target"
+    assert rec["e_low"][0] == pytest.approx(float((G @ P - G @ Y).norm(dim=1).mean() / (G @ Y).norm(dim=1).mean()),
+                                            rel=1e-4)
+
+
+def test_the_saved_curves_file_is_strict_json_with_undefined_values_as_null(tmp_path):
+    """write_outputs itself (not only strict_json) must write e_high where it is undefined as null: a bare NaN
+    token is not JSON, and strict readers (jq, JavaScript's JSON.parse) refuse the whole curves file."""
+    from cleantune.frequency import write_outputs
+
+    result = {"deltas": [2.0], "distance": "raw", "every": 5, "sets": {"clean": {"n": 4, "median_distance": 1.0}},
+              "best_epoch": 0, "returned_step": 5,
+              "records": [{"step": s, "epoch": 0, "clean": {"e_low": [v], "e_high": [float("nan")]}}
+                          for s, v in ((0, 0.9), (5, 0.4))]}
+    plots = write_outputs(result, tmp_path)
+    assert [p.name for p in plots] == ["frequency_delta2.00.png"] and plots[0].is_file()
+    saved = json.loads((tmp_path / "curves.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} in a curves file"))
+    assert [r["clean"]["e_high"] for r in saved["records"]] == [[None], [None]]
+    assert [r["clean"]["e_low"] for r in saved["records"]] == [[0.9], [0.4]]
+
+
+def test_analyze_records_the_clean_mapping_on_the_dev_samples_that_are_not_ga_references(tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    """Spec 6.1: the clean mapping is measured on clean dev minus the gradient-alignment references (the samples
+    GA trains its reference gradient on, so a curve over them would flatter the clean mapping)."""
+    from cleantune import frequency
+    from cleantune.runner import RunConfig
+
+    seen = {}
+
+    class Begun(Exception):
+        pass
+
+    class Hook(frequency.FrequencyHook):
+        def on_train_begin(self, ctx):
+            seen["clean"] = self.sets["clean"]()
+            raise Begun  # the set is all this test needs: no training
+
+    monkeypatch.setattr(frequency, "FrequencyHook", Hook)
+    config = RunConfig(dataset="sst2", attack="badnets", defense="ga", model=tiny_model, train_size=40, epochs=1,
+                       batch_size=8, options={"ref_samples": 4})
+    with pytest.raises(Begun):
+        frequency.analyze(config, tmp_path / "freq", samples=8, progress=False)
+    dev = config.build_attack().apply(config.benchmark()).dev
+    assert len(seen["clean"]) == len(dev) - 4 and set(seen["clean"].texts) <= set(dev.texts)
