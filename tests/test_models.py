@@ -998,3 +998,135 @@ def test_check_out_dir_refuses_a_file_where_the_previous_model_is_moved_aside(tm
     with pytest.raises(UserError, match=r"m\.old is a file; cleantune writes a folder there"):
         check_out_dir(tmp_path / "m")
     check_out_dir(tmp_path / "n")  # nothing beside it: fine
+
+
+def test_a_missing_path_of_more_than_two_parts_is_a_missing_folder_not_a_hub_id(tmp_path, monkeypatch):
+    # a hub id is "org/name", one slash: a relative path with more ("runs/sst2/model", not written yet or mistyped)
+    # is a missing folder, refused at once, not sent to the hub as an id (a wait, then a misleading "cannot load")
+    monkeypatch.chdir(tmp_path)
+    for name in ("runs/sst2/model", "a/b/c/d"):
+        with pytest.raises(UserError, match=f"--model {name}: no such directory"):
+            resolve_model(name)
+    assert resolve_model("runs/model") == "runs/model"  # one slash: a hub id, loaded by transformers on use
+
+
+def test_predict_leaves_a_model_in_eval_mode_in_eval_mode(tiny_model):
+    # the caller's mode comes back both ways: a model in eval mode (from_pretrained's, or the caller's own) must not
+    # come back with dropout on, or the caller's forward passes after a predict would turn random
+    clf = Classifier(load_model(tiny_model, ["a", "b"]), load_tokenizer(tiny_model), ["a", "b"])
+    clf.model.eval()
+    clf.predict_logits(["a fine film", "dull"], batch_size=1)
+    clf.predict(["a fine film"])
+    assert not any(m.training for m in clf.model.modules())
+
+
+def test_a_label_file_naming_fewer_classes_than_the_model_has_is_the_fault_named(tiny_model, tmp_path):
+    # two names for a 3-class head: the label file is what does not fit (the weights are whole), so the error must
+    # say so, as it does for more names than classes, not blame the weights for a head that loading re-sized
+    from cleantune.models import LABELS_FILE
+
+    m = tmp_path / "three"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3,
+                                                       ignore_mismatched_sizes=True).save_pretrained(m)
+    load_tokenizer(tiny_model).save_pretrained(m)
+    (m / LABELS_FILE).write_text(json.dumps({"label_names": ["neg", "pos"], "max_length": 32}))
+    with pytest.raises(UserError, match=f"{m / LABELS_FILE}: 2 label names for a model with 3 classes"):
+        Classifier.from_pretrained(m)
+
+
+def test_a_tokenizer_one_token_past_the_embedding_table_is_refused(tiny_model, tmp_path):
+    # a token added to the tokenizer without resizing the model's embeddings: the first text holding it would fail
+    # mid-prediction (an index past the table). One token too many is too many; a table that fits exactly loads
+    import shutil
+
+    m = shutil.copytree(tiny_model, tmp_path / "m")
+    rows = json.loads((m / "config.json").read_text())["vocab_size"]
+    tok = load_tokenizer(tiny_model)
+    assert len(tok) == rows
+    assert Classifier.from_pretrained(m).label_names == ["LABEL_0", "LABEL_1"]
+    tok.add_tokens(["cleantuneword"])
+    tok.save_pretrained(m)
+    with pytest.raises(UserError, match=f"{m}: its tokenizer has {rows + 1} tokens, its model embeds {rows}"):
+        Classifier.from_pretrained(m)
+
+
+def test_a_hub_that_answers_with_an_http_error_counts_as_reachable(monkeypatch):
+    # a 404 (a mistyped id) or a 401 (a gated model) is the hub's answer, for the load to report as such: only a
+    # failed connection may turn the load into a cache-only one whose error says "the hub cannot be reached"
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from cleantune import models
+
+    try:  # the HTTP library of the pinned huggingface_hub, as in _NoNetwork
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+
+    def answers(url, **kwargs):
+        response = httpx.Response(404, request=httpx.Request("HEAD", url))
+        raise HfHubHTTPError("404 Client Error: Repository Not Found", response=response)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", answers)
+    models._probe_hub.cache_clear()  # remembered per process: a result of another test must not answer here
+    try:
+        assert models._hub_unreachable("no-org/answered-with-404") is None
+    finally:
+        models._probe_hub.cache_clear()
+
+
+def test_a_folder_without_weights_or_tokenizer_is_named_for_its_weights(tiny_model, tmp_path):
+    # the weights load first: a folder that lacks both (a config.json copied alone) is reported for its weights,
+    # not for a tokenizer file whose fix would only lead to a second error
+    import shutil
+
+    m = tmp_path / "m"
+    m.mkdir()
+    shutil.copy(Path(tiny_model) / "config.json", m / "config.json")
+    with pytest.raises(UserError) as e:
+        Classifier.from_pretrained(m)
+    assert str(e.value).startswith(f"{m}: cannot load (") and "tokenizer" not in str(e.value)
+
+
+def test_a_model_without_a_position_limit_takes_any_max_length():
+    # max_positions is None where the config names no position table (relative positions): no upper bound to
+    # check, only the special tokens' lower one
+    import types
+
+    from cleantune.models import check_max_length, max_positions
+
+    tok = load_tokenizer(resolve_model("minilm"))
+    model = types.SimpleNamespace(config=types.SimpleNamespace())
+    assert max_positions(model) is None
+    check_max_length(model, tok, 100000, "--model m")
+    with pytest.raises(UserError, match="--max-length 2 leaves no token for the text"):
+        check_max_length(model, tok, 2, "--model m")
+
+
+def test_an_xlnet_backbone_takes_any_max_length():
+    # XLNet (relative positions) has no position table; its config says -1 for "none". Read as a limit of -1
+    # tokens, it refused every --max-length, so an XLNet backbone could not train at all
+    from transformers import XLNetConfig, XLNetForSequenceClassification
+
+    from cleantune.models import check_max_length, max_positions
+
+    model = XLNetForSequenceClassification(XLNetConfig(vocab_size=50, d_model=8, n_layer=1, n_head=2, d_inner=8))
+    assert max_positions(model) is None
+    check_max_length(model, load_tokenizer(resolve_model("minilm")), 128, "--model m")
+
+
+def test_no_texts_give_logits_of_the_classifiers_width(tiny_model):
+    # an empty batch's logits keep the classes' axis (torch.cat with other batches' rows needs it): 3 here, not the
+    # binary case's 2
+    names = ["neg", "pos", "mixed"]
+    clf = Classifier(load_model(tiny_model, names), load_tokenizer(tiny_model), names)
+    assert clf.predict_logits([]).shape == (0, 3) == (0, clf.predict_logits("a film").shape[1])
+
+
+def test_a_missing_folder_under_the_home_folder_is_no_such_directory(tmp_path, monkeypatch):
+    # "~/models" has one slash, as a hub id does: missing, it is still a folder the user named, refused at once
+    # rather than sent to the hub as the id "~/models"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UserError, match="--model ~/models: no such directory"):
+        resolve_model("~/models")

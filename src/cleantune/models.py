@@ -239,9 +239,10 @@ def load_model(name_or_path: str, label_names: list[str], label: str | None = No
 
 def max_positions(model) -> int | None:
     """The longest input `model` takes: its position table, less the offset of RoBERTa-style models, whose
-    positions start after the padding index (514 rows, 512 tokens). None: no limit in the config."""
+    positions start after the padding index (514 rows, 512 tokens). None: no limit in the config (XLNet's
+    relative positions say so with -1)."""
     n = getattr(model.config, "max_position_embeddings", None)
-    if not isinstance(n, int):
+    if not isinstance(n, int) or n < 1:
         return None
     pos = next((m for name, m in model.named_modules()
                 if name.endswith("position_embeddings") and isinstance(m, torch.nn.Embedding)), None)
