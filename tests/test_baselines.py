@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,6 +265,17 @@ def test_onion_classifier_predicts_on_corrected_text(tiny_clf):
     torch.testing.assert_close(onion.predict_logits("a cf great movie"), tiny_clf.predict_logits(["a great movie"]))
 
 
+def save_tiny_lm(folder: Path, tok, n_positions: int, seed: int = 0, **config) -> Path:
+    """A tiny random GPT-2 language model over `tok`'s vocabulary, saved with `tok` in `folder` (an ONION `lm`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=n_positions, n_embd=8, n_layer=1, n_head=2,
+                               **config)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory, tiny_model):
     """A tiny random GPT-2 language model with MiniLM's tokenizer, loaded as ONION loads its LM."""
@@ -347,19 +359,14 @@ def test_onion_names_its_lm_folder_absolutely_and_refuses_a_window_past_its_posi
                                                                                        monkeypatch, capsys):
     """`lm=lm` in two folders named two LMs by one run id (a stored result was reused for the other LM); an LM of
     64 positions failed with an IndexError on a long test sentence, after the victim had trained."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from cleantune.cli import main
     from cleantune.runner import RunConfig
 
     tok = load_tokenizer(tiny_model)
     tok.bos_token = tok.cls_token  # the LM's start token, which takes a position too
     for where in ("a", "b"):
-        torch.manual_seed(len(where))
-        GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=8, n_layer=1, n_head=2,
-                                   bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-                        ).save_pretrained(tmp_path / where / "lm")
-        tok.save_pretrained(tmp_path / where / "lm")
+        save_tiny_lm(tmp_path / where / "lm", tok, 64, seed=len(where), bos_token_id=tok.cls_token_id,
+                     eos_token_id=tok.sep_token_id)
     ids = {}
     for where in ("a", "b"):
         monkeypatch.chdir(tmp_path / where)
@@ -817,14 +824,8 @@ def test_onion_prefixes_the_bos_token_before_the_eos_token():
 def test_onion_fit_reads_sentences_through_its_lm_window_and_batch_size(tiny_model, tmp_path):
     # lm_max_length is the fix for an LM with fewer positions than the default 96: fit must hand it to the
     # perplexity the classifier uses, or long inputs index past the LM's position table
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = load_tokenizer(tiny_model)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=16, n_embd=8, n_layer=1, n_head=2)
-                    ).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
-    defense = get_defense("onion", model="unused", victim=tiny_model, lm=str(tmp_path / "lm"), lm_max_length=15,
+    lm = save_tiny_lm(tmp_path / "lm", load_tokenizer(tiny_model), 16)
+    defense = get_defense("onion", model="unused", victim=tiny_model, lm=str(lm), lm_max_length=15,
                           lm_batch_size=3)
     clf = defense.fit(TextDataset(["a b", "c d"], [0, 1], LABELS), None, progress=False)
     assert (clf.perplexity.max_length, clf.perplexity.batch_size) == (15, 3)
@@ -963,16 +964,10 @@ def test_onion_corrects_test_inputs_with_the_threshold_it_was_given(tiny_clf, ti
     # with a threshold no word's suspicion reaches every word stays, with one every word reaches all go
     onion = OnionClassifier(tiny_clf, _stub_perplexity, 100.0)  # "cf" here: 106 with it, 7 without, 99 < 100
     assert onion.correct(["a cf great movie"]) == ["a cf great movie"]
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = load_tokenizer(tiny_model)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=8, n_layer=1, n_head=2)
-                    ).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
+    lm = save_tiny_lm(tmp_path / "lm", load_tokenizer(tiny_model), 32)
     text = "the film was good"  # four words, well inside the LM's window: every deletion is scored
     for threshold, corrected in ((1e9, text), (-1e9, "")):
-        defense = get_defense("onion", model="unused", victim=tiny_model, lm=str(tmp_path / "lm"),
+        defense = get_defense("onion", model="unused", victim=tiny_model, lm=str(lm),
                               lm_max_length=16, threshold=threshold)
         clf = defense.fit(TextDataset(["a b", "c d"], [0, 1], LABELS), None, progress=False)
         assert clf.correct([text]) == [corrected]

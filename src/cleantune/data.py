@@ -535,7 +535,6 @@ def load_benchmark(name: str) -> Benchmark:
     n, names, _ = BENCHMARKS[name]
 
     def read(path):
-        _check_shipped(path, f"{name}/{path.name}")
         ds = read_dataset(path, "sentence", "label", label_names=[str(i) for i in range(n)])
         return tuple(ds.texts), tuple(ds.labels)
 
@@ -552,9 +551,9 @@ _PARSED: dict[tuple, object] = {}
 
 
 def _cached(path: Path, read, checked_as: str | None):
-    """`read(path)`, parsed once per contents. `checked_as` is the MANIFEST entry `read` checks the file against
-    (None: none) and part of the key: a file parsed unchecked (as one's own table) or as another benchmark's
-    file is checked when it is read as this shipped one."""
+    """`read(path)`, parsed once per contents, after checking the file against MANIFEST entry `checked_as`
+    (None: not a shipped file). The entry is part of the key: a file parsed unchecked (as one's own table) or as
+    another benchmark's file is checked when it is read as this shipped one."""
     try:
         st = path.stat()
     except OSError:
@@ -563,6 +562,8 @@ def _cached(path: Path, read, checked_as: str | None):
     if key not in _PARSED:
         for old in [k for k in _PARSED if k[0] == key[0]]:  # an edited file's earlier contents, or another check's
             del _PARSED[old]
+        if checked_as is not None:
+            _check_shipped(path, checked_as)
         _PARSED[key] = read(path)
     return _PARSED[key]
 
@@ -583,13 +584,7 @@ def load_paraphrases(bench: Benchmark, attack: str) -> dict[str, dict[str, str]]
     shipped = root.resolve().parent in {p.resolve() for p in (*_sources(), cache_dir() / "data")}
 
     rel = f"{bench.name}/paraphrases/{attack}.tsv" if shipped else None
-
-    def read(path):
-        if rel is not None:
-            _check_shipped(path, rel)
-        return _read_paraphrases(path)
-
-    table = _cached(root / "paraphrases" / f"{attack}.tsv", read, rel)
+    table = _cached(root / "paraphrases" / f"{attack}.tsv", _read_paraphrases, rel)
     return {s: dict(t) for s, t in table.items()}  # a copy: the cached table serves every later call
 
 
