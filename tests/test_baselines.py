@@ -833,10 +833,23 @@ def test_onion_fit_reads_sentences_through_its_lm_window_and_batch_size(tiny_mod
     assert len(clf.correct([long])[0].split()) >= 40 - 15
 
 
+def _record_fitted_texts(monkeypatch) -> list[list[str]]:
+    """The texts of each training set the victim's fit receives (Defense.fit spied on, and run)."""
+    from cleantune.defenses import base as base_module
+
+    trained, real_fit = [], base_module.Defense.fit
+
+    def spy(self, data, *a, **k):
+        trained.append(list(data.texts))
+        return real_fit(self, data, *a, **k)
+
+    monkeypatch.setattr(base_module.Defense, "fit", spy)
+    return trained
+
+
 def test_bki_ranks_within_top_words_and_trains_on_the_samples_it_kept(tiny_model, monkeypatch):
     # a sample is dropped only when the keyword is among its own `top_words` most influential words, and the
     # victim must then train on the kept samples, not on the whole (poisoned) set
-    from cleantune.defenses import base as base_module
     from cleantune.defenses import bki as bki_module
 
     tok = load_tokenizer(tiny_model)
@@ -846,13 +859,7 @@ def test_bki_ranks_within_top_words_and_trains_on_the_samples_it_kept(tiny_model
     monkeypatch.setattr(bki_module, "sentence_state",
                         lambda model, batch: (table[batch["input_ids"]] * batch["attention_mask"][..., None]).sum(1))
     monkeypatch.setattr(bki_module, "train_side_model", lambda *a, **k: (torch.nn.Linear(1, 1), tok, None))
-    trained, real_fit = [], base_module.Defense.fit
-
-    def spy(self, data, *a, **k):
-        trained.append(list(data.texts))
-        return real_fit(self, data, *a, **k)
-
-    monkeypatch.setattr(base_module.Defense, "fit", spy)
+    trained = _record_fitted_texts(monkeypatch)
     texts = ["cf film", "film cf", "cf the film", "good cf film", "fun film", "the film"]
     data = TextDataset(texts, [1, 1, 1, 0, 1, 0], LABELS)
     # top 1: "cf" tops three samples (score log10(3) x 10), "good" one (log10(1) x 20 = 0); in "good cf film" cf
@@ -879,7 +886,6 @@ def test_minority_clusters_flag_only_the_members_of_the_label_in_question():
 def test_cube_fit_clusters_with_its_options_and_trains_on_the_samples_it_kept(tiny_model, monkeypatch):
     # the seed and the clustering options must reach the clustering (n_neighbors and min_samples are easily
     # swapped: both are neighbourhood sizes), and the victim must train on the kept samples only
-    from cleantune.defenses import base as base_module
     from cleantune.defenses import cube as cube_module
 
     monkeypatch.setattr(cube_module, "_require_extras", lambda: None)
@@ -892,13 +898,7 @@ def test_cube_fit_clusters_with_its_options_and_trains_on_the_samples_it_kept(ti
         return np.array([0, 0, 0, 1, 2, 2, 2, 2])
 
     monkeypatch.setattr(cube_module, "cluster", fake_cluster)
-    trained, real_fit = [], base_module.Defense.fit
-
-    def spy(self, data, *a, **k):
-        trained.append(list(data.texts))
-        return real_fit(self, data, *a, **k)
-
-    monkeypatch.setattr(base_module.Defense, "fit", spy)
+    trained = _record_fitted_texts(monkeypatch)
     texts = [f"film {w}" for w in ("a", "b", "c", "d", "e", "f", "g", "h")]
     data = TextDataset(texts, [0, 0, 0, 0, 1, 1, 1, 1], LABELS)
     cube = get_defense("cube", model=tiny_model, seed=7, pca_dims=5, umap_dims=3, n_neighbors=11, min_samples=13,

@@ -178,9 +178,15 @@ def test_scan_machine_formats_warn_about_too_few_steps_on_stderr(poisoned_file, 
     assert code == 0 and err == ""  # enough steps: nothing to say
 
 
-def test_scan_takes_the_target_by_label_name_as_eval_does(monkeypatch, capsys):
+def _record_scanned(monkeypatch) -> list:
+    """The data each scan is asked to rank (the ranking itself stubbed out: an empty one)."""
     seen = []
     monkeypatch.setattr(btu, "scan", lambda data, *a, **k: seen.append(data) or [])
+    return seen
+
+
+def test_scan_takes_the_target_by_label_name_as_eval_does(monkeypatch, capsys):
+    seen = _record_scanned(monkeypatch)
     for target in ("positive", "1", "1.0", "negative", "0"):  # 1.0 is the id 1, as in label files
         code, _, err = _scan(capsys, "sst2", "--attack", "badnets", "--triggers", "cf", "--target", target)
         assert code == 0, err
@@ -254,8 +260,7 @@ def test_scan_faithful_pass_b_lists_only_tokens_the_data_holds(poisoned_file, ti
 def test_scan_attack_poisons_with_the_seed_given(monkeypatch, capsys):
     """`scan sst2 --attack --seed N` checks the poisoned set a run of seed N trains on: the same seed poisons the
     same samples, another seed others."""
-    seen = []
-    monkeypatch.setattr(btu, "scan", lambda data, *a, **k: seen.append(data) or [])
+    seen = _record_scanned(monkeypatch)
     for seed in ("0", "0", "1"):
         code, _, err = _scan(capsys, "sst2", "--attack", "badnets", "--triggers", "cf", "--seed", seed)
         assert code == 0, err
@@ -280,8 +285,7 @@ def test_scan_attack_poisons_in_mix_mode_by_default(monkeypatch, capsys):
     the target (dirty mode would draw non-target samples only)."""
     from cleantune.data import load_benchmark
 
-    seen = []
-    monkeypatch.setattr(btu, "scan", lambda data, *a, **k: seen.append(data) or [])
+    seen = _record_scanned(monkeypatch)
     code, _, err = _scan(capsys, "sst2", "--attack", "badnets", "--triggers", "cf")
     assert code == 0, err
     clean = load_benchmark("sst2").train
