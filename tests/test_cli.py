@@ -1080,6 +1080,81 @@ def test_resume_says_when_it_has_nothing_to_resume(tiny_model, tmp_path, capsys,
     assert f"note: --resume: no checkpoint in {tmp_path / 'm.work'}; training from the start" in capsys.readouterr().err
 
 
+def _new_weights(folder):
+    """Replace a model folder's weights in place (the same shapes, one tensor changed), as retraining into it does."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("word_embeddings.weight"))
+    weights[name] = weights[name] + 0.5
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_new_weights_behind_a_model_folder_are_another_run(tiny_model, tmp_path, capsys):
+    """A run's id named --model by its path alone: after the weights in the folder were replaced, the same
+    command printed the old weights' stored result as this model's, and --resume went on from their checkpoint."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    args = ["run", "--model", str(model), "--train-size", "64", "--epochs", "1", "--no-progress", "--format", "json",
+            "--store", str(tmp_path / "s.sqlite")]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)[0]
+    assert main(args) == 0  # unchanged files: the stored run
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["id"] == first["id"] and json.loads(out)[0]["reused"]
+    _new_weights(model)
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    second = json.loads(out)[0]
+    assert second["id"] != first["id"] and not second["reused"]
+    assert second["config"]["model"] == first["config"]["model"] == str(model)
+    assert second["config"]["model_sha256"] != first["config"]["model_sha256"]
+
+
+def test_a_model_folder_digest_follows_its_files_not_its_path(tiny_model, tmp_path):
+    from cleantune.defenses import ONION, FineTune
+    from cleantune.models import weights_digest
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    (copy / ".lock").write_text("x")  # hidden files (locks, editors' swap files) are not the model
+    assert weights_digest(str(copy)) == weights_digest(tiny_model) is not None
+    assert FineTune(model=str(copy)).weights() == {"model_sha256": weights_digest(tiny_model)}
+    assert FineTune(model="minilm").weights() == {}  # the package's weights are pinned with cleantune's version
+    # a wrapped victim and ONION's language model name weights too; the packaged LM is a name, as minilm is
+    assert ONION(victim=str(copy), lm=tiny_model).weights() == {"victim_sha256": weights_digest(tiny_model),
+                                                                "lm_sha256": weights_digest(tiny_model)}
+    assert ONION(lm="smollm2").weights() == {}
+    before = FineTune(model=str(copy)).identity()
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+    assert weights_digest(str(copy)) != weights_digest(tiny_model)  # a tokenizer's file counts as the weights do
+    assert FineTune(model=str(copy)).identity() != before  # so a checkpoint made before is not resumed
+
+
+def test_train_resume_refuses_a_checkpoint_of_other_weights(tiny_model, tmp_path, capsys):
+    from cleantune.defenses import FineTune
+    from cleantune.training import StepHook
+
+    class CtrlCAfter(StepHook):
+        def on_epoch_end(self, ctx):
+            if ctx.epoch == 1:  # epoch 0's checkpoint is on disk
+                raise KeyboardInterrupt
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 4)
+    args = ["train", str(tmp_path / "a.tsv"), "--model", str(model), "--epochs", "3", "--no-progress",
+            "--out", str(tmp_path / "m")]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(FineTune, "hooks", lambda self, *a: [CtrlCAfter()])
+        assert main(args) == 130
+    capsys.readouterr()
+    _new_weights(model)
+    code = main(args + ["--resume"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, f"--resume: the checkpoint in {tmp_path / 'm.work' / 'checkpoints'} was "
+                                          "made with other settings, data or model weights")
+
+
 @pytest.fixture(scope="module")
 def interrupted_train(tiny_model, tmp_path_factory):
     """`train` args (data and dev in the folder, `--out OUT`) and the work folder that a Ctrl-C after epoch 1

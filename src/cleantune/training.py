@@ -593,7 +593,7 @@ def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
         if state["fingerprint"] != fingerprint:
-            raise UserError(f"--resume: the checkpoint in {saved} was made with other settings or data")
+            raise UserError(f"--resume: the checkpoint in {saved} was made with other settings, data or model weights")
         # what _save_checkpoint writes: anything else fails mid-run, or (an epoch out of range) trains other epochs
         epoch, history, done = state["epoch"], state["history"], state.get("done", {})
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < epochs:

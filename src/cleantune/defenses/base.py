@@ -131,9 +131,19 @@ class Defense:
         it looks for nothing. The full record is `extra_metrics_`, which `run` stores."""
         return ""
 
+    def weights(self) -> dict:
+        """`<setting>_sha256` -> the contents' digest of each local model folder the settings name (model, and a
+        victim or language model), so that replacing the files behind a path makes another run and another
+        checkpoint, not a reuse of the old weights' result. Empty for short names and hub ids."""
+        from ..models import MODEL_SETTINGS, weights_digest
+
+        digests = {f"{k}_sha256": weights_digest(v) for k in MODEL_SETTINGS
+                   for v in [getattr(self, k, None)] if isinstance(v, str)}
+        return {k: v for k, v in digests.items() if v is not None}
+
     def identity(self) -> dict:
         """What a checkpoint of this defense must match to be resumed (with the data and stage)."""
-        return {"defense": self.name, **self.settings()}
+        return {"defense": self.name, **self.settings(), **self.weights()}
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -285,10 +295,10 @@ def make_defense(cls: type[Defense], options: dict) -> Defense:
         close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise UserError(f"defense '{cls.name}' has no option '{unknown[0]}' ({hint}options: {', '.join(sorted(known))})")
-    from ..models import model_name
+    from ..models import MODEL_SETTINGS, SMOLLM2, model_name
 
     # a relative folder would make run ids, store keys and an adapter's base model depend on the working folder
     # (ONION's lm too: `lm=lm` in two folders named two LMs by one id); ONION's packaged LM stays a name
-    options = {k: model_name(v) if k in ("model", "victim", "lm") and isinstance(v, str) and v != "smollm2" else v
+    options = {k: model_name(v) if k in MODEL_SETTINGS and isinstance(v, str) and v != SMOLLM2 else v
                for k, v in options.items()}
     return cls(**check_values(cls, options, f"defense '{cls.name}'"))

