@@ -1529,6 +1529,15 @@ def test_train_summary_gives_the_best_epochs_selection_accuracy(tiny_model):
     assert _kept_line(defense, model, dev) == "epoch kept: 0 (counting from 0), dev accuracy 0.7500"
 
 
+def test_train_summary_without_dev_names_the_last_training_epoch_not_a_later_stages(tiny_model, tmp_path, capsys):
+    """ABL's history goes on with its unlearning epochs (stage "unlearning", numbered from 0 again): without
+    --dev the line named unlearning's last epoch, 4 here, as the kept one of a 2-epoch training."""
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 4)
+    assert main(["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--defense", "abl", "--epochs", "2",
+                 "--option", "unlearning_epochs=3", "--no-progress", "--out", str(tmp_path / "m")]) == 0
+    assert "epoch kept: 1 (counting from 0), no --dev: last finished epoch" in capsys.readouterr().out
+
+
 def test_eval_paraphrase_attack_on_a_benchmark_uses_its_paraphrase_table(tiny_model, capsys, monkeypatch):
     """`eval MODEL sst2 --attack syntactic` triggers each non-target test sentence with its stored paraphrase
     (the table is loaded for the benchmark first): the ASR is measured on exactly those rewrites."""

@@ -504,7 +504,8 @@ def _train_config(ns) -> None:
 def _kept_line(defense, model, dev) -> str:
     """Which epoch the saved model is, and its dev accuracy where there is a dev set."""
     hist = defense.report_.history
-    finished = [h["epoch"] for h in hist if "diverged_at_step" not in h]  # a diverged epoch is never kept
+    # a diverged epoch is never kept; a later stage's epochs (ABL's unlearning) are not the training's
+    finished = [h["epoch"] for h in hist if "diverged_at_step" not in h and "stage" not in h]
     dev_accs = [h["dev_acc"] for h in hist if "dev_acc" in h]
     if not finished:  # nothing trained here: an inference-time defense given an already trained victim
         kept = "epoch kept: none (no training)"
