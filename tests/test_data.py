@@ -170,6 +170,21 @@ def test_integral_numbers_are_class_ids_in_every_format(tmp_path, name, rows):
     assert d.label_names == ["0", "1", "2"] and d.labels == [round(float(y)) for y in labels]
 
 
+def test_a_label_that_cannot_address_the_label_set_says_how_to_write_it(tmp_path):
+    # an eval or dev file of names for a model trained on ids (or saved with transformers' LABEL_i) said only
+    # "not in the label set (LABEL_0, LABEL_1)"; ids against names say that ids address ids only
+    names = write(tmp_path, "names.tsv", "sentence\tlabel\na\tnegative\n")
+    for ids in (["LABEL_0", "LABEL_1", "LABEL_2"], ["0", "1", "2"]):
+        with pytest.raises(UserError) as e:
+            read_dataset(names, label_names=ids)
+        assert str(e.value) == (f"{names}:2: label 'negative' not in the label set ({', '.join(ids)}); that label set "
+                                "is class ids, so write the labels as ids 0..2")
+    with pytest.raises(UserError) as e:
+        read_dataset(write(tmp_path, "ids.tsv", "sentence\tlabel\na\t1\n"), label_names=["neg", "pos"])
+    assert str(e.value).endswith("not in the label set (neg, pos); integer labels address classes only when the "
+                                 "label set is ids 0..C-1")
+
+
 def test_labels_read_against_a_label_set_are_never_positions_among_names(tmp_path):
     # a dev file of 1..4 against a label set of names that look numeric: no shift by one class
     dev = write(tmp_path, "dev.tsv", "sentence\tlabel\na\t1\nb\t2\n")

@@ -381,8 +381,13 @@ def _label_id(y, label_names: list[str], path: Path, line: int) -> int:
             return v
     elif str(v) in label_names:
         return label_names.index(str(v))
-    hint = "; integer labels address classes only when the label set is ids 0..C-1" \
-        if isinstance(v, int) and not bare_ids(label_names) else ""
+    if isinstance(v, int) and not bare_ids(label_names):
+        hint = "; integer labels address classes only when the label set is ids 0..C-1"
+    elif not isinstance(v, int) and bare_ids(label_names):
+        # a model trained on ids (or with transformers' LABEL_i) knows no names: its classes are its ids
+        hint = f"; that label set is class ids, so write the labels as ids 0..{len(label_names) - 1}"
+    else:
+        hint = ""
     raise UserError(f"{path}:{line}: label '{shorten(str(y))}' not in the label set ({', '.join(label_names)}){hint}")
 
 
