@@ -258,6 +258,12 @@ def test_download_from_file_mirror_verifies_sha256(tmp_path):
     with pytest.raises(UserError, match="does not match MANIFEST"):
         download_benchmark("olid", dest2, base_url=mirror.as_uri())
     assert not (dest2 / "olid" / "test.tsv").exists()
+    assert (dest2 / "olid" / "dev.tsv").is_file()  # verified before the failure: kept for the next try
+    # a mirror that serves nothing leaves no empty folders in the cache, up to the first that existed
+    (tmp_path / "cache3").mkdir()
+    with pytest.raises(UserError, match="cannot download"):
+        download_benchmark("olid", tmp_path / "cache3" / "a" / "b", base_url=(tmp_path / "none").as_uri())
+    assert list((tmp_path / "cache3").iterdir()) == []
 
 
 def test_data_root_env_and_download_fallback(tmp_path, monkeypatch):
@@ -358,7 +364,7 @@ def test_download_that_cannot_be_stored_is_one_line_naming_the_path(tmp_path, mo
     with pytest.raises(UserError, match=re.escape(f"{dest / 'olid' / 'dev.tsv'}: cannot store downloaded "
                                                   "benchmark data (No space left on device)")):
         download_benchmark("olid", dest)
-    assert list((dest / "olid").iterdir()) == []
+    assert list(dest.iterdir()) == []  # no .partial left, nor the folder made for it
 
 
 def test_interrupted_download_leaves_no_partial_file_and_old_leftovers_go(tmp_path, monkeypatch, no_local_data):

@@ -483,28 +483,41 @@ def download_benchmark(name: str, root: Path, base_url: str | None = None) -> No
     download leaves nothing half; a folder or file that cannot be written is a one-line UserError."""
     base_url = (base_url or os.environ.get("CLEANTUNE_DATA_URL") or DEFAULT_DATA_URL).rstrip("/")
     sha = _manifest()["sha256"]
-    for rel in sorted(k for k in sha if k.startswith(f"{name}/")):
-        dest = root / rel
-        try:
-            if dest.is_file() and _verified(dest, sha[rel]):
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)  # before the download: a folder in the way fails fast
-            _remove_stale_partials(dest.parent)
-        except OSError as e:
-            raise _store_error(e, dest) from None
-        url = f"{base_url}/{rel}"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                blob = r.read()
-        except Exception as e:  # urllib raises several unrelated types
-            raise UserError(f"cannot download {url}: {e}") from None
-        got = hashlib.sha256(blob).hexdigest()
-        if got != sha[rel]:
-            raise UserError(f"{url}: sha256 {got[:12]}... does not match MANIFEST.json ({sha[rel][:12]}...)")
-        try:
-            _write_verified(dest, blob)
-        except OSError as e:
-            raise _store_error(e, dest) from None
+    created: list[Path] = []  # folders made here: a download that fails leaves no empty cache folders behind
+    try:
+        for rel in sorted(k for k in sha if k.startswith(f"{name}/")):
+            _download_file(root / rel, f"{base_url}/{rel}", sha[rel], created)
+    except BaseException:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()  # only while empty: files verified before the failure stay for the next try
+            except OSError:
+                pass
+        raise
+
+
+def _download_file(dest: Path, url: str, sha256: str, created: list[Path]) -> None:
+    try:
+        if dest.is_file() and _verified(dest, sha256):
+            return
+        missing = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
+        dest.parent.mkdir(parents=True, exist_ok=True)  # before the download: a folder in the way fails fast
+        created.extend(reversed(missing))
+        _remove_stale_partials(dest.parent)
+    except OSError as e:
+        raise _store_error(e, dest) from None
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            blob = r.read()
+    except Exception as e:  # urllib raises several unrelated types
+        raise UserError(f"cannot download {url}: {e}") from None
+    got = hashlib.sha256(blob).hexdigest()
+    if got != sha256:
+        raise UserError(f"{url}: sha256 {got[:12]}... does not match MANIFEST.json ({sha256[:12]}...)")
+    try:
+        _write_verified(dest, blob)
+    except OSError as e:
+        raise _store_error(e, dest) from None
 
 
 # (path, size, mtime) of cached files that matched their hash: a benchmark served from the cache is loaded
