@@ -1131,6 +1131,22 @@ def test_a_model_folder_digest_follows_its_files_not_its_path(tiny_model, tmp_pa
     assert FineTune(model=str(copy)).identity() != before  # so a checkpoint made before is not resumed
 
 
+def test_a_model_file_that_cannot_be_read_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
+    from cleantune import models
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+
+    def unreadable(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(models, "open", unreadable, raising=False)
+    code = main(["run", "--model", str(copy), "--train-size", "64", "--epochs", "1", "--no-progress",
+                 "--store", str(tmp_path / "s.sqlite")])
+    assert_one_line_error(code, *capsys.readouterr(), f"{copy / 'config.json'}: cannot read it to identify the "
+                                                      "model's weights (Permission denied)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no store, no run folder
+
+
 def test_train_resume_refuses_a_checkpoint_of_other_weights(tiny_model, tmp_path, capsys):
     from cleantune.defenses import FineTune
     from cleantune.training import StepHook

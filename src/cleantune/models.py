@@ -80,8 +80,11 @@ def _digest(files: tuple) -> str:
 
     h = hashlib.sha256()
     for where, file_name, *_ in files:  # by name, not path: a copy of the folder holds the same weights
-        with open(where, "rb") as f:
-            h.update(f"{file_name}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\0".encode())
+        try:
+            with open(where, "rb") as f:
+                h.update(f"{file_name}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\0".encode())
+        except OSError as e:
+            raise UserError(f"{where}: cannot read it to identify the model's weights ({e.strerror})") from None
     return h.hexdigest()[:16]
 
 
