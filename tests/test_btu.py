@@ -307,6 +307,7 @@ def test_fit_end_to_end(tmp_path, kind, mode, tuning):
         assert not set(defense.exposure_.top["A"]) & set(defense.exposure_.top["B"])
     stages = defense.extra_metrics_["btu_stages"]
     assert list(stages) == (["no_defense", "unlearned"] + (["tuned"] if tuning != "none" else []))
+    assert ("tune" in defense.extra_metrics_["btu_seconds"]) == (tuning != "none")  # the tuning's time with it
     before, after = snaps[0], snaps[1]  # the victim's embeddings just before and after the cut
     others = [i for i in range(E0.shape[0]) if i not in set(S)]
     assert torch.equal(after[others], before[others])
@@ -355,6 +356,10 @@ def test_runner_stores_stage_points_and_audit(tiny_model, monkeypatch):
                       triggers=["cf"], max_length=64, options={"k": 2}), store, progress=False)
     stored = store.get(r["id"])["metrics"]
     assert store.get(r["id"])["timings"]["stage_eval_s"] == stored["btu_seconds"]["stage_eval"] > 0
+    # every stage's time, in the pipeline's order (benchmarks/btu.py prints them so); no tuning ran here
+    assert list(stored["btu_seconds"]) == ["expose_A", "expose_B", "expose_C", "victim", "unlearn", "stage_eval",
+                                           "total_fit"]
+    assert sum(v for k, v in stored["btu_seconds"].items() if k != "total_fit") <= stored["btu_seconds"]["total_fit"]
     assert set(stored["btu_stages"]) == {"no_defense", "unlearned"}
     assert set(stored["btu_stages"]["unlearned"]) == {"cacc", "asr", "asr_floor", "predicted_classes"}
     assert set(stored["btu_trigger_ranks"]["cf"]) == {"A", "B", "C"}

@@ -563,17 +563,20 @@ class BTU(Defense):
         stages = {"no_defense": self._stage(clf)}
 
         # 3. Unlearning, toward the pretrained padding row, of the suspicious tokens the guard does not spare.
+        t0 = time.perf_counter()
         if self.guard and select:
             cut, spared, guard_rounds = guarded_unlearn(clf, view, E0, tokenizer.pad_token_id, suspicious, select,
                                                         self.guard_tolerance, recompute=self.faithful, progress=progress)
         else:
             cut, spared, guard_rounds = unlearn(victim.get_input_embeddings().weight, E0, tokenizer.pad_token_id,
                                                 suspicious, recompute=self.faithful), [], []
+        seconds = {"unlearn": time.perf_counter() - t0}  # the guard's re-scoring included
         stages["unlearned"] = self._stage(clf)
 
         # 4. Optional clean tuning on k clean dev samples (the official code tunes on the test split, 8 #1).
         tune_report = None
         if tune_data is not None:
+            t0 = time.perf_counter()
             seed_everything(self.seed)
             for p in victim.parameters():
                 p.requires_grad = True
@@ -583,6 +586,7 @@ class BTU(Defense):
             tune_report = train(victim, view, tune_data, select, tune_settings, (carry,) if self.faithful else (),
                                 work / "tune" if work else None, resume, progress, desc="btu tune",
                                 identity=self.identity())
+            seconds["tune"] = time.perf_counter() - t0
             stages["tuned"] = self._stage(clf)
 
         # Audit material (the defense never sees poison flags; `audit` compares against the attack's
@@ -606,7 +610,7 @@ class BTU(Defense):
                             "dims_replaced": cut["dims_replaced"], "dims": int(E0.shape[1])},
             "btu_stages": {k: v for k, v in stages.items() if v is not None},
             "btu_tune_history": tune_report.history if tune_report else None,
-            "btu_seconds": {**{f"expose_{n}": s for n, s in exp.seconds.items()}, "victim": t_victim,
+            "btu_seconds": {**{f"expose_{n}": s for n, s in exp.seconds.items()}, "victim": t_victim, **seconds,
                             "stage_eval": self._eval_s,
                             "total_fit": time.perf_counter() - t_start},
         }
