@@ -127,6 +127,14 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
     (["run", "--num-triggers", "1000000000"], "--num-triggers must be at most 100"),
     (["run", "--option", "lora_r"], "--option expects KEY=VALUE, got 'lora_r'"),
     (["run", "--defense", "lora", "--option", "lora_r=0", "--option", "lora-r=4"], "--option lora_r is given twice"),
+    # what a defense takes of the clean dev set, against the benchmark's dev split (sst2: 872), for every cell
+    # before any trains: hsol's cell trained first, then sst2's failed in its fit
+    (["run", "--dataset", "hsol,sst2", "--defense", "btu", "--option", "clean_tuning=872"],
+     "clean_tuning=872 takes every clean dev sample, so the collateral guard has none left"),
+    (["run", "--dataset", "hsol,sst2", "--defense", "btu", "--option", "clean_tuning=873"],
+     "clean_tuning=873 needs that many clean dev samples (have 872)"),
+    (["run", "--dataset", "hsol,sst2", "--defense", "ga", "--option", "ref_samples=872"],
+     "ref_samples=872 leaves no clean dev sample for model selection (872 given)"),
     (["eval", "no/such/model", "sst2"], "no/such/model: no such model directory"),
     (["eval", __file__, "sst2"], f"{__file__}: a file, not a model folder"),
 ])
@@ -151,7 +159,9 @@ def test_train_refuses_impossible_settings_before_writing(tiny_model, tmp_path, 
                             (["--out", ""], "--out: empty path"),  # not "--out .: name the folder"
                             (["--option", "lr_schedule=linear", "--option", "lr_schedule=constant"],
                              "--option lr_schedule is given twice"),
-                            (["--option", "warmup_ratio=nan"], "option warmup_ratio must be in [0, 1)")]:  # no such flag
+                            (["--option", "warmup_ratio=nan"], "option warmup_ratio must be in [0, 1)"),  # no such flag
+                            (["--defense", "btu", "--dev", str(tmp_path / "a.tsv"), "--option", "clean_tuning=4"],
+                             "clean_tuning=4 takes every clean dev sample, so the collateral guard has none left")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err

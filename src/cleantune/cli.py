@@ -547,6 +547,8 @@ def cmd_train(ns) -> int:
     defense = get_defense(ns.defense, **opts)
     defense.check_task(train_data.num_labels)
     defense.check_backbone(train_data.num_labels)  # as `run` does: before any weights load or folder is made
+    if dev is not None:  # without one, a defense that needs it says so in fit, before it loads anything
+        defense.check_dev(len(dev))
     from .models import check_out_dir
     from .training import has_checkpoint, is_main_process, work_lock
 

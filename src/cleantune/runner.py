@@ -127,6 +127,7 @@ class RunConfig:
         attack, defense = self.build_attack(), self.build_defense()
         defense.check_task(BENCHMARKS[self.dataset][0])
         defense.check_backbone(BENCHMARKS[self.dataset][0])
+        defense.check_dev(split_sizes(self.dataset)["dev"])
         attack_settings = {f.name: getattr(attack, f.name) for f in fields(attack)}
         defense_settings = {**defense.settings(), **defense.weights()}
         clash = sorted((set(attack_settings) & set(defense_settings)) - {"seed"})

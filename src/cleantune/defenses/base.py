@@ -154,6 +154,10 @@ class Defense:
     def check_task(self, num_labels: int) -> None:
         """Refuse settings that cannot work for a `num_labels`-class task, before anything trains."""
 
+    def check_dev(self, n_dev: int) -> None:
+        """Refuse settings that take more of a clean dev set of `n_dev` samples than it holds, before anything
+        trains (a sweep's cell that would fail only in its own fit, after earlier cells trained)."""
+
     def check_backbone(self, num_labels: int) -> None:
         """Refuse settings that do not fit the backbone (max_length against its position table and its tokenizer's
         special tokens, a module name it lacks, a layer of another kind) before anything loads or trains, on a

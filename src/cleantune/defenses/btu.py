@@ -510,6 +510,18 @@ class BTU(Defense):
                              max_grad_norm=self.max_grad_norm, max_length=max_length, seed=self.seed,
                              lr_schedule="constant" if self.faithful else self.lr_schedule)
 
+    def check_dev(self, n_dev: int) -> None:
+        if self.clean_tuning == "none":
+            return
+        if n_dev < self.clean_tuning:
+            raise UserError(f"clean_tuning={self.clean_tuning} needs that many clean dev samples (have {n_dev})")
+        if n_dev == self.clean_tuning and self.guard:
+            self._no_guard_data()
+
+    def _no_guard_data(self):
+        raise UserError(f"clean_tuning={self.clean_tuning} takes every clean dev sample, so the collateral "
+                        "guard has none left (tune on fewer, or --option guard=false)")
+
     def fit(self, train_data: TextDataset, clean_dev: TextDataset | None = None, *, out_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True) -> Classifier:
         train_data = train_data.without_flags()
@@ -518,16 +530,13 @@ class BTU(Defense):
         t_start, self._eval_s = time.perf_counter(), 0.0
         tune_data, select = None, clean_dev
         if self.clean_tuning != "none":
-            if clean_dev is None or len(clean_dev) < self.clean_tuning:
-                raise UserError(f"clean_tuning={self.clean_tuning} needs that many clean dev samples "
-                                f"(have {0 if clean_dev is None else len(clean_dev)})")
+            self.check_dev(0 if clean_dev is None else len(clean_dev))
             tune_data = clean_dev.stratified_sample(self.clean_tuning, self.seed)
             taken = set(zip(tune_data.texts, tune_data.labels))
             rest = [i for i, s in enumerate(zip(clean_dev.texts, clean_dev.labels)) if s not in taken]
             select = clean_dev.subset(rest) if rest else None
-            if select is None and self.guard:
-                raise UserError(f"clean_tuning={self.clean_tuning} takes every clean dev sample, so the collateral "
-                                "guard has none left (tune on fewer, or --option guard=false)")
+            if select is None and self.guard:  # duplicates of the tuning samples are all that is left
+                self._no_guard_data()
 
         tokenizer = load_tokenizer(self.model)
         view = TokenView(tokenizer)

@@ -162,11 +162,15 @@ def align_all(grads: list[torch.Tensor | None], refs: list[torch.Tensor | None],
     return out
 
 
+def check_refs(n: int, n_dev: int) -> None:
+    if n >= n_dev:
+        raise UserError(f"ref_samples={n} leaves no clean dev sample for model selection ({n_dev} given)")
+
+
 def split_refs(clean_dev: TextDataset, n: int, seed: int) -> tuple[TextDataset, TextDataset]:
     """(references, the rest): a seeded random split of the clean dev set. The references are drawn with
     their own RNG, so every variant gets the same ones (the official draw depends on model construction)."""
-    if n >= len(clean_dev):
-        raise UserError(f"ref_samples={n} leaves no clean dev sample for model selection ({len(clean_dev)} given)")
+    check_refs(n, len(clean_dev))
     chosen = set(random.Random(f"ga-refs-{seed}").sample(range(len(clean_dev)), n))
     return (clean_dev.subset(sorted(chosen)),
             clean_dev.subset(i for i in range(len(clean_dev)) if i not in chosen))
@@ -388,6 +392,10 @@ class MuScleLoRA(Defense):
         for p in trainable:  # PEFT froze every non-LoRA parameter
             p.requires_grad = True
         return model
+
+    def check_dev(self, n_dev: int) -> None:
+        if "ga" in self.components and self.ref_samples is not None:  # else the backbone's 96 or 128, at fit
+            check_refs(self.ref_samples, n_dev)
 
     def _refs(self, clean_dev):
         if clean_dev is None or len(clean_dev) == 0:
