@@ -295,7 +295,7 @@ def test_a_bar_in_a_label_stays_inside_its_markdown_cell(tmp_path):
 
 
 def test_a_backslash_or_carriage_return_in_a_label_stays_text_in_its_markdown_row(tmp_path):
-    """A '\r' ended the row (Markdown breaks lines there as at '\n'); a backslash before a '|' took that '|''s
+    r"""A '\r' ended the row (Markdown breaks lines there as at '\n'); a backslash before a '|' took that '|''s
     escape and one before other punctuation vanished, so 'a\|b' read as 'a|b', another sentence's label."""
     from cleantune.report import build
 
