@@ -164,9 +164,14 @@ def test_a_report_that_cannot_be_written_in_full_is_one_line_and_leaves_no_folde
     monkeypatch.undo()
     assert main(["report", "--store", str(s.path), "--out", str(rep)]) == 0
     assert (rep / "plots" / "bars_olid.png").is_file() and "olid" in (rep / "report.md").read_text()
+    # a user's PNG named like a report's (a copied `analyze frequency` curve) is the user's too: only the plots
+    # the earlier report.md linked are the report's to remove
+    (rep / "plots" / "frequency_delta2.00.png").write_bytes(b"mine")
+    (rep / "plots" / "bars_mydata.png").write_bytes(b"mine")
     assert main(["report", "--store", str(s.path), "--out", str(rep), "--dataset", "olid"]) == 0
     plots = sorted(p.name for p in (rep / "plots").iterdir())
     assert "bars_sst2.png" not in plots and "my_figure.png" in plots  # the stale plot goes, the user's stays
+    assert (rep / "plots" / "frequency_delta2.00.png").read_bytes() == (rep / "plots" / "bars_mydata.png").read_bytes() == b"mine"
     assert (rep / "notes.txt").read_text() == "mine"
     killed = tmp_path / "killed"  # a kill (no clean-up) cut the first write into a new folder short
     killed.mkdir()

@@ -799,13 +799,25 @@ def write_report(store: ResultStore, out_dir: str | Path, frequency_files: tuple
         reference_added = bool(refs)
     page, md, images = build(runs, tuple(frequency_files), where, reference_added)  # everything checked before writing
     out = Path(out_dir)
+    earlier = _linked_plots(out / "report.md")
     files = {out / "plots" / name: data for name, data in images.items()}
     files.update({out / "report.html": page.encode("utf-8"), out / "report.md": md.encode("utf-8")})
     write_whole(out, files, "report")
-    for stale in (out / "plots").glob("*.png"):  # an earlier report's plot of a cell this one has not; a user's own stays
-        if stale.name not in images and any(fnmatch.fnmatch(stale.name, f) for f in PLOT_NAMES):
-            stale.unlink()
+    for name in earlier - set(images):  # the earlier report's plot of a cell this one has not
+        (out / "plots" / name).unlink(missing_ok=True)
     return out / "report.html", out / "report.md"
+
+
+def _linked_plots(md: Path) -> set[str]:
+    """The plots an earlier report in the folder wrote: those its report.md links, by the names build() gives
+    them. Any other PNG in plots/, a user's own, stays, even one named like a report's (a copied
+    `frequency_delta2.00.png` from `analyze frequency`)."""
+    try:
+        text = md.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return {n for n in re.findall(r"\]\(plots/([^)/\\]+\.png)\)", text)
+            if any(fnmatch.fnmatch(n, f) for f in PLOT_NAMES)}
 
 
 PLOT_NAMES = ("asr_vs_cacc.png", "bars_*.png", "frequency_*.png")  # what build() names its images
