@@ -200,6 +200,15 @@ def test_report_plots_curves_files_of_the_frequency_analysis(tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert "frequency curves: sst2 badnets finetune seed 0" in page
     assert len(re.findall(r"data:image/png;base64,", page)) == 3  # bars, scatter, the curves
+    # a one-target set's e_high is over mean ||Y|| (the 0/0 fix): its curves say so, as analyze frequency's PNGs do
+    from cleantune.report import parse_frequency
+
+    tagged = json.loads(curves.read_text())
+    for r in tagged["records"]:
+        r["poison"]["e_high_denominator"], r["clean"]["e_high_denominator"] = "target", "high part of target"
+    labels = list(parse_frequency(tagged)["curves"])
+    assert [x for x in labels if "mean ||Y||" in x] == ["poison e_high (δ=2), / mean ||Y||",
+                                                        "poison e_high (δ=8), / mean ||Y||"]
     bad = tmp_path / "bad.json"
     # each of the last five raised a traceback: past json's recursion limit, an integer too large for a float,
     # and steps that are not numbers (matplotlib's TypeError or numpy's ValueError)

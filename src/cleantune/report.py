@@ -425,6 +425,8 @@ def _parse_frequency(freq) -> dict | None:
                         vals = [r[name][key] for r in records]
                         vals = [v[k] if isinstance(v, list) else v for v in vals]
                         label = f"{name} {key}" + (f" (δ={deltas[k]:g})" if deltas else "")
+                        if key == "e_high" and records[0][name].get("e_high_denominator") == "target":
+                            label += ", / mean ||Y||"  # as analyze frequency labels it: one target, the 0/0 fix
                         # null: e_high undefined at that delta (curves.json writes NaN as null)
                         curves[label] = [math.nan if v is None else _curve_value(v) for v in vals]
             steps = [_curve_value(r.get("step", i)) for i, r in enumerate(records)]
