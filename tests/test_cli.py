@@ -135,6 +135,8 @@ def test_unknown_label_in_dev_file(tmp_path, capsys):
      "clean_tuning=873 needs that many clean dev samples (have 872)"),
     (["run", "--dataset", "hsol,sst2", "--defense", "ga", "--option", "ref_samples=872"],
      "ref_samples=872 leaves no clean dev sample for model selection (872 given)"),
+    (["run", "--defense", "muscle-lora", "--option", "head_inner=32"],
+     "option head_inner applies to causal LMs only (the head MuScleLoRA adds to them); --model minilm keeps its own"),
     (["eval", "no/such/model", "sst2"], "no/such/model: no such model directory"),
     (["eval", __file__, "sst2"], f"{__file__}: a file, not a model folder"),
 ])

@@ -373,6 +373,9 @@ class MuScleLoRA(Defense):
         self.extra_metrics_ = {"resolved_settings": {k: v for k, v in r.items() if k not in shared}}
         if A.backbone_family(model) == "causal":
             A.attach_causal_head(model, self.head_inner)
+        elif self.head_inner != MuScleLoRA.head_inner:  # taken and ignored, it still made another run id
+            raise UserError(f"defense '{self.name}': option head_inner applies to causal LMs only (the head "
+                            f"MuScleLoRA adds to them); --model {self.model} keeps its own classification head")
         if "lora" not in self.components:
             if hasattr(model, "cleantune_export"):  # the causal head: collapsed at export, no adapter written
                 A.register(model, full_finetune=True)
