@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import json
 import numbers
 import os
@@ -76,8 +77,6 @@ def weights_digest(name: str) -> str | None:
 
 @functools.cache
 def _digest(files: tuple) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for where, file_name, *_ in files:  # by name, not path: a copy of the folder holds the same weights
         try:
