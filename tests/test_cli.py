@@ -381,7 +381,7 @@ def test_stores_are_checked_and_never_changed_by_reading(tmp_path, capsys):
         assert path.read_bytes() == before
     (tmp_path / "file").write_text("x")
     assert main(["run", "--store", str(tmp_path / "file" / "s.sqlite"), "--train-size", "50"]) == 2
-    assert "cannot open it" in capsys.readouterr().err
+    assert f"cannot create it ({tmp_path / 'file'} is not a folder)" in capsys.readouterr().err
     assert main(["results"]) == 2 and "no run stored yet" in capsys.readouterr().err
     broken = tmp_path / "broken.sqlite"  # a truncated file: reading it fails and adds no -wal/-shm beside it
     broken.write_bytes(b"SQLite format 3\x00" + b"\x10\x00\x02\x02" + b"\x00" * 3000)
