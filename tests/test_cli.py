@@ -1559,7 +1559,7 @@ def test_train_summary_gives_the_best_epochs_selection_accuracy(tiny_model):
 
 def test_train_summary_without_dev_names_the_last_training_epoch_not_a_later_stages(tiny_model, tmp_path, capsys):
     """ABL's history goes on with its unlearning epochs (stage "unlearning", numbered from 0 again): without
-    --dev the line named unlearning's last epoch, 4 here, as the kept one of a 2-epoch training."""
+    --dev the line named unlearning's last epoch, 2 here, as the kept one of a 2-epoch training."""
     (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 4)
     assert main(["train", str(tmp_path / "a.tsv"), "--model", tiny_model, "--defense", "abl", "--epochs", "2",
                  "--option", "unlearning_epochs=3", "--no-progress", "--out", str(tmp_path / "m")]) == 0
