@@ -85,6 +85,25 @@ def test_save_refuses_what_it_must_not_replace(tiny_model, named_data, tmp_path)
     assert (tmp_path / "m" / "notes.txt").read_text() == "keep me"
 
 
+def test_save_refuses_the_folder_its_adapter_is_saved_against(tiny_model, named_data, tmp_path):
+    """An adapter trained on a saved cleantune model and saved back into that folder names it as its base, which
+    then holds the merged model: loaded on top of it, LoRA's (or MSLR's) delta acted twice. `train` refused
+    --out = --model; the API saved it."""
+    from cleantune.defenses import MuScleLoRA
+
+    data, dev = named_data
+    dev = TextDataset(dev.texts, dev.labels, data.label_names)
+    base = FineTune(model=tiny_model, epochs=1, lr=1e-3).fit(data, None, progress=False).save_pretrained(tmp_path / "b")
+    for defense in (LoRA(model=str(base), epochs=1), MuScleLoRA(model=str(base), epochs=1, ref_samples=8)):
+        clf = defense.fit(data, dev, progress=False)
+        before = {f: f.read_bytes() for f in base.rglob("*") if f.is_file()}
+        with pytest.raises(UserError, match=f"out_dir {base}: that is the base model folder the adapter is saved "
+                                            "against"):
+            clf.save_pretrained(base)
+        assert {f: f.read_bytes() for f in base.rglob("*") if f.is_file()} == before
+        clf.save_pretrained(tmp_path / "other")  # anywhere else is fine
+
+
 def test_model_names_resolve(tmp_path):
     assert resolve_model("minilm").endswith("model")
     assert resolve_model("org/some-model") == "org/some-model"  # a hub id, loaded by transformers on use

@@ -388,6 +388,13 @@ def _write_adapter_card(folder: Path, model, label_names: list[str], max_length:
            "otherwise): see cleantune's README, \"Loading the LoRA adapter alone\", and `cleantune_labels.json` here.\n"))
 
 
+def _adapter_bases(model) -> list[str]:
+    """The base models a trained adapter on `model` is saved against: PEFT's and cleantune's own (MSLR, head)."""
+    peft = [c.base_model_name_or_path for c in getattr(model, "peft_config", {}).values()]
+    own = getattr(model, "_cleantune_adapter", {}).get("base_model")
+    return [b for b in (*peft, own) if isinstance(b, str)]
+
+
 class Classifier:
     """A trained sequence classifier: the model, its tokenizer and its label names.
 
@@ -466,6 +473,11 @@ class Classifier:
 
         out = Path(out_dir).expanduser()  # as from_pretrained reads it: "~/m" is not a folder named "~" here
         check_out_dir(out, option="out_dir")
+        if any(Path(base).is_dir() and Path(base).resolve() == out.resolve() for base in _adapter_bases(self.model)):
+            # the saved adapter names that folder as its base, which would then hold the merged model: loaded on top
+            # of it, the adapter would act twice
+            raise UserError(f"out_dir {out}: that is the base model folder the adapter is saved against, which the "
+                            "merged model would replace; save to another folder")
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
