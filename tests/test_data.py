@@ -238,6 +238,40 @@ def test_text_dataset_refuses_columns_of_different_lengths():
         TextDataset(["a", "b"], [0, 1], ["x", "y"], [True])
 
 
+def test_text_dataset_takes_array_columns_as_lists_and_refuses_unordered_ones():
+    """numpy arrays and pandas columns passed the checks, then failed deep inside: repr (an array has no
+    .count), evaluate (an array's truth value), subset and stratified_sample (a Series indexed 5, 6 has no 0)."""
+    import numpy as np
+
+    class Column:  # what matters of a pandas Series here: labels as its index, and tolist()
+        def __init__(self, values, index):
+            self.values, self.index = list(values), list(index)
+
+        def __len__(self):
+            return len(self.values)
+
+        def __iter__(self):
+            return iter(self.values)
+
+        def __getitem__(self, key):
+            return self.values[self.index.index(key)]
+
+        def tolist(self):
+            return list(self.values)
+
+    for texts, labels in ((np.array(["good", "bad", "fine", "awful"]), np.array([1, 0, 1, 0])),
+                          (Column(["good", "bad", "fine", "awful"], [5, 6, 7, 8]), Column([1, 0, 1, 0], [5, 6, 7, 8]))):
+        ds = TextDataset(texts, labels, np.array(["negative", "positive"]), np.array([True, False, False, False]))
+        assert (ds.texts, ds.labels, ds.label_names) == (["good", "bad", "fine", "awful"], [1, 0, 1, 0],
+                                                         ["negative", "positive"])
+        assert all(type(y) is int for y in ds.labels) and ds.poisoned == [True, False, False, False]
+        assert repr(ds) == "TextDataset(4 texts; negative: 2, positive: 2; 1 poisoned)"
+        assert ds.subset([0]).texts == ["good"] and len(ds.stratified_sample(2, 0)) == 2
+    for odd in ({"good": 1, "bad": 0}, {"good", "bad"}):  # a dict's keys, a set's arbitrary order
+        with pytest.raises(TypeError, match=f"TextDataset: texts must be a list, got {type(odd).__name__}"):
+            TextDataset(odd, [1, 0], ["n", "p"])
+
+
 def test_without_flags_hides_the_poison_ground_truth():
     ds = TextDataset(["a", "b", "c"], [0, 1, 1], ["x", "y"], [True, False, True])
     view = ds.without_flags()

@@ -15,6 +15,7 @@ import secrets
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -47,9 +48,13 @@ class TextDataset:
 
     def __post_init__(self):
         # a str would be iterated letter by letter, as texts one character long or as one-letter class names
-        for what in ("texts", "labels", "label_names"):
-            if isinstance(getattr(self, what), (str, bytes)) or not hasattr(getattr(self, what), "__len__"):
-                raise TypeError(f"TextDataset: {what} must be a list, got {type(getattr(self, what)).__name__}")
+        # a dict would give its keys, a set no order; numpy arrays and pandas columns (indexed by their labels,
+        # not positions) are taken as the lists they hold
+        for what in ("texts", "labels", "label_names", "poisoned"):
+            value = getattr(self, what)
+            if isinstance(value, (str, bytes, Mapping, Set)) or not hasattr(value, "__len__"):
+                raise TypeError(f"TextDataset: {what} must be a list, got {type(value).__name__}")
+            setattr(self, what, value.tolist() if hasattr(value, "tolist") else list(value))
         if not self.poisoned:
             self.poisoned = [False] * len(self.texts)
         if not (len(self.texts) == len(self.labels) == len(self.poisoned)):
