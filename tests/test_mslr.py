@@ -128,6 +128,41 @@ def test_load_classifier_keeps_the_saved_max_length_and_predicts_as_saved(tiny_m
     assert torch.allclose(again.predict_logits(texts), before, atol=1e-5)
 
 
+def test_load_classifier_refuses_a_damaged_or_incomplete_folder_in_one_line(tiny_model, tmp_path):
+    """It loaded without a missing adapter/ (predicting otherwise than the saved model, silently), and raised
+    KeyError, JSONDecodeError or SafetensorError on a damaged file, where from_pretrained says what is wrong."""
+    import shutil
+
+    base = shutil.copytree(tiny_model, tmp_path / "base")
+    model = load_model(str(base), ["neg", "pos"])
+    register(model, base_model=str(base), lora=True)  # as the LoRA variants register theirs
+    inject_mslr(model, MSLRConfig(scales=[1, 4], alpha=0.5))
+    Classifier(model, load_tokenizer(str(base)), ["neg", "pos"]).save_pretrained(tmp_path / "m")
+
+    def refused(folder, message, **kw):
+        with pytest.raises(UserError) as e:
+            load_classifier(folder, **kw)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+    refused(tmp_path / "m", f"{tmp_path / 'm'}: its model was trained with a PEFT LoRA adapter, and adapter/ is missing")
+    refused(tmp_path / "nowhere", f"{tmp_path / 'nowhere'}: no such model directory")
+    for damage, message in (
+            (lambda d: (d / "cleantune_adapter" / "adapter_config.json").write_text('{"lora": fa'),
+             f"{tmp_path / 'd' / 'cleantune_adapter' / 'adapter_config.json'}: not a valid adapter config"),
+            (lambda d: (d / "cleantune_labels.json").write_text('{"max_length": 8}'),
+             f"{tmp_path / 'd' / 'cleantune_labels.json'}: not a valid label file (KeyError"),
+            (lambda d: (d / "cleantune_adapter" / "adapter_model.safetensors").write_bytes(b"cut"),
+             f"{tmp_path / 'd' / 'cleantune_adapter' / 'adapter_model.safetensors'}: cannot read the adapter's weights"),
+            (lambda d: shutil.rmtree(base),
+             f"{base} (the base model {tmp_path / 'd' / 'cleantune_adapter' / 'adapter_config.json'} names; "
+             "pass base_model= where it moved): no such directory")):
+        shutil.rmtree(tmp_path / "d", ignore_errors=True)
+        shutil.copytree(tmp_path / "m", tmp_path / "d")
+        (tmp_path / "d" / "adapter").mkdir()  # past the LoRA check: each damage is what is refused
+        damage(tmp_path / "d")
+        refused(tmp_path / "d", message)
+
+
 def test_config_refuses_a_zero_scale_and_a_zero_inner_rank():
     """A scale of 0 is a dead branch (kappa_j x = 0), and inner_rank 0 leaves no rank and divides alpha by 0:
     both are refused when the config is built, as UserErrors, not later as a ZeroDivisionError."""

@@ -388,6 +388,27 @@ def _write_adapter_card(folder: Path, model, label_names: list[str], max_length:
            "otherwise): see cleantune's README, \"Loading the LoRA adapter alone\", and `cleantune_labels.json` here.\n"))
 
 
+def read_labels(meta_file: Path) -> tuple[list[str], int]:
+    """A saved model's label names and max_length (its cleantune_labels.json), checked."""
+    try:
+        meta = json.loads(meta_file.read_text())
+        labels, max_length = meta["label_names"], meta.get("max_length", 128)
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise TypeError("label_names is not a list of two or more names")
+        for n in labels:  # matched by name to the data's labels, which are read as strings
+            if not isinstance(n, str) or not n:
+                raise TypeError(f"label_names holds {json.dumps(n)}, not a name (a non-empty string)")
+        if len(set(labels)) < len(labels):  # one name for two classes: a data label could not say which
+            raise ValueError(f"label_names repeats '{next(n for n in labels if labels.count(n) > 1)}'")
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length {json.dumps(max_length)} is not an integer")
+        if max_length < 1:
+            raise ValueError(f"max_length {max_length} is not positive")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_file}: not a valid label file ({type(e).__name__}: {e})") from None
+    return labels, max_length
+
+
 def _adapter_bases(model) -> list[str]:
     """The base models a trained adapter on `model` is saved against: PEFT's and cleantune's own (MSLR, head)."""
     peft = [c.base_model_name_or_path for c in getattr(model, "peft_config", {}).values()]
@@ -537,22 +558,7 @@ class Classifier:
                                "cannot read its config.json")
         named = meta_file.is_file()
         if named:
-            try:
-                meta = json.loads(meta_file.read_text())
-                labels, max_length = meta["label_names"], meta.get("max_length", 128)
-                if not isinstance(labels, list) or len(labels) < 2:
-                    raise TypeError("label_names is not a list of two or more names")
-                for n in labels:  # matched by name to the data's labels, which are read as strings
-                    if not isinstance(n, str) or not n:
-                        raise TypeError(f"label_names holds {json.dumps(n)}, not a name (a non-empty string)")
-                if len(set(labels)) < len(labels):  # one name for two classes: a data label could not say which
-                    raise ValueError(f"label_names repeats '{next(n for n in labels if labels.count(n) > 1)}'")
-                if isinstance(max_length, bool) or not isinstance(max_length, int):
-                    raise TypeError(f"max_length {json.dumps(max_length)} is not an integer")
-                if max_length < 1:
-                    raise ValueError(f"max_length {max_length} is not positive")
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{meta_file}: not a valid label file ({type(e).__name__}: {e})") from None
+            labels, max_length = read_labels(meta_file)
             if len(labels) != cfg.num_labels:  # loading would quietly give the model a new, random head
                 raise UserError(f"{meta_file}: {len(labels)} label names for a model with {cfg.num_labels} "
                                 f"classes (its config.json)")

@@ -233,19 +233,32 @@ def save_adapter(model, out_dir: str | Path, base_model: str | None = None) -> P
     return out
 
 
+def _read_config(adapter_dir: Path) -> dict:
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{adapter_dir}: no {CONFIG_FILE} (not a cleantune adapter)")
+    try:
+        meta = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{adapter_dir / CONFIG_FILE}: not a valid adapter config ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{adapter_dir / CONFIG_FILE}: not a valid adapter config (not a JSON object)")
+    return meta
+
+
 def apply_adapter(model, adapter_dir: str | Path) -> None:
     """Rebuild the adapter's modules in a freshly loaded base `model` and load its weights (in place)."""
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / CONFIG_FILE).is_file():
-        raise UserError(f"{adapter_dir}: no {CONFIG_FILE} (not a cleantune adapter)")
-    meta = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    meta = _read_config(adapter_dir)
     if meta.get("causal_head"):
         attach_causal_head(model, meta["causal_head"]["inner"])
     if meta.get("mslr"):
         inject_mslr(model, MSLRConfig(**meta["mslr"]))
-    state = load_file(adapter_dir / WEIGHTS_FILE)
+    try:
+        state = load_file(adapter_dir / WEIGHTS_FILE)
+    except Exception as e:  # safetensors' own error type for a cut or damaged file, OSError for a missing one
+        raise UserError(f"{adapter_dir / WEIGHTS_FILE}: cannot read the adapter's weights ({e})") from None
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     missing = sorted(set(state) - set(params))
     if missing:
@@ -257,24 +270,32 @@ def apply_adapter(model, adapter_dir: str | Path) -> None:
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
-    register(model, base_model=meta.get("base_model"))
+    register(model, **{k: meta[k] for k in ("base_model", "lora") if k in meta})  # saved again, said again
 
 
 def load_classifier(path: str | Path, base_model: str | None = None):
     """A Classifier from a saved model directory's adapters alone (base weights + PEFT `adapter/` +
     `cleantune_adapter/`), unmerged: what `Classifier.from_pretrained` gives merged."""
-    from ..models import LABELS_FILE, Classifier, load_model, load_tokenizer
+    from ..models import LABELS_FILE, Classifier, load_model, load_tokenizer, read_labels
 
     path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: " + ("a file, not a model folder" if path.exists() else "no such model directory"))
     meta_file = path / ADAPTER_DIR / CONFIG_FILE
     if not meta_file.is_file():
         raise UserError(f"{path}: no {ADAPTER_DIR}/{CONFIG_FILE} (saved without a cleantune adapter)")
     if not (path / LABELS_FILE).is_file():
         raise UserError(f"{path}: no {LABELS_FILE} (not a model folder saved by cleantune)")
-    labels = json.loads((path / LABELS_FILE).read_text())
-    base = base_model or json.loads(meta_file.read_text())["base_model"]
-    tokenizer = load_tokenizer(str(path))
-    model = load_model(base, labels["label_names"], tokenizer=tokenizer)
+    label_names, max_length = read_labels(path / LABELS_FILE)
+    meta = _read_config(path / ADAPTER_DIR)
+    if meta.get("lora") and not (path / "adapter").is_dir():  # loaded without it, it predicts otherwise, silently
+        raise UserError(f"{path}: its model was trained with a PEFT LoRA adapter, and adapter/ is missing")
+    base = base_model or meta.get("base_model")
+    if not isinstance(base, str):
+        raise UserError(f"{meta_file}: names no base model (pass base_model=)")
+    tokenizer = load_tokenizer(str(path), str(path))
+    label = base if base_model else f"{base} (the base model {meta_file} names; pass base_model= where it moved)"
+    model = load_model(base, label_names, label=label, tokenizer=tokenizer)
     apply_adapter(model, path / ADAPTER_DIR)
     if (path / "adapter").is_dir():
         from peft import PeftModel
@@ -284,7 +305,7 @@ def load_classifier(path: str | Path, base_model: str | None = None):
         with quiet_peft():
             model = PeftModel.from_pretrained(model, path / "adapter")
     model.eval()
-    return Classifier(model, tokenizer, labels["label_names"], labels.get("max_length", 128))
+    return Classifier(model, tokenizer, label_names, max_length)
 
 
 def _export(model, out_dir: str | Path) -> None:

@@ -384,7 +384,7 @@ class MuScleLoRA(Defense):
         for p in head.parameters():
             p.requires_grad = False  # the official code freezes the head at its random init
         # the frozen head travels with the saved adapter; a local folder is recorded by its absolute path
-        A.register(model, base_model=model_name(self.model))
+        A.register(model, base_model=model_name(self.model), lora=True)  # load_classifier needs adapter/ too
         trainable = []
         if "mslr" in self.components:
             layer = A.inject_mslr(model, A.MSLRConfig(r["scales"], r["inner_rank"], r["mslr_alpha"], r["mslr_target"]))
