@@ -444,7 +444,8 @@ class Classifier:
     def predict_logits(self, texts: list[str] | str, batch_size: int = 128,
                        progress: bool | str | None = None) -> torch.Tensor:
         """Logits, one row per text (a single string is one text: a (1, C) tensor). `progress`: True for a
-        progress bar, or its description (none without)."""
+        progress bar, or its description (none without). Unlike `predict`, it scores an empty text too (the special
+        tokens alone): the defenses score perturbed texts with it, and ONION's word removal can leave none."""
         from tqdm.auto import tqdm
 
         from .training import encode, is_main_process, make_batch
