@@ -162,6 +162,11 @@ def test_scan_batch_gives_small_files_enough_steps_to_separate_tokens(poisoned_f
     assert "batch 256, 1 optimizer step(s) per pass (too few" in out.splitlines()[-1]
     code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--passes", "A")
     assert "batch 8, 15 optimizer step(s) per pass;" in out.splitlines()[-1]
+    # pass C trains the whole model as the defense's victim, at the defense's batch (faithful: the official 64),
+    # where the footer gave only the shallow passes' batch
+    for extra, c_batch in (([], 32), (["--faithful"], 64)):
+        code, out, _ = _scan(capsys, poisoned_file, "--model", tiny_model, "--top", "2", "--passes", "AC", *extra)
+        assert f"passes AC, batch 8 (pass C: {c_batch}), 15 optimizer step(s) per pass;" in out.splitlines()[-1]
 
 
 def test_scan_machine_formats_warn_about_too_few_steps_on_stderr(poisoned_file, tiny_model, capsys):

@@ -715,6 +715,10 @@ def cmd_scan(ns) -> int:
     few = " (too few for the drift to separate tokens: use a smaller --batch-size)" if steps < 10 else ""
     if world > 1:
         batch_size = f"{batch_size} per process x {world}"
+    if "C" in ns.passes:  # the whole model, trained as the defense's victim is: at the defense's batch
+        from .defenses import BTU
+
+        batch_size = f"{batch_size} (pass C: {BTU(btu_mode='faithful' if ns.faithful else 'default').batch_size})"
     if ns.format == "table":
         print(f"{len(data)} samples; passes {ns.passes}, batch {batch_size}, {steps} optimizer step(s) per pass{few}"
               "; drift = L2 distance of the token's embedding from the pretrained one; label_skew = share of "
