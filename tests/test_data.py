@@ -468,7 +468,7 @@ def test_auto_text_column_prefers_sentence_over_text(tmp_path):
 
 def test_stratified_sample_of_zero_is_refused():
     ds = TextDataset(["a", "b"], [0, 1], ["x", "y"])
-    with pytest.raises(UserError, match=re.escape("--train-size must be positive, got 0")):
+    with pytest.raises(UserError, match=re.escape("stratified_sample: n must be positive, got 0")):  # the API's name
         ds.stratified_sample(0, 0)
 
 

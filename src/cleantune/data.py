@@ -106,7 +106,7 @@ class TextDataset:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"stratified_sample: {what} must be an integer, got {v!r}")
         if n <= 0:
-            raise UserError(f"--train-size must be positive, got {n}")
+            raise UserError(f"stratified_sample: n must be positive, got {n}")  # run checks --train-size itself
         if n > len(self):  # returned whole, a script's 2N-step run or its --test-size was cut short without a word
             raise UserError(f"a subsample of {n} samples asks for more than the {len(self)} there are")
         if n == len(self):
