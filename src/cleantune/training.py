@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import TextDataset
 from .errors import UserError
-from .store import missing_parents, remove_empty
+from .store import file_sha256, missing_parents, remove_empty
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LR_MAX = 1e37
@@ -608,7 +608,7 @@ def _read_checkpoint(saved: Path, fingerprint: str, epochs: int):
                 and all(isinstance(v, str) for v in sums.values())):
             raise ValueError("sha256 is not what cleantune writes")
         for name, digest in sorted(sums.items()):  # a changed byte mid-file reads as valid weights or Adam moments
-            if _sha256(saved / name) != digest:
+            if file_sha256(saved / name) != digest:
                 raise ValueError("its contents changed after it was saved (sha256 differs)")
         name = "trainable.safetensors"
         weights = load_file(saved / name)
@@ -648,11 +648,6 @@ def _hook_keys(hooks) -> dict[str, StepHook]:
         out[name if name not in seen else f"{name}#{seen[name]}"] = h
         seen[name] = seen.get(name, 0) + 1
     return out
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _rng_states(accelerator) -> dict[str, torch.Tensor]:
@@ -754,7 +749,7 @@ def _save_checkpoint(ckpt_dir: Path, params, optimizer, scheduler, best_state, r
         if tensors:
             save_file(tensors, tmp / "hooks.safetensors")
         state["hooks"] = {name: {k: v for k, v in h.items() if not isinstance(v, torch.Tensor)} for name, h in hooks.items()}
-        state = {**state, "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
+        state = {**state, "sha256": {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}}
         (tmp / "state.json.tmp").write_text(json.dumps(state))
         sync_folder(tmp)  # the files on the disk before the marker is, and the marker before the renames
         os.replace(tmp / "state.json.tmp", tmp / "state.json")  # whole or absent: it marks the folder complete

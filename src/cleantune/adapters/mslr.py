@@ -276,11 +276,10 @@ def apply_adapter(model, adapter_dir: str | Path) -> None:
 def load_classifier(path: str | Path, base_model: str | None = None):
     """A Classifier from a saved model directory's adapters alone (base weights + PEFT `adapter/` +
     `cleantune_adapter/`), unmerged: what `Classifier.from_pretrained` gives merged."""
-    from ..models import LABELS_FILE, Classifier, load_model, load_tokenizer, read_labels
+    from ..models import LABELS_FILE, Classifier, check_model_folder, load_model, load_tokenizer, read_labels
 
     path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: " + ("a file, not a model folder" if path.exists() else "no such model directory"))
+    check_model_folder(path)
     meta_file = path / ADAPTER_DIR / CONFIG_FILE
     if not meta_file.is_file():
         raise UserError(f"{path}: no {ADAPTER_DIR}/{CONFIG_FILE} (saved without a cleantune adapter)")
